@@ -1,0 +1,170 @@
+"""Hugging Face checkpoint directories, both ways: config.json + (sharded) safetensors.
+
+Llama, Mistral and Qwen2 tensors already carry lmforge's names; GPT-2's are renamed and its
+Conv1D weights (stored as in x out) transposed. Only safetensors are read: pickled
+``pytorch_model.bin`` files are refused, since unpickling runs code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from lmforge.config import ModelConfig
+from lmforge.errors import LmforgeError
+
+# GPT-2 names: (transformers name without the "transformer." prefix, lmforge name).
+_GPT2_NAMES = [
+    ("wte.weight", "model.embed_tokens.weight"),
+    ("wpe.weight", "model.embed_positions.weight"),
+    ("h.{i}.ln_1.{p}", "model.layers.{i}.input_layernorm.{p}"),
+    ("h.{i}.attn.c_attn.{p}", "model.layers.{i}.self_attn.qkv_proj.{p}"),
+    ("h.{i}.attn.c_proj.{p}", "model.layers.{i}.self_attn.o_proj.{p}"),
+    ("h.{i}.ln_2.{p}", "model.layers.{i}.post_attention_layernorm.{p}"),
+    ("h.{i}.mlp.c_fc.{p}", "model.layers.{i}.mlp.up_proj.{p}"),
+    ("h.{i}.mlp.c_proj.{p}", "model.layers.{i}.mlp.down_proj.{p}"),
+    ("ln_f.{p}", "model.norm.{p}"),
+]
+_GPT2_CONV1D = re.compile(r".*\.(c_attn|c_proj|c_fc)\.weight$")
+_IGNORED = re.compile(r".*(rotary_emb\.inv_freq|\.attn\.bias|\.attn\.masked_bias)$")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise LmforgeError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    if not isinstance(data, dict):
+        raise LmforgeError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise LmforgeError(f"{index}: missing the 'weight_map' object")
+        files = [path / f for f in sorted(set(weight_map.values()))]
+        missing = [str(f) for f in files if not f.exists()]
+        if missing:
+            raise LmforgeError(f"{index} names shard(s) that do not exist: {', '.join(missing)}")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        return files
+    if list(path.glob("*.bin")) or list(path.glob("*.pt")) or list(path.glob("*.pth")):
+        raise LmforgeError(
+            f"{path} holds only pickled PyTorch weights (.bin/.pt); lmforge loads safetensors only, because "
+            "unpickling can run arbitrary code. Convert them once with a trusted tool to model.safetensors."
+        )
+    raise LmforgeError(f"{path}: no model.safetensors (or sharded *.safetensors + index) found")
+
+
+def read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            tensors.update(load_file(str(f)))
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            raise LmforgeError(f"{f}: cannot read safetensors file, it is truncated or corrupt ({e})") from None
+    return tensors
+
+
+def _rename(name: str, reverse: bool) -> str | None:
+    """Map one GPT-2 tensor name across the two namings (None if it matches no template)."""
+    for hf_t, ours_t in _GPT2_NAMES:
+        src, dst = (ours_t, hf_t) if reverse else (hf_t, ours_t)
+        pattern = re.escape(src).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>weight|bias)")
+        m = re.fullmatch(pattern, name)
+        if m:
+            return dst.format(**m.groupdict())
+    return None
+
+
+def hf_to_lmforge(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a transformers state dict to lmforge's names (and transpose GPT-2's Conv1D weights)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        if _IGNORED.match(name) or (name == "lm_head.weight" and config.tie_embeddings):
+            continue
+        if config.family != "gpt2" or name == "lm_head.weight":
+            out[name] = t
+            continue
+        short = name.removeprefix("transformer.")
+        ours = _rename(short, reverse=False)
+        if ours is None:
+            raise LmforgeError(f"unexpected tensor {name!r} in a gpt2 checkpoint")
+        out[ours] = t.t().contiguous() if _GPT2_CONV1D.match(short) else t
+    return out
+
+
+def lmforge_to_hf(config: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of ``hf_to_lmforge``: tensors named as transformers saves them."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in state.items():
+        if name == "lm_head.weight" and config.tie_embeddings:
+            continue
+        if config.family != "gpt2" or name == "lm_head.weight":
+            out[name] = t
+            continue
+        short = _rename(name, reverse=True)
+        assert short is not None, f"no gpt2 name for {name}"
+        out["transformer." + short] = t.t().contiguous() if _GPT2_CONV1D.match(short) else t
+    return out
+
+
+def read_hf_dir(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, Any]]:
+    """Read config.json (+ generation_config.json) and the safetensors of an HF model directory.
+
+    Returns (config, state dict in lmforge names, generation_config dict or {}).
+    """
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise LmforgeError(f"{path}: no config.json, so this is not a Hugging Face model directory")
+    hf_cfg = read_json(cfg_file)
+    config = ModelConfig.from_hf_dict(hf_cfg, name=path.name)
+    gen_cfg = read_json(path / "generation_config.json") if (path / "generation_config.json").exists() else {}
+    if gen_cfg.get("eos_token_id") is not None:
+        config.eos_token_id = gen_cfg["eos_token_id"]
+    tensors = read_safetensors(_safetensors_files(path))
+    return config, hf_to_lmforge(config, tensors), gen_cfg
+
+
+def _atomic_json(data: dict[str, Any], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def save_hf_dir(model: torch.nn.Module, path: str | Path, tokenizer=None,
+                generation_config: dict[str, Any] | None = None) -> Path:
+    """Save ``model`` (a DecoderLM) as a transformers-loadable directory; each file written atomically."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config: ModelConfig = model.config
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    hf_state = lmforge_to_hf(config, state)
+    tmp = path / "model.safetensors.tmp"
+    save_file(hf_state, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path / "model.safetensors")
+    hf_cfg = config.to_hf_dict()
+    hf_cfg["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    _atomic_json(hf_cfg, path / "config.json")
+    gen = {k: v for k, v in (generation_config or {}).items()}
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if getattr(config, key) is not None:
+            gen.setdefault(key, getattr(config, key))
+    _atomic_json(gen, path / "generation_config.json")
+    if tokenizer is not None:
+        tokenizer.save(path)
+    return path

@@ -1,0 +1,126 @@
+"""The decoder-only language model (Llama, Mistral, Qwen2, GPT-2 families) in one class.
+
+Module names mirror the Hugging Face Llama layout (``model.layers.0.self_attn.q_proj``...), so
+Llama-family checkpoints and PEFT adapters map one-to-one; GPT-2 checkpoints are renamed on
+load (see ``checkpoints/hf.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lmforge.config import ModelConfig
+from lmforge.generation.kv_cache import KVCache
+from lmforge.models.attention import Attention
+from lmforge.models.layers import Block, GeluMLP, SwiGLU, make_norm
+from lmforge.models.positions import LearnedPositions, RotaryEmbedding
+
+
+def build_mask(key_mask: torch.Tensor | None, start: int, T: int) -> torch.Tensor | None:
+    """The attention mask for T queries at positions [start, start+T) over S = start+T keys.
+
+    key_mask (B, S) bool marks real (non-padding) keys. Returns None when plain causal masking
+    (or, for one query, no masking) suffices; otherwise bool (B, 1, T, S), True = may attend.
+    A query always sees itself, so rows made only of padding stay finite.
+    """
+    S = start + T
+    if key_mask is None and (start == 0 or T == 1):
+        return None
+    device = key_mask.device if key_mask is not None else None
+    q_pos = torch.arange(start, S, device=device)[:, None]  # (T, 1)
+    k_pos = torch.arange(S, device=device)[None, :]  # (1, S)
+    mask = (k_pos <= q_pos)[None, None]  # (1, 1, T, S)
+    if key_mask is not None:
+        mask = (mask & key_mask[:, None, None, :S]) | (k_pos == q_pos)[None, None]  # (B, 1, T, S)
+    return mask
+
+
+class DecoderBody(nn.Module):
+    """Embeddings, the stack of blocks and the final norm (HF's ``model.`` prefix)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = config
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.n_embd)
+        if c.positions == "learned":
+            self.embed_positions = LearnedPositions(c.max_seq_len, c.n_embd)
+        else:
+            self.rotary = RotaryEmbedding(c.head_dim, c.rope_theta, c.rope_scaling)
+        mlp = (lambda: SwiGLU(c.n_embd, c.intermediate_size, c.mlp_bias)) if c.mlp == "swiglu" else (
+            lambda: GeluMLP(c.n_embd, c.intermediate_size, c.mlp_bias))
+        self.layers = nn.ModuleList(
+            Block(
+                Attention(c.n_embd, c.n_head, c.n_kv_head, c.head_dim,
+                          qkv_bias=c.qkv_bias, out_bias=c.out_bias, fused_qkv=c.fused_qkv),
+                mlp(),
+                make_norm(c.norm, c.n_embd, c.norm_eps),
+                make_norm(c.norm, c.n_embd, c.norm_eps),
+            )
+            for _ in range(c.n_layer)
+        )
+        self.norm = make_norm(c.norm, c.n_embd, c.norm_eps)
+
+    def forward(self, idx, positions, mask, caches=None, start=0) -> torch.Tensor:
+        x = self.embed_tokens(idx)  # (B, T, C)
+        rope = None
+        if hasattr(self, "embed_positions"):
+            x = x + self.embed_positions(positions)
+        else:
+            rope = self.rotary(positions, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, mask, None if caches is None else caches[i], start)
+        return self.norm(x)
+
+
+class DecoderLM(nn.Module):
+    """A causal language model: token ids (B, T) -> next-token logits (B, T, vocab)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = DecoderBody(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def init_weights(self, std: float = 0.02, seed: int | None = None) -> "DecoderLM":
+        """Random init for training from scratch: normal(0, std) matrices, zero biases, unit norms."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        for name, p in self.named_parameters():
+            with torch.no_grad():
+                if p.dim() >= 2:
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+                elif name.endswith("bias") and "norm" not in name:
+                    p.zero_()
+                else:
+                    p.fill_(1.0) if "norm" in name else p.zero_()
+        return self
+
+    def make_caches(self, batch: int, max_len: int, dtype=None, device=None) -> list[KVCache]:
+        p = next(self.parameters())
+        c = self.config
+        return [KVCache(batch, c.n_kv_head, max_len, c.head_dim, dtype or p.dtype, device or p.device)
+                for _ in range(c.n_layer)]
+
+    def hidden_states(self, idx, positions=None, key_mask=None, caches=None, start: int = 0) -> torch.Tensor:
+        """Final-norm hidden states (B, T, C). See ``forward`` for the arguments."""
+        B, T = idx.shape
+        if start + T > self.config.max_seq_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds the context window ({self.config.max_seq_len})")
+        if positions is None:
+            positions = torch.arange(start, start + T, device=idx.device).expand(B, T)
+        mask = build_mask(key_mask, start, T)
+        return self.model(idx, positions, mask, caches, start)
+
+    def forward(self, idx: torch.Tensor, positions: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
+                caches: list[KVCache] | None = None, start: int = 0, last_only: bool = False) -> torch.Tensor:
+        """idx (B, T) token ids -> logits (B, T, V), or (B, 1, V) with ``last_only``.
+
+        positions (B, T): position ids (default start..start+T-1; left-padded batches pass their own).
+        key_mask (B, start+T) bool: False marks padding keys. caches/start: KV cache and where idx begins.
+        """
+        h = self.hidden_states(idx, positions, key_mask, caches, start)
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head(h)
