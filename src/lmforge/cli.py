@@ -1,0 +1,228 @@
+"""The ``lmforge`` command line: each subcommand parses its flags and calls the Python API.
+
+Bad input ends in one line on stderr (``error: ...``) and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from lmforge.errors import LmforgeError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def _float_arg(name: str, low: float | None = None, high: float | None = None, low_open: bool = False):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+        if low is not None and (value < low or (low_open and value == low)):
+            bound = f"> {low}" if low_open else f">= {low}"
+            raise argparse.ArgumentTypeError(f"{name} must be {bound}" + (f" and <= {high}" if high else "")
+                                             + f", got {value}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{name} must be <= {high}, got {value}")
+        return value
+    return parse
+
+
+def _int_arg(name: str, low: int = 1):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{name} must be >= {low}, got {value}")
+        return value
+    return parse
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", default=DEFAULT_MODEL,
+                   help=f"model: an embedded name ({DEFAULT_MODEL}), a local HF directory or .gguf file, "
+                        "or a hub id when online (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: %(default)s)")
+    p.add_argument("--dtype", default="auto",
+                   help="float32 | bfloat16 | float16 | auto (bfloat16 on GPU, float32 on CPU; default: auto)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("generation")
+    g.add_argument("-n", "--max-new-tokens", type=_int_arg("--max-new-tokens"), default=256,
+                   help="most tokens to generate (default: %(default)s)")
+    g.add_argument("-t", "--temperature", type=_float_arg("--temperature", 0.0), default=0.0,
+                   help="0 = greedy, deterministic (default); higher = more random")
+    g.add_argument("--top-k", type=_int_arg("--top-k"), default=None, help="sample only from the k most likely tokens")
+    g.add_argument("--top-p", type=_float_arg("--top-p", 0.0, 1.0, low_open=True), default=None,
+                   help="nucleus sampling: the smallest set of tokens whose probability reaches p, in (0, 1]")
+    g.add_argument("--repetition-penalty", type=_float_arg("--repetition-penalty", 0.0, low_open=True),
+                   default=1.0, help="> 1 discourages repeating tokens already seen (default: 1 = off)")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop when this text appears (repeatable); it is not printed")
+    g.add_argument("--seed", type=int, default=None, help="random seed: the same seed gives the same text")
+
+
+def _sampling_kwargs(a: argparse.Namespace) -> dict:
+    return dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                repetition_penalty=a.repetition_penalty, stop=a.stop, seed=a.seed)
+
+
+def _read_prompt(a: argparse.Namespace) -> str:
+    if a.prompt is not None and a.file is not None:
+        raise LmforgeError("give the prompt either as an argument or with --file, not both")
+    if a.file is not None:
+        path = Path(a.file)
+        if not path.is_file():
+            raise LmforgeError(f"--file {path}: no such file")
+        try:
+            return path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise LmforgeError(f"--file {path}: not UTF-8 text (byte {e.start})") from None
+    if a.prompt is not None and a.prompt != "-":
+        return a.prompt
+    if a.prompt is None and sys.stdin.isatty():
+        raise LmforgeError("no prompt: pass it as an argument, with --file PATH, or on standard input")
+    return sys.stdin.read()
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from lmforge.lm import load
+    from lmforge.prompts import build_messages, build_prompt, load_examples
+
+    prompt = _read_prompt(a)
+    if not prompt.strip():
+        raise LmforgeError("the prompt is empty")
+    examples = load_examples(a.shots) if a.shots else []
+    lm = load(a.model, device=a.device, dtype=a.dtype)
+    chat = lm.has_chat_template and not a.raw
+    if a.system and not chat:
+        raise LmforgeError("--system needs a chat template; drop --raw or the --system flag")
+    if chat:
+        query = build_messages(prompt, a.instruction, examples, system=a.system)
+    elif examples or a.instruction:
+        query = build_prompt(prompt, a.instruction, examples)
+    else:
+        query = prompt
+    if a.show_prompt:
+        shown = lm.tokenizer.decode(lm.encode(query, chat=chat), skip_special_tokens=False)
+        print(f"--- prompt ---\n{shown}\n--- output ---", file=sys.stderr)
+    kwargs = _sampling_kwargs(a)
+    if a.stream:
+        for piece in lm.stream(query, chat=chat, **kwargs):
+            print(piece, end="", flush=True)
+        print()
+    else:
+        print(lm.generate(query, chat=chat, **kwargs))
+    return 0
+
+
+def cmd_chat(a: argparse.Namespace) -> int:
+    from lmforge.lm import load
+
+    lm = load(a.model, device=a.device, dtype=a.dtype)
+    if not lm.has_chat_template:
+        raise LmforgeError(f"{a.model} has no chat template, so it cannot chat; use `lmforge generate` instead")
+    messages: list[dict[str, str]] = [{"role": "system", "content": a.system}] if a.system else []
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"Chatting with {a.model}. /reset clears the conversation, /exit (or Ctrl-D) quits.", file=sys.stderr)
+    kwargs = _sampling_kwargs(a)
+    while True:
+        if interactive:
+            print("you> ", end="", flush=True, file=sys.stderr)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            messages = messages[:1] if a.system else []
+            continue
+        messages.append({"role": "user", "content": text})
+        if interactive:
+            print("assistant> ", end="", flush=True, file=sys.stderr)
+        reply = ""
+        for piece in lm.stream(messages, **kwargs):
+            reply += piece
+            print(piece, end="", flush=True)
+        print(flush=True)
+        messages.append({"role": "assistant", "content": reply})
+    return 0
+
+
+def cmd_info(a: argparse.Namespace) -> int:
+    from lmforge.info import describe, format_info
+
+    info = describe(a.model)
+    print(json.dumps(info, indent=2) if a.json else format_info(info))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lmforge",
+        description="Run, inspect and chat with language models in lmforge's own PyTorch code.",
+        epilog="Run `lmforge COMMAND --help` for a command's options.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    g = sub.add_parser("generate", help="generate text from a prompt",
+                       description="Generate a continuation or answer for one prompt. Instruct models get their "
+                                   "chat template applied (use --raw for plain completion).")
+    g.add_argument("prompt", nargs="?", help="the prompt; '-' or omitted reads standard input")
+    g.add_argument("-f", "--file", help="read the prompt from this UTF-8 file")
+    g.add_argument("--shots", metavar="FILE",
+                   help="few-shot examples: JSONL/JSON with input/output fields, placed before the prompt in order")
+    g.add_argument("--instruction", help="an instruction placed before the examples and the prompt")
+    g.add_argument("--system", help="system message (chat-templated models only)")
+    g.add_argument("--raw", action="store_true", help="do not apply the chat template: plain text completion")
+    g.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    g.add_argument("--show-prompt", action="store_true", help="print the exact prompt text to stderr first")
+    _add_model_args(g)
+    _add_sampling_args(g)
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="interactive multi-turn chat",
+                       description="Chat with a model that has a chat template. Reads one message per line from "
+                                   "standard input; /reset clears the history, /exit quits.")
+    c.add_argument("--system", help="system message for the conversation")
+    _add_model_args(c)
+    _add_sampling_args(c)
+    c.set_defaults(func=cmd_chat)
+
+    i = sub.add_parser("info", help="architecture, parameters, memory and context of a model",
+                       description="Describe a model without running it.")
+    i.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="model name or path (default: %(default)s)")
+    i.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    i.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except LmforgeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""``lmforge info``: what a model is, how big it is, and how much memory it needs, without running it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lmforge.checkpoints.resolve import DEFAULT_MODEL, resolve
+from lmforge.config import ModelConfig
+
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "int4": 0.5}
+
+
+def _read_config(name: str) -> tuple[ModelConfig, dict[str, Any]]:
+    source = resolve(name)
+    extra: dict[str, Any] = {"format": "gguf" if source.kind == "gguf" else "huggingface", "path": str(source.path)}
+    if source.kind == "hf":
+        from lmforge.checkpoints.hf import read_json
+
+        config = ModelConfig.from_hf_dict(read_json(source.path / "config.json"), name=source.path.name)
+        files = list(source.path.glob("*.safetensors"))
+        extra["file_size_mb"] = round(sum(f.stat().st_size for f in files) / 2**20, 1)
+        tok_cfg = source.path / "tokenizer_config.json"
+        extra["chat_template"] = (source.path / "chat_template.jinja").exists() or (
+            tok_cfg.exists() and "chat_template" in read_json(tok_cfg))
+    else:
+        from lmforge.checkpoints.gguf import read_gguf
+
+        g = read_gguf(source.path)
+        config = g.config
+        extra["file_size_mb"] = round(Path(source.path).stat().st_size / 2**20, 1)
+        extra["chat_template"] = bool(g.chat_template)
+        extra["quantization"] = g.metadata.get("general.file_type")
+    return config, extra
+
+
+def describe(name: str | None = None) -> dict[str, Any]:
+    """A dict describing the model: architecture, parameter count, memory per dtype, context length."""
+    config, extra = _read_config(name or DEFAULT_MODEL)
+    n = config.num_parameters()
+    c = config
+    kv_per_token = 2 * c.n_layer * c.n_kv_head * c.head_dim  # keys and values, all layers
+    return {
+        "model": str(name or DEFAULT_MODEL),
+        **extra,
+        "family": c.family,
+        "architecture": f"decoder-only, {c.norm}, {c.mlp} MLP, {c.positions} positions"
+                        + (", fused qkv" if c.fused_qkv else ""),
+        "parameters": n,
+        "layers": c.n_layer,
+        "hidden_size": c.n_embd,
+        "heads": c.n_head,
+        "kv_heads": c.n_kv_head,
+        "head_dim": c.head_dim,
+        "intermediate_size": c.intermediate_size,
+        "vocab_size": c.vocab_size,
+        "context_length": c.max_seq_len,
+        "rope_theta": c.rope_theta if c.positions == "rope" else None,
+        "rope_scaling": c.rope_scaling,
+        "tied_embeddings": c.tie_embeddings,
+        "weights_memory_mb": {k: round(n * b / 2**20, 1) for k, b in BYTES.items()},
+        "kv_cache_mb_per_1k_tokens_bf16": round(kv_per_token * 2 * 1024 / 2**20, 2),
+    }
+
+
+def format_info(info: dict[str, Any]) -> str:
+    lines = []
+    for key, value in info.items():
+        if key == "parameters":
+            value = f"{value:,} ({value / 1e6:.1f}M)"
+        elif key == "weights_memory_mb":
+            value = ", ".join(f"{k} {v:,.1f} MB" for k, v in value.items())
+        elif value is None:
+            continue
+        lines.append(f"{key.replace('_', ' '):>32}: {value}")
+    return "\n".join(lines)

@@ -1,0 +1,193 @@
+"""The Python API: ``lmforge.load(name)`` returns an ``LM`` that tokenises, prompts and generates.
+
+    >>> import lmforge
+    >>> lm = lmforge.load()                       # the embedded SmolLM2-135M-Instruct
+    >>> lm.generate("What is the capital of France?", max_new_tokens=32)
+    >>> for piece in lm.stream("Tell me a story", temperature=0.8, seed=1): print(piece, end="")
+    >>> lm.chat([{"role": "user", "content": "Hi!"}])
+
+Prompts go through the model's chat template by default when it has one (``chat=None``);
+pass ``chat=False`` for raw text completion.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmforge.checkpoints.resolve import DEFAULT_MODEL, ModelSource, build_model, resolve
+from lmforge.config import ModelConfig
+from lmforge.errors import LmforgeError
+from lmforge.generation.generate import TextStream, generate_tokens
+from lmforge.generation.sampling import SamplingParams
+from lmforge.tokenizer import Tokenizer
+
+Prompt = str | list[dict[str, str]]
+
+
+@dataclass
+class Checkpoint:
+    """Everything read from disk for one model, before it is built."""
+
+    config: ModelConfig
+    state_dict: dict[str, torch.Tensor]
+    tokenizer: Tokenizer
+    generation_config: dict[str, Any] = field(default_factory=dict)
+    source: ModelSource | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def read_checkpoint(name: str | Path | None = None) -> Checkpoint:
+    """Resolve ``name`` and read config, weights (float32) and tokenizer."""
+    source = resolve(name)
+    if source.kind == "gguf":
+        from lmforge.checkpoints.gguf import read_gguf
+
+        g = read_gguf(source.path)
+        tok = Tokenizer(g.tokenizer_backend, bos_token=g.bos_token, eos_token=g.eos_token, pad_token=g.pad_token,
+                        unk_token=g.unk_token, add_bos_token=g.add_bos_token, chat_template=g.chat_template)
+        return Checkpoint(g.config, g.state_dict, tok, {}, source, g.metadata)
+    from lmforge.checkpoints.hf import read_hf_dir
+
+    config, state, gen = read_hf_dir(source.path)
+    if not (source.path / "tokenizer.json").exists():
+        raise LmforgeError(f"{source.path}: no tokenizer.json; lmforge needs the fast-tokenizer file beside the weights")
+    return Checkpoint(config, state, Tokenizer.from_dir(source.path), gen, source)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise LmforgeError(f"unknown dtype {dtype!r}; choose one of: auto, {', '.join(table)}")
+    return table[dtype]
+
+
+def load(name: str | Path | None = None, *, device: str = "cpu", dtype: str | torch.dtype | None = None) -> "LM":
+    """Load a model by name: the embedded default (None), a local HF dir or .gguf file, or a hub id."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise LmforgeError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    ckpt = read_checkpoint(name)
+    label = str(name or DEFAULT_MODEL)
+    model = build_model(ckpt.config, ckpt.state_dict, resolve_dtype(dtype, device), device, source=label)
+    return LM(model, ckpt.tokenizer, label, ckpt.generation_config)
+
+
+class LM:
+    """A loaded model with its tokenizer: prompt in, text out."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, name: str = "model",
+                 generation_config: dict[str, Any] | None = None):
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.generation_config = generation_config or {}
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    @property
+    def eos_ids(self) -> list[int]:
+        ids = list(self.tokenizer.eos_ids) + self.config.eos_token_ids
+        gen_eos = self.generation_config.get("eos_token_id")
+        ids += [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
+        return sorted(set(ids))
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(self.tokenizer.chat_template)
+
+    def encode(self, prompt: Prompt, chat: bool | None = None) -> list[int]:
+        """Token ids for a prompt: a string (chat-templated when ``chat`` or, if None, when the model
+        has a template) or a list of chat messages."""
+        if isinstance(prompt, list):
+            return self.encode_messages(prompt)
+        if not isinstance(prompt, str):
+            raise LmforgeError(f"a prompt must be a string or a list of chat messages, got {type(prompt).__name__}")
+        if chat is None:
+            chat = self.has_chat_template
+        if chat:
+            return self.encode_messages([{"role": "user", "content": prompt}])
+        return self.tokenizer.encode(prompt, add_special_tokens=True)
+
+    def encode_messages(self, messages: list[dict[str, str]]) -> list[int]:
+        if not self.has_chat_template:
+            raise LmforgeError(f"{self.name} has no chat template; use a plain prompt (chat=False / --raw)")
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _token_stream(self, prompts: Sequence[Prompt], chat, max_new_tokens, temperature, top_k, top_p,
+                      repetition_penalty, seed, stop):
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
+                                repetition_penalty=repetition_penalty)
+        stop = [stop] if isinstance(stop, str) else list(stop or [])
+        ids = [self.encode(p, chat) for p in prompts]
+        pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else (self.eos_ids or [0])[0]
+        streams = [TextStream(self.tokenizer, stop) for _ in prompts]
+        steps = generate_tokens(self.model, ids, max_new_tokens, params, eos_ids=self.eos_ids, pad_id=pad, seed=seed)
+        return steps, streams
+
+    def stream(self, prompt: Prompt, *, chat: bool | None = None, max_new_tokens: int = 256,
+               temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+               repetition_penalty: float = 1.0, seed: int | None = None,
+               stop: str | Sequence[str] | None = None) -> Iterator[str]:
+        """Yield the generated text piece by piece as tokens arrive."""
+        steps, (ts,) = self._token_stream([prompt], chat, max_new_tokens, temperature, top_k, top_p,
+                                          repetition_penalty, seed, stop)
+        eos = set(self.eos_ids)
+        for (tok,) in steps:
+            if tok is None or tok in eos:
+                break
+            piece = ts.push(tok)
+            if piece:
+                yield piece
+            if ts.stopped:
+                steps.close()
+                return
+        tail = ts.finish()
+        if tail:
+            yield tail
+
+    def generate(self, prompt: Prompt | Sequence[Prompt], *, chat: bool | None = None, max_new_tokens: int = 256,
+                 temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                 repetition_penalty: float = 1.0, seed: int | None = None,
+                 stop: str | Sequence[str] | None = None) -> str | list[str]:
+        """Generate for one prompt (returns str) or a batch (a list of prompts; returns list[str]).
+
+        A batch is decoded together with left padding; each row stops at EOS, a stop string or
+        ``max_new_tokens``. temperature 0 = greedy; ``seed`` makes sampling reproducible.
+        """
+        single = isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], dict))
+        prompts = [prompt] if single else list(prompt)
+        if not prompts:
+            raise LmforgeError("no prompts given")
+        steps, streams = self._token_stream(prompts, chat, max_new_tokens, temperature, top_k, top_p,
+                                            repetition_penalty, seed, stop)
+        eos = set(self.eos_ids)
+        done = [False] * len(prompts)
+        for toks in steps:
+            for i, tok in enumerate(toks):
+                if done[i] or tok is None or tok in eos:
+                    done[i] = True
+                    continue
+                streams[i].push(tok)
+                done[i] = streams[i].stopped
+            if all(done):
+                steps.close()
+                break
+        outs = []
+        for s in streams:
+            s.finish()
+            outs.append(s.text)
+        return outs[0] if single else outs
+
+    def chat(self, messages: list[dict[str, str]], **kwargs: Any) -> str:
+        """Reply to a conversation (a list of {"role", "content"} messages) using the chat template."""
+        return self.generate(messages, **kwargs)
