@@ -35,7 +35,6 @@ def check_lengths(prompt_len: int, max_new_tokens: int, context: int) -> int:
     return max_new_tokens
 
 
-@torch.inference_mode()
 def generate_tokens(
     model: torch.nn.Module,
     prompts: Sequence[Sequence[int]],
@@ -54,10 +53,21 @@ def generate_tokens(
     positions count real tokens only, so each row decodes as it would alone.
     """
     device = next(model.parameters()).device
-    if device.type == "cpu":
-        # Softmax tails underflow into subnormal floats, which x86 handles ~100x slower; they carry no
-        # signal at inference, so flush them to zero (a per-thread CPU flag).
-        torch.set_flush_denormal(True)
+    if device.type != "cpu":
+        yield from _generate(model, prompts, max_new_tokens, params, eos_ids, pad_id, seed, use_cache)
+        return
+    # Softmax tails underflow into subnormal floats, which x86 handles ~100x slower; they carry no
+    # signal at inference, so flush them to zero while generating (a per-thread CPU flag, restored after).
+    torch.set_flush_denormal(True)
+    try:
+        yield from _generate(model, prompts, max_new_tokens, params, eos_ids, pad_id, seed, use_cache)
+    finally:
+        torch.set_flush_denormal(False)
+
+
+@torch.inference_mode()
+def _generate(model, prompts, max_new_tokens, params, eos_ids, pad_id, seed, use_cache):
+    device = next(model.parameters()).device
     B = len(prompts)
     lens = [len(p) for p in prompts]
     L = max(lens)
