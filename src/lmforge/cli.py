@@ -44,6 +44,13 @@ def _int_arg(name: str, low: int = 1):
     return parse
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: `error: lmforge generate: argument --top-p: ...`, exit status 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", default=DEFAULT_MODEL,
                    help=f"model: an embedded name ({DEFAULT_MODEL}), a local HF directory or .gguf file, "
@@ -169,7 +176,7 @@ def cmd_info(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="lmforge",
         description="Run, inspect and chat with language models in lmforge's own PyTorch code.",
         epilog="Run `lmforge COMMAND --help` for a command's options.",

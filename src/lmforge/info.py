@@ -30,7 +30,14 @@ def _read_config(name: str) -> tuple[ModelConfig, dict[str, Any]]:
         config = g.config
         extra["file_size_mb"] = round(Path(source.path).stat().st_size / 2**20, 1)
         extra["chat_template"] = bool(g.chat_template)
-        extra["quantization"] = g.metadata.get("general.file_type")
+        file_type = g.metadata.get("general.file_type")
+        if file_type is not None:
+            import gguf
+
+            try:
+                extra["quantization"] = gguf.LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_")
+            except ValueError:
+                extra["quantization"] = f"file_type {file_type}"
     return config, extra
 
 
