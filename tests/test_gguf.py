@@ -46,11 +46,8 @@ def real() -> GGUFCheckpoint:
 
 
 @pytest.fixture(scope="module")
-def hf_real_state_dict() -> dict[str, torch.Tensor]:
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("accelerate", reason="transformers loads GGUF models only with accelerate")
-    model = transformers.AutoModelForCausalLM.from_pretrained(real_dir(), gguf_file=REAL_NAME)
-    return {k: v.detach().float() for k, v in model.state_dict().items()}
+def hf_real_state_dict(hf_real_model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().float() for k, v in hf_real_model.state_dict().items()}
 
 
 @pytest.mark.real
