@@ -83,3 +83,37 @@ def real_lm():
     import lmforge
 
     return lmforge.load()
+
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dirs(tmp_path_factory):
+    """Two tiny random Llama models saved as HF directories with a trained byte-level BPE tokenizer:
+    {"chat": dir with a ChatML template, "plain": dir without one}."""
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from lmforge.checkpoints.hf import save_hf_dir
+    from lmforge.config import preset
+    from lmforge.models.decoder import DecoderLM
+    from lmforge.tokenizer import Tokenizer
+
+    backend = tokenizers.Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    corpus = ["The quick brown fox jumps over the lazy dog.", "What is the capital of France? Paris.",
+              "Input: sea otter\nOutput: loutre de mer", "one two three four five six seven"] * 20
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(corpus, trainer)
+    out = {}
+    for kind, template in (("chat", CHATML), ("plain", None)):
+        tok = Tokenizer(tokenizers.Tokenizer.from_str(backend.to_str()), eos_token="<|im_end|>" if template else
+                        "<|endoftext|>", pad_token="<|endoftext|>", chat_template=template)
+        config = preset("tiny-llama", vocab_size=tok.vocab_size, max_seq_len=128, eos_token_id=tok.eos_id)
+        model = DecoderLM(config).init_weights(seed=0, std=0.2)
+        out[kind] = save_hf_dir(model, tmp_path_factory.mktemp(f"tiny-{kind}"), tokenizer=tok)
+    return out

@@ -217,7 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, or a one-line usage error already printed
+        return int(e.code or 0)
     try:
         return args.func(args)
     except LmforgeError as e:
