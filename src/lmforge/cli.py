@@ -11,9 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+from lmforge.checkpoints.resolve import DEFAULT_MODEL
 from lmforge.errors import LmforgeError
-
-DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 def _float_arg(name: str, low: float | None = None, high: float | None = None, low_open: bool = False):

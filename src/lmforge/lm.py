@@ -164,7 +164,10 @@ class LM:
         A batch is decoded together with left padding; each row stops at EOS, a stop string or
         ``max_new_tokens``. temperature 0 = greedy; ``seed`` makes sampling reproducible.
         """
-        single = isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], dict))
+        single = isinstance(prompt, str) or (isinstance(prompt, list) and bool(prompt)
+                                             and all(isinstance(m, dict) for m in prompt))
+        if not single and not isinstance(prompt, (list, tuple)):
+            raise LmforgeError(f"a prompt must be a string or a list of chat messages, got {type(prompt).__name__}")
         prompts = [prompt] if single else list(prompt)
         if not prompts:
             raise LmforgeError("no prompts given")

