@@ -47,7 +47,10 @@ def tiny_weights(
     d, ff, v = TINY["n_embd"], TINY["ff"], vocab or len(tiny_vocab()[0])
     hd = d // TINY["n_head"]
     q, kv = TINY["n_head"] * hd, TINY["n_kv_head"] * hd
-    w = lambda *s: rng.normal(0, 0.2, s).astype(np.float32)
+
+    def w(*s):
+        return rng.normal(0, 0.2, s).astype(np.float32)
+
     sd = {"model.embed_tokens.weight": w(v, d), "model.norm.weight": 1 + w(d)}
     if not tied:
         sd["lm_head.weight"] = w(v, d)

@@ -2,13 +2,13 @@
 
 import pytest
 import torch
+from tests.conftest import HF_CONFIGS
 
 from lmforge.checkpoints.hf import read_hf_dir, save_hf_dir
 from lmforge.checkpoints.resolve import build_model
 from lmforge.config import ModelConfig, preset
 from lmforge.errors import LmforgeError
 from lmforge.models.decoder import DecoderLM
-from tests.conftest import HF_CONFIGS
 
 FAMILIES = list(HF_CONFIGS)
 

@@ -9,7 +9,7 @@ names are lmforge's own; ``from_hf_dict`` / ``to_hf_dict`` translate to and from
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from lmforge.errors import LmforgeError
@@ -97,7 +97,7 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -107,7 +107,7 @@ class ModelConfig:
     # ---- transformers config.json, both ways -------------------------------------------
 
     @classmethod
-    def from_hf_dict(cls, hf: dict[str, Any], name: str = "custom") -> "ModelConfig":
+    def from_hf_dict(cls, hf: dict[str, Any], name: str = "custom") -> ModelConfig:
         """Build from a ``transformers`` config.json dict (llama, mistral, qwen2 or gpt2)."""
         model_type = hf.get("model_type")
         common = dict(
@@ -152,7 +152,8 @@ class ModelConfig:
             if model_type == "gpt2":
                 act = hf.get("activation_function", "gelu_new")
                 if act not in ("gelu_new", "gelu_pytorch_tanh"):
-                    raise LmforgeError(f"config.json: activation_function={act!r} is not supported; lmforge supports 'gelu_new'")
+                    raise LmforgeError(f"config.json: activation_function={act!r} is not supported; "
+                                       "lmforge supports 'gelu_new'")
                 n_embd = hf.get("n_embd", 768)
                 return cls(
                     family="gpt2",

@@ -55,7 +55,8 @@ def read_checkpoint(name: str | Path | None = None) -> Checkpoint:
 
     config, state, gen = read_hf_dir(source.path)
     if not (source.path / "tokenizer.json").exists():
-        raise LmforgeError(f"{source.path}: no tokenizer.json; lmforge needs the fast-tokenizer file beside the weights")
+        raise LmforgeError(f"{source.path}: no tokenizer.json; lmforge needs the fast-tokenizer file "
+                           "beside the weights")
     return Checkpoint(config, state, Tokenizer.from_dir(source.path), gen, source)
 
 
@@ -71,7 +72,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     return table[dtype]
 
 
-def load(name: str | Path | None = None, *, device: str = "cpu", dtype: str | torch.dtype | None = None) -> "LM":
+def load(name: str | Path | None = None, *, device: str = "cpu", dtype: str | torch.dtype | None = None) -> LM:
     """Load a model by name: the embedded default (None), a local HF dir or .gguf file, or a hub id."""
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise LmforgeError(f"device {device!r} requested but CUDA is not available; use --device cpu")

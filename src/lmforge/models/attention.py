@@ -15,7 +15,6 @@ from torch.nn import functional as F
 from lmforge.generation.kv_cache import KVCache
 from lmforge.models.positions import apply_rope
 
-
 SMALL_QUERY = 8  # at most this many queries: grouped_attention instead of the fused kernel
 
 

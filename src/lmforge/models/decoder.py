@@ -84,7 +84,7 @@ class DecoderLM(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def init_weights(self, std: float = 0.02, seed: int | None = None) -> "DecoderLM":
+    def init_weights(self, std: float = 0.02, seed: int | None = None) -> DecoderLM:
         """Random init for training from scratch: normal(0, std) matrices, zero biases, unit norms."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         for name, p in self.named_parameters():
