@@ -11,14 +11,13 @@ from pathlib import Path
 
 import pytest
 import tokenizers
+import transformers  # a dev requirement: a missing install fails here rather than skipping
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from lmforge.errors import LmforgeError
 from lmforge.tokenizer import Tokenizer, check_messages, load_tokenizer_json
-
-import transformers  # noqa: E402  (a dev requirement: a missing install must fail, not skip)
 
 SPECIALS = ["<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>", "<|start_header_id|>", "<|end_header_id|>",
             "<|eot_id|>"]
