@@ -86,8 +86,8 @@ def test_bad_configs():
         ModelConfig(n_head=4, n_kv_head=3)
     with pytest.raises(LmforgeError, match="norm='batchnorm'"):
         ModelConfig(norm="batchnorm")
-    with pytest.raises(LmforgeError, match="model_type='bert'"):
-        ModelConfig.from_hf_dict({"model_type": "bert"})
+    with pytest.raises(LmforgeError, match="model_type='roberta'"):
+        ModelConfig.from_hf_dict({"model_type": "roberta"})
     with pytest.raises(LmforgeError, match="missing field 'hidden_size'"):
         ModelConfig.from_hf_dict({"model_type": "llama", "vocab_size": 10, "num_hidden_layers": 1,
                                   "num_attention_heads": 1, "intermediate_size": 4})

@@ -1,9 +1,9 @@
-"""Model configuration: one dataclass for every decoder-only model lmforge builds, and named presets.
+"""Model configuration: one dataclass for every transformer lmforge builds, and named presets.
 
-This module imports no torch, so reading a config (``lmforge info``) is instant. The field
-names are lmforge's own; ``from_hf_dict`` / ``to_hf_dict`` translate to and from the
-``config.json`` of Hugging Face ``transformers`` for the families we support
-(``llama``, ``mistral``, ``qwen2``, ``gpt2``).
+One ``ModelConfig`` describes all three variants (``arch``): decoder-only (Llama, Qwen2, Mistral,
+GPT-2), encoder-only (BERT) and encoder-decoder (T5). This module imports no torch, so reading a
+config is instant. The field names are lmforge's own; ``checkpoints/hf_config.py`` translates
+to and from the ``config.json`` of Hugging Face ``transformers``.
 """
 
 from __future__ import annotations
@@ -14,22 +14,29 @@ from typing import Any, Literal
 
 from lmforge.errors import LmforgeError
 
+Arch = Literal["decoder", "encoder", "encoder-decoder"]
 Norm = Literal["rmsnorm", "layernorm"]
-MLP = Literal["swiglu", "gelu"]
-Positions = Literal["rope", "learned"]
+# swiglu: gated silu (Llama); geglu: gated tanh-gelu (T5 v1.1); gelu: tanh-gelu (GPT-2);
+# gelu_exact: erf-gelu (BERT); relu (T5 v1.0)
+MLP = Literal["swiglu", "geglu", "gelu", "gelu_exact", "relu"]
+# rope (Llama); learned absolute (GPT-2, BERT); relative: T5's bucketed attention bias
+Positions = Literal["rope", "learned", "relative"]
 
 
 @dataclass
 class ModelConfig:
-    """Shape and flavour of a decoder-only transformer.
+    """Shape and flavour of a transformer.
 
     Llama-family models use ``norm="rmsnorm"``, ``mlp="swiglu"``, ``positions="rope"``;
     GPT-2 uses ``norm="layernorm"``, ``mlp="gelu"``, ``positions="learned"`` and a fused
-    qkv projection with biases everywhere.
+    qkv projection with biases everywhere; BERT is an ``arch="encoder"`` with post-norm blocks
+    (``norm_first=False``) and token-type embeddings; T5 is ``arch="encoder-decoder"`` with
+    relative position buckets, unscaled attention and no biases.
     """
 
     name: str = "custom"
-    family: str = "llama"  # the transformers model_type we save as: llama | mistral | qwen2 | gpt2
+    family: str = "llama"  # the transformers model_type we save as: llama | mistral | qwen2 | gpt2 | bert | t5
+    arch: Arch = "decoder"
     vocab_size: int = 32000
     n_layer: int = 2
     n_embd: int = 64
@@ -49,6 +56,16 @@ class ModelConfig:
     out_bias: bool = False  # bias on the attention output projection
     mlp_bias: bool = False
     fused_qkv: bool = False  # one (n_embd -> q+k+v) projection, as GPT-2's c_attn
+    norm_first: bool = True  # pre-norm blocks; BERT normalises after each residual add instead
+    type_vocab_size: int = 0  # BERT's token-type (segment) embeddings
+    pooler: bool = False  # BERT's dense+tanh over the first token
+    n_decoder_layer: int | None = None  # encoder-decoder: decoder depth (None: n_layer)
+    rel_buckets: int = 32  # T5 relative position buckets ...
+    rel_max_distance: int = 128  # ... and the distance where the last bucket starts
+    attention_scale: float | None = None  # None: 1/sqrt(head_dim); T5 uses 1.0
+    scale_decoder_outputs: bool = False  # T5 v1.0: hidden * n_embd**-0.5 before the (tied) lm_head
+    decoder_start_token_id: int | None = None
+    labels: list[str] | None = None  # classification head: one name per class
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
@@ -62,7 +79,9 @@ class ModelConfig:
             self.head_dim = self.n_embd // self.n_head
         if self.n_head % self.n_kv_head:
             raise LmforgeError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
-        for fname, allowed in (("norm", Norm), ("mlp", MLP), ("positions", Positions)):
+        if self.n_decoder_layer is None:
+            self.n_decoder_layer = self.n_layer
+        for fname, allowed in (("arch", Arch), ("norm", Norm), ("mlp", MLP), ("positions", Positions)):
             value = getattr(self, fname)
             if value not in allowed.__args__:
                 raise LmforgeError(f"config field {fname}={value!r}; allowed: {', '.join(allowed.__args__)}")
@@ -76,7 +95,13 @@ class ModelConfig:
         return [self.eos_token_id] if isinstance(self.eos_token_id, int) else list(self.eos_token_id)
 
     def num_parameters(self) -> int:
-        """Parameter count computed from the shapes alone (tied embeddings counted once)."""
+        """Parameter count (tied embeddings counted once): a formula for decoders, a shape-only
+        (meta-device) model for the other variants."""
+        if self.arch != "decoder" or self.mlp not in ("swiglu", "gelu"):
+            from lmforge.models import build_empty
+
+            model = build_empty(self)
+            return sum(p.numel() for p in model.parameters())
         d, hd = self.n_embd, self.head_dim
         q, kv = self.n_head * hd, self.n_kv_head * hd
         attn = d * (q + 2 * kv) + q * d
@@ -104,137 +129,18 @@ class ModelConfig:
             raise LmforgeError(f"unknown config field(s) {unknown}; known: {sorted(known)}")
         return cls(**data)
 
-    # ---- transformers config.json, both ways -------------------------------------------
+    # ---- transformers config.json, both ways (checkpoints/hf_config.py) ------------------
 
     @classmethod
     def from_hf_dict(cls, hf: dict[str, Any], name: str = "custom") -> ModelConfig:
-        """Build from a ``transformers`` config.json dict (llama, mistral, qwen2 or gpt2)."""
-        model_type = hf.get("model_type")
-        common = dict(
-            name=name,
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=hf.get("eos_token_id"),
-            pad_token_id=hf.get("pad_token_id"),
-        )
-        try:
-            if model_type in ("llama", "mistral", "qwen2"):
-                act = hf.get("hidden_act", "silu")
-                if act != "silu":
-                    raise LmforgeError(f"config.json: hidden_act={act!r} is not supported; lmforge supports 'silu'")
-                rope_params = hf.get("rope_parameters") or {}
-                rope_scaling = hf.get("rope_scaling") or None
-                if rope_params and rope_params.get("rope_type", "default") != "default":
-                    rope_scaling = {k: v for k, v in rope_params.items() if k != "rope_theta"}
-                if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) in (None, "default"):
-                    rope_scaling = None
-                return cls(
-                    family=model_type,
-                    vocab_size=hf["vocab_size"],
-                    n_layer=hf["num_hidden_layers"],
-                    n_embd=hf["hidden_size"],
-                    n_head=hf["num_attention_heads"],
-                    n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-                    head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
-                    intermediate_size=hf["intermediate_size"],
-                    max_seq_len=hf.get("max_position_embeddings", 2048),
-                    norm="rmsnorm",
-                    norm_eps=hf.get("rms_norm_eps", 1e-6),
-                    mlp="swiglu",
-                    positions="rope",
-                    rope_theta=float(rope_params.get("rope_theta", hf.get("rope_theta", 10000.0))),
-                    rope_scaling=rope_scaling,
-                    tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                    qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
-                    out_bias=model_type != "qwen2" and bool(hf.get("attention_bias", False)),
-                    mlp_bias=bool(hf.get("mlp_bias", False)),
-                    **common,
-                )
-            if model_type == "gpt2":
-                act = hf.get("activation_function", "gelu_new")
-                if act not in ("gelu_new", "gelu_pytorch_tanh"):
-                    raise LmforgeError(f"config.json: activation_function={act!r} is not supported; "
-                                       "lmforge supports 'gelu_new'")
-                n_embd = hf.get("n_embd", 768)
-                return cls(
-                    family="gpt2",
-                    vocab_size=hf.get("vocab_size", 50257),
-                    n_layer=hf.get("n_layer", 12),
-                    n_embd=n_embd,
-                    n_head=hf.get("n_head", 12),
-                    intermediate_size=hf.get("n_inner") or 4 * n_embd,
-                    max_seq_len=hf.get("n_positions", 1024),
-                    norm="layernorm",
-                    norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-                    mlp="gelu",
-                    positions="learned",
-                    tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
-                    qkv_bias=True,
-                    out_bias=True,
-                    mlp_bias=True,
-                    fused_qkv=True,
-                    **common,
-                )
-        except KeyError as e:
-            raise LmforgeError(f"config.json: missing field {e.args[0]!r} for model_type {model_type!r}") from None
-        raise LmforgeError(
-            f"config.json: model_type={model_type!r} is not a decoder-only family lmforge supports; "
-            "supported: llama, mistral, qwen2, gpt2"
-        )
+        from lmforge.checkpoints.hf_config import config_from_hf
+
+        return config_from_hf(hf, name)
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """The ``transformers`` config.json dict for this model."""
-        tokens = dict(bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id)
-        if self.family == "gpt2":
-            if not (self.norm == "layernorm" and self.positions == "learned" and self.mlp == "gelu"):
-                raise LmforgeError("a gpt2-family config needs layernorm, learned positions and a gelu MLP")
-            return dict(
-                model_type="gpt2",
-                architectures=["GPT2LMHeadModel"],
-                vocab_size=self.vocab_size,
-                n_layer=self.n_layer,
-                n_embd=self.n_embd,
-                n_head=self.n_head,
-                n_inner=self.intermediate_size,
-                n_positions=self.max_seq_len,
-                layer_norm_epsilon=self.norm_eps,
-                activation_function="gelu_new",
-                tie_word_embeddings=self.tie_embeddings,
-                resid_pdrop=0.0,
-                embd_pdrop=0.0,
-                attn_pdrop=0.0,
-                **tokens,
-            )
-        if not (self.norm == "rmsnorm" and self.positions == "rope" and self.mlp == "swiglu"):
-            raise LmforgeError(f"a {self.family}-family config needs rmsnorm, rope and a swiglu MLP")
-        arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-        if self.family not in arch:
-            raise LmforgeError(f"cannot save family {self.family!r}; known: {', '.join(arch)}, gpt2")
-        out: dict[str, Any] = dict(
-            model_type=self.family,
-            architectures=[arch[self.family]],
-            vocab_size=self.vocab_size,
-            num_hidden_layers=self.n_layer,
-            hidden_size=self.n_embd,
-            num_attention_heads=self.n_head,
-            num_key_value_heads=self.n_kv_head,
-            head_dim=self.head_dim,
-            intermediate_size=self.intermediate_size,
-            max_position_embeddings=self.max_seq_len,
-            rms_norm_eps=self.norm_eps,
-            hidden_act="silu",
-            rope_theta=self.rope_theta,
-            rope_scaling=self.rope_scaling,
-            tie_word_embeddings=self.tie_embeddings,
-            **tokens,
-        )
-        if self.family == "qwen2":
-            if self.out_bias or self.mlp_bias or not self.qkv_bias:
-                raise LmforgeError("a qwen2-family config has biases on q, k, v only")
-        else:
-            if self.qkv_bias != self.out_bias:
-                raise LmforgeError(f"{self.family} has one attention_bias flag: qkv_bias and out_bias must match")
-            out.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
-        return out
+        from lmforge.checkpoints.hf_config import config_to_hf
+
+        return config_to_hf(self)
 
 
 PRESETS: dict[str, dict[str, Any]] = {

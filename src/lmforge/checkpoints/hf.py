@@ -1,15 +1,13 @@
 """Hugging Face checkpoint directories, both ways: config.json + (sharded) safetensors.
 
-Llama, Mistral and Qwen2 tensors already carry lmforge's names; GPT-2's are renamed and its
-Conv1D weights (stored as in x out) transposed. Only safetensors are read: pickled
-``pytorch_model.bin`` files are refused, since unpickling runs code.
+Tensor names are translated by ``names.py``, config.json by ``hf_config.py``. Only safetensors
+are read: pickled ``pytorch_model.bin`` files are refused, since unpickling runs code.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -17,23 +15,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from lmforge.checkpoints.names import to_hf, to_lmforge
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
-
-# GPT-2 names: (transformers name without the "transformer." prefix, lmforge name).
-_GPT2_NAMES = [
-    ("wte.weight", "model.embed_tokens.weight"),
-    ("wpe.weight", "model.embed_positions.weight"),
-    ("h.{i}.ln_1.{p}", "model.layers.{i}.input_layernorm.{p}"),
-    ("h.{i}.attn.c_attn.{p}", "model.layers.{i}.self_attn.qkv_proj.{p}"),
-    ("h.{i}.attn.c_proj.{p}", "model.layers.{i}.self_attn.o_proj.{p}"),
-    ("h.{i}.ln_2.{p}", "model.layers.{i}.post_attention_layernorm.{p}"),
-    ("h.{i}.mlp.c_fc.{p}", "model.layers.{i}.mlp.up_proj.{p}"),
-    ("h.{i}.mlp.c_proj.{p}", "model.layers.{i}.mlp.down_proj.{p}"),
-    ("ln_f.{p}", "model.norm.{p}"),
-]
-_GPT2_CONV1D = re.compile(r".*\.(c_attn|c_proj|c_fc)\.weight$")
-_IGNORED = re.compile(r".*(rotary_emb\.inv_freq|\.attn\.bias|\.attn\.masked_bias)$")
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -79,49 +63,6 @@ def read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _rename(name: str, reverse: bool) -> str | None:
-    """Map one GPT-2 tensor name across the two namings (None if it matches no template)."""
-    for hf_t, ours_t in _GPT2_NAMES:
-        src, dst = (ours_t, hf_t) if reverse else (hf_t, ours_t)
-        pattern = re.escape(src).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>weight|bias)")
-        m = re.fullmatch(pattern, name)
-        if m:
-            return dst.format(**m.groupdict())
-    return None
-
-
-def hf_to_lmforge(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename a transformers state dict to lmforge's names (and transpose GPT-2's Conv1D weights)."""
-    out: dict[str, torch.Tensor] = {}
-    for name, t in tensors.items():
-        if _IGNORED.match(name) or (name == "lm_head.weight" and config.tie_embeddings):
-            continue
-        if config.family != "gpt2" or name == "lm_head.weight":
-            out[name] = t
-            continue
-        short = name.removeprefix("transformer.")
-        ours = _rename(short, reverse=False)
-        if ours is None:
-            raise LmforgeError(f"unexpected tensor {name!r} in a gpt2 checkpoint")
-        out[ours] = t.t().contiguous() if _GPT2_CONV1D.match(short) else t
-    return out
-
-
-def lmforge_to_hf(config: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The inverse of ``hf_to_lmforge``: tensors named as transformers saves them."""
-    out: dict[str, torch.Tensor] = {}
-    for name, t in state.items():
-        if name == "lm_head.weight" and config.tie_embeddings:
-            continue
-        if config.family != "gpt2" or name == "lm_head.weight":
-            out[name] = t
-            continue
-        short = _rename(name, reverse=True)
-        assert short is not None, f"no gpt2 name for {name}"
-        out["transformer." + short] = t.t().contiguous() if _GPT2_CONV1D.match(short) else t
-    return out
-
-
 def read_hf_dir(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, Any]]:
     """Read config.json (+ generation_config.json) and the safetensors of an HF model directory.
 
@@ -137,7 +78,7 @@ def read_hf_dir(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor],
     if gen_cfg.get("eos_token_id") is not None:
         config.eos_token_id = gen_cfg["eos_token_id"]
     tensors = read_safetensors(_safetensors_files(path))
-    return config, hf_to_lmforge(config, tensors), gen_cfg
+    return config, to_lmforge(config, tensors), gen_cfg
 
 
 def _atomic_json(data: dict[str, Any], path: Path) -> None:
@@ -152,8 +93,10 @@ def save_hf_dir(model: torch.nn.Module, path: str | Path, tokenizer=None,
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config: ModelConfig = model.config
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    hf_state = lmforge_to_hf(config, state)
+    # one entry per tensor: tied aliases (lm_head of a tied model, T5's embed_tokens) are left out
+    state = {k: v.detach().contiguous() for k, v in model.named_parameters()}
+    state |= {k: v.detach().contiguous() for k, v in model.named_buffers() if k in model.state_dict()}
+    hf_state = to_hf(config, state)
     tmp = path / "model.safetensors.tmp"
     save_file(hf_state, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, path / "model.safetensors")

@@ -1,4 +1,4 @@
-"""From a model name to weights on disk, and from weights to a ready ``DecoderLM``.
+"""From a model name to weights on disk, and from weights to a ready model of any variant.
 
 A name is, in order: an embedded model shipped in a Python package (the default,
 ``smollm2-135m-instruct``); a local path (an HF directory, a .gguf file, or a directory holding
@@ -97,17 +97,20 @@ def resolve(name: str | os.PathLike | None = None) -> ModelSource:
 
 def build_model(config: ModelConfig, state_dict: dict[str, torch.Tensor], dtype: torch.dtype | None = None,
                 device: str | torch.device = "cpu", source: str = "checkpoint"):
-    """A DecoderLM holding exactly ``state_dict``: missing, unexpected or misshapen tensors are errors."""
+    """The model for ``config`` (any variant) holding exactly ``state_dict``.
+
+    Missing, unexpected or misshapen tensors are errors naming the tensor; a tensor stored under
+    a tied alias (a tied model's ``lm_head.weight``) is ignored.
+    """
     import torch  # here, not at the top: resolving a name (the CLI's first step) needs no torch
 
-    from lmforge.models.decoder import DecoderLM
+    from lmforge.models import build_empty
 
-    with torch.device("meta"):
-        model = DecoderLM(config)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    if config.tie_embeddings:  # one tensor serves both; a copy under the head's name is ignored
-        expected.pop("lm_head.weight", None)
-        state_dict = {k: v for k, v in state_dict.items() if k != "lm_head.weight"}
+    model = build_empty(config)
+    expected = {k: p.shape for k, p in model.named_parameters()}  # tied tensors once, under their first name
+    expected |= {k: b.shape for k, b in model.named_buffers() if k in model.state_dict()}
+    aliases = set(model.state_dict()) - set(expected)
+    state_dict = {k: v for k, v in state_dict.items() if k not in aliases}
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     if missing or unexpected:
@@ -122,7 +125,7 @@ def build_model(config: ModelConfig, state_dict: dict[str, torch.Tensor], dtype:
             raise LmforgeError(f"{source}: tensor {k} has shape {tuple(state_dict[k].shape)}, "
                                f"the config expects {tuple(shape)}")
     model = model.to_empty(device=device)
-    if config.tie_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+    if hasattr(model, "tie_weights"):  # to_empty gives every module its own storage: share again
+        model.tie_weights()
     model.load_state_dict(state_dict, strict=False)
     return model.to(dtype or torch.float32).eval()

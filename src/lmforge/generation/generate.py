@@ -65,53 +65,113 @@ def generate_tokens(
         torch.set_flush_denormal(False)
 
 
+class DecoderSteps:
+    """Forward passes of a decoder-only model: the left-padded prompts, then one token per row per step."""
+
+    def __init__(self, model, prompts, max_new_tokens: int, pad_id: int, use_cache: bool):
+        device = next(model.parameters()).device
+        self.model, self.use_cache = model, use_cache
+        B, lens = len(prompts), [len(p) for p in prompts]
+        self.L = L = max(lens)
+        self.max_new_tokens = check_lengths(L, max_new_tokens, model.config.max_seq_len)
+        total = L + self.max_new_tokens
+        self.idx = torch.full((B, L), pad_id, dtype=torch.long, device=device)
+        self.key_mask = torch.zeros((B, total), dtype=torch.bool, device=device)
+        for b, p in enumerate(prompts):
+            self.idx[b, L - len(p):] = torch.tensor(list(p), dtype=torch.long)
+            self.key_mask[b, L - len(p):] = True
+        self.key_mask[:, L:] = True
+        self.padded = min(lens) != L
+        self.positions = (self.key_mask[:, :L].long().cumsum(-1) - 1).clamp(min=0)  # (B, L)
+        self.caches = model.make_caches(B, total) if use_cache else None
+        self.step = 0
+
+    def first(self) -> torch.Tensor:
+        """Prefill: logits for the next token after each prompt, (B, V)."""
+        mask = self.key_mask[:, :self.L] if self.padded else None
+        return self.model(self.idx, self.positions, mask, self.caches, 0, last_only=True)[:, -1]
+
+    def next(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one new token per row (B,); logits for the token after it, (B, V)."""
+        cur = self.L + self.step  # where the new token sits in the sequence
+        self.step += 1
+        pos = self.positions[:, -1:] + 1  # (B, 1)
+        self.positions = torch.cat([self.positions, pos], dim=1)
+        mask = self.key_mask[:, :cur + 1] if self.padded else None
+        if self.use_cache:
+            return self.model(tokens[:, None], pos, mask, self.caches, cur, last_only=True)[:, -1]
+        self.idx = torch.cat([self.idx, tokens[:, None]], dim=1)
+        return self.model(self.idx, self.positions, mask, None, 0, last_only=True)[:, -1]
+
+
+class Seq2SeqSteps:
+    """Forward passes of an encoder-decoder model: encode the (right-padded) sources once, then
+    decode from the start token, one token per row per step."""
+
+    def __init__(self, model, prompts, max_new_tokens: int, pad_id: int, use_cache: bool):
+        device = next(model.parameters()).device
+        c = model.config
+        self.model, self.use_cache = model, use_cache
+        B, S = len(prompts), max(len(p) for p in prompts)
+        check_lengths(S, 1, c.max_seq_len + 1)  # the source must fit the encoder; the decoder has no window
+        if max_new_tokens < 1:
+            raise LmforgeError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        self.max_new_tokens = max_new_tokens
+        src = torch.full((B, S), pad_id, dtype=torch.long, device=device)
+        self.src_mask = torch.zeros((B, S), dtype=torch.bool, device=device)
+        for b, p in enumerate(prompts):
+            src[b, :len(p)] = torch.tensor(list(p), dtype=torch.long)
+            self.src_mask[b, :len(p)] = True
+        self.memory = model.encode(src, self.src_mask)  # (B, S, C)
+        start = c.decoder_start_token_id if c.decoder_start_token_id is not None else pad_id
+        self.idx = torch.full((B, 1), start, dtype=torch.long, device=device)
+        self.caches = model.make_caches(B, max_new_tokens + 1) if use_cache else None
+        self.cross = model.make_cross_caches() if use_cache else None
+        self.step = 0
+
+    def first(self) -> torch.Tensor:
+        return self.model.decode(self.idx, self.memory, self.src_mask, self.caches, self.cross, 0, last_only=True)[:, -1]
+
+    def next(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.step += 1
+        if self.use_cache:
+            return self.model.decode(tokens[:, None], self.memory, self.src_mask, self.caches, self.cross,
+                                     self.step, last_only=True)[:, -1]
+        self.idx = torch.cat([self.idx, tokens[:, None]], dim=1)
+        return self.model.decode(self.idx, self.memory, self.src_mask, last_only=True)[:, -1]
+
+
 @torch.inference_mode()
 def _generate(model, prompts, max_new_tokens, params, eos_ids, pad_id, seed, use_cache):
+    if getattr(model.config, "arch", "decoder") == "encoder":
+        raise LmforgeError("an encoder-only model cannot generate text; use it for embeddings or classification")
     device = next(model.parameters()).device
+    seq2seq = model.config.arch == "encoder-decoder"
+    steps = (Seq2SeqSteps if seq2seq else DecoderSteps)(model, prompts, max_new_tokens, pad_id, use_cache)
     B = len(prompts)
-    lens = [len(p) for p in prompts]
-    L = max(lens)
-    max_new_tokens = check_lengths(L, max_new_tokens, model.config.max_seq_len)
-    total = L + max_new_tokens
-    idx = torch.full((B, L), pad_id, dtype=torch.long, device=device)
-    key_mask = torch.zeros((B, total), dtype=torch.bool, device=device)
-    for b, p in enumerate(prompts):
-        idx[b, L - len(p):] = torch.tensor(list(p), dtype=torch.long)
-        key_mask[b, L - len(p):] = True
-    key_mask[:, L:] = True
-    padded = min(lens) != L
-    positions = (key_mask[:, :L].long().cumsum(-1) - 1).clamp(min=0)  # (B, L)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
     seen = None
-    if params.repetition_penalty != 1.0:
+    if params.repetition_penalty != 1.0:  # the context so far: the prompt (decoder-only) or the start token
         seen = torch.zeros((B, model.config.vocab_size), dtype=torch.bool, device=device)
-        for b, p in enumerate(prompts):
-            seen[b, torch.tensor(list(p), dtype=torch.long, device=device)] = True
+        seen.scatter_(1, steps.idx, True)
+        if not seq2seq and steps.padded:
+            for b, p in enumerate(prompts):  # padding is not context
+                seen[b] = False
+                seen[b, torch.tensor(list(p), dtype=torch.long, device=device)] = True
 
-    caches = model.make_caches(B, total) if use_cache else None
-    logits = model(idx, positions, key_mask[:, :L] if padded else None, caches, 0, last_only=True)
+    logits = steps.first()
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    tokens, all_pos = idx, positions
-    for step in range(max_new_tokens):
-        nxt = sample_next(logits[:, -1], params, seen, generator)  # (B,)
+    for step in range(steps.max_new_tokens):
+        nxt = sample_next(logits, params, seen, generator)  # (B,)
         nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
         yield [None if f else int(t) for t, f in zip(nxt.tolist(), finished.tolist())]
         finished |= torch.isin(nxt, eos)
-        if bool(finished.all()) or step == max_new_tokens - 1:
+        if bool(finished.all()) or step == steps.max_new_tokens - 1:
             return
         if seen is not None:
             seen[torch.arange(B, device=device), nxt] = True
-        pos = all_pos[:, -1:] + 1  # (B, 1)
-        cur = L + step  # where nxt sits in the sequence
-        if use_cache:
-            logits = model(nxt[:, None], pos, key_mask[:, :cur + 1] if padded else None, caches, cur, last_only=True)
-        else:
-            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-            all_pos = torch.cat([all_pos, pos], dim=1)
-            logits = model(tokens, all_pos, key_mask[:, :cur + 1] if padded else None, None, 0, last_only=True)
-            continue
-        all_pos = torch.cat([all_pos, pos], dim=1)
+        logits = steps.next(nxt)
 
 
 class TextStream:

@@ -29,3 +29,19 @@ class KVCache(nn.Module):
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class StaticKV:
+    """Cross-attention keys/values: computed from the encoder output on the first decode call,
+    then read on every later step."""
+
+    def __init__(self) -> None:
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    @property
+    def filled(self) -> bool:
+        return self.k is not None
+
+    def fill(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k, self.v = k, v

@@ -1,1 +1,50 @@
-"""models."""
+"""The three transformer variants, built from the blocks in layers.py / attention.py / positions.py.
+
+- ``decoder.py``: DecoderLM, decoder-only (Llama, Qwen2, Mistral, GPT-2)
+- ``encoder.py``: EncoderModel, encoder-only (BERT)
+- ``seq2seq.py``: Seq2SeqLM, encoder-decoder (T5)
+- ``heads.py``: pooling and the sequence-classification head
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lmforge.config import ModelConfig
+
+
+def model_class(config: ModelConfig) -> type[nn.Module]:
+    """The module class for a config: by ``arch``, and for encoders with labels the classifier."""
+    if config.arch == "decoder":
+        from lmforge.models.decoder import DecoderLM
+
+        return DecoderLM
+    if config.arch == "encoder":
+        from lmforge.models.encoder import EncoderModel
+        from lmforge.models.heads import SequenceClassifier
+
+        return SequenceClassifier if config.labels else EncoderModel
+    from lmforge.models.seq2seq import Seq2SeqLM
+
+    return Seq2SeqLM
+
+
+def build_empty(config: ModelConfig) -> nn.Module:
+    """The model with shapes only (meta device): for parameter counts and as a loading target."""
+    with torch.device("meta"):
+        return model_class(config)(config)
+
+
+def init_weights(model: nn.Module, std: float = 0.02, seed: int | None = None) -> nn.Module:
+    """Random init for training from scratch: N(0, std) matrices and embeddings, zero biases, unit norm scales."""
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+            elif "norm" in name and name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.zero_()
+    return model

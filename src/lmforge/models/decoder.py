@@ -1,8 +1,9 @@
-"""The decoder-only language model (Llama, Mistral, Qwen2, GPT-2 families) in one class.
+"""The decoder: the decoder-only language model (Llama, Mistral, Qwen2, GPT-2 families) and the
+causal stack that T5's decoder reuses with cross-attention.
 
 Module names mirror the Hugging Face Llama layout (``model.layers.0.self_attn.q_proj``...), so
-Llama-family checkpoints and PEFT adapters map one-to-one; GPT-2 checkpoints are renamed on
-load (see ``checkpoints/hf.py``).
+Llama-family checkpoints and PEFT adapters map one-to-one; GPT-2 and T5 checkpoints are renamed
+on load (see ``checkpoints/names.py``).
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from torch import nn
 from lmforge.config import ModelConfig
 from lmforge.generation.kv_cache import KVCache
 from lmforge.models.attention import Attention
-from lmforge.models.layers import Block, GeluMLP, SwiGLU, make_norm
-from lmforge.models.positions import LearnedPositions, RotaryEmbedding
+from lmforge.models.layers import Block, make_mlp, make_norm
+from lmforge.models.positions import LearnedPositions, RelativePositionBias, RotaryEmbedding
 
 
 def build_mask(key_mask: torch.Tensor | None, start: int, T: int) -> torch.Tensor | None:
@@ -36,40 +37,60 @@ def build_mask(key_mask: torch.Tensor | None, start: int, T: int) -> torch.Tenso
     return mask
 
 
-class DecoderBody(nn.Module):
-    """Embeddings, the stack of blocks and the final norm (HF's ``model.`` prefix)."""
+def with_bias(mask: torch.Tensor | None, bias: torch.Tensor, start: int, T: int) -> torch.Tensor:
+    """Fold a bool mask (or causal masking, when None) into an additive position bias (1|B, nh, T, S)."""
+    if mask is None:
+        S = start + T
+        q_pos = torch.arange(start, S, device=bias.device)[:, None]
+        mask = (torch.arange(S, device=bias.device)[None, :] <= q_pos)[None, None]
+    return bias.masked_fill(~mask, float("-inf"))
 
-    def __init__(self, config: ModelConfig):
+
+class DecoderBody(nn.Module):
+    """Embeddings, the stack of causal blocks and the final norm (HF's ``model.`` prefix).
+
+    With ``cross_attention`` every block also attends to an encoder's output (T5's decoder).
+    """
+
+    def __init__(self, config: ModelConfig, cross_attention: bool = False, n_layer: int | None = None):
         super().__init__()
         c = config
         self.embed_tokens = nn.Embedding(c.vocab_size, c.n_embd)
         if c.positions == "learned":
             self.embed_positions = LearnedPositions(c.max_seq_len, c.n_embd)
-        else:
+        elif c.positions == "rope":
             self.rotary = RotaryEmbedding(c.head_dim, c.rope_theta, c.rope_scaling)
-        mlp = (lambda: SwiGLU(c.n_embd, c.intermediate_size, c.mlp_bias)) if c.mlp == "swiglu" else (
-            lambda: GeluMLP(c.n_embd, c.intermediate_size, c.mlp_bias))
-        self.layers = nn.ModuleList(
-            Block(
-                Attention(c.n_embd, c.n_head, c.n_kv_head, c.head_dim,
-                          qkv_bias=c.qkv_bias, out_bias=c.out_bias, fused_qkv=c.fused_qkv),
-                mlp(),
-                make_norm(c.norm, c.n_embd, c.norm_eps),
-                make_norm(c.norm, c.n_embd, c.norm_eps),
-            )
-            for _ in range(c.n_layer)
-        )
-        self.norm = make_norm(c.norm, c.n_embd, c.norm_eps)
+        else:
+            self.rel_bias = RelativePositionBias(c.n_head, c.rel_buckets, c.rel_max_distance, bidirectional=False)
 
-    def forward(self, idx, positions, mask, caches=None, start=0) -> torch.Tensor:
+        def attention(cross: bool = False) -> Attention:
+            return Attention(c.n_embd, c.n_head, c.n_kv_head, c.head_dim, qkv_bias=c.qkv_bias, out_bias=c.out_bias,
+                             fused_qkv=c.fused_qkv, scale=c.attention_scale, cross=cross)
+
+        def norm() -> nn.Module:
+            return make_norm(c.norm, c.n_embd, c.norm_eps)
+
+        self.layers = nn.ModuleList(
+            Block(attention(), make_mlp(c.mlp, c.n_embd, c.intermediate_size, c.mlp_bias), norm(), norm(),
+                  *((attention(cross=True), norm()) if cross_attention else ()))
+            for _ in range(n_layer or c.n_layer)
+        )
+        self.norm = norm()
+
+    def forward(self, idx, positions, mask, caches=None, start=0, memory=None, memory_mask=None,
+                cross_caches=None) -> torch.Tensor:
         x = self.embed_tokens(idx)  # (B, T, C)
         rope = None
         if hasattr(self, "embed_positions"):
             x = x + self.embed_positions(positions)
-        else:
+        elif hasattr(self, "rotary"):
             rope = self.rotary(positions, x.dtype)
+        else:
+            T = idx.shape[1]
+            mask = with_bias(mask, self.rel_bias(start, T, start + T), start, T).to(x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, mask, None if caches is None else caches[i], start)
+            x = layer(x, rope, mask, None if caches is None else caches[i], start, memory, memory_mask,
+                      None if cross_caches is None else cross_caches[i])
         return self.norm(x)
 
 
@@ -81,21 +102,16 @@ class DecoderLM(nn.Module):
         self.config = config
         self.model = DecoderBody(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        if config.tie_embeddings:
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def init_weights(self, std: float = 0.02, seed: int | None = None) -> DecoderLM:
-        """Random init for training from scratch: normal(0, std) matrices, zero biases, unit norms."""
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        for name, p in self.named_parameters():
-            with torch.no_grad():
-                if p.dim() >= 2:
-                    p.copy_(torch.randn(p.shape, generator=gen) * std)
-                elif name.endswith("bias") and "norm" not in name:
-                    p.zero_()
-                else:
-                    p.fill_(1.0) if "norm" in name else p.zero_()
-        return self
+        from lmforge.models import init_weights
+
+        return init_weights(self, std, seed)
 
     def make_caches(self, batch: int, max_len: int, dtype=None, device=None) -> list[KVCache]:
         p = next(self.parameters())

@@ -1,9 +1,13 @@
-"""Position information: rotary embeddings (RoPE, with linear and Llama-3 scaling) and learned positions.
+"""Position information: rotary embeddings (RoPE, with linear and Llama-3 scaling), learned
+absolute positions, and T5's bucketed relative position bias.
 
 RoPE follows Su et al. 2021 ("RoFormer", eq. 34) in the half-split layout used by the Llama
 checkpoints on the Hugging Face hub: the first and second halves of each head are rotated as
 pairs. Llama-3 frequency scaling is from Meta's Llama 3.1 reference code (the published
-wavelength bands); linear scaling divides every frequency by ``factor``.
+wavelength bands); linear scaling divides every frequency by ``factor``. T5's relative buckets
+follow Raffel et al. 2020 (sec. 2.1): half the buckets map exact small distances, the rest
+cover distances logarithmically up to ``max_distance``; bidirectional attention spends half
+the buckets on each direction.
 """
 
 from __future__ import annotations
@@ -77,3 +81,36 @@ class LearnedPositions(nn.Module):
     def forward(self, positions: torch.Tensor) -> torch.Tensor:
         """positions (B, T) -> (B, T, dim)."""
         return nn.functional.embedding(positions, self.weight)
+
+
+def relative_position_bucket(rel: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int) -> torch.Tensor:
+    """Bucket index for each relative position rel = key_pos - query_pos (any shape, int)."""
+    bucket = torch.zeros_like(rel)
+    if bidirectional:
+        num_buckets //= 2
+        bucket = bucket + (rel > 0).long() * num_buckets  # keys after the query use the upper half
+        dist = rel.abs()
+    else:
+        dist = (-rel).clamp(min=0)  # a causal query only looks back
+    exact = num_buckets // 2
+    log_bucket = exact + (
+        torch.log(dist.float().clamp(min=1) / exact) / math.log(max_distance / exact) * (num_buckets - exact)
+    ).long()
+    log_bucket = log_bucket.clamp(max=num_buckets - 1)
+    return bucket + torch.where(dist < exact, dist, log_bucket)
+
+
+class RelativePositionBias(nn.Module):
+    """A learned per-head scalar for each relative-position bucket, added to the attention scores."""
+
+    def __init__(self, n_head: int, num_buckets: int, max_distance: int, bidirectional: bool):
+        super().__init__()
+        self.num_buckets, self.max_distance, self.bidirectional = num_buckets, max_distance, bidirectional
+        self.weight = nn.Parameter(torch.empty(num_buckets, n_head))
+
+    def forward(self, start: int, T: int, S: int) -> torch.Tensor:
+        """Bias for queries at positions [start, start+T) over keys [0, S): (1, nh, T, S)."""
+        q_pos = torch.arange(start, start + T, device=self.weight.device)[:, None]
+        k_pos = torch.arange(S, device=self.weight.device)[None, :]
+        buckets = relative_position_bucket(k_pos - q_pos, self.bidirectional, self.num_buckets, self.max_distance)
+        return nn.functional.embedding(buckets, self.weight).permute(2, 0, 1)[None]  # (1, nh, T, S)

@@ -1,0 +1,76 @@
+"""The encoder: a bidirectional stack that turns token ids into contextual hidden states.
+
+One class serves BERT (learned absolute positions, token-type embeddings, a norm on the
+embeddings, post-norm blocks, an optional pooler) and T5's encoder (no absolute positions, a
+bucketed relative position bias shared by all layers, pre-norm blocks and a final norm).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lmforge.config import ModelConfig
+from lmforge.models.attention import Attention
+from lmforge.models.layers import Block, PostNormBlock, make_mlp, make_norm
+from lmforge.models.positions import LearnedPositions, RelativePositionBias
+
+
+class EncoderModel(nn.Module):
+    """token ids (B, T) [+ attention mask, token types] -> hidden states (B, T, C)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = self.config = config
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.n_embd)
+        if c.positions == "learned":
+            self.embed_positions = LearnedPositions(c.max_seq_len, c.n_embd)
+        elif c.positions == "relative":
+            self.rel_bias = RelativePositionBias(c.n_head, c.rel_buckets, c.rel_max_distance, bidirectional=True)
+        if c.type_vocab_size:
+            self.embed_types = nn.Embedding(c.type_vocab_size, c.n_embd)
+        if not c.norm_first:
+            self.embed_norm = make_norm(c.norm, c.n_embd, c.norm_eps)
+
+        def block() -> nn.Module:
+            attn = Attention(c.n_embd, c.n_head, c.n_kv_head, c.head_dim, qkv_bias=c.qkv_bias, out_bias=c.out_bias,
+                             causal=False, scale=c.attention_scale)
+            mlp = make_mlp(c.mlp, c.n_embd, c.intermediate_size, c.mlp_bias)
+            norms = make_norm(c.norm, c.n_embd, c.norm_eps), make_norm(c.norm, c.n_embd, c.norm_eps)
+            return Block(attn, mlp, *norms) if c.norm_first else PostNormBlock(attn, mlp, *norms)
+
+        self.layers = nn.ModuleList(block() for _ in range(c.n_layer))
+        if c.norm_first:
+            self.norm = make_norm(c.norm, c.n_embd, c.norm_eps)
+        if c.pooler:
+            self.pooler = nn.Linear(c.n_embd, c.n_embd)
+
+    def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """idx (B, T); attention_mask (B, T), 1/True = real token; -> hidden states (B, T, C).
+
+        ``embeds`` replaces the token embeddings (e.g. with soft prompts prepended).
+        """
+        B, T = idx.shape if embeds is None else embeds.shape[:2]
+        if T > self.config.max_seq_len and hasattr(self, "embed_positions"):
+            raise ValueError(f"{T} tokens exceed the encoder's {self.config.max_seq_len} positions")
+        x = self.embed_tokens(idx) if embeds is None else embeds  # (B, T, C)
+        if hasattr(self, "embed_positions"):
+            x = x + self.embed_positions(torch.arange(T, device=x.device).expand(B, T))
+        if hasattr(self, "embed_types"):
+            types = token_type_ids if token_type_ids is not None else torch.zeros(B, T, dtype=torch.long,
+                                                                                device=x.device)
+            x = x + self.embed_types(types)
+        if hasattr(self, "embed_norm"):
+            x = self.embed_norm(x)
+        mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
+        if hasattr(self, "rel_bias"):
+            bias = self.rel_bias(0, T, T)  # (1, nh, T, T)
+            mask = (bias if mask is None else bias.masked_fill(~mask, float("-inf"))).to(x.dtype)
+        for layer in self.layers:
+            x = layer(x, None, mask)
+        return self.norm(x) if hasattr(self, "norm") else x
+
+    def pooled(self, hidden: torch.Tensor) -> torch.Tensor:
+        """BERT's pooler: tanh(dense(first token's hidden state)) -> (B, C)."""
+        return torch.tanh(self.pooler(hidden[:, 0]))

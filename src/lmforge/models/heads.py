@@ -1,0 +1,49 @@
+"""Heads on top of the encoder: pooling into sentence vectors, and sequence classification."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from lmforge.config import ModelConfig
+from lmforge.errors import LmforgeError
+from lmforge.models.encoder import EncoderModel
+
+POOLING = ("mean", "cls")
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, how: str = "mean") -> torch.Tensor:
+    """hidden (B, T, C), attention_mask (B, T) -> (B, C): the mean over real tokens, or the first token."""
+    if how == "cls":
+        return hidden[:, 0]
+    if how != "mean":
+        raise LmforgeError(f"unknown pooling {how!r}; choose one of: {', '.join(POOLING)}")
+    m = attention_mask.to(hidden.dtype)[..., None]  # (B, T, 1)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
+def sentence_embeddings(encoder: EncoderModel, idx: torch.Tensor, attention_mask: torch.Tensor,
+                        how: str = "mean", normalize: bool = True) -> torch.Tensor:
+    """Pooled (and by default L2-normalised) encoder outputs: (B, C), as sentence-transformers computes them."""
+    vecs = pool(encoder(idx, attention_mask), attention_mask, how)
+    return F.normalize(vecs, dim=-1) if normalize else vecs
+
+
+class SequenceClassifier(nn.Module):
+    """Encoder + pooler + linear classifier: (B, T) -> class logits (B, num_labels). BERT's
+    ``BertForSequenceClassification`` layout."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if not config.labels:
+            raise LmforgeError("a sequence classifier needs config.labels (one name per class)")
+        self.config = config
+        self.encoder = EncoderModel(config)
+        self.classifier = nn.Linear(config.n_embd, len(config.labels))
+
+    def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = self.encoder(idx, attention_mask, token_type_ids)
+        pooled = self.encoder.pooled(hidden) if hasattr(self.encoder, "pooler") else hidden[:, 0]
+        return self.classifier(pooled)
