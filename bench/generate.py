@@ -2,7 +2,8 @@
 
 Both run the embedded SmolLM2-135M-Instruct GGUF (dequantised; float32 unless --dtype bfloat16) on
 the same prompt token ids, greedy, EOS disabled, so both generate exactly --new-tokens tokens.
-Each case has one warm-up run, then the median of --repeats runs is reported:
+Each case has one warm-up run per engine, then --repeats runs alternating between the two engines
+(so a burst of machine noise hits both); the median is reported:
 
   load            wall time of lmforge.load() vs AutoModelForCausalLM.from_pretrained(gguf_file=...)
                   (one measurement each, file already in the page cache)
@@ -80,16 +81,22 @@ def hf_run(model, prompts, n):
     return seq[:, L:].tolist(), first, last
 
 
-def measure(run, model, prompts, n, repeats):
-    """Warm up once, then return (tokens of the last run, median ttft s, median decode tok/s, median total tok/s)."""
-    run(model, prompts, n)
-    ttft, decode, total = [], [], []
+def measure(models, prompts, n, repeats):
+    """Warm up each engine once, then alternate them `repeats` times (so a burst of machine noise hits both).
+
+    Returns per engine: (tokens of the last run, median ttft s, median decode tok/s, median total tok/s)."""
+    runs = [(lmforge_run, models[0]), (hf_run, models[1])]
+    for run, model in runs:
+        run(model, prompts, n)
+    samples = [([], [], []) for _ in runs]
+    toks = [None, None]
     for _ in range(repeats):
-        toks, first, last = run(model, prompts, n)
-        ttft.append(first)
-        decode.append((n - 1) / (last - first) if len(prompts) == 1 else float("nan"))
-        total.append(len(prompts) * n / last)
-    return toks, statistics.median(ttft), statistics.median(decode), statistics.median(total)
+        for i, (run, model) in enumerate(runs):
+            toks[i], first, last = run(model, prompts, n)
+            samples[i][0].append(first)
+            samples[i][1].append((n - 1) / (last - first) if len(prompts) == 1 else float("nan"))
+            samples[i][2].append(len(prompts) * n / last)
+    return [(t, *map(statistics.median, s)) for t, s in zip(toks, samples)]
 
 
 def main():
@@ -124,8 +131,7 @@ def main():
           f"median of {args.repeats}; batch-1 prompt {len(prompt)} tokens, batch-8 prompts {[len(p) for p in batch]}")
 
     rows = [("load (s)", load_lf, load_hf, load_hf / load_lf)]  # ratio: >1 means lmforge faster everywhere
-    lf_toks, lf_ttft, lf_dec, _ = measure(lmforge_run, ours, [prompt], n, args.repeats)
-    hf_toks, hf_ttft, hf_dec, _ = measure(hf_run, hf, [prompt], n, args.repeats)
+    (lf_toks, lf_ttft, lf_dec, _), (hf_toks, hf_ttft, hf_dec, _) = measure((ours, hf), [prompt], n, args.repeats)
     rows += [("b1 prefill (ms)", lf_ttft * 1e3, hf_ttft * 1e3, hf_ttft / lf_ttft),
              ("b1 decode (tok/s)", lf_dec, hf_dec, lf_dec / hf_dec)]
     same1 = lf_toks == hf_toks
@@ -135,8 +141,7 @@ def main():
               f"transformers {hf_toks[0][k:k + 5]}")
     same8 = None
     if not args.skip_batch:
-        lf8, _, _, lf_tot = measure(lmforge_run, ours, batch, n, args.repeats)
-        hf8, _, _, hf_tot = measure(hf_run, hf, batch, n, args.repeats)
+        (lf8, _, _, lf_tot), (hf8, _, _, hf_tot) = measure((ours, hf), batch, n, args.repeats)
         rows.append(("b8 total (tok/s)", lf_tot, hf_tot, lf_tot / hf_tot))
         same8 = sum(a == b for a, b in zip(lf8, hf8))
 

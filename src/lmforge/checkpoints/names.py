@@ -57,8 +57,8 @@ def _t5(gated: bool) -> list[tuple[str, str]]:
         out += [(f"{b}.{ff_layer}.DenseReluDense.{hf}.weight", f"{stack}.layers.{{i}}.mlp.{ours}.weight")
                 for hf, ours in ff]
         out.append((f"{b}.{ff_layer}.layer_norm.weight", f"{stack}.layers.{{i}}.post_attention_layernorm.weight"))
-    out += [(f"decoder.block.{{i}}.layer.1.EncDecAttention.{x}.weight", f"decoder.layers.{{i}}.cross_attn.{x}_proj.weight")
-            for x in "qkvo"]
+    out += [(f"decoder.block.{{i}}.layer.1.EncDecAttention.{x}.weight",
+             f"decoder.layers.{{i}}.cross_attn.{x}_proj.weight") for x in "qkvo"]
     out.append(("decoder.block.{i}.layer.1.layer_norm.weight", "decoder.layers.{i}.cross_attn_layernorm.weight"))
     return out
 

@@ -130,7 +130,8 @@ class Seq2SeqSteps:
         self.step = 0
 
     def first(self) -> torch.Tensor:
-        return self.model.decode(self.idx, self.memory, self.src_mask, self.caches, self.cross, 0, last_only=True)[:, -1]
+        logits = self.model.decode(self.idx, self.memory, self.src_mask, self.caches, self.cross, 0, last_only=True)
+        return logits[:, -1]
 
     def next(self, tokens: torch.Tensor) -> torch.Tensor:
         self.step += 1

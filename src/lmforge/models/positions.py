@@ -83,7 +83,8 @@ class LearnedPositions(nn.Module):
         return nn.functional.embedding(positions, self.weight)
 
 
-def relative_position_bucket(rel: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int) -> torch.Tensor:
+def relative_position_bucket(rel: torch.Tensor, bidirectional: bool, num_buckets: int,
+                             max_distance: int) -> torch.Tensor:
     """Bucket index for each relative position rel = key_pos - query_pos (any shape, int)."""
     bucket = torch.zeros_like(rel)
     if bidirectional:
