@@ -302,6 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="model name or path (default: %(default)s)")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
     i.set_defaults(func=cmd_info)
+
+    from lmforge.training.commands import register as register_training
+
+    register_training(sub)
     return parser
 
 

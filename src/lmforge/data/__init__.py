@@ -1,0 +1,1 @@
+"""Data for training: corpora tokenised and packed, and supervised fine-tuning formats."""
