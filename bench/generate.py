@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import platform
 import statistics
 import time
@@ -40,6 +41,15 @@ TOPIC = ("The history of the printing press begins with movable type in East Asi
          "which trades and institutions it disrupted, how quickly printing shops spread between cities, and what "
          "modern historians still disagree about. Answer in a few short paragraphs.")
 BATCH_WORDS = [2, 10, 18, 26, 34, 42, 50, 59]  # prompt i = the first BATCH_WORDS[i] words of TOPIC
+
+
+def cpu_name():
+    """The CPU model name as lscpu shows it (Linux), else what platform knows."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def lmforge_run(model, prompts, n):
@@ -153,7 +163,7 @@ def main():
           + ("" if same8 is None else f"; batch-8 rows identical: {same8}/{len(batch)}"))
     if args.json:
         args.json.write_text(json.dumps({
-            "date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
+            "date": time.strftime("%Y-%m-%d"), "cpu": cpu_name(), "cpus": os.cpu_count(),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": args.dtype, "new_tokens": n,
             "repeats": args.repeats, "prompt_tokens": len(prompt), "batch_prompt_tokens": [len(p) for p in batch],
             "batch1_tokens_identical": same1, "batch8_rows_identical": same8,

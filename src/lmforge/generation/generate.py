@@ -113,9 +113,11 @@ class Seq2SeqSteps:
         c = model.config
         self.model, self.use_cache = model, use_cache
         B, S = len(prompts), max(len(p) for p in prompts)
-        check_lengths(S, 1, c.max_seq_len + 1)  # the source must fit the encoder; the decoder has no window
-        if max_new_tokens < 1:
-            raise LmforgeError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if min(len(p) for p in prompts) == 0 or max_new_tokens < 1:
+            check_lengths(min(len(p) for p in prompts), max_new_tokens, S + max_new_tokens)  # raises the error
+        if S > c.max_seq_len:  # relative positions extrapolate, but past the trained length quality drops
+            print(f"warning: the source is {S} tokens, longer than the {c.max_seq_len} the model was trained on",
+                  file=sys.stderr)
         self.max_new_tokens = max_new_tokens
         src = torch.full((B, S), pad_id, dtype=torch.long, device=device)
         self.src_mask = torch.zeros((B, S), dtype=torch.bool, device=device)
