@@ -78,15 +78,15 @@ class DecoderBody(nn.Module):
         self.norm = norm()
 
     def forward(self, idx, positions, mask, caches=None, start=0, memory=None, memory_mask=None,
-                cross_caches=None) -> torch.Tensor:
-        x = self.embed_tokens(idx)  # (B, T, C)
+                cross_caches=None, embeds=None) -> torch.Tensor:
+        x = self.embed_tokens(idx) if embeds is None else embeds  # (B, T, C)
         rope = None
         if hasattr(self, "embed_positions"):
             x = x + self.embed_positions(positions)
         elif hasattr(self, "rotary"):
             rope = self.rotary(positions, x.dtype)
         else:
-            T = idx.shape[1]
+            T = x.shape[1]
             mask = with_bias(mask, self.rel_bias(start, T, start + T), start, T).to(x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, mask, None if caches is None else caches[i], start, memory, memory_mask,
@@ -119,24 +119,28 @@ class DecoderLM(nn.Module):
         return [KVCache(batch, c.n_kv_head, max_len, c.head_dim, dtype or p.dtype, device or p.device)
                 for _ in range(c.n_layer)]
 
-    def hidden_states(self, idx, positions=None, key_mask=None, caches=None, start: int = 0) -> torch.Tensor:
+    def hidden_states(self, idx, positions=None, key_mask=None, caches=None, start: int = 0,
+                      embeds=None) -> torch.Tensor:
         """Final-norm hidden states (B, T, C). See ``forward`` for the arguments."""
-        B, T = idx.shape
+        B, T = idx.shape if embeds is None else embeds.shape[:2]
         if start + T > self.config.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds the context window ({self.config.max_seq_len})")
+        device = idx.device if embeds is None else embeds.device
         if positions is None:
-            positions = torch.arange(start, start + T, device=idx.device).expand(B, T)
+            positions = torch.arange(start, start + T, device=device).expand(B, T)
         mask = build_mask(key_mask, start, T)
-        return self.model(idx, positions, mask, caches, start)
+        return self.model(idx, positions, mask, caches, start, embeds=embeds)
 
     def forward(self, idx: torch.Tensor, positions: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
-                caches: list[KVCache] | None = None, start: int = 0, last_only: bool = False) -> torch.Tensor:
+                caches: list[KVCache] | None = None, start: int = 0, last_only: bool = False,
+                embeds: torch.Tensor | None = None) -> torch.Tensor:
         """idx (B, T) token ids -> logits (B, T, V), or (B, 1, V) with ``last_only``.
 
         positions (B, T): position ids (default start..start+T-1; left-padded batches pass their own).
         key_mask (B, start+T) bool: False marks padding keys. caches/start: KV cache and where idx begins.
+        embeds (B, T, C): input vectors used instead of the token embeddings of idx (soft prompts).
         """
-        h = self.hidden_states(idx, positions, key_mask, caches, start)
+        h = self.hidden_states(idx, positions, key_mask, caches, start, embeds)
         if last_only:
             h = h[:, -1:]
         return self.lm_head(h)

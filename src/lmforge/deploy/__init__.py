@@ -1,0 +1,1 @@
+"""Deployment: quantisation (and later pruning and serving)."""
