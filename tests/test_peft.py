@@ -188,3 +188,37 @@ def test_bad_input(hf_tiny, tmp_path):
         load_adapter(wide, tmp_path / "a")
     with pytest.raises(LmforgeError, match="not an adapter folder"):
         load_adapter(other, tmp_path)
+
+
+def test_adapter_flag_and_merge_command(tiny_lm_dirs, tmp_path, capsys):
+    import lmforge
+    from lmforge.cli import main
+
+    base_dir = tiny_lm_dirs["chat"]
+    lm = lmforge.load(base_dir)
+    add_lora(lm.model, LoraSpec(r=4, alpha=8, targets="all-linear"))
+    _randomize_lora(lm.model, seed=5)
+    save_adapter(lm.model, tmp_path / "lora")
+    pt_dir = tmp_path / "pt"
+    save_adapter(PromptTunedLM(lmforge.load(base_dir).model, 3), pt_dir)
+
+    args = ["generate", "hello there", "-m", str(base_dir), "-n", "10"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main([*args, "--adapter", str(tmp_path / "lora")]) == 0
+    adapted = capsys.readouterr().out
+    assert adapted != plain
+    assert adapted.rstrip("\n") == lmforge.load(base_dir, adapter=tmp_path / "lora").generate("hello there",
+                                                                                              max_new_tokens=10)
+    assert main(["merge", str(tmp_path / "lora"), "-m", str(base_dir), "-o", str(tmp_path / "merged")]) == 0
+    capsys.readouterr()
+    assert main(["generate", "hello there", "-m", str(tmp_path / "merged"), "-n", "10"]) == 0
+    assert capsys.readouterr().out == adapted
+    assert main(["merge", str(tmp_path / "lora"), "-m", str(base_dir), "-o", str(tmp_path / "merged")]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert main(["merge", str(pt_dir), "-m", str(base_dir), "-o", str(tmp_path / "m2")]) == 2
+    assert "only LoRA adapters can be merged" in capsys.readouterr().err
+    assert main([*args, "--adapter", str(pt_dir)]) == 0  # a soft prompt generates too
+    capsys.readouterr()
+    assert main([*args, "--adapter", str(tmp_path)]) == 2
+    assert "not an adapter folder" in capsys.readouterr().err

@@ -54,6 +54,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", default=DEFAULT_MODEL,
                    help=f"model: an embedded name ({DEFAULT_MODEL}), a local HF directory or .gguf file, "
                         "or a hub id when online (default: %(default)s)")
+    p.add_argument("--adapter", help="a PEFT adapter folder (LoRA or prompt tuning) to apply on top of the model")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: %(default)s)")
     p.add_argument("--dtype", default="auto",
                    help="float32 | bfloat16 | float16 | auto (bfloat16 on GPU, float32 on CPU; default: auto)")
@@ -131,7 +132,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
 def _load_generator(a: argparse.Namespace):
     from lmforge.lm import LM, load
 
-    lm = load(a.model, device=a.device, dtype=a.dtype)
+    lm = load(a.model, device=a.device, dtype=a.dtype, adapter=a.adapter)
     if not isinstance(lm, LM):
         raise LmforgeError(f"{a.model} is an encoder-only model ({lm.config.family}): it cannot generate text; "
                            "use `lmforge embed` for its embeddings")
@@ -197,7 +198,7 @@ def cmd_embed(a: argparse.Namespace) -> int:
         raise LmforgeError(f"--similarity compares texts in pairs, but {len(texts)} texts were given")
     if a.output and Path(a.output).suffix not in (".jsonl", ".npy"):
         raise LmforgeError(f"--output {a.output}: use a .jsonl or .npy file name")
-    enc = load(a.model, device=a.device, dtype=a.dtype)
+    enc = load(a.model, device=a.device, dtype=a.dtype, adapter=a.adapter)
     if not isinstance(enc, Encoder):
         raise LmforgeError(f"{a.model} is not an encoder-only model; `lmforge embed` needs one, "
                            f"such as {DEFAULT_ENCODER}")
@@ -236,6 +237,24 @@ def write_vectors(path: Path, texts: list[str], vecs) -> None:
             for text, vec in zip(texts, vecs.tolist()):
                 f.write(json.dumps({"text": text, "embedding": vec}) + "\n")
     os.replace(tmp, path)
+
+
+def cmd_merge(a: argparse.Namespace) -> int:
+    from lmforge.checkpoints.hf import save_hf_dir
+    from lmforge.lm import load
+    from lmforge.peft.lora import lora_layers, merge_lora
+
+    out = Path(a.output)
+    if out.exists() and any(out.iterdir()) and not a.force:
+        raise LmforgeError(f"--output {out} exists and is not empty; pass --force to write into it")
+    loaded = load(a.model, adapter=a.adapter, dtype=a.dtype)
+    if not list(lora_layers(loaded.model)):
+        raise LmforgeError(f"{a.adapter} is not a LoRA adapter; only LoRA adapters can be merged into the weights "
+                           "(a prompt-tuning adapter stays an adapter: use --adapter)")
+    model = merge_lora(loaded.model)
+    save_hf_dir(model, out, tokenizer=loaded.tokenizer, generation_config=getattr(loaded, "generation_config", None))
+    print(f"merged {a.adapter} into {a.model}: wrote {out}", file=sys.stderr)
+    return 0
 
 
 def cmd_info(a: argparse.Namespace) -> int:
@@ -293,9 +312,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=_int_arg("--batch-size"), default=32, help="texts per forward pass")
     e.add_argument("-m", "--model", default=DEFAULT_ENCODER,
                    help="an encoder-only model: embedded name, local HF directory or hub id (default: %(default)s)")
+    e.add_argument("--adapter", help="a PEFT adapter folder (LoRA) to apply on top of the model")
     e.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: %(default)s)")
     e.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (default: auto)")
     e.set_defaults(func=cmd_embed)
+
+    mg = sub.add_parser("merge", help="fold a LoRA adapter into its base model and save an HF directory",
+                        description="Load MODEL, apply the LoRA ADAPTER, merge the low-rank updates into the "
+                                    "weights and write a Hugging Face directory (weights, config, tokenizer) that "
+                                    "loads anywhere without peft.")
+    mg.add_argument("adapter", help="the PEFT LoRA adapter folder")
+    mg.add_argument("-m", "--model", default=DEFAULT_MODEL, help="the base model the adapter was trained on "
+                                                                  "(default: %(default)s)")
+    mg.add_argument("-o", "--output", required=True, help="output folder")
+    mg.add_argument("--dtype", default="float32", help="dtype of the saved weights (default: %(default)s)")
+    mg.add_argument("--force", action="store_true", help="write into a non-empty output folder")
+    mg.set_defaults(func=cmd_merge)
 
     i = sub.add_parser("info", help="architecture, parameters, memory and context of a model",
                        description="Describe a model without running it.")

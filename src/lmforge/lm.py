@@ -72,17 +72,23 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     return table[dtype]
 
 
-def load(name: str | Path | None = None, *, device: str = "cpu", dtype: str | torch.dtype | None = None):
+def load(name: str | Path | None = None, *, device: str = "cpu", dtype: str | torch.dtype | None = None,
+         adapter: str | Path | None = None):
     """Load a model by name: the embedded default (None), a local HF dir or .gguf file, or a hub id.
 
-    Returns an ``LM`` for decoder-only and encoder-decoder models, an ``Encoder`` (embeddings,
-    classification) for encoder-only ones.
+    ``adapter``: a PEFT adapter folder (LoRA or prompt tuning) applied on top. Returns an ``LM``
+    for decoder-only and encoder-decoder models, an ``Encoder`` (embeddings, classification) for
+    encoder-only ones.
     """
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise LmforgeError(f"device {device!r} requested but CUDA is not available; use --device cpu")
     ckpt = read_checkpoint(name)
     label = str(name or DEFAULT_MODEL)
     model = build_model(ckpt.config, ckpt.state_dict, resolve_dtype(dtype, device), device, source=label)
+    if adapter is not None:
+        from lmforge.peft.adapters import load_adapter
+
+        model = load_adapter(model, adapter).eval()
     if ckpt.config.arch == "encoder":
         from lmforge.embed import Encoder
 
