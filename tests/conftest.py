@@ -8,7 +8,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One intra-op thread: tiny models gain nothing from more, and on a shared 2-core machine extra
+# threads contend and slow tests 10x or more.
+torch.set_num_threads(1)
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:

@@ -1,0 +1,230 @@
+"""Pretraining from scratch (or continued pretraining of a saved model) on a text corpus.
+
+``pretrain(...)`` resolves a tokenizer (trained character vocabulary, a tokenizer folder, or the
+model's own), builds the model (a preset or config JSON with random init, or an HF directory),
+tokenises the corpus once (``data/corpus.py``), picks the objective by ``config.arch``
+(``objectives.py``: causal LM, masked LM, span corruption) and runs the loop (``loop.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tokenizers import AddedToken
+from torch import nn
+
+from lmforge.config import PRESETS, ModelConfig, preset
+from lmforge.data.corpus import RandomWindows, causal_collate, corpus_text, eval_windows, tokenize_corpus
+from lmforge.errors import LmforgeError
+from lmforge.tokenizer import Tokenizer
+from lmforge.training import objectives as obj
+from lmforge.training.loop import TrainConfig, train
+from lmforge.training.tokenizer_train import char_tokenizer
+
+MASK_TOKEN = "[MASK]"
+N_SENTINELS = 100  # T5's <extra_id_0> ... <extra_id_99>
+
+
+def resolve_tokenizer(tokenizer: str | None, model: str, corpus: str, text_field: str) -> Tokenizer:
+    """``char`` (built from the corpus), a tokenizer folder / tokenizer.json, or None: the model
+    directory's own tokenizer, else ``char``."""
+    if tokenizer is None:
+        own = Path(model)
+        tokenizer = str(own) if own.is_dir() and (own / "tokenizer.json").is_file() else "char"
+    if tokenizer == "char":
+        return char_tokenizer(corpus_text(corpus, text_field))
+    path = Path(tokenizer)
+    if path.is_file() and path.name == "tokenizer.json":
+        path = path.parent
+    if not path.is_dir():
+        raise LmforgeError(f"--tokenizer {tokenizer}: not 'char' and not a folder with a tokenizer.json")
+    return Tokenizer.from_dir(path)
+
+
+def _add_special(tok: Tokenizer, tokens: list[str]) -> None:
+    missing = [t for t in tokens if tok.token_to_id(t) is None]
+    if missing:
+        tok.backend.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
+
+
+def sentinel_ids(tok: Tokenizer, n: int = N_SENTINELS) -> list[int]:
+    """Ids of <extra_id_0>, <extra_id_1>, ...; added from the end of the vocabulary down (as in T5:
+    <extra_id_0> is the last id) when the tokenizer lacks them."""
+    names = [f"<extra_id_{i}>" for i in range(n)]
+    _add_special(tok, names[::-1])
+    return [tok.token_to_id(t) for t in names]
+
+
+def build_model(model: str, tok: Tokenizer, overrides: dict[str, Any], seed: int) -> tuple[nn.Module, ModelConfig]:
+    """A preset name or a config JSON (random init, vocabulary sized to ``tok``), or an HF directory
+    (its weights, for continued pretraining)."""
+    from lmforge.models import init_weights, model_class
+
+    path = Path(model)
+    loaded = None
+    if model in PRESETS:
+        config = preset(model, vocab_size=tok.vocab_size, **overrides)
+    elif path.is_file() and path.suffix == ".json":
+        try:
+            fields = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise LmforgeError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+        if not isinstance(fields, dict):
+            raise LmforgeError(f"{path}: expected a JSON object of model config fields")
+        config = ModelConfig.from_dict({"name": path.stem, **fields, "vocab_size": tok.vocab_size, **overrides})
+    elif path.is_dir():
+        from lmforge.checkpoints.hf import read_hf_dir
+
+        config, loaded, _ = read_hf_dir(path)
+        loaded = {k: v for k, v in loaded.items() if not k.startswith("pooler.")}  # BertForMaskedLM has none
+        if overrides:
+            raise LmforgeError(f"--set cannot change the shape of the saved model {path}; drop it")
+        if tok.vocab_size > config.vocab_size:
+            raise LmforgeError(f"the tokenizer has {tok.vocab_size} tokens but the model {path} only "
+                               f"{config.vocab_size} embeddings")
+    else:
+        raise LmforgeError(f"--model {model}: not a preset ({', '.join(sorted(PRESETS))}), a config .json "
+                           "or a model folder")
+    if config.arch == "encoder":
+        config.pooler, config.labels = False, None  # BertForMaskedLM has no pooler
+    if config.arch == "encoder-decoder" and config.decoder_start_token_id is None:
+        config.decoder_start_token_id = config.pad_token_id if config.pad_token_id is not None else 0
+    if config.arch == "encoder":
+        from lmforge.models.mlm import MaskedLM
+
+        net: nn.Module = MaskedLM(config)
+    else:
+        net = model_class(config)(config)
+    init_weights(net, std=0.02, seed=seed)
+    if loaded is not None:
+        target = net.encoder if config.arch == "encoder" else net
+        missing, unexpected = target.load_state_dict(loaded, strict=False)
+        if unexpected or [k for k in missing if "lm_head" not in k]:
+            raise LmforgeError(f"{path}: weights do not fit the model (missing {missing[:4]}, "
+                               f"unexpected {unexpected[:4]})")
+    return net, config
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def causal_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    device = next(model.parameters()).device
+    b = _to(batch, device)
+    return obj.causal_lm_loss(model(b["input_ids"]), b["labels"])
+
+
+def mlm_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    b = _to(batch, next(model.parameters()).device)
+    return obj.masked_lm_loss(model(b["input_ids"]), b["labels"])
+
+
+def span_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    b = _to(batch, next(model.parameters()).device)
+    return obj.span_corruption_loss(model(b["input_ids"], b["decoder_input_ids"]), b["labels"])
+
+
+def mlm_collate(windows: np.ndarray, rng: np.random.Generator, *, mask_id: int, vocab_size: int,
+                special_ids: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    inputs, labels = obj.mask_tokens(windows[:, :-1], rng, mask_id, vocab_size, special_ids)
+    return {"input_ids": torch.from_numpy(inputs), "labels": torch.from_numpy(labels)}
+
+
+def span_collate(windows: np.ndarray, rng: np.random.Generator, *, sentinels: list[int], eos_id: int | None,
+                 start_id: int) -> dict[str, torch.Tensor]:
+    pairs = [obj.span_corrupt(row, rng, sentinels, eos_id) for row in windows[:, :-1]]
+    inputs, targets = np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+    decoder_in = obj.shift_right(targets, start_id)
+    return {"input_ids": torch.from_numpy(inputs), "decoder_input_ids": torch.from_numpy(decoder_in),
+            "labels": torch.from_numpy(targets)}
+
+
+def objective(config: ModelConfig, tok: Tokenizer):
+    """(loss_fn, collate) for the model's architecture."""
+    if config.arch == "decoder":
+        return causal_step, causal_collate
+    if config.arch == "encoder":
+        specials = tuple(i for i in tok.backend.get_added_tokens_decoder() if i != tok.token_to_id(MASK_TOKEN))
+        return mlm_step, functools.partial(mlm_collate, mask_id=tok.token_to_id(MASK_TOKEN),
+                                           vocab_size=tok.vocab_size, special_ids=specials)
+    return span_step, functools.partial(span_collate, sentinels=sentinel_ids(tok), eos_id=tok.eos_id,
+                                        start_id=config.decoder_start_token_id)
+
+
+def pretrain(model: str = "tiny-llama", corpus: str = "shakespeare", tokenizer: str | None = None,
+             out_dir: str | Path = "runs/pretrain", seq_len: int = 128, batch_size: int = 16, steps: int = 1000,
+             lr: float = 1e-3, warmup: int = 50, min_lr_ratio: float = 0.1, weight_decay: float = 0.1,
+             grad_accum: int = 1, clip: float = 1.0, precision: str = "fp32", compile: bool = False,
+             eval_every: int = 100, eval_batches: int = 20, save_every: int = 100, log_every: int = 10,
+             val_fraction: float = 0.05, text_field: str = "text", cache_dir: str | Path | None = None,
+             overrides: dict[str, Any] | None = None, resume: bool = False, seed: int = 0,
+             device: str = "cpu") -> dict:
+    """Pretrain ``model`` on ``corpus`` for ``steps`` optimiser steps; returns the final metrics
+    (``loss``, ``val_loss``, ``val_ppl``, ``tokens_per_s``...). Writes ``out_dir/checkpoint``,
+    ``out_dir/final`` (HF format, with the tokenizer), ``metrics.jsonl`` and ``loss.png``.
+
+    model: a preset name (random init, ``overrides`` change its fields), a JSON file of config fields,
+    or an HF model directory (continued pretraining). tokenizer: ``char``, a tokenizer folder, or None
+    for the model directory's own (``char`` for presets).
+    """
+    run_config = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()}
+    for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("eval_batches", eval_batches)):
+        if value < 1:
+            raise LmforgeError(f"{name} must be >= 1, got {value}")
+    tok = resolve_tokenizer(tokenizer, model, corpus, text_field)
+    probe_arch = _arch_of(model, overrides or {})
+    if probe_arch == "encoder":
+        _add_special(tok, [MASK_TOKEN])
+    elif probe_arch == "encoder-decoder":
+        sentinel_ids(tok)
+    net, config = build_model(model, tok, overrides or {}, seed)
+    limit = config.max_seq_len if config.positions != "relative" else math.inf
+    if seq_len > limit:
+        raise LmforgeError(f"--seq-len {seq_len} is longer than the model's context of {config.max_seq_len} tokens "
+                           f"({config.name}); lower --seq-len or raise max_seq_len")
+    net.to(device)
+    loss_fn, collate = objective(config, tok)
+    data = tokenize_corpus(corpus, tok, cache_dir, text_field, val_fraction)
+    batches = RandomWindows(data.train, seq_len, batch_size, seed, collate)
+    val = eval_windows(data.val, seq_len, batch_size, eval_batches)
+
+    def eval_fn(m: nn.Module) -> dict[str, float]:
+        rng = np.random.Generator(np.random.PCG64(seed + 1))  # the same masks/spans every evaluation
+        losses = [float(loss_fn(m, collate(w, rng))) for w in val]
+        loss = sum(losses) / len(losses)
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+
+    cfg = TrainConfig(steps=steps, lr=lr, min_lr_ratio=min_lr_ratio, warmup_steps=warmup, weight_decay=weight_decay,
+                      grad_accum=grad_accum, clip=clip, precision=precision, compile=compile, eval_every=eval_every,
+                      save_every=save_every, log_every=log_every, seed=seed)
+    run_config["model_config"] = config.to_dict()
+    run_config["corpus_tokens"] = {"train": int(data.n_train), "val": int(len(data.val))}
+    return train(net, loss_fn, batches, cfg, out_dir, eval_fn=eval_fn, resume=resume, run_config=run_config,
+                 tokenizer=tok)
+
+
+def _arch_of(model: str, overrides: dict[str, Any]) -> str:
+    """The architecture a model argument will build, before building it (to prepare the tokenizer)."""
+    if "arch" in overrides:
+        return overrides["arch"]
+    if model in PRESETS:
+        return PRESETS[model].get("arch", "decoder")
+    path = Path(model)
+    try:
+        if path.is_file():
+            return json.loads(path.read_text(encoding="utf-8")).get("arch", "decoder")
+        if (path / "config.json").is_file():
+            from lmforge.checkpoints.hf import read_json
+
+            mt = read_json(path / "config.json").get("model_type")
+            return {"bert": "encoder", "t5": "encoder-decoder"}.get(mt, "decoder")
+    except (json.JSONDecodeError, AttributeError):
+        pass
+    return "decoder"
