@@ -140,27 +140,30 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, {n} new tokens, "
           f"median of {args.repeats}; batch-1 prompt {len(prompt)} tokens, batch-8 prompts {[len(p) for p in batch]}")
 
-    rows = [("load (s)", load_lf, load_hf, load_hf / load_lf)]  # ratio: >1 means lmforge faster everywhere
+    rows = []
+
+    def row(case, ours_value, hf_value, ratio):  # ratio: >1 means lmforge faster, in every row
+        rows.append((case, ours_value, hf_value, ratio))
+        print(f"{case:<20}{ours_value:>12.2f}{hf_value:>14.2f}{ratio:>8.2f}", flush=True)
+
+    print(f"\n{'case':<20}{'lmforge':>12}{'transformers':>14}{'ratio':>8}")
+    row("load (s)", load_lf, load_hf, load_hf / load_lf)
     (lf_toks, lf_ttft, lf_dec, _), (hf_toks, hf_ttft, hf_dec, _) = measure((ours, hf), [prompt], n, args.repeats)
-    rows += [("b1 prefill (ms)", lf_ttft * 1e3, hf_ttft * 1e3, hf_ttft / lf_ttft),
-             ("b1 decode (tok/s)", lf_dec, hf_dec, lf_dec / hf_dec)]
+    row("b1 prefill (ms)", lf_ttft * 1e3, hf_ttft * 1e3, hf_ttft / lf_ttft)
+    row("b1 decode (tok/s)", lf_dec, hf_dec, lf_dec / hf_dec)
     same1 = lf_toks == hf_toks
+    same8 = None
+    if not args.skip_batch:
+        (lf8, _, _, lf_tot), (hf8, _, _, hf_tot) = measure((ours, hf), batch, n, args.repeats)
+        row("b8 total (tok/s)", lf_tot, hf_tot, lf_tot / hf_tot)
+        same8 = sum(a == b for a, b in zip(lf8, hf8))
+    print("ratio = lmforge speed / transformers speed (>1: lmforge faster)")
+    print(f"batch-1 greedy tokens identical: {same1}"
+          + ("" if same8 is None else f"; batch-8 rows identical: {same8}/{len(batch)}"))
     if not same1:
         k = next(i for i, (a, b) in enumerate(zip(lf_toks[0], hf_toks[0])) if a != b)
         print(f"WARNING: batch-1 greedy tokens differ from token {k} on: lmforge {lf_toks[0][k:k + 5]}, "
               f"transformers {hf_toks[0][k:k + 5]}")
-    same8 = None
-    if not args.skip_batch:
-        (lf8, _, _, lf_tot), (hf8, _, _, hf_tot) = measure((ours, hf), batch, n, args.repeats)
-        rows.append(("b8 total (tok/s)", lf_tot, hf_tot, lf_tot / hf_tot))
-        same8 = sum(a == b for a, b in zip(lf8, hf8))
-
-    print(f"\n{'case':<20}{'lmforge':>12}{'transformers':>14}{'ratio':>8}")
-    for case, a, b, r in rows:
-        print(f"{case:<20}{a:>12.2f}{b:>14.2f}{r:>8.2f}")
-    print("ratio = lmforge speed / transformers speed (>1: lmforge faster)")
-    print(f"batch-1 greedy tokens identical: {same1}"
-          + ("" if same8 is None else f"; batch-8 rows identical: {same8}/{len(batch)}"))
     if args.json:
         args.json.write_text(json.dumps({
             "date": time.strftime("%Y-%m-%d"), "cpu": cpu_name(), "cpus": os.cpu_count(),
