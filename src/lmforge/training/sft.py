@@ -1,0 +1,376 @@
+"""Instruction fine-tuning (SFT): the recipe that turns a model plus an SFT data file into a fine-tuned model.
+
+Owns the SFT losses (masked next-token cross-entropy for decoder-only models, target cross-entropy for
+encoder-decoder ones), SFT evaluation (response-token dev loss and ROUGE-L of greedy generations),
+``finetune`` (which builds the model, data and batches and hands them to ``training/loop.py``) and the
+``lmforge finetune`` command-line parser (``add_finetune_parser``). Data formats, masking, truncation and
+packing live in ``data/sft.py``.
+
+Only ``method="full"`` (every parameter trained) exists today; LoRA, QLoRA and prompt tuning are planned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lmforge.errors import LmforgeError
+
+if TYPE_CHECKING:  # torch is imported inside the functions so that building the CLI parser stays fast
+    import torch
+    from torch import Tensor, nn
+
+    from lmforge.data.sft import Example, SFTBatches
+    from lmforge.tokenizer import Tokenizer
+
+METHODS = ("full",)
+PLANNED_METHODS = ("lora", "qlora", "prompt-tuning")
+
+
+# ----------------------------------------------------------------------------- losses
+def decoder_hidden(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """Final hidden states (B, T, C) of a ``DecoderLM`` for an SFT batch.
+
+    Packed batches (with ``segment_ids``) get a block-diagonal causal mask, so each example only sees
+    itself; this goes through the model's body directly because ``DecoderLM.forward`` only takes a
+    key-padding mask. Left-padded batches pass the padding mask; right padding needs none (causal).
+    """
+    import torch
+
+    idx, positions, mask = batch["input_ids"], batch.get("positions"), batch.get("attention_mask")
+    if "segment_ids" in batch:
+        seg = batch["segment_ids"]  # (B, T), 0 = padding
+        T = idx.shape[1]
+        if T > model.config.max_seq_len:
+            raise LmforgeError(f"sequence of {T} tokens exceeds the context window ({model.config.max_seq_len})")
+        causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()  # (T, T)
+        attend = (seg[:, :, None] == seg[:, None, :]) & causal  # (B, T, T): same example, not the future
+        return model.model(idx, positions, attend[:, None])  # mask (B, 1, T, T)
+    key_mask = None if mask is None or bool(mask[:, 0].all()) else mask.bool()
+    return model.hidden_states(idx, positions=positions, key_mask=key_mask)
+
+
+def decoder_logits(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """Logits (B, T, V) of a ``DecoderLM`` for an SFT batch (see ``decoder_hidden``)."""
+    return model.lm_head(decoder_hidden(model, batch))
+
+
+def masked_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean cross-entropy over the tokens whose label is not -100; logits (N, V), labels (N,).
+    A batch with no labelled token gives 0 (not NaN)."""
+    import torch.nn.functional as F
+
+    from lmforge.data.sft import IGNORE_INDEX
+
+    total = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
+
+
+def causal_lm_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """Next-token loss on response tokens: logits at t predict labels at t+1 (labels are aligned with inputs).
+
+    The LM head runs only where a label follows (prompts are usually most of the tokens, and the head
+    over a large vocabulary is a good share of the compute and most of the activation memory).
+    """
+    from lmforge.data.sft import IGNORE_INDEX
+
+    h = decoder_hidden(model, batch)[:, :-1]  # (B, T-1, C)
+    labels = batch["labels"][:, 1:]  # (B, T-1)
+    keep = labels != IGNORE_INDEX
+    return masked_cross_entropy(model.lm_head(h[keep]), labels[keep])  # (N, V), (N,)
+
+
+def seq2seq_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """Cross-entropy over the target given the source (teacher forcing)."""
+    logits = model(batch["input_ids"], batch["decoder_input_ids"], batch["attention_mask"])  # (B, T, V)
+    return masked_cross_entropy(logits.flatten(0, 1), batch["labels"].flatten())
+
+
+def loss_for(model: nn.Module):
+    return seq2seq_loss if model.config.arch == "encoder-decoder" else causal_lm_loss
+
+
+# ----------------------------------------------------------------------------- evaluation
+def _to(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _labelled(batch: dict[str, Tensor], seq2seq: bool) -> int:
+    from lmforge.data.sft import IGNORE_INDEX
+
+    labels = batch["labels"] if seq2seq else batch["labels"][:, 1:]
+    return int((labels != IGNORE_INDEX).sum())
+
+
+def response_loss(model: nn.Module, batches: Iterable[dict[str, Tensor]]) -> float:
+    """Token-weighted mean loss over the response tokens of all ``batches``."""
+    import torch
+
+    loss_fn, seq2seq = loss_for(model), model.config.arch == "encoder-decoder"
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in batches:
+            n = _labelled(batch, seq2seq)
+            total += float(loss_fn(model, _to(batch, device))) * n
+            count += n
+    return total / max(count, 1)
+
+
+def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Mean ROUGE-L F1 (Lin 2004) from the reference ``rouge-score`` package, with Porter stemming."""
+    try:
+        from rouge_score import rouge_scorer
+    except ImportError as e:
+        raise LmforgeError("ROUGE needs the rouge-score package: pip install rouge-score") from e
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    scores = [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
+    return sum(scores) / max(len(scores), 1)
+
+
+def generate_responses(model: nn.Module, tokenizer: Tokenizer, examples: Sequence[Example], *,
+                       max_new_tokens: int = 64, batch_size: int = 8, eos_ids: Sequence[int] = ()) -> list[str]:
+    """Greedy responses to each example's prompt (the exact prompt ids it was trained on)."""
+    from lmforge.generation.generate import generate_tokens
+
+    eos = set(eos_ids) | set(tokenizer.eos_ids) | set(getattr(model.config, "eos_token_ids", []))
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else min(eos, default=0)
+    was_training = model.training
+    model.eval()
+    out: list[str] = []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        tokens: list[list[int]] = [[] for _ in chunk]
+        for step in generate_tokens(model, [e.prompt_ids for e in chunk], max_new_tokens, eos_ids=sorted(eos),
+                                    pad_id=pad):
+            for i, t in enumerate(step):
+                if t is not None and t not in eos:
+                    tokens[i].append(t)
+        out += [tokenizer.decode(t).strip() for t in tokens]
+    model.train(was_training)
+    return out
+
+
+def evaluate_sft(model: nn.Module, tokenizer: Tokenizer, dev: SFTBatches, *, loss_examples: int | None = None,
+                 generate_examples: int = 0, max_new_tokens: int = 64, batch_size: int = 8) -> dict[str, float]:
+    """``val_loss`` (response tokens of the first ``loss_examples`` dev examples) and, with
+    ``generate_examples`` > 0, ``val_rougeL`` of greedy generations on the first N dev examples."""
+    from lmforge.data.sft import SFTBatches
+
+    n = len(dev.examples) if loss_examples is None else min(loss_examples, len(dev.examples))
+    sub = SFTBatches(dev.examples[:n], batch_size=batch_size, pad_id=dev.pad_id, seq2seq=dev.seq2seq,
+                     decoder_start_id=dev.decoder_start_id, shuffle=False)
+    metrics = {"val_loss": response_loss(model, sub.iter_once())}
+    metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 50.0))
+    if generate_examples > 0:
+        exs = dev.examples[:generate_examples]
+        preds = generate_responses(model, tokenizer, exs, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        metrics["val_rougeL"] = rouge_l(preds, [e.reference for e in exs])
+    return metrics
+
+
+# ----------------------------------------------------------------------------- the recipe
+def finetune(
+    model: str | None = None,
+    train_data: str | Path | Sequence[str | Path] = (),
+    dev_data: str | Path | Sequence[str | Path] | None = None,
+    *,
+    out_dir: str | Path = "runs/sft",
+    method: str = "full",
+    format: str | None = None,
+    prompt_template: str | None = None,
+    prompt_field: str | None = None,
+    response_field: str | None = None,
+    chat: bool | None = None,
+    max_len: int | None = None,
+    pack: bool = False,
+    padding_side: str = "right",
+    batch_size: int = 8,
+    steps: int | None = None,
+    epochs: float | None = None,
+    lr: float = 2e-5,
+    min_lr_ratio: float = 0.1,
+    warmup_steps: int = 0,
+    weight_decay: float = 0.0,
+    grad_accum: int = 1,
+    clip: float = 1.0,
+    precision: str = "fp32",
+    compile: bool = False,
+    eval_every: int = 0,
+    eval_examples: int | None = 200,
+    eval_generate: int = 20,
+    max_new_tokens: int = 64,
+    save_every: int = 0,
+    log_every: int = 10,
+    train_limit: int | None = None,
+    resume: bool = False,
+    seed: int = 0,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Fine-tune ``model`` (a name or path ``lmforge.load`` accepts; None = the embedded default) on SFT data.
+
+    Trains ``steps`` optimiser steps (or ``epochs`` passes over the training rows; one epoch when neither
+    is given) of ``batch_size * grad_accum`` examples. With ``dev_data``, evaluates every ``eval_every``
+    steps and at the end: ``val_loss`` on the first ``eval_examples`` dev examples and ``val_rougeL`` of
+    greedy generations (``max_new_tokens``) on the first ``eval_generate``. ``max_len`` (tokens per example
+    or packed row) defaults to 512 or the model's context window, whichever is smaller. The fine-tuned model and its
+    tokenizer are written to ``out_dir/final`` (a Hugging Face directory); ``resume`` continues from
+    ``out_dir/checkpoint``. Returns the final metrics plus ``train_examples``/``dropped`` counts.
+    """
+    if method in PLANNED_METHODS:
+        raise LmforgeError(f"method {method!r} is not implemented yet: lora, qlora, prompt-tuning are planned; "
+                           "use method='full'")
+    if method not in METHODS:
+        raise LmforgeError(f"unknown method {method!r}; choose one of: full (planned: {', '.join(PLANNED_METHODS)})")
+    if not train_data:
+        raise LmforgeError("no training data given (--train FILE)")
+    if steps is not None and epochs is not None:
+        raise LmforgeError("give either steps or epochs, not both")
+    for name, value in (("batch_size", batch_size), ("max_len", max_len), ("grad_accum", grad_accum)):
+        if (value is not None or name != "max_len") and (not isinstance(value, int) or value < 1):
+            raise LmforgeError(f"{name} must be an integer >= 1, got {value!r}")
+    run_config = json.loads(json.dumps(locals(), default=str))  # Paths and tuples as plain JSON
+    import lmforge
+    from lmforge.data.sft import SFTBatches, load_sft_data
+    from lmforge.training.loop import TrainConfig, train
+
+    lm = lmforge.load(model, device=device, dtype="float32")
+    net, tok = lm.model, lm.tokenizer
+    arch = net.config.arch
+    if arch not in ("decoder", "encoder-decoder"):
+        raise LmforgeError(f"{lm.name} is an {arch} model; fine-tuning needs a decoder-only or encoder-decoder model")
+    seq2seq = arch == "encoder-decoder"
+    if max_len is None:
+        max_len = 512 if seq2seq else min(512, net.config.max_seq_len)
+    if not seq2seq and max_len > net.config.max_seq_len:
+        raise LmforgeError(f"max_len={max_len} exceeds the context window of {lm.name} ({net.config.max_seq_len})")
+    data_args = dict(max_len=max_len, seq2seq=seq2seq, chat=chat, format=format, prompt_template=prompt_template,
+                     prompt_field=prompt_field, response_field=response_field)
+    data = load_sft_data(list(train_data) if isinstance(train_data, (list, tuple)) else train_data, tok,
+                         limit=train_limit, **data_args)
+    pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
+    batch_args = dict(pad_id=pad if pad is not None else 0, seq2seq=seq2seq,
+                      decoder_start_id=net.config.decoder_start_token_id if seq2seq else None)
+    batches = SFTBatches(data.examples, batch_size=batch_size, seed=seed, pack=pack, max_len=max_len,
+                         padding_side=padding_side, **batch_args)
+    if steps is None:
+        rows = len(batches.rows(0))
+        steps = max(1, math.ceil((epochs if epochs is not None else 1.0) * rows / (batch_size * grad_accum)))
+    eval_fn = None
+    if dev_data:
+        dev = load_sft_data(list(dev_data) if isinstance(dev_data, (list, tuple)) else dev_data, tok, **data_args)
+        dev_batches = SFTBatches(dev.examples, batch_size=batch_size, shuffle=False, **batch_args)
+
+        def eval_fn(m: nn.Module) -> dict[str, float]:
+            return evaluate_sft(m, tok, dev_batches, loss_examples=eval_examples, generate_examples=eval_generate,
+                                max_new_tokens=max_new_tokens, batch_size=batch_size)
+
+    cfg = TrainConfig(steps=steps, lr=lr, min_lr_ratio=min_lr_ratio, warmup_steps=warmup_steps,
+                      weight_decay=weight_decay, grad_accum=grad_accum, clip=clip, precision=precision,
+                      compile=compile, eval_every=eval_every, save_every=save_every, log_every=log_every, seed=seed)
+    result = train(net, loss_for(net), batches, cfg, out_dir, eval_fn=eval_fn, resume=resume,
+                   run_config={"recipe": "finetune", **run_config}, tokenizer=tok,
+                   tokens_per_batch=lambda b: int(b["attention_mask"].sum()))
+    return {**result, "train_examples": len(data.examples), "dropped": data.dropped, "steps": steps,
+            "out_dir": str(Path(out_dir) / "final")}
+
+
+# ----------------------------------------------------------------------------- command line
+def _unescape(text: str | None) -> str | None:
+    """Turn the two-character sequences \\n and \\t typed on a shell line into newline and tab."""
+    return None if text is None else text.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def cmd_finetune(a: argparse.Namespace) -> int:
+    chat = {"auto": None, "chat": True, "plain": False}[a.template]
+    result = finetune(a.model, a.train, a.dev, out_dir=a.out_dir, method=a.method, format=a.format,
+                      prompt_template=_unescape(a.prompt_template), prompt_field=a.prompt_field,
+                      response_field=a.response_field, chat=chat, max_len=a.max_len, pack=a.pack,
+                      padding_side=a.padding_side, batch_size=a.batch_size, steps=a.steps, epochs=a.epochs, lr=a.lr,
+                      min_lr_ratio=a.min_lr_ratio, warmup_steps=a.warmup, weight_decay=a.weight_decay,
+                      grad_accum=a.grad_accum, clip=a.clip, precision=a.precision, compile=a.compile,
+                      eval_every=a.eval_every, eval_examples=a.eval_examples, eval_generate=a.eval_generate,
+                      max_new_tokens=a.max_new_tokens, save_every=a.save_every, log_every=a.log_every,
+                      train_limit=a.limit, resume=a.resume, seed=a.seed, device=a.device)
+    print(json.dumps(result, indent=2), file=sys.stdout)
+    return 0
+
+
+def _positive(name: str, kind=int):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a {kind.__name__}, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{name} must be > 0, got {text}")
+        return value
+    return parse
+
+
+def add_finetune_parser(sub: argparse._SubParsersAction) -> None:
+    """Add ``lmforge finetune`` to the subcommands (called from ``training/commands.py::register``)."""
+    p = sub.add_parser(
+        "finetune", help="instruction fine-tuning (SFT) on alpaca / chat / prompt-completion / any JSONL",
+        description="Fine-tune a model on supervised examples; the loss covers response tokens only. Formats are "
+                    "detected per record (alpaca: instruction/input/output; messages; prompt/completion) or given "
+                    "by --prompt-template/--response-field for any JSONL. Writes OUT_DIR/final (a Hugging Face "
+                    "directory), OUT_DIR/checkpoint (for --resume) and OUT_DIR/metrics.jsonl.")
+    d = p.add_argument_group("data")
+    d.add_argument("--train", nargs="+", required=True, metavar="FILE",
+                   help="training files: .json (array), .jsonl or .jsonl.gz")
+    d.add_argument("--dev", nargs="+", metavar="FILE", help="dev files for val_loss and ROUGE-L (default: none)")
+    d.add_argument("--format", choices=("alpaca", "messages", "prompt-completion", "fields"), default=None,
+                   help="force one record format (default: detected per record)")
+    d.add_argument("--prompt-template",
+                   help="prompt text with {field} placeholders, e.g. 'Summarize the following "
+                        "conversation.\\n\\n{dialogue}\\n\\nSummary: ' (\\n and \\t are unescaped)")
+    d.add_argument("--prompt-field", help="field holding the whole prompt (instead of --prompt-template)")
+    d.add_argument("--response-field", help="field holding the response to learn, e.g. summary")
+    d.add_argument("--template", choices=("auto", "chat", "plain"), default="auto",
+                   help="render with the model's chat template or as plain text (default: chat when the "
+                        "tokenizer has a template)")
+    d.add_argument("--max-len", type=_positive("--max-len"), default=None,
+                   help="tokens per example; longer responses are cut, too-long prompts dropped "
+                        "(default: 512 or the model's context window, whichever is smaller)")
+    d.add_argument("--pack", action="store_true", help="pack several examples into each max-len row "
+                                                       "(no attention across examples)")
+    d.add_argument("--padding-side", choices=("right", "left"), default="right", help="padding side (default: right)")
+    d.add_argument("--limit", type=_positive("--limit"), help="use only the first N training records")
+    t = p.add_argument_group("training")
+    t.add_argument("-m", "--model", default=None, help="model name or path (default: the embedded SmolLM2-135M)")
+    t.add_argument("--method", choices=METHODS + PLANNED_METHODS, default="full",
+                   help="full fine-tuning (lora, qlora, prompt-tuning are planned)")
+    t.add_argument("--batch-size", type=_positive("--batch-size"), default=8,
+                   help="examples per micro-batch (default: 8)")
+    t.add_argument("--grad-accum", type=_positive("--grad-accum"), default=1,
+                   help="micro-batches per optimiser step (default: 1)")
+    t.add_argument("--steps", type=_positive("--steps"), help="optimiser steps (default: one epoch)")
+    t.add_argument("--epochs", type=_positive("--epochs", float), help="passes over the data (instead of --steps)")
+    t.add_argument("--lr", type=_positive("--lr", float), default=2e-5, help="peak learning rate (default: 2e-5)")
+    t.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of --lr (default: 0.1)")
+    t.add_argument("--warmup", type=int, default=0, help="linear warmup steps (default: 0)")
+    t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0.0)")
+    t.add_argument("--clip", type=float, default=1.0, help="max gradient norm, 0 = off (default: 1.0)")
+    t.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 = autocast (default: fp32)")
+    t.add_argument("--compile", action="store_true", help="torch.compile the model")
+    t.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
+    t.add_argument("--seed", type=int, default=0, help="seed for init, shuffling and dropout (default: 0)")
+    e = p.add_argument_group("evaluation and output")
+    e.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps; 0 = only at the end (default: 0)")
+    e.add_argument("--eval-examples", type=_positive("--eval-examples"), default=200,
+                   help="dev examples for val_loss (default: 200)")
+    e.add_argument("--eval-generate", type=int, default=20,
+                   help="dev examples for greedy generation + ROUGE-L, 0 = none (default: 20)")
+    e.add_argument("--max-new-tokens", type=_positive("--max-new-tokens"), default=64,
+                   help="generation length for ROUGE-L (default: 64)")
+    e.add_argument("-o", "--out-dir", default="runs/sft", help="output folder (default: runs/sft)")
+    e.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps; 0 = only at the end")
+    e.add_argument("--log-every", type=int, default=10, help="log the loss every N steps (default: 10)")
+    e.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint")
+    p.set_defaults(func=cmd_finetune)
