@@ -123,14 +123,10 @@ def response_loss(model: nn.Module, batches: Iterable[dict[str, Tensor]]) -> flo
 
 
 def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
-    """Mean ROUGE-L F1 (Lin 2004) from the reference ``rouge-score`` package, with Porter stemming."""
-    try:
-        from rouge_score import rouge_scorer
-    except ImportError as e:
-        raise LmforgeError("ROUGE needs the rouge-score package: pip install rouge-score") from e
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    scores = [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
-    return sum(scores) / max(len(scores), 1)
+    """Mean ROUGE-L F1 (Lin 2004; ``rouge-score`` with stemming, via ``evaluation/metrics.py``)."""
+    from lmforge.evaluation.metrics import rouge
+
+    return rouge(predictions, references, ["rougeL"])[0]["rougeL"]
 
 
 def generate_responses(model: nn.Module, tokenizer: Tokenizer, examples: Sequence[Example], *,
