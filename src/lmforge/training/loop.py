@@ -244,7 +244,18 @@ def _progress(total: int, start: int):
 
 
 def _save_final(model: nn.Module, path: Path, tokenizer: Any) -> None:
-    """The trained model as a Hugging Face directory; models with their own export (an MLM head) use it."""
+    """The trained model as a Hugging Face directory; models with their own export (an MLM head) use it;
+    adapted models (LoRA, prompt tuning) save just the adapter, in PEFT's format, with the tokenizer."""
+    from lmforge.peft.lora import lora_layers
+    from lmforge.peft.prompt_tuning import PromptTunedLM
+
+    if isinstance(model, PromptTunedLM) or next(lora_layers(model), None) is not None:
+        from lmforge.peft.adapters import save_adapter
+
+        save_adapter(model, path)
+        if tokenizer is not None:
+            tokenizer.save(path)
+        return
     if hasattr(model, "save_hf"):
         model.save_hf(path, tokenizer=tokenizer)
         return

@@ -6,7 +6,9 @@ encoder-decoder ones), SFT evaluation (response-token dev loss and ROUGE-L of gr
 ``lmforge finetune`` command-line parser (``add_finetune_parser``). Data formats, masking, truncation and
 packing live in ``data/sft.py``.
 
-Only ``method="full"`` (every parameter trained) exists today; LoRA, QLoRA and prompt tuning are planned.
+Methods: ``full`` (every parameter trained), ``lora`` (adapters on the chosen linear layers),
+``qlora`` (LoRA over an NF4- or int8-quantised frozen base) and ``prompt-tuning`` (trainable virtual
+tokens); the PEFT methods save a PEFT-format adapter instead of the whole model (see ``peft/``).
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ if TYPE_CHECKING:  # torch is imported inside the functions so that building the
     from lmforge.data.sft import Example, SFTBatches
     from lmforge.tokenizer import Tokenizer
 
-METHODS = ("full",)
-PLANNED_METHODS = ("lora", "qlora", "prompt-tuning")
+METHODS = ("full", "lora", "qlora", "prompt-tuning")
+DEFAULT_LR = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4, "prompt-tuning": 3e-2}
 
 
 # ----------------------------------------------------------------------------- losses
@@ -91,8 +93,46 @@ def seq2seq_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     return masked_cross_entropy(logits.flatten(0, 1), batch["labels"].flatten())
 
 
+def prompt_tuned_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """``causal_lm_loss`` through a ``PromptTunedLM``, whose logits cover the real tokens only."""
+    from lmforge.data.sft import IGNORE_INDEX
+
+    if "segment_ids" in batch:
+        raise LmforgeError("packing (--pack) is not supported with prompt tuning")
+    mask = batch.get("attention_mask")
+    key_mask = None if mask is None or bool(mask[:, 0].all()) else mask.bool()
+    logits = model(batch["input_ids"], batch.get("positions"), key_mask)[:, :-1]  # (B, T-1, V)
+    labels = batch["labels"][:, 1:]
+    keep = labels != IGNORE_INDEX
+    return masked_cross_entropy(logits[keep], labels[keep])
+
+
 def loss_for(model: nn.Module):
+    from lmforge.peft.prompt_tuning import PromptTunedLM
+
+    if isinstance(model, PromptTunedLM):
+        return prompt_tuned_loss
     return seq2seq_loss if model.config.arch == "encoder-decoder" else causal_lm_loss
+
+
+def apply_method(net: nn.Module, method: str, *, lora_r: int, lora_alpha: float, lora_dropout: float,
+                 lora_targets: str | list[str], rslora: bool, quant: str, num_virtual_tokens: int,
+                 prompt_init_ids: list[int] | None = None) -> nn.Module:
+    """Prepare ``net`` for ``method``: freeze and add LoRA (over a quantised base for qlora), or wrap it
+    with a soft prompt. ``full`` returns it unchanged."""
+    from lmforge.deploy.quantize import quantize_linears
+    from lmforge.peft.lora import LoraSpec, add_lora
+    from lmforge.peft.prompt_tuning import PromptTunedLM
+
+    if method == "full":
+        return net
+    if method == "prompt-tuning":
+        return PromptTunedLM(net, num_virtual_tokens, prompt_init_ids)
+    spec = LoraSpec(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets, rslora=rslora)
+    if method == "qlora":
+        quantize_linears(net, quant)
+    add_lora(net, spec)
+    return net
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -189,7 +229,7 @@ def finetune(
     batch_size: int = 8,
     steps: int | None = None,
     epochs: float | None = None,
-    lr: float = 2e-5,
+    lr: float | None = None,
     min_lr_ratio: float = 0.1,
     warmup_steps: int = 0,
     weight_decay: float = 0.0,
@@ -207,6 +247,14 @@ def finetune(
     resume: bool = False,
     seed: int = 0,
     device: str = "cpu",
+    lora_r: int = 16,
+    lora_alpha: float = 32.0,
+    lora_dropout: float = 0.05,
+    lora_targets: str | list[str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
+    rslora: bool = False,
+    quant: str = "nf4",
+    num_virtual_tokens: int = 20,
+    prompt_init_text: str | None = None,
 ) -> dict[str, Any]:
     """Fine-tune ``model`` (a name or path ``lmforge.load`` accepts; None = the embedded default) on SFT data.
 
@@ -217,12 +265,19 @@ def finetune(
     or packed row) defaults to 512 or the model's context window, whichever is smaller. The fine-tuned model and its
     tokenizer are written to ``out_dir/final`` (a Hugging Face directory); ``resume`` continues from
     ``out_dir/checkpoint``. Returns the final metrics plus ``train_examples``/``dropped`` counts.
+
+    ``method``: ``full``; ``lora`` (rank ``lora_r``, ``lora_alpha``, on ``lora_targets``: names,
+    ``"all-linear"`` or a regex); ``qlora`` (the same over a ``quant`` = nf4 | int8 frozen base); or
+    ``prompt-tuning`` (``num_virtual_tokens``, initialised from ``prompt_init_text`` when given). PEFT
+    methods write a PEFT-format adapter (plus tokenizer) to ``out_dir/final``; ``lr`` defaults to
+    2e-5 (full), 2e-4 (LoRA) or 3e-2 (prompt tuning).
     """
-    if method in PLANNED_METHODS:
-        raise LmforgeError(f"method {method!r} is not implemented yet: lora, qlora, prompt-tuning are planned; "
-                           "use method='full'")
     if method not in METHODS:
-        raise LmforgeError(f"unknown method {method!r}; choose one of: full (planned: {', '.join(PLANNED_METHODS)})")
+        raise LmforgeError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
+    if lr is None:
+        lr = DEFAULT_LR[method]
+    if isinstance(lora_targets, tuple):
+        lora_targets = list(lora_targets)
     if not train_data:
         raise LmforgeError("no training data given (--train FILE)")
     if steps is not None and epochs is not None:
@@ -241,6 +296,10 @@ def finetune(
     if arch not in ("decoder", "encoder-decoder"):
         raise LmforgeError(f"{lm.name} is an {arch} model; fine-tuning needs a decoder-only or encoder-decoder model")
     seq2seq = arch == "encoder-decoder"
+    init_ids = tok.encode(prompt_init_text, add_special_tokens=False) if prompt_init_text else None
+    net = apply_method(net, method, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                       lora_targets=lora_targets, rslora=rslora, quant=quant, num_virtual_tokens=num_virtual_tokens,
+                       prompt_init_ids=init_ids)
     if max_len is None:
         max_len = 512 if seq2seq else min(512, net.config.max_seq_len)
     if not seq2seq and max_len > net.config.max_seq_len:
@@ -266,6 +325,9 @@ def finetune(
             return evaluate_sft(m, tok, dev_batches, loss_examples=eval_examples, generate_examples=eval_generate,
                                 max_new_tokens=max_new_tokens, batch_size=batch_size)
 
+    from lmforge.peft.lora import trainable_report
+
+    print(f"{method}: {trainable_report(net)}", file=sys.stderr)  # once the data has loaded without error
     cfg = TrainConfig(steps=steps, lr=lr, min_lr_ratio=min_lr_ratio, warmup_steps=warmup_steps,
                       weight_decay=weight_decay, grad_accum=grad_accum, clip=clip, precision=precision,
                       compile=compile, eval_every=eval_every, save_every=save_every, log_every=log_every, seed=seed)
@@ -292,9 +354,19 @@ def cmd_finetune(a: argparse.Namespace) -> int:
                       grad_accum=a.grad_accum, clip=a.clip, precision=a.precision, compile=a.compile,
                       eval_every=a.eval_every, eval_examples=a.eval_examples, eval_generate=a.eval_generate,
                       max_new_tokens=a.max_new_tokens, save_every=a.save_every, log_every=a.log_every,
-                      train_limit=a.limit, resume=a.resume, seed=a.seed, device=a.device)
+                      train_limit=a.limit, resume=a.resume, seed=a.seed, device=a.device, lora_r=a.lora_r,
+                      lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout, rslora=a.rslora, quant=a.quant,
+                      lora_targets=_targets(a.lora_targets), num_virtual_tokens=a.virtual_tokens,
+                      prompt_init_text=a.prompt_init_text)
     print(json.dumps(result, indent=2), file=sys.stdout)
     return 0
+
+
+def _targets(text: str) -> str | list[str]:
+    """'all-linear', a regex (anything with regex characters), or a comma-separated list of names."""
+    if text == "all-linear" or any(c in text for c in "*^$[(|\\+?"):
+        return text
+    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 def _positive(name: str, kind=int):
@@ -340,15 +412,30 @@ def add_finetune_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--limit", type=_positive("--limit"), help="use only the first N training records")
     t = p.add_argument_group("training")
     t.add_argument("-m", "--model", default=None, help="model name or path (default: the embedded SmolLM2-135M)")
-    t.add_argument("--method", choices=METHODS + PLANNED_METHODS, default="full",
-                   help="full fine-tuning (lora, qlora, prompt-tuning are planned)")
+    t.add_argument("--method", choices=METHODS, default="full",
+                   help="full: every weight; lora: low-rank adapters; qlora: LoRA over a 4-bit (or int8) frozen "
+                        "base; prompt-tuning: trainable virtual tokens (default: full)")
+    pe = p.add_argument_group("parameter-efficient methods")
+    pe.add_argument("--lora-r", type=_positive("--lora-r"), default=16, help="LoRA rank (default: 16)")
+    pe.add_argument("--lora-alpha", type=_positive("--lora-alpha", float), default=32.0,
+                    help="LoRA alpha; the update is scaled by alpha/r (default: 32)")
+    pe.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA input (default: 0.05)")
+    pe.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj",
+                    help="comma-separated layer names, 'all-linear', or a regex over full names "
+                         "(default: q_proj,k_proj,v_proj,o_proj)")
+    pe.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) (rank-stabilised LoRA)")
+    pe.add_argument("--quant", choices=("nf4", "int8"), default="nf4", help="qlora: base format (default: nf4)")
+    pe.add_argument("--virtual-tokens", type=_positive("--virtual-tokens"), default=20,
+                    help="prompt tuning: number of virtual tokens (default: 20)")
+    pe.add_argument("--prompt-init-text", help="prompt tuning: initialise the virtual tokens from this text")
     t.add_argument("--batch-size", type=_positive("--batch-size"), default=8,
                    help="examples per micro-batch (default: 8)")
     t.add_argument("--grad-accum", type=_positive("--grad-accum"), default=1,
                    help="micro-batches per optimiser step (default: 1)")
     t.add_argument("--steps", type=_positive("--steps"), help="optimiser steps (default: one epoch)")
     t.add_argument("--epochs", type=_positive("--epochs", float), help="passes over the data (instead of --steps)")
-    t.add_argument("--lr", type=_positive("--lr", float), default=2e-5, help="peak learning rate (default: 2e-5)")
+    t.add_argument("--lr", type=_positive("--lr", float), default=None,
+                   help="peak learning rate (default: 2e-5 full, 2e-4 LoRA/QLoRA, 3e-2 prompt tuning)")
     t.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of --lr (default: 0.1)")
     t.add_argument("--warmup", type=int, default=0, help="linear warmup steps (default: 0)")
     t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0.0)")
