@@ -1,16 +1,18 @@
-"""Instruction fine-tuning pays off: full SFT of SmolLM2-135M-Instruct on DialogSum, ROUGE-L before vs after.
+"""Instruction fine-tuning pays off: SFT (full, LoRA or QLoRA) of SmolLM2-135M-Instruct on DialogSum,
+ROUGE-L before vs after.
 
 One run does three things on the same --eval-n dev dialogues, greedy, with the same prompt:
 
   1. the base model's zero-shot summaries -> ROUGE-L (and its response-token dev loss),
-  2. full fine-tuning (``lmforge.training.sft.finetune``) on the first --train-limit DialogSum train dialogues,
+  2. fine-tuning (``lmforge.training.sft.finetune``, --method full | lora | qlora) on the first
+     --train-limit DialogSum train dialogues,
   3. the fine-tuned model's summaries -> ROUGE-L (and dev loss),
 
 and prints both side by side with the training time and throughput. The prompt (chat template, user turn):
 "Summarize the following conversation.\\n\\n{dialogue}\\n\\nSummary: ". ROUGE-L is the F1 of the
 ``rouge-score`` package with stemming, averaged over dialogues (as the DialogSum paper reports it).
 
-    HF_HUB_OFFLINE=1 python bench/sft_dialogsum.py [--steps 100] [--batch-size 8] [--max-len 512]
+    HF_HUB_OFFLINE=1 python bench/sft_dialogsum.py [--method full|lora|qlora] [--steps 100] [--batch-size 8] [--max-len 512]
         [--train-limit 800] [--eval-n 100] [--lr 1e-4] [--precision bf16] [--threads N] [--json out.json]
 
 On the 2-core CPU box the defaults take about half an hour; numbers only mean something relative to
@@ -51,7 +53,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=100, help="optimiser steps (default: 100)")
     p.add_argument("--batch-size", type=int, default=8, help="examples per step (default: 8)")
     p.add_argument("--max-len", type=int, default=512, help="tokens per example (default: 512)")
-    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default: 1e-4)")
+    p.add_argument("--method", choices=("full", "lora", "qlora"), default="full",
+                   help="full fine-tuning, or LoRA r=16 on q/k/v/o (qlora: over an NF4 base) (default: full)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default: 1e-4 full, 2e-4 LoRA/QLoRA)")
     p.add_argument("--warmup", type=int, default=10, help="warmup steps (default: 10)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="bf16", help="training precision (default: bf16)")
     p.add_argument("--pack", action="store_true", help="pack examples into max-len rows")
@@ -72,6 +77,8 @@ def main() -> None:
 
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.lr is None:
+        a.lr = 1e-4 if a.method == "full" else 2e-4
     fields = dict(prompt_template=PROMPT, response_field="summary", max_len=a.max_len)
     base = lmforge.load(device=a.device, dtype="float32")
     dev = load_sft_data(a.dev, base.tokenizer, limit=a.eval_n, **fields).examples
@@ -84,14 +91,17 @@ def main() -> None:
     t0 = time.perf_counter()
     result = finetune(None, a.train, None, out_dir=a.out_dir, train_limit=a.train_limit, steps=a.steps,
                       batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup, precision=a.precision, pack=a.pack,
-                      log_every=10, device=a.device, **fields)
+                      log_every=10, device=a.device, method=a.method, **fields)
     train_s = time.perf_counter() - t0
 
-    tuned = lmforge.load(Path(a.out_dir) / "final", device=a.device, dtype="float32")
+    if a.method == "full":
+        tuned = lmforge.load(Path(a.out_dir) / "final", device=a.device, dtype="float32")
+    else:  # the base with the trained PEFT adapter on top
+        tuned = lmforge.load(None, device=a.device, dtype="float32", adapter=Path(a.out_dir) / "final")
     after = score(tuned.model, tuned.tokenizer, dev, a.max_new_tokens, a.gen_batch)
 
     rows = [("base (zero-shot)", before), ("fine-tuned", after)]
-    print(f"\nSmolLM2-135M-Instruct, DialogSum: full SFT {a.steps} steps x {a.batch_size} examples "
+    print(f"\nSmolLM2-135M-Instruct, DialogSum: {a.method} SFT {a.steps} steps x {a.batch_size} examples "
           f"(first {result['train_examples']} train dialogues, {result['dropped']} dropped), max_len {a.max_len}, "
           f"{a.precision}, lr {a.lr}; {train_s:.0f} s training at {result.get('tokens_per_s', 0):,.0f} tokens/s")
     print(f"{'model':<18} {'ROUGE-L':>8} {'dev loss':>9}   ({len(dev)} dev dialogues, greedy, "
