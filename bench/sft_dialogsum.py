@@ -12,7 +12,8 @@ and prints both side by side with the training time and throughput. The prompt (
 "Summarize the following conversation.\\n\\n{dialogue}\\n\\nSummary: ". ROUGE-L is the F1 of the
 ``rouge-score`` package with stemming, averaged over dialogues (as the DialogSum paper reports it).
 
-    HF_HUB_OFFLINE=1 python bench/sft_dialogsum.py [--method full|lora|qlora] [--steps 100] [--batch-size 8] [--max-len 512]
+    HF_HUB_OFFLINE=1 python bench/sft_dialogsum.py [--method full|lora|qlora] [--steps 100] [--batch-size 8]
+        [--max-len 512]
         [--train-limit 800] [--eval-n 100] [--lr 1e-4] [--precision bf16] [--threads N] [--json out.json]
 
 On the 2-core CPU box the defaults take about half an hour; numbers only mean something relative to

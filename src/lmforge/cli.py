@@ -338,6 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
     from lmforge.training.commands import register as register_training
 
     register_training(sub)
+    from lmforge.evaluation.commands import register as register_eval
+    register_eval(sub)
+    from lmforge.deploy.commands import register as register_deploy
+    register_deploy(sub)
     return parser
 
 
