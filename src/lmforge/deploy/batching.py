@@ -1,0 +1,341 @@
+"""Continuous batching: one scheduler thread decodes every running request in the same forward pass.
+
+This module owns ``Engine`` (a bounded waiting queue, a scheduler thread, one batched KV cache)
+and ``Sequence`` (one generation: prompt ids, sampling settings, stop strings and a callback
+that receives text pieces and the end). It knows nothing about HTTP.
+
+The cache layout. Each layer's cache is (slots, n_kv_head, width, head_dim); the running
+sequences occupy rows [0, n). All rows share one timeline of columns: a decode step writes the
+new token of every row at column ``cur``, then ``cur`` advances. A request admitted between two
+steps is prefilled alone into its own row at columns [cur - P, cur), so it joins the timeline
+exactly like a left-padded row in ``generation.generate.DecoderSteps``: a per-row key mask
+hides every column that is not the row's own, and each row's position ids count its own tokens
+only, so a row decodes as it would alone (greedy outputs equal the request served by itself, up
+to float rounding in reductions over masked columns). When ``cur`` reaches the width, or when
+most of the timeline is holes, ``_compact`` packs each row's columns against a shorter timeline
+(keys are stored after RoPE, so moving them between columns changes nothing). When a row
+finishes, the last row moves into its slot so the running rows stay contiguous.
+
+    engine = Engine(lm.model, lm.tokenizer, lm.eos_ids, max_batch=16, max_queue=64).start()
+    engine.submit([Sequence(ids, 32, SamplingParams(), on_event=callback)])
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from collections.abc import Sequence as Seq
+
+import torch
+
+from lmforge.errors import LmforgeError
+from lmforge.generation.generate import TextStream
+from lmforge.generation.sampling import SamplingParams, sample_next
+
+log = logging.getLogger("lmforge.serve")
+
+# on_event(seq, kind, value): kind "text" (value: the new text), "done" (value: finish reason
+# "stop" | "length" | "cancelled") or "error" (value: a message). Called on the engine thread.
+EventCallback = Callable[["Sequence", str, str], None]
+
+
+class EngineBusy(RuntimeError):
+    """The waiting queue is full: the caller should answer 503 and let the client retry."""
+
+
+class Sequence:
+    """One generation request as the engine sees it."""
+
+    def __init__(self, prompt_ids: Seq[int], max_new_tokens: int, params: SamplingParams = SamplingParams(), *,
+                 stop: Seq[str] = (), seed: int | None = None, on_event: EventCallback | None = None,
+                 index: int = 0):
+        self.prompt_ids = list(prompt_ids)
+        self.max_new_tokens, self.params, self.stop, self.seed = max_new_tokens, params, list(stop), seed
+        self.on_event, self.index = on_event, index
+        self.token_ids: list[int] = []  # every sampled token, EOS included (the usage count)
+        self.text = ""
+        self.finish_reason: str | None = None
+        self.cancelled = False
+        self.done = threading.Event()
+
+    def _emit(self, kind: str, value: str) -> None:
+        if kind == "done":
+            self.finish_reason = value
+        if self.on_event is not None:
+            try:
+                self.on_event(self, kind, value)
+            except Exception:  # a closed event loop or a gone client must not stop the engine
+                log.exception("event callback failed")
+        if kind in ("done", "error"):
+            self.done.set()
+
+
+class _Row:
+    """A running sequence: its slot state between decode steps."""
+
+    def __init__(self, seq: Sequence, tokenizer, vocab_size: int, device: torch.device):
+        self.seq = seq
+        self.pos = len(seq.prompt_ids)  # position id of the next token fed
+        self.length = self.pos  # columns of the timeline this row owns
+        self.pending = -1  # the sampled token not yet fed to the model
+        self.text = TextStream(tokenizer, seq.stop)
+        self.generator = None
+        if not seq.params.greedy:
+            self.generator = torch.Generator(device=device)
+            if seq.seed is None:
+                self.generator.seed()
+            else:
+                self.generator.manual_seed(seq.seed)
+        self.seen = None
+        if seq.params.repetition_penalty != 1.0:
+            self.seen = torch.zeros((1, vocab_size), dtype=torch.bool, device=device)
+            self.seen[0, torch.tensor(seq.prompt_ids, device=device)] = True
+
+
+class _CacheRows:
+    """Rows [lo, hi) of a KVCache, written in place by the attention layers (a view, no copy)."""
+
+    def __init__(self, cache, lo: int, hi: int):
+        self.k, self.v = cache.k[lo:hi], cache.v[lo:hi]  # (n, nkv, width, hs)
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Engine:
+    """Runs ``Sequence``s with continuous batching on one model; see the module docstring."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, eos_ids: Seq[int], *, max_batch: int = 16,
+                 max_queue: int = 64, context: int | None = None):
+        cfg = model.config
+        if getattr(cfg, "arch", "decoder") != "decoder":
+            raise LmforgeError(f"serving needs a decoder-only model, this one is {cfg.arch}")
+        if hasattr(model, "prompt_embeddings"):
+            raise LmforgeError("serving a prompt-tuning adapter is not supported (its virtual tokens assume every "
+                               "row starts at cache column 0); serve a LoRA adapter or use `lmforge generate`")
+        if max_batch < 1 or max_queue < 0:
+            raise LmforgeError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
+        self.width = min(context or cfg.max_seq_len, cfg.max_seq_len)
+        if self.width < 2:
+            raise LmforgeError(f"the context must be at least 2 tokens, got {self.width}")
+        self.model, self.tokenizer, self.eos = model.eval(), tokenizer, set(eos_ids)
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.device = next(model.parameters()).device
+        self.caches = model.make_caches(max_batch, self.width)
+        self.key_mask = torch.zeros((max_batch, self.width), dtype=torch.bool, device=self.device)
+        self.cur = 0  # the timeline column the next decode step writes
+        self.rows: list[_Row] = []  # row i lives in cache slot i
+        self.waiting: deque[Sequence] = deque()
+        self.cond = threading.Condition()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name="lmforge-engine", daemon=True)
+        self.steps = 0  # decode steps run (a forward pass for every running row)
+        self.tokens = 0  # tokens sampled
+        self.compactions = 0
+
+    # ---------------------------------------------------------------- the caller's side
+    def start(self) -> Engine:
+        self.thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the scheduler; waiting and running sequences end with an error event."""
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+        if self.thread.is_alive():
+            self.thread.join(timeout)
+
+    def check(self, prompt_len: int, max_new_tokens: int) -> None:
+        """Raise LmforgeError unless a prompt of this length and this many new tokens fit the context."""
+        if prompt_len < 1:
+            raise LmforgeError("the prompt is empty (0 tokens)")
+        if max_new_tokens < 1:
+            raise LmforgeError(f"max_tokens must be >= 1, got {max_new_tokens}")
+        if prompt_len >= self.width:
+            raise LmforgeError(f"the prompt is {prompt_len} tokens, but this model's maximum context length is "
+                               f"{self.width} tokens (prompt + completion); shorten the prompt")
+        if prompt_len + max_new_tokens > self.width:
+            raise LmforgeError(f"this model's maximum context length is {self.width} tokens, but "
+                               f"{prompt_len + max_new_tokens} were requested ({prompt_len} in the prompt, "
+                               f"{max_new_tokens} in the completion); shorten the prompt or lower max_tokens")
+
+    def submit(self, seqs: Seq[Sequence]) -> None:
+        """Queue sequences (all or none); raises EngineBusy when the waiting queue would overflow."""
+        for s in seqs:
+            self.check(len(s.prompt_ids), s.max_new_tokens)
+        with self.cond:
+            if self.stopping:
+                raise EngineBusy("the server is shutting down")
+            if len(self.waiting) + len(seqs) > self.max_queue + max(0, self.max_batch - len(self.rows)):
+                raise EngineBusy(f"the server is busy: {len(self.rows)} sequences running and {len(self.waiting)} "
+                                 f"waiting (limit {self.max_queue}); retry later")
+            self.waiting.extend(seqs)
+            self.cond.notify_all()
+
+    def cancel(self, seqs: Seq[Sequence]) -> None:
+        """Stop sequences early (a client went away); they end with a "cancelled" done event."""
+        with self.cond:
+            for s in seqs:
+                s.cancelled = True
+            self.cond.notify_all()
+
+    def stats(self) -> dict[str, int]:
+        with self.cond:
+            return {"running": len(self.rows), "waiting": len(self.waiting), "slots": self.max_batch,
+                    "context": self.width, "decode_steps": self.steps, "tokens": self.tokens,
+                    "compactions": self.compactions}
+
+    # ---------------------------------------------------------------- the scheduler thread
+    def _run(self) -> None:
+        if self.device.type == "cpu":
+            torch.set_flush_denormal(True)  # see generate_tokens: subnormal softmax tails are slow on x86
+        with torch.inference_mode():
+            while True:
+                with self.cond:
+                    while not self.stopping and not self.waiting and not self.rows:
+                        self.cond.wait()
+                    if self.stopping:
+                        break
+                    new = []
+                    while self.waiting and len(self.rows) + len(new) < self.max_batch:
+                        new.append(self.waiting.popleft())
+                try:
+                    for seq in new:
+                        if seq.cancelled:
+                            seq._emit("done", "cancelled")
+                        else:
+                            self._admit(seq)
+                    self._retire([i for i, r in enumerate(self.rows) if r.seq.cancelled], "cancelled")
+                    if self.rows:
+                        self._decode()
+                except Exception as e:  # a bug or out of memory: fail what is running, keep serving
+                    log.exception("the engine failed a step")
+                    for r in self.rows:
+                        r.seq._emit("error", f"generation failed: {type(e).__name__}: {e}")
+                    self.rows, self.cur = [], 0
+        with self.cond:
+            left, self.waiting = [r.seq for r in self.rows] + list(self.waiting), deque()
+            self.rows = []
+        for seq in left:
+            seq._emit("error", "the server is shutting down")
+
+    def _views(self, lo: int, hi: int) -> list[_CacheRows]:
+        return [_CacheRows(c, lo, hi) for c in self.caches]
+
+    def _admit(self, seq: Sequence) -> None:
+        """Prefill one new sequence into the next free slot and sample its first token."""
+        P, s = len(seq.prompt_ids), len(self.rows)
+        if self.cur < P:  # stretch the timeline: the new columns are holes for the running rows
+            self.key_mask[:s, self.cur:P] = False
+            self.cur = P
+        start = self.cur - P
+        self.key_mask[s] = False
+        self.key_mask[s, start:self.cur] = True
+        idx = torch.tensor([seq.prompt_ids], dtype=torch.long, device=self.device)  # (1, P)
+        positions = torch.arange(P, device=self.device)[None]  # (1, P)
+        logits = self.model(idx, positions, self.key_mask[s:s + 1, :self.cur], self._views(s, s + 1), start,
+                            last_only=True)[:, -1]  # (1, V)
+        row = _Row(seq, self.tokenizer, logits.shape[-1], self.device)
+        self.rows.append(row)
+        if not self._take(row, self._sample(logits, [row])[0]):
+            self._retire([s], None)
+
+    def _decode(self) -> None:
+        """One forward pass for every running row, then sampling and text for each."""
+        n = len(self.rows)
+        if self.cur >= self.width or self.cur > 2 * max(r.length for r in self.rows) + 64:
+            self._compact()
+        tokens = torch.tensor([[r.pending] for r in self.rows], dtype=torch.long, device=self.device)  # (n, 1)
+        pos = torch.tensor([[r.pos] for r in self.rows], dtype=torch.long, device=self.device)  # (n, 1)
+        self.key_mask[:n, self.cur] = True
+        logits = self.model(tokens, pos, self.key_mask[:n, :self.cur + 1], self._views(0, n), self.cur,
+                            last_only=True)[:, -1]  # (n, V)
+        self.cur += 1
+        self.steps += 1
+        for r in self.rows:
+            r.pos += 1
+            r.length += 1
+        finished = [i for i, (r, tok) in enumerate(zip(self.rows, self._sample(logits, self.rows)))
+                    if not self._take(r, tok)]
+        self._retire(finished, None)
+
+    def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
+        """logits (n, V) -> one token per row, each with its own sampling settings and generator."""
+        out = logits.argmax(dim=-1).tolist()
+        for i, r in enumerate(rows):
+            p = r.seq.params
+            if not p.greedy or p.repetition_penalty != 1.0:
+                out[i] = int(sample_next(logits[i:i + 1], p, r.seen, r.generator)[0])
+        return out
+
+    def _take(self, row: _Row, tok: int) -> bool:
+        """Record a sampled token; False when the row has finished (its done event is sent)."""
+        seq = row.seq
+        seq.token_ids.append(tok)
+        self.tokens += 1
+        if tok in self.eos:
+            return self._finish(row, "stop")
+        piece = row.text.push(tok)
+        if piece:
+            seq.text += piece
+            seq._emit("text", piece)
+        if row.text.stopped:
+            return self._finish(row, "stop")
+        if len(seq.token_ids) >= seq.max_new_tokens:
+            return self._finish(row, "length")
+        row.pending = tok
+        if row.seen is not None:
+            row.seen[0, tok] = True
+        return True
+
+    def _finish(self, row: _Row, reason: str) -> bool:
+        tail = row.text.finish()
+        if tail:
+            row.seq.text += tail
+            row.seq._emit("text", tail)
+        row.seq._emit("done", reason)
+        return False
+
+    def _retire(self, slots: list[int], reason: str | None) -> None:
+        """Free slots (highest first): the last running row moves into each freed slot."""
+        for i in sorted(slots, reverse=True):
+            if reason is not None:
+                self.rows[i].seq._emit("done", reason)
+            last = len(self.rows) - 1
+            if i != last:
+                for c in self.caches:
+                    c.k[i, :, :self.cur] = c.k[last, :, :self.cur]
+                    c.v[i, :, :self.cur] = c.v[last, :, :self.cur]
+                self.key_mask[i] = self.key_mask[last]
+                self.rows[i] = self.rows[last]
+            self.rows.pop()
+        if not self.rows:
+            self.cur = 0
+
+    def _compact(self) -> None:
+        """Pack each row's columns to end at new_cur = the longest row's length, dropping the holes."""
+        n, cur = len(self.rows), self.cur
+        mask = self.key_mask[:n, :cur]  # (n, cur)
+        lens = mask.sum(dim=1)  # (n,)
+        assert lens.tolist() == [r.length for r in self.rows], "key mask and row lengths disagree"
+        new_cur = int(lens.max())
+        cols = torch.arange(cur, device=self.device)
+        owned = torch.sort(torch.where(mask, cols, cur + cols), dim=1).values  # (n, cur): own columns first
+        dest = torch.arange(new_cur, device=self.device)[None]  # (1, new_cur)
+        j = (dest - new_cur + lens[:, None]).clamp(min=0)  # (n, new_cur): which own column lands there
+        src = owned.gather(1, j).clamp(max=cur - 1)  # (n, new_cur); holes read column 0..cur-1 (masked anyway)
+        for c in self.caches:
+            nkv, hs = c.k.shape[1], c.k.shape[3]
+            index = src[:, None, :, None].expand(n, nkv, new_cur, hs)
+            c.k[:n, :, :new_cur] = c.k[:n, :, :cur].gather(2, index)
+            c.v[:n, :, :new_cur] = c.v[:n, :, :cur].gather(2, index)
+        self.key_mask[:n] = False
+        self.key_mask[:n, :new_cur] = dest >= new_cur - lens[:, None]
+        self.cur = new_cur
+        self.compactions += 1

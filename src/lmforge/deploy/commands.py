@@ -1,0 +1,104 @@
+"""The deployment subcommands: ``lmforge serve`` (an OpenAI-compatible server with a web playground).
+
+``register(subparsers)`` adds them to the ``lmforge`` parser; handlers import torch, FastAPI and
+uvicorn only when they run, so ``lmforge --help`` stays fast. Bad input raises ``LmforgeError``,
+which ``lmforge.cli.main`` prints as one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from lmforge.errors import LmforgeError
+
+API_KEY_ENV = "LMFORGE_API_KEY"
+
+
+def served_name(model: str) -> str:
+    """The id clients send as ``model``: an embedded name as is, a path by its last component."""
+    path = Path(model)
+    if not path.exists():
+        return model
+    path = path.resolve()
+    return path.stem if path.suffix == ".gguf" else path.name
+
+
+def load_for_serving(model: str, *, adapter: str | None = None, device: str = "cpu", dtype: str = "auto",
+                     quantize: str | None = None):
+    """Load a decoder model (plus adapter), optionally with int8 weights; returns the LM."""
+    from lmforge.lm import LM, load
+
+    lm = load(model, device=device, dtype=dtype, adapter=adapter)
+    if not isinstance(lm, LM) or lm.config.arch != "decoder":
+        raise LmforgeError(f"{model} is not a decoder-only language model; `lmforge serve` needs one")
+    if quantize:
+        from lmforge.deploy.quantize import model_bytes, quantize_linears
+        from lmforge.peft.lora import lora_layers, merge_lora
+
+        before = model_bytes(lm.model)
+        if any(True for _ in lora_layers(lm.model)):
+            merge_lora(lm.model)  # quantise the adapted weights, not a frozen base beside fp32 adapters
+        quantize_linears(lm.model, quantize)
+        lm.model.requires_grad_(False)
+        print(f"lmforge: {quantize} weights: {before / 2**20:.0f} MiB -> {model_bytes(lm.model) / 2**20:.0f} MiB",
+              file=sys.stderr)
+    return lm
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    from lmforge.deploy.server import serve
+
+    api_key = a.api_key if a.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    if a.api_key is not None and not a.api_key:
+        raise LmforgeError("--api-key is empty")
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise LmforgeError(f"`lmforge serve` needs fastapi and uvicorn: pip install fastapi uvicorn ({e.name} "
+                           "is missing)") from None
+    lm = load_for_serving(a.model, adapter=a.adapter, device=a.device, dtype=a.dtype, quantize=a.quantize)
+    model_id = a.served_model_name or served_name(a.model)
+    serve(lm, model_id=model_id, aliases=(a.model,), host=a.host, port=a.port, api_key=api_key,
+          max_batch=a.max_batch, max_queue=a.max_queue, context=a.max_context, log_level=a.log_level)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the deployment subcommands to the ``lmforge`` parser."""
+    from lmforge.checkpoints.resolve import DEFAULT_MODEL
+    from lmforge.cli import _int_arg
+
+    s = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API, with a web playground",
+                       description="Serve MODEL at /v1/completions, /v1/chat/completions and /v1/models (OpenAI's "
+                                   "request and response shapes, streaming as server-sent events), a chat playground "
+                                   "at / and /health. Concurrent requests share forward passes (continuous "
+                                   "batching). Binds to 127.0.0.1 unless --host says otherwise.")
+    s.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                   help="an embedded name, a local HF directory or .gguf file, or a hub id (default: %(default)s)")
+    s.add_argument("--adapter", help="a PEFT adapter folder (LoRA or prompt tuning) to apply on top of the model")
+    s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: %(default)s)")
+    s.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (default: auto)")
+    s.add_argument("--quantize", choices=("int8",), default=None,
+                   help="weight-only int8 linear layers (per-row absmax scales): less memory, logits close to fp32")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default: %(default)s, this machine only; 0.0.0.0 exposes it)")
+    s.add_argument("--port", type=_int_arg("--port", 0), default=8000, help="TCP port (default: %(default)s)")
+    s.add_argument("--api-key", default=None,
+                   help=f"require 'Authorization: Bearer KEY' on every API request (default: ${API_KEY_ENV} if set; "
+                        "prefer the variable: a flag shows in the process list)")
+    s.add_argument("--served-model-name", default=None,
+                   help="the model id clients use (default: the model name, or a path's last component)")
+    s.add_argument("--max-batch", type=_int_arg("--max-batch"), default=16,
+                   help="sequences decoded together in one forward pass (KV cache slots; default: %(default)s)")
+    s.add_argument("--max-queue", type=_int_arg("--max-queue", 0), default=64,
+                   help="sequences that may wait for a slot; beyond that requests get 503 (default: %(default)s)")
+    s.add_argument("--max-context", type=_int_arg("--max-context", 2), default=2048,
+                   help="tokens per sequence, prompt + completion; capped at the model's context and sizes the KV "
+                        "cache (default: %(default)s)")
+    s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                   help="uvicorn's log level (default: %(default)s)")
+    s.set_defaults(func=cmd_serve)

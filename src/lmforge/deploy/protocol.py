@@ -1,0 +1,183 @@
+"""The OpenAI wire format: request bodies (validated), response and stream-chunk shapes, errors.
+
+This module owns what the JSON looks like for ``/v1/completions``, ``/v1/chat/completions`` and
+``/v1/models`` (https://platform.openai.com/docs/api-reference) and the error body
+``{"error": {"message", "type", "param", "code"}}``. It holds no model and no HTTP server.
+
+Supported request fields: model, prompt | messages, max_tokens (chat: also max_completion_tokens),
+temperature, top_p, n, stop, seed, stream, stream_options.include_usage, echo (completions), user;
+and two common extensions (as in vLLM): top_k and repetition_penalty. Fields that would change
+the output in ways lmforge does not implement (logprobs, logit_bias, tools, penalties, ...) are
+refused with a 400 naming the field, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape with an HTTP status."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class _Common(BaseModel):
+    """Fields shared by both endpoints. ``None`` means "not given" (the endpoint picks the default)."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=1)
+    repetition_penalty: float | None = Field(None, gt=0)
+    n: int = Field(1, ge=1, le=16)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # refused unless left at their defaults (see ``unsupported``)
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+
+    def stop_list(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > 4:
+            raise APIError(400, f"stop takes at most 4 sequences, got {len(stops)}", param="stop")
+        if any(not s for s in stops):
+            raise APIError(400, "stop sequences must be non-empty strings", param="stop")
+        return stops
+
+    def unsupported(self) -> list[str]:
+        bad = [f for f in ("frequency_penalty", "presence_penalty") if getattr(self, f) not in (None, 0)]
+        return bad + (["logit_bias"] if self.logit_bias else [])
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def unsupported(self) -> list[str]:
+        extra = [f for f in ("logprobs", "suffix") if getattr(self, f) is not None]
+        return super().unsupported() + extra + (["best_of"] if self.best_of not in (None, 1) else [])
+
+
+class ChatRequest(_Common):
+    messages: list[dict[str, Any]]
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    def unsupported(self) -> list[str]:
+        bad = [f for f in ("top_logprobs", "tools", "functions") if getattr(self, f)]
+        if self.logprobs:
+            bad.append("logprobs")
+        if self.tool_choice not in (None, "none"):
+            bad.append("tool_choice")
+        if self.response_format and self.response_format.get("type") != "text":
+            bad.append("response_format")
+        return super().unsupported() + bad
+
+
+ROLES = ("system", "developer", "user", "assistant")
+
+
+def chat_messages(raw: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """OpenAI chat messages -> [{"role", "content": str}] for a chat template ("developer" -> "system";
+    content may be a string or a list of {"type": "text", "text": ...} parts)."""
+    if not raw:
+        raise APIError(400, "messages is empty; a conversation needs at least one message", param="messages")
+    out = []
+    for i, m in enumerate(raw):
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise APIError(400, f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}",
+                           param=f"messages[{i}].role")
+        if isinstance(content, list):
+            parts = []
+            for j, part in enumerate(content):
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise APIError(400, f"messages[{i}].content[{j}]: only text parts are supported",
+                                   param=f"messages[{i}].content")
+                parts.append(part["text"])
+            content = "".join(parts)
+        if not isinstance(content, str):
+            raise APIError(400, f"messages[{i}].content must be a string or a list of text parts",
+                           param=f"messages[{i}].content")
+        out.append({"role": "system" if role == "developer" else role, "content": content})
+    return out
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def model_card(model_id: str, created: int) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "lmforge"}
+
+
+def completion_body(rid: str, model: str, choices: list[tuple[str, str]], use: dict[str, int]) -> dict[str, Any]:
+    """choices: (text, finish_reason) in index order."""
+    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": i, "text": t, "logprobs": None, "finish_reason": f}
+                        for i, (t, f) in enumerate(choices)],
+            "usage": use}
+
+
+def chat_body(rid: str, model: str, choices: list[tuple[str, str]], use: dict[str, int]) -> dict[str, Any]:
+    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
+                         "finish_reason": f} for i, (t, f) in enumerate(choices)],
+            "usage": use}
+
+
+def completion_chunk(rid: str, model: str, created: int, index: int, text: str,
+                     finish_reason: str | None = None) -> dict[str, Any]:
+    return {"id": rid, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+
+
+def chat_chunk(rid: str, model: str, created: int, index: int, delta: dict[str, str],
+               finish_reason: str | None = None) -> dict[str, Any]:
+    return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+
+
+def usage_chunk(rid: str, model: str, created: int, kind: str, use: dict[str, int]) -> dict[str, Any]:
+    """The last chunk when stream_options.include_usage is set: no choices, just usage."""
+    return {"id": rid, "object": kind, "created": created, "model": model, "choices": [], "usage": use}
