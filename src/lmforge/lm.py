@@ -73,10 +73,11 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
 
 
 def load(name: str | Path | None = None, *, device: str = "cpu", dtype: str | torch.dtype | None = None,
-         adapter: str | Path | None = None):
+         adapter: str | Path | None = None, quantize: str | None = None):
     """Load a model by name: the embedded default (None), a local HF dir or .gguf file, or a hub id.
 
-    ``adapter``: a PEFT adapter folder (LoRA or prompt tuning) applied on top. Returns an ``LM``
+    ``adapter``: a PEFT adapter folder (LoRA or prompt tuning) applied on top; ``quantize="int8"``:
+    weight-only int8 linear layers for inference (LoRA adapters are merged first). Returns an ``LM``
     for decoder-only and encoder-decoder models, an ``Encoder`` (embeddings, classification) for
     encoder-only ones.
     """
@@ -89,11 +90,29 @@ def load(name: str | Path | None = None, *, device: str = "cpu", dtype: str | to
         from lmforge.peft.adapters import load_adapter
 
         model = load_adapter(model, adapter).eval()
+    if quantize is not None:
+        model = _quantized(model, quantize)
     if ckpt.config.arch == "encoder":
         from lmforge.embed import Encoder
 
         return Encoder(model, ckpt.tokenizer, label)
     return LM(model, ckpt.tokenizer, label, ckpt.generation_config)
+
+
+def _quantized(model: torch.nn.Module, scheme: str) -> torch.nn.Module:
+    import sys
+
+    from lmforge.deploy.quantize import model_bytes, quantize_linears
+    from lmforge.peft.lora import lora_layers, merge_lora
+
+    before = model_bytes(model)
+    if next(lora_layers(model), None) is not None:
+        merge_lora(model)  # quantise the adapted weights, not a frozen base beside float adapters
+    quantize_linears(model, scheme)
+    model.requires_grad_(False)
+    print(f"lmforge: {scheme} weights: {before / 2**20:.0f} MiB -> {model_bytes(model) / 2**20:.0f} MiB",
+          file=sys.stderr)
+    return model
 
 
 class LM:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 from lmforge.errors import LmforgeError
@@ -31,20 +30,9 @@ def load_for_serving(model: str, *, adapter: str | None = None, device: str = "c
     """Load a decoder model (plus adapter), optionally with int8 weights; returns the LM."""
     from lmforge.lm import LM, load
 
-    lm = load(model, device=device, dtype=dtype, adapter=adapter)
+    lm = load(model, device=device, dtype=dtype, adapter=adapter, quantize=quantize)
     if not isinstance(lm, LM) or lm.config.arch != "decoder":
         raise LmforgeError(f"{model} is not a decoder-only language model; `lmforge serve` needs one")
-    if quantize:
-        from lmforge.deploy.quantize import model_bytes, quantize_linears
-        from lmforge.peft.lora import lora_layers, merge_lora
-
-        before = model_bytes(lm.model)
-        if any(True for _ in lora_layers(lm.model)):
-            merge_lora(lm.model)  # quantise the adapted weights, not a frozen base beside fp32 adapters
-        quantize_linears(lm.model, quantize)
-        lm.model.requires_grad_(False)
-        print(f"lmforge: {quantize} weights: {before / 2**20:.0f} MiB -> {model_bytes(lm.model) / 2**20:.0f} MiB",
-              file=sys.stderr)
     return lm
 
 
