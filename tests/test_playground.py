@@ -6,12 +6,12 @@ import shutil
 import tempfile
 
 import pytest
+from selenium import webdriver  # noqa: E402  (a dev requirement)
 
 import lmforge
 from lmforge.deploy.batching import Engine
 from lmforge.deploy.server import BackgroundServer, create_app
 
-from selenium import webdriver  # noqa: E402  (a dev requirement)
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 DRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 KEY = "playground-key"
