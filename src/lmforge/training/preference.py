@@ -1,0 +1,52 @@
+"""Preference-optimisation losses (pure functions) and the sequence log-probabilities they compare.
+
+- DPO (Rafailov et al. 2023, "Direct Preference Optimization", eq. 7):
+  L = -log sigmoid(beta * h), with optional label smoothing (the "conservative DPO" variant:
+  -(1 - e) log sigmoid(beta h) - e log sigmoid(-beta h)).
+- IPO (Azar et al. 2023, "A General Theoretical Paradigm...", eq. 17): L = (h - 1 / (2 tau))^2.
+
+where h = [log pi(y_w|x) - log ref(y_w|x)] - [log pi(y_l|x) - log ref(y_l|x)] for the chosen y_w
+and rejected y_l responses. The losses take summed sequence log-probabilities, shape (B,).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lmforge.errors import LmforgeError
+
+IGNORE_INDEX = -100
+
+
+def sequence_logprobs(logits: Tensor, labels: Tensor) -> Tensor:
+    """Sum of log p(label_t) over labelled positions: logits (B, T, V) predict labels (B, T) at the
+    same positions (shift before calling); labels == -100 are skipped. Returns (B,)."""
+    keep = labels != IGNORE_INDEX
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+    picked = logp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)  # (B, T)
+    return (picked * keep).sum(-1)
+
+
+def _margin(pol_chosen: Tensor, pol_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor) -> Tensor:
+    return (pol_chosen - ref_chosen) - (pol_rejected - ref_rejected)
+
+
+def dpo_loss(pol_chosen: Tensor, pol_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
+             beta: float = 0.1, label_smoothing: float = 0.0) -> Tensor:
+    """Mean DPO loss over the batch (inputs: summed log-probs, each (B,))."""
+    if beta <= 0:
+        raise LmforgeError(f"DPO beta must be > 0, got {beta}")
+    if not 0 <= label_smoothing < 0.5:
+        raise LmforgeError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    z = beta * _margin(pol_chosen, pol_rejected, ref_chosen, ref_rejected)
+    return (-(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)).mean()
+
+
+def ipo_loss(pol_chosen: Tensor, pol_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
+             tau: float = 0.1) -> Tensor:
+    """Mean IPO loss over the batch: the log-ratio margin regressed onto 1 / (2 tau)."""
+    if tau <= 0:
+        raise LmforgeError(f"IPO tau must be > 0, got {tau}")
+    return ((_margin(pol_chosen, pol_rejected, ref_chosen, ref_rejected) - 1 / (2 * tau)) ** 2).mean()
