@@ -1,4 +1,5 @@
-"""Heads on top of the encoder: pooling into sentence vectors, and sequence classification."""
+"""Heads: pooling encoder states into sentence vectors, sequence classification, and a scalar
+reward head on a decoder."""
 
 from __future__ import annotations
 
@@ -47,3 +48,22 @@ class SequenceClassifier(nn.Module):
         hidden = self.encoder(idx, attention_mask, token_type_ids)
         pooled = self.encoder.pooled(hidden) if hasattr(self.encoder, "pooler") else hidden[:, 0]
         return self.classifier(pooled)
+
+
+class RewardModel(nn.Module):
+    """A decoder with a scalar head: the reward of a sequence is the head's value at its last real
+    token (the pairwise reward model of Ouyang et al. 2022, sec. 3.5)."""
+
+    def __init__(self, decoder: nn.Module):
+        super().__init__()
+        self.decoder = decoder
+        self.config = decoder.config
+        self.score = nn.Linear(decoder.config.n_embd, 1, bias=False)
+        nn.init.normal_(self.score.weight, std=decoder.config.n_embd**-0.5)
+
+    def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """idx (B, T) right-padded, attention_mask (B, T) -> rewards (B,)."""
+        hidden = self.decoder.hidden_states(idx)  # (B, T, C); right padding never affects earlier tokens
+        last = (attention_mask.long().sum(1) - 1) if attention_mask is not None else torch.full(
+            (idx.shape[0],), idx.shape[1] - 1, device=idx.device)
+        return self.score(hidden[torch.arange(idx.shape[0], device=idx.device), last]).squeeze(-1)

@@ -4,6 +4,7 @@
   L = -log sigmoid(beta * h), with optional label smoothing (the "conservative DPO" variant:
   -(1 - e) log sigmoid(beta h) - e log sigmoid(-beta h)).
 - IPO (Azar et al. 2023, "A General Theoretical Paradigm...", eq. 17): L = (h - 1 / (2 tau))^2.
+- Pairwise reward modelling, Bradley-Terry (Ouyang et al. 2022, eq. 1): L = -log sigmoid(r_w - r_l).
 
 where h = [log pi(y_w|x) - log ref(y_w|x)] - [log pi(y_l|x) - log ref(y_l|x)] for the chosen y_w
 and rejected y_l responses. The losses take summed sequence log-probabilities, shape (B,).
@@ -50,3 +51,8 @@ def ipo_loss(pol_chosen: Tensor, pol_rejected: Tensor, ref_chosen: Tensor, ref_r
     if tau <= 0:
         raise LmforgeError(f"IPO tau must be > 0, got {tau}")
     return ((_margin(pol_chosen, pol_rejected, ref_chosen, ref_rejected) - 1 / (2 * tau)) ** 2).mean()
+
+
+def bradley_terry_loss(reward_chosen: Tensor, reward_rejected: Tensor) -> Tensor:
+    """Mean pairwise reward-model loss: the chosen response should out-score the rejected one. (B,) each."""
+    return -F.logsigmoid(reward_chosen - reward_rejected).mean()
