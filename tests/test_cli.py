@@ -19,7 +19,7 @@ def run(capsys, *args, stdin=None, monkeypatch=None):
     return code, out, err
 
 
-def one_line_error(code, err, *needles):
+def assert_one_line_error(code, err, *needles):
     assert code == 2
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), err
@@ -108,19 +108,19 @@ def test_bad_arguments_give_one_line(capsys, tiny_lm_dirs, args, needles):
     if "-m" not in args:
         args = [*args, "-m", str(tiny_lm_dirs["plain"])]
     code, _, err = run(capsys, *args)
-    one_line_error(code, err, *needles)
+    assert_one_line_error(code, err, *needles)
 
 
 def test_prompt_longer_than_context(tiny_lm_dirs, capsys):
     code, _, err = run(capsys, "generate", "one two three " * 200, "-m", tiny_lm_dirs["plain"], "--raw")
-    one_line_error(code, err, "longer than the model's context window of 128 tokens")
+    assert_one_line_error(code, err, "longer than the model's context window of 128 tokens")
 
 
 def test_chat_without_template(tiny_lm_dirs, capsys):
     code, _, err = run(capsys, "chat", "-m", tiny_lm_dirs["plain"])
-    one_line_error(code, err, "has no chat template")
+    assert_one_line_error(code, err, "has no chat template")
     code, _, err = run(capsys, "generate", "hi", "-m", tiny_lm_dirs["plain"], "--system", "x")
-    one_line_error(code, err, "--system needs a chat template")
+    assert_one_line_error(code, err, "--system needs a chat template")
 
 
 def test_corrupt_checkpoints(tiny_lm_dirs, capsys, tmp_path):
@@ -131,24 +131,24 @@ def test_corrupt_checkpoints(tiny_lm_dirs, capsys, tmp_path):
     data = (bad / "model.safetensors").read_bytes()
     (bad / "model.safetensors").write_bytes(data[: len(data) // 3])
     code, _, err = run(capsys, "generate", "hi", "-m", bad)
-    one_line_error(code, err, "model.safetensors", "truncated or corrupt")
+    assert_one_line_error(code, err, "model.safetensors", "truncated or corrupt")
     gguf = tmp_path / "broken.gguf"
     gguf.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x01" * 40)
     code, _, err = run(capsys, "generate", "hi", "-m", gguf)
-    one_line_error(code, err, "broken.gguf")
+    assert_one_line_error(code, err, "broken.gguf")
     code, _, err = run(capsys, "info", gguf)
-    one_line_error(code, err, "broken.gguf")
+    assert_one_line_error(code, err, "broken.gguf")
 
 
 def test_missing_inputs(tiny_lm_dirs, capsys, tmp_path):
     code, _, err = run(capsys, "generate", "-f", tmp_path / "nope.txt", "-m", tiny_lm_dirs["plain"])
-    one_line_error(code, err, "nope.txt", "no such file")
+    assert_one_line_error(code, err, "nope.txt", "no such file")
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     code, _, err = run(capsys, "generate", "-f", tmp_path / "latin1.txt")
-    one_line_error(code, err, "latin1.txt", "not UTF-8")
+    assert_one_line_error(code, err, "latin1.txt", "not UTF-8")
     (tmp_path / "shots.jsonl").write_text('{"input": "a", "output": "b"}\n{"input": "c"\n')
     code, _, err = run(capsys, "generate", "x", "--shots", tmp_path / "shots.jsonl", "-m", tiny_lm_dirs["plain"])
-    one_line_error(code, err, "shots.jsonl", "line 2")
+    assert_one_line_error(code, err, "shots.jsonl", "line 2")
 
 
 def test_real_process_exit_status_and_no_traceback(tmp_path):
@@ -164,4 +164,4 @@ def test_generate_with_int8_weights(tiny_lm_dirs, capsys):
     code, out, err = run(capsys, "generate", "one two", "-m", d, "-n", "8", "--quantize", "int8")
     assert code == 0 and out.strip() and "int8 weights:" in err
     code, _, err = run(capsys, "generate", "one two", "-m", d, "--quantize", "int4")
-    one_line_error(code, err, "--quantize", "invalid choice")
+    assert_one_line_error(code, err, "--quantize", "invalid choice")
