@@ -24,13 +24,12 @@ def _read_config(name: str) -> tuple[ModelConfig, dict[str, Any]]:
         extra["chat_template"] = (source.path / "chat_template.jinja").exists() or (
             tok_cfg.exists() and "chat_template" in read_json(tok_cfg))
     else:
-        from lmforge.checkpoints.gguf import read_gguf
+        from lmforge.checkpoints.gguf import read_gguf_info
 
-        g = read_gguf(source.path)
-        config = g.config
+        config, metadata, has_template = read_gguf_info(source.path)
         extra["file_size_mb"] = round(Path(source.path).stat().st_size / 2**20, 1)
-        extra["chat_template"] = bool(g.chat_template)
-        file_type = g.metadata.get("general.file_type")
+        extra["chat_template"] = has_template
+        file_type = metadata.get("general.file_type")
         if file_type is not None:
             import gguf
 

@@ -344,6 +344,26 @@ def _build_tokenizer(path: Path, meta: dict[str, Any]) -> Tokenizer:
     return tok
 
 
+def _open_checked(path: Path) -> tuple[ModelConfig, dict[str, Any], dict[str, Any], dict[str, gguf.ReaderTensor]]:
+    """Open the file and build its config: (config, all metadata, scalar metadata, tensors by name).
+    The tensors are the reader's lazy views; nothing is dequantised here."""
+    reader = _open(path)
+    meta, scalars = _read_metadata(path, reader)
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise LmforgeError(f"{path}: GGUF architecture {arch!r} is not supported; "
+                           f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    tensors = {t.name: t for t in reader.tensors}
+    vocab_size = int(meta.get(f"{arch}.vocab_size", len(meta.get("tokenizer.ggml.tokens") or [])))
+    return _build_config(path, meta, arch, tensors, vocab_size), meta, scalars, tensors
+
+
+def read_gguf_info(path: str | os.PathLike[str]) -> tuple[ModelConfig, dict[str, Any], bool]:
+    """(config, scalar metadata, has a chat template) without dequantising any tensor: for ``lmforge info``."""
+    config, meta, scalars, _ = _open_checked(Path(path))
+    return config, scalars, bool(meta.get("tokenizer.chat_template"))
+
+
 def read_gguf(path: str | os.PathLike[str], dtype: torch.dtype = torch.float32) -> GGUFCheckpoint:
     """Load a llama.cpp GGUF file (architecture ``llama`` or ``qwen2``) as a ``GGUFCheckpoint``.
 
@@ -353,16 +373,8 @@ def read_gguf(path: str | os.PathLike[str], dtype: torch.dtype = torch.float32) 
     naming the file.
     """
     path = Path(path)
-    reader = _open(path)
-    meta, scalars = _read_metadata(path, reader)
-    arch = meta.get("general.architecture")
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise LmforgeError(f"{path}: GGUF architecture {arch!r} is not supported; "
-                           f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-    tensors = {t.name: t for t in reader.tensors}
+    config, meta, scalars, tensors = _open_checked(path)
     tokenizer = _build_tokenizer(path, meta)
-    vocab_size = int(meta.get(f"{arch}.vocab_size", len(meta["tokenizer.ggml.tokens"])))
-    config = _build_config(path, meta, arch, tensors, vocab_size)
     arrays = _build_state_dict(path, config, tensors)
     state_dict = {k: torch.from_numpy(v).to(dtype) for k, v in arrays.items()}
 
