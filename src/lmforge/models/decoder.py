@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from lmforge.config import ModelConfig
+from lmforge.errors import LmforgeError
 from lmforge.generation.kv_cache import KVCache
 from lmforge.models.attention import Attention
 from lmforge.models.layers import Block, make_mlp, make_norm
@@ -120,15 +121,18 @@ class DecoderLM(nn.Module):
                 for _ in range(c.n_layer)]
 
     def hidden_states(self, idx, positions=None, key_mask=None, caches=None, start: int = 0,
-                      embeds=None) -> torch.Tensor:
-        """Final-norm hidden states (B, T, C). See ``forward`` for the arguments."""
+                      embeds=None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-norm hidden states (B, T, C). See ``forward`` for the arguments; ``attn_mask``
+        (B, 1, T, start+T) bool replaces the causal + key-padding mask (e.g. block-diagonal for packed
+        sequences)."""
         B, T = idx.shape if embeds is None else embeds.shape[:2]
         if start + T > self.config.max_seq_len:
-            raise ValueError(f"sequence of {start + T} tokens exceeds the context window ({self.config.max_seq_len})")
+            raise LmforgeError(f"sequence of {start + T} tokens exceeds the context window "
+                               f"({self.config.max_seq_len})")
         device = idx.device if embeds is None else embeds.device
         if positions is None:
             positions = torch.arange(start, start + T, device=device).expand(B, T)
-        mask = build_mask(key_mask, start, T)
+        mask = build_mask(key_mask, start, T) if attn_mask is None else attn_mask
         return self.model(idx, positions, mask, caches, start, embeds=embeds)
 
     def forward(self, idx: torch.Tensor, positions: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,

@@ -39,8 +39,7 @@ def decoder_hidden(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     """Final hidden states (B, T, C) of a ``DecoderLM`` for an SFT batch.
 
     Packed batches (with ``segment_ids``) get a block-diagonal causal mask, so each example only sees
-    itself; this goes through the model's body directly because ``DecoderLM.forward`` only takes a
-    key-padding mask. Left-padded batches pass the padding mask; right padding needs none (causal).
+    itself. Left-padded batches pass the padding mask; right padding needs none (causal).
     """
     import torch
 
@@ -48,11 +47,9 @@ def decoder_hidden(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     if "segment_ids" in batch:
         seg = batch["segment_ids"]  # (B, T), 0 = padding
         T = idx.shape[1]
-        if T > model.config.max_seq_len:
-            raise LmforgeError(f"sequence of {T} tokens exceeds the context window ({model.config.max_seq_len})")
         causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()  # (T, T)
         attend = (seg[:, :, None] == seg[:, None, :]) & causal  # (B, T, T): same example, not the future
-        return model.model(idx, positions, attend[:, None])  # mask (B, 1, T, T)
+        return model.hidden_states(idx, positions=positions, attn_mask=attend[:, None])  # mask (B, 1, T, T)
     key_mask = None if mask is None or bool(mask[:, 0].all()) else mask.bool()
     return model.hidden_states(idx, positions=positions, key_mask=key_mask)
 
