@@ -8,13 +8,13 @@ appear in the order given; zero-shot simply means no examples.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmforge.data.records import parse_json_records, read_text
 from lmforge.errors import LmforgeError
 
 # Field pairs an example file may use, in order of preference.
@@ -51,41 +51,6 @@ def _example_from(item: Any, where: str) -> Example:
     raise LmforgeError(f"{where}: missing {missing} (the line has: {has}; expected one of {expected})")
 
 
-def _parse_json_list(text: str, name: str) -> list[tuple[int, Any]]:
-    """Items of a JSON array, each with the line it starts on."""
-    decoder = json.JSONDecoder()
-    pos = text.index("[") + 1
-    items: list[tuple[int, Any]] = []
-
-    def skip_ws(i: int) -> int:
-        while i < len(text) and text[i] in " \t\r\n":
-            i += 1
-        return i
-
-    def line_of(i: int) -> int:
-        return text.count("\n", 0, i) + 1
-
-    pos = skip_ws(pos)
-    if pos < len(text) and text[pos] == "]":
-        return items
-    while True:
-        try:
-            item, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            raise LmforgeError(f"{name}, line {e.lineno}: not valid JSON ({e.msg})") from e
-        items.append((line_of(pos), item))
-        pos = skip_ws(end)
-        if pos < len(text) and text[pos] == ",":
-            pos = skip_ws(pos + 1)
-            continue
-        if pos < len(text) and text[pos] == "]":
-            break
-        raise LmforgeError(f"{name}, line {line_of(pos)}: expected ',' or ']' in the JSON list")
-    if skip_ws(pos + 1) != len(text):
-        raise LmforgeError(f"{name}, line {line_of(skip_ws(pos + 1))}: unexpected text after the JSON list")
-    return items
-
-
 def load_examples(path: str | os.PathLike) -> list[Example]:
     """Read examples from JSONL (one object per line) or a JSON list of objects.
 
@@ -95,23 +60,10 @@ def load_examples(path: str | os.PathLike) -> list[Example]:
     path = Path(path)
     if not path.is_file():
         raise LmforgeError(f"examples file {path} does not exist")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise LmforgeError(f"examples file {path} is not UTF-8 text: {e}") from e
+    text = read_text(path)
     if not text.strip():
         raise LmforgeError(f"examples file {path} is empty")
-    if text.lstrip().startswith("["):
-        items = _parse_json_list(text, str(path))
-    else:
-        items = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                items.append((number, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise LmforgeError(f"{path}, line {number}: not valid JSON ({e.msg})") from e
+    items = parse_json_records(text, str(path))
     if not items:
         raise LmforgeError(f"examples file {path} holds no examples")
     return [_example_from(item, f"{path}, line {number}") for number, item in items]

@@ -29,17 +29,15 @@ block-diagonal causal mask, so examples never attend to each other.
 
 from __future__ import annotations
 
-import gzip
-import json
 import os
 import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from lmforge.data.records import parse_json_records, read_text
 from lmforge.errors import LmforgeError
 from lmforge.tokenizer import Tokenizer, check_messages
 
@@ -60,26 +58,7 @@ def read_records(path: str | os.PathLike) -> list[tuple[str, dict]]:
     path = Path(path)
     if not path.is_file():
         raise LmforgeError(f"data file {path} does not exist")
-    try:
-        with (gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")) as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError, EOFError) as e:
-        raise LmforgeError(f"cannot read {path}: {e}") from e
-    records: list[tuple[str, Any]] = []
-    if text.lstrip().startswith("["):  # one JSON array
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise LmforgeError(f"{path}, line {e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
-        records = [(f"{path}, record {i}", r) for i, r in enumerate(data)]
-    else:  # JSON lines
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                records.append((f"{path}, line {lineno}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise LmforgeError(f"{path}, line {lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+    records = [(f"{path}, line {line}", r) for line, r in parse_json_records(read_text(path), str(path))]
     for where, r in records:
         if not isinstance(r, dict):
             raise LmforgeError(f"{where}: expected a JSON object, got {type(r).__name__}")

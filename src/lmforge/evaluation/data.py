@@ -15,7 +15,6 @@ field mapping (``FieldMap``: which field is the input, the reference, the choice
 from __future__ import annotations
 
 import csv
-import gzip
 import io
 import json
 import os
@@ -25,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmforge.data.records import parse_json_records, read_text
 from lmforge.errors import LmforgeError
-from lmforge.prompts import _parse_json_list
 
 
 @dataclass
@@ -49,18 +48,6 @@ class FieldMap:
     answer: str | None = None
 
 
-def _read_text(path: Path) -> str:
-    try:
-        if path.name.endswith(".gz"):
-            with gzip.open(path, "rt", encoding="utf-8") as f:
-                return f.read()
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise LmforgeError(f"{path} is not UTF-8 text (byte {e.start})") from None
-    except (OSError, EOFError) as e:
-        raise LmforgeError(f"{path} cannot be read: {e}") from None
-
-
 def load_records(path: str | os.PathLike) -> list[Record]:
     """Read a dataset: ``.jsonl``/``.json``/``.csv``, optionally ``.gz``. Errors name the file and line."""
     path = Path(path)
@@ -71,7 +58,7 @@ def load_records(path: str | os.PathLike) -> list[Record]:
     if kind not in (".jsonl", ".json", ".csv"):
         raise LmforgeError(f"dataset {path}: unknown format {kind or '(no extension)'!r}; "
                            "use .jsonl, .json (a list of objects) or .csv, optionally gzipped (.gz)")
-    text = _read_text(path)
+    text = read_text(path)
     if not text.strip():
         raise LmforgeError(f"dataset {path} is empty")
     rows: list[tuple[int, Any]] = []
@@ -85,16 +72,8 @@ def load_records(path: str | os.PathLike) -> list[Record]:
                 rows.append((reader.line_num, dict(row)))
         except csv.Error as e:
             raise LmforgeError(f"{path}, line {reader.line_num}: not valid CSV ({e})") from None
-    elif kind == ".json" and text.lstrip().startswith("["):
-        rows = _parse_json_list(text, str(path))
     else:
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((number, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise LmforgeError(f"{path}, line {number}: not valid JSON ({e.msg}, column {e.colno})") from None
+        rows = parse_json_records(text, str(path), lines_only=kind == ".jsonl")
     if not rows:
         raise LmforgeError(f"dataset {path} holds no records")
     records = []
