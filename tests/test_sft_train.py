@@ -27,6 +27,15 @@ def copy_task(tmp_path):
     return tmp_path / "train.jsonl", tmp_path / "dev.jsonl"
 
 
+def copy_task_baseline(model_dir, tmp_path):
+    """(train file, dev file, dev batches, the untrained model's dev response loss) for the copy task."""
+    train, dev = copy_task(tmp_path)
+    base = lmforge.load(model_dir)
+    dev_data = load_sft_data(dev, base.tokenizer, max_len=64)
+    dev_batches = SFTBatches(dev_data.examples, batch_size=8, pad_id=base.tokenizer.pad_id, shuffle=False)
+    return train, dev, dev_batches, evaluate_sft(base.model.eval(), base.tokenizer, dev_batches)["val_loss"]
+
+
 def test_packed_logits_equal_separate_logits(tiny_lm_dirs):
     lm = lmforge.load(tiny_lm_dirs["chat"])
     tok = lm.tokenizer
@@ -48,11 +57,7 @@ def test_packed_logits_equal_separate_logits(tiny_lm_dirs):
 
 
 def test_short_finetune_lowers_heldout_response_loss(tiny_lm_dirs, tmp_path):
-    train, dev = copy_task(tmp_path)
-    base = lmforge.load(tiny_lm_dirs["chat"])
-    dev_data = load_sft_data(dev, base.tokenizer, max_len=64)
-    dev_batches = SFTBatches(dev_data.examples, batch_size=8, pad_id=base.tokenizer.pad_id, shuffle=False)
-    before = evaluate_sft(base.model.eval(), base.tokenizer, dev_batches)["val_loss"]
+    train, dev, dev_batches, before = copy_task_baseline(tiny_lm_dirs["chat"], tmp_path)
     result = finetune(str(tiny_lm_dirs["chat"]), train, dev, out_dir=tmp_path / "run", max_len=64, batch_size=8,
                       steps=60, lr=3e-3, warmup_steps=5, eval_generate=4, max_new_tokens=8, log_every=20, pack=True)
     assert result["train_examples"] == 96 and result["dropped"] == 0
@@ -61,7 +66,7 @@ def test_short_finetune_lowers_heldout_response_loss(tiny_lm_dirs, tmp_path):
     tuned = lmforge.load(tmp_path / "run" / "final")  # the loop's final HF dir, tokenizer included
     after = evaluate_sft(tuned.model.eval(), tuned.tokenizer, dev_batches)["val_loss"]
     assert after == pytest.approx(result["val_loss"], rel=1e-4)
-    assert tuned.tokenizer.chat_template == base.tokenizer.chat_template
+    assert tuned.tokenizer.chat_template == lmforge.load(tiny_lm_dirs["chat"]).tokenizer.chat_template
 
 
 def tiny_t5_dir(path):
@@ -143,11 +148,7 @@ def test_cli_prompt_template_unescapes_newlines(tiny_lm_dirs, tmp_path, capsys):
 def test_peft_methods_learn_and_save_peft_adapters(tiny_lm_dirs, tmp_path, capsys, method, margin):
     """Each method lowers the held-out response loss; the result is a PEFT adapter folder that
     lmforge.load(base, adapter=...) reproduces."""
-    train, dev = copy_task(tmp_path)
-    base = lmforge.load(tiny_lm_dirs["chat"])
-    dev_data = load_sft_data(dev, base.tokenizer, max_len=64)
-    dev_batches = SFTBatches(dev_data.examples, batch_size=8, pad_id=base.tokenizer.pad_id, shuffle=False)
-    before = evaluate_sft(base.model.eval(), base.tokenizer, dev_batches)["val_loss"]
+    train, dev, dev_batches, before = copy_task_baseline(tiny_lm_dirs["chat"], tmp_path)
     result = finetune(str(tiny_lm_dirs["chat"]), train, dev, out_dir=tmp_path / "run", max_len=64, batch_size=8,
                       steps=40, warmup_steps=3, eval_generate=0, log_every=20, method=method, lora_r=8,
                       lora_targets="all-linear", lr=3e-3 if method != "prompt-tuning" else 3e-2, lora_dropout=0.0)
