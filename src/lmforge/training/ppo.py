@@ -1,0 +1,326 @@
+"""PPO for language models: the RL step of RLHF (Ziegler et al. 2019; Ouyang et al. 2022, sec. 3.5).
+
+Owns the PPO math as small pure functions (KL-shaped per-token rewards, GAE, whitening, the clipped
+policy and value losses, the adaptive KL coefficient) and ``PPOTrainer``, which runs one PPO step:
+
+1. rollout: sample a response for each prompt with lmforge's generation engine (left-padded prompts);
+2. score: ``reward_fn(prompts, completions) -> (B,)``; per-token log-probs of the policy and of the
+   frozen reference (the same base with LoRA switched off, or a separate frozen copy) and the values;
+3. rewards r_t = -beta (log pi - log ref)_t, plus the scalar score at the last response token;
+4. GAE advantages (whitened) and returns;
+5. ``ppo_epochs`` passes of shuffled minibatches over the clipped policy + value loss.
+
+Tokens after a response's EOS are padding: they are masked out of every sum and mean. The value head
+is a linear layer on the policy's final hidden states. Dropout stays off (eval mode) so the first
+minibatch's probability ratio is exactly 1. Log-probs use the sampling temperature (logits / T);
+top-k / top-p truncation is ignored in them, as in most RLHF code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lmforge.errors import LmforgeError
+from lmforge.generation.generate import generate_tokens
+from lmforge.generation.sampling import SamplingParams
+from lmforge.peft.lora import lora_layers, set_lora_enabled
+
+RewardFn = Callable[[list[str], list[str]], Tensor]
+
+
+# ----------------------------------------------------------------------------- the math (pure functions)
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Mean of x over the positions where mask is 1 (any shape; mask broadcastable)."""
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+    """(x - mean) / sqrt(var + 1e-8) over the masked positions (advantage normalisation, as in OpenAI's
+    baselines ppo2 and lm-human-preferences). ``shift_mean=False`` only rescales. Masked positions -> 0."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def kl_shaped_rewards(logp: Tensor, ref_logp: Tensor, scores: Tensor, mask: Tensor, kl_coef: float
+                      ) -> tuple[Tensor, Tensor]:
+    """Per-token rewards (B, R) and per-token KL estimates (B, R) (Ziegler et al. 2019, eq. 2;
+    Ouyang et al. 2022, eq. 2): r_t = -beta * (log pi(y_t) - log ref(y_t)), plus the sequence score
+    at the last real response token. logp/ref_logp/mask (B, R), scores (B,)."""
+    kl = (logp - ref_logp) * mask  # (B, R)
+    rewards = -kl_coef * kl
+    last = mask.long().sum(1).clamp(min=1) - 1  # (B,) index of the last real token
+    rewards[torch.arange(len(scores)), last] += scores
+    return rewards, kl
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95
+        ) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016, eq. 16): with
+    delta_t = r_t + gamma V_{t+1} - V_t, A_t = delta_t + gamma lambda A_{t+1}; returns R_t = A_t + V_t.
+
+    rewards, values, mask (B, R); the episode ends after the last masked-in token (V beyond it = 0).
+    Returns (advantages, returns), both (B, R), zero where mask is 0."""
+    rewards, values = rewards * mask, values * mask
+    R = rewards.shape[1]
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[:, 0])  # A_{t+1}
+    for t in reversed(range(R)):
+        next_value = values[:, t + 1] if t + 1 < R else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * last
+        advantages[:, t] = last
+    return advantages * mask, (advantages + values) * mask
+
+
+def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip: float = 0.2
+                ) -> tuple[Tensor, Tensor, Tensor]:
+    """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), as a loss to minimise:
+    L = mean_t max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps)), rho_t = exp(log pi - log pi_old).
+
+    All inputs (b, R). Returns (loss, clip fraction: share of tokens where the clipped term is taken,
+    approx KL(pi_old || pi) = mean 0.5 (log pi - log pi_old)^2 (Schulman's k2 estimator))."""
+    log_ratio = logp - old_logp
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    clipfrac = masked_mean((clipped > unclipped).float(), mask)
+    approx_kl = masked_mean(0.5 * log_ratio.detach() ** 2, mask)
+    return loss, clipfrac, approx_kl
+
+
+def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: float = 0.2
+               ) -> tuple[Tensor, Tensor]:
+    """Clipped value loss (OpenAI baselines ppo2, used by Ziegler et al. 2019):
+    L = 0.5 mean_t max((V_t - R_t)^2, (V_old + clip(V_t - V_old, -eps, eps) - R_t)^2).
+    All inputs (b, R). Returns (loss, clip fraction)."""
+    clipped_values = old_values + torch.clamp(values - old_values, -clip, clip)
+    err, err_clipped = (values - returns) ** 2, (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(err, err_clipped), mask)
+    return loss, masked_mean((err_clipped > err).float(), mask)
+
+
+def adaptive_kl_coef(coef: float, kl: float, target: float, horizon: int, n_steps: int) -> float:
+    """Ziegler et al. 2019 (sec. 2.2) adaptive KL controller: e = clip(KL / KL_target - 1, -0.2, 0.2),
+    beta <- beta * (1 + e * n_steps / horizon), for a batch of ``n_steps`` samples (lm-human-preferences'
+    form; K_beta = n_steps / horizon)."""
+    error = min(max(kl / target - 1.0, -0.2), 0.2)
+    return coef * (1.0 + error * n_steps / horizon)
+
+
+def entropy(logits: Tensor) -> Tensor:
+    """Entropy of the softmax over the last axis: logits (..., V) -> (...)."""
+    logp = logits.float().log_softmax(-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+# ----------------------------------------------------------------------------- the trainer
+@dataclass
+class PPOConfig:
+    """PPO hyper-parameters; defaults follow Ziegler et al. 2019 / trl where they apply."""
+
+    batch_size: int = 16  # prompts (rollouts) per PPO step
+    mini_batch_size: int = 4  # rollouts per optimiser step
+    ppo_epochs: int = 4  # passes over each rollout batch
+    lr: float = 1e-4
+    kl_coef: float = 0.05  # beta (the initial value when adaptive)
+    target_kl: float | None = None  # set: adaptive beta towards this per-sequence KL
+    horizon: int = 10000  # adaptive controller horizon, in samples
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_range: float = 0.2
+    clip_range_value: float = 0.2
+    vf_coef: float = 0.1
+    max_grad_norm: float = 1.0
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens", "horizon"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise LmforgeError(f"PPO {name} must be an integer >= 1, got {value!r}")
+        if self.batch_size % self.mini_batch_size:
+            raise LmforgeError(f"PPO batch size {self.batch_size} is not divisible by the mini-batch size "
+                               f"{self.mini_batch_size}")
+        if self.temperature <= 0:
+            raise LmforgeError(f"PPO samples its rollouts: temperature must be > 0, got {self.temperature}")
+        if self.kl_coef < 0 or (self.target_kl is not None and self.target_kl <= 0):
+            raise LmforgeError(f"kl_coef must be >= 0 and target_kl > 0, got {self.kl_coef}, {self.target_kl}")
+
+
+@dataclass
+class Rollout:
+    """One batch of experience. T = P + R: left-padded prompts (P) then responses (R), pad after EOS."""
+
+    idx: Tensor  # (B, T) token ids
+    key_mask: Tensor  # (B, T) bool, False = padding
+    positions: Tensor  # (B, T) position ids (real tokens only)
+    mask: Tensor  # (B, R) float, 1 = a real response token (EOS included)
+    logp: Tensor  # (B, R) policy log-probs at sampling time
+    ref_logp: Tensor  # (B, R)
+    values: Tensor  # (B, R)
+    scores: Tensor  # (B,) reward_fn's scores
+    completions: list[str]
+
+    @property
+    def P(self) -> int:
+        return self.idx.shape[1] - self.mask.shape[1]
+
+
+class PPOTrainer:
+    """A policy (``DecoderLM``, usually with LoRA), its value head, a frozen reference and a reward function.
+
+    ``ref_model=None`` means: the policy with its LoRA adapters switched off (the policy must have LoRA).
+    """
+
+    def __init__(self, policy: nn.Module, tokenizer, reward_fn: RewardFn, cfg: PPOConfig,
+                 ref_model: nn.Module | None = None, eos_ids: Sequence[int] = ()):
+        if ref_model is None and next(lora_layers(policy), None) is None:
+            raise LmforgeError("PPO needs a reference: pass a frozen ref_model, or give the policy LoRA adapters "
+                               "(the reference is then the base with the adapters off)")
+        self.policy, self.tokenizer, self.reward_fn, self.cfg = policy, tokenizer, reward_fn, cfg
+        self.ref_model = ref_model
+        p = next(policy.parameters())
+        self.value_head = nn.Linear(policy.config.n_embd, 1, device=p.device, dtype=torch.float32)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+        self.params = [q for q in policy.parameters() if q.requires_grad] + list(self.value_head.parameters())
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=0.0)
+        self.eos_ids = sorted(set(eos_ids) | set(tokenizer.eos_ids) | set(policy.config.eos_token_ids))
+        pad = tokenizer.pad_id if tokenizer.pad_id is not None else (self.eos_ids or [0])[0]
+        self.pad_id = pad
+        self.kl_coef = cfg.kl_coef
+        self.steps_done = 0
+        policy.eval()  # no dropout: the first minibatch's ratio is exactly 1
+
+    def forward(self, model: nn.Module, idx: Tensor, positions: Tensor, key_mask: Tensor, P: int,
+                with_values: bool = True) -> tuple[Tensor, Tensor | None]:
+        """idx/positions/key_mask (b, T) -> logits (b, R, V) over the response positions (scaled by
+        1/temperature) and values (b, R); the response starts at column P."""
+        h = model.hidden_states(idx, positions, key_mask)  # (b, T, C)
+        h = h[:, P - 1:-1]  # (b, R, C): the states that predict each response token
+        logits = model.lm_head(h).float() / self.cfg.temperature
+        values = self.value_head(h.float()).squeeze(-1) if with_values else None
+        return logits, values
+
+    @staticmethod
+    def token_logp(logits: Tensor, tokens: Tensor) -> Tensor:
+        """log softmax(logits) at tokens: (b, R, V), (b, R) -> (b, R)."""
+        return logits.log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)
+
+    @torch.no_grad()
+    def rollout(self, prompts: list[str], prompt_ids: list[list[int]]) -> Rollout:
+        """Sample a response per prompt, score it, and record log-probs, reference log-probs and values."""
+        c = self.cfg
+        params = SamplingParams(temperature=c.temperature, top_k=c.top_k, top_p=c.top_p)
+        steps = list(generate_tokens(self.policy, prompt_ids, c.max_new_tokens, params, eos_ids=self.eos_ids,
+                                     pad_id=self.pad_id, seed=c.seed * 100_003 + self.steps_done))
+        device = next(self.policy.parameters()).device
+        B, P, R = len(prompts), max(len(p) for p in prompt_ids), len(steps)
+        idx = torch.full((B, P + R), self.pad_id, dtype=torch.long, device=device)
+        key_mask = torch.zeros((B, P + R), dtype=torch.bool, device=device)
+        for b, p in enumerate(prompt_ids):  # left-pad the prompts, as generation did
+            idx[b, P - len(p):P] = torch.tensor(p, dtype=torch.long)
+            key_mask[b, P - len(p):P] = True
+        for t, toks in enumerate(steps):
+            for b, tok in enumerate(toks):
+                if tok is not None:  # None: this row finished (its EOS was yielded earlier)
+                    idx[b, P + t], key_mask[b, P + t] = tok, True
+        positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+        mask = key_mask[:, P:].float()  # (B, R)
+        eos = set(self.eos_ids)
+        completions = [self.tokenizer.decode([t for t in row if t not in eos])
+                       for row in (idx[b, P:][key_mask[b, P:]].tolist() for b in range(B))]
+        scores = torch.as_tensor(self.reward_fn(prompts, completions), dtype=torch.float32, device=device)
+        if scores.shape != (B,):
+            raise LmforgeError(f"the reward function returned shape {tuple(scores.shape)} for {B} completions")
+        seq, response = (idx, positions, key_mask, P), idx[:, P:]
+        logits, values = self.forward(self.policy, *seq)
+        logp = self.token_logp(logits, response) * mask
+        self.last_entropy = float(masked_mean(entropy(logits), mask))
+        if self.ref_model is None:
+            set_lora_enabled(self.policy, False)
+            try:
+                ref_logits, _ = self.forward(self.policy, *seq, with_values=False)
+            finally:
+                set_lora_enabled(self.policy, True)
+        else:
+            ref_logits, _ = self.forward(self.ref_model, *seq, with_values=False)
+        ref_logp = self.token_logp(ref_logits, response) * mask
+        return Rollout(idx, key_mask, positions, mask, logp, ref_logp, values * mask, scores, completions)
+
+    def step(self, prompts: list[str], prompt_ids: list[list[int]]) -> dict[str, float]:
+        """One PPO step on a batch of prompts; returns the step's statistics."""
+        c = self.cfg
+        if len(prompts) != c.batch_size:
+            raise LmforgeError(f"a PPO step takes batch_size={c.batch_size} prompts, got {len(prompts)}")
+        b = self.rollout(prompts, prompt_ids)
+        rewards, kl = kl_shaped_rewards(b.logp, b.ref_logp, b.scores, b.mask, self.kl_coef)
+        advantages, returns = gae(rewards, b.values, b.mask, c.gamma, c.lam)
+        advantages = whiten(advantages, b.mask)
+        response = b.idx[:, b.P:]
+        gen = torch.Generator().manual_seed(c.seed * 7919 + self.steps_done)
+        sums = {"policy_loss": 0.0, "value_loss": 0.0, "clipfrac": 0.0, "value_clipfrac": 0.0, "approx_kl": 0.0}
+        n = 0
+        for _ in range(c.ppo_epochs):
+            order = torch.randperm(c.batch_size, generator=gen).to(response.device)
+            for start in range(0, c.batch_size, c.mini_batch_size):
+                rows = order[start:start + c.mini_batch_size]
+                m = b.mask[rows]
+                logits, values = self.forward(self.policy, b.idx[rows], b.positions[rows], b.key_mask[rows], b.P)
+                logp = self.token_logp(logits, response[rows])
+                pg, clipfrac, approx_kl = policy_loss(logp, b.logp[rows], advantages[rows], m, c.clip_range)
+                vf, vf_clipfrac = value_loss(values, b.values[rows], returns[rows], m, c.clip_range_value)
+                loss = pg + c.vf_coef * vf
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if c.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm)
+                self.optimizer.step()
+                for key, value in zip(sums, (pg, vf, clipfrac, vf_clipfrac, approx_kl)):
+                    sums[key] += float(value.detach())
+                n += 1
+        kl_per_seq = float(kl.sum(1).mean())
+        stats = {"reward": float(b.scores.mean()), "kl": kl_per_seq, "entropy": self.last_entropy,
+                 **{k: v / n for k, v in sums.items()}, "kl_coef": self.kl_coef,
+                 "response_len": float(b.mask.sum(1).mean())}
+        if c.target_kl is not None:
+            self.kl_coef = adaptive_kl_coef(self.kl_coef, kl_per_seq, c.target_kl, c.horizon, c.batch_size)
+        self.steps_done += 1
+        self.last_rollout = b
+        return stats
+
+
+def response_kl(policy: nn.Module, ref_model: nn.Module | None, idx: Tensor, key_mask: Tensor, P: int) -> Tensor:
+    """Per-sequence KL estimate sum_t (log pi - log ref)(y_t) of responses idx[:, P:] (B,): how far the
+    policy has moved from the reference on these samples. ``ref_model=None``: the policy with LoRA off."""
+    positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)
+    response, mask = idx[:, P:], key_mask[:, P:].float()
+
+    def logp(model: nn.Module) -> Tensor:
+        logits = model(idx, positions, key_mask)[:, P - 1:-1].float()  # (B, R, V)
+        return PPOTrainer.token_logp(logits, response)
+
+    with torch.no_grad():
+        pol = logp(policy)
+        if ref_model is None:
+            set_lora_enabled(policy, False)
+            try:
+                ref = logp(policy)
+            finally:
+                set_lora_enabled(policy, True)
+        else:
+            ref = logp(ref_model)
+    return ((pol - ref) * mask).sum(1)
