@@ -1,11 +1,13 @@
 """PPO: the math on hand-computed cases, a toy task that PPO learns with a bounded KL, the reference
 being exactly the adapter-disabled base, EOS masking, and bad input."""
 
+import json
 import math
 
 import pytest
 import torch
 
+import lmforge
 from lmforge.config import preset
 from lmforge.errors import LmforgeError
 from lmforge.models.decoder import DecoderLM
@@ -157,3 +159,74 @@ def test_bad_configs():
     ppo = PPOTrainer(model, tok, lambda p, c: torch.zeros(3), PPOConfig(batch_size=4, mini_batch_size=2))
     with pytest.raises(LmforgeError, match=r"reward function returned shape \(3,\) for 4 completions"):
         ppo.step(PROMPTS[:4], [tok.encode(p) for p in PROMPTS[:4]])
+
+
+# ----------------------------------------------------------------------------- the command line
+def test_reward_model_vocabulary_check():
+    from types import SimpleNamespace
+
+    from lmforge.training.rlhf import reward_vocab_check
+
+    pairwise = SimpleNamespace(config=SimpleNamespace(arch="decoder", vocab_size=300))
+    with pytest.raises(LmforgeError, match="vocabulary of 300 tokens but the policy has 320: a pairwise decoder"):
+        reward_vocab_check(pairwise, 320, "rm/")
+    reward_vocab_check(pairwise, 300, "rm/")  # same vocabulary: fine
+    reward_vocab_check(SimpleNamespace(config=SimpleNamespace(arch="encoder", vocab_size=30522)), 320, "clf/")
+
+
+def run(capsys, *args):
+    from lmforge.cli import main
+
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def toy_reward(tmp_path, monkeypatch):
+    """A reward function importable as ``toy_reward:share_of_o`` (the share of 'o' in each completion)."""
+    (tmp_path / "toy_reward.py").write_text(
+        "def share_of_o(prompts, completions):\n"
+        "    return [c.count('o') / max(len(c), 1) for c in completions]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "toy_reward:share_of_o"
+
+
+def test_cli_ppo_end_to_end(tiny_lm_dirs, tmp_path, capsys, toy_reward):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(f'{{"prompt": "{w} two three"}}\n' for w in ("one", "four", "five", "six", "fox")))
+    out = tmp_path / "run"
+    code, stdout, err = run(capsys, "rlhf", "ppo", "-m", tiny_lm_dirs["plain"], "--prompts", prompts, "--reward",
+                            toy_reward, "-o", out, "--steps", "3", "--batch-size", "4", "--mini-batch-size", "2",
+                            "--ppo-epochs", "2", "-n", "6", "--target-kl", "1.0", "--horizon", "10", "--threads", "1")
+    assert code == 0, err
+    assert json.loads(stdout)["step"] == 3
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    keys = {"reward", "kl", "entropy", "clipfrac", "value_loss", "policy_loss", "kl_coef", "approx_kl"}
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(keys <= set(r) for r in rows)
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # the first rollout comes from the untouched base
+    assert rows[1]["kl_coef"] == pytest.approx(0.05 * (1 - 0.2 * 4 / 10))  # adaptive: KL 0 < target, e = -0.2
+    assert (out / "final" / "adapter_config.json").is_file()
+    assert json.loads((out / "config.json").read_text())["recipe"] == "ppo"
+    assert lmforge.load(tiny_lm_dirs["plain"], adapter=out / "final").model is not None
+
+
+def test_cli_ppo_bad_input(tiny_lm_dirs, tmp_path, capsys, toy_reward):
+    def error_of(*args):
+        code, _, err = run(capsys, "rlhf", "ppo", "-m", tiny_lm_dirs["plain"], "-o", tmp_path / "o", *args)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+        return lines[0]
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n")
+    assert "empty.txt: no prompts" in error_of("--prompts", empty, "--reward", toy_reward)
+    good = tmp_path / "p.txt"
+    good.write_text("one two\nfour five\n")
+    assert "batch size 6 is not divisible by the mini-batch size 4" in error_of(
+        "--prompts", good, "--reward", toy_reward, "--batch-size", "6", "--mini-batch-size", "4")
+    fields = tmp_path / "p.jsonl"
+    fields.write_text('{"prompt": "a"}\n{"text": "b"}\n')
+    assert "p.jsonl, line 2: no non-empty string field 'prompt'" in error_of("--prompts", fields, "--reward", toy_reward)
+    assert "no such reward model folder" in error_of("--prompts", good, "--reward", tmp_path / "missing")
+    assert "no reward given" in error_of("--prompts", good)

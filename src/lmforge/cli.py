@@ -343,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     register_eval(sub)
     from lmforge.deploy.commands import register as register_deploy
     register_deploy(sub)
+    from lmforge.training.rlhf_commands import register as register_rlhf
+    register_rlhf(sub)
     return parser
 
 

@@ -1,0 +1,215 @@
+"""DPO / IPO training from preference pairs (Rafailov et al. 2023; Azar et al. 2023).
+
+Owns reading preference files, turning pairs into token batches, the summed response log-probs a
+pair is judged by, and ``DPOTrainer`` (one optimiser step per batch of pairs). The losses themselves
+are the pure functions of ``training/preference.py``.
+
+A preference file is JSON lines (or a JSON list) of records, either
+
+- ``{"prompt": ..., "chosen": ..., "rejected": ...}`` (responses without the prompt), or
+- HH-RLHF style ``{"chosen": ..., "rejected": ...}`` full dialogues ("\\n\\nHuman: ...\\n\\nAssistant: ...");
+  the prompt is the shared prefix up to and including the last "\\n\\nAssistant:".
+
+The reference log-probs come from the policy with its LoRA adapters off, a frozen copy of the base,
+or a table computed once before training (``precompute_reference``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from lmforge.data.records import parse_json_records, read_text
+from lmforge.errors import LmforgeError
+from lmforge.peft.lora import set_lora_enabled
+from lmforge.training.preference import IGNORE_INDEX, dpo_loss, ipo_loss
+
+ASSISTANT = "\n\nAssistant:"
+LOSSES = ("dpo", "ipo")
+
+
+@dataclass
+class Pair:
+    """One preference: the prompt and the two responses (texts), and where it came from."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+    where: str
+
+
+def split_dialogue(chosen: str, rejected: str, where: str) -> tuple[str, str, str]:
+    """HH-RLHF style: (prompt, chosen reply, rejected reply), split at the last "\\n\\nAssistant:" of
+    ``chosen``; the rejected dialogue must share that prompt."""
+    cut = chosen.rfind(ASSISTANT)
+    if cut < 0:
+        raise LmforgeError(f"{where}: no 'prompt' field and no {ASSISTANT.strip()!r} turn in 'chosen' to split "
+                           "the dialogue at; give prompt/chosen/rejected fields")
+    prompt = chosen[:cut + len(ASSISTANT)]
+    if not rejected.startswith(prompt):
+        raise LmforgeError(f"{where}: 'chosen' and 'rejected' do not share the dialogue up to the last "
+                           f"{ASSISTANT.strip()!r} turn; give prompt/chosen/rejected fields")
+    return prompt, chosen[cut + len(ASSISTANT):], rejected[len(prompt):]
+
+
+def load_pairs(path: str | Path, limit: int | None = None) -> list[Pair]:
+    """Preference pairs from a .jsonl / .json / .jsonl.gz file; errors name the file and the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise LmforgeError(f"preference file {path} does not exist")
+    pairs = []
+    for line, rec in parse_json_records(read_text(path), str(path), lines_only=".jsonl" in path.name):
+        where = f"{path}, line {line}"
+        if not isinstance(rec, dict):
+            raise LmforgeError(f"{where}: expected a JSON object with chosen/rejected fields, got {type(rec).__name__}")
+        for key in ("chosen", "rejected"):
+            if key not in rec:
+                raise LmforgeError(f"{where}: no {key!r} field (a preference record needs 'chosen' and 'rejected', "
+                                   "plus 'prompt' unless they are whole Human/Assistant dialogues)")
+        for key in ("prompt", "chosen", "rejected"):
+            if key in rec and not isinstance(rec[key], str):
+                raise LmforgeError(f"{where}: {key!r} must be a string, got {type(rec[key]).__name__}")
+        if "prompt" in rec:
+            pairs.append(Pair(rec["prompt"], rec["chosen"], rec["rejected"], where))
+        else:
+            pairs.append(Pair(*split_dialogue(rec["chosen"], rec["rejected"], where), where))
+        if limit is not None and len(pairs) >= limit:
+            break
+    if not pairs:
+        raise LmforgeError(f"{path}: no preference records")
+    return pairs
+
+
+@dataclass
+class TokenPair:
+    """A pair as token ids: the prompt's and each response's (responses end with EOS when there is one)."""
+
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int]
+
+
+def tokenize_pairs(pairs: list[Pair], encode_prompt, tokenizer, max_len: int) -> tuple[list[TokenPair], int]:
+    """Token pairs, and how many were dropped because their prompt leaves no room for a response.
+
+    ``encode_prompt(text) -> ids`` renders the prompt (chat template or plain); responses are cut to fit
+    ``max_len`` tokens in all."""
+    eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    out, dropped = [], 0
+    for p in pairs:
+        prompt = encode_prompt(p.prompt)
+        room = max_len - len(prompt)
+        if room < 1:
+            dropped += 1
+            continue
+        chosen, rejected = (tokenizer.encode(r, add_special_tokens=False) + eos for r in (p.chosen, p.rejected))
+        out.append(TokenPair(prompt, chosen[:room], rejected[:room]))
+    return out, dropped
+
+
+def collate(items: list[TokenPair], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Right-padded input ids (2B, T) and labels (2B, T): rows 0..B-1 chosen, B..2B-1 rejected; labels are
+    -100 on prompt and padding tokens."""
+    seqs = [(it.prompt, it.chosen) for it in items] + [(it.prompt, it.rejected) for it in items]
+    T = max(len(p) + len(r) for p, r in seqs)
+    idx = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(seqs), T), IGNORE_INDEX, dtype=torch.long)
+    for i, (p, r) in enumerate(seqs):
+        idx[i, :len(p) + len(r)] = torch.tensor(p + r)
+        labels[i, len(p):len(p) + len(r)] = torch.tensor(r)
+    return idx, labels
+
+
+def response_logprobs(model: nn.Module, idx: Tensor, labels: Tensor) -> Tensor:
+    """Summed log p(response) per row: idx, labels (N, T) right-padded -> (N,). Equals
+    ``sequence_logprobs(model(idx)[:, :-1], labels[:, 1:])`` but runs the LM head only on response tokens."""
+    h = model.hidden_states(idx)[:, :-1]  # (N, T-1, C); right padding never affects earlier tokens
+    target = labels[:, 1:]  # (N, T-1)
+    keep = target != IGNORE_INDEX
+    logits = model.lm_head(h[keep]).float()  # (K, V)
+    picked = logits.log_softmax(-1).gather(-1, target[keep][:, None]).squeeze(-1)  # (K,)
+    rows = torch.arange(idx.shape[0], device=idx.device)[:, None].expand_as(target)[keep]  # (K,)
+    return torch.zeros(idx.shape[0], device=idx.device).index_add(0, rows, picked)
+
+
+@torch.no_grad()
+def reference_logprobs(policy: nn.Module, ref_model: nn.Module | None, idx: Tensor, labels: Tensor) -> Tensor:
+    """(N,) response log-probs under the reference: ``ref_model``, or (None) the policy with LoRA off."""
+    if ref_model is not None:
+        return response_logprobs(ref_model, idx, labels)
+    set_lora_enabled(policy, False)
+    try:
+        return response_logprobs(policy, idx, labels)
+    finally:
+        set_lora_enabled(policy, True)
+
+
+def precompute_reference(policy: nn.Module, ref_model: nn.Module | None, items: list[TokenPair], pad_id: int,
+                         batch_size: int = 8) -> Tensor:
+    """Reference log-probs of every pair, computed once: (n_pairs, 2) = (chosen, rejected)."""
+    device = next(policy.parameters()).device
+    out = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        idx, labels = collate(chunk, pad_id)
+        ref = reference_logprobs(policy, ref_model, idx.to(device), labels.to(device))  # (2b,)
+        out.append(torch.stack([ref[:len(chunk)], ref[len(chunk):]], dim=1))  # (b, 2)
+    return torch.cat(out)
+
+
+class DPOTrainer:
+    """Optimises the policy on batches of pairs with the DPO or IPO loss against a frozen reference.
+
+    ``ref_model=None``: the reference is the policy with its LoRA adapters off. With ``ref_table`` (from
+    ``precompute_reference``) no reference forward runs during training.
+    """
+
+    def __init__(self, policy: nn.Module, optimizer: torch.optim.Optimizer, *, loss: str = "dpo", beta: float = 0.1,
+                 label_smoothing: float = 0.0, ref_model: nn.Module | None = None, ref_table: Tensor | None = None,
+                 pad_id: int = 0):
+        if loss not in LOSSES:
+            raise LmforgeError(f"unknown preference loss {loss!r}; choose one of: {', '.join(LOSSES)}")
+        if loss == "ipo" and label_smoothing:
+            raise LmforgeError("label smoothing applies to the DPO loss only, not IPO")
+        self.policy, self.optimizer, self.loss, self.beta = policy, optimizer, loss, beta
+        self.label_smoothing, self.ref_model, self.ref_table = label_smoothing, ref_model, ref_table
+        self.pad_id = pad_id
+
+    def loss_and_metrics(self, items: list[TokenPair], indices: list[int]) -> tuple[Tensor, dict[str, float]]:
+        """The batch loss and its figures: implicit rewards beta * (log pi - log ref) of chosen and rejected,
+        their margin, and the share of pairs where chosen out-scores rejected (reward accuracy)."""
+        device = next(self.policy.parameters()).device
+        idx, labels = (t.to(device) for t in collate(items, self.pad_id))
+        B = len(items)
+        pol = response_logprobs(self.policy, idx, labels)  # (2B,)
+        if self.ref_table is not None:
+            ref = self.ref_table[indices].to(device).T.reshape(-1)  # (2B,): chosen rows, then rejected rows
+        else:
+            ref = reference_logprobs(self.policy, self.ref_model, idx, labels)
+        args = pol[:B], pol[B:], ref[:B], ref[B:]
+        if self.loss == "dpo":
+            loss = dpo_loss(*args, beta=self.beta, label_smoothing=self.label_smoothing)
+        else:
+            loss = ipo_loss(*args, tau=self.beta)
+        with torch.no_grad():
+            r_chosen, r_rejected = self.beta * (pol[:B] - ref[:B]), self.beta * (pol[B:] - ref[B:])
+            metrics = {"loss": float(loss), "reward_chosen": float(r_chosen.mean()),
+                       "reward_rejected": float(r_rejected.mean()),
+                       "reward_margin": float((r_chosen - r_rejected).mean()),
+                       "reward_accuracy": float((r_chosen > r_rejected).float().mean())}
+        return loss, metrics
+
+    def step(self, items: list[TokenPair], indices: list[int], max_grad_norm: float = 1.0) -> dict[str, float]:
+        """One optimiser step on a batch of pairs; returns its figures (before the update)."""
+        self.policy.train()
+        loss, metrics = self.loss_and_metrics(items, indices)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if max_grad_norm > 0:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+        self.optimizer.step()
+        return metrics

@@ -1,0 +1,304 @@
+"""The alignment recipes: ``ppo`` (RLHF's RL step against a reward) and ``dpo`` (DPO / IPO on preference pairs).
+
+Each builds the policy (LoRA by default, or every weight), its frozen reference (the base with the
+adapters off, a frozen copy, or a separate ``ref`` model of the same architecture), runs the trainer of
+``ppo.py`` / ``dpo.py`` with a progress bar, writes ``OUT_DIR/metrics.jsonl`` and ``OUT_DIR/config.json``,
+and saves ``OUT_DIR/final``: a PEFT adapter (with the tokenizer) or a Hugging Face directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib
+import json
+import os
+import random
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmforge.errors import LmforgeError
+
+METHODS = ("lora", "full")
+DEFAULT_LR = {"lora": 1e-4, "full": 1e-6}
+REWARD_INPUTS = ("completion", "prompt+completion")
+
+
+# ----------------------------------------------------------------------------- building blocks
+def check_same_architecture(policy_config, ref_config, ref_name: str) -> None:
+    """A separate reference must be the policy's architecture: name the fields that differ."""
+    a, b = policy_config.to_dict(), ref_config.to_dict()
+    diff = [k for k in sorted(set(a) | set(b)) if k != "name" and a.get(k) != b.get(k)]
+    if diff:
+        shown = ", ".join(f"{k}: policy {a.get(k)!r} vs reference {b.get(k)!r}" for k in diff[:6])
+        raise LmforgeError(f"the reference model {ref_name} has a different architecture from the policy ({shown})")
+
+
+def load_policy(model: str | None, *, adapter: str | None, method: str, ref: str | None, device: str,
+                lora: dict[str, Any]):
+    """(LM whose model is the trainable policy, frozen reference model or None = the policy with LoRA off)."""
+    import lmforge
+    from lmforge.lm import LM
+    from lmforge.training.sft import apply_method
+
+    if method not in METHODS:
+        raise LmforgeError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
+    if adapter is not None and method != "lora":
+        raise LmforgeError("--adapter continues training a LoRA adapter: use it with --method lora")
+    lm = lmforge.load(model, device=device, dtype="float32", adapter=adapter)
+    if not isinstance(lm, LM) or lm.config.arch != "decoder":
+        raise LmforgeError(f"{lm.name} is not a decoder-only model; PPO and DPO need one")
+    if adapter is None and method == "lora":
+        apply_method(lm.model, "lora", quant="nf4", num_virtual_tokens=0, **lora)
+    # with --adapter, load_adapter has frozen the base and left the adapter's weights trainable
+    reference = None
+    if ref is not None:
+        reference = lmforge.load(ref, device=device, dtype="float32").model
+        check_same_architecture(lm.config, reference.config, str(ref))
+    elif method == "full":
+        reference = copy.deepcopy(lm.model)
+    if reference is not None:
+        reference.requires_grad_(False).eval()
+    return lm, reference
+
+
+def report_trainable(model: nn.Module, method: str) -> None:
+    from lmforge.peft.lora import trainable_report
+
+    print(f"{method}: {trainable_report(model)}", file=sys.stderr)
+
+
+def load_prompts(path: str | Path, field: str = "prompt", limit: int | None = None) -> list[str]:
+    """Prompts from a text file (one per non-blank line) or JSON lines / a JSON list (``field`` of each record)."""
+    from lmforge.data.records import parse_json_records, read_text
+
+    path = Path(path)
+    if not path.is_file():
+        raise LmforgeError(f"prompts file {path} does not exist")
+    text = read_text(path)
+    if path.suffix == ".txt" or path.name.endswith(".txt.gz"):
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    else:
+        prompts = []
+        for line, rec in parse_json_records(text, str(path), lines_only=".jsonl" in path.name):
+            value = rec.get(field) if isinstance(rec, dict) else None
+            if not isinstance(value, str) or not value.strip():
+                raise LmforgeError(f"{path}, line {line}: no non-empty string field {field!r} (set --prompt-field)")
+            prompts.append(value)
+    if not prompts:
+        raise LmforgeError(f"{path}: no prompts (the file is empty)")
+    return prompts[:limit]
+
+
+def reward_vocab_check(reward: Any, policy_vocab: int, name: str) -> None:
+    """A decoder reward model scoring the policy's token ids (``reward.config.arch == "decoder"``) needs the
+    policy's vocabulary; classifiers with their own tokenizer read text and need no check."""
+    config = getattr(reward, "config", None) or getattr(getattr(reward, "model", None), "config", None)
+    if config is None or getattr(config, "arch", None) != "decoder":
+        return
+    if config.vocab_size != policy_vocab:
+        raise LmforgeError(f"reward model {name} has a vocabulary of {config.vocab_size} tokens but the policy has "
+                           f"{policy_vocab}: a pairwise decoder reward model shares the policy's token ids, so it "
+                           "needs the same tokenizer")
+
+
+def load_reward(spec: str, reward_input: str = "completion"):
+    """(``reward_fn(prompts, completions) -> (B,)``, the reward model or None) from a reward-model folder
+    (``training/reward.py``'s ``load_reward_model``: higher = better) or a ``package.module:function``
+    taking (prompts, completions)."""
+    if reward_input not in REWARD_INPUTS:
+        raise LmforgeError(f"unknown reward input {reward_input!r}; choose one of: {', '.join(REWARD_INPUTS)}")
+    if not Path(spec).exists() and ":" in spec:
+        module, _, attr = spec.partition(":")
+        try:
+            fn = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            raise LmforgeError(f"reward function {spec!r} cannot be imported: {e}") from None
+        return (lambda prompts, completions: torch.as_tensor(fn(prompts, completions), dtype=torch.float32)), None
+    if not Path(spec).exists():
+        raise LmforgeError(f"--reward {spec}: no such reward model folder (or give a 'package.module:function')")
+    from lmforge.training.reward import load_reward_model
+
+    rm = load_reward_model(spec)
+
+    def reward_fn(prompts: list[str], completions: list[str]) -> torch.Tensor:
+        texts = completions if reward_input == "completion" else [p + c for p, c in zip(prompts, completions)]
+        return torch.as_tensor(rm.score(texts), dtype=torch.float32)
+
+    return reward_fn, rm
+
+
+def save_policy(model: nn.Module, path: Path, tokenizer) -> Path:
+    """A PEFT adapter folder for a LoRA policy, else a Hugging Face directory; the tokenizer beside it."""
+    from lmforge.peft.lora import lora_layers
+
+    if next(lora_layers(model), None) is not None:
+        from lmforge.peft.adapters import save_adapter
+
+        save_adapter(model, path)
+        tokenizer.save(path)
+        return path
+    from lmforge.checkpoints.hf import save_hf_dir
+
+    return save_hf_dir(model, path, tokenizer=tokenizer)
+
+
+def write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _autocast(precision: str, device: str):
+    if precision not in ("fp32", "bf16"):
+        raise LmforgeError(f"precision must be fp32 or bf16, got {precision!r}")
+    if precision == "bf16":
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, mininterval=0.5, disable=not enabled)
+
+
+def _lora_args(lora_r, lora_alpha, lora_dropout, lora_targets, rslora) -> dict[str, Any]:
+    targets = list(lora_targets) if isinstance(lora_targets, tuple) else lora_targets
+    return dict(lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=targets, rslora=rslora)
+
+
+# ----------------------------------------------------------------------------- the recipes
+def ppo(model: str | None = None, prompts: str | Path = "", reward: str = "", *, adapter: str | None = None,
+        method: str = "lora", ref: str | None = None, out_dir: str | Path = "runs/ppo", steps: int = 20,
+        batch_size: int = 8, mini_batch_size: int = 4, ppo_epochs: int = 4, lr: float | None = None,
+        kl_coef: float = 0.05, target_kl: float | None = None, horizon: int = 10000, gamma: float = 1.0,
+        lam: float = 0.95, clip_range: float = 0.2, vf_coef: float = 0.1, max_new_tokens: int = 32,
+        temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, chat: bool | None = None,
+        prompt_field: str = "prompt", reward_input: str = "completion", precision: str = "fp32", seed: int = 0,
+        device: str = "cpu", lora_r: int = 16, lora_alpha: float = 32.0, lora_dropout: float = 0.0,
+        lora_targets: str | Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"), rslora: bool = False,
+        progress: bool = True) -> dict[str, Any]:
+    """Optimise ``model`` (None: the embedded default) with PPO against ``reward`` on ``prompts``.
+
+    Each of ``steps`` PPO steps samples ``batch_size`` prompts (shuffled, cycling), generates up to
+    ``max_new_tokens`` with ``temperature``/``top_k``/``top_p``, scores them with the reward (a reward-model
+    folder or a ``module:function``), shapes the reward with ``kl_coef`` * KL to the reference (adaptive
+    towards ``target_kl`` when set) and runs ``ppo_epochs`` epochs of ``mini_batch_size`` minibatches.
+    Returns the last step's figures and where the policy was saved.
+    """
+    from lmforge.training.loop import MetricsLog, seed_everything
+    from lmforge.training.ppo import PPOConfig, PPOTrainer
+
+    run_config = json.loads(json.dumps(locals(), default=str))
+    cfg = PPOConfig(batch_size=batch_size, mini_batch_size=mini_batch_size, ppo_epochs=ppo_epochs,
+                    lr=lr if lr is not None else DEFAULT_LR.get(method, 1e-4), kl_coef=kl_coef, target_kl=target_kl,
+                    horizon=horizon, gamma=gamma, lam=lam, clip_range=clip_range, vf_coef=vf_coef,
+                    max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    texts = load_prompts(prompts, prompt_field)
+    reward_fn, reward_model = load_reward(reward, reward_input)
+    seed_everything(seed)
+    lm, reference = load_policy(model, adapter=adapter, method=method, ref=ref, device=device,
+                                lora=_lora_args(lora_r, lora_alpha, lora_dropout, lora_targets, rslora))
+    if reward_model is not None:
+        reward_vocab_check(reward_model, lm.config.vocab_size, reward)
+    encoded = [lm.encode(p, chat) for p in texts]
+    report_trainable(lm.model, method)
+    trainer = PPOTrainer(lm.model, lm.tokenizer, reward_fn, cfg, ref_model=reference, eos_ids=lm.eos_ids)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", {"recipe": "ppo", **run_config})
+    log = MetricsLog(out, None)
+    order: list[int] = []
+    rng = random.Random(seed)
+    bar = _progress(steps, "ppo", progress)
+    stats: dict[str, float] = {}
+    for step in range(1, steps + 1):
+        while len(order) < batch_size:  # a fresh shuffle of all prompts whenever the current one runs out
+            perm = list(range(len(texts)))
+            rng.shuffle(perm)
+            order += perm
+        rows, order = order[:batch_size], order[batch_size:]
+        t0 = time.perf_counter()
+        with _autocast(precision, device):
+            stats = trainer.step([texts[i] for i in rows], [encoded[i] for i in rows])
+        stats["step_s"] = round(time.perf_counter() - t0, 2)
+        log.write({"step": step, **stats,
+                   "sample": {"prompt": texts[rows[0]], "completion": trainer.last_rollout.completions[0]}})
+        bar.update(1)
+        bar.set_postfix(reward=f"{stats['reward']:.3f}", kl=f"{stats['kl']:.2f}", refresh=False)
+    bar.close()
+    final = save_policy(lm.model, out / "final", lm.tokenizer)
+    return {"step": steps, **stats, "out_dir": str(final)}
+
+
+def dpo(model: str | None = None, data: str | Path = "", *, adapter: str | None = None, method: str = "lora",
+        ref: str | None = None, out_dir: str | Path = "runs/dpo", loss: str = "dpo", beta: float = 0.1,
+        label_smoothing: float = 0.0, precompute_ref: bool = False, steps: int | None = None,
+        epochs: float | None = None, batch_size: int = 4, lr: float | None = None, warmup_steps: int = 0,
+        max_len: int | None = None, chat: bool | None = None, limit: int | None = None, precision: str = "fp32",
+        seed: int = 0, device: str = "cpu", lora_r: int = 16, lora_alpha: float = 32.0, lora_dropout: float = 0.0,
+        lora_targets: str | Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"), rslora: bool = False,
+        progress: bool = True) -> dict[str, Any]:
+    """Train ``model`` with DPO (or IPO: ``loss="ipo"``, ``beta`` is tau) on the preference file ``data``.
+
+    Runs ``steps`` optimiser steps (or ``epochs`` passes; one epoch when neither is given) of ``batch_size``
+    pairs, with linear warmup then cosine decay of ``lr``. Responses are cut to fit ``max_len`` tokens
+    (default: 512 or the context window); pairs whose prompt fills it are dropped. With ``precompute_ref``
+    the reference log-probs are computed once before training. Returns the last step's figures.
+    """
+    import math
+
+    from lmforge.training.dpo import DPOTrainer, load_pairs, precompute_reference, tokenize_pairs
+    from lmforge.training.loop import MetricsLog, seed_everything
+    from lmforge.training.optim import lr_at, make_optimizer, set_lr
+
+    run_config = json.loads(json.dumps(locals(), default=str))
+    if steps is not None and epochs is not None:
+        raise LmforgeError("give either steps or epochs, not both")
+    pairs = load_pairs(data, limit)
+    seed_everything(seed)
+    lm, reference = load_policy(model, adapter=adapter, method=method, ref=ref, device=device,
+                                lora=_lora_args(lora_r, lora_alpha, lora_dropout, lora_targets, rslora))
+    tok = lm.tokenizer
+    max_len = max_len or min(512, lm.config.max_seq_len)
+    items, dropped = tokenize_pairs(pairs, lambda p: lm.encode(p, chat), tok, max_len)
+    if not items:
+        raise LmforgeError(f"{data}: every prompt is longer than max_len={max_len} tokens")
+    report_trainable(lm.model, method)
+    pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id if tok.eos_id is not None else 0)
+    if steps is None:
+        steps = max(1, math.ceil((epochs or 1.0) * len(items) / batch_size))
+    lr = lr if lr is not None else DEFAULT_LR[method]
+    optimizer = make_optimizer(lm.model, lr, 0.0, (0.9, 0.999))
+    table = precompute_reference(lm.model, reference, items, pad) if precompute_ref else None
+    trainer = DPOTrainer(lm.model, optimizer, loss=loss, beta=beta, label_smoothing=label_smoothing,
+                         ref_model=reference, ref_table=table, pad_id=pad)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", {"recipe": "dpo", **run_config, "pairs": len(items), "dropped": dropped})
+    log = MetricsLog(out, None)
+    rng, order = random.Random(seed), []
+    bar = _progress(steps, loss, progress)
+    metrics: dict[str, float] = {}
+    for step in range(steps):
+        while len(order) < batch_size:
+            perm = list(range(len(items)))
+            rng.shuffle(perm)
+            order += perm
+        rows, order = order[:batch_size], order[batch_size:]
+        set_lr(optimizer, lr_at(step, lr, steps, warmup_steps, 0.1))
+        with _autocast(precision, device):
+            metrics = trainer.step([items[i] for i in rows], rows)
+        log.write({"step": step + 1, "lr": optimizer.param_groups[0]["lr"], **metrics})
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['reward_accuracy']:.2f}", refresh=False)
+    bar.close()
+    final = save_policy(lm.model, out / "final", tok)
+    return {"step": steps, **metrics, "pairs": len(items), "dropped": dropped, "out_dir": str(final)}

@@ -1,0 +1,177 @@
+"""The ``lmforge rlhf`` subcommands: ``rlhf ppo`` (PPO against a reward) and ``rlhf dpo`` (DPO / IPO on pairs).
+
+``register(subparsers)`` adds them to the ``lmforge`` parser; the handlers import torch only when they run
+and call the recipes of ``rlhf.py``. Bad input raises ``LmforgeError``, which ``lmforge.cli.main`` prints
+as one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from lmforge.errors import LmforgeError
+
+
+def _common(a: argparse.Namespace) -> dict:
+    from lmforge.training.sft import _targets
+
+    if a.threads is not None:
+        import torch
+
+        torch.set_num_threads(a.threads)
+    return dict(adapter=a.adapter, method=a.method, ref=a.ref, out_dir=a.out_dir, lr=a.lr, precision=a.precision,
+                seed=a.seed, device=a.device, lora_r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
+                lora_targets=_targets(a.lora_targets), rslora=a.rslora, chat={"auto": None, "chat": True,
+                                                                             "plain": False}[a.template])
+
+
+def cmd_ppo(a: argparse.Namespace) -> int:
+    from lmforge.training.rlhf import ppo
+
+    if a.reward is None:
+        raise LmforgeError("no reward given: --reward PATH (a reward-model folder) or --reward package.module:function")
+    result = ppo(a.model, a.prompts, a.reward, steps=a.steps, batch_size=a.batch_size,
+                 mini_batch_size=a.mini_batch_size, ppo_epochs=a.ppo_epochs, kl_coef=a.kl_coef, target_kl=a.target_kl,
+                 horizon=a.horizon, gamma=a.gamma, lam=a.lam, clip_range=a.clip_range, vf_coef=a.vf_coef,
+                 max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                 prompt_field=a.prompt_field, reward_input=a.reward_input, **_common(a))
+    print(json.dumps(result, indent=2))
+    print(f"policy saved to {result['out_dir']}", file=sys.stderr)
+    return 0
+
+
+def cmd_dpo(a: argparse.Namespace) -> int:
+    from lmforge.training.rlhf import dpo
+
+    result = dpo(a.model, a.data, loss=a.loss, beta=a.beta, label_smoothing=a.label_smoothing,
+                 precompute_ref=a.precompute_ref, steps=a.steps, epochs=a.epochs, batch_size=a.batch_size,
+                 warmup_steps=a.warmup, max_len=a.max_len, limit=a.limit, **_common(a))
+    print(json.dumps(result, indent=2))
+    print(f"policy saved to {result['out_dir']}", file=sys.stderr)
+    return 0
+
+
+def _add_policy_args(p: argparse.ArgumentParser, default_steps: str) -> None:
+    from lmforge.checkpoints.resolve import DEFAULT_MODEL
+    from lmforge.cli import _float_arg, _int_arg
+
+    m = p.add_argument_group("policy and reference")
+    m.add_argument("-m", "--model", default=None,
+                   help=f"the policy's base: a model name or path (default: the embedded {DEFAULT_MODEL})")
+    m.add_argument("--adapter", help="continue training this PEFT LoRA adapter (with --method lora)")
+    m.add_argument("--method", choices=("lora", "full"), default="lora",
+                   help="lora: train low-rank adapters, the reference is the base with them switched off (no "
+                        "second copy); full: train every weight against a frozen copy (default: lora)")
+    m.add_argument("--ref", help="a separate reference model (same architecture as the policy; default: the base "
+                                 "with LoRA off, or a frozen copy for --method full)")
+    m.add_argument("--template", choices=("auto", "chat", "plain"), default="auto",
+                   help="render prompts with the model's chat template or as plain text (default: chat when the "
+                        "tokenizer has a template)")
+    pe = p.add_argument_group("LoRA (as in lmforge finetune)")
+    pe.add_argument("--lora-r", type=_int_arg("--lora-r"), default=16, help="LoRA rank (default: 16)")
+    pe.add_argument("--lora-alpha", type=_float_arg("--lora-alpha", 0.0, low_open=True), default=32.0,
+                    help="LoRA alpha; the update is scaled by alpha/r (default: 32)")
+    pe.add_argument("--lora-dropout", type=_float_arg("--lora-dropout", 0.0, 0.99), default=0.0,
+                    help="dropout on the LoRA input (default: 0)")
+    pe.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj",
+                    help="comma-separated layer names, 'all-linear', or a regex over full names "
+                         "(default: q_proj,k_proj,v_proj,o_proj)")
+    pe.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) (rank-stabilised LoRA)")
+    t = p.add_argument_group("optimisation and output")
+    t.add_argument("--steps", type=_int_arg("--steps"), default=None,
+                   help=f"optimiser / PPO steps (default: {default_steps})")
+    t.add_argument("--lr", type=_float_arg("--lr", 0.0, low_open=True), default=None,
+                   help="learning rate (default: 1e-4 LoRA, 1e-6 full)")
+    t.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 = autocast (default: fp32)")
+    t.add_argument("--seed", type=int, default=0, help="seed for sampling, shuffling and init (default: 0)")
+    t.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
+    t.add_argument("--threads", type=_int_arg("--threads"), default=None,
+                   help="torch CPU threads (default: torch's choice)")
+    t.add_argument("-o", "--out-dir", required=True,
+                   help="output folder: metrics.jsonl, config.json and final/ (the adapter or model)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``lmforge rlhf ppo`` and ``lmforge rlhf dpo`` to the ``lmforge`` parser."""
+    from lmforge.cli import _float_arg, _int_arg
+
+    r = sub.add_parser("rlhf", help="align a model: PPO against a reward model, or DPO/IPO on preference pairs",
+                       description="Alignment: `rlhf ppo` optimises a policy against a reward with PPO and a KL "
+                                   "penalty to a frozen reference; `rlhf dpo` trains on chosen/rejected pairs.")
+    rsub = r.add_subparsers(dest="rlhf_command", metavar="METHOD", required=True)
+
+    p = rsub.add_parser("ppo", help="PPO with a KL penalty to the reference (Ziegler et al. 2019; Ouyang et al. 2022)",
+                        description="Each step samples --batch-size prompts, generates responses, scores them with "
+                                    "--reward, subtracts kl_coef * KL(policy || reference) per token, estimates "
+                                    "advantages with GAE and runs --ppo-epochs epochs of clipped PPO updates on "
+                                    "--mini-batch-size minibatches. Writes OUT_DIR/metrics.jsonl (reward, kl, "
+                                    "entropy, clipfrac, value_loss, policy_loss, kl_coef, approx_kl per step) "
+                                    "and OUT_DIR/final.")
+    d = p.add_argument_group("prompts and reward")
+    d.add_argument("--prompts", required=True, metavar="FILE",
+                   help="prompts: a .txt file (one per line) or JSONL/JSON records with a prompt field")
+    d.add_argument("--prompt-field", default="prompt", help="the prompt field of JSON records (default: prompt)")
+    d.add_argument("--reward", metavar="PATH",
+                   help="a reward-model folder from `lmforge reward train` (higher = better; a toxicity classifier "
+                        "gives P(not toxic)), or package.module:function(prompts, completions) -> scores")
+    d.add_argument("--reward-input", choices=("completion", "prompt+completion"), default="completion",
+                   help="what the reward model reads: the completion alone (classifiers) or prompt + completion "
+                        "(pairwise models trained on whole dialogues) (default: completion)")
+    g = p.add_argument_group("PPO")
+    g.add_argument("--batch-size", type=_int_arg("--batch-size"), default=8,
+                   help="prompts (rollouts) per PPO step (default: 8)")
+    g.add_argument("--mini-batch-size", type=_int_arg("--mini-batch-size"), default=4,
+                   help="rollouts per optimiser step; must divide --batch-size (default: 4)")
+    g.add_argument("--ppo-epochs", type=_int_arg("--ppo-epochs"), default=4,
+                   help="passes over each rollout (default: 4)")
+    g.add_argument("--kl-coef", type=_float_arg("--kl-coef", 0.0), default=0.05,
+                   help="beta: the per-token KL penalty (the starting value with --target-kl) (default: 0.05)")
+    g.add_argument("--target-kl", type=_float_arg("--target-kl", 0.0, low_open=True), default=None,
+                   help="adapt beta towards this KL per sequence (Ziegler et al.'s controller; default: fixed beta)")
+    g.add_argument("--horizon", type=_int_arg("--horizon"), default=10000,
+                   help="the adaptive controller's horizon in samples (default: 10000)")
+    g.add_argument("--gamma", type=_float_arg("--gamma", 0.0, 1.0), default=1.0, help="discount (default: 1)")
+    g.add_argument("--lam", type=_float_arg("--lam", 0.0, 1.0), default=0.95, help="GAE lambda (default: 0.95)")
+    g.add_argument("--clip-range", type=_float_arg("--clip-range", 0.0, low_open=True), default=0.2,
+                   help="PPO ratio clip epsilon, also used for the value clip (default: 0.2)")
+    g.add_argument("--vf-coef", type=_float_arg("--vf-coef", 0.0), default=0.1,
+                   help="weight of the value loss (default: 0.1)")
+    s = p.add_argument_group("sampling the rollouts")
+    s.add_argument("-n", "--max-new-tokens", type=_int_arg("--max-new-tokens"), default=32,
+                   help="response length limit (default: 32)")
+    s.add_argument("-t", "--temperature", type=_float_arg("--temperature", 0.0, low_open=True), default=1.0,
+                   help="sampling temperature, > 0 (default: 1)")
+    s.add_argument("--top-k", type=_int_arg("--top-k"), default=None, help="sample from the k most likely tokens")
+    s.add_argument("--top-p", type=_float_arg("--top-p", 0.0, 1.0, low_open=True), default=None,
+                   help="nucleus sampling probability mass, in (0, 1]")
+    _add_policy_args(p, "20")
+    p.set_defaults(func=cmd_ppo, steps=20)
+
+    q = rsub.add_parser("dpo", help="DPO / IPO on preference pairs (Rafailov et al. 2023; Azar et al. 2023)",
+                        description="Train on chosen/rejected pairs: JSONL with prompt/chosen/rejected, or HH-RLHF "
+                                    "style chosen/rejected dialogues (the prompt is everything up to the last "
+                                    "'\\n\\nAssistant:'). Logs loss, reward margin (chosen - rejected implicit "
+                                    "reward) and reward accuracy per step to OUT_DIR/metrics.jsonl.")
+    d = q.add_argument_group("data")
+    d.add_argument("--data", required=True, metavar="FILE", help="preference pairs: .jsonl, .json or .jsonl.gz")
+    d.add_argument("--limit", type=_int_arg("--limit"), help="use only the first N pairs")
+    d.add_argument("--max-len", type=_int_arg("--max-len"), default=None,
+                   help="tokens per prompt + response; longer responses are cut, pairs whose prompt fills it "
+                        "dropped (default: 512 or the context window)")
+    g = q.add_argument_group("preference loss")
+    g.add_argument("--loss", choices=("dpo", "ipo"), default="dpo",
+                   help="dpo (sigmoid) or ipo (squared) (default: dpo)")
+    g.add_argument("--beta", type=_float_arg("--beta", 0.0, low_open=True), default=0.1,
+                   help="DPO beta (for IPO: tau) (default: 0.1)")
+    g.add_argument("--label-smoothing", type=_float_arg("--label-smoothing", 0.0, 0.49), default=0.0,
+                   help="conservative DPO: the assumed share of flipped labels (default: 0)")
+    g.add_argument("--precompute-ref", action="store_true",
+                   help="compute the reference log-probs once before training (no reference forward per step)")
+    g.add_argument("--batch-size", type=_int_arg("--batch-size"), default=4, help="pairs per step (default: 4)")
+    g.add_argument("--epochs", type=_float_arg("--epochs", 0.0, low_open=True), default=None,
+                   help="passes over the pairs (instead of --steps; default: one)")
+    g.add_argument("--warmup", type=_int_arg("--warmup", 0), default=0, help="linear warmup steps (default: 0)")
+    _add_policy_args(q, "one epoch")
+    q.set_defaults(func=cmd_dpo)
