@@ -19,7 +19,6 @@ from lmforge.training.ppo import (
     gae,
     kl_shaped_rewards,
     policy_loss,
-    response_kl,
     value_loss,
     whiten,
 )
@@ -122,8 +121,6 @@ def test_ppo_learns_the_toy_task_with_a_bounded_kl():
     ref = PPOTrainer.token_logp(logits, b.idx[:, b.P:]) * b.mask
     torch.testing.assert_close(b.ref_logp, ref, atol=1e-5, rtol=1e-5)
     assert (b.logp - b.ref_logp).abs().max() > 0.1  # and the policy has moved away from it
-    kl = response_kl(model, None, b.idx, b.key_mask, b.P)
-    assert kl.shape == (16,) and kl.mean() > 0
 
 
 def test_tokens_after_eos_are_masked():

@@ -75,6 +75,7 @@ class CompareConfig:
     runs_out: str | None = None         # per-setting predictions and summaries (default: OUT/runs)
     device: str = "cpu"
     dtype: str = "auto"
+    toxicity_scorer: str | None = None  # a registered name, reward:PATH or module:function (default: profanity-check)
 
     def runs_dir(self) -> Path:
         return Path(self.runs_out) if self.runs_out else Path(self.out) / "runs"
@@ -89,7 +90,7 @@ class CompareConfig:
                             system=self.system, chat=self.chat, batch_size=self.batch_size,
                             max_new_tokens=s.max_new_tokens or self.max_new_tokens, temperature=s.temperature,
                             top_k=s.top_k, top_p=s.top_p, repetition_penalty=s.repetition_penalty, seed=s.seed,
-                            stop=list(self.stop))
+                            stop=list(self.stop), toxicity_scorer=self.toxicity_scorer)
 
 
 # What each key may hold: (type test, description for the error message).
@@ -100,7 +101,7 @@ _BOOL = (lambda v: isinstance(v, bool), "true or false")
 _STRS = (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings")
 _OPTIONAL_KEYS = {"model", "adapter", "shots_file", "top_k", "top_p", "seed", "max_new_tokens", "input_field",
                   "reference_field", "prompt_template", "choices_field", "answer_field", "metrics", "limit",
-                  "instruction", "system", "chat", "title", "notes", "runs_out"}
+                  "instruction", "system", "chat", "title", "notes", "runs_out", "toxicity_scorer"}
 _TYPES: dict[str, tuple] = {
     "label": _STR, "model": _STR, "adapter": _STR, "shots": _INT, "shots_file": _STR, "temperature": _NUM,
     "top_k": _INT, "top_p": _NUM, "repetition_penalty": _NUM, "seed": _INT, "max_new_tokens": _INT,
@@ -108,7 +109,7 @@ _TYPES: dict[str, tuple] = {
     "choices_field": _STR, "answer_field": _STR, "metrics": _STRS, "limit": _INT, "batch_size": _INT,
     "instruction": _STR, "system": _STR, "chat": _BOOL, "stop": _STRS, "examples_shown": _INT, "title": _STR,
     "notes": _STR, "runs_out": _STR,
-    "device": _STR, "dtype": _STR,
+    "device": _STR, "dtype": _STR, "toxicity_scorer": _STR,
 }
 # Lowest allowed values (and the highest for top_p).
 _LOW = {"shots": 0, "top_k": 1, "max_new_tokens": 1, "limit": 1, "batch_size": 1, "examples_shown": 0,

@@ -302,25 +302,3 @@ class PPOTrainer:
         self.last_rollout = b
         return stats
 
-
-def response_kl(policy: nn.Module, ref_model: nn.Module | None, idx: Tensor, key_mask: Tensor, P: int) -> Tensor:
-    """Per-sequence KL estimate sum_t (log pi - log ref)(y_t) of responses idx[:, P:] (B,): how far the
-    policy has moved from the reference on these samples. ``ref_model=None``: the policy with LoRA off."""
-    positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)
-    response, mask = idx[:, P:], key_mask[:, P:].float()
-
-    def logp(model: nn.Module) -> Tensor:
-        logits = model(idx, positions, key_mask)[:, P - 1:-1].float()  # (B, R, V)
-        return PPOTrainer.token_logp(logits, response)
-
-    with torch.no_grad():
-        pol = logp(policy)
-        if ref_model is None:
-            set_lora_enabled(policy, False)
-            try:
-                ref = logp(policy)
-            finally:
-                set_lora_enabled(policy, True)
-        else:
-            ref = logp(ref_model)
-    return ((pol - ref) * mask).sum(1)
