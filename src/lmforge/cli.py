@@ -345,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     register_deploy(sub)
     from lmforge.training.rlhf_commands import register as register_rlhf
     register_rlhf(sub)
+    from lmforge.training.reward_commands import register as register_reward
+    register_reward(sub)
     return parser
 
 

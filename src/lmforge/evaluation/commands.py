@@ -170,7 +170,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--shots-file", help="a dataset file (same fields) to take shots from")
     e.add_argument("--window", type=_int_arg("--window", 2), help="perplexity: tokens per window (default: context)")
     e.add_argument("--stride", type=_int_arg("--stride"), help="perplexity: window step (default: window / 2)")
-    e.add_argument("--toxicity-scorer", help="toxicity: a registered scorer name or 'package.module:function' "
+    e.add_argument("--toxicity-scorer", help="toxicity: a registered scorer name, 'reward:PATH' (a classifier from "
+                                             "`lmforge reward train`) or 'package.module:function' "
                                              "(default: profanity-check)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_model_args(e)

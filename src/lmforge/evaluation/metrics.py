@@ -12,8 +12,8 @@ define the metrics. Nothing here re-implements a metric:
 - exact match: the prediction equals the reference after stripping surrounding whitespace (0/1).
 - toxicity: a ``ToxicityScorer`` maps texts to probabilities of being toxic; the rate is the
   share above a threshold (0.5). The default scorer is alt-profanity-check's ``predict_prob``;
-  another one (lmforge's own reward model, later) plugs in with ``register_toxicity_scorer`` or
-  a ``module:function`` path.
+  another one plugs in with ``register_toxicity_scorer``, ``reward:PATH`` (a classifier reward
+  model from ``lmforge reward train``: its P(toxic)) or a ``module:function`` path.
 """
 
 from __future__ import annotations
@@ -122,10 +122,14 @@ def resolve_toxicity_scorer(spec: str | ToxicityScorer | None = None) -> Toxicit
         return spec
     if spec in _SCORERS:
         return _SCORERS[spec]
+    if str(spec).startswith("reward:"):  # a classifier trained by `lmforge reward train`
+        from lmforge.training.reward import toxicity_scorer
+
+        return toxicity_scorer(str(spec).removeprefix("reward:"))
     module, sep, attr = str(spec).partition(":")
     if not sep:
-        raise LmforgeError(f"unknown toxicity scorer {spec!r}; use one of {', '.join(_SCORERS)} "
-                           "or a 'package.module:function' path")
+        raise LmforgeError(f"unknown toxicity scorer {spec!r}; use one of {', '.join(_SCORERS)}, "
+                           "'reward:PATH' (a classifier reward model) or a 'package.module:function' path")
     try:
         fn = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as e:

@@ -1,0 +1,291 @@
+"""Reward models: what they are on disk, how they score texts, and training the classifier kind.
+
+Two kinds, one interface (``score(texts) -> list[float]``, higher = better):
+
+- ``ClassifierReward``: an encoder with a sequence-classification head (BERT layout) trained on
+  labelled texts; the reward is the probability of the "good" classes, e.g. P(not toxic), and
+  ``toxicity(texts)`` is 1 - reward (a scorer for ``lmforge eval --metrics toxicity``).
+- ``PairwiseReward``: a decoder with a scalar head (``models/heads.py`` ``RewardModel``) trained on
+  chosen/rejected pairs with the Bradley-Terry loss (``training/reward_pairwise.py``); the reward
+  is the head's value at the last token of the text's last ``max_len`` tokens (left-truncated,
+  because two responses to one dialogue differ at its end).
+
+On disk a reward model is a Hugging Face directory (config.json, model.safetensors,
+tokenizer.json) plus ``reward_config.json`` ({"kind", "max_len", ...}); a pairwise model adds
+``head/score.safetensors`` (the scalar head). ``lmforge.load(path)`` reads the directory as a plain
+classifier or language model; ``load_reward_model(path)`` reads it as a reward model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from lmforge.errors import LmforgeError
+from lmforge.tokenizer import Tokenizer
+
+REWARD_CONFIG = "reward_config.json"
+HEAD = "head/score.safetensors"  # a pairwise model's scalar head
+
+
+def autocast(precision: str):
+    """bf16 autocast on CPU/GPU for ``precision == "bf16"``, else nothing."""
+    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+
+
+def pad_right(rows: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows -> idx (B, T) right-padded with ``pad``, attention mask (B, T) of 1 = real token."""
+    width = max(len(r) for r in rows)
+    idx = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        idx[i, :len(r)] = torch.tensor(r)
+        mask[i, :len(r)] = 1
+    return idx, mask
+
+
+def encode_head(tokenizer: Tokenizer, texts: Sequence[str], max_len: int) -> list[list[int]]:
+    """Encoder input: each text's first ``max_len`` tokens, keeping the closing special token ([SEP])."""
+    return [r if len(r) <= max_len else r[: max_len - 1] + r[-1:] for r in tokenizer.encode_batch(list(texts))]
+
+
+def encode_tail(tokenizer: Tokenizer, texts: Sequence[str], max_len: int) -> list[list[int]]:
+    """Decoder input: each text's last ``max_len`` tokens (the end, where responses differ)."""
+    return [r[-max_len:] or [tokenizer.eos_id or 0] for r in tokenizer.encode_batch(list(texts))]
+
+
+def by_length(rows: list[list[int]], batch_size: int):
+    """Batches of row indices, similar lengths together (less padding); each index once."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+
+
+class ClassifierReward:
+    """A sequence classifier as a reward: score = P(one of ``good`` classes)."""
+
+    kind = "classifier"
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, good: Sequence[int], max_len: int | None = None,
+                 precision: str = "fp32"):
+        self.model, self.tokenizer, self.good = model.eval(), tokenizer, list(good)
+        self.max_len = max_len or model.config.max_seq_len
+        self.precision = precision
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @torch.no_grad()
+    def probs(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+        """Class probabilities (N, num_labels), float32."""
+        rows = encode_head(self.tokenizer, texts, self.max_len)
+        out = torch.empty(len(rows), len(self.config.labels))
+        device = next(self.model.parameters()).device
+        for batch in by_length(rows, batch_size):
+            idx, mask = pad_right([rows[i] for i in batch], self.tokenizer.pad_id or 0)
+            with autocast(self.precision):
+                out[batch] = self.model(idx.to(device), mask.to(device)).float().softmax(-1).cpu()
+        return out
+
+    def score(self, texts: Sequence[str]) -> list[float]:
+        """P(good) per text, in [0, 1]: for a toxicity classifier, P(not toxic)."""
+        return self.probs(texts)[:, self.good].sum(-1).clamp(0.0, 1.0).tolist() if texts else []
+
+    def toxicity(self, texts: Sequence[str]) -> list[float]:
+        """1 - score: the probability of the bad classes (a ``--toxicity-scorer``)."""
+        return [1.0 - s for s in self.score(texts)]
+
+
+class PairwiseReward:
+    """A decoder + scalar head as a reward: score = the head's value at the last token."""
+
+    kind = "pairwise"
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, max_len: int, precision: str = "fp32"):
+        self.model, self.tokenizer, self.max_len, self.precision = model.eval(), tokenizer, max_len, precision
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @torch.no_grad()
+    def score(self, texts: Sequence[str], batch_size: int = 16) -> list[float]:
+        """Scalar rewards, one per text (full "\\n\\nHuman: ...\\n\\nAssistant: ..." dialogues for HH models)."""
+        rows = encode_tail(self.tokenizer, texts, self.max_len)
+        out = torch.empty(len(rows))
+        device = next(self.model.parameters()).device
+        pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else (self.tokenizer.eos_id or 0)
+        for batch in by_length(rows, batch_size):
+            idx, mask = pad_right([rows[i] for i in batch], pad)
+            with autocast(self.precision):
+                out[batch] = self.model(idx.to(device), mask.to(device)).float().cpu()
+        return out.tolist()
+
+
+def check_tokenizer_match(reward, tokenizer: Tokenizer, what: str = "the policy tokenizer") -> None:
+    """Raise unless ``tokenizer`` gives the same token ids as ``reward.tokenizer`` and fits the
+    model's vocabulary (``reward.config.vocab_size``): token ids passed between a policy and a
+    reward model (or a model and a separately named tokenizer) must mean the same tokens."""
+    if tokenizer.vocab_size > reward.config.vocab_size:
+        raise LmforgeError(f"{what} has {tokenizer.vocab_size} tokens, more than the reward model's vocabulary "
+                           f"({reward.config.vocab_size}): its ids do not fit the model")
+    mine, theirs = reward.tokenizer.backend.get_vocab(), tokenizer.backend.get_vocab()
+    differ = sorted(t for t in set(mine) | set(theirs) if mine.get(t) != theirs.get(t))
+    if differ:
+        t = differ[0]
+        raise LmforgeError(f"{what} does not match the reward model's tokenizer: {len(differ)} token(s) differ, "
+                           f"e.g. {t!r} is id {theirs.get(t)} there and {mine.get(t)} in the reward model")
+
+
+def save_reward_model(reward: ClassifierReward | PairwiseReward, path: str | os.PathLike,
+                      extra: dict | None = None) -> Path:
+    """Write the reward model directory atomically: built in a temporary sibling, then renamed
+    into place (an existing directory at ``path`` is replaced only once the new one is complete)."""
+    from safetensors.torch import save_file
+
+    from lmforge.checkpoints.hf import _atomic_json, save_hf_dir
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        model = reward.model.decoder if reward.kind == "pairwise" else reward.model
+        save_hf_dir(model, tmp, tokenizer=reward.tokenizer)
+        meta = {"kind": reward.kind, "max_len": reward.max_len, "precision": reward.precision, **(extra or {})}
+        if reward.kind == "classifier":
+            meta["good_labels"] = [reward.config.labels[i] for i in reward.good]
+        else:
+            (tmp / "head").mkdir()  # beside, not in, the directory's weights: lmforge.load reads every *.safetensors
+            save_file({"score.weight": reward.model.score.weight.detach().contiguous()}, str(tmp / HEAD))
+        _atomic_json(meta, tmp / REWARD_CONFIG)
+        os.chmod(tmp, 0o755)
+        old = path.with_name(f".{path.name}.old")
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def load_reward_model(path: str | os.PathLike, device: str = "cpu") -> ClassifierReward | PairwiseReward:
+    """A reward model saved by ``lmforge reward train``: ``.score(texts) -> list[float]`` (higher = better)."""
+    from safetensors.torch import load_file
+
+    from lmforge.checkpoints.hf import read_json
+    from lmforge.lm import load
+    from lmforge.models.heads import RewardModel
+
+    path = Path(path)
+    if not (path / REWARD_CONFIG).is_file():
+        raise LmforgeError(f"{path}: no {REWARD_CONFIG}, so not a reward model (train one with `lmforge reward train`)")
+    meta = read_json(path / REWARD_CONFIG)
+    kind, precision = meta.get("kind"), meta.get("precision", "fp32")
+    loaded = load(path, device=device)
+    if kind == "classifier":
+        labels = loaded.config.labels or []
+        good = meta.get("good_labels") or []
+        missing = [g for g in good if g not in labels]
+        if not labels or not good or missing:
+            raise LmforgeError(f"{path / REWARD_CONFIG}: good_labels {good} must name classes of the model ({labels})")
+        return ClassifierReward(loaded.model, loaded.tokenizer, [labels.index(g) for g in good], meta.get("max_len"),
+                                precision)
+    if kind == "pairwise":
+        model = RewardModel(loaded.model)
+        try:
+            model.score.weight.data.copy_(load_file(str(path / HEAD))["score.weight"])
+        except (OSError, KeyError, RuntimeError) as e:
+            raise LmforgeError(f"{path / HEAD}: cannot read the reward head ({e})") from None
+        return PairwiseReward(model.to(device), loaded.tokenizer, int(meta["max_len"]), precision)
+    raise LmforgeError(f"{path / REWARD_CONFIG}: unknown kind {kind!r}; expected 'classifier' or 'pairwise'")
+
+
+def toxicity_scorer(path: str | os.PathLike) -> Callable[[Sequence[str]], list[float]]:
+    """``--toxicity-scorer reward:PATH``: the classifier reward model at PATH, as P(toxic)."""
+    reward = load_reward_model(path)
+    if reward.kind != "classifier":
+        raise LmforgeError(f"{path} is a pairwise reward model; a toxicity scorer needs a classifier")
+    return reward.toxicity
+
+
+def fit(params: list[torch.nn.Parameter], loss_of: Callable[[list[int]], torch.Tensor], n: int, *, epochs: int,
+        batch_size: int, lr: float, weight_decay: float, warmup: float, precision: str, seed: int,
+        desc: str) -> list[float]:
+    """Minimise ``loss_of(indices)`` over ``epochs`` shuffled passes of ``n`` items with AdamW,
+    linear warmup over the first ``warmup`` fraction of steps then cosine decay (``optim.py``).
+    Returns the per-step losses; a tqdm bar shows progress."""
+    from tqdm.auto import tqdm
+
+    from lmforge.training.optim import lr_at, set_lr
+
+    gen = torch.Generator().manual_seed(seed)
+    steps = epochs * -(-n // batch_size)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    losses = []
+    bar = tqdm(total=steps, desc=desc, unit="step", dynamic_ncols=True, mininterval=0.5)
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=gen).tolist()
+        for s in range(0, n, batch_size):
+            set_lr(opt, lr_at(len(losses), lr, steps, int(warmup * steps), 0.1))
+            with autocast(precision):
+                loss = loss_of(order[s:s + batch_size])
+            if not torch.isfinite(loss):
+                raise LmforgeError(f"the loss became {loss.item()} at step {len(losses) + 1}: lower --lr or use fp32")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            losses.append(loss.item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}", refresh=False)
+    bar.close()
+    return losses
+
+
+def classifier_metrics(labels: Sequence[int], probs: torch.Tensor, good: Sequence[int]) -> dict:
+    """Held-out metrics of a classifier: accuracy and balanced accuracy of the argmax class over
+    all classes, and for good-vs-bad (P(good) = the summed probabilities of ``good``) the ROC AUC,
+    the expected calibration error (10 bins) and its reliability table. probs (N, K)."""
+    from lmforge.evaluation.classification import (
+        accuracy,
+        balanced_accuracy,
+        expected_calibration_error,
+        reliability_table,
+        roc_auc,
+    )
+
+    labels = list(labels)
+    pred = probs.argmax(-1).tolist()
+    p_good = probs[:, list(good)].sum(-1).clamp(0.0, 1.0).tolist()
+    y_good = [int(y in set(good)) for y in labels]
+    out = {"n": len(labels), "accuracy": accuracy(labels, pred), "balanced_accuracy": balanced_accuracy(labels, pred)}
+    if 0 < sum(y_good) < len(y_good):
+        out["auc"] = roc_auc(y_good, p_good)
+    out["ece"] = expected_calibration_error(y_good, p_good, 10)
+    out["reliability"] = reliability_table(y_good, p_good, 10)
+    return out
+
+
+def pairwise_metrics(r_chosen: Sequence[float], r_rejected: Sequence[float]) -> dict:
+    """Held-out metrics of a pairwise reward model: accuracy (r_chosen > r_rejected), mean margin,
+    ROC AUC of all chosen vs all rejected rewards, and the calibration of the Bradley-Terry
+    probability sigmoid(r_c - r_r) (each pair counted both ways, so the labels are balanced)."""
+    import math
+
+    from lmforge.evaluation.classification import expected_calibration_error, reliability_table, roc_auc
+
+    margins = [c - r for c, r in zip(r_chosen, r_rejected)]
+    p = [1 / (1 + math.exp(-max(min(m, 50.0), -50.0))) for m in margins]
+    y2, p2 = [1] * len(p) + [0] * len(p), p + [1 - q for q in p]
+    return {"n": len(margins), "accuracy": sum(m > 0 for m in margins) / len(margins),
+            "mean_margin": sum(margins) / len(margins),
+            "auc": roc_auc([1] * len(margins) + [0] * len(margins), list(r_chosen) + list(r_rejected)),
+            "ece": expected_calibration_error(y2, p2, 10), "reliability": reliability_table(y2, p2, 10)}

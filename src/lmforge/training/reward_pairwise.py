@@ -1,0 +1,156 @@
+"""Training a pairwise reward model (a decoder + scalar head, ``models/heads.py`` ``RewardModel``)
+on chosen/rejected pairs with the Bradley-Terry loss (Ouyang et al. 2022, eq. 1), within a CPU budget.
+
+Every text is cut to its last ``max_len`` tokens (chosen and rejected share the dialogue and
+differ in its final turn). The lower ``n_layer - K`` blocks stay frozen: their hidden states are
+computed once per text and cached, and only the top K blocks, the final norm and the head train
+on the cache, so each epoch costs K blocks instead of the whole model. K = 0 is a linear probe on
+the final-norm state of the last token. The cached path computes exactly what
+``PairwiseReward.score`` computes on the saved model (same blocks, same precision).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+from torch import nn
+
+from lmforge.checkpoints.resolve import DEFAULT_MODEL
+from lmforge.data.reward_data import load_pairs, random_split
+from lmforge.errors import LmforgeError
+from lmforge.training.preference import bradley_terry_loss
+from lmforge.training.reward import (
+    PairwiseReward,
+    autocast,
+    by_length,
+    check_tokenizer_match,
+    encode_tail,
+    fit,
+    pad_right,
+    pairwise_metrics,
+    save_reward_model,
+)
+
+
+def run_blocks(body: nn.Module, x: torch.Tensor, blocks) -> torch.Tensor:
+    """x (B, T, C) hidden states at positions 0..T-1 -> (B, T, C) after ``blocks`` (causal, no cache)."""
+    B, T, _ = x.shape
+    positions = torch.arange(T, device=x.device).expand(B, T)  # (B, T)
+    rope = body.rotary(positions, x.dtype) if hasattr(body, "rotary") else None
+    for block in blocks:
+        x = block(x, rope, None)  # mask None = causal; right padding never reaches earlier tokens
+    return x
+
+
+@torch.no_grad()
+def frozen_states(model: nn.Module, rows: list[list[int]], n_frozen: int, batch_size: int = 16,
+                  precision: str = "bf16", desc: str = "cache") -> list[torch.Tensor]:
+    """Hidden states after the first ``n_frozen`` blocks of ``model`` (a RewardModel), one float32
+    (T_i, C) tensor per row; with every block frozen, the final-norm state of the last token (1, C)."""
+    from tqdm.auto import tqdm
+
+    body = model.decoder.model
+    out: list[torch.Tensor] = [torch.empty(0)] * len(rows)
+    for batch in tqdm(by_length(rows, batch_size), desc=desc, unit="batch", dynamic_ncols=True, mininterval=0.5):
+        idx, _ = pad_right([rows[i] for i in batch], 0)  # (B, T)
+        with autocast(precision):
+            x = body.embed_tokens(idx)  # (B, T, C)
+            if hasattr(body, "embed_positions"):
+                x = x + body.embed_positions(torch.arange(idx.shape[1]).expand_as(idx))
+            x = run_blocks(body, x, body.layers[:n_frozen])
+            if n_frozen == len(body.layers):
+                x = body.norm(x)
+        for j, i in enumerate(batch):
+            n = len(rows[i])
+            out[i] = (x[j, n - 1:n] if n_frozen == len(body.layers) else x[j, :n]).float().clone()
+    return out
+
+
+def top_rewards(model: nn.Module, states: list[torch.Tensor], n_frozen: int) -> torch.Tensor:
+    """Rewards (B,) from cached states: the blocks from ``n_frozen`` on, the final norm, the head."""
+    body = model.decoder.model
+    if n_frozen == len(body.layers):  # states are final-norm last-token states already
+        return model.score(torch.cat(states)).squeeze(-1)  # (B, C) -> (B,)
+    lengths = torch.tensor([len(s) for s in states])
+    x = torch.zeros(len(states), int(lengths.max()), states[0].shape[-1])  # (B, T, C), right-padded
+    for j, s in enumerate(states):
+        x[j, :len(s)] = s
+    x = body.norm(run_blocks(body, x, body.layers[n_frozen:]))
+    return model.score(x[torch.arange(len(states)), lengths - 1]).squeeze(-1)
+
+
+def train_pairwise(*, data: str | os.PathLike, out_dir: str | os.PathLike, model: str = DEFAULT_MODEL,
+                   tokenizer: str | None = None, chosen_field: str = "chosen", rejected_field: str = "rejected",
+                   eval_file: str | None = None, eval_fraction: float = 0.1, max_train: int | None = None,
+                   max_eval: int | None = None, max_len: int = 128, train_layers: int = 2, epochs: int = 1,
+                   batch_size: int = 32, lr: float = 1e-4, weight_decay: float = 0.01, warmup: float = 0.1,
+                   precision: str = "bf16", seed: int = 0) -> dict:
+    """Train a Bradley-Terry reward model on (chosen, rejected) pairs; save it to ``out_dir``.
+
+    Held-out pairs are ``eval_file`` or a seeded ``eval_fraction`` of ``data``; ``max_train`` /
+    ``max_eval`` cap them. ``train_layers`` = K top blocks trained (see the module docstring).
+    ``tokenizer``: a tokenizer folder to use instead of the model's own; it must match the
+    model's vocabulary. Returns the held-out metrics (``pairwise_metrics``).
+    """
+    from lmforge.checkpoints.resolve import build_model
+    from lmforge.lm import read_checkpoint
+    from lmforge.models.heads import RewardModel
+    from lmforge.tokenizer import Tokenizer
+
+    t0 = time.perf_counter()
+    pairs = load_pairs(data, chosen_field, rejected_field)
+    if eval_file is not None:
+        held = load_pairs(eval_file, chosen_field, rejected_field)
+        train = pairs
+    else:
+        train_idx, eval_idx = random_split(len(pairs), eval_fraction, seed)
+        train, held = [pairs[i] for i in train_idx], [pairs[i] for i in eval_idx]
+    train, held = train[:max_train], held[:max_eval]
+
+    ckpt = read_checkpoint(model)
+    if ckpt.config.arch != "decoder":
+        raise LmforgeError(f"{model} is a {ckpt.config.arch} model; a pairwise reward model needs a decoder-only one")
+    if not 0 <= train_layers <= ckpt.config.n_layer:
+        raise LmforgeError(f"--train-layers {train_layers}: {model} has {ckpt.config.n_layer} blocks")
+    torch.manual_seed(seed)
+    rm = RewardModel(build_model(ckpt.config, ckpt.state_dict, source=str(model)))
+    tok = ckpt.tokenizer
+    if tokenizer is not None:
+        tok = Tokenizer.from_dir(tokenizer)
+        check_tokenizer_match(PairwiseReward(rm, ckpt.tokenizer, max_len), tok, f"--tokenizer {tokenizer}")
+    n_frozen = ckpt.config.n_layer - train_layers
+
+    texts = [t for pair in train + held for t in pair]  # chosen, rejected, chosen, ...
+    states = frozen_states(rm, encode_tail(tok, texts, max_len), n_frozen, precision=precision)
+    train_states, held_states = states[: 2 * len(train)], states[2 * len(train):]
+
+    rm.requires_grad_(False)
+    trainable = [rm.score.weight]
+    if train_layers:
+        for m in (*rm.decoder.model.layers[n_frozen:], rm.decoder.model.norm):
+            trainable += list(m.parameters())
+    for p in trainable:
+        p.requires_grad_(True)
+
+    def loss_of(batch: list[int]) -> torch.Tensor:
+        r = top_rewards(rm, [train_states[2 * i + k] for i in batch for k in (0, 1)], n_frozen)  # (2B,)
+        return bradley_terry_loss(r[0::2].float(), r[1::2].float())
+
+    rm.train()
+    losses = fit(trainable, loss_of, len(train), epochs=epochs, batch_size=batch_size, lr=lr,
+                 weight_decay=weight_decay, warmup=warmup, precision=precision, seed=seed, desc="reward train")
+    rm.eval().requires_grad_(False)
+    rewards = []
+    with torch.no_grad(), autocast(precision):
+        for s in range(0, len(held_states), 2 * batch_size):
+            rewards += top_rewards(rm, held_states[s:s + 2 * batch_size], n_frozen).float().tolist()
+    metrics = pairwise_metrics(rewards[0::2], rewards[1::2])
+    metrics.update(train_pairs=len(train), train_layers=train_layers, max_len=max_len, train_loss_first=losses[0],
+                   train_loss_last=sum(losses[-20:]) / len(losses[-20:]), seconds=round(time.perf_counter() - t0, 1))
+    run = dict(data=str(data), eval_file=eval_file, model=str(model), chosen_field=chosen_field,
+               rejected_field=rejected_field, eval_fraction=eval_fraction, max_train=max_train, max_eval=max_eval,
+               train_layers=train_layers, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+    save_reward_model(PairwiseReward(rm, tok, max_len, precision), out_dir, extra={"train": run, "metrics": metrics})
+    return metrics
