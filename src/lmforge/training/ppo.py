@@ -173,6 +173,7 @@ class Rollout:
     values: Tensor  # (B, R)
     scores: Tensor  # (B,) reward_fn's scores
     completions: list[str]
+    entropy: float  # mean per-token entropy of the policy over the response tokens
 
     @property
     def P(self) -> int:
@@ -199,8 +200,7 @@ class PPOTrainer:
         self.params = [q for q in policy.parameters() if q.requires_grad] + list(self.value_head.parameters())
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=0.0)
         self.eos_ids = sorted(set(eos_ids) | set(tokenizer.eos_ids) | set(policy.config.eos_token_ids))
-        pad = tokenizer.pad_id if tokenizer.pad_id is not None else (self.eos_ids or [0])[0]
-        self.pad_id = pad
+        self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else (self.eos_ids or [0])[0]
         self.kl_coef = cfg.kl_coef
         self.steps_done = 0
         policy.eval()  # no dropout: the first minibatch's ratio is exactly 1
@@ -249,7 +249,6 @@ class PPOTrainer:
         seq, response = (idx, positions, key_mask, P), idx[:, P:]
         logits, values = self.forward(self.policy, *seq)
         logp = self.token_logp(logits, response) * mask
-        self.last_entropy = float(masked_mean(entropy(logits), mask))
         if self.ref_model is None:
             set_lora_enabled(self.policy, False)
             try:
@@ -259,7 +258,8 @@ class PPOTrainer:
         else:
             ref_logits, _ = self.forward(self.ref_model, *seq, with_values=False)
         ref_logp = self.token_logp(ref_logits, response) * mask
-        return Rollout(idx, key_mask, positions, mask, logp, ref_logp, values * mask, scores, completions)
+        return Rollout(idx, key_mask, positions, mask, logp, ref_logp, values * mask, scores, completions,
+                       float(masked_mean(entropy(logits), mask)))
 
     def step(self, prompts: list[str], prompt_ids: list[list[int]]) -> dict[str, float]:
         """One PPO step on a batch of prompts; returns the step's statistics."""
@@ -293,7 +293,7 @@ class PPOTrainer:
                     sums[key] += float(value.detach())
                 n += 1
         kl_per_seq = float(kl.sum(1).mean())
-        stats = {"reward": float(b.scores.mean()), "kl": kl_per_seq, "entropy": self.last_entropy,
+        stats = {"reward": float(b.scores.mean()), "kl": kl_per_seq, "entropy": b.entropy,
                  **{k: v / n for k, v in sums.items()}, "kl_coef": self.kl_coef,
                  "response_len": float(b.mask.sum(1).mean())}
         if c.target_kl is not None:
