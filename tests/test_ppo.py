@@ -227,3 +227,18 @@ def test_cli_ppo_bad_input(tiny_lm_dirs, tmp_path, capsys, toy_reward):
     assert "p.jsonl, line 2: no non-empty string field 'prompt'" in error_of("--prompts", fields, "--reward", toy_reward)
     assert "no such reward model folder" in error_of("--prompts", good, "--reward", tmp_path / "missing")
     assert "no reward given" in error_of("--prompts", good)
+
+
+def test_cli_ppo_refuses_a_pairwise_reward_model_with_another_vocabulary(tiny_lm_dirs, tmp_path, capsys):
+    from lmforge.models.heads import RewardModel
+    from lmforge.training.reward import PairwiseReward, save_reward_model
+
+    tok = char_tokenizer(CHARS)  # 18 tokens; the policy's byte-level BPE has a few hundred
+    decoder = DecoderLM(preset("tiny-llama", vocab_size=tok.vocab_size)).init_weights(seed=0)
+    rm = save_reward_model(PairwiseReward(RewardModel(decoder), tok, max_len=32), tmp_path / "rm")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("one two\nfour five\n")
+    code, _, err = run(capsys, "rlhf", "ppo", "-m", tiny_lm_dirs["plain"], "--prompts", prompts, "--reward", rm,
+                       "-o", tmp_path / "o")
+    assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert f"vocabulary of {tok.vocab_size} tokens but the policy has" in err and "needs the same tokenizer" in err
