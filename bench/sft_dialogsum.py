@@ -12,7 +12,7 @@ and prints both side by side with the training time and throughput. The prompt (
 "Summarize the following conversation.\\n\\n{dialogue}\\n\\nSummary: ". ROUGE-L is the F1 of the
 ``rouge-score`` package with stemming, averaged over dialogues (as the DialogSum paper reports it).
 
-    HF_HUB_OFFLINE=1 python bench/sft_dialogsum.py [--method full|lora|qlora] [--steps 100] [--batch-size 8]
+    HF_HUB_OFFLINE=1 python bench/sft_dialogsum.py [--method full|lora|qlora|full,lora] [--steps 100] [--batch-size 8]
         [--max-len 512]
         [--train-limit 800] [--eval-n 100] [--lr 1e-4] [--precision bf16] [--threads N] [--json out.json]
 
@@ -54,8 +54,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=100, help="optimiser steps (default: 100)")
     p.add_argument("--batch-size", type=int, default=8, help="examples per step (default: 8)")
     p.add_argument("--max-len", type=int, default=512, help="tokens per example (default: 512)")
-    p.add_argument("--method", choices=("full", "lora", "qlora"), default="full",
-                   help="full fine-tuning, or LoRA r=16 on q/k/v/o (qlora: over an NF4 base) (default: full)")
+    p.add_argument("--method", default="full",
+                   help="full fine-tuning, or LoRA r=16 on q/k/v/o (qlora: over an NF4 base); a comma list "
+                        "(e.g. full,lora) fine-tunes each from the base and scores the base once (default: full)")
     p.add_argument("--lr", type=float, default=None,
                    help="peak learning rate (default: 1e-4 full, 2e-4 LoRA/QLoRA)")
     p.add_argument("--warmup", type=int, default=10, help="warmup steps (default: 10)")
@@ -78,8 +79,10 @@ def main() -> None:
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    if a.lr is None:
-        a.lr = 1e-4 if a.method == "full" else 2e-4
+    methods = a.method.split(",")
+    bad = [m for m in methods if m not in ("full", "lora", "qlora")]
+    if bad:
+        p.error(f"--method {bad[0]!r}: choose from full, lora, qlora")
     fields = dict(prompt_template=PROMPT, response_field="summary", max_len=a.max_len)
     base = lmforge.load(device=a.device, dtype="float32")
     dev = load_sft_data(a.dev, base.tokenizer, limit=a.eval_n, **fields).examples
@@ -89,34 +92,39 @@ def main() -> None:
           f"({before['generate_s']:.0f} s)", flush=True)
     del base
 
-    t0 = time.perf_counter()
-    result = finetune(None, a.train, None, out_dir=a.out_dir, train_limit=a.train_limit, steps=a.steps,
-                      batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup, precision=a.precision, pack=a.pack,
-                      log_every=10, device=a.device, method=a.method, **fields)
-    train_s = time.perf_counter() - t0
+    rows, runs = [("base (zero-shot)", before)], {}
+    for method in methods:
+        lr = a.lr if a.lr is not None else (1e-4 if method == "full" else 2e-4)
+        out_dir = Path(a.out_dir) / method
+        t0 = time.perf_counter()
+        result = finetune(None, a.train, None, out_dir=out_dir, train_limit=a.train_limit, steps=a.steps,
+                          batch_size=a.batch_size, lr=lr, warmup_steps=a.warmup, precision=a.precision, pack=a.pack,
+                          log_every=10, device=a.device, method=method, **fields)
+        train_s = time.perf_counter() - t0
+        if method == "full":
+            tuned = lmforge.load(out_dir / "final", device=a.device, dtype="float32")
+        else:  # the base with the trained PEFT adapter on top
+            tuned = lmforge.load(None, device=a.device, dtype="float32", adapter=out_dir / "final")
+        after = score(tuned.model, tuned.tokenizer, dev, a.max_new_tokens, a.gen_batch)
+        del tuned
+        rows.append((f"{method} SFT", after))
+        runs[method] = {"lr": lr, "train": result, "train_s": train_s, "tuned": after}
+        print(f"\n{method} SFT {a.steps} steps x {a.batch_size} examples (first {result['train_examples']} train "
+              f"dialogues, {result['dropped']} dropped), max_len {a.max_len}, {a.precision}, lr {lr}; "
+              f"{train_s:.0f} s training at {result.get('tokens_per_s', 0):,.0f} tokens/s", flush=True)
+        print(f"  {method}: ROUGE-L {after['rougeL']:.4f}, dev loss {after['dev_loss']:.4f}", flush=True)
 
-    if a.method == "full":
-        tuned = lmforge.load(Path(a.out_dir) / "final", device=a.device, dtype="float32")
-    else:  # the base with the trained PEFT adapter on top
-        tuned = lmforge.load(None, device=a.device, dtype="float32", adapter=Path(a.out_dir) / "final")
-    after = score(tuned.model, tuned.tokenizer, dev, a.max_new_tokens, a.gen_batch)
-
-    rows = [("base (zero-shot)", before), ("fine-tuned", after)]
-    print(f"\nSmolLM2-135M-Instruct, DialogSum: {a.method} SFT {a.steps} steps x {a.batch_size} examples "
-          f"(first {result['train_examples']} train dialogues, {result['dropped']} dropped), max_len {a.max_len}, "
-          f"{a.precision}, lr {a.lr}; {train_s:.0f} s training at {result.get('tokens_per_s', 0):,.0f} tokens/s")
-    print(f"{'model':<18} {'ROUGE-L':>8} {'dev loss':>9}   ({len(dev)} dev dialogues, greedy, "
-          f"{a.max_new_tokens} new tokens max)")
+    print(f"\nSmolLM2-135M-Instruct, DialogSum, {len(dev)} dev dialogues, greedy, {a.max_new_tokens} new tokens max")
+    print(f"{'model':<18} {'ROUGE-L':>8} {'dev loss':>9} {'vs base':>8}")
     for name, r in rows:
-        print(f"{name:<18} {r['rougeL']:>8.4f} {r['dev_loss']:>9.4f}")
-    print(f"ROUGE-L change: {after['rougeL'] - before['rougeL']:+.4f} "
-          f"({after['rougeL'] / max(before['rougeL'], 1e-9):.2f}x)")
-    print(f"\nreference: {dev[0].reference}\nbase:      {before['example']}\ntuned:     {after['example']}")
+        print(f"{name:<18} {r['rougeL']:>8.4f} {r['dev_loss']:>9.4f} {r['rougeL'] - before['rougeL']:>+8.4f}")
+    print(f"\nreference: {dev[0].reference}")
+    for name, r in rows:
+        print(f"{name + ':':<18} {r['example']}")
     if a.json:
-        Path(a.json).write_text(json.dumps({"args": vars(a), "base": before, "tuned": after, "train": result,
-                                            "train_s": train_s, "threads": torch.get_num_threads(),
-                                            "cpu_count": os.cpu_count()}, indent=2))
-
+        Path(a.json).write_text(json.dumps({"args": vars(a), "base": before, "runs": runs,
+                                            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()},
+                                           indent=2))
 
 if __name__ == "__main__":
     main()
