@@ -93,6 +93,25 @@ def test_info_on_hf_dir_and_embedded(tiny_lm_dirs, capsys):
     assert code == 0 and "134,515,008" in out and "8192" in out and "Q4_1" in out
 
 
+def test_info_describes_an_adapter(tiny_lm_dirs, tmp_path, capsys):
+    import lmforge
+    from lmforge.peft.adapters import save_adapter
+    from lmforge.peft.lora import LoraSpec, add_lora
+
+    lm = lmforge.load(tiny_lm_dirs["chat"])
+    add_lora(lm.model, LoraSpec(r=4, alpha=8, targets=["q_proj", "v_proj"]))
+    save_adapter(lm.model, tmp_path / "ad")
+    code, out, _ = run(capsys, "info", tiny_lm_dirs["chat"], "--adapter", str(tmp_path / "ad"), "--json")
+    info = json.loads(out)["adapter"]
+    # 2 layers x (q: 4x64 + 64x4, v: 4x64 + 32x4) = 2 x (512 + 384)
+    assert code == 0 and info["peft_type"] == "LORA" and info["r"] == 4 and info["parameters"] == 1792
+    assert info["adapted_layers"] == 4 and info["target_modules"] == ["q_proj", "v_proj"]
+    code, out, _ = run(capsys, "info", tiny_lm_dirs["chat"], "--adapter", str(tmp_path / "ad"))
+    assert "peft type LORA" in out and "parameters 1,792" in out
+    code, _, err = run(capsys, "info", tiny_lm_dirs["chat"], "--adapter", str(tmp_path))
+    assert code == 2 and "not an adapter folder" in err
+
+
 @pytest.mark.parametrize("args,needles", [
     (["generate", "hi", "-m", "no-such-model"], ["unknown model 'no-such-model'"]),
     (["generate", "hi", "-m", "someorg/some-model"], ["hub id", "HF_HUB_OFFLINE"]),

@@ -165,6 +165,27 @@ def test_peft_methods_learn_and_save_peft_adapters(tiny_lm_dirs, tmp_path, capsy
     assert after == pytest.approx(result["val_loss"], rel=1e-4)
 
 
+def test_finetune_continues_an_adapter_or_merges_it_for_full(tiny_lm_dirs, tmp_path):
+    """--adapter: LoRA training picks up where the adapter left off (its rank wins); full fine-tuning starts
+    from the merged weights; an adapter of another kind is refused."""
+    train, dev, _, _ = copy_task_baseline(tiny_lm_dirs["chat"], tmp_path)
+    args = dict(max_len=64, batch_size=8, warmup_steps=0, eval_generate=0, log_every=50, lora_targets="all-linear",
+                lora_dropout=0.0)
+    first = finetune(str(tiny_lm_dirs["chat"]), train, dev, out_dir=tmp_path / "a", method="lora", lora_r=8,
+                     steps=10, lr=3e-3, **args)
+    adapter = tmp_path / "a" / "final"
+    more = finetune(str(tiny_lm_dirs["chat"]), train, dev, adapter=adapter, out_dir=tmp_path / "b", method="lora",
+                    lora_r=4, steps=10, lr=3e-3, **args)
+    assert json.loads((tmp_path / "b" / "final" / "adapter_config.json").read_text())["r"] == 8
+    assert more["val_loss"] < first["val_loss"] - 0.05, (first["val_loss"], more["val_loss"])
+    merged = finetune(str(tiny_lm_dirs["chat"]), train, dev, adapter=adapter, out_dir=tmp_path / "c", method="full",
+                      steps=1, lr=1e-12, **args)
+    assert merged["val_loss"] == pytest.approx(first["val_loss"], rel=1e-4)  # the merged model is the adapted one
+    with pytest.raises(LmforgeError, match="is a lora adapter; continue it with --method lora"):
+        finetune(str(tiny_lm_dirs["chat"]), train, adapter=adapter, out_dir=tmp_path / "d", method="prompt-tuning",
+                 steps=1, **args)
+
+
 def test_bad_arguments(tiny_lm_dirs, tmp_path):
     with pytest.raises(LmforgeError, match="unknown method 'adapter'"):
         finetune(None, tmp_path / "x.jsonl", method="adapter")

@@ -262,6 +262,10 @@ def cmd_info(a: argparse.Namespace) -> int:
     from lmforge.info import describe, format_info
 
     info = describe(a.model)
+    if a.adapter:
+        from lmforge.info import describe_adapter
+
+        info["adapter"] = describe_adapter(a.adapter, info["parameters"])
     print(json.dumps(info, indent=2) if a.json else format_info(info))
     return 0
 
@@ -333,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="architecture, parameters, memory and context of a model",
                        description="Describe a model without running it.")
     i.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="model name or path (default: %(default)s)")
+    i.add_argument("--adapter", help="also describe this PEFT adapter folder (kind, rank, targets, parameters)")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
     i.set_defaults(func=cmd_info)
 

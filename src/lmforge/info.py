@@ -73,6 +73,24 @@ def describe(name: str | None = None) -> dict[str, Any]:
     }
 
 
+def describe_adapter(path: str | Path, base_parameters: int) -> dict[str, Any]:
+    """What a PEFT adapter folder holds: its kind, rank / virtual tokens, targets and parameter count."""
+    from lmforge.peft.adapters import read_adapter
+
+    config, tensors = read_adapter(path)
+    n = sum(t.numel() for t in tensors.values())
+    out: dict[str, Any] = {"path": str(path), "peft_type": config.get("peft_type"), "parameters": n,
+                           "share_of_base": f"{100 * n / max(base_parameters, 1):.2f}%"}
+    if config.get("peft_type") == "LORA":
+        targets = config.get("target_modules")
+        out.update(r=config.get("r"), lora_alpha=config.get("lora_alpha"), rslora=config.get("use_rslora", False),
+                   target_modules=sorted(targets) if isinstance(targets, list) else targets,
+                   adapted_layers=len({k.split(".lora_")[0] for k in tensors}))
+    else:
+        out["num_virtual_tokens"] = config.get("num_virtual_tokens")
+    return out
+
+
 def format_info(info: dict[str, Any]) -> str:
     lines = []
     for key, value in info.items():
@@ -80,6 +98,9 @@ def format_info(info: dict[str, Any]) -> str:
             value = f"{value:,} ({value / 1e6:.1f}M)"
         elif key == "weights_memory_mb":
             value = ", ".join(f"{k} {v:,.1f} MB" for k, v in value.items())
+        elif key == "adapter":
+            value = ", ".join(f"{k.replace('_', ' ')} {v:,}" if isinstance(v, int) and not isinstance(v, bool)
+                              else f"{k.replace('_', ' ')} {v}" for k, v in value.items() if v is not None)
         elif value is None:
             continue
         lines.append(f"{key.replace('_', ' '):>32}: {value}")

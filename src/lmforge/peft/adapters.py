@@ -91,7 +91,9 @@ def save_adapter(model: nn.Module, path: str | Path, base_name: str | None = Non
     return _write(path, config, tensors)
 
 
-def _read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(adapter_config.json as a dict, tensors by PEFT name) of an adapter folder."""
+    path = Path(path)
     cfg_file, weights = path / "adapter_config.json", path / "adapter_model.safetensors"
     if not cfg_file.exists() or not weights.exists():
         raise LmforgeError(f"{path}: not an adapter folder (needs adapter_config.json and adapter_model.safetensors)")
@@ -109,7 +111,7 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
 def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     """Apply a PEFT adapter folder to ``model``; returns the adapted model (a wrapper for prompt tuning)."""
     path = Path(path)
-    config, tensors = _read(path)
+    config, tensors = read_adapter(path)
     kind = config.get("peft_type")
     if kind == "PROMPT_TUNING":
         emb = tensors.get("prompt_embeddings")

@@ -132,6 +132,31 @@ def apply_method(net: nn.Module, method: str, *, lora_r: int, lora_alpha: float,
     return net
 
 
+def continue_adapter(net: nn.Module, method: str, adapter: str | Path) -> nn.Module:
+    """Make a model loaded with ``adapter`` trainable for ``method``: the adapter's own parameters for
+    ``lora`` / ``prompt-tuning`` (which must match the adapter's kind), every weight after merging the
+    adapter for ``full``."""
+    from lmforge.peft.lora import lora_layers, merge_lora
+    from lmforge.peft.prompt_tuning import PromptTunedLM
+
+    kind = "prompt-tuning" if isinstance(net, PromptTunedLM) else "lora"
+    if method == "full":
+        if kind != "lora":
+            raise LmforgeError(f"{adapter} is a prompt-tuning adapter: full fine-tuning can only start from a LoRA "
+                               "adapter (merged into the weights first)")
+        return merge_lora(net)
+    if method != kind:
+        raise LmforgeError(f"{adapter} is a {kind} adapter; continue it with --method {kind} (or --method full "
+                           f"to merge a LoRA adapter first), not --method {method}")
+    if kind == "lora":
+        for _, layer in lora_layers(net):
+            layer.lora_A.weight.requires_grad_(True)
+            layer.lora_B.weight.requires_grad_(True)
+    else:
+        net.prompt_embeddings.requires_grad_(True)
+    return net
+
+
 # ----------------------------------------------------------------------------- evaluation
 def _to(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
     return {k: v.to(device) for k, v in batch.items()}
@@ -213,6 +238,7 @@ def finetune(
     train_data: str | Path | Sequence[str | Path] = (),
     dev_data: str | Path | Sequence[str | Path] | None = None,
     *,
+    adapter: str | Path | None = None,
     out_dir: str | Path = "runs/sft",
     method: str = "full",
     format: str | None = None,
@@ -268,6 +294,10 @@ def finetune(
     ``prompt-tuning`` (``num_virtual_tokens``, initialised from ``prompt_init_text`` when given). PEFT
     methods write a PEFT-format adapter (plus tokenizer) to ``out_dir/final``; ``lr`` defaults to
     2e-5 (full), 2e-4 (LoRA) or 3e-2 (prompt tuning).
+
+    ``adapter``: a PEFT adapter folder for ``model``. With ``lora`` / ``prompt-tuning`` (of the same kind)
+    training continues that adapter (its rank, targets and virtual tokens win over the arguments); with
+    ``full`` a LoRA adapter is merged into the weights first.
     """
     if method not in METHODS:
         raise LmforgeError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
@@ -287,16 +317,19 @@ def finetune(
     from lmforge.data.sft import SFTBatches, load_sft_data
     from lmforge.training.loop import TrainConfig, train
 
-    lm = lmforge.load(model, device=device, dtype="float32")
+    lm = lmforge.load(model, device=device, dtype="float32", adapter=adapter)
     net, tok = lm.model, lm.tokenizer
     arch = net.config.arch
     if arch not in ("decoder", "encoder-decoder"):
         raise LmforgeError(f"{lm.name} is an {arch} model; fine-tuning needs a decoder-only or encoder-decoder model")
     seq2seq = arch == "encoder-decoder"
     init_ids = tok.encode(prompt_init_text, add_special_tokens=False) if prompt_init_text else None
-    net = apply_method(net, method, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                       lora_targets=lora_targets, rslora=rslora, quant=quant, num_virtual_tokens=num_virtual_tokens,
-                       prompt_init_ids=init_ids)
+    if adapter is None:
+        net = apply_method(net, method, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                           lora_targets=lora_targets, rslora=rslora, quant=quant,
+                           num_virtual_tokens=num_virtual_tokens, prompt_init_ids=init_ids)
+    else:
+        net = continue_adapter(net, method, adapter)
     if max_len is None:
         max_len = 512 if seq2seq else min(512, net.config.max_seq_len)
     if not seq2seq and max_len > net.config.max_seq_len:
@@ -343,7 +376,7 @@ def _unescape(text: str | None) -> str | None:
 
 def cmd_finetune(a: argparse.Namespace) -> int:
     chat = {"auto": None, "chat": True, "plain": False}[a.template]
-    result = finetune(a.model, a.train, a.dev, out_dir=a.out_dir, method=a.method, format=a.format,
+    result = finetune(a.model, a.train, a.dev, adapter=a.adapter, out_dir=a.out_dir, method=a.method, format=a.format,
                       prompt_template=_unescape(a.prompt_template), prompt_field=a.prompt_field,
                       response_field=a.response_field, chat=chat, max_len=a.max_len, pack=a.pack,
                       padding_side=a.padding_side, batch_size=a.batch_size, steps=a.steps, epochs=a.epochs, lr=a.lr,
@@ -409,6 +442,9 @@ def add_finetune_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--limit", type=_positive("--limit"), help="use only the first N training records")
     t = p.add_argument_group("training")
     t.add_argument("-m", "--model", default=None, help="model name or path (default: the embedded SmolLM2-135M)")
+    t.add_argument("--adapter", default=None,
+                   help="a PEFT adapter folder for MODEL: --method lora / prompt-tuning continue training it, "
+                        "--method full merges a LoRA adapter into the weights first")
     t.add_argument("--method", choices=METHODS, default="full",
                    help="full: every weight; lora: low-rank adapters; qlora: LoRA over a 4-bit (or int8) frozen "
                         "base; prompt-tuning: trainable virtual tokens (default: full)")
