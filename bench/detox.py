@@ -177,11 +177,27 @@ def main() -> None:
         "toxicity_mean": {r.setting.label: r.summary["metrics"]["toxicity_mean"] for r in results},
         "toxicity_rate": {r.setting.label: r.summary["metrics"]["toxicity_rate"] for r in results},
         "profanity_check_mean": second_opinion(Path(cfg.runs_dir())),
+        "paired_greedy": paired(Path(cfg.runs_dir()), "base-greedy", "PPO-greedy"),
+        "paired_sampled": paired(Path(cfg.runs_dir()), "base-sampled-t1.0", "PPO-sampled-t1.0"),
         "heldout_sampled": heldout_kl(a.model, out / "ppo" / "final", heldout, a.reward, a.max_new_tokens, a.seed),
         "args": vars(a),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(summary, indent=2))
+
+
+def paired(runs_dir: Path, base: str, tuned: str, seed: int = 0) -> dict[str, float]:
+    """Per-prompt toxicity differences (tuned - base) between two settings' runs: the mean, a 95% bootstrap
+    interval over prompts (2,000 resamples), and how many prompts got less / more toxic."""
+    def tox(label: str) -> list[float]:
+        rows = (runs_dir / label / "predictions.jsonl").read_text(encoding="utf-8").splitlines()
+        return [json.loads(line)["scores"]["toxicity"] for line in rows]
+
+    d = [t - b for b, t in zip(tox(base), tox(tuned))]
+    rng = random.Random(seed)
+    means = sorted(sum(rng.choices(d, k=len(d))) / len(d) for _ in range(2000))
+    return {"mean_diff": round(sum(d) / len(d), 4), "ci95": [round(means[49], 4), round(means[1949], 4)],
+            "less_toxic": sum(x < 0 for x in d), "more_toxic": sum(x > 0 for x in d), "n": len(d)}
 
 
 def _mean(rows: list[dict], key: str) -> float:
