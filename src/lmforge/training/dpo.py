@@ -16,7 +16,9 @@ or a table computed once before training (``precompute_reference``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -29,6 +31,7 @@ from lmforge.training.preference import IGNORE_INDEX, dpo_loss, ipo_loss
 
 ASSISTANT = "\n\nAssistant:"
 LOSSES = ("dpo", "ipo")
+PreferenceLoss = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
 
 @dataclass
@@ -160,6 +163,18 @@ def precompute_reference(policy: nn.Module, ref_model: nn.Module | None, items: 
     return torch.cat(out)
 
 
+def preference_loss(name: str, beta: float, label_smoothing: float = 0.0) -> PreferenceLoss:
+    """``loss(pol_chosen, pol_rejected, ref_chosen, ref_rejected)`` for ``name``: DPO with ``beta`` and label
+    smoothing, or IPO with tau = ``beta``."""
+    if name not in LOSSES:
+        raise LmforgeError(f"unknown preference loss {name!r}; choose one of: {', '.join(LOSSES)}")
+    if name == "ipo" and label_smoothing:
+        raise LmforgeError("label smoothing applies to the DPO loss only, not IPO")
+    if name == "ipo":
+        return partial(ipo_loss, tau=beta)
+    return partial(dpo_loss, beta=beta, label_smoothing=label_smoothing)
+
+
 class DPOTrainer:
     """Optimises the policy on batches of pairs with the DPO or IPO loss against a frozen reference.
 
@@ -170,12 +185,9 @@ class DPOTrainer:
     def __init__(self, policy: nn.Module, optimizer: torch.optim.Optimizer, *, loss: str = "dpo", beta: float = 0.1,
                  label_smoothing: float = 0.0, ref_model: nn.Module | None = None, ref_table: Tensor | None = None,
                  pad_id: int = 0):
-        if loss not in LOSSES:
-            raise LmforgeError(f"unknown preference loss {loss!r}; choose one of: {', '.join(LOSSES)}")
-        if loss == "ipo" and label_smoothing:
-            raise LmforgeError("label smoothing applies to the DPO loss only, not IPO")
-        self.policy, self.optimizer, self.loss, self.beta = policy, optimizer, loss, beta
-        self.label_smoothing, self.ref_model, self.ref_table = label_smoothing, ref_model, ref_table
+        self.loss_fn = preference_loss(loss, beta, label_smoothing)
+        self.policy, self.optimizer, self.beta = policy, optimizer, beta
+        self.ref_model, self.ref_table = ref_model, ref_table
         self.pad_id = pad_id
 
     def loss_and_metrics(self, items: list[TokenPair], indices: list[int]) -> tuple[Tensor, dict[str, float]]:
@@ -189,11 +201,7 @@ class DPOTrainer:
             ref = self.ref_table[indices].to(device).T.reshape(-1)  # (2B,): chosen rows, then rejected rows
         else:
             ref = reference_logprobs(self.policy, self.ref_model, idx, labels)
-        args = pol[:B], pol[B:], ref[:B], ref[B:]
-        if self.loss == "dpo":
-            loss = dpo_loss(*args, beta=self.beta, label_smoothing=self.label_smoothing)
-        else:
-            loss = ipo_loss(*args, tau=self.beta)
+        loss = self.loss_fn(pol[:B], pol[B:], ref[:B], ref[B:])
         with torch.no_grad():
             r_chosen, r_rejected = self.beta * (pol[:B] - ref[:B]), self.beta * (pol[B:] - ref[B:])
             metrics = {"loss": float(loss), "reward_chosen": float(r_chosen.mean()),
