@@ -60,7 +60,9 @@ def _add_policy_args(p: argparse.ArgumentParser, default_steps: str) -> None:
     m = p.add_argument_group("policy and reference")
     m.add_argument("-m", "--model", default=None,
                    help=f"the policy's base: a model name or path (default: the embedded {DEFAULT_MODEL})")
-    m.add_argument("--adapter", help="continue training this PEFT LoRA adapter (with --method lora)")
+    m.add_argument("--adapter", help="continue training this PEFT LoRA adapter (with --method lora); the reference "
+                                     "stays the base without it: to use an SFT adapter as the reference, "
+                                     "`lmforge merge` it and pass the merged model as --model")
     m.add_argument("--method", choices=("lora", "full"), default="lora",
                    help="lora: train low-rank adapters, the reference is the base with them switched off (no "
                         "second copy); full: train every weight against a frozen copy (default: lora)")
