@@ -136,9 +136,16 @@ def test_cli_dpo_end_to_end(tiny_lm_dirs, tmp_path, capsys, extra):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all({"loss", "reward_margin", "reward_accuracy"} <= set(r) for r in rows)
-    if not extra:  # LoRA: a PEFT adapter that loads on the base
+    if not extra:  # LoRA: a PEFT adapter that loads on the base, and that --adapter trains further
         assert (out / "final" / "adapter_config.json").is_file()
-        assert lmforge.load(tiny_lm_dirs["plain"], adapter=out / "final").model is not None
+        first = lmforge.load(tiny_lm_dirs["plain"], adapter=out / "final").model
+        code, _, err = run(capsys, "rlhf", "dpo", "-m", tiny_lm_dirs["plain"], "--data", pairs_file(tmp_path),
+                           "-o", tmp_path / "more", "--steps", "2", "--adapter", out / "final", "--lr", "1e-3")
+        assert code == 0, err
+        second = lmforge.load(tiny_lm_dirs["plain"], adapter=tmp_path / "more" / "final").model
+        a, b = (dict(m.named_parameters()) for m in (first, second))
+        changed = [k for k in a if "lora_B" in k and not torch.equal(a[k], b[k])]
+        assert changed and set(a) == set(b)  # the same adapter layout, trained further
     else:  # full: a Hugging Face directory that differs from the base
         tuned, base = lmforge.load(out / "final").model, lmforge.load(tiny_lm_dirs["plain"]).model
         assert not torch.equal(tuned.lm_head.weight, base.lm_head.weight)
