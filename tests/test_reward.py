@@ -198,6 +198,27 @@ def test_tiny_pairwise_model_learns_to_rank(tiny_decoder, tmp_path, train_layers
     assert sum(c > r for c, r in zip(s[0::2], s[1::2])) / len(held_idx) == pytest.approx(metrics["accuracy"])
 
 
+def test_save_load_round_trip_gives_identical_scores(tiny_encoder, tiny_decoder, tmp_path):
+    from lmforge.lm import load
+    from lmforge.models.heads import RewardModel
+    from lmforge.training.reward import ClassifierReward, PairwiseReward, save_reward_model
+    from lmforge.training.reward_classifier import build_classifier
+
+    texts = ["you are so kind", "the human is rude today", "thanks"]
+    clf, tok = build_classifier(tiny_encoder, ["toxic", "fine"])
+    classifier = ClassifierReward(clf, tok, [1])
+    save_reward_model(classifier, tmp_path / "clf")
+    assert load_reward_model(tmp_path / "clf").score(texts) == classifier.score(texts)
+    lm = load(tiny_decoder)
+    pairwise = PairwiseReward(RewardModel(lm.model), lm.tokenizer, max_len=4)
+    save_reward_model(pairwise, tmp_path / "pw")
+    save_reward_model(pairwise, tmp_path / "pw")  # replacing an existing model leaves no temporary folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clf", "pw"]
+    loaded = load_reward_model(tmp_path / "pw")
+    assert loaded.score(texts) == pairwise.score(texts)
+    assert len(set(loaded.score(texts))) == 3
+
+
 # ----------------------------------------------------------------------------- CLI
 def test_cli_train_and_eval(tiny_encoder, tmp_path, capsys):
     data = _toy_csv(tmp_path / "toy.csv")
@@ -213,6 +234,19 @@ def test_cli_train_and_eval(tiny_encoder, tmp_path, capsys):
     assert main(["reward", "eval", str(out), str(data)]) == 0  # fields and label map as trained
     evaluated = json.loads(capsys.readouterr().out.strip())
     assert evaluated["n"] == 120 and evaluated["accuracy"] >= 0.9
+
+
+def test_cli_pairwise_train_and_eval(tiny_decoder, tmp_path, capsys):
+    data = _toy_pairs(tmp_path / "pairs.jsonl")
+    out = tmp_path / "pw"
+    assert main(["reward", "train", str(data), "--kind", "pairwise", "-o", str(out), "--model", str(tiny_decoder),
+                 "--max-len", "12", "--epochs", "30", "--batch-size", "8", "--lr", "3e-2", "--eval-fraction", "0.25",
+                 "--precision", "fp32"]) == 0
+    trained = json.loads(capsys.readouterr().out.strip())
+    assert trained["accuracy"] >= 0.9 and trained["train_layers"] == 0
+    assert main(["reward", "eval", str(out), str(data), "--max-eval", "40"]) == 0
+    evaluated = json.loads(capsys.readouterr().out.strip())
+    assert evaluated["n"] == 40 and evaluated["accuracy"] >= 0.9 and evaluated["mean_margin"] > 0
 
 
 # ----------------------------------------------------------------------------- bad input

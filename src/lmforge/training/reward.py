@@ -1,4 +1,5 @@
-"""Reward models: what they are on disk, how they score texts, and training the classifier kind.
+"""Reward models: what they are on disk, how they score texts, their held-out metrics, and the
+small training loop both kinds share (``fit``).
 
 Two kinds, one interface (``score(texts) -> list[float]``, higher = better):
 
@@ -34,9 +35,9 @@ REWARD_CONFIG = "reward_config.json"
 HEAD = "head/score.safetensors"  # a pairwise model's scalar head
 
 
-def autocast(precision: str):
-    """bf16 autocast on CPU/GPU for ``precision == "bf16"``, else nothing."""
-    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+def autocast(precision: str, device_type: str = "cpu"):
+    """bf16 autocast for ``precision == "bf16"``, else nothing."""
+    return torch.autocast(device_type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
 
 def pad_right(rows: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,7 +68,8 @@ def by_length(rows: list[list[int]], batch_size: int):
 
 
 class ClassifierReward:
-    """A sequence classifier as a reward: score = P(one of ``good`` classes)."""
+    """A sequence classifier as a reward: score = P(one of ``good`` classes). Texts are cut to
+    ``max_len`` tokens (default: the encoder's positions)."""
 
     kind = "classifier"
 
@@ -89,7 +91,7 @@ class ClassifierReward:
         device = next(self.model.parameters()).device
         for batch in by_length(rows, batch_size):
             idx, mask = pad_right([rows[i] for i in batch], self.tokenizer.pad_id or 0)
-            with autocast(self.precision):
+            with autocast(self.precision, device.type):
                 out[batch] = self.model(idx.to(device), mask.to(device)).float().softmax(-1).cpu()
         return out
 
@@ -123,7 +125,7 @@ class PairwiseReward:
         pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else (self.tokenizer.eos_id or 0)
         for batch in by_length(rows, batch_size):
             idx, mask = pad_right([rows[i] for i in batch], pad)
-            with autocast(self.precision):
+            with autocast(self.precision, device.type):
                 out[batch] = self.model(idx.to(device), mask.to(device)).float().cpu()
         return out.tolist()
 

@@ -115,14 +115,14 @@ def train_classifier(*, data: str | os.PathLike, out_dir: str | os.PathLike, mod
     clf.train()
     losses = fit([p for p in clf.parameters()], loss_of, len(rows), epochs=epochs, batch_size=batch_size, lr=lr,
                  weight_decay=weight_decay, warmup=warmup, precision=precision, seed=seed, desc="reward train")
-    reward = ClassifierReward(clf.eval(), tok, good, max_len, precision)
+    reward = ClassifierReward(clf.eval(), tok, good, precision=precision)  # scores whole texts, as later
     metrics = evaluate_classifier(reward, held, eval_idx)
     metrics.update(train_examples=len(rows), train_loss_first=losses[0], train_loss_last=sum(losses[-20:]) /
                    len(losses[-20:]), classes=train.names, good_labels=list(good_labels),
                    seconds=round(time.perf_counter() - t0, 1))
     run = dict(data=str(data), eval_file=eval_file, model=str(model), text_field=text_field,
                label_field=label_field, label_map=label_map, good_labels=named_good, binary=binary,
-               eval_fraction=eval_fraction, max_train=max_train, max_eval=max_eval, epochs=epochs,
+               eval_fraction=eval_fraction, max_train=max_train, max_eval=max_eval, max_len=max_len, epochs=epochs,
                batch_size=batch_size, lr=lr, weighting=weighting, seed=seed)
     save_reward_model(reward, out_dir, extra={"train": run, "metrics": metrics})
     return metrics

@@ -149,7 +149,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="classifier: merge the classes into two, non_toxic (--good-labels) and toxic (the rest)")
     t.add_argument("--weighting", choices=("none", "balanced"), default="none",
                    help="classifier: 'balanced' weighs the loss by inverse class frequency (default: %(default)s)")
-    t.add_argument("--train-layers", type=_int_arg("--train-layers", 0), default=2,
+    t.add_argument("--train-layers", type=_int_arg("--train-layers", 0), default=0,
                    help="pairwise: train only the top K decoder blocks (+ final norm and head) on hidden states "
                         "cached once from the frozen lower blocks; 0 = a linear probe (default: %(default)s)")
     t.add_argument("--tokenizer", default=None,

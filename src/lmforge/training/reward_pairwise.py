@@ -84,8 +84,8 @@ def top_rewards(model: nn.Module, states: list[torch.Tensor], n_frozen: int) -> 
 def train_pairwise(*, data: str | os.PathLike, out_dir: str | os.PathLike, model: str = DEFAULT_MODEL,
                    tokenizer: str | None = None, chosen_field: str = "chosen", rejected_field: str = "rejected",
                    eval_file: str | None = None, eval_fraction: float = 0.1, max_train: int | None = None,
-                   max_eval: int | None = None, max_len: int = 128, train_layers: int = 2, epochs: int = 1,
-                   batch_size: int = 32, lr: float = 1e-4, weight_decay: float = 0.01, warmup: float = 0.1,
+                   max_eval: int | None = None, max_len: int = 128, train_layers: int = 0, epochs: int = 1,
+                   batch_size: int = 32, lr: float = 1e-3, weight_decay: float = 0.01, warmup: float = 0.1,
                    precision: str = "bf16", seed: int = 0) -> dict:
     """Train a Bradley-Terry reward model on (chosen, rejected) pairs; save it to ``out_dir``.
 
