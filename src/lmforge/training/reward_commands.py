@@ -83,7 +83,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
         label_map = parse_label_map(a.label_map or None) if a.label_map is not None else trained.get("label_map")
         binary = trained.get("binary", False)
         text_field, label_field = a.text_field or trained.get("text_field"), a.label_field or trained.get("label_field")
-        data = load_labelled(a.data, text_field or "text", label_field or "label", label_map)
+        classes = None if binary else list(reward.config.labels)  # a label outside the model's classes is an error
+        data = load_labelled(a.data, text_field or "text", label_field or "label", label_map, names=classes)
         if binary:
             data = to_binary(data, _list(a.good_labels) or trained.get("good_labels") or [])
         indices = list(range(len(data.texts)))[: a.max_eval]
@@ -94,7 +95,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
 def _shared(p: argparse.ArgumentParser, int_arg) -> None:
     p.add_argument("--max-eval", type=int_arg("--max-eval"), default=None,
-                   help="score at most this many held-out examples (default: all)")
+                   help="score at most this many examples: of the held-out split (train), the first ones (eval) "
+                        "(default: all)")
     p.add_argument("--text-field", default=None,
                    help="classifier: the text column/field (train default: tweet; eval default: as trained)")
     p.add_argument("--label-field", default=None,

@@ -5,8 +5,9 @@ Every text is cut to its last ``max_len`` tokens (chosen and rejected share the 
 differ in its final turn). The lower ``n_layer - K`` blocks stay frozen: their hidden states are
 computed once per text and cached, and only the top K blocks, the final norm and the head train
 on the cache, so each epoch costs K blocks instead of the whole model. K = 0 is a linear probe on
-the final-norm state of the last token. The cached path computes exactly what
-``PairwiseReward.score`` computes on the saved model (same blocks, same precision).
+the final-norm state of the last token. The cached path is the same computation as
+``PairwiseReward.score`` on the saved model (same blocks, same precision; the tests check that
+both give the same held-out accuracy).
 """
 
 from __future__ import annotations
