@@ -52,8 +52,14 @@ def main() -> None:
     p.add_argument("--dev", default=str(DATA / "dialogsum.dev.jsonl"), help="DialogSum dev file")
     p.add_argument("--train-limit", type=int, default=800, help="first N train dialogues (default: 800)")
     p.add_argument("--steps", type=int, default=100, help="optimiser steps (default: 100)")
-    p.add_argument("--batch-size", type=int, default=8, help="examples per step (default: 8)")
-    p.add_argument("--max-len", type=int, default=512, help="tokens per example (default: 512)")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per optimiser step (default: 8)")
+    p.add_argument("--max-len", type=int, default=1024,
+                   help="tokens per dev example: long enough that none of the scored dialogues is dropped "
+                        "(default: 1024)")
+    p.add_argument("--train-max-len", type=int, default=512,
+                   help="tokens per training example; longer ones are dropped (default: 512)")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches per optimiser step (same effective batch, less memory) (default: 1)")
     p.add_argument("--method", default="full",
                    help="full fine-tuning, or LoRA r=16 on q/k/v/o (qlora: over an NF4 base); a comma list "
                         "(e.g. full,lora) fine-tunes each from the base and scores the base once (default: full)")
@@ -79,6 +85,8 @@ def main() -> None:
 
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.grad_accum < 1 or a.batch_size % a.grad_accum:
+        p.error(f"--batch-size {a.batch_size} must be a multiple of --grad-accum {a.grad_accum}")
     methods = a.method.split(",")
     bad = [m for m in methods if m not in ("full", "lora", "qlora")]
     if bad:
@@ -98,8 +106,9 @@ def main() -> None:
         out_dir = Path(a.out_dir) / method
         t0 = time.perf_counter()
         result = finetune(None, a.train, None, out_dir=out_dir, train_limit=a.train_limit, steps=a.steps,
-                          batch_size=a.batch_size, lr=lr, warmup_steps=a.warmup, precision=a.precision, pack=a.pack,
-                          log_every=10, device=a.device, method=method, **fields)
+                          batch_size=a.batch_size // a.grad_accum, grad_accum=a.grad_accum, lr=lr,
+                          warmup_steps=a.warmup, precision=a.precision, pack=a.pack, log_every=10, device=a.device,
+                          method=method, **{**fields, "max_len": a.train_max_len})
         train_s = time.perf_counter() - t0
         if method == "full":
             tuned = lmforge.load(out_dir / "final", device=a.device, dtype="float32")
@@ -110,7 +119,7 @@ def main() -> None:
         rows.append((f"{method} SFT", after))
         runs[method] = {"lr": lr, "train": result, "train_s": train_s, "tuned": after}
         print(f"\n{method} SFT {a.steps} steps x {a.batch_size} examples (first {result['train_examples']} train "
-              f"dialogues, {result['dropped']} dropped), max_len {a.max_len}, {a.precision}, lr {lr}; "
+              f"dialogues, {result['dropped']} dropped), max_len {a.train_max_len}, {a.precision}, lr {lr}; "
               f"{train_s:.0f} s training at {result.get('tokens_per_s', 0):,.0f} tokens/s", flush=True)
         print(f"  {method}: ROUGE-L {after['rougeL']:.4f}, dev loss {after['dev_loss']:.4f}", flush=True)
 
