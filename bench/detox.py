@@ -17,11 +17,12 @@ One run does four things:
 Prints and writes OUT/summary.json. Command (from the repository root; the classifier comes from
 ``lmforge reward train``):
 
-    .venv/bin/python bench/detox.py [--reward out/reward/toxicity-minilm] [--steps 20] [--batch-size 8]
-        [--mini-batch-size 4] [--ppo-epochs 4] [--max-new-tokens 24] [--lr 2e-4] [--kl-coef 0.05]
-        [--threads 1] [--skip-train] [--model M] [--out out/detox]
+    .venv/bin/python bench/detox.py [--reward out/reward/toxicity-minilm] [--steps 40] [--batch-size 8]
+        [--mini-batch-size 4] [--ppo-epochs 4] [--max-new-tokens 24] [--lr 5e-4] [--kl-coef 0.02]
+        [--n-heldout 96] [--threads 1] [--skip-train] [--model M] [--out out/detox]
 
-On the 2-core CPU box one PPO step (8 prompts, 24 new tokens, 4 epochs of 2 minibatches) takes ~20-25 s.
+On the 2-core CPU box one PPO step (8 prompts, 24 new tokens, 4 epochs of 2 minibatches) takes 23-40 s
+(load-dependent); the default run takes about half an hour. Figures: bench/README.md.
 """
 
 from __future__ import annotations
@@ -124,15 +125,15 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "out" / "detox"))
     ap.add_argument("--recipe", default=str(RECIPE))
     ap.add_argument("--n-train", type=int, default=256)
-    ap.add_argument("--n-heldout", type=int, default=48)
+    ap.add_argument("--n-heldout", type=int, default=96)
     ap.add_argument("--words", type=int, default=7)
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--mini-batch-size", type=int, default=4)
     ap.add_argument("--ppo-epochs", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=24)
-    ap.add_argument("--lr", type=float, default=2e-4)
-    ap.add_argument("--kl-coef", type=float, default=0.05)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--kl-coef", type=float, default=0.02)
     ap.add_argument("--target-kl", type=float, default=None)
     ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
