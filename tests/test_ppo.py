@@ -181,12 +181,26 @@ def run(capsys, *args):
 
 @pytest.fixture
 def toy_reward(tmp_path, monkeypatch):
-    """A reward function importable as ``toy_reward:share_of_o`` (the share of 'o' in each completion)."""
+    """A reward function importable as ``toy_reward:share_of_vowels`` (of each completion's characters)."""
     (tmp_path / "toy_reward.py").write_text(
-        "def share_of_o(prompts, completions):\n"
-        "    return [c.count('o') / max(len(c), 1) for c in completions]\n")
+        "def share_of_vowels(prompts, completions):\n"
+        "    return [sum(c.count(v) for v in 'aeiou') / max(len(c), 1) for c in completions]\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    return "toy_reward:share_of_o"
+    return "toy_reward:share_of_vowels"
+
+
+def test_cli_ppo_full_method_trains_every_weight_against_a_frozen_copy(tiny_lm_dirs, tmp_path, capsys, toy_reward):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("one two\nfour five\nsix seven\nfox dog\n")
+    out = tmp_path / "full"
+    code, _, err = run(capsys, "rlhf", "ppo", "-m", tiny_lm_dirs["plain"], "--prompts", prompts, "--reward",
+                       toy_reward, "-o", out, "--steps", "2", "--batch-size", "4", "--mini-batch-size", "4",
+                       "--ppo-epochs", "1", "-n", "4", "--method", "full", "--lr", "1e-3", "--threads", "1")
+    assert code == 0, err
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-5) and rows[1]["kl"] != 0.0  # the copy stays put
+    tuned, base = lmforge.load(out / "final").model, lmforge.load(tiny_lm_dirs["plain"]).model
+    assert not torch.equal(tuned.model.layers[0].mlp.down_proj.weight, base.model.layers[0].mlp.down_proj.weight)
 
 
 def test_cli_ppo_end_to_end(tiny_lm_dirs, tmp_path, capsys, toy_reward):
