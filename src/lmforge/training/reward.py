@@ -168,6 +168,7 @@ def save_reward_model(reward: ClassifierReward | PairwiseReward, path: str | os.
         _atomic_json(meta, tmp / REWARD_CONFIG)
         os.chmod(tmp, 0o755)
         old = path.with_name(f".{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)  # left by a crash between the two renames
         if path.exists():
             os.replace(path, old)
         os.replace(tmp, path)
