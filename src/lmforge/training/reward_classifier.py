@@ -61,7 +61,7 @@ def train_classifier(*, data: str | os.PathLike, out_dir: str | os.PathLike, mod
                      text_field: str = "text", label_field: str = "label", label_map: dict[str, str] | None = None,
                      good_labels: list[str] | None = None, binary: bool = False, eval_file: str | None = None,
                      eval_fraction: float = 0.1, max_train: int | None = None, max_eval: int | None = None,
-                     max_len: int = 64, epochs: int = 1, batch_size: int = 32, lr: float = 5e-5,
+                     max_len: int = 64, epochs: int = 1, batch_size: int = 32, lr: float = 1e-4,
                      weight_decay: float = 0.01, warmup: float = 0.1, weighting: str = "none",
                      precision: str = "bf16", seed: int = 0) -> dict:
     """Fine-tune ``model`` + a classification head on ``data``; save the reward model to ``out_dir``.
@@ -70,7 +70,7 @@ def train_classifier(*, data: str | os.PathLike, out_dir: str | os.PathLike, mod
     ``max_train``/``max_eval`` cap them (stratified samples). ``good_labels`` name the classes
     whose probability is the reward (required); ``binary`` merges the classes into
     toxic/non_toxic first. ``weighting="balanced"`` weighs the loss by inverse class frequency.
-    Returns the held-out metrics (also written to ``out_dir/metrics.json``).
+    Returns the held-out metrics (also kept in ``out_dir/reward_config.json``, with the run's settings).
     """
     if weighting not in WEIGHTINGS:
         raise LmforgeError(f"weighting {weighting!r}; choose one of: {', '.join(WEIGHTINGS)}")
@@ -113,7 +113,7 @@ def train_classifier(*, data: str | os.PathLike, out_dir: str | os.PathLike, mod
         return F.cross_entropy(logits, torch.tensor([labels[i] for i in batch]), weight=weight)
 
     clf.train()
-    losses = fit([p for p in clf.parameters()], loss_of, len(rows), epochs=epochs, batch_size=batch_size, lr=lr,
+    losses = fit(list(clf.parameters()), loss_of, len(rows), epochs=epochs, batch_size=batch_size, lr=lr,
                  weight_decay=weight_decay, warmup=warmup, precision=precision, seed=seed, desc="reward train")
     reward = ClassifierReward(clf.eval(), tok, good, precision=precision)  # scores whole texts, as later
     metrics = evaluate_classifier(reward, held, eval_idx)

@@ -93,7 +93,8 @@ def train_pairwise(*, data: str | os.PathLike, out_dir: str | os.PathLike, model
     Held-out pairs are ``eval_file`` or a seeded ``eval_fraction`` of ``data``; ``max_train`` /
     ``max_eval`` cap them. ``train_layers`` = K top blocks trained (see the module docstring).
     ``tokenizer``: a tokenizer folder to use instead of the model's own; it must match the
-    model's vocabulary. Returns the held-out metrics (``pairwise_metrics``).
+    model's vocabulary. Returns the held-out metrics (``pairwise_metrics``), also kept in
+    ``out_dir/reward_config.json``.
     """
     from lmforge.checkpoints.resolve import build_model
     from lmforge.lm import read_checkpoint
