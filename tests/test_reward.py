@@ -294,3 +294,28 @@ def test_tokenizer_that_does_not_match_the_model(tiny_decoder, tmp_path):
                             train_layers=0, max_len=8, precision="fp32")
     assert reward["n"] == 2
     check_tokenizer_match(load_reward_model(tmp_path / "ok"), same)  # the same vocabulary passes
+
+
+def test_pairwise_reward_model_starts_from_a_merged_adapter(tiny_decoder, tmp_path):
+    """--adapter: the decoder under the head is the base with the LoRA adapter folded in."""
+    import torch
+
+    import lmforge
+    from lmforge.peft.adapters import save_adapter
+    from lmforge.peft.lora import LoraSpec, add_lora, lora_layers
+
+    lm = lmforge.load(tiny_decoder)
+    add_lora(lm.model, LoraSpec(r=2, alpha=4, targets=["q_proj"]))
+    for _, layer in lora_layers(lm.model):
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.5)
+    save_adapter(lm.model, tmp_path / "ad")
+    layer = dict(lora_layers(lm.model))["model.layers.0.self_attn.q_proj"]
+    expected = layer.base.weight + layer.delta_weight()
+    data = _toy_pairs(tmp_path / "pairs.jsonl")
+    train_pairwise(data=data, model=tiny_decoder, adapter=tmp_path / "ad", out_dir=tmp_path / "rm", epochs=1,
+                   lr=1e-12, max_len=12, batch_size=8, precision="fp32")
+    saved = lmforge.load(tmp_path / "rm").model.model.layers[0].self_attn.q_proj.weight
+    torch.testing.assert_close(saved, expected.detach(), rtol=0, atol=1e-6)
+    assert not torch.allclose(saved, layer.base.weight)  # the adapter really changed the weights
+    code = main(["reward", "train", str(data), "--adapter", str(tmp_path / "ad"), "-o", str(tmp_path / "c")])
+    assert code == 2

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from lmforge.checkpoints.resolve import DEFAULT_ENCODER, DEFAULT_MODEL
+from lmforge.errors import LmforgeError
 
 HATE_SPEECH_LABELS = "0=hate,1=offensive,2=neither"  # the class column of Davidson et al.'s labeled_data.csv
 
@@ -46,6 +47,9 @@ def cmd_train(a: argparse.Namespace) -> int:
     if a.kind == "classifier":
         from lmforge.training.reward_classifier import train_classifier
 
+        if a.adapter:
+            raise LmforgeError("--adapter applies to --kind pairwise (a LoRA adapter merged into the decoder base)")
+
         metrics = train_classifier(model=a.model or DEFAULT_ENCODER, text_field=a.text_field,
                                    label_field=a.label_field, label_map=parse_label_map(a.label_map or None),
                                    good_labels=_list(a.good_labels), binary=a.binary, max_len=a.max_len or 64,
@@ -53,8 +57,9 @@ def cmd_train(a: argparse.Namespace) -> int:
     else:
         from lmforge.training.reward_pairwise import train_pairwise
 
-        metrics = train_pairwise(model=a.model or DEFAULT_MODEL, tokenizer=a.tokenizer, chosen_field=a.chosen_field,
-                                 rejected_field=a.rejected_field, train_layers=a.train_layers,
+        metrics = train_pairwise(model=a.model or DEFAULT_MODEL, adapter=a.adapter, tokenizer=a.tokenizer,
+                                 chosen_field=a.chosen_field, rejected_field=a.rejected_field,
+                                 train_layers=a.train_layers,
                                  max_len=a.max_len or 128, lr=a.lr or (1e-3 if a.train_layers == 0 else 1e-4),
                                  **common)
     _print(metrics, a.metrics_out)
@@ -133,6 +138,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(default: %(default)s)")
     t.add_argument("-m", "--model", default=None,
                    help=f"the base model (default: {DEFAULT_ENCODER} for a classifier, {DEFAULT_MODEL} for pairwise)")
+    t.add_argument("--adapter", default=None,
+                   help="pairwise: a PEFT LoRA adapter for MODEL, merged into it before the head is trained")
     t.add_argument("--eval-file", default=None, help="held-out data (default: a seeded split of DATA)")
     t.add_argument("--eval-fraction", type=_float_arg("--eval-fraction", 0.0, 1.0, low_open=True), default=0.1,
                    help="share of DATA held out when there is no --eval-file; stratified by class for a "

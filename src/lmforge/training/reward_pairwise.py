@@ -83,7 +83,8 @@ def top_rewards(model: nn.Module, states: list[torch.Tensor], n_frozen: int) -> 
 
 
 def train_pairwise(*, data: str | os.PathLike, out_dir: str | os.PathLike, model: str = DEFAULT_MODEL,
-                   tokenizer: str | None = None, chosen_field: str = "chosen", rejected_field: str = "rejected",
+                   adapter: str | os.PathLike | None = None, tokenizer: str | None = None,
+                   chosen_field: str = "chosen", rejected_field: str = "rejected",
                    eval_file: str | None = None, eval_fraction: float = 0.1, max_train: int | None = None,
                    max_eval: int | None = None, max_len: int = 128, train_layers: int = 0, epochs: int = 1,
                    batch_size: int = 32, lr: float = 1e-3, weight_decay: float = 0.01, warmup: float = 0.1,
@@ -93,7 +94,8 @@ def train_pairwise(*, data: str | os.PathLike, out_dir: str | os.PathLike, model
     Held-out pairs are ``eval_file`` or a seeded ``eval_fraction`` of ``data``; ``max_train`` /
     ``max_eval`` cap them. ``train_layers`` = K top blocks trained (see the module docstring).
     ``tokenizer``: a tokenizer folder to use instead of the model's own; it must match the
-    model's vocabulary. Returns the held-out metrics (``pairwise_metrics``), also kept in
+    model's vocabulary. ``adapter``: a PEFT LoRA adapter for ``model``, merged into the weights first
+    (e.g. start the reward model from an SFT policy). Returns the held-out metrics (``pairwise_metrics``), also kept in
     ``out_dir/reward_config.json``.
     """
     from lmforge.checkpoints.resolve import build_model
@@ -117,7 +119,17 @@ def train_pairwise(*, data: str | os.PathLike, out_dir: str | os.PathLike, model
     if not 0 <= train_layers <= ckpt.config.n_layer:
         raise LmforgeError(f"--train-layers {train_layers}: {model} has {ckpt.config.n_layer} blocks")
     torch.manual_seed(seed)
-    rm = RewardModel(build_model(ckpt.config, ckpt.state_dict, source=str(model)))
+    base = build_model(ckpt.config, ckpt.state_dict, source=str(model))
+    if adapter is not None:
+        from lmforge.peft.adapters import load_adapter
+        from lmforge.peft.lora import merge_lora
+
+        base = load_adapter(base, adapter)
+        if not hasattr(base, "lm_head"):
+            raise LmforgeError(f"{adapter} is a prompt-tuning adapter; a reward model starts from a LoRA adapter "
+                               "merged into its base")
+        base = merge_lora(base)
+    rm = RewardModel(base)
     tok = ckpt.tokenizer
     if tokenizer is not None:
         tok = Tokenizer.from_dir(tokenizer)
