@@ -2,7 +2,8 @@
 
 Both train the same Llama-shaped model (lmforge's DecoderLM and transformers' LlamaForCausalLM built
 from the same config with the same weights) on the same batches: forward, each engine's own standard
-training loss (lmforge: the next-token loss of ``lmforge pretrain``, or for SFT batches the loss of
+training loss (lmforge: the next-token loss of ``lmforge pretrain`` with the LM head fused into the
+cross-entropy, or for SFT batches the loss of
 ``lmforge finetune``, whose LM head runs only where a label follows; transformers:
 ``model(input_ids, attention_mask, labels).loss``), backward, gradient clipping, fused AdamW step.
 ``--data random`` feeds uniform random tokens, every one labelled (pretraining); ``--data dialogsum``
@@ -34,7 +35,7 @@ import torch
 from lmforge.checkpoints.hf import save_hf_dir
 from lmforge.config import preset
 from lmforge.models.decoder import DecoderLM
-from lmforge.training.objectives import causal_lm_loss
+from lmforge.training.objectives import linear_cross_entropy
 from lmforge.training.optim import make_optimizer
 from lmforge.training.sft import causal_lm_loss as sft_causal_lm_loss
 
@@ -85,8 +86,9 @@ def make_batches(data: str, config, n: int, batch: int, seq: int) -> list[dict[s
 def lmforge_loss(model, b: dict[str, torch.Tensor]) -> torch.Tensor:
     """lmforge's training losses: pretraining's next-token loss when every token is labelled, else the SFT
     loss (whose LM head runs only where a label follows)."""
-    if bool((b["labels"] == b["input_ids"]).all()):
-        return causal_lm_loss(model(b["input_ids"])[:, :-1], b["labels"][:, 1:])
+    if bool((b["labels"] == b["input_ids"]).all()):  # as pretrain.causal_step: LM head fused with the loss
+        h = model.hidden_states(b["input_ids"])[:, :-1]  # (B, T-1, C)
+        return linear_cross_entropy(h, model.lm_head.weight, b["labels"][:, 1:])
     return sft_causal_lm_loss(model, b)
 
 

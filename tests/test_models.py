@@ -125,3 +125,21 @@ def test_corrupt_and_pickled_checkpoints(hf_tiny, tmp_path):
     (pickled / "config.json").write_text("{not json")
     with pytest.raises(LmforgeError, match="config.json: not valid JSON"):
         read_hf_dir(pickled)
+
+
+@pytest.mark.parametrize("T", [16, 128, 129])
+def test_bf16_attention_paths_agree_with_float32(T):
+    """Short bf16 sequences on CPU take the plain matmul path (attention.SHORT_BF16), longer ones the fused
+    kernel: both give the float32 model's causal logits within bf16 rounding."""
+    torch.manual_seed(0)
+    model = DecoderLM(preset("tiny-llama", vocab_size=64, n_layer=2, max_seq_len=256)).init_weights(seed=0, std=0.1)
+    idx = torch.randint(0, 64, (2, T))
+    ref = model(idx)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model(idx).float()
+    assert (got - ref).abs().max() < 0.05 * ref.abs().max()
+    # causality: changing the last token leaves every earlier position's logits alone
+    idx2 = idx.clone()
+    idx2[:, -1] = (idx[:, -1] + 1) % 64
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(model(idx2)[:, :-1], model(idx)[:, :-1], rtol=0, atol=0)

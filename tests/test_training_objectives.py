@@ -35,6 +35,31 @@ def test_losses_agree_with_functional_cross_entropy():
         assert obj.causal_lm_loss(logits.bfloat16(), labels).dtype == torch.float32
 
 
+def test_linear_cross_entropy_equals_head_then_cross_entropy():
+    """The fused LM head + loss gives F.cross_entropy's loss and gradients (fp32: to rounding; bf16 autocast:
+    within bf16 rounding), skips IGNORE labels, and needs no gradient in evaluation."""
+    g = torch.Generator().manual_seed(0)
+    h0, w0 = torch.randn(2, 7, 16, generator=g), torch.randn(50, 16, generator=g) * 0.3
+    labels = torch.randint(0, 50, (2, 7), generator=g)
+    labels[0, :3] = obj.IGNORE
+    for autocast in (False, True):
+        results = []
+        for fused in (True, False):
+            h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = (obj.linear_cross_entropy(h, w, labels) if fused
+                        else obj.token_cross_entropy(h @ w.t(), labels))
+            loss.backward()
+            results.append((loss.detach(), h.grad, w.grad))
+        tol = dict(rtol=2e-2, atol=2e-3) if autocast else dict(rtol=1e-5, atol=1e-6)
+        for fused_t, plain_t in zip(*results):
+            torch.testing.assert_close(fused_t, plain_t, **tol)
+        assert results[0][1][0, :2].abs().max() == 0  # no gradient flows from unlabelled positions
+    with torch.no_grad():
+        expected = obj.token_cross_entropy(h0 @ w0.t(), labels)
+        torch.testing.assert_close(obj.linear_cross_entropy(h0, w0, labels), expected)
+
+
 def test_bert_masking_ratios():
     rng = np.random.default_rng(0)
     vocab, mask_id, cls_id = 1000, 999, 998

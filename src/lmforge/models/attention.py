@@ -4,7 +4,9 @@ RoPE, and a KV cache.
 Prefill and training go through ``torch.nn.functional.scaled_dot_product_attention``. Decode
 steps (a handful of queries against the cache) use ``grouped_attention``, a plain matmul/softmax
 that lets each group of query heads share its key/value head without copying it: on CPU the
-fused kernels cost several times more than the arithmetic for one query.
+fused kernels cost several times more than the arithmetic for one query. Short bfloat16 sequences
+on CPU (at most ``SHORT_BF16`` keys) use it too: there torch 2.13's fused kernel is ~3x slower
+forward + backward than the plain matmuls (measured up to 128 keys; level at ~200; slower beyond).
 
 Masks are either bool (True = may attend) or float (added to the scores: T5's position bias,
 with -inf where attention is not allowed).
@@ -20,6 +22,7 @@ from lmforge.generation.kv_cache import KVCache, StaticKV
 from lmforge.models.positions import apply_rope
 
 SMALL_QUERY = 8  # at most this many queries: grouped_attention instead of the fused kernel
+SHORT_BF16 = 128  # at most this many keys, bfloat16 on CPU: grouped_attention too
 
 
 def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -43,6 +46,12 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
         scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m
     probs = scores.float().softmax(dim=-1).to(v.dtype)
     return (probs @ v).view(B, nh, T, hs)  # (B, nh, T, hs)
+
+
+def _bf16_on_cpu(x: torch.Tensor) -> bool:
+    """Whether attention on x runs in bfloat16 on CPU: x is bf16, or bf16 autocast is on."""
+    return x.device.type == "cpu" and (x.dtype == torch.bfloat16 or (
+        torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16))
 
 
 class Attention(nn.Module):
@@ -102,8 +111,13 @@ class Attention(nn.Module):
                 cache.fill(k, v)
         elif cache is not None:
             k, v = cache.update(start, k, v)  # (B, nkv, S, hs)
+        S = k.shape[2]
         if T <= SMALL_QUERY and (T == 1 or mask is not None or not self.causal):
             y = grouped_attention(q, k, v, mask, self.scale)  # (B, nh, T, hs)
+        elif S <= SHORT_BF16 and _bf16_on_cpu(q):
+            if mask is None and self.causal:  # queries at positions S-T..S-1 see keys up to themselves
+                mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)[None, None]  # (1, 1, T, S)
+            y = grouped_attention(q, k, v, mask, self.scale)
         else:
             y = F.scaled_dot_product_attention(
                 q, k, v,

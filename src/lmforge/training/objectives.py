@@ -12,6 +12,7 @@ Labels equal to ``IGNORE`` (-100, as in PyTorch and ``transformers``) do not cou
 from __future__ import annotations
 
 import numpy as np
+import torch
 from torch import Tensor
 from torch.nn import functional as F
 
@@ -22,6 +23,51 @@ def token_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     """Mean cross-entropy over the positions whose label is not IGNORE; logits (B, T, V), labels (B, T).
     Computed in float32 even under bf16 autocast."""
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of logits = h @ weight^T, with both gradients computed in the forward pass.
+
+    The softmax's gradient (p - onehot(y)) / n is built in place in the log-probability buffer, so the
+    logits are written once and read a few times, instead of the separate log-softmax forward, NLL
+    backward and log-softmax backward passes of ``F.cross_entropy(h @ weight.T, y)``. Matmuls run in
+    the autocast dtype when autocast is on (as ``nn.Linear`` would), the softmax in float32.
+    """
+
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, labels: Tensor) -> Tensor:  # (N, C), (V, C), (N,)
+        device = h.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+        with torch.autocast(device, enabled=False):
+            hc, wc = h.to(dtype), weight.to(dtype)
+            keep = labels != IGNORE  # (N,)
+            n = keep.sum().clamp(min=1)
+            target = labels.clamp(min=0)
+            g = torch.log_softmax((hc @ wc.t()).float(), dim=-1)  # (N, V) log-probabilities
+            loss = -(g.gather(1, target[:, None]).squeeze(1) * keep).sum() / n
+            g.exp_()  # softmax
+            g[torch.arange(len(target), device=h.device), target] -= 1.0
+            g.mul_((keep / n)[:, None])  # d loss / d logits; rows without a label get 0
+            g = g.to(dtype)
+            grad_h = (g @ wc).to(h.dtype) if ctx.needs_input_grad[0] else None  # (N, C)
+            grad_w = (g.t() @ hc).to(weight.dtype) if ctx.needs_input_grad[1] else None  # (V, C)
+        ctx.save_for_backward(grad_h, grad_w)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        return (None if grad_h is None else grad_h * grad_loss, None if grad_w is None else grad_w * grad_loss,
+                None)
+
+
+def linear_cross_entropy(h: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
+    """``token_cross_entropy(h @ weight.T, labels)`` for an LM head without bias, faster when training:
+    h (B, T, C) or (N, C) final hidden states, weight (V, C), labels (B, T) or (N,)."""
+    h, labels = h.reshape(-1, h.shape[-1]), labels.reshape(-1)
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(h, weight, labels)
+    return token_cross_entropy(F.linear(h, weight)[None], labels[None])
 
 
 def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:

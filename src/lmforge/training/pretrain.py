@@ -116,8 +116,14 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
 
 
 def causal_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Next-token loss; the LM head and the cross-entropy are fused (``linear_cross_entropy``) unless
+    the model is compiled (then the compiled forward gives the logits) or its head is not a plain linear."""
     device = next(model.parameters()).device
     b = _to(batch, device)
+    head = getattr(model, "lm_head", None)
+    compiled = hasattr(model, "_orig_mod")
+    if type(head) is nn.Linear and head.bias is None and hasattr(model, "hidden_states") and not compiled:
+        return obj.linear_cross_entropy(model.hidden_states(b["input_ids"]), head.weight, b["labels"])
     return obj.causal_lm_loss(model(b["input_ids"]), b["labels"])
 
 
