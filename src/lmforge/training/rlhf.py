@@ -184,15 +184,19 @@ def ppo(model: str | None = None, prompts: str | Path = "", reward: str = "", *,
         prompt_field: str = "prompt", reward_input: str = "completion", precision: str = "fp32", seed: int = 0,
         device: str = "cpu", lora_r: int = 16, lora_alpha: float = 32.0, lora_dropout: float = 0.0,
         lora_targets: str | Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"), rslora: bool = False,
-        progress: bool = True) -> dict[str, Any]:
+        save_every: int = 0, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Optimise ``model`` (None: the embedded default) with PPO against ``reward`` on ``prompts``.
 
     Each of ``steps`` PPO steps samples ``batch_size`` prompts (shuffled, cycling), generates up to
     ``max_new_tokens`` with ``temperature``/``top_k``/``top_p``, scores them with the reward (a reward-model
     folder or a ``module:function``), shapes the reward with ``kl_coef`` * KL to the reference (adaptive
     towards ``target_kl`` when set) and runs ``ppo_epochs`` epochs of ``mini_batch_size`` minibatches.
+    Every ``save_every`` steps (0: never) ``OUT_DIR/checkpoint`` is written atomically: policy, value
+    head, optimiser, KL coefficient and prompt order; ``resume`` continues from it, step for step as
+    the uninterrupted run (rollouts and minibatches are seeded by the step).
     Returns the last step's figures and where the policy was saved.
     """
+    from lmforge.training import checkpoint as ckpt
     from lmforge.training.loop import MetricsLog, seed_everything
     from lmforge.training.ppo import PPOConfig, PPOTrainer
 
@@ -214,12 +218,25 @@ def ppo(model: str | None = None, prompts: str | Path = "", reward: str = "", *,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", {"recipe": "ppo", **run_config})
-    log = MetricsLog(out, None)
     order: list[int] = []
     rng = random.Random(seed)
+    state = nn.ModuleDict({"policy": lm.model, "value_head": trainer.value_head})  # what a checkpoint holds
+    state.config = lm.model.config  # lets a resume refuse another architecture
+    start = 0
+    if resume:
+        path = ckpt.find_checkpoint(out)
+        if path is None:
+            raise LmforgeError(f"--resume: no checkpoint in {out}")
+        saved = ckpt.load_checkpoint(path, state, trainer.optimizer)
+        start, trainer.kl_coef, trainer.steps_done = saved["step"], saved["kl_coef"], saved["step"]
+        order = saved["batches"]["order"]
+        version, internal, gauss = saved["batches"]["rng"]
+        rng.setstate((version, tuple(internal), gauss))
+    log = MetricsLog(out, start if resume else None)
     bar = _progress(steps, "ppo", progress)
+    bar.update(start)
     stats: dict[str, float] = {}
-    for step in range(1, steps + 1):
+    for step in range(start + 1, steps + 1):
         while len(order) < batch_size:  # a fresh shuffle of all prompts whenever the current one runs out
             perm = list(range(len(texts)))
             rng.shuffle(perm)
@@ -233,6 +250,9 @@ def ppo(model: str | None = None, prompts: str | Path = "", reward: str = "", *,
                    "sample": {"prompt": texts[rows[0]], "completion": trainer.last_rollout.completions[0]}})
         bar.update(1)
         bar.set_postfix(reward=f"{stats['reward']:.3f}", kl=f"{stats['kl']:.2f}", refresh=False)
+        if save_every and (step % save_every == 0 or step == steps):
+            ckpt.save_checkpoint(out, state, trainer.optimizer, step, {"order": order, "rng": rng.getstate()},
+                                 run_config, {"kl_coef": trainer.kl_coef})
     bar.close()
     final = save_policy(lm.model, out / "final", lm.tokenizer)
     return {"step": steps, **stats, "out_dir": str(final)}

@@ -36,7 +36,8 @@ def cmd_ppo(a: argparse.Namespace) -> int:
                  mini_batch_size=a.mini_batch_size, ppo_epochs=a.ppo_epochs, kl_coef=a.kl_coef, target_kl=a.target_kl,
                  horizon=a.horizon, gamma=a.gamma, lam=a.lam, clip_range=a.clip_range, vf_coef=a.vf_coef,
                  max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                 prompt_field=a.prompt_field, reward_input=a.reward_input, **_common(a))
+                 prompt_field=a.prompt_field, reward_input=a.reward_input, save_every=a.save_every,
+                 resume=a.resume, **_common(a))
     print(json.dumps(result, indent=2))
     print(f"policy saved to {result['out_dir']}", file=sys.stderr)
     return 0
@@ -126,6 +127,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="prompts (rollouts) per PPO step (default: 8)")
     g.add_argument("--mini-batch-size", type=_int_arg("--mini-batch-size"), default=4,
                    help="rollouts per optimiser step; must divide --batch-size (default: 4)")
+    g.add_argument("--save-every", type=int, default=0,
+                   help="write OUT_DIR/checkpoint (policy, value head, optimiser, KL coefficient, prompt order) "
+                        "atomically every N steps and at the end (default: 0, never)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from OUT_DIR/checkpoint; the run continues as if never stopped")
     g.add_argument("--ppo-epochs", type=_int_arg("--ppo-epochs"), default=4,
                    help="passes over each rollout (default: 4)")
     g.add_argument("--kl-coef", type=_float_arg("--kl-coef", 0.0), default=0.05,
