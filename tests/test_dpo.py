@@ -151,6 +151,37 @@ def test_cli_dpo_end_to_end(tiny_lm_dirs, tmp_path, capsys, extra):
         assert not torch.equal(tuned.lm_head.weight, base.lm_head.weight)
 
 
+def test_cli_dpo_resume_continues_step_for_step(tiny_lm_dirs, tmp_path, capsys, monkeypatch):
+    """A DPO run that dies during step 3 (after its step-2 checkpoint) and is resumed logs exactly the steps of
+    an uninterrupted run: LoRA weights, AdamW moments, the schedule's position and the pair order restored."""
+    from lmforge.training.dpo import DPOTrainer
+
+    args = ["rlhf", "dpo", "-m", tiny_lm_dirs["plain"], "--data", pairs_file(tmp_path), "--batch-size", "2",
+            "--lr", "1e-3", "--warmup", "1", "--threads", "1", "--save-every", "2", "--steps", "5"]
+    assert run(capsys, *args, "-o", tmp_path / "straight")[0] == 0
+    real_step, calls = DPOTrainer.step, []
+
+    def dies_at_step_3(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("killed")
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(DPOTrainer, "step", dies_at_step_3)
+    with pytest.raises(RuntimeError, match="killed"):
+        run(capsys, *args, "-o", tmp_path / "stopped")
+    monkeypatch.setattr(DPOTrainer, "step", real_step)
+    assert run(capsys, *args, "-o", tmp_path / "stopped", "--resume")[0] == 0
+
+    def rows(name):
+        return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+    assert [r["step"] for r in rows("stopped")] == [1, 2, 3, 4, 5]
+    assert rows("stopped") == rows("straight")
+    code, _, err = run(capsys, *args, "-o", tmp_path / "none", "--resume")
+    assert code == 2 and "no checkpoint" in err
+
+
 def assert_one_line_error(code, err, *needles):
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err

@@ -174,6 +174,22 @@ def _lora_args(lora_r, lora_alpha, lora_dropout, lora_targets, rslora) -> dict[s
     return dict(lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=targets, rslora=rslora)
 
 
+def _resume(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, rng: random.Random,
+            with_state: bool = False):
+    """Restore ``model``, ``optimizer`` and ``rng`` from ``out/checkpoint`` in place; returns (step, the
+    remaining prompt/pair order), and the checkpoint's state.json too ``with_state``."""
+    from lmforge.training import checkpoint as ckpt
+
+    path = ckpt.find_checkpoint(out)
+    if path is None:
+        raise LmforgeError(f"--resume: no checkpoint in {out}")
+    state = ckpt.load_checkpoint(path, model, optimizer)
+    version, internal, gauss = state["batches"]["rng"]
+    rng.setstate((version, tuple(internal), gauss))
+    result = (state["step"], state["batches"]["order"])
+    return (result, state) if with_state else result
+
+
 # ----------------------------------------------------------------------------- the recipes
 def ppo(model: str | None = None, prompts: str | Path = "", reward: str = "", *, adapter: str | None = None,
         method: str = "lora", ref: str | None = None, out_dir: str | Path = "runs/ppo", steps: int = 20,
@@ -224,14 +240,8 @@ def ppo(model: str | None = None, prompts: str | Path = "", reward: str = "", *,
     state.config = lm.model.config  # lets a resume refuse another architecture
     start = 0
     if resume:
-        path = ckpt.find_checkpoint(out)
-        if path is None:
-            raise LmforgeError(f"--resume: no checkpoint in {out}")
-        saved = ckpt.load_checkpoint(path, state, trainer.optimizer)
-        start, trainer.kl_coef, trainer.steps_done = saved["step"], saved["kl_coef"], saved["step"]
-        order = saved["batches"]["order"]
-        version, internal, gauss = saved["batches"]["rng"]
-        rng.setstate((version, tuple(internal), gauss))
+        (start, order), saved = _resume(out, state, trainer.optimizer, rng, with_state=True)
+        trainer.kl_coef, trainer.steps_done = saved["kl_coef"], start
     log = MetricsLog(out, start if resume else None)
     bar = _progress(steps, "ppo", progress)
     bar.update(start)
@@ -265,16 +275,19 @@ def dpo(model: str | None = None, data: str | Path = "", *, adapter: str | None 
         max_len: int | None = None, chat: bool | None = None, limit: int | None = None, precision: str = "fp32",
         seed: int = 0, device: str = "cpu", lora_r: int = 16, lora_alpha: float = 32.0, lora_dropout: float = 0.0,
         lora_targets: str | Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"), rslora: bool = False,
-        progress: bool = True) -> dict[str, Any]:
+        save_every: int = 0, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train ``model`` with DPO (or IPO: ``loss="ipo"``, ``beta`` is tau) on the preference file ``data``.
 
     Runs ``steps`` optimiser steps (or ``epochs`` passes; one epoch when neither is given) of ``batch_size``
     pairs, with linear warmup then cosine decay of ``lr``. Responses are cut to fit ``max_len`` tokens
     (default: 512 or the context window); pairs whose prompt fills it are dropped. With ``precompute_ref``
-    the reference log-probs are computed once before training. Returns the last step's figures.
+    the reference log-probs are computed once before training. ``save_every`` / ``resume``: atomic
+    checkpoints in ``OUT_DIR/checkpoint`` and an exact continuation, as for ``ppo``.
+    Returns the last step's figures.
     """
     import math
 
+    from lmforge.training import checkpoint as ckpt
     from lmforge.training.dpo import DPOTrainer, load_pairs, precompute_reference, tokenize_pairs
     from lmforge.training.loop import MetricsLog, seed_everything
     from lmforge.training.optim import lr_at, make_optimizer, set_lr
@@ -303,11 +316,15 @@ def dpo(model: str | None = None, data: str | Path = "", *, adapter: str | None 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", {"recipe": "dpo", **run_config, "pairs": len(items), "dropped": dropped})
-    log = MetricsLog(out, None)
     rng, order = random.Random(seed), []
+    start = _resume(out, lm.model, optimizer, rng) if resume else None
+    if start is not None:
+        start, order = start
+    log = MetricsLog(out, start)
     bar = _progress(steps, loss, progress)
+    bar.update(start or 0)
     metrics: dict[str, float] = {}
-    for step in range(steps):
+    for step in range(start or 0, steps):
         while len(order) < batch_size:
             perm = list(range(len(items)))
             rng.shuffle(perm)
@@ -319,6 +336,9 @@ def dpo(model: str | None = None, data: str | Path = "", *, adapter: str | None 
         log.write({"step": step + 1, "lr": optimizer.param_groups[0]["lr"], **metrics})
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['reward_accuracy']:.2f}", refresh=False)
+        if save_every and ((step + 1) % save_every == 0 or step + 1 == steps):
+            ckpt.save_checkpoint(out, lm.model, optimizer, step + 1, {"order": order, "rng": rng.getstate()},
+                                 run_config)
     bar.close()
     final = save_policy(lm.model, out / "final", tok)
     return {"step": steps, **metrics, "pairs": len(items), "dropped": dropped, "out_dir": str(final)}

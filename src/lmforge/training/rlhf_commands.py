@@ -48,10 +48,19 @@ def cmd_dpo(a: argparse.Namespace) -> int:
 
     result = dpo(a.model, a.data, loss=a.loss, beta=a.beta, label_smoothing=a.label_smoothing,
                  precompute_ref=a.precompute_ref, steps=a.steps, epochs=a.epochs, batch_size=a.batch_size,
-                 warmup_steps=a.warmup, max_len=a.max_len, limit=a.limit, **_common(a))
+                 warmup_steps=a.warmup, max_len=a.max_len, limit=a.limit, save_every=a.save_every, resume=a.resume,
+                 **_common(a))
     print(json.dumps(result, indent=2))
     print(f"policy saved to {result['out_dir']}", file=sys.stderr)
     return 0
+
+
+def _add_checkpoint_args(g, what: str) -> None:
+    g.add_argument("--save-every", type=int, default=0,
+                   help=f"write OUT_DIR/checkpoint ({what}) atomically every N steps and at the end "
+                        "(default: 0, never)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from OUT_DIR/checkpoint, step for step as if the run had never stopped")
 
 
 def _add_policy_args(p: argparse.ArgumentParser, default_steps: str) -> None:
@@ -127,11 +136,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="prompts (rollouts) per PPO step (default: 8)")
     g.add_argument("--mini-batch-size", type=_int_arg("--mini-batch-size"), default=4,
                    help="rollouts per optimiser step; must divide --batch-size (default: 4)")
-    g.add_argument("--save-every", type=int, default=0,
-                   help="write OUT_DIR/checkpoint (policy, value head, optimiser, KL coefficient, prompt order) "
-                        "atomically every N steps and at the end (default: 0, never)")
-    g.add_argument("--resume", action="store_true",
-                   help="continue from OUT_DIR/checkpoint; the run continues as if never stopped")
+    _add_checkpoint_args(g, "policy, value head, optimiser, KL coefficient, prompt order")
     g.add_argument("--ppo-epochs", type=_int_arg("--ppo-epochs"), default=4,
                    help="passes over each rollout (default: 4)")
     g.add_argument("--kl-coef", type=_float_arg("--kl-coef", 0.0), default=0.05,
@@ -181,5 +186,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--epochs", type=_float_arg("--epochs", 0.0, low_open=True), default=None,
                    help="passes over the pairs (instead of --steps; default: one)")
     g.add_argument("--warmup", type=_int_arg("--warmup", 0), default=0, help="linear warmup steps (default: 0)")
+    _add_checkpoint_args(g, "policy, optimiser, pair order")
     _add_policy_args(q, "one epoch")
     q.set_defaults(func=cmd_dpo)
