@@ -151,6 +151,25 @@ def test_cli_dpo_end_to_end(tiny_lm_dirs, tmp_path, capsys, extra):
         assert not torch.equal(tuned.lm_head.weight, base.lm_head.weight)
 
 
+def test_cli_dpo_held_out_pairs_are_scored_before_and_after(tiny_lm_dirs, tmp_path, capsys):
+    """--eval-fraction holds pairs out of training; their implicit-reward margin starts at 0 (policy =
+    reference) and grows as the policy learns the pattern (rejected answers end in ' dog')."""
+    out = tmp_path / "run"
+    code, stdout, err = run(capsys, "rlhf", "dpo", "-m", tiny_lm_dirs["plain"], "--data", pairs_file(tmp_path),
+                            "-o", out, "--steps", "8", "--batch-size", "3", "--lr", "3e-3", "--threads", "1",
+                            "--eval-fraction", "0.34", "--eval-every", "4")
+    assert code == 0, err
+    result = json.loads(stdout)
+    assert result["pairs"] == 6 and result["held_out"] == 3
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval_reward_margin" in r]
+    assert [r["step"] for r in evals] == [0, 4, 8]
+    assert evals[0]["eval_reward_margin"] == pytest.approx(0.0, abs=1e-6)
+    margins = [r["eval_reward_margin"] for r in evals]  # seen: 0, 0.051, 0.068
+    assert 0 < margins[1] < margins[2] and margins[2] > 0.03 and evals[-1]["eval_reward_accuracy"] >= 0.6, evals
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+
+
 def test_cli_dpo_resume_continues_step_for_step(tiny_lm_dirs, tmp_path, capsys, monkeypatch):
     """A DPO run that dies during step 3 (after its step-2 checkpoint) and is resumed logs exactly the steps of
     an uninterrupted run: LoRA weights, AdamW moments, the schedule's position and the pair order restored."""

@@ -210,6 +210,23 @@ class DPOTrainer:
                        "reward_accuracy": float((r_chosen > r_rejected).float().mean())}
         return loss, metrics
 
+    @torch.no_grad()
+    def evaluate(self, items: list[TokenPair], batch_size: int = 8) -> dict[str, float]:
+        """The pair-weighted mean of ``loss_and_metrics`` over held-out pairs (reference computed on the fly),
+        as ``eval_loss``, ``eval_reward_accuracy``..."""
+        self.policy.eval()
+        sums: dict[str, float] = {}
+        table, self.ref_table = self.ref_table, None  # the table covers the training pairs only
+        try:
+            for start in range(0, len(items), batch_size):
+                chunk = items[start:start + batch_size]
+                _, metrics = self.loss_and_metrics(chunk, [])
+                for key, value in metrics.items():
+                    sums[key] = sums.get(key, 0.0) + value * len(chunk)
+        finally:
+            self.ref_table = table
+        return {f"eval_{key}": value / len(items) for key, value in sums.items()}
+
     def step(self, items: list[TokenPair], indices: list[int], max_grad_norm: float = 1.0) -> dict[str, float]:
         """One optimiser step on a batch of pairs; returns its figures (before the update)."""
         self.policy.train()

@@ -272,7 +272,8 @@ def dpo(model: str | None = None, data: str | Path = "", *, adapter: str | None 
         ref: str | None = None, out_dir: str | Path = "runs/dpo", loss: str = "dpo", beta: float = 0.1,
         label_smoothing: float = 0.0, precompute_ref: bool = False, steps: int | None = None,
         epochs: float | None = None, batch_size: int = 4, lr: float | None = None, warmup_steps: int = 0,
-        max_len: int | None = None, chat: bool | None = None, limit: int | None = None, precision: str = "fp32",
+        max_len: int | None = None, chat: bool | None = None, limit: int | None = None, eval_fraction: float = 0.0,
+        eval_every: int = 0, precision: str = "fp32",
         seed: int = 0, device: str = "cpu", lora_r: int = 16, lora_alpha: float = 32.0, lora_dropout: float = 0.0,
         lora_targets: str | Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"), rslora: bool = False,
         save_every: int = 0, resume: bool = False, progress: bool = True) -> dict[str, Any]:
@@ -281,7 +282,9 @@ def dpo(model: str | None = None, data: str | Path = "", *, adapter: str | None 
     Runs ``steps`` optimiser steps (or ``epochs`` passes; one epoch when neither is given) of ``batch_size``
     pairs, with linear warmup then cosine decay of ``lr``. Responses are cut to fit ``max_len`` tokens
     (default: 512 or the context window); pairs whose prompt fills it are dropped. With ``precompute_ref``
-    the reference log-probs are computed once before training. ``save_every`` / ``resume``: atomic
+    the reference log-probs are computed once before training. ``eval_fraction`` of the pairs (a seeded
+    split) are held out and scored before training, every ``eval_every`` steps and at the end
+    (``eval_loss``, ``eval_reward_accuracy``, ``eval_reward_margin``...). ``save_every`` / ``resume``: atomic
     checkpoints in ``OUT_DIR/checkpoint`` and an exact continuation, as for ``ppo``.
     Returns the last step's figures.
     """
@@ -304,6 +307,12 @@ def dpo(model: str | None = None, data: str | Path = "", *, adapter: str | None 
     items, dropped = tokenize_pairs(pairs, lambda p: lm.encode(p, chat), tok, max_len)
     if not items:
         raise LmforgeError(f"{data}: every prompt is longer than max_len={max_len} tokens")
+    held: list = []
+    if eval_fraction:
+        from lmforge.data.reward_data import random_split
+
+        train_idx, held_idx = random_split(len(items), eval_fraction, seed)
+        items, held = [items[i] for i in train_idx], [items[i] for i in held_idx]
     report_trainable(lm.model, method)
     pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id if tok.eos_id is not None else 0)
     if steps is None:
@@ -321,6 +330,8 @@ def dpo(model: str | None = None, data: str | Path = "", *, adapter: str | None 
     if start is not None:
         start, order = start
     log = MetricsLog(out, start)
+    if held and start is None:
+        log.write({"step": 0, **trainer.evaluate(held)})
     bar = _progress(steps, loss, progress)
     bar.update(start or 0)
     metrics: dict[str, float] = {}
@@ -333,6 +344,8 @@ def dpo(model: str | None = None, data: str | Path = "", *, adapter: str | None 
         set_lr(optimizer, lr_at(step, lr, steps, warmup_steps, 0.1))
         with _autocast(precision, device):
             metrics = trainer.step([items[i] for i in rows], rows)
+        if held and ((eval_every and (step + 1) % eval_every == 0) or step + 1 == steps):
+            metrics.update(trainer.evaluate(held))
         log.write({"step": step + 1, "lr": optimizer.param_groups[0]["lr"], **metrics})
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['reward_accuracy']:.2f}", refresh=False)
@@ -341,4 +354,5 @@ def dpo(model: str | None = None, data: str | Path = "", *, adapter: str | None 
                                  run_config)
     bar.close()
     final = save_policy(lm.model, out / "final", tok)
-    return {"step": steps, **metrics, "pairs": len(items), "dropped": dropped, "out_dir": str(final)}
+    return {"step": steps, **metrics, "pairs": len(items), "held_out": len(held), "dropped": dropped,
+            "out_dir": str(final)}

@@ -48,7 +48,8 @@ def cmd_dpo(a: argparse.Namespace) -> int:
 
     result = dpo(a.model, a.data, loss=a.loss, beta=a.beta, label_smoothing=a.label_smoothing,
                  precompute_ref=a.precompute_ref, steps=a.steps, epochs=a.epochs, batch_size=a.batch_size,
-                 warmup_steps=a.warmup, max_len=a.max_len, limit=a.limit, save_every=a.save_every, resume=a.resume,
+                 warmup_steps=a.warmup, max_len=a.max_len, limit=a.limit, eval_fraction=a.eval_fraction,
+                 eval_every=a.eval_every, save_every=a.save_every, resume=a.resume,
                  **_common(a))
     print(json.dumps(result, indent=2))
     print(f"policy saved to {result['out_dir']}", file=sys.stderr)
@@ -170,6 +171,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     d = q.add_argument_group("data")
     d.add_argument("--data", required=True, metavar="FILE", help="preference pairs: .jsonl, .json or .jsonl.gz")
     d.add_argument("--limit", type=_int_arg("--limit"), help="use only the first N pairs")
+    d.add_argument("--eval-fraction", type=_float_arg("--eval-fraction", 0.0, 1.0, low_open=True), default=0.0,
+                   help="hold out this share of the pairs (seeded) and report their loss, implicit-reward margin "
+                        "and accuracy before training, every --eval-every steps and at the end (default: 0)")
+    d.add_argument("--eval-every", type=_int_arg("--eval-every", 0), default=0,
+                   help="steps between held-out evaluations (default: 0, only before and after)")
     d.add_argument("--max-len", type=_int_arg("--max-len"), default=None,
                    help="tokens per prompt + response; longer responses are cut, pairs whose prompt fills it "
                         "dropped (default: 512 or the context window)")
