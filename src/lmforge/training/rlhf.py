@@ -331,7 +331,8 @@ def dpo(model: str | None = None, data: str | Path = "", *, adapter: str | None 
         start, order = start
     log = MetricsLog(out, start)
     if held and start is None:
-        log.write({"step": 0, **trainer.evaluate(held)})
+        with _autocast(precision, device):
+            log.write({"step": 0, **trainer.evaluate(held)})
     bar = _progress(steps, loss, progress)
     bar.update(start or 0)
     metrics: dict[str, float] = {}
@@ -345,7 +346,8 @@ def dpo(model: str | None = None, data: str | Path = "", *, adapter: str | None 
         with _autocast(precision, device):
             metrics = trainer.step([items[i] for i in rows], rows)
         if held and ((eval_every and (step + 1) % eval_every == 0) or step + 1 == steps):
-            metrics.update(trainer.evaluate(held))
+            with _autocast(precision, device):
+                metrics.update(trainer.evaluate(held))
         log.write({"step": step + 1, "lr": optimizer.param_groups[0]["lr"], **metrics})
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['reward_accuracy']:.2f}", refresh=False)
