@@ -81,7 +81,8 @@ def read_hf_dir(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor],
     return config, to_lmforge(config, tensors), gen_cfg
 
 
-def _atomic_json(data: dict[str, Any], path: Path) -> None:
+def write_json_atomic(data: dict[str, Any], path: Path) -> None:
+    """Write ``data`` as JSON to ``path`` through a temporary file and a rename: never half-written."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, path)
@@ -102,12 +103,12 @@ def save_hf_dir(model: torch.nn.Module, path: str | Path, tokenizer=None,
     os.replace(tmp, path / "model.safetensors")
     hf_cfg = config.to_hf_dict()
     hf_cfg["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
-    _atomic_json(hf_cfg, path / "config.json")
+    write_json_atomic(hf_cfg, path / "config.json")
     gen = {k: v for k, v in (generation_config or {}).items()}
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if getattr(config, key) is not None:
             gen.setdefault(key, getattr(config, key))
-    _atomic_json(gen, path / "generation_config.json")
+    write_json_atomic(gen, path / "generation_config.json")
     if tokenizer is not None:
         tokenizer.save(path)
     return path

@@ -63,7 +63,7 @@ class MaskedLM(nn.Module):
         """Save as a ``BertForMaskedLM`` directory that ``transformers`` and lmforge both load."""
         from safetensors.torch import load_file, save_file
 
-        from lmforge.checkpoints.hf import _atomic_json, read_json, save_hf_dir
+        from lmforge.checkpoints.hf import read_json, save_hf_dir, write_json_atomic
 
         path = Path(save_hf_dir(self.encoder, path, tokenizer=tokenizer))
         weights = path / "model.safetensors"
@@ -77,5 +77,5 @@ class MaskedLM(nn.Module):
         hf_cfg = read_json(path / "config.json")
         hf_cfg["architectures"] = ["BertForMaskedLM"]
         hf_cfg["tie_word_embeddings"] = True
-        _atomic_json(hf_cfg, path / "config.json")
+        write_json_atomic(hf_cfg, path / "config.json")
         return path

@@ -167,8 +167,8 @@ def train(model: nn.Module, loss_fn: Callable[[nn.Module, dict[str, Tensor]], Te
     run_config = {**(run_config or {}), "train": asdict(cfg)}
     fwd_model = torch.compile(model) if cfg.compile else model
     device_type = next(model.parameters()).device.type
-    autocast = (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if cfg.precision == "bf16" \
-        else contextlib.nullcontext
+    def autocast():
+        return precision_autocast(cfg.precision, device_type)
 
     def evaluate(step: int) -> dict:
         model.eval()
@@ -235,6 +235,15 @@ def train(model: nn.Module, loss_fn: Callable[[nn.Module, dict[str, Tensor]], Te
     log.plot()
     _save_final(model, out_dir / "final", tokenizer)
     return final
+
+
+def precision_autocast(precision: str, device: str = "cpu"):
+    """bf16 autocast on ``device`` (a device or its type) for ``precision == "bf16"``, nothing for fp32."""
+    if precision not in ("fp32", "bf16"):
+        raise LmforgeError(f"precision must be fp32 or bf16, got {precision!r}")
+    if precision == "bf16":
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def _progress(total: int, start: int):

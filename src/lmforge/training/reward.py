@@ -19,7 +19,6 @@ classifier or language model; ``load_reward_model(path)`` reads it as a reward m
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import tempfile
@@ -30,14 +29,10 @@ import torch
 
 from lmforge.errors import LmforgeError
 from lmforge.tokenizer import Tokenizer
+from lmforge.training.loop import precision_autocast as autocast
 
 REWARD_CONFIG = "reward_config.json"
 HEAD = "head/score.safetensors"  # a pairwise model's scalar head
-
-
-def autocast(precision: str, device_type: str = "cpu"):
-    """bf16 autocast for ``precision == "bf16"``, else nothing."""
-    return torch.autocast(device_type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
 
 def pad_right(rows: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,7 +146,7 @@ def save_reward_model(reward: ClassifierReward | PairwiseReward, path: str | os.
     into place (an existing directory at ``path`` is replaced only once the new one is complete)."""
     from safetensors.torch import save_file
 
-    from lmforge.checkpoints.hf import _atomic_json, save_hf_dir
+    from lmforge.checkpoints.hf import save_hf_dir, write_json_atomic
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -165,7 +160,7 @@ def save_reward_model(reward: ClassifierReward | PairwiseReward, path: str | os.
         else:
             (tmp / "head").mkdir()  # beside, not in, the directory's weights: lmforge.load reads every *.safetensors
             save_file({"score.weight": reward.model.score.weight.detach().contiguous()}, str(tmp / HEAD))
-        _atomic_json(meta, tmp / REWARD_CONFIG)
+        write_json_atomic(meta, tmp / REWARD_CONFIG)
         os.chmod(tmp, 0o755)
         old = path.with_name(f".{path.name}.old")
         shutil.rmtree(old, ignore_errors=True)  # left by a crash between the two renames

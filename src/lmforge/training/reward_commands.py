@@ -21,16 +21,12 @@ def _list(text: str | None) -> list[str] | None:
     return [x.strip() for x in text.split(",") if x.strip()] if text else None
 
 
-def _write_json(path: str, data: dict) -> None:
-    from lmforge.checkpoints.hf import _atomic_json
-
-    _atomic_json(data, Path(path))
-
-
 def _print(metrics: dict, output: str | None) -> None:
     print(json.dumps({k: v for k, v in metrics.items() if k != "reliability"}))
     if output:
-        _write_json(output, metrics)
+        from lmforge.checkpoints.hf import write_json_atomic
+
+        write_json_atomic(metrics, Path(output))
         print(f"metrics written to {output}", file=sys.stderr)
 
 

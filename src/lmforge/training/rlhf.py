@@ -8,11 +8,9 @@ and saves ``OUT_DIR/final``: a PEFT adapter (with the tokenizer) or a Hugging Fa
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import importlib
 import json
-import os
 import random
 import sys
 import time
@@ -23,7 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmforge.checkpoints.hf import write_json_atomic
 from lmforge.errors import LmforgeError
+from lmforge.training.loop import precision_autocast
 
 METHODS = ("lora", "full")
 DEFAULT_LR = {"lora": 1e-4, "full": 1e-6}
@@ -149,20 +149,6 @@ def save_policy(model: nn.Module, path: Path, tokenizer) -> Path:
     return save_hf_dir(model, path, tokenizer=tokenizer)
 
 
-def write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _autocast(precision: str, device: str):
-    if precision not in ("fp32", "bf16"):
-        raise LmforgeError(f"precision must be fp32 or bf16, got {precision!r}")
-    if precision == "bf16":
-        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
@@ -174,10 +160,9 @@ def _lora_args(lora_r, lora_alpha, lora_dropout, lora_targets, rslora) -> dict[s
     return dict(lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=targets, rslora=rslora)
 
 
-def _resume(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, rng: random.Random,
-            with_state: bool = False):
-    """Restore ``model``, ``optimizer`` and ``rng`` from ``out/checkpoint`` in place; returns (step, the
-    remaining prompt/pair order), and the checkpoint's state.json too ``with_state``."""
+def _resume(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, rng: random.Random) -> dict:
+    """Restore ``model``, ``optimizer`` and ``rng`` from ``out/checkpoint`` in place; returns its state.json
+    (``step``, ``batches["order"]``: the prompts/pairs still to visit, and the recipe's extras)."""
     from lmforge.training import checkpoint as ckpt
 
     path = ckpt.find_checkpoint(out)
@@ -186,8 +171,7 @@ def _resume(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, rng: 
     state = ckpt.load_checkpoint(path, model, optimizer)
     version, internal, gauss = state["batches"]["rng"]
     rng.setstate((version, tuple(internal), gauss))
-    result = (state["step"], state["batches"]["order"])
-    return (result, state) if with_state else result
+    return state
 
 
 # ----------------------------------------------------------------------------- the recipes
@@ -233,14 +217,15 @@ def ppo(model: str | None = None, prompts: str | Path = "", reward: str = "", *,
     trainer = PPOTrainer(lm.model, lm.tokenizer, reward_fn, cfg, ref_model=reference, eos_ids=lm.eos_ids)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", {"recipe": "ppo", **run_config})
+    write_json_atomic({"recipe": "ppo", **run_config}, out / "config.json")
     order: list[int] = []
     rng = random.Random(seed)
     state = nn.ModuleDict({"policy": lm.model, "value_head": trainer.value_head})  # what a checkpoint holds
     state.config = lm.model.config  # lets a resume refuse another architecture
     start = 0
     if resume:
-        (start, order), saved = _resume(out, state, trainer.optimizer, rng, with_state=True)
+        saved = _resume(out, state, trainer.optimizer, rng)
+        start, order = saved["step"], saved["batches"]["order"]
         trainer.kl_coef, trainer.steps_done = saved["kl_coef"], start
     log = MetricsLog(out, start if resume else None)
     bar = _progress(steps, "ppo", progress)
@@ -253,7 +238,7 @@ def ppo(model: str | None = None, prompts: str | Path = "", reward: str = "", *,
             order += perm
         rows, order = order[:batch_size], order[batch_size:]
         t0 = time.perf_counter()
-        with _autocast(precision, device):
+        with precision_autocast(precision, device):
             stats = trainer.step([texts[i] for i in rows], [encoded[i] for i in rows])
         stats["step_s"] = round(time.perf_counter() - t0, 2)
         log.write({"step": step, **stats,
@@ -324,14 +309,15 @@ def dpo(model: str | None = None, data: str | Path = "", *, adapter: str | None 
                          ref_model=reference, ref_table=table, pad_id=pad)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", {"recipe": "dpo", **run_config, "pairs": len(items), "dropped": dropped})
+    write_json_atomic({"recipe": "dpo", **run_config, "pairs": len(items), "dropped": dropped}, out / "config.json")
     rng, order = random.Random(seed), []
-    start = _resume(out, lm.model, optimizer, rng) if resume else None
-    if start is not None:
-        start, order = start
+    start = None
+    if resume:
+        saved = _resume(out, lm.model, optimizer, rng)
+        start, order = saved["step"], saved["batches"]["order"]
     log = MetricsLog(out, start)
     if held and start is None:
-        with _autocast(precision, device):
+        with precision_autocast(precision, device):
             log.write({"step": 0, **trainer.evaluate(held)})
     bar = _progress(steps, loss, progress)
     bar.update(start or 0)
@@ -343,10 +329,10 @@ def dpo(model: str | None = None, data: str | Path = "", *, adapter: str | None 
             order += perm
         rows, order = order[:batch_size], order[batch_size:]
         set_lr(optimizer, lr_at(step, lr, steps, warmup_steps, 0.1))
-        with _autocast(precision, device):
+        with precision_autocast(precision, device):
             metrics = trainer.step([items[i] for i in rows], rows)
         if held and ((eval_every and (step + 1) % eval_every == 0) or step + 1 == steps):
-            with _autocast(precision, device):
+            with precision_autocast(precision, device):
                 metrics.update(trainer.evaluate(held))
         log.write({"step": step + 1, "lr": optimizer.param_groups[0]["lr"], **metrics})
         bar.update(1)
