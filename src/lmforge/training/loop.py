@@ -187,7 +187,7 @@ def train(model: nn.Module, loss_fn: Callable[[nn.Module, dict[str, Tensor]], Te
                         extra={"schedule": schedule, "train_config": asdict(cfg)})
 
     final: dict[str, Any] = {}
-    bar = _progress(cfg.steps, start)
+    bar = progress_bar(cfg.steps, start)
     window_tokens, window_t0, loss_sum, loss_n = 0, time.perf_counter(), 0.0, 0
     for step in range(start, cfg.steps):
         lr = lr_at(step, cfg.lr, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
@@ -246,10 +246,12 @@ def precision_autocast(precision: str, device: str = "cpu"):
     return contextlib.nullcontext()
 
 
-def _progress(total: int, start: int):
+def progress_bar(total: int, start: int = 0, desc: str = "train", enabled: bool = True):
+    """A steps progress bar (tqdm) starting at ``start`` (a resumed run)."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, mininterval=0.5)
+    return tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True, mininterval=0.5,
+                disable=not enabled)
 
 
 def _save_final(model: nn.Module, path: Path, tokenizer: Any) -> None:

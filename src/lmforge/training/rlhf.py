@@ -23,7 +23,7 @@ from torch import nn
 
 from lmforge.checkpoints.hf import write_json_atomic
 from lmforge.errors import LmforgeError
-from lmforge.training.loop import precision_autocast
+from lmforge.training.loop import precision_autocast, progress_bar
 
 METHODS = ("lora", "full")
 DEFAULT_LR = {"lora": 1e-4, "full": 1e-6}
@@ -149,12 +149,6 @@ def save_policy(model: nn.Module, path: Path, tokenizer) -> Path:
     return save_hf_dir(model, path, tokenizer=tokenizer)
 
 
-def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, mininterval=0.5, disable=not enabled)
-
-
 def _lora_args(lora_r, lora_alpha, lora_dropout, lora_targets, rslora) -> dict[str, Any]:
     targets = list(lora_targets) if isinstance(lora_targets, tuple) else lora_targets
     return dict(lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=targets, rslora=rslora)
@@ -228,8 +222,7 @@ def ppo(model: str | None = None, prompts: str | Path = "", reward: str = "", *,
         start, order = saved["step"], saved["batches"]["order"]
         trainer.kl_coef, trainer.steps_done = saved["kl_coef"], start
     log = MetricsLog(out, start if resume else None)
-    bar = _progress(steps, "ppo", progress)
-    bar.update(start)
+    bar = progress_bar(steps, start, "ppo", progress)
     stats: dict[str, float] = {}
     for step in range(start + 1, steps + 1):
         while len(order) < batch_size:  # a fresh shuffle of all prompts whenever the current one runs out
@@ -319,8 +312,7 @@ def dpo(model: str | None = None, data: str | Path = "", *, adapter: str | None 
     if held and start is None:
         with precision_autocast(precision, device):
             log.write({"step": 0, **trainer.evaluate(held)})
-    bar = _progress(steps, loss, progress)
-    bar.update(start or 0)
+    bar = progress_bar(steps, start or 0, loss, progress)
     metrics: dict[str, float] = {}
     for step in range(start or 0, steps):
         while len(order) < batch_size:
