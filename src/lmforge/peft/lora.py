@@ -2,9 +2,10 @@
 
 A targeted ``nn.Linear`` W is replaced by ``LoRALinear(W)``, computing W x + (alpha / r) B A x
 with A (r x in) and B (out x r); with rsLoRA the scale is alpha / sqrt(r) (Kalajdzievski 2023).
-B starts at zero, so an untrained adapter changes nothing. The base weight stays frozen (and may
-be a quantised layer from ``deploy/quantize.py``). Modules are swapped in place; the model
-class is never subclassed.
+B starts at zero, so an untrained adapter changes nothing. A is drawn from a ``torch.Generator``
+when one is given (a run's seed: the same seed, the same adapter, whatever ran before), else from
+torch's global generator. The base weight stays frozen (and may be a quantised layer from
+``deploy/quantize.py``). Modules are swapped in place; the model class is never subclassed.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ class LoraSpec:
     def __post_init__(self) -> None:
         if not isinstance(self.r, int) or self.r <= 0:
             raise LmforgeError(f"LoRA rank r must be a positive integer, got {self.r!r}")
-        if self.alpha <= 0:
-            raise LmforgeError(f"LoRA alpha must be > 0, got {self.alpha}")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise LmforgeError(f"LoRA alpha must be a finite number > 0, got {self.alpha}")
         if not 0 <= self.dropout < 1:
             raise LmforgeError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
 
@@ -46,7 +47,8 @@ class LoraSpec:
 class LoRALinear(nn.Module):
     """A frozen base linear layer plus a trainable low-rank update."""
 
-    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
+                 generator: torch.Generator | None = None):
         super().__init__()
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
@@ -56,7 +58,13 @@ class LoRALinear(nn.Module):
         dtype = w.dtype if w.is_floating_point() else torch.float32
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=w.device, dtype=dtype)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=w.device, dtype=dtype)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # as nn.Linear's default init
+        if generator is None:
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # as nn.Linear's default init
+        else:  # the same draw on any device: made on the CPU generator, then copied
+            a = torch.empty(self.lora_A.weight.shape, dtype=torch.float32)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+            with torch.no_grad():
+                self.lora_A.weight.copy_(a)
         nn.init.zeros_(self.lora_B.weight)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
@@ -128,14 +136,17 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_name) if parent_name else model), child
 
 
-def add_lora(model: nn.Module, spec: LoraSpec, names: list[str] | None = None) -> list[str]:
-    """Freeze the model and swap LoRALinear into the targeted layers; returns their names."""
+def add_lora(model: nn.Module, spec: LoraSpec, names: list[str] | None = None,
+             generator: torch.Generator | None = None) -> list[str]:
+    """Freeze the model and swap LoRALinear into the targeted layers; returns their names. The A matrices
+    are drawn from ``generator`` (in layer order) when given, else from torch's global generator."""
     names = match_targets(model, spec.targets) if names is None else names
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:
         parent, child = _parent(model, name)
-        setattr(parent, child, LoRALinear(getattr(parent, child), spec.r, spec.alpha, spec.dropout, spec.rslora))
+        setattr(parent, child, LoRALinear(getattr(parent, child), spec.r, spec.alpha, spec.dropout, spec.rslora,
+                                          generator=generator))
     return names
 
 
@@ -179,10 +190,3 @@ def trainable_report(model: nn.Module) -> str:
         return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
 
     return f"{human(trainable)} of {human(total)} parameters trainable ({100 * trainable / max(total, 1):.2f}%)"
-
-
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Just the adapter weights, under lmforge's module names: ``<module>.lora_A.weight`` ..."""
-    return {f"{name}.{ab}.weight": getattr(m, ab).weight.detach() for name, m in lora_layers(model)
-            for ab in ("lora_A", "lora_B")}
-

@@ -2,7 +2,8 @@
 
 ``PromptTunedLM`` wraps a frozen ``DecoderLM`` and keeps its calling convention, so training
 and generation use it unchanged: the virtual tokens sit at positions 0..N-1 (and in the KV
-cache), the real tokens follow, and the logits returned are those of the real tokens only.
+cache), the real tokens follow, and the logits returned are those of the real tokens only. Random
+virtual tokens are drawn from a ``torch.Generator`` when one is given (a run's seed).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from lmforge.errors import LmforgeError
 
 
 class PromptTunedLM(nn.Module):
-    def __init__(self, base: nn.Module, num_virtual_tokens: int, init_ids: list[int] | None = None):
+    def __init__(self, base: nn.Module, num_virtual_tokens: int, init_ids: list[int] | None = None,
+                 generator: torch.Generator | None = None):
         super().__init__()
         if base.config.arch != "decoder":
             raise LmforgeError("prompt tuning is implemented for decoder-only models; use LoRA for "
@@ -31,7 +33,8 @@ class PromptTunedLM(nn.Module):
             ids = torch.tensor((init_ids * num_virtual_tokens)[:num_virtual_tokens], device=emb.device)
             init = emb[ids].detach().clone()
         else:
-            init = torch.randn(num_virtual_tokens, emb.shape[1], device=emb.device, dtype=emb.dtype) * emb.std()
+            noise = torch.randn(num_virtual_tokens, emb.shape[1], generator=generator)  # on the CPU generator
+            init = noise.to(device=emb.device, dtype=emb.dtype) * emb.detach().std()
         self.prompt_embeddings = nn.Parameter(init)
         # the window left for real tokens is N shorter
         self.config = dataclasses.replace(base.config, max_seq_len=base.config.max_seq_len - num_virtual_tokens)

@@ -11,7 +11,8 @@ A preference file is JSON lines (or a JSON list) of records, either
   the prompt is the shared prefix up to and including the last "\\n\\nAssistant:".
 
 The reference log-probs come from the policy with its LoRA adapters off, a frozen copy of the base,
-or a table computed once before training (``precompute_reference``).
+or a table computed once before training (``precompute_reference``). A NaN or infinite loss or gradient
+norm stops a step with an ``LmforgeError`` before the optimiser touches the weights.
 """
 
 from __future__ import annotations
@@ -166,8 +167,12 @@ def precompute_reference(policy: nn.Module, ref_model: nn.Module | None, items: 
 def preference_loss(name: str, beta: float, label_smoothing: float = 0.0) -> PreferenceLoss:
     """``loss(pol_chosen, pol_rejected, ref_chosen, ref_rejected)`` for ``name``: DPO with ``beta`` and label
     smoothing, or IPO with tau = ``beta``."""
+    from lmforge.training.loop import check_finite_number
+
     if name not in LOSSES:
         raise LmforgeError(f"unknown preference loss {name!r}; choose one of: {', '.join(LOSSES)}")
+    check_finite_number(beta, "beta")
+    check_finite_number(label_smoothing, "label_smoothing")
     if name == "ipo" and label_smoothing:
         raise LmforgeError("label smoothing applies to the DPO loss only, not IPO")
     if name == "ipo":
@@ -227,14 +232,23 @@ class DPOTrainer:
             self.ref_table = table
         return {f"eval_{key}": value / len(items) for key, value in sums.items()}
 
-    def step(self, items: list[TokenPair], indices: list[int], max_grad_norm: float = 1.0) -> dict[str, float]:
-        """One optimiser step on a batch of pairs; returns its figures (before the update)."""
+    def step(self, items: list[TokenPair], indices: list[int], max_grad_norm: float = 1.0,
+             step: int | None = None) -> dict[str, float]:
+        """One optimiser step on a batch of pairs; returns its figures (before the update). A NaN or infinite
+        loss or gradient norm raises ``LmforgeError`` (naming ``step``) before the update."""
+        from lmforge.training.loop import check_finite_value
+
+        hint = "the weights are left as they were; lower --lr or check --beta"
+        where = step if step is not None else "this"
         self.policy.train()
         loss, metrics = self.loss_and_metrics(items, indices)
+        check_finite_value(loss, "DPO loss", where, hint)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+        check_finite_value(grad_norm, "gradient norm", where, hint)
         if max_grad_norm > 0:
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+            metrics["grad_norm"] = float(grad_norm)
         self.optimizer.step()
         return metrics

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
+import os
 import random
 import time
 from collections.abc import Callable
@@ -22,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from lmforge.errors import LmforgeError
-from lmforge.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from lmforge.training.checkpoint import load_checkpoint, recover_checkpoint, save_checkpoint
 from lmforge.training.optim import lr_at, make_optimizer, set_lr
 
 PRECISIONS = ("fp32", "bf16")
@@ -54,13 +56,33 @@ class TrainConfig:
         for name in ("warmup_steps", "eval_every", "save_every", "log_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise LmforgeError(f"TrainConfig.{name} must be an integer >= 0, got {getattr(self, name)!r}")
+        self.betas = tuple(self.betas)
+        for name in ("lr", "min_lr_ratio", "weight_decay", "clip"):
+            check_finite_number(getattr(self, name), name)
+        for b in self.betas:
+            check_finite_number(b, "betas")
         if not self.lr > 0:
             raise LmforgeError(f"TrainConfig.lr must be > 0, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise LmforgeError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.precision not in PRECISIONS:
             raise LmforgeError(f"TrainConfig.precision={self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
-        self.betas = tuple(self.betas)
+
+
+def check_finite_number(value: Any, name: str) -> None:
+    """Raise ``LmforgeError`` when the hyper-parameter ``name`` is NaN or infinite (None is left alone)."""
+    if value is not None and isinstance(value, (int, float)) and not math.isfinite(value):
+        raise LmforgeError(f"{name} must be a finite number, got {value}")
+
+
+def check_finite_value(value: Any, what: str, step: int, hint: str = "") -> float:
+    """``value`` (a number or a tensor, reduced to a float) or ``LmforgeError`` naming ``what`` and ``step``
+    when it is NaN or infinite: the run stops there, keeping its last checkpoint."""
+    x = float(value.detach().float().sum()) if torch.is_tensor(value) else float(value)
+    if not math.isfinite(x):
+        raise LmforgeError(f"the {what} became {x} at step {step}; stopping without saving"
+                           + (f": {hint}" if hint else ""))
+    return x
 
 
 class BatchSource(Protocol):
@@ -102,12 +124,24 @@ class MetricsLog:
                     continue  # a line cut short by the crash
                 if row.get("step", 0) <= resume_step:
                     self.rows.append(row)
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows), encoding="utf-8")
+        # rewritten whole (a temporary file renamed over it): a crash now leaves the old file or the new one
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write("".join(json.dumps(r) + "\n" for r in self.rows))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def write(self, row: dict) -> None:
+        """Append ``row`` as one whole line (a single write, flushed before returning)."""
         self.rows.append(row)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
+            f.flush()
 
     def plot(self) -> None:
         try:
@@ -155,7 +189,7 @@ def train(model: nn.Module, loss_fn: Callable[[nn.Module, dict[str, Tensor]], Te
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas)
     start = 0
     if resume:
-        ckpt = find_checkpoint(out_dir)
+        ckpt = recover_checkpoint(out_dir)
         if ckpt is None:
             raise LmforgeError(f"--resume: no checkpoint in {out_dir} (expected {out_dir / 'checkpoint'})")
         state = load_checkpoint(ckpt, model, optimizer)
@@ -186,7 +220,7 @@ def train(model: nn.Module, loss_fn: Callable[[nn.Module, dict[str, Tensor]], Te
         save_checkpoint(out_dir, model, optimizer, step, batches.state_dict(), run_config,
                         extra={"schedule": schedule, "train_config": asdict(cfg)})
 
-    final: dict[str, Any] = {}
+    final: dict[str, Any] = {"step": start}
     bar = progress_bar(cfg.steps, start)
     window_tokens, window_t0, loss_sum, loss_n = 0, time.perf_counter(), 0.0, 0
     for step in range(start, cfg.steps):
@@ -198,12 +232,12 @@ def train(model: nn.Module, loss_fn: Callable[[nn.Module, dict[str, Tensor]], Te
             window_tokens += tokens_of(batch)
             with autocast():
                 loss = loss_fn(fwd_model, batch)
-            if not torch.isfinite(loss):
-                raise LmforgeError(f"the loss became {loss.item()} at step {step + 1}: lower --lr, "
-                                   "raise --warmup, or use fp32")
+            check_finite_value(loss, "loss", step + 1, "lower --lr, raise --warmup, or use fp32")
             (loss / cfg.grad_accum).backward()
             step_loss += loss.item() / cfg.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip) if cfg.clip > 0 else None
+        if grad_norm is not None:
+            check_finite_value(grad_norm, "gradient norm", step + 1, "lower --lr, raise --warmup, or use fp32")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
@@ -228,8 +262,12 @@ def train(model: nn.Module, loss_fn: Callable[[nn.Module, dict[str, Tensor]], Te
         if cfg.save_every and done % cfg.save_every == 0 and done != cfg.steps:
             checkpoint(done)
     bar.close()
-    if eval_fn is not None:
+    if eval_fn is not None and start < cfg.steps:
         final.update(evaluate(cfg.steps))
+    elif eval_fn is not None:  # resumed from the final checkpoint: its evaluation was logged before it
+        for row in log.rows:
+            if row.get("step") == cfg.steps and "loss" not in row:
+                final.update({k: v for k, v in row.items() if k != "step"})
     if start < cfg.steps:
         checkpoint(cfg.steps)
     log.plot()
@@ -259,7 +297,9 @@ def _save_final(model: nn.Module, path: Path, tokenizer: Any) -> None:
     adapted models (LoRA, prompt tuning) save just the adapter, in PEFT's format, with the tokenizer."""
     from lmforge.peft.lora import lora_layers
     from lmforge.peft.prompt_tuning import PromptTunedLM
+    from lmforge.training.checkpoint import check_finite
 
+    check_finite(model.named_parameters(), f"the final model to {path}")
     if isinstance(model, PromptTunedLM) or next(lora_layers(model), None) is not None:
         from lmforge.peft.adapters import save_adapter
 

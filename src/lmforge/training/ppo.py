@@ -11,7 +11,9 @@ policy and value losses, the adaptive KL coefficient) and ``PPOTrainer``, which 
 5. ``ppo_epochs`` passes of shuffled minibatches over the clipped policy + value loss.
 
 Tokens after a response's EOS are padding: they are masked out of every sum and mean. The value head
-is a linear layer on the policy's final hidden states. Dropout stays off (eval mode) so the first
+is a linear layer on the policy's final hidden states (zero-initialised). A NaN or infinite reward, KL,
+shaped reward, advantage, loss or gradient norm stops the step with an ``LmforgeError`` naming it and
+the step, before the optimiser touches the weights. Dropout stays off (eval mode) so the first
 minibatch's probability ratio is exactly 1. Log-probs use the sampling temperature (logits / T);
 top-k / top-p truncation is ignored in them, as in most RLHF code.
 """
@@ -28,6 +30,7 @@ from lmforge.errors import LmforgeError
 from lmforge.generation.generate import generate_tokens
 from lmforge.generation.sampling import SamplingParams
 from lmforge.peft.lora import lora_layers, set_lora_enabled
+from lmforge.training.loop import check_finite_value
 
 RewardFn = Callable[[list[str], list[str]], Tensor]
 
@@ -147,6 +150,13 @@ class PPOConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        from lmforge.training.loop import check_finite_number
+
+        for name in ("lr", "kl_coef", "target_kl", "gamma", "lam", "clip_range", "clip_range_value", "vf_coef",
+                     "max_grad_norm", "temperature", "top_p"):
+            check_finite_number(getattr(self, name), f"PPO {name}")
+        if not self.lr > 0:
+            raise LmforgeError(f"PPO lr must be > 0, got {self.lr}")
         for name in ("batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens", "horizon"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -246,6 +256,11 @@ class PPOTrainer:
         scores = torch.as_tensor(self.reward_fn(prompts, completions), dtype=torch.float32, device=device)
         if scores.shape != (B,):
             raise LmforgeError(f"the reward function returned shape {tuple(scores.shape)} for {B} completions")
+        bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
+        if bad:
+            raise LmforgeError(f"the reward became {float(scores[bad[0]])} at PPO step {self.steps_done + 1} (for "
+                               f"{len(bad)} of {B} completions, e.g. {completions[bad[0]]!r}); stopping without "
+                               "saving: the reward must be a finite number")
         seq, response = (idx, positions, key_mask, P), idx[:, P:]
         logits, values = self.forward(self.policy, *seq)
         logp = self.token_logp(logits, response) * mask
@@ -267,9 +282,21 @@ class PPOTrainer:
         if len(prompts) != c.batch_size:
             raise LmforgeError(f"a PPO step takes batch_size={c.batch_size} prompts, got {len(prompts)}")
         b = self.rollout(prompts, prompt_ids)
+        step = self.steps_done + 1
+
+        def finite(value, what: str):
+            return check_finite_value(value, what, step, "PPO keeps its last checkpoint; lower --lr or check the "
+                                      "reward and --kl-coef/--gamma/--lam/--vf-coef")
+
+        finite(self.kl_coef, "KL coefficient")
+        finite(b.logp.sum() + b.ref_logp.sum() + b.values.sum(), "policy/reference log-probs or values")
         rewards, kl = kl_shaped_rewards(b.logp, b.ref_logp, b.scores, b.mask, self.kl_coef)
+        finite(kl, "KL")
+        finite(rewards, "KL-shaped reward")
         advantages, returns = gae(rewards, b.values, b.mask, c.gamma, c.lam)
         advantages = whiten(advantages, b.mask)
+        finite(advantages, "advantage")
+        finite(returns, "return")
         response = b.idx[:, b.P:]
         gen = torch.Generator().manual_seed(c.seed * 7919 + self.steps_done)
         sums = {"policy_loss": 0.0, "value_loss": 0.0, "clipfrac": 0.0, "value_clipfrac": 0.0, "approx_kl": 0.0}
@@ -284,10 +311,12 @@ class PPOTrainer:
                 pg, clipfrac, approx_kl = policy_loss(logp, b.logp[rows], advantages[rows], m, c.clip_range)
                 vf, vf_clipfrac = value_loss(values, b.values[rows], returns[rows], m, c.clip_range_value)
                 loss = pg + c.vf_coef * vf
+                finite(loss, "PPO loss")
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                if c.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm if c.max_grad_norm > 0
+                                                           else float("inf"))
+                finite(grad_norm, "gradient norm")
                 self.optimizer.step()
                 for key, value in zip(sums, (pg, vf, clipfrac, vf_clipfrac, approx_kl)):
                     sums[key] += float(value.detach())

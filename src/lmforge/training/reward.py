@@ -20,8 +20,6 @@ classifier or language model; ``load_reward_model(path)`` reads it as a reward m
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -142,35 +140,30 @@ def check_tokenizer_match(reward, tokenizer: Tokenizer, what: str = "the policy 
 
 def save_reward_model(reward: ClassifierReward | PairwiseReward, path: str | os.PathLike,
                       extra: dict | None = None) -> Path:
-    """Write the reward model directory atomically: built in a temporary sibling, then renamed
-    into place (an existing directory at ``path`` is replaced only once the new one is complete)."""
+    """Write the reward model into the folder ``path``: each file atomically (a temporary name, then
+    ``os.replace``), ``reward_config.json`` removed first and written last, so that a half-written folder is
+    never read as a reward model. Files under other names are left alone: nothing of the user's is moved or
+    deleted. ``lmforge reward train`` checks the folder against the output policy (``lmforge.outputs``) first."""
     from safetensors.torch import save_file
 
     from lmforge.checkpoints.hf import save_hf_dir, write_json_atomic
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        model = reward.model.decoder if reward.kind == "pairwise" else reward.model
-        save_hf_dir(model, tmp, tokenizer=reward.tokenizer)
-        meta = {"kind": reward.kind, "max_len": reward.max_len, "precision": reward.precision, **(extra or {})}
-        if reward.kind == "classifier":
-            meta["good_labels"] = [reward.config.labels[i] for i in reward.good]
-        else:
-            (tmp / "head").mkdir()  # beside, not in, the directory's weights: lmforge.load reads every *.safetensors
-            save_file({"score.weight": reward.model.score.weight.detach().contiguous()}, str(tmp / HEAD))
-        write_json_atomic(meta, tmp / REWARD_CONFIG)
-        os.chmod(tmp, 0o755)
-        old = path.with_name(f".{path.name}.old")
-        shutil.rmtree(old, ignore_errors=True)  # left by a crash between the two renames
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    if path.exists() and not path.is_dir():
+        raise LmforgeError(f"{path} is a file, not a folder: a reward model is a folder")
+    path.mkdir(parents=True, exist_ok=True)
+    (path / REWARD_CONFIG).unlink(missing_ok=True)
+    model = reward.model.decoder if reward.kind == "pairwise" else reward.model
+    save_hf_dir(model, path, tokenizer=reward.tokenizer)
+    meta = {"kind": reward.kind, "max_len": reward.max_len, "precision": reward.precision, **(extra or {})}
+    if reward.kind == "classifier":
+        meta["good_labels"] = [reward.config.labels[i] for i in reward.good]
+    else:
+        (path / "head").mkdir(exist_ok=True)  # beside, not in, the directory's weights: lmforge.load reads every *.safetensors
+        tmp = path / (HEAD + ".tmp")
+        save_file({"score.weight": reward.model.score.weight.detach().contiguous()}, str(tmp))
+        os.replace(tmp, path / HEAD)
+    write_json_atomic(meta, path / REWARD_CONFIG)
     return path
 
 
@@ -219,10 +212,21 @@ def fit(params: list[torch.nn.Parameter], loss_of: Callable[[list[int]], torch.T
         desc: str) -> list[float]:
     """Minimise ``loss_of(indices)`` over ``epochs`` shuffled passes of ``n`` items with AdamW,
     linear warmup over the first ``warmup`` fraction of steps then cosine decay (``optim.py``).
-    Returns the per-step losses; a tqdm bar shows progress."""
+    Returns the per-step losses; a tqdm bar shows progress. NaN or infinite hyper-parameters are
+    refused up front; a NaN or infinite loss or gradient norm stops the run (``LmforgeError`` naming the
+    step) before the update, and trained parameters that are not finite at the end are refused, so
+    nothing non-finite is ever saved."""
     from tqdm.auto import tqdm
 
+    from lmforge.training.checkpoint import check_finite
+    from lmforge.training.loop import check_finite_number, check_finite_value
     from lmforge.training.optim import lr_at, set_lr
+
+    for name, value in (("--lr", lr), ("--weight-decay", weight_decay), ("--warmup", warmup)):
+        check_finite_number(value, name)
+    if not lr > 0:
+        raise LmforgeError(f"--lr must be > 0, got {lr}")
+    hint = "lower --lr or use fp32"
 
     gen = torch.Generator().manual_seed(seed)
     steps = epochs * -(-n // batch_size)
@@ -235,16 +239,16 @@ def fit(params: list[torch.nn.Parameter], loss_of: Callable[[list[int]], torch.T
             set_lr(opt, lr_at(len(losses), lr, steps, int(warmup * steps), 0.1))
             with autocast(precision):
                 loss = loss_of(order[s:s + batch_size])
-            if not torch.isfinite(loss):
-                raise LmforgeError(f"the loss became {loss.item()} at step {len(losses) + 1}: lower --lr or use fp32")
+            check_finite_value(loss, "loss", len(losses) + 1, hint)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            check_finite_value(torch.nn.utils.clip_grad_norm_(params, 1.0), "gradient norm", len(losses) + 1, hint)
             opt.step()
             losses.append(loss.item())
             bar.update(1)
             bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}", refresh=False)
     bar.close()
+    check_finite(((f"#{i}", p.detach()) for i, p in enumerate(params)), "the trained reward model")
     return losses
 
 

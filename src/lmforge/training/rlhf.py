@@ -23,6 +23,7 @@ from torch import nn
 
 from lmforge.checkpoints.hf import write_json_atomic
 from lmforge.errors import LmforgeError
+from lmforge.outputs import claims_output
 from lmforge.training.loop import precision_autocast, progress_bar
 
 METHODS = ("lora", "full")
@@ -41,8 +42,9 @@ def check_same_architecture(policy_config, ref_config, ref_name: str) -> None:
 
 
 def load_policy(model: str | None, *, adapter: str | None, method: str, ref: str | None, device: str,
-                lora: dict[str, Any]):
-    """(LM whose model is the trainable policy, frozen reference model or None = the policy with LoRA off)."""
+                lora: dict[str, Any], seed: int | None = None):
+    """(LM whose model is the trainable policy, frozen reference model or None = the policy with LoRA off).
+    New LoRA adapters are initialised from ``seed``."""
     import lmforge
     from lmforge.lm import LM
     from lmforge.training.sft import apply_method
@@ -55,7 +57,7 @@ def load_policy(model: str | None, *, adapter: str | None, method: str, ref: str
     if not isinstance(lm, LM) or lm.config.arch != "decoder":
         raise LmforgeError(f"{lm.name} is not a decoder-only model; PPO and DPO need one")
     if adapter is None and method == "lora":
-        apply_method(lm.model, "lora", quant="nf4", num_virtual_tokens=0, **lora)
+        apply_method(lm.model, "lora", quant="nf4", num_virtual_tokens=0, seed=seed, **lora)
     # with --adapter, load_adapter has frozen the base and left the adapter's weights trainable
     reference = None
     if ref is not None:
@@ -135,9 +137,12 @@ def load_reward(spec: str, reward_input: str = "completion"):
 
 
 def save_policy(model: nn.Module, path: Path, tokenizer) -> Path:
-    """A PEFT adapter folder for a LoRA policy, else a Hugging Face directory; the tokenizer beside it."""
+    """A PEFT adapter folder for a LoRA policy, else a Hugging Face directory; the tokenizer beside it.
+    Refuses (``LmforgeError``) to write NaN or infinite parameters."""
     from lmforge.peft.lora import lora_layers
+    from lmforge.training.checkpoint import check_finite
 
+    check_finite(model.named_parameters(), f"the final policy to {path}")
     if next(lora_layers(model), None) is not None:
         from lmforge.peft.adapters import save_adapter
 
@@ -159,7 +164,7 @@ def _resume(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, rng: 
     (``step``, ``batches["order"]``: the prompts/pairs still to visit, and the recipe's extras)."""
     from lmforge.training import checkpoint as ckpt
 
-    path = ckpt.find_checkpoint(out)
+    path = ckpt.recover_checkpoint(out)
     if path is None:
         raise LmforgeError(f"--resume: no checkpoint in {out}")
     state = ckpt.load_checkpoint(path, model, optimizer)
@@ -169,6 +174,7 @@ def _resume(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, rng: 
 
 
 # ----------------------------------------------------------------------------- the recipes
+@claims_output("rlhf ppo", inputs=("model", "adapter", "ref"))
 def ppo(model: str | None = None, prompts: str | Path = "", reward: str = "", *, adapter: str | None = None,
         method: str = "lora", ref: str | None = None, out_dir: str | Path = "runs/ppo", steps: int = 20,
         batch_size: int = 8, mini_batch_size: int = 4, ppo_epochs: int = 4, lr: float | None = None,
@@ -178,7 +184,8 @@ def ppo(model: str | None = None, prompts: str | Path = "", reward: str = "", *,
         prompt_field: str = "prompt", reward_input: str = "completion", precision: str = "fp32", seed: int = 0,
         device: str = "cpu", lora_r: int = 16, lora_alpha: float = 32.0, lora_dropout: float = 0.0,
         lora_targets: str | Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"), rslora: bool = False,
-        save_every: int = 0, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+        save_every: int = 0, resume: bool = False, progress: bool = True, overwrite: bool = False,
+        force: bool = False) -> dict[str, Any]:
     """Optimise ``model`` (None: the embedded default) with PPO against ``reward`` on ``prompts``.
 
     Each of ``steps`` PPO steps samples ``batch_size`` prompts (shuffled, cycling), generates up to
@@ -187,7 +194,8 @@ def ppo(model: str | None = None, prompts: str | Path = "", reward: str = "", *,
     towards ``target_kl`` when set) and runs ``ppo_epochs`` epochs of ``mini_batch_size`` minibatches.
     Every ``save_every`` steps (0: never) ``OUT_DIR/checkpoint`` is written atomically: policy, value
     head, optimiser, KL coefficient and prompt order; ``resume`` continues from it, step for step as
-    the uninterrupted run (rollouts and minibatches are seeded by the step).
+    the uninterrupted run (rollouts and minibatches are seeded by the step). An ``out_dir`` that holds a run
+    needs ``resume`` or ``overwrite``; one with other files needs ``force`` (``lmforge.outputs``).
     Returns the last step's figures and where the policy was saved.
     """
     from lmforge.training import checkpoint as ckpt
@@ -203,7 +211,7 @@ def ppo(model: str | None = None, prompts: str | Path = "", reward: str = "", *,
     reward_fn, reward_model = load_reward(reward, reward_input)
     seed_everything(seed)
     lm, reference = load_policy(model, adapter=adapter, method=method, ref=ref, device=device,
-                                lora=_lora_args(lora_r, lora_alpha, lora_dropout, lora_targets, rslora))
+                                lora=_lora_args(lora_r, lora_alpha, lora_dropout, lora_targets, rslora), seed=seed)
     if reward_model is not None:
         reward_vocab_check(reward_model, lm.config.vocab_size, reward)
     encoded = [lm.encode(p, chat) for p in texts]
@@ -246,6 +254,7 @@ def ppo(model: str | None = None, prompts: str | Path = "", reward: str = "", *,
     return {"step": steps, **stats, "out_dir": str(final)}
 
 
+@claims_output("rlhf dpo", inputs=("model", "adapter", "ref"))
 def dpo(model: str | None = None, data: str | Path = "", *, adapter: str | None = None, method: str = "lora",
         ref: str | None = None, out_dir: str | Path = "runs/dpo", loss: str = "dpo", beta: float = 0.1,
         label_smoothing: float = 0.0, precompute_ref: bool = False, steps: int | None = None,
@@ -254,7 +263,8 @@ def dpo(model: str | None = None, data: str | Path = "", *, adapter: str | None 
         eval_every: int = 0, precision: str = "fp32",
         seed: int = 0, device: str = "cpu", lora_r: int = 16, lora_alpha: float = 32.0, lora_dropout: float = 0.0,
         lora_targets: str | Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"), rslora: bool = False,
-        save_every: int = 0, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+        save_every: int = 0, resume: bool = False, progress: bool = True, overwrite: bool = False,
+        force: bool = False) -> dict[str, Any]:
     """Train ``model`` with DPO (or IPO: ``loss="ipo"``, ``beta`` is tau) on the preference file ``data``.
 
     Runs ``steps`` optimiser steps (or ``epochs`` passes; one epoch when neither is given) of ``batch_size``
@@ -270,16 +280,23 @@ def dpo(model: str | None = None, data: str | Path = "", *, adapter: str | None 
 
     from lmforge.training import checkpoint as ckpt
     from lmforge.training.dpo import DPOTrainer, load_pairs, precompute_reference, tokenize_pairs
-    from lmforge.training.loop import MetricsLog, seed_everything
+    from lmforge.training.loop import MetricsLog, check_finite_number, seed_everything
     from lmforge.training.optim import lr_at, make_optimizer, set_lr
 
     run_config = json.loads(json.dumps(locals(), default=str))
     if steps is not None and epochs is not None:
         raise LmforgeError("give either steps or epochs, not both")
+    for name, value in (("--beta", beta), ("--label-smoothing", label_smoothing), ("--lr", lr),
+                        ("--epochs", epochs), ("--eval-fraction", eval_fraction), ("--lora-alpha", lora_alpha)):
+        check_finite_number(value, name)
+    if not beta > 0:
+        raise LmforgeError(f"--beta must be > 0, got {beta}")
+    if lr is not None and not lr > 0:
+        raise LmforgeError(f"--lr must be > 0, got {lr}")
     pairs = load_pairs(data, limit)
     seed_everything(seed)
     lm, reference = load_policy(model, adapter=adapter, method=method, ref=ref, device=device,
-                                lora=_lora_args(lora_r, lora_alpha, lora_dropout, lora_targets, rslora))
+                                lora=_lora_args(lora_r, lora_alpha, lora_dropout, lora_targets, rslora), seed=seed)
     tok = lm.tokenizer
     max_len = max_len or min(512, lm.config.max_seq_len)
     items, dropped = tokenize_pairs(pairs, lambda p: lm.encode(p, chat), tok, max_len)
@@ -322,7 +339,7 @@ def dpo(model: str | None = None, data: str | Path = "", *, adapter: str | None 
         rows, order = order[:batch_size], order[batch_size:]
         set_lr(optimizer, lr_at(step, lr, steps, warmup_steps, 0.1))
         with precision_autocast(precision, device):
-            metrics = trainer.step([items[i] for i in rows], rows)
+            metrics = trainer.step([items[i] for i in rows], rows, step=step + 1)
         if held and ((eval_every and (step + 1) % eval_every == 0) or step + 1 == steps):
             with precision_autocast(precision, device):
                 metrics.update(trainer.evaluate(held))

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmforge.errors import LmforgeError
+from lmforge.outputs import add_output_args, claims_output
 
 if TYPE_CHECKING:  # torch is imported inside the functions so that building the CLI parser stays fast
     import torch
@@ -114,21 +115,26 @@ def loss_for(model: nn.Module):
 
 def apply_method(net: nn.Module, method: str, *, lora_r: int, lora_alpha: float, lora_dropout: float,
                  lora_targets: str | list[str], rslora: bool, quant: str, num_virtual_tokens: int,
-                 prompt_init_ids: list[int] | None = None) -> nn.Module:
+                 prompt_init_ids: list[int] | None = None, seed: int | None = None) -> nn.Module:
     """Prepare ``net`` for ``method``: freeze and add LoRA (over a quantised base for qlora), or wrap it
-    with a soft prompt. ``full`` returns it unchanged."""
+    with a soft prompt. ``full`` returns it unchanged. ``seed``: the new parameters (LoRA's A matrices,
+    random virtual tokens) are drawn from a generator seeded with it, so the run's seed fixes them
+    (None: torch's global generator)."""
+    import torch
+
     from lmforge.deploy.quantize import quantize_linears
     from lmforge.peft.lora import LoraSpec, add_lora
     from lmforge.peft.prompt_tuning import PromptTunedLM
 
     if method == "full":
         return net
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
     if method == "prompt-tuning":
-        return PromptTunedLM(net, num_virtual_tokens, prompt_init_ids)
+        return PromptTunedLM(net, num_virtual_tokens, prompt_init_ids, generator=generator)
     spec = LoraSpec(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets, rslora=rslora)
     if method == "qlora":
         quantize_linears(net, quant)
-    add_lora(net, spec)
+    add_lora(net, spec, generator=generator)
     return net
 
 
@@ -233,6 +239,7 @@ def evaluate_sft(model: nn.Module, tokenizer: Tokenizer, dev: SFTBatches, *, los
 
 
 # ----------------------------------------------------------------------------- the recipe
+@claims_output("finetune", inputs=("model", "adapter"))
 def finetune(
     model: str | None = None,
     train_data: str | Path | Sequence[str | Path] = (),
@@ -278,6 +285,8 @@ def finetune(
     quant: str = "nf4",
     num_virtual_tokens: int = 20,
     prompt_init_text: str | None = None,
+    overwrite: bool = False,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune ``model`` (a name or path ``lmforge.load`` accepts; None = the embedded default) on SFT data.
 
@@ -287,7 +296,9 @@ def finetune(
     greedy generations (``max_new_tokens``) on the first ``eval_generate``. ``max_len`` (tokens per example
     or packed row) defaults to 512 or the model's context window, whichever is smaller. The fine-tuned model and its
     tokenizer are written to ``out_dir/final`` (a Hugging Face directory); ``resume`` continues from
-    ``out_dir/checkpoint``. Returns the final metrics plus ``train_examples``/``dropped`` counts.
+    ``out_dir/checkpoint``. Returns the final metrics plus ``train_examples``/``dropped`` counts. An ``out_dir``
+    that holds a run needs ``resume`` or ``overwrite``; one with other files needs ``force``
+    (``lmforge.outputs``); it is locked while training.
 
     ``method``: ``full``; ``lora`` (rank ``lora_r``, ``lora_alpha``, on ``lora_targets``: names,
     ``"all-linear"`` or a regex); ``qlora`` (the same over a ``quant`` = nf4 | int8 frozen base); or
@@ -327,7 +338,7 @@ def finetune(
     if adapter is None:
         net = apply_method(net, method, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                            lora_targets=lora_targets, rslora=rslora, quant=quant,
-                           num_virtual_tokens=num_virtual_tokens, prompt_init_ids=init_ids)
+                           num_virtual_tokens=num_virtual_tokens, prompt_init_ids=init_ids, seed=seed)
     else:
         net = continue_adapter(net, method, adapter)
     if max_len is None:
@@ -387,7 +398,7 @@ def cmd_finetune(a: argparse.Namespace) -> int:
                       train_limit=a.limit, resume=a.resume, seed=a.seed, device=a.device, lora_r=a.lora_r,
                       lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout, rslora=a.rslora, quant=a.quant,
                       lora_targets=_targets(a.lora_targets), num_virtual_tokens=a.virtual_tokens,
-                      prompt_init_text=a.prompt_init_text)
+                      prompt_init_text=a.prompt_init_text, overwrite=a.overwrite, force=a.force)
     print(json.dumps(result, indent=2), file=sys.stdout)
     return 0
 
@@ -413,6 +424,7 @@ def _positive(name: str, kind=int):
 
 def add_finetune_parser(sub: argparse._SubParsersAction) -> None:
     """Add ``lmforge finetune`` to the subcommands (called from ``training/commands.py::register``)."""
+    from lmforge.cli import _float_arg, _int_arg
     p = sub.add_parser(
         "finetune", help="instruction fine-tuning (SFT) on alpaca / chat / prompt-completion / any JSONL",
         description="Fine-tune a model on supervised examples; the loss covers response tokens only. Formats are "
@@ -452,7 +464,8 @@ def add_finetune_parser(sub: argparse._SubParsersAction) -> None:
     pe.add_argument("--lora-r", type=_positive("--lora-r"), default=16, help="LoRA rank (default: 16)")
     pe.add_argument("--lora-alpha", type=_positive("--lora-alpha", float), default=32.0,
                     help="LoRA alpha; the update is scaled by alpha/r (default: 32)")
-    pe.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA input (default: 0.05)")
+    pe.add_argument("--lora-dropout", type=_float_arg("--lora-dropout", 0.0, 0.99), default=0.05,
+                    help="dropout on the LoRA input (default: 0.05)")
     pe.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj",
                     help="comma-separated layer names, 'all-linear', or a regex over full names "
                          "(default: q_proj,k_proj,v_proj,o_proj)")
@@ -469,24 +482,32 @@ def add_finetune_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--epochs", type=_positive("--epochs", float), help="passes over the data (instead of --steps)")
     t.add_argument("--lr", type=_positive("--lr", float), default=None,
                    help="peak learning rate (default: 2e-5 full, 2e-4 LoRA/QLoRA, 3e-2 prompt tuning)")
-    t.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of --lr (default: 0.1)")
-    t.add_argument("--warmup", type=int, default=0, help="linear warmup steps (default: 0)")
-    t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0.0)")
-    t.add_argument("--clip", type=float, default=1.0, help="max gradient norm, 0 = off (default: 1.0)")
+    t.add_argument("--min-lr-ratio", type=_float_arg("--min-lr-ratio", 0.0, 1.0), default=0.1,
+                   help="cosine floor as a fraction of --lr (default: 0.1)")
+    t.add_argument("--warmup", type=_int_arg("--warmup", 0), default=0, help="linear warmup steps (default: 0)")
+    t.add_argument("--weight-decay", type=_float_arg("--weight-decay", 0.0), default=0.0,
+                   help="AdamW weight decay (default: 0.0)")
+    t.add_argument("--clip", type=_float_arg("--clip", 0.0), default=1.0,
+                   help="max gradient norm, 0 = off (default: 1.0)")
     t.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 = autocast (default: fp32)")
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
     t.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
-    t.add_argument("--seed", type=int, default=0, help="seed for init, shuffling and dropout (default: 0)")
+    t.add_argument("--seed", type=_int_arg("--seed", 0), default=0,
+                   help="seed for init, shuffling and dropout (default: 0)")
     e = p.add_argument_group("evaluation and output")
-    e.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps; 0 = only at the end (default: 0)")
+    e.add_argument("--eval-every", type=_int_arg("--eval-every", 0), default=0,
+                   help="evaluate every N steps; 0 = only at the end (default: 0)")
     e.add_argument("--eval-examples", type=_positive("--eval-examples"), default=200,
                    help="dev examples for val_loss (default: 200)")
-    e.add_argument("--eval-generate", type=int, default=20,
+    e.add_argument("--eval-generate", type=_int_arg("--eval-generate", 0), default=20,
                    help="dev examples for greedy generation + ROUGE-L, 0 = none (default: 20)")
     e.add_argument("--max-new-tokens", type=_positive("--max-new-tokens"), default=64,
                    help="generation length for ROUGE-L (default: 64)")
     e.add_argument("-o", "--out-dir", default="runs/sft", help="output folder (default: runs/sft)")
-    e.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps; 0 = only at the end")
-    e.add_argument("--log-every", type=int, default=10, help="log the loss every N steps (default: 10)")
+    e.add_argument("--save-every", type=_int_arg("--save-every", 0), default=0,
+                   help="checkpoint every N steps; 0 = only at the end")
+    e.add_argument("--log-every", type=_int_arg("--log-every", 0), default=10,
+                   help="log the loss every N steps (default: 10)")
     e.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint")
+    add_output_args(e, "finetune")
     p.set_defaults(func=cmd_finetune)
