@@ -118,3 +118,58 @@ def test_stop_fails_waiting_sequences(plain_lm):
     with pytest.raises(EngineBusy, match="shutting down"):
         engine.submit([Sequence([1, 2], 3)])
     assert events[-1] in ("done", "error")
+
+
+def _recorded(seq):
+    seq.events = []
+    seq.on_event = lambda s, kind, value: s.events.append((kind, value))
+    return seq
+
+
+def test_a_row_whose_sampling_raises_ends_alone_and_the_others_finish(plain_lm, monkeypatch):
+    import lmforge.deploy.batching as batching
+
+    lm = plain_lm
+    prompts = _prompts(3, seed=5)
+    sampled = SamplingParams(temperature=0.8, top_k=20)
+    alone = [lm.generate(p, max_new_tokens=n, chat=False) for p, n in prompts[:2]]
+    solo = Sequence(lm.encode(prompts[2][0], chat=False), prompts[2][1], sampled, seed=3)
+    _run_all(Engine(lm.model, lm.tokenizer, lm.eos_ids), [solo])
+
+    real, calls = batching.sample_next, []
+
+    def poisoned(logits, params, seen=None, generator=None):
+        if params.top_p == 0.5:  # the poison row: its third draw raises, as a NaN distribution did
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+        return real(logits, params, seen, generator)
+
+    monkeypatch.setattr(batching, "sample_next", poisoned)
+    victims = [_recorded(Sequence(lm.encode(p, chat=False), n)) for p, n in prompts[:2]]
+    victims.append(_recorded(Sequence(solo.prompt_ids, solo.max_new_tokens, sampled, seed=3)))
+    poison = _recorded(Sequence(lm.encode("one two", chat=False), 40, SamplingParams(temperature=1.0, top_p=0.5)))
+    engine = Engine(lm.model, lm.tokenizer, lm.eos_ids, max_batch=4)
+    _run_all(engine, [victims[0], poison, victims[1], victims[2]])
+    assert poison.events[-1][0] == "error" and "probability tensor" in poison.events[-1][1]
+    assert len(poison.token_ids) == 2  # it ran, then failed at its third token
+    assert [v.events[-1][0] for v in victims] == ["done"] * 3
+    assert [v.text for v in victims] == alone + [solo.text]
+    assert engine.stats()["running"] == 0
+
+
+def test_a_request_that_fails_to_start_gets_its_error_and_shutdown_waits_on_nothing(plain_lm):
+    lm = plain_lm
+    ids = lm.encode("the quick brown", chat=False)
+    victims = [_recorded(Sequence(ids, 6)) for _ in range(3)]
+    poison = _recorded(Sequence(ids, 6, SamplingParams(temperature=1.0), seed=1))
+    poison.seed = 2**64  # past the validation: torch's manual_seed overflows while the row is set up
+    engine = Engine(lm.model, lm.tokenizer, lm.eos_ids, max_batch=2)
+    engine.submit([victims[0], poison, victims[1], victims[2]])  # the poison is admitted next to a running row
+    engine.start()
+    for s in [poison, *victims]:
+        assert s.done.wait(30), "a request never got an answer"
+    engine.stop(timeout=5)
+    assert not engine.thread.is_alive()
+    assert poison.events == [("error", "generation failed: ValueError: Overflow when unpacking long long")]
+    assert [v.finish_reason for v in victims] == ["length"] * 3 and len({v.text for v in victims}) == 1

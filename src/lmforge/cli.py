@@ -21,6 +21,8 @@ def _float_arg(name: str, low: float | None = None, high: float | None = None, l
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"{name} must be a finite number, got {text!r}")
         if low is not None and (value < low or (low_open and value == low)):
             bound = f"> {low}" if low_open else f">= {low}"
             raise argparse.ArgumentTypeError(f"{name} must be {bound}" + (f" and <= {high}" if high else "")
@@ -61,20 +63,49 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="float32 | bfloat16 | float16 | auto (bfloat16 on GPU, float32 on CPU; default: auto)")
 
 
+def _temperature_arg(text: str) -> float:
+    from lmforge.generation.sampling import MIN_TEMPERATURE
+
+    value = _float_arg("--temperature", 0.0)(text)
+    if 0 < value < MIN_TEMPERATURE:
+        raise argparse.ArgumentTypeError(f"--temperature must be 0 (greedy) or >= {MIN_TEMPERATURE}, got {value}")
+    return value
+
+
+def _top_p_arg(text: str) -> float:
+    from lmforge.generation.sampling import MIN_TOP_P
+
+    return _float_arg("--top-p", MIN_TOP_P, 1.0)(text)
+
+
+def _repetition_penalty_arg(text: str) -> float:
+    from lmforge.generation.sampling import REPETITION_PENALTY_RANGE
+
+    return _float_arg("--repetition-penalty", *REPETITION_PENALTY_RANGE)(text)
+
+
+def _seed_arg(text: str) -> int:
+    value = _int_arg("--seed", 0)(text)
+    if value >= 2**63:
+        raise argparse.ArgumentTypeError(f"--seed must be an integer in [0, 2**63), got {value}")
+    return value
+
+
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generation")
     g.add_argument("-n", "--max-new-tokens", type=_int_arg("--max-new-tokens"), default=256,
                    help="most tokens to generate (default: %(default)s)")
-    g.add_argument("-t", "--temperature", type=_float_arg("--temperature", 0.0), default=0.0,
-                   help="0 = greedy, deterministic (default); higher = more random")
+    g.add_argument("-t", "--temperature", type=_temperature_arg, default=0.0,
+                   help="0 = greedy, deterministic (default); otherwise >= 0.01, higher = more random")
     g.add_argument("--top-k", type=_int_arg("--top-k"), default=None, help="sample only from the k most likely tokens")
-    g.add_argument("--top-p", type=_float_arg("--top-p", 0.0, 1.0, low_open=True), default=None,
-                   help="nucleus sampling: the smallest set of tokens whose probability reaches p, in (0, 1]")
-    g.add_argument("--repetition-penalty", type=_float_arg("--repetition-penalty", 0.0, low_open=True),
-                   default=1.0, help="> 1 discourages repeating tokens already seen (default: 1 = off)")
+    g.add_argument("--top-p", type=_top_p_arg, default=None,
+                   help="nucleus sampling: the smallest set of tokens whose probability reaches p, in [1e-6, 1]")
+    g.add_argument("--repetition-penalty", type=_repetition_penalty_arg,
+                   default=1.0, help="> 1 discourages repeating tokens already seen, in [0.01, 100] (default: 1 = off)")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop when this text appears (repeatable); it is not printed")
-    g.add_argument("--seed", type=int, default=None, help="random seed: the same seed gives the same text")
+    g.add_argument("--seed", type=_seed_arg, default=None,
+                   help="random seed in [0, 2**63): the same seed gives the same text")
 
 
 def _sampling_kwargs(a: argparse.Namespace) -> dict:

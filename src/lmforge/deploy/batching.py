@@ -32,13 +32,17 @@ import torch
 
 from lmforge.errors import LmforgeError
 from lmforge.generation.generate import TextStream
-from lmforge.generation.sampling import SamplingParams, sample_next
+from lmforge.generation.sampling import SamplingParams, check_seed, sample_next
 
 log = logging.getLogger("lmforge.serve")
 
 # on_event(seq, kind, value): kind "text" (value: the new text), "done" (value: finish reason
 # "stop" | "length" | "cancelled") or "error" (value: a message). Called on the engine thread.
 EventCallback = Callable[["Sequence", str, str], None]
+
+
+def _failure(e: Exception) -> str:
+    return f"generation failed: {type(e).__name__}: {e}"
 
 
 class EngineBusy(RuntimeError):
@@ -51,6 +55,7 @@ class Sequence:
     def __init__(self, prompt_ids: Seq[int], max_new_tokens: int, params: SamplingParams = SamplingParams(), *,
                  stop: Seq[str] = (), seed: int | None = None, on_event: EventCallback | None = None,
                  index: int = 0):
+        check_seed(seed)
         self.prompt_ids = list(prompt_ids)
         self.max_new_tokens, self.params, self.stop, self.seed = max_new_tokens, params, list(stop), seed
         self.on_event, self.index = on_event, index
@@ -205,19 +210,23 @@ class Engine:
                     new = []
                     while self.waiting and len(self.rows) + len(new) < self.max_batch:
                         new.append(self.waiting.popleft())
+                for seq in new:  # each admission on its own: a failing request never takes others down
+                    if seq.cancelled:
+                        seq._emit("done", "cancelled")
+                        continue
+                    try:
+                        self._admit(seq)
+                    except Exception as e:
+                        log.exception("the engine failed to start a request")
+                        self._fail_admission(seq, e)
                 try:
-                    for seq in new:
-                        if seq.cancelled:
-                            seq._emit("done", "cancelled")
-                        else:
-                            self._admit(seq)
                     self._retire([i for i, r in enumerate(self.rows) if r.seq.cancelled], "cancelled")
                     if self.rows:
                         self._decode()
-                except Exception as e:  # a bug or out of memory: fail what is running, keep serving
-                    log.exception("the engine failed a step")
+                except Exception as e:  # the batched forward pass failed (a bug, out of memory): fail what
+                    log.exception("the engine failed a step")  # shares it, keep serving
                     for r in self.rows:
-                        r.seq._emit("error", f"generation failed: {type(e).__name__}: {e}")
+                        r.seq._emit("error", _failure(e))
                     self.rows, self.cur = [], 0
         with self.cond:
             left, self.waiting = [r.seq for r in self.rows] + list(self.waiting), deque()
@@ -228,9 +237,20 @@ class Engine:
     def _views(self, lo: int, hi: int) -> list[_CacheRows]:
         return [_CacheRows(c, lo, hi) for c in self.caches]
 
+    def _fail_admission(self, seq: Sequence, e: Exception) -> None:
+        """``seq`` failed while being admitted: free its slot if it got one and answer it with an error."""
+        slots = [i for i, r in enumerate(self.rows) if r.seq is seq]
+        if slots:
+            self.rows.pop(slots[0])  # it was appended last, so no other row moves
+            if not self.rows:
+                self.cur = 0
+        if not seq.done.is_set():
+            seq._emit("error", _failure(e))
+
     def _admit(self, seq: Sequence) -> None:
         """Prefill one new sequence into the next free slot and sample its first token."""
         P, s = len(seq.prompt_ids), len(self.rows)
+        row = _Row(seq, self.tokenizer, self.model.config.vocab_size, self.device)  # before the prefill: may fail
         if self.cur < P:  # stretch the timeline: the new columns are holes for the running rows
             self.key_mask[:s, self.cur:P] = False
             self.cur = P
@@ -241,9 +261,8 @@ class Engine:
         positions = torch.arange(P, device=self.device)[None]  # (1, P)
         logits = self.model(idx, positions, self.key_mask[s:s + 1, :self.cur], self._views(s, s + 1), start,
                             last_only=True)[:, -1]  # (1, V)
-        row = _Row(seq, self.tokenizer, logits.shape[-1], self.device)
         self.rows.append(row)
-        if not self._take(row, self._sample(logits, [row])[0]):
+        if not self._take(row, self._sample_row(logits[0:1], row)):
             self._retire([s], None)
 
     def _decode(self) -> None:
@@ -261,18 +280,24 @@ class Engine:
         for r in self.rows:
             r.pos += 1
             r.length += 1
-        finished = [i for i, (r, tok) in enumerate(zip(self.rows, self._sample(logits, self.rows)))
-                    if not self._take(r, tok)]
+        greedy = logits.argmax(dim=-1).tolist()
+        finished = []
+        for i, r in enumerate(self.rows):  # one row's failure (its sampling, its text) ends that row only
+            try:
+                if not self._take(r, self._sample_row(logits[i:i + 1], r, greedy[i])):
+                    finished.append(i)
+            except Exception as e:
+                log.exception("the engine failed a request")
+                r.seq._emit("error", _failure(e))
+                finished.append(i)
         self._retire(finished, None)
 
-    def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
-        """logits (n, V) -> one token per row, each with its own sampling settings and generator."""
-        out = logits.argmax(dim=-1).tolist()
-        for i, r in enumerate(rows):
-            p = r.seq.params
-            if not p.greedy or p.repetition_penalty != 1.0:
-                out[i] = int(sample_next(logits[i:i + 1], p, r.seen, r.generator)[0])
-        return out
+    def _sample_row(self, logits: torch.Tensor, row: _Row, greedy: int | None = None) -> int:
+        """logits (1, V) -> the row's next token, with its own sampling settings and generator."""
+        p = row.seq.params
+        if not p.greedy or p.repetition_penalty != 1.0:
+            return int(sample_next(logits, p, row.seen, row.generator)[0])
+        return int(logits[0].argmax()) if greedy is None else greedy
 
     def _take(self, row: _Row, tok: int) -> bool:
         """Record a sampled token; False when the row has finished (its done event is sent)."""

@@ -51,14 +51,15 @@ def cmd_serve(a: argparse.Namespace) -> int:
     lm = load_for_serving(a.model, adapter=a.adapter, device=a.device, dtype=a.dtype, quantize=a.quantize)
     model_id = a.served_model_name or served_name(a.model)
     serve(lm, model_id=model_id, aliases=(a.model,), host=a.host, port=a.port, api_key=api_key,
-          max_batch=a.max_batch, max_queue=a.max_queue, context=a.max_context, log_level=a.log_level)
+          max_batch=a.max_batch, max_queue=a.max_queue, context=a.max_context, log_level=a.log_level,
+          max_body_bytes=int(a.max_body_mb * 1024 * 1024), read_timeout=a.read_timeout)
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the deployment subcommands to the ``lmforge`` parser."""
     from lmforge.checkpoints.resolve import DEFAULT_MODEL
-    from lmforge.cli import _int_arg
+    from lmforge.cli import _float_arg, _int_arg
 
     s = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API, with a web playground",
                        description="Serve MODEL at /v1/completions, /v1/chat/completions and /v1/models (OpenAI's "
@@ -87,6 +88,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--max-context", type=_int_arg("--max-context", 2), default=2048,
                    help="tokens per sequence, prompt + completion; capped at the model's context and sizes the KV "
                         "cache (default: %(default)s)")
+    s.add_argument("--max-body-mb", type=_float_arg("--max-body-mb", 0.0, low_open=True), default=4.0,
+                   help="largest request body in MiB; larger ones get 413 before they are read (default: %(default)s)")
+    s.add_argument("--read-timeout", type=_float_arg("--read-timeout", 0.0, low_open=True), default=30.0,
+                   help="seconds a client gets to send its request head, and then its body (408); slower "
+                        "connections are closed (default: %(default)s)")
     s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                    help="uvicorn's log level (default: %(default)s)")
     s.set_defaults(func=cmd_serve)

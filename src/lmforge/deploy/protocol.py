@@ -8,7 +8,10 @@ Supported request fields: model, prompt | messages, max_tokens (chat: also max_c
 temperature, top_p, n, stop, seed, stream, stream_options.include_usage, echo (completions), user;
 and two common extensions (as in vLLM): top_k and repetition_penalty. Fields that would change
 the output in ways lmforge does not implement (logprobs, logit_bias, tools, penalties, ...) are
-refused with a 400 naming the field, never silently ignored.
+refused with a 400 naming the field, never silently ignored. Sampling values are held to the ranges in
+``generation.sampling`` (temperature 0 or in [0.01, 2], top_p in [1e-6, 1], repetition_penalty in
+[0.01, 100], seed in [0, 2**63)), so an accepted request cannot make sampling fail; text holding a lone
+UTF-16 surrogate (JSON "\\ud800"), which no tokenizer can encode, is refused too.
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ import time
 import uuid
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from lmforge.generation.sampling import MIN_TEMPERATURE, MIN_TOP_P, REPETITION_PENALTY_RANGE, SEED_LIMIT
 
 
 class APIError(Exception):
@@ -42,6 +48,26 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+def lone_surrogate(value: Any, path: str = "") -> str | None:
+    """Where in a parsed JSON value a string (or key) holds a lone surrogate, as "messages[0].content"; else None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "the request body"
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            where = lone_surrogate(k, path or "the request body") or lone_surrogate(v, f"{path}.{k}" if path else k)
+            if where:
+                return where
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            where = lone_surrogate(v, f"{path}[{i}]")
+            if where:
+                return where
+    return None
+
+
 class _Common(BaseModel):
     """Fields shared by both endpoints. ``None`` means "not given" (the endpoint picks the default)."""
 
@@ -49,12 +75,12 @@ class _Common(BaseModel):
     model: str
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
+    top_p: float | None = Field(None, ge=MIN_TOP_P, le=1)
     top_k: int | None = Field(None, ge=1)
-    repetition_penalty: float | None = Field(None, gt=0)
+    repetition_penalty: float | None = Field(None, ge=REPETITION_PENALTY_RANGE[0], le=REPETITION_PENALTY_RANGE[1])
     n: int = Field(1, ge=1, le=16)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -62,6 +88,26 @@ class _Common(BaseModel):
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        where = lone_surrogate(data)
+        if where is not None:
+            raise PydanticCustomError("invalid_unicode", "'{param}' holds an invalid Unicode character (a lone UTF-16 "
+                                      "surrogate such as \\ud800); send valid UTF-8 text", {"param": where})
+        return data
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature_floor(cls, t: float | None) -> float | None:
+        if t is not None and 0 < t < MIN_TEMPERATURE:
+            raise ValueError(f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE}, 2], got {t}")
+        return t
+
+    def seed_for(self, j: int) -> int | None:
+        """The seed of choice j (seed + j, wrapped into [0, 2**63)), so the n choices differ but reproduce."""
+        return None if self.seed is None else (self.seed + j) % SEED_LIMIT
 
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -11,6 +11,14 @@ loop through ``loop.call_soon_threadsafe``.
 With an API key set, every request but the static page ``/`` and ``/health`` must carry
 ``Authorization: Bearer <key>``; others get 401 in OpenAI's error shape. Every error is
 answered as ``{"error": {"message", "type", "param", "code"}}``.
+
+Limits, so that no request can take the server down: a request body is read before any route sees
+it, at most ``max_body_bytes`` of it (413 from its Content-Length, or as soon as a streamed body
+passes the limit) and all of it within ``read_timeout`` seconds (408); a connection must send its
+request line and headers within ``read_timeout`` seconds too (``http_protocol``). Prompt text longer
+than ``CHARS_PER_TOKEN`` characters per context token is refused before tokenising, and tokenising
+runs in a worker thread, off the event loop. A non-streaming request whose client goes away is
+cancelled within ``POLL_S`` seconds plus one decode step, like a stream.
 """
 
 from __future__ import annotations
@@ -28,7 +36,8 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge.deploy.batching import Engine, EngineBusy, Sequence
@@ -56,6 +65,101 @@ OPEN_PATHS = ("/", "/health")  # reachable without the API key: a static page an
 PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; "
                                            "style-src 'unsafe-inline'; connect-src 'self'",
                 "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
+MAX_BODY_BYTES = 4 * 1024 * 1024  # default request-body limit: a full 128k-token prompt as JSON fits
+READ_TIMEOUT_S = 30.0  # default time a client gets to send its request head, and then its body
+CHARS_PER_TOKEN = 32  # prompt text beyond this many characters per context token cannot fit: refused untokenised
+POLL_S = 0.25  # how often a waiting non-streaming request checks that its client is still there
+
+
+class _BodyLimit:
+    """ASGI middleware: read the whole request body first, at most ``max_bytes`` (413 from the
+    Content-Length header without reading, or once the bytes received pass it) within ``timeout``
+    seconds (408); the route then reads it from memory."""
+
+    def __init__(self, app, max_bytes: int, timeout: float):
+        self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None:
+            if not length.strip().isdigit():
+                return await _refuse(scope, receive, send, 400, "the Content-Length header is not a number")
+            if int(length) > self.max_bytes:
+                return await _refuse(scope, receive, send, 413, self._too_large(int(length)))
+        loop = asyncio.get_running_loop()
+        deadline, chunks, size = loop.time() + self.timeout, [], 0
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                return await _refuse(scope, receive, send, 408, f"the request body did not arrive within "
+                                                                f"{self.timeout:g} s")
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                return await _refuse(scope, receive, send, 413, self._too_large(None))
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body, delivered = b"".join(chunks), False
+        del chunks
+
+        async def replay():
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: http.disconnect when the client goes away
+
+        await self.app(scope, replay, send)
+
+    def _too_large(self, length: int | None) -> str:
+        size = f"{length} bytes" if length is not None else "larger"
+        return f"the request body is {size}; this server accepts at most {self.max_bytes} bytes (--max-body-mb)"
+
+
+async def _refuse(scope, receive, send, status: int, message: str) -> None:
+    response = JSONResponse(error_body(message, code=str(status)), status_code=status, headers={"Connection": "close"})
+    await response(scope, receive, send)
+
+
+def http_protocol(head_timeout: float):
+    """uvicorn's h11 HTTP/1.1 protocol plus a deadline for the request head: a connection that has not
+    sent a complete request line and headers ``head_timeout`` seconds after it opened (or after its
+    previous response) is closed. uvicorn itself waits for a request head forever."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeadTimeoutH11(H11Protocol):
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def connection_lost(self, exc) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            self._head_timer = self.loop.call_later(head_timeout, self._head_late)
+
+        def _head_late(self) -> None:
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()  # still no complete request head
+
+    return HeadTimeoutH11
 
 
 class _ApiKeyCheck:
@@ -83,8 +187,12 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     err = exc.errors()[0]
     if err.get("type") == "json_invalid":
         return f"the request body is not valid JSON: {err.get('ctx', {}).get('error', err.get('msg'))}", None
+    if err.get("type") == "invalid_unicode":
+        return err["msg"], err.get("ctx", {}).get("param")
     loc = [str(p) for p in err.get("loc", ()) if p != "body"]
     param = ".".join(loc) or None
+    if err.get("type") == "value_error":
+        return err.get("msg", "").removeprefix("Value error, "), param
     if err.get("type") == "missing":
         return f"missing required parameter: '{param}'", param
     if not loc:
@@ -92,10 +200,11 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return f"invalid value for '{param}': {err.get('msg')}", param
 
 
-def create_app(lm, engine: Engine, *, model_id: str, api_key: str | None = None,
-               aliases: tuple[str, ...] = ()) -> FastAPI:
+def create_app(lm, engine: Engine, *, model_id: str, api_key: str | None = None, aliases: tuple[str, ...] = (),
+               max_body_bytes: int = MAX_BODY_BYTES, read_timeout: float = READ_TIMEOUT_S) -> FastAPI:
     """The FastAPI app serving ``lm`` through ``engine`` (started and stopped with the app)."""
     names = {model_id, *aliases}
+    max_chars = CHARS_PER_TOKEN * engine.width
     created = int(time.time())
 
     @contextlib.asynccontextmanager
@@ -106,7 +215,8 @@ def create_app(lm, engine: Engine, *, model_id: str, api_key: str | None = None,
         engine.stop()
 
     app = FastAPI(title="lmforge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    if api_key:
+    app.add_middleware(_BodyLimit, max_bytes=max_body_bytes, timeout=read_timeout)
+    if api_key:  # added last, so it runs first: no body is read for a request without the key
         app.add_middleware(_ApiKeyCheck, api_key=api_key)
 
     @app.exception_handler(APIError)
@@ -121,6 +231,13 @@ def create_app(lm, engine: Engine, *, model_id: str, api_key: str | None = None,
     async def _invalid(request: Request, exc: RequestValidationError):
         message, param = _validation_message(exc)
         return JSONResponse(error_body(message, param=param), status_code=400)
+
+    def check_chars(texts: list[str], param: str) -> None:
+        n = sum(len(t) for t in texts)
+        if n > max_chars:
+            raise APIError(400, f"the prompt is {n} characters, more than can fit this model's maximum context "
+                                f"length of {engine.width} tokens (at most {max_chars} characters are read); "
+                                "shorten the prompt", param=param, code="context_length_exceeded")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
@@ -181,13 +298,15 @@ def create_app(lm, engine: Engine, *, model_id: str, api_key: str | None = None,
     async def completions(req: CompletionRequest, request: Request):
         check_model(req.model)
         check_supported(req)
-        prompts = _completion_prompts(req.prompt, lm.tokenizer)
+        check_chars([req.prompt] if isinstance(req.prompt, str) else
+                    [p for p in req.prompt if isinstance(p, str)], "prompt")
+        prompts = await run_in_threadpool(_completion_prompts, req.prompt, lm.tokenizer)
         max_tokens = req.max_tokens or 16
         for ids in prompts:
             check_lengths(len(ids), max_tokens)
         params, stops = sampling(req), req.stop_list()
-        seqs = [Sequence(ids, max_tokens, params, stop=stops, seed=None if req.seed is None else req.seed + j,
-                         index=p * req.n + j) for p, ids in enumerate(prompts) for j in range(req.n)]
+        seqs = [Sequence(ids, max_tokens, params, stop=stops, seed=req.seed_for(j), index=p * req.n + j)
+                for p, ids in enumerate(prompts) for j in range(req.n)]
         echo = [lm.tokenizer.decode(s.prompt_ids, skip_special_tokens=True) if req.echo else "" for s in seqs]
         return await _respond(request, engine, seqs, "text_completion", model_id, req, echo,
                               sum(len(p) for p in prompts))
@@ -199,12 +318,13 @@ def create_app(lm, engine: Engine, *, model_id: str, api_key: str | None = None,
         if not lm.has_chat_template:
             raise APIError(400, f"the model '{model_id}' has no chat template; use /v1/completions",
                            param="messages")
-        ids = lm.encode_messages(chat_messages(req.messages))
+        messages = chat_messages(req.messages)
+        check_chars([m["content"] for m in messages], "messages")
+        ids = await run_in_threadpool(lm.encode_messages, messages)
         max_tokens = req.max_completion_tokens or req.max_tokens or max(1, engine.width - len(ids))
         check_lengths(len(ids), max_tokens)
         params, stops = sampling(req), req.stop_list()
-        seqs = [Sequence(ids, max_tokens, params, stop=stops, seed=None if req.seed is None else req.seed + j,
-                         index=j) for j in range(req.n)]
+        seqs = [Sequence(ids, max_tokens, params, stop=stops, seed=req.seed_for(j), index=j) for j in range(req.n)]
         return await _respond(request, engine, seqs, "chat.completion", model_id, req, [""] * req.n, len(ids))
 
     return app
@@ -255,7 +375,10 @@ async def _respond(request: Request, engine: Engine, seqs: list[Sequence], kind:
     texts, reasons, pending = list(echo), [""] * len(seqs), len(seqs)
     try:
         while pending:
-            index, what, value = await queue.get()
+            event = await _next_event(queue, engine, request)
+            if event is None:  # the client went away: the finally below frees the slots
+                return Response(status_code=499)
+            index, what, value = event
             if what == "text":
                 texts[index] += value
             elif what == "done":
@@ -268,6 +391,19 @@ async def _respond(request: Request, engine: Engine, seqs: list[Sequence], kind:
     use = usage(prompt_tokens, sum(len(s.token_ids) for s in seqs))
     body = (chat_body if chat else completion_body)(rid, model_id, list(zip(texts, reasons)), use)
     return JSONResponse(body)
+
+
+async def _next_event(queue: asyncio.Queue, engine: Engine, request: Request | None) -> tuple[int, str, str] | None:
+    """The next (index, kind, value) event of a request; None once its client has gone away (checked
+    every ``POLL_S`` s when ``request`` is given). An engine that stopped without answering is an error."""
+    while True:
+        try:
+            return await asyncio.wait_for(queue.get(), POLL_S)
+        except asyncio.TimeoutError:
+            if request is not None and await request.is_disconnected():
+                return None
+            if not engine.thread.is_alive() and queue.empty():
+                return -1, "error", "the server is shutting down"
 
 
 def _sse(data: dict[str, Any] | str) -> str:
@@ -284,8 +420,8 @@ async def _stream(engine, seqs, queue, rid, model_id, chat, echo, include_usage,
                 yield _sse(chat_chunk(rid, model_id, created, s.index, {"role": "assistant", "content": ""}))
             elif echo[s.index]:
                 yield _sse(completion_chunk(rid, model_id, created, s.index, echo[s.index]))
-        while pending:
-            index, what, value = await queue.get()
+        while pending:  # a client that goes away cancels this generator (Starlette watches the connection)
+            index, what, value = await _next_event(queue, engine, None)
             if what == "text":
                 yield _sse(chat_chunk(rid, model_id, created, index, {"content": value}) if chat else
                            completion_chunk(rid, model_id, created, index, value))
@@ -308,12 +444,13 @@ async def _stream(engine, seqs, queue, rid, model_id, chat, echo, include_usage,
 
 def serve(lm, *, model_id: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_batch: int = 16, max_queue: int = 64, context: int | None = None, aliases: tuple[str, ...] = (),
-          log_level: str = "info") -> None:
-    """Serve ``lm`` until interrupted."""
+          log_level: str = "info", max_body_bytes: int = MAX_BODY_BYTES, read_timeout: float = READ_TIMEOUT_S) -> None:
+    """Serve ``lm`` until interrupted (SIGTERM: requests in flight get 10 s to finish)."""
     import uvicorn
 
     engine = Engine(lm.model, lm.tokenizer, lm.eos_ids, max_batch=max_batch, max_queue=max_queue, context=context)
-    app = create_app(lm, engine, model_id=model_id, api_key=api_key, aliases=aliases)
+    app = create_app(lm, engine, model_id=model_id, api_key=api_key, aliases=aliases, max_body_bytes=max_body_bytes,
+                     read_timeout=read_timeout)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"warning: serving on {host} without an API key: anyone who can reach this port can use the model; "
               "set --api-key or LMFORGE_API_KEY", file=sys.stderr)
@@ -321,7 +458,8 @@ def serve(lm, *, model_id: str, host: str = "127.0.0.1", port: int = 8000, api_k
     print(f"lmforge: serving '{model_id}' at http://{shown}:{port}/v1 (playground: http://{shown}:{port}/), "
           f"{max_batch} batch slots x {engine.width} tokens, API key {'required' if api_key else 'off'}",
           file=sys.stderr)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, http=http_protocol(read_timeout),
+                timeout_graceful_shutdown=10)
 
 
 class BackgroundServer:
@@ -347,7 +485,8 @@ class BackgroundServer:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, self.port))
         self.port = sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=5))
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=5,
+                                                    http=http_protocol(READ_TIMEOUT_S)))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True,
                                        name="lmforge-http")
         self.thread.start()

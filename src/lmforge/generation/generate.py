@@ -7,13 +7,14 @@ multi-byte character in half.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Iterator, Sequence
 
 import torch
 
 from lmforge.errors import LmforgeError
-from lmforge.generation.sampling import SamplingParams, sample_next
+from lmforge.generation.sampling import SamplingParams, check_seed, sample_next
 
 
 def check_lengths(prompt_len: int, max_new_tokens: int, context: int) -> int:
@@ -52,17 +53,40 @@ def generate_tokens(
     ``max_new_tokens``. Prompts of different lengths are left-padded; padding is masked out and
     positions count real tokens only, so each row decodes as it would alone.
     """
-    device = next(model.parameters()).device
-    if device.type != "cpu":
-        yield from _generate(model, prompts, max_new_tokens, params, eos_ids, pad_id, seed, use_cache)
+    check_seed(seed)
+    steps = _generate(model, prompts, max_new_tokens, params, eos_ids, pad_id, seed, use_cache)
+    if next(model.parameters()).device.type != "cpu":
+        yield from steps
         return
     # Softmax tails underflow into subnormal floats, which x86 handles ~100x slower; they carry no
-    # signal at inference, so flush them to zero while generating (a per-thread CPU flag, restored after).
+    # signal at inference, so flush them to zero while computing each step. The flag is per thread and
+    # belongs to the caller: it is set only inside each step, never across a yield, and then restored.
+    try:
+        while True:
+            with flush_denormal():
+                try:
+                    step = next(steps)
+                except StopIteration:
+                    return
+            yield step
+    finally:
+        steps.close()
+
+
+def flush_denormal_enabled() -> bool:
+    """Whether this thread flushes subnormal floats to zero (torch has a setter but no getter)."""
+    return float(torch.full((1,), 2.0 ** -140) * 1.0) == 0.0
+
+
+@contextlib.contextmanager
+def flush_denormal() -> Iterator[None]:
+    """Flush subnormal floats to zero on this thread inside the block; the previous setting comes back after."""
+    before = flush_denormal_enabled()
     torch.set_flush_denormal(True)
     try:
-        yield from _generate(model, prompts, max_new_tokens, params, eos_ids, pad_id, seed, use_cache)
+        yield
     finally:
-        torch.set_flush_denormal(False)
+        torch.set_flush_denormal(before)
 
 
 class DecoderSteps:

@@ -2,20 +2,48 @@
 
 Each function takes logits (B, V) and returns new logits (B, V) with disallowed tokens at -inf;
 ``sample_next`` composes them in the usual order (penalty, temperature, top-k, top-p) and draws.
+This module also owns the accepted ranges of the sampling settings and of seeds (``SamplingParams``,
+``check_seed``), which the server and the CLI validate against: inside them float32 arithmetic
+neither overflows nor underflows, so sampling never raises on accepted input. ``sample_next`` falls
+back to the most likely token for a row whose distribution still comes out empty or not finite.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from lmforge.errors import LmforgeError
 
+# Accepted ranges. A temperature below MIN_TEMPERATURE (or a repetition penalty outside its range) scales
+# float32 logits past 3.4e38 into inf; a top_p below MIN_TOP_P rounds to 0 in float32 and drops every token.
+MIN_TEMPERATURE = 0.01
+MIN_TOP_P = 1e-6
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
+SEED_LIMIT = 2**63  # seeds are integers in [0, SEED_LIMIT)
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_seed(seed: object, name: str = "seed") -> None:
+    """Raise LmforgeError unless ``seed`` is None or an integer in [0, 2**63)."""
+    if seed is None:
+        return
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < SEED_LIMIT:
+        raise LmforgeError(f"{name} must be an integer in [0, 2**63), got {seed!r}")
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick each next token. ``temperature == 0`` means greedy (argmax)."""
+    """How to pick each next token. ``temperature == 0`` means greedy (argmax).
+
+    temperature: 0, or a finite number >= 0.01; top_k: a positive integer; top_p: in [1e-6, 1];
+    repetition_penalty: in [0.01, 100] (1 = off).
+    """
 
     temperature: float = 0.0
     top_k: int | None = None
@@ -23,14 +51,18 @@ class SamplingParams:
     repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
-            raise LmforgeError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+        t = self.temperature
+        if not _number(t) or t < 0 or 0 < t < MIN_TEMPERATURE:
+            raise LmforgeError(f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE}, got {t}")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or isinstance(self.top_k, bool)
+                                       or self.top_k < 1):
             raise LmforgeError(f"top_k must be a positive integer, got {self.top_k}")
-        if self.top_p is not None and not (0.0 < self.top_p <= 1.0):
-            raise LmforgeError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not self.repetition_penalty > 0:
-            raise LmforgeError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        if self.top_p is not None and not (_number(self.top_p) and MIN_TOP_P <= self.top_p <= 1.0):
+            raise LmforgeError(f"top_p must be in [{MIN_TOP_P:g}, 1], got {self.top_p}")
+        lo, hi = REPETITION_PENALTY_RANGE
+        r = self.repetition_penalty
+        if not (_number(r) and lo <= r <= hi):
+            raise LmforgeError(f"repetition_penalty must be in [{lo:g}, {hi:g}] (1 = off), got {r}")
 
     @property
     def greedy(self) -> bool:
@@ -69,7 +101,8 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
     probs = sorted_logits.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs  # mass of strictly more likely tokens
-    drop_sorted = mass_before >= p  # the first token always has mass_before == 0 and survives
+    drop_sorted = mass_before >= p
+    drop_sorted[..., 0] = False  # the most likely token always survives (p may round to 0 in float32)
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 
@@ -77,7 +110,7 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
 def sample_next(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """logits (B, V) -> next token ids (B,)."""
-    logits = logits.float()
+    logits = raw = logits.float()
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.greedy:
@@ -88,4 +121,9 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor
     if params.top_p is not None:
         logits = top_p_filter(logits, params.top_p)
     probs = logits.softmax(dim=-1)
+    bad = ~(torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0))  # (B,)
+    if bool(bad.any()):  # nothing finite left in a row (e.g. NaN logits): take its most likely token
+        fallback = torch.nan_to_num(raw, nan=float("-inf")).argmax(dim=-1)  # (B,)
+        probs = torch.where(bad[:, None], torch.nn.functional.one_hot(fallback, probs.shape[-1]).to(probs.dtype),
+                            probs)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
