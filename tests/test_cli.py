@@ -116,7 +116,7 @@ def test_info_describes_an_adapter(tiny_lm_dirs, tmp_path, capsys):
     (["generate", "hi", "-m", "no-such-model"], ["unknown model 'no-such-model'"]),
     (["generate", "hi", "-m", "someorg/some-model"], ["hub id", "HF_HUB_OFFLINE"]),
     (["generate", "hi", "--top-p", "1.5"], ["--top-p", "<= 1.0"]),
-    (["generate", "hi", "--top-p", "0"], ["--top-p", "> 0.0"]),
+    (["generate", "hi", "--top-p", "0"], ["--top-p", ">= 1e-06"]),
     (["generate", "hi", "--temperature", "-0.5"], ["--temperature", ">= 0.0"]),
     (["generate", "hi", "--top-k", "0"], ["--top-k", ">= 1"]),
     (["generate", "hi", "-n", "abc"], ["--max-new-tokens", "integer"]),
