@@ -225,3 +225,44 @@ def test_cli_dpo_bad_input(tiny_lm_dirs, tmp_path, capsys):
     code, _, err = run(capsys, "rlhf", "dpo", "-m", tiny_lm_dirs["plain"], "--data", pairs_file(tmp_path),
                        "--method", "full", "--adapter", tmp_path, "-o", tmp_path / "o")
     assert_one_line_error(code, err, "--adapter continues training a LoRA adapter")
+
+
+# ----------------------------------------------------------------------------- nothing non-finite is saved
+@pytest.mark.parametrize("flag,value", [("--beta", "nan"), ("--lr", "inf"), ("--label-smoothing", "nan")])
+def test_cli_dpo_refuses_non_finite_hyper_parameters(tiny_lm_dirs, tmp_path, capsys, flag, value):
+    """A NaN/inf hyper-parameter is refused up front (it used to train to an all-NaN adapter and exit 0)."""
+    out = tmp_path / "o"
+    code, _, err = run(capsys, "rlhf", "dpo", "-m", tiny_lm_dirs["plain"], "--data", pairs_file(tmp_path), "-o", out,
+                       "--steps", "1", "--batch-size", "3", "--threads", "1", flag, value)
+    assert_one_line_error(code, err, f"{flag} must be a finite number", value)
+    assert not (out / "final").exists()
+
+
+@pytest.mark.parametrize("field,flag", [("beta", "--beta"), ("lr", "--lr"), ("label_smoothing", "--label-smoothing")])
+def test_dpo_recipe_refuses_non_finite_values(tiny_lm_dirs, tmp_path, field, flag):
+    """The same through the Python API, before anything is loaded."""
+    from lmforge.training.rlhf import dpo
+
+    with pytest.raises(LmforgeError, match=f"{flag} must be a finite number, got nan"):
+        dpo(str(tiny_lm_dirs["plain"]), pairs_file(tmp_path), out_dir=tmp_path / "o", **{field: float("nan")})
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_dpo_stops_on_a_nan_loss_and_keeps_the_last_checkpoint(tiny_lm_dirs, tmp_path, capsys, monkeypatch):
+    from lmforge.training.checkpoint import read_state
+    from lmforge.training.dpo import DPOTrainer
+
+    real, calls = DPOTrainer.loss_and_metrics, []
+
+    def nan_at_step_2(self, items, indices):
+        calls.append(1)
+        loss, metrics = real(self, items, indices)
+        return (loss * float("nan") if len(calls) == 2 else loss), metrics
+
+    monkeypatch.setattr(DPOTrainer, "loss_and_metrics", nan_at_step_2)
+    out = tmp_path / "o"
+    code, _, err = run(capsys, "rlhf", "dpo", "-m", tiny_lm_dirs["plain"], "--data", pairs_file(tmp_path), "-o", out,
+                       "--steps", "3", "--batch-size", "3", "--threads", "1", "--save-every", "1")
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert code == 2 and len(errors) == 1 and errors[0].startswith("error: the DPO loss became nan at step 2"), err
+    assert read_state(out / "checkpoint")["step"] == 1 and not (out / "final").exists()

@@ -84,7 +84,7 @@ def inject(monkeypatch, fail_at: int) -> dict:
     real_write_json = ckpt_mod._write_json
 
     def write_json(path, data):  # note the step of the checkpoint being written
-        if path.name == ckpt_mod.MARKER:
+        if path.name == "state.json":
             counter["saving"] = data["step"]
         real_write_json(path, data)
 
@@ -131,12 +131,12 @@ def test_find_checkpoint_ignores_an_incomplete_folder_and_prefers_the_newest_com
     out = tmp_path / "run"
     train(model, loss_fn, batches, TrainConfig(steps=2), out)
     shutil.copytree(out / "checkpoint", out / ".checkpoint.tmp-cut")  # cut short: no COMPLETE marker
-    (out / ".checkpoint.tmp-cut" / ckpt_mod.MARKER).unlink()
+    (out / ".checkpoint.tmp-cut" / "COMPLETE").unlink(missing_ok=True)
     state = json.loads((out / ".checkpoint.tmp-cut" / "state.json").read_text())
     (out / ".checkpoint.tmp-cut" / "state.json").write_text(json.dumps({**state, "step": 9}))
     assert ckpt_mod.find_checkpoint(out) == out / "checkpoint"
     shutil.copytree(out / "checkpoint", out / ".checkpoint.tmp-done")
-    (out / ".checkpoint.tmp-done" / ckpt_mod.MARKER).write_text(json.dumps({"step": 3}))
+    (out / ".checkpoint.tmp-done" / "COMPLETE").write_text(json.dumps({"step": 3}))
     assert ckpt_mod.find_checkpoint(out) == out / ".checkpoint.tmp-done"
 
 

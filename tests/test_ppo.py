@@ -281,3 +281,64 @@ def test_cli_ppo_refuses_a_pairwise_reward_model_with_another_vocabulary(tiny_lm
                        "-o", tmp_path / "o")
     assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
     assert f"vocabulary of {tok.vocab_size} tokens but the policy has" in err and "needs the same tokenizer" in err
+
+
+# ----------------------------------------------------------------------------- nothing non-finite is saved
+def small_ppo_args(tiny_lm_dirs, tmp_path, reward):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("one two\nfour five\nsix seven\nfox dog\n")
+    return ["rlhf", "ppo", "-m", tiny_lm_dirs["plain"], "--prompts", prompts, "--reward", reward, "--batch-size", "2",
+            "--mini-batch-size", "2", "--ppo-epochs", "1", "-n", "3", "--threads", "1"]
+
+
+@pytest.mark.parametrize("flag,value", [("--kl-coef", "nan"), ("--gamma", "nan"), ("--vf-coef", "nan"),
+                                        ("--lam", "nan"), ("--lr", "inf")])
+def test_cli_ppo_refuses_non_finite_hyper_parameters(tiny_lm_dirs, tmp_path, capsys, toy_reward, flag, value):
+    """A NaN/inf hyper-parameter is refused before anything runs (it used to train to an all-NaN adapter and
+    exit 0)."""
+    out = tmp_path / "o"
+    code, _, err = run(capsys, *small_ppo_args(tiny_lm_dirs, tmp_path, toy_reward), "-o", out, "--steps", "1",
+                       flag, value)
+    lines = [line for line in err.splitlines() if line.strip() and "trainable" not in line]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "must be a finite number" in lines[0] and value in lines[0], lines[0]
+    assert not (out / "final").exists()
+
+
+@pytest.mark.parametrize("field", ["kl_coef", "gamma", "lam", "vf_coef", "lr", "clip_range", "target_kl"])
+def test_ppo_config_refuses_non_finite_values(field):
+    """The same through the Python API (``rlhf.ppo`` builds its PPOConfig before loading anything)."""
+    with pytest.raises(LmforgeError, match=f"PPO {field} must be a finite number, got nan"):
+        PPOConfig(**{field: float("nan")})
+
+
+def test_cli_ppo_stops_on_a_nan_reward_and_keeps_the_last_checkpoint(tiny_lm_dirs, tmp_path, capsys, monkeypatch):
+    (tmp_path / "nan_at_step_2.py").write_text(
+        "calls = []\n"
+        "def reward(prompts, completions):\n"
+        "    calls.append(1)\n"
+        "    return [float('nan') if len(calls) == 2 else 0.5 for _ in completions]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "o"
+    code, _, err = run(capsys, *small_ppo_args(tiny_lm_dirs, tmp_path, "nan_at_step_2:reward"), "-o", out,
+                       "--steps", "3", "--save-every", "1")
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert code == 2 and len(errors) == 1 and errors[0].startswith("error: the reward became nan at PPO step 2"), err
+    assert not (out / "final").exists()
+    from safetensors.torch import load_file
+
+    from lmforge.training.checkpoint import read_state
+
+    assert read_state(out / "checkpoint")["step"] == 1
+    assert all(torch.isfinite(t).all() for t in load_file(str(out / "checkpoint" / "model.safetensors")).values())
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_a_nan_kl_coefficient_stops_the_step_before_the_update():
+    model, tok, _ = toy_policy()
+    ppo = PPOTrainer(model, tok, fraction_of_a, PPOConfig(batch_size=4, mini_batch_size=2, max_new_tokens=4))
+    before = {k: v.clone() for k, v in model.named_parameters() if v.requires_grad}
+    ppo.kl_coef = float("nan")  # e.g. an adaptive controller gone wrong
+    with pytest.raises(LmforgeError, match="KL coefficient became nan at step 1"):
+        ppo.step(PROMPTS[:4], [tok.encode(p) for p in PROMPTS[:4]])
+    assert all(torch.equal(before[k], v) for k, v in model.named_parameters() if v.requires_grad)

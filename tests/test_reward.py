@@ -5,6 +5,7 @@ import json
 import random
 
 import pytest
+import torch
 
 from lmforge.cli import main
 from lmforge.config import ModelConfig, preset
@@ -319,3 +320,51 @@ def test_pairwise_reward_model_starts_from_a_merged_adapter(tiny_decoder, tmp_pa
     assert not torch.allclose(saved, layer.base.weight)  # the adapter really changed the weights
     code = main(["reward", "train", str(data), "--adapter", str(tmp_path / "ad"), "-o", str(tmp_path / "c")])
     assert code == 2
+
+
+# ----------------------------------------------------------------------------- nothing non-finite is saved
+@pytest.mark.parametrize("flag", ["--lr", "--weight-decay"])
+def test_cli_reward_train_refuses_non_finite_hyper_parameters(tiny_decoder, tmp_path, capsys, flag):
+    """With one optimiser step a NaN --lr / --weight-decay used to save an all-NaN head and exit 0."""
+    data = _toy_pairs(tmp_path / "pairs.jsonl", n=20)
+    out = tmp_path / "rm"
+    code = main(["reward", "train", str(data), "--kind", "pairwise", "-o", str(out), "--model", str(tiny_decoder),
+                 "--max-len", "12", "--epochs", "1", "--batch-size", "64", "--precision", "fp32", flag, "nan"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("error: ") and f"{flag} must be a finite number" in err[-1], err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("field", ["lr", "weight_decay", "warmup"])
+def test_reward_fit_refuses_non_finite_values(tiny_decoder, tmp_path, field):
+    """The same through the Python API."""
+    kwargs = dict(lr=1e-3, weight_decay=0.01, warmup=0.1)
+    with pytest.raises(LmforgeError, match=f"--{field.replace('_', '-')} must be a finite number, got nan"):
+        train_pairwise(data=_toy_pairs(tmp_path / "pairs.jsonl", n=20), out_dir=tmp_path / "rm", model=tiny_decoder,
+                       max_len=12, precision="fp32", **{**kwargs, field: float("nan")})
+    assert not (tmp_path / "rm").exists()
+
+
+def test_reward_train_stops_on_a_nan_loss(tiny_decoder, tmp_path, monkeypatch):
+    from lmforge.training import reward_pairwise
+
+    real = reward_pairwise.bradley_terry_loss
+    monkeypatch.setattr(reward_pairwise, "bradley_terry_loss", lambda c, r: real(c, r) * float("nan"))
+    with pytest.raises(LmforgeError, match="the loss became nan at step 1"):
+        train_pairwise(data=_toy_pairs(tmp_path / "pairs.jsonl", n=20), out_dir=tmp_path / "rm", model=tiny_decoder,
+                       max_len=12, batch_size=8, precision="fp32")
+    assert not (tmp_path / "rm").exists()
+
+
+def test_reward_train_stops_on_a_nan_gradient(tiny_decoder, tmp_path, monkeypatch):
+    """A finite loss with a NaN gradient on the only step used to save an all-NaN head (no later loss to
+    notice it); now the step stops before the update and nothing is saved."""
+    from lmforge.training import reward_pairwise
+
+    real = reward_pairwise.bradley_terry_loss
+    monkeypatch.setattr(reward_pairwise, "bradley_terry_loss",
+                        lambda c, r: real(c, r) + 0.0 * torch.sqrt(c.sum() * 0.0 - 0.0))  # grad: nan
+    with pytest.raises(LmforgeError, match="gradient norm became nan at step 1"):
+        train_pairwise(data=_toy_pairs(tmp_path / "pairs.jsonl", n=20), out_dir=tmp_path / "rm", model=tiny_decoder,
+                       max_len=12, batch_size=64, precision="fp32")
+    assert not (tmp_path / "rm").exists()

@@ -223,45 +223,48 @@ def train(model: nn.Module, loss_fn: Callable[[nn.Module, dict[str, Tensor]], Te
     final: dict[str, Any] = {"step": start}
     bar = progress_bar(cfg.steps, start)
     window_tokens, window_t0, loss_sum, loss_n = 0, time.perf_counter(), 0.0, 0
-    for step in range(start, cfg.steps):
-        lr = lr_at(step, cfg.lr, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
-        set_lr(optimizer, lr)
-        step_loss = 0.0
-        for _ in range(cfg.grad_accum):
-            batch = batches.next_batch()
-            window_tokens += tokens_of(batch)
-            with autocast():
-                loss = loss_fn(fwd_model, batch)
-            check_finite_value(loss, "loss", step + 1, "lower --lr, raise --warmup, or use fp32")
-            (loss / cfg.grad_accum).backward()
-            step_loss += loss.item() / cfg.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip) if cfg.clip > 0 else None
-        if grad_norm is not None:
+    try:
+        for step in range(start, cfg.steps):
+            lr = lr_at(step, cfg.lr, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
+            set_lr(optimizer, lr)
+            step_loss = 0.0
+            for _ in range(cfg.grad_accum):
+                batch = batches.next_batch()
+                window_tokens += tokens_of(batch)
+                with autocast():
+                    loss = loss_fn(fwd_model, batch)
+                check_finite_value(loss, "loss", step + 1, "lower --lr, raise --warmup, or use fp32")
+                (loss / cfg.grad_accum).backward()
+                step_loss += loss.item() / cfg.grad_accum
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip if cfg.clip > 0 else math.inf)
             check_finite_value(grad_norm, "gradient norm", step + 1, "lower --lr, raise --warmup, or use fp32")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        done = step + 1
-        loss_sum, loss_n = loss_sum + step_loss, loss_n + 1
-        elapsed = time.perf_counter() - window_t0
-        tok_s = window_tokens / max(elapsed, 1e-9)
-        bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
-        final.update(step=done, loss=step_loss, lr=lr)
-        if cfg.log_every and (done % cfg.log_every == 0 or done == cfg.steps):
-            row = {"step": done, "loss": step_loss, "avg_loss": loss_sum / loss_n, "lr": lr,
-                   "tokens_per_s": round(tok_s, 1)}
-            if grad_norm is not None:
-                row["grad_norm"] = float(grad_norm)
-            log.write(row)
-            final["tokens_per_s"] = row["tokens_per_s"]
-            window_tokens, window_t0, loss_sum, loss_n = 0, time.perf_counter(), 0.0, 0
-        if eval_fn is not None and cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
-            t_eval = time.perf_counter()
-            final.update(evaluate(done))
-            window_t0 += time.perf_counter() - t_eval  # tokens/s counts training time only
-        if cfg.save_every and done % cfg.save_every == 0 and done != cfg.steps:
-            checkpoint(done)
-    bar.close()
+            if not cfg.clip > 0:
+                grad_norm = None  # measured for the check only; logged when clipping
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            loss_sum, loss_n = loss_sum + step_loss, loss_n + 1
+            elapsed = time.perf_counter() - window_t0
+            tok_s = window_tokens / max(elapsed, 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+            final.update(step=done, loss=step_loss, lr=lr)
+            if cfg.log_every and (done % cfg.log_every == 0 or done == cfg.steps):
+                row = {"step": done, "loss": step_loss, "avg_loss": loss_sum / loss_n, "lr": lr,
+                       "tokens_per_s": round(tok_s, 1)}
+                if grad_norm is not None:
+                    row["grad_norm"] = float(grad_norm)
+                log.write(row)
+                final["tokens_per_s"] = row["tokens_per_s"]
+                window_tokens, window_t0, loss_sum, loss_n = 0, time.perf_counter(), 0.0, 0
+            if eval_fn is not None and cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
+                t_eval = time.perf_counter()
+                final.update(evaluate(done))
+                window_t0 += time.perf_counter() - t_eval  # tokens/s counts training time only
+            if cfg.save_every and done % cfg.save_every == 0 and done != cfg.steps:
+                checkpoint(done)
+    finally:  # on an error too: the error line must not land on the bar
+        bar.close()
     if eval_fn is not None and start < cfg.steps:
         final.update(evaluate(cfg.steps))
     elif eval_fn is not None:  # resumed from the final checkpoint: its evaluation was logged before it

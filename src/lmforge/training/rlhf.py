@@ -232,24 +232,26 @@ def ppo(model: str | None = None, prompts: str | Path = "", reward: str = "", *,
     log = MetricsLog(out, start if resume else None)
     bar = progress_bar(steps, start, "ppo", progress)
     stats: dict[str, float] = {}
-    for step in range(start + 1, steps + 1):
-        while len(order) < batch_size:  # a fresh shuffle of all prompts whenever the current one runs out
-            perm = list(range(len(texts)))
-            rng.shuffle(perm)
-            order += perm
-        rows, order = order[:batch_size], order[batch_size:]
-        t0 = time.perf_counter()
-        with precision_autocast(precision, device):
-            stats = trainer.step([texts[i] for i in rows], [encoded[i] for i in rows])
-        stats["step_s"] = round(time.perf_counter() - t0, 2)
-        log.write({"step": step, **stats,
-                   "sample": {"prompt": texts[rows[0]], "completion": trainer.last_rollout.completions[0]}})
-        bar.update(1)
-        bar.set_postfix(reward=f"{stats['reward']:.3f}", kl=f"{stats['kl']:.2f}", refresh=False)
-        if save_every and (step % save_every == 0 or step == steps):
-            ckpt.save_checkpoint(out, state, trainer.optimizer, step, {"order": order, "rng": rng.getstate()},
-                                 run_config, {"kl_coef": trainer.kl_coef})
-    bar.close()
+    try:
+        for step in range(start + 1, steps + 1):
+            while len(order) < batch_size:  # a fresh shuffle of all prompts whenever the current one runs out
+                perm = list(range(len(texts)))
+                rng.shuffle(perm)
+                order += perm
+            rows, order = order[:batch_size], order[batch_size:]
+            t0 = time.perf_counter()
+            with precision_autocast(precision, device):
+                stats = trainer.step([texts[i] for i in rows], [encoded[i] for i in rows])
+            stats["step_s"] = round(time.perf_counter() - t0, 2)
+            log.write({"step": step, **stats,
+                       "sample": {"prompt": texts[rows[0]], "completion": trainer.last_rollout.completions[0]}})
+            bar.update(1)
+            bar.set_postfix(reward=f"{stats['reward']:.3f}", kl=f"{stats['kl']:.2f}", refresh=False)
+            if save_every and (step % save_every == 0 or step == steps):
+                ckpt.save_checkpoint(out, state, trainer.optimizer, step, {"order": order, "rng": rng.getstate()},
+                                     run_config, {"kl_coef": trainer.kl_coef})
+    finally:  # on an error too: the error line must not land on the bar
+        bar.close()
     final = save_policy(lm.model, out / "final", lm.tokenizer)
     return {"step": steps, **stats, "out_dir": str(final)}
 
@@ -331,25 +333,27 @@ def dpo(model: str | None = None, data: str | Path = "", *, adapter: str | None 
             log.write({"step": 0, **trainer.evaluate(held)})
     bar = progress_bar(steps, start or 0, loss, progress)
     metrics: dict[str, float] = {}
-    for step in range(start or 0, steps):
-        while len(order) < batch_size:
-            perm = list(range(len(items)))
-            rng.shuffle(perm)
-            order += perm
-        rows, order = order[:batch_size], order[batch_size:]
-        set_lr(optimizer, lr_at(step, lr, steps, warmup_steps, 0.1))
-        with precision_autocast(precision, device):
-            metrics = trainer.step([items[i] for i in rows], rows, step=step + 1)
-        if held and ((eval_every and (step + 1) % eval_every == 0) or step + 1 == steps):
+    try:
+        for step in range(start or 0, steps):
+            while len(order) < batch_size:
+                perm = list(range(len(items)))
+                rng.shuffle(perm)
+                order += perm
+            rows, order = order[:batch_size], order[batch_size:]
+            set_lr(optimizer, lr_at(step, lr, steps, warmup_steps, 0.1))
             with precision_autocast(precision, device):
-                metrics.update(trainer.evaluate(held))
-        log.write({"step": step + 1, "lr": optimizer.param_groups[0]["lr"], **metrics})
-        bar.update(1)
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['reward_accuracy']:.2f}", refresh=False)
-        if save_every and ((step + 1) % save_every == 0 or step + 1 == steps):
-            ckpt.save_checkpoint(out, lm.model, optimizer, step + 1, {"order": order, "rng": rng.getstate()},
-                                 run_config)
-    bar.close()
+                metrics = trainer.step([items[i] for i in rows], rows, step=step + 1)
+            if held and ((eval_every and (step + 1) % eval_every == 0) or step + 1 == steps):
+                with precision_autocast(precision, device):
+                    metrics.update(trainer.evaluate(held))
+            log.write({"step": step + 1, "lr": optimizer.param_groups[0]["lr"], **metrics})
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['reward_accuracy']:.2f}", refresh=False)
+            if save_every and ((step + 1) % save_every == 0 or step + 1 == steps):
+                ckpt.save_checkpoint(out, lm.model, optimizer, step + 1, {"order": order, "rng": rng.getstate()},
+                                     run_config)
+    finally:  # on an error too: the error line must not land on the bar
+        bar.close()
     final = save_policy(lm.model, out / "final", tok)
     return {"step": steps, **metrics, "pairs": len(items), "held_out": len(held), "dropped": dropped,
             "out_dir": str(final)}
