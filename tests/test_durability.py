@@ -311,3 +311,13 @@ def test_prompt_tuning_checkpoint_holds_the_soft_prompt_only(tiny_lm_dirs, tmp_p
     lora_run(tiny_lm_dirs["plain"], tmp_path, tmp_path / "pt", method="prompt-tuning", num_virtual_tokens=3,
              steps=1, lr=3e-2)
     assert list(load_file(str(tmp_path / "pt" / "checkpoint" / "model.safetensors"))) == ["prompt_embeddings"]
+
+
+def test_qlora_checkpoint_holds_the_adapter_and_resumes_over_the_requantised_base(tiny_lm_dirs, tmp_path):
+    """QLoRA's frozen base is quantised again from the model on resume: its fingerprint must match."""
+    out = tmp_path / "q"
+    lora_run(tiny_lm_dirs["plain"], tmp_path, out, method="qlora", steps=2, save_every=1)
+    names = list(load_file(str(out / "checkpoint" / "model.safetensors")))
+    assert names and all(n.endswith((".lora_A.weight", ".lora_B.weight")) for n in names), names
+    assert lora_run(tiny_lm_dirs["plain"], tmp_path, out, method="qlora", steps=3, save_every=1, resume=True)[
+        "step"] == 3

@@ -4,6 +4,11 @@ It owns the step: gradient accumulation, bf16 autocast, clipping, the AdamW upda
 warmup+cosine schedule (``optim.py``), periodic evaluation, logging (a tqdm bar, ``metrics.jsonl``,
 ``loss.png``) and crash-safe checkpoints with exact resume (``checkpoint.py``). What is trained
 and on what is the caller's: a ``loss_fn(model, batch) -> scalar`` and a resumable ``BatchSource``.
+
+Nothing non-finite is kept: NaN/inf hyper-parameters are refused by ``TrainConfig``; a NaN or infinite
+loss or gradient norm stops the run (``LmforgeError`` naming it and the step) before the update, so
+the last checkpoint stays the last good one; checkpoints and the final model refuse non-finite weights.
+``metrics.jsonl`` gets whole appended lines, and is rewritten on resume through a renamed temporary file.
 """
 
 from __future__ import annotations

@@ -3,7 +3,10 @@
 Each builds the policy (LoRA by default, or every weight), its frozen reference (the base with the
 adapters off, a frozen copy, or a separate ``ref`` model of the same architecture), runs the trainer of
 ``ppo.py`` / ``dpo.py`` with a progress bar, writes ``OUT_DIR/metrics.jsonl`` and ``OUT_DIR/config.json``,
-and saves ``OUT_DIR/final``: a PEFT adapter (with the tokenizer) or a Hugging Face directory.
+and saves ``OUT_DIR/final``: a PEFT adapter (with the tokenizer) or a Hugging Face directory. New LoRA
+adapters are initialised from ``seed``. A NaN or infinite hyper-parameter is refused up front; a NaN or
+infinite reward, KL, advantage, loss or gradient stops the run with an ``LmforgeError`` naming it and the
+step: the last checkpoint is kept and no ``final`` is written (``save_policy`` refuses non-finite weights).
 """
 
 from __future__ import annotations
