@@ -204,11 +204,9 @@ def _build_config(path: Path, meta: dict[str, Any], arch: str, tensors: dict[str
     orig_ctx = meta.get(f"{arch}.rope.scaling.original_context_length")
     if kind == "linear" and factor is not None:
         rope_scaling = {"rope_type": "linear", "factor": float(factor)}
-    elif kind == "yarn" and factor is not None:
-        rope_scaling = {"rope_type": "yarn", "factor": float(factor),
-                        "original_max_position_embeddings": int(orig_ctx or need("context_length"))}
-    elif kind not in ("none", "linear", "yarn"):
-        raise LmforgeError(f"{path}: {arch}.rope.scaling.type={kind!r} is not supported; supported: none, linear, yarn")
+    elif kind not in ("none", "linear"):  # e.g. 'yarn': lmforge's RoPE has no such scaling
+        raise LmforgeError(f"{path}: unsupported rope scaling type {kind!r} ({arch}.rope.scaling.type); "
+                           "lmforge supports none and linear (and Llama 3's, stored as rope_freqs.weight)")
     if "rope_freqs.weight" in tensors:
         freqs = _dequantize_in(path, tensors["rope_freqs.weight"]).astype(np.float64)
         if not np.allclose(freqs, 1.0):

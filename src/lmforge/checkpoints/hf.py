@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from lmforge.checkpoints.names import to_hf, to_lmforge
+from lmforge.checkpoints.names import mlm_head, to_hf, to_lmforge
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
 
@@ -63,10 +63,13 @@ def read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def read_hf_dir(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, Any]]:
+def read_hf_dir(path: str | Path, *, with_mlm_head: bool = False
+                ) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, Any]]:
     """Read config.json (+ generation_config.json) and the safetensors of an HF model directory.
 
-    Returns (config, state dict in lmforge names, generation_config dict or {}).
+    Returns (config, state dict in lmforge names, generation_config dict or {}). A
+    ``BertForMaskedLM``'s head is left out (the encoder alone), unless ``with_mlm_head``: then its
+    tensors are added under ``MaskedLM``'s names ``predictions.*`` (continued MLM pretraining).
     """
     path = Path(path)
     cfg_file = path / "config.json"
@@ -78,7 +81,14 @@ def read_hf_dir(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor],
     if gen_cfg.get("eos_token_id") is not None:
         config.eos_token_id = gen_cfg["eos_token_id"]
     tensors = read_safetensors(_safetensors_files(path))
-    return config, to_lmforge(config, tensors), gen_cfg
+    state = to_lmforge(config, tensors)
+    if with_mlm_head and config.family == "bert":
+        decoder, embeddings = tensors.get("cls.predictions.decoder.weight"), state.get("embed_tokens.weight")
+        if decoder is not None and (embeddings is None or not torch.equal(decoder, embeddings)):
+            raise LmforgeError(f"{path}: the MLM head's decoder is not tied to the word embeddings; lmforge's "
+                               "MaskedLM decodes with the (tied) word embeddings")
+        state |= mlm_head(tensors)
+    return config, state, gen_cfg
 
 
 def write_json_atomic(data: dict[str, Any], path: Path) -> None:

@@ -41,6 +41,13 @@ BERT = [
     ("encoder.layer.{i}.output.LayerNorm.{p}", "layers.{i}.mlp_layernorm.{p}"),
     ("pooler.dense.{p}", "pooler.{p}"),
 ]
+# BertForMaskedLM's head under MaskedLM's names (models/mlm.py). The decoder weight is the tied word
+# embedding matrix; ``cls.predictions.decoder.bias`` is an alias of ``cls.predictions.bias``.
+BERT_MLM_HEAD = [
+    ("cls.predictions.transform.dense.{p}", "predictions.transform.dense.{p}"),
+    ("cls.predictions.transform.LayerNorm.{p}", "predictions.transform.LayerNorm.{p}"),
+    ("cls.predictions.bias", "predictions.bias"),
+]
 
 
 def _t5(gated: bool) -> list[tuple[str, str]]:
@@ -114,6 +121,20 @@ def to_lmforge(config: ModelConfig, tensors: dict) -> dict:
                 continue  # an alias of shared.weight
             raise LmforgeError(f"unexpected tensor {name!r} in a {config.family} checkpoint")
         out[ours] = t.t().contiguous() if config.family == "gpt2" and GPT2_CONV1D.match(key) else t
+    return out
+
+
+def mlm_head(tensors: dict) -> dict:
+    """The masked-LM head of a ``BertForMaskedLM`` state dict under ``MaskedLM``'s names
+    (``predictions.*``); empty when the checkpoint has none (a ``BertModel``). ``to_lmforge`` skips
+    these tensors, so the same checkpoint also loads as a plain encoder."""
+    out = {}
+    for name, t in tensors.items():
+        ours = rename(name, BERT_MLM_HEAD, to_lmforge=True) if name.startswith("cls.predictions.") else None
+        if ours is not None:
+            out[ours] = t
+    if "predictions.bias" not in out and "cls.predictions.decoder.bias" in tensors:
+        out["predictions.bias"] = tensors["cls.predictions.decoder.bias"]
     return out
 
 

@@ -316,6 +316,9 @@ class SFTBatches:
             raise LmforgeError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         if pack and (seq2seq or max_len is None):
             raise LmforgeError("packing needs a decoder-only model and max_len")
+        if seq2seq and padding_side == "left":  # the decoder masks only causally: leading pads would be attended
+            raise LmforgeError("padding_side='left' is for decoder-only models; encoder-decoder batches are "
+                               "right-padded (drop --padding-side left)")
         if seq2seq and decoder_start_id is None:
             raise LmforgeError("an encoder-decoder model needs config.decoder_start_token_id to build decoder inputs")
         self.examples, self.batch_size, self.pad_id, self.seq2seq = examples, batch_size, pad_id, seq2seq

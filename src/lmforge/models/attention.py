@@ -48,6 +48,11 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     return (probs @ v).view(B, nh, T, hs)  # (B, nh, T, hs)
 
 
+def causal_mask(T: int, S: int, device: torch.device | None = None) -> torch.Tensor:
+    """Bool (1, 1, T, S), True = may attend: T queries at positions S-T..S-1 see the keys up to themselves."""
+    return torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)[None, None]
+
+
 def _bf16_on_cpu(x: torch.Tensor) -> bool:
     """Whether attention on x runs in bfloat16 on CPU: x is bf16, or bf16 autocast is on."""
     return x.device.type == "cpu" and (x.dtype == torch.bfloat16 or (
@@ -87,7 +92,8 @@ class Attention(nn.Module):
         """x (B, T, C) -> (B, T, C).
 
         Self-attention: mask None means causal (or, if not causal, unmasked); with a KVCache the
-        keys/values of positions [start, start+T) are written and queries see all S = start+T.
+        keys/values of positions [start, start+T) are written and query i (position start+i) sees
+        keys 0..start+i of all S = start+T.
         Cross-attention: keys/values come from ``memory`` (B, S, C), or from ``cache`` (a
         StaticKV) once it has been filled on the first call.
         """
@@ -112,11 +118,13 @@ class Attention(nn.Module):
         elif cache is not None:
             k, v = cache.update(start, k, v)  # (B, nkv, S, hs)
         S = k.shape[2]
+        if mask is None and self.causal and 1 < T < S:  # the cache holds earlier keys: SDPA's is_causal
+            mask = causal_mask(T, S, q.device)  # would align the mask top-left, this one is bottom-right
         if T <= SMALL_QUERY and (T == 1 or mask is not None or not self.causal):
             y = grouped_attention(q, k, v, mask, self.scale)  # (B, nh, T, hs)
         elif S <= SHORT_BF16 and _bf16_on_cpu(q):
-            if mask is None and self.causal:  # queries at positions S-T..S-1 see keys up to themselves
-                mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)[None, None]  # (1, 1, T, S)
+            if mask is None and self.causal:
+                mask = causal_mask(T, S, q.device)
             y = grouped_attention(q, k, v, mask, self.scale)
         else:
             y = F.scaled_dot_product_attention(

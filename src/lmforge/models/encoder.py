@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from lmforge.config import ModelConfig
+from lmforge.errors import LmforgeError
 from lmforge.models.attention import Attention
 from lmforge.models.layers import Block, PostNormBlock, make_mlp, make_norm
 from lmforge.models.positions import LearnedPositions, RelativePositionBias
@@ -53,7 +54,8 @@ class EncoderModel(nn.Module):
         """
         B, T = idx.shape if embeds is None else embeds.shape[:2]
         if T > self.config.max_seq_len and hasattr(self, "embed_positions"):
-            raise ValueError(f"{T} tokens exceed the encoder's {self.config.max_seq_len} positions")
+            raise LmforgeError(f"an input of {T} tokens exceeds the encoder's {self.config.max_seq_len} positions "
+                               f"(max_seq_len); cut inputs to at most {self.config.max_seq_len} tokens")
         x = self.embed_tokens(idx) if embeds is None else embeds  # (B, T, C)
         if hasattr(self, "embed_positions"):
             x = x + self.embed_positions(torch.arange(T, device=x.device).expand(B, T))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
@@ -22,13 +21,6 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, how: str = "mean") 
         raise LmforgeError(f"unknown pooling {how!r}; choose one of: {', '.join(POOLING)}")
     m = attention_mask.to(hidden.dtype)[..., None]  # (B, T, 1)
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
-
-
-def sentence_embeddings(encoder: EncoderModel, idx: torch.Tensor, attention_mask: torch.Tensor,
-                        how: str = "mean", normalize: bool = True) -> torch.Tensor:
-    """Pooled (and by default L2-normalised) encoder outputs: (B, C), as sentence-transformers computes them."""
-    vecs = pool(encoder(idx, attention_mask), attention_mask, how)
-    return F.normalize(vecs, dim=-1) if normalize else vecs
 
 
 class SequenceClassifier(nn.Module):

@@ -6,7 +6,8 @@ embeddings, plus an output bias. Names map to ``transformers`` as
 ``predictions.transform.LayerNorm`` -> ``cls.predictions.transform.LayerNorm``,
 ``predictions.bias`` -> ``cls.predictions.bias`` (the decoder weight is the tied
 ``bert.embeddings.word_embeddings.weight``), and the encoder's names get the ``bert.`` prefix.
-lmforge's own loader skips ``cls.predictions.*``, so a saved MLM loads as a plain encoder too.
+lmforge's loader skips ``cls.predictions.*`` (a saved MLM loads as a plain encoder too) unless asked
+for the head (``read_hf_dir(..., with_mlm_head=True)``): continued pretraining starts from it.
 """
 
 from __future__ import annotations

@@ -16,6 +16,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from lmforge.errors import LmforgeError
+
 IGNORE = -100
 
 
@@ -130,6 +132,17 @@ def span_lengths(length: int, noise_density: float = 0.15, mean_span: float = 3.
     return n_noise, n_spans
 
 
+def check_sentinels(length: int, n_sentinels: int, noise_density: float = 0.15, mean_span: float = 3.0) -> None:
+    """Raise ``LmforgeError`` when span corruption of ``length`` tokens needs more sentinels (one per
+    span) than the ``n_sentinels`` there are, naming the longest sequence that fits."""
+    n_spans = span_lengths(length, noise_density, mean_span)[1]
+    if n_spans > n_sentinels:
+        longest = max(n for n in range(1, length) if span_lengths(n, noise_density, mean_span)[1] <= n_sentinels)
+        raise LmforgeError(f"span corruption of {length} tokens needs {n_spans} sentinel tokens, but only "
+                           f"{n_sentinels} exist (<extra_id_0> .. <extra_id_{n_sentinels - 1}>); "
+                           f"use --seq-len {longest} or less")
+
+
 def span_corrupt(ids: np.ndarray, rng: np.random.Generator, sentinel_ids: list[int], eos_id: int | None,
                  noise_density: float = 0.15, mean_span: float = 3.0) -> tuple[np.ndarray, np.ndarray]:
     """T5's span corruption (Raffel et al. 2020, §3.1.4) of one sequence ids (T,).
@@ -140,9 +153,8 @@ def span_corrupt(ids: np.ndarray, rng: np.random.Generator, sentinel_ids: list[i
     Returns (inputs (T - noise + spans [+1],), targets (noise + spans [+1],)).
     """
     T = len(ids)
+    check_sentinels(T, len(sentinel_ids), noise_density, mean_span)
     n_noise, n_spans = span_lengths(T, noise_density, mean_span)
-    if n_spans > len(sentinel_ids):
-        raise ValueError(f"{n_spans} spans need {n_spans} sentinel tokens, only {len(sentinel_ids)} given")
     noise_lens = _random_segmentation(n_noise, n_spans, rng)
     keep_lens = _random_segmentation(T - n_noise, n_spans, rng)
     inputs, targets, pos = [], [], 0

@@ -21,6 +21,7 @@ from torch.nn import functional as F
 from lmforge.checkpoints.resolve import DEFAULT_ENCODER
 from lmforge.data.reward_data import LabelledTexts, load_labelled, stratified_split, to_binary
 from lmforge.errors import LmforgeError
+from lmforge.outputs import claims_output
 from lmforge.training.reward import ClassifierReward, classifier_metrics, encode_head, fit, pad_right, save_reward_model
 
 WEIGHTINGS = ("none", "balanced")
@@ -57,13 +58,14 @@ def _subsample(labels: list[int], indices: list[int], limit: int | None, seed: i
     return [indices[k] for k in keep]
 
 
+@claims_output("reward train", inputs=("model",))
 def train_classifier(*, data: str | os.PathLike, out_dir: str | os.PathLike, model: str = DEFAULT_ENCODER,
                      text_field: str = "text", label_field: str = "label", label_map: dict[str, str] | None = None,
                      good_labels: list[str] | None = None, binary: bool = False, eval_file: str | None = None,
                      eval_fraction: float = 0.1, max_train: int | None = None, max_eval: int | None = None,
                      max_len: int = 64, epochs: int = 1, batch_size: int = 32, lr: float = 1e-4,
                      weight_decay: float = 0.01, warmup: float = 0.1, weighting: str = "none",
-                     precision: str = "bf16", seed: int = 0) -> dict:
+                     precision: str = "bf16", seed: int = 0, overwrite: bool = False, force: bool = False) -> dict:
     """Fine-tune ``model`` + a classification head on ``data``; save the reward model to ``out_dir``.
 
     Held-out examples are ``eval_file`` or a seeded stratified ``eval_fraction`` of ``data``;
@@ -101,6 +103,9 @@ def train_classifier(*, data: str | os.PathLike, out_dir: str | os.PathLike, mod
     torch.manual_seed(seed)
     random.seed(seed)
     clf, tok = build_classifier(model, train.names)
+    if clf.config.positions == "learned" and max_len > clf.config.max_seq_len:
+        raise LmforgeError(f"--max-len {max_len} is longer than the encoder's {clf.config.max_seq_len} positions "
+                           f"({model}); use --max-len {clf.config.max_seq_len} or less")
     good = [train.names.index(g) for g in good_labels]
     rows = encode_head(tok, [train.texts[i] for i in train_idx], max_len)
     labels = [train.labels[i] for i in train_idx]
