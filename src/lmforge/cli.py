@@ -230,6 +230,10 @@ def cmd_embed(a: argparse.Namespace) -> int:
         raise LmforgeError(f"--similarity compares texts in pairs, but {len(texts)} texts were given")
     if a.output and Path(a.output).suffix not in (".jsonl", ".npy"):
         raise LmforgeError(f"--output {a.output}: use a .jsonl or .npy file name")
+    if a.output and not a.similarity:
+        from lmforge.outputs import check_output
+
+        check_output(a.output, "embed", force=a.force)  # before the model loads
     enc = load(a.model, device=a.device, dtype=a.dtype, adapter=a.adapter)
     if not isinstance(enc, Encoder):
         raise LmforgeError(f"{a.model} is not an encoder-only model; `lmforge embed` needs one, "
@@ -242,7 +246,7 @@ def cmd_embed(a: argparse.Namespace) -> int:
             print(f"{cos:.4f}\t{texts[i]}\t{texts[i + 1]}")
         return 0
     if a.output:
-        write_vectors(Path(a.output), texts, vecs)
+        write_vectors(Path(a.output), texts, vecs, force=a.force)
         print(f"wrote {len(texts)} vectors of size {vecs.shape[1]} to {a.output}", file=sys.stderr)
     else:
         for text, vec in zip(texts, vecs.tolist()):
@@ -256,35 +260,49 @@ def torch_cosine(a, b) -> float:
     return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
 
 
-def write_vectors(path: Path, texts: list[str], vecs) -> None:
-    """JSONL ({"text", "embedding"} per line) or .npy (N, C) float32, written to a temp file then renamed."""
-    tmp = path.with_name(path.name + ".tmp")
-    if path.suffix == ".npy":
-        import numpy as np
+def write_vectors(path: Path, texts: list[str], vecs, force: bool = False) -> None:
+    """JSONL ({"text", "embedding"} per line) or .npy (N, C) float32, written to a temp file then renamed.
+    An existing file at ``path`` is replaced only with ``force`` (``lmforge.outputs``)."""
+    import tempfile
 
-        with open(tmp, "wb") as f:
-            np.save(f, vecs.numpy().astype("float32"))
-    else:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for text, vec in zip(texts, vecs.tolist()):
-                f.write(json.dumps({"text": text, "embedding": vec}) + "\n")
-    os.replace(tmp, path)
+    from lmforge.outputs import prepare_output
+
+    prepare_output(path, "embed", force=force)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if path.suffix == ".npy":
+                import numpy as np
+
+                np.save(f, vecs.numpy().astype("float32"))
+            else:
+                for text, vec in zip(texts, vecs.tolist()):
+                    f.write((json.dumps({"text": text, "embedding": vec}) + "\n").encode("utf-8"))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def cmd_merge(a: argparse.Namespace) -> int:
     from lmforge.checkpoints.hf import save_hf_dir
     from lmforge.lm import load
+    from lmforge.outputs import check_inputs, claim_output
     from lmforge.peft.lora import lora_layers, merge_lora
 
-    out = Path(a.output)
-    if out.exists() and any(out.iterdir()) and not a.force:
-        raise LmforgeError(f"--output {out} exists and is not empty; pass --force to write into it")
-    loaded = load(a.model, adapter=a.adapter, dtype=a.dtype)
-    if not list(lora_layers(loaded.model)):
-        raise LmforgeError(f"{a.adapter} is not a LoRA adapter; only LoRA adapters can be merged into the weights "
-                           "(a prompt-tuning adapter stays an adapter: use --adapter)")
-    model = merge_lora(loaded.model)
-    save_hf_dir(model, out, tokenizer=loaded.tokenizer, generation_config=getattr(loaded, "generation_config", None))
+    # never into (or around) the adapter or base model it reads, even with --force
+    check_inputs(a.output, "merge", {"adapter": a.adapter, "model": a.model}, strict=True)
+    with claim_output(a.output, "merge", force=a.force) as out:
+        loaded = load(a.model, adapter=a.adapter, dtype=a.dtype)
+        if not list(lora_layers(loaded.model)):
+            raise LmforgeError(f"{a.adapter} is not a LoRA adapter; only LoRA adapters can be merged into the "
+                               "weights (a prompt-tuning adapter stays an adapter: use --adapter)")
+        model = merge_lora(loaded.model)
+        save_hf_dir(model, out, tokenizer=loaded.tokenizer,
+                    generation_config=getattr(loaded, "generation_config", None))
     print(f"merged {a.adapter} into {a.model}: wrote {out}", file=sys.stderr)
     return 0
 
@@ -340,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("texts", nargs="*", help="texts to embed")
     e.add_argument("-f", "--file", help="UTF-8 file with one text per line (added after any argument texts)")
     e.add_argument("-o", "--output", help="write vectors to a .jsonl or .npy file (default: JSONL on stdout)")
+    e.add_argument("--force", action="store_true", help="replace an existing --output file")
     e.add_argument("--similarity", action="store_true",
                    help="print the cosine similarity of each consecutive pair of texts instead of vectors")
     e.add_argument("--pooling", choices=("mean", "cls"), default="mean", help="how token vectors become one vector")
@@ -362,7 +381,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                                   "(default: %(default)s)")
     mg.add_argument("-o", "--output", required=True, help="output folder")
     mg.add_argument("--dtype", default="float32", help="dtype of the saved weights (default: %(default)s)")
-    mg.add_argument("--force", action="store_true", help="write into a non-empty output folder")
+    mg.add_argument("--force", action="store_true",
+                    help="write into an output folder that holds other files or an earlier merge: only the "
+                         "model's files (config.json, model.safetensors, tokenizer...) are written; nothing else is "
+                         "changed or deleted. Never allowed: an output that is, holds or is inside the adapter or "
+                         "the base model")
     mg.set_defaults(func=cmd_merge)
 
     i = sub.add_parser("info", help="architecture, parameters, memory and context of a model",

@@ -59,6 +59,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     from lmforge.cli import _load_generator
     from lmforge.evaluation.data import FieldMap
     from lmforge.evaluation.harness import EvalSettings, run_eval
+    from lmforge.outputs import check_output
 
     template = unescape(a.prompt_template)
     fields = FieldMap(input=a.input_field or (None if template else "input"), reference=a.reference_field,
@@ -71,9 +72,10 @@ def cmd_eval(a: argparse.Namespace) -> int:
     s.check()
     if not Path(a.data).is_file():
         raise LmforgeError(f"dataset {a.data} does not exist")
+    check_output(a.out, "eval", force=a.force)  # before the model loads; run_eval claims the folder
     lm = _load_generator(a)
     summary = run_eval(lm, a.data, s, a.out, progress=not a.no_progress,
-                       extra={"adapter": a.adapter})
+                       extra={"adapter": a.adapter}, force=a.force)
     print(json.dumps({"metrics": summary["metrics"], "counts": summary["counts"]}, indent=2))
     print(f"wrote {Path(a.out) / 'predictions.jsonl'} and {Path(a.out) / 'summary.json'}", file=sys.stderr)
     return 0
@@ -145,9 +147,9 @@ def cmd_compare(a: argparse.Namespace) -> int:
         print(f"{source}: valid, {len(cfg.settings)} settings: {', '.join(s.label for s in cfg.settings)}")
         return 0
     if a.report_only:
-        results = report_only(cfg, _command_line(a))
+        results = report_only(cfg, _command_line(a), force=a.force)
     else:
-        results = run_compare(cfg, _command_line(a), progress=not a.no_progress)
+        results = run_compare(cfg, _command_line(a), progress=not a.no_progress, force=a.force)
     table = {r.setting.label: r.summary["metrics"] for r in results}
     print(json.dumps(table, indent=2))
     print(f"wrote {Path(cfg.out) / 'report.md'} and {Path(cfg.out) / 'report.html'}", file=sys.stderr)
@@ -157,12 +159,14 @@ def cmd_compare(a: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``eval`` and ``compare`` to the ``lmforge`` parser."""
     from lmforge.cli import _add_model_args, _add_sampling_args, _int_arg
+    from lmforge.outputs import add_output_args
 
     e = sub.add_parser("eval", help="evaluate a model on a dataset (ROUGE, BLEU, chrF, perplexity, choices, toxicity)",
                        description="Evaluate a model on a JSONL / JSON / CSV dataset (optionally .gz). Writes "
                                    "OUT/predictions.jsonl (one line per example) and OUT/summary.json.")
     e.add_argument("data", help="the dataset file")
     e.add_argument("-o", "--out", required=True, help="output folder")
+    add_output_args(e, "eval")
     _add_data_args(e)
     e.add_argument("--shots", type=_int_arg("--shots", 0), default=0,
                    help="worked examples before each query (0 = zero-shot); taken in a fixed order from "
@@ -186,6 +190,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--config", help="a recipe YAML file (see recipes/)")
     c.add_argument("--data", help="the dataset file")
     c.add_argument("-o", "--out", help="output folder")
+    add_output_args(c, "compare")
     _add_data_args(c, in_compare=True)
     c.add_argument("-n", "--max-new-tokens", type=_int_arg("--max-new-tokens"), help="most tokens to generate")
     c.add_argument("--setting", action="append", default=[], metavar="KEY=VALUE,...",

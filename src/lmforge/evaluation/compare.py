@@ -29,6 +29,7 @@ from lmforge.errors import LmforgeError
 from lmforge.evaluation.data import FieldMap
 from lmforge.evaluation.harness import TASKS, EvalSettings, run_eval
 from lmforge.evaluation.metrics import check_metrics
+from lmforge.outputs import claim_output
 
 
 @dataclass
@@ -202,6 +203,22 @@ def slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-") or "setting"
 
 
+def run_folders(settings: list[Setting]) -> dict[str, str]:
+    """Each setting's run folder name, by label: its ``slug``, with "-2", "-3"... added in settings order
+    when two labels would share a folder ("A b" and "a-b": names are compared ignoring case, as on macOS
+    and Windows), so that distinct labels always get distinct folders."""
+    names: dict[str, str] = {}
+    taken: set[str] = set()
+    for s in settings:
+        name, n = slug(s.label), 1
+        while name.casefold() in taken:
+            n += 1
+            name = f"{slug(s.label)}-{n}"
+        taken.add(name.casefold())
+        names[s.label] = name
+    return names
+
+
 @dataclass
 class Result:
     """One setting's outcome: its summary and per-example rows (as written to its run folder)."""
@@ -220,17 +237,22 @@ def _read_run(run_dir: Path) -> tuple[dict, list[dict]]:
     return json.loads((run_dir / "summary.json").read_text(encoding="utf-8")), rows
 
 
-def report_only(cfg: CompareConfig, command: str) -> list[Result]:
+def report_only(cfg: CompareConfig, command: str, *, force: bool = False) -> list[Result]:
     """Rebuild the report from the runs already on disk (no model runs)."""
     from lmforge.evaluation.report import write_report
 
-    results = [Result(s, *_read_run(cfg.runs_dir() / slug(s.label))) for s in cfg.settings]
-    write_report(cfg, results, command)
+    folders = run_folders(cfg.settings)
+    results = [Result(s, *_read_run(cfg.runs_dir() / folders[s.label])) for s in cfg.settings]
+    with claim_output(cfg.out, "compare", force=force):
+        write_report(cfg, results, command)
     return results
 
 
-def run_compare(cfg: CompareConfig, command: str, *, progress: bool = True, loader=None) -> list[Result]:
-    """Run every setting, write ``runs_out/<label>/`` (default OUT/runs) and the report; returns the results.
+def run_compare(cfg: CompareConfig, command: str, *, progress: bool = True, loader=None,
+                force: bool = False) -> list[Result]:
+    """Run every setting, write ``runs_out/<label>/`` (default OUT/runs; see ``run_folders``) and the report;
+    returns the results. OUT is checked and locked first (``lmforge.outputs``: a folder holding other files
+    needs ``force``).
 
     ``loader(model, adapter)`` builds an ``LM`` (default ``lmforge.load``); one model is held at a time,
     and consecutive settings on the same (model, adapter) reuse it.
@@ -243,20 +265,22 @@ def run_compare(cfg: CompareConfig, command: str, *, progress: bool = True, load
             return load(model, adapter=adapter, device=cfg.device, dtype=cfg.dtype)
     results: list[Result] = []
     held_key, lm = None, None
-    for n, s in enumerate(cfg.settings, start=1):
-        key = (s.model, s.adapter)
-        if key != held_key:
-            lm, held_key = None, None  # free the previous model before loading the next
-            lm = loader(s.model, s.adapter)
-            if not isinstance(lm, LM):
-                raise LmforgeError(f"setting {s.label!r}: {s.model} is not a text-generating model")
-            held_key = key
-        print(f"[{n}/{len(cfg.settings)}] {s.label}", file=sys.stderr)
-        run_dir = cfg.runs_dir() / slug(s.label)
-        run_eval(lm, cfg.data, cfg.eval_settings(s), run_dir, progress=progress, label=s.label,
-                 extra={"label": s.label, "model": s.model or lm.name, "adapter": s.adapter})
-        results.append(Result(s, *_read_run(run_dir)))
-    write_report(cfg, results, command)
+    folders = run_folders(cfg.settings)
+    with claim_output(cfg.out, "compare", force=force):
+        for n, s in enumerate(cfg.settings, start=1):
+            key = (s.model, s.adapter)
+            if key != held_key:
+                lm, held_key = None, None  # free the previous model before loading the next
+                lm = loader(s.model, s.adapter)
+                if not isinstance(lm, LM):
+                    raise LmforgeError(f"setting {s.label!r}: {s.model} is not a text-generating model")
+                held_key = key
+            print(f"[{n}/{len(cfg.settings)}] {s.label}", file=sys.stderr)
+            run_dir = cfg.runs_dir() / folders[s.label]
+            run_eval(lm, cfg.data, cfg.eval_settings(s), run_dir, progress=progress, label=s.label,
+                     extra={"label": s.label, "model": s.model or lm.name, "adapter": s.adapter}, force=force)
+            results.append(Result(s, *_read_run(run_dir)))
+        write_report(cfg, results, command)
     return results
 
 

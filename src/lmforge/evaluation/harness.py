@@ -11,7 +11,8 @@ kinds:
 - ``multiple_choice``: the choice with the highest summed log-likelihood, and length-normalised.
 
 ``run_eval`` writes ``OUT/predictions.jsonl`` (one line per example: input, prompt, prediction,
-reference, scores) and ``OUT/summary.json`` (metrics, settings, counts, timing), each atomically.
+reference, scores) and ``OUT/summary.json`` (metrics, settings, counts, timing), each atomically; the
+folder is checked and locked first (``lmforge.outputs``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 from lmforge.errors import LmforgeError
 from lmforge.evaluation import data as D
 from lmforge.evaluation.metrics import DEFAULT_METRICS, ToxicityScorer, check_metrics, score_generations
+from lmforge.outputs import claims_output
 from lmforge.prompts import Example, build_messages, build_prompt
 
 TASKS = ("generation", "toxicity", "perplexity", "multiple_choice")
@@ -179,12 +181,14 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="ex", file=sys.stderr, disable=not enabled, leave=False)
 
 
+@claims_output("eval")
 def run_eval(lm, data_path: str | os.PathLike, s: EvalSettings, out_dir: str | os.PathLike | None = None, *,
              progress: bool = True, label: str = "eval", extra: dict | None = None,
-             toxicity_scorer: ToxicityScorer | None = None) -> dict:
+             toxicity_scorer: ToxicityScorer | None = None, force: bool = False) -> dict:
     """Evaluate ``lm`` (an ``lmforge.LM``) on the dataset at ``data_path``; returns the summary.
 
-    Writes ``predictions.jsonl`` and ``summary.json`` into ``out_dir`` when it is given.
+    Writes ``predictions.jsonl`` and ``summary.json`` into ``out_dir`` when it is given: a folder that holds
+    other files needs ``force`` (``lmforge.outputs``); an earlier evaluation's two files are replaced.
     ``extra`` is merged into the summary's settings (e.g. the adapter, a compare label).
     """
     s.check()

@@ -38,7 +38,7 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
                        compile=a.compile, eval_every=a.eval_every, eval_batches=a.eval_batches,
                        save_every=a.save_every, log_every=a.log_every, val_fraction=a.val_fraction,
                        text_field=a.text_field, cache_dir=a.cache_dir, overrides=_parse_overrides(a.set),
-                       resume=a.resume, seed=a.seed, device=a.device)
+                       resume=a.resume, seed=a.seed, device=a.device, overwrite=a.overwrite, force=a.force)
     print(json.dumps(metrics))
     print(f"model saved to {Path(a.out_dir) / 'final'}", file=sys.stderr)
     return 0
@@ -46,16 +46,18 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
 
 def cmd_tokenizer_train(a: argparse.Namespace) -> int:
     from lmforge.data.corpus import corpus_text
+    from lmforge.outputs import check_output, claim_output
     from lmforge.training.tokenizer_train import char_tokenizer, train_bpe
 
+    check_output(a.output, "tokenizer train", force=a.force)  # before the corpus is read and the tokenizer trained
     text = corpus_text(a.corpus, a.text_field)
     if a.kind == "char":
         tok = char_tokenizer(text)
     else:
         specials = [t for t in a.special_tokens.split(",") if t] if a.special_tokens is not None else None
         tok = train_bpe([text[i: i + 1_000_000] for i in range(0, len(text), 1_000_000)], a.vocab_size, specials)
-    out = Path(a.output)
-    tok.save(out)
+    with claim_output(a.output, "tokenizer train", force=a.force) as out:
+        tok.save(out)
     print(f"wrote a {a.kind} tokenizer with {tok.vocab_size} tokens to {out}", file=sys.stderr)
     return 0
 
@@ -63,6 +65,7 @@ def cmd_tokenizer_train(a: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the training subcommands to the ``lmforge`` parser."""
     from lmforge.cli import _float_arg, _int_arg
+    from lmforge.outputs import add_output_args
 
     p = sub.add_parser("pretrain", help="pretrain a model from scratch on a text corpus",
                        description="Pretrain a model (decoder: next-token; encoder: masked LM; encoder-decoder: "
@@ -115,7 +118,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="where tokenised corpora are cached "
                         "(default: $LMFORGE_CACHE/tokens or ~/.cache/lmforge/tokens)")
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint exactly where it stopped")
-    p.add_argument("--seed", type=int, default=0, help="seed for the init and the data order (default: %(default)s)")
+    add_output_args(p, "pretrain")
+    p.add_argument("--seed", type=_int_arg("--seed", 0), default=0,
+                   help="seed for the init and the data order (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: %(default)s)")
     p.set_defaults(func=cmd_pretrain)
 
@@ -125,6 +130,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                          description="Train a tokenizer on a corpus and write tokenizer.json + tokenizer_config.json "
                                      "to OUTPUT; use it with --tokenizer OUTPUT anywhere in lmforge.")
     tt.add_argument("-o", "--output", required=True, help="output folder")
+    add_output_args(tt, "tokenizer train")
     tt.add_argument("--corpus", default="shakespeare",
                     help="'shakespeare' (embedded), a text/JSONL file, or a folder of *.txt/*.md "
                          "(default: %(default)s)")

@@ -22,6 +22,7 @@ from torch import nn
 from lmforge.config import PRESETS, ModelConfig, preset
 from lmforge.data.corpus import RandomWindows, causal_collate, corpus_text, eval_windows, tokenize_corpus
 from lmforge.errors import LmforgeError
+from lmforge.outputs import claims_output
 from lmforge.tokenizer import Tokenizer
 from lmforge.training import objectives as obj
 from lmforge.training.loop import TrainConfig, train
@@ -63,7 +64,8 @@ def sentinel_ids(tok: Tokenizer, n: int = N_SENTINELS) -> list[int]:
 
 def build_model(model: str, tok: Tokenizer, overrides: dict[str, Any], seed: int) -> tuple[nn.Module, ModelConfig]:
     """A preset name or a config JSON (random init, vocabulary sized to ``tok``), or an HF directory
-    (its weights, for continued pretraining)."""
+    (its weights, for continued pretraining; a saved ``BertForMaskedLM`` keeps its trained MLM head,
+    a plain ``BertModel`` gets a fresh one)."""
     from lmforge.models import init_weights, model_class
 
     path = Path(model)
@@ -81,7 +83,7 @@ def build_model(model: str, tok: Tokenizer, overrides: dict[str, Any], seed: int
     elif path.is_dir():
         from lmforge.checkpoints.hf import read_hf_dir
 
-        config, loaded, _ = read_hf_dir(path)
+        config, loaded, _ = read_hf_dir(path, with_mlm_head=True)
         loaded = {k: v for k, v in loaded.items() if not k.startswith("pooler.")}  # BertForMaskedLM has none
         if overrides:
             raise LmforgeError(f"--set cannot change the shape of the saved model {path}; drop it")
@@ -103,9 +105,13 @@ def build_model(model: str, tok: Tokenizer, overrides: dict[str, Any], seed: int
         net = model_class(config)(config)
     init_weights(net, std=0.02, seed=seed)
     if loaded is not None:
-        target = net.encoder if config.arch == "encoder" else net
-        missing, unexpected = target.load_state_dict(loaded, strict=False)
-        if unexpected or [k for k in missing if "lm_head" not in k]:
+        fresh_head = ()  # parameters that may stay as initialised: tied aliases, an absent MLM head
+        if config.arch == "encoder":  # MaskedLM: the encoder's tensors under encoder.*, the head's as saved
+            has_head = any(k.startswith("predictions.") for k in loaded)
+            loaded = {(k if k.startswith("predictions.") else "encoder." + k): v for k, v in loaded.items()}
+            fresh_head = ("predictions.decoder.weight",) if has_head else ("predictions.",)
+        missing, unexpected = net.load_state_dict(loaded, strict=False)
+        if unexpected or [k for k in missing if "lm_head" not in k and not k.startswith(fresh_head)]:
             raise LmforgeError(f"{path}: weights do not fit the model (missing {missing[:4]}, "
                                f"unexpected {unexpected[:4]})")
     return net, config
@@ -164,6 +170,7 @@ def objective(config: ModelConfig, tok: Tokenizer):
                                         start_id=config.decoder_start_token_id)
 
 
+@claims_output("pretrain", inputs=("model",))
 def pretrain(model: str = "tiny-llama", corpus: str = "shakespeare", tokenizer: str | None = None,
              out_dir: str | Path = "runs/pretrain", seq_len: int = 128, batch_size: int = 16, steps: int = 1000,
              lr: float = 1e-3, warmup: int = 50, min_lr_ratio: float = 0.1, weight_decay: float = 0.1,
@@ -171,14 +178,15 @@ def pretrain(model: str = "tiny-llama", corpus: str = "shakespeare", tokenizer: 
              eval_every: int = 100, eval_batches: int = 20, save_every: int = 100, log_every: int = 10,
              val_fraction: float = 0.05, text_field: str = "text", cache_dir: str | Path | None = None,
              overrides: dict[str, Any] | None = None, resume: bool = False, seed: int = 0,
-             device: str = "cpu") -> dict:
+             device: str = "cpu", overwrite: bool = False, force: bool = False) -> dict:
     """Pretrain ``model`` on ``corpus`` for ``steps`` optimiser steps; returns the final metrics
     (``loss``, ``val_loss``, ``val_ppl``, ``tokens_per_s``...). Writes ``out_dir/checkpoint``,
     ``out_dir/final`` (HF format, with the tokenizer), ``metrics.jsonl`` and ``loss.png``.
 
     model: a preset name (random init, ``overrides`` change its fields), a JSON file of config fields,
     or an HF model directory (continued pretraining). tokenizer: ``char``, a tokenizer folder, or None
-    for the model directory's own (``char`` for presets).
+    for the model directory's own (``char`` for presets). An ``out_dir`` that holds a run needs ``resume``
+    or ``overwrite``; one with other files needs ``force`` (``lmforge.outputs``); it is locked while training.
     """
     run_config = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()}
     for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("eval_batches", eval_batches)):
@@ -195,6 +203,8 @@ def pretrain(model: str = "tiny-llama", corpus: str = "shakespeare", tokenizer: 
     if seq_len > limit:
         raise LmforgeError(f"--seq-len {seq_len} is longer than the model's context of {config.max_seq_len} tokens "
                            f"({config.name}); lower --seq-len or raise max_seq_len")
+    if config.arch == "encoder-decoder":
+        obj.check_sentinels(seq_len, N_SENTINELS)
     net.to(device)
     loss_fn, collate = objective(config, tok)
     data = tokenize_corpus(corpus, tok, cache_dir, text_field, val_fraction)

@@ -159,7 +159,8 @@ def save_reward_model(reward: ClassifierReward | PairwiseReward, path: str | os.
     if reward.kind == "classifier":
         meta["good_labels"] = [reward.config.labels[i] for i in reward.good]
     else:
-        (path / "head").mkdir(exist_ok=True)  # beside, not in, the directory's weights: lmforge.load reads every *.safetensors
+        # beside, not in, the directory's weights: lmforge.load reads every *.safetensors
+        (path / "head").mkdir(exist_ok=True)
         tmp = path / (HEAD + ".tmp")
         save_file({"score.weight": reward.model.score.weight.detach().contiguous()}, str(tmp))
         os.replace(tmp, path / HEAD)

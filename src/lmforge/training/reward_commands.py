@@ -39,7 +39,8 @@ def cmd_train(a: argparse.Namespace) -> int:
         torch.set_num_threads(a.threads)
     common = dict(data=a.data, out_dir=a.out_dir, eval_file=a.eval_file, eval_fraction=a.eval_fraction,
                   max_train=a.max_train, max_eval=a.max_eval, epochs=a.epochs, batch_size=a.batch_size,
-                  weight_decay=a.weight_decay, warmup=a.warmup, precision=a.precision, seed=a.seed)
+                  weight_decay=a.weight_decay, warmup=a.warmup, precision=a.precision, seed=a.seed,
+                  overwrite=a.overwrite, force=a.force)
     if a.kind == "classifier":
         from lmforge.training.reward_classifier import train_classifier
 
@@ -114,6 +115,7 @@ def _shared(p: argparse.ArgumentParser, int_arg) -> None:
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``lmforge reward train`` and ``lmforge reward eval``."""
     from lmforge.cli import _float_arg, _int_arg
+    from lmforge.outputs import add_output_args
 
     r = sub.add_parser("reward", help="train and evaluate reward models (toxicity classifier, pairwise preferences)",
                        description="Reward models for alignment: a classifier whose reward is P(good class), e.g. "
@@ -128,7 +130,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                     "held-out metrics as JSON: accuracy, balanced accuracy (classifier), ROC AUC, "
                                     "expected calibration error (10 bins); pairwise: accuracy and mean margin.")
     t.add_argument("data", help="training data: labelled texts (classifier) or chosen/rejected pairs (pairwise)")
-    t.add_argument("-o", "--out-dir", required=True, help="where to save the reward model (written atomically)")
+    t.add_argument("-o", "--out-dir", required=True,
+                   help="the folder to save the reward model in (each file written atomically)")
+    add_output_args(t, "reward train")
     t.add_argument("--kind", choices=("classifier", "pairwise"), default="classifier",
                    help="classifier: encoder + classification head; pairwise: decoder + scalar head "
                         "(default: %(default)s)")

@@ -21,6 +21,7 @@ from torch import nn
 from lmforge.checkpoints.resolve import DEFAULT_MODEL
 from lmforge.data.reward_data import load_pairs, random_split
 from lmforge.errors import LmforgeError
+from lmforge.outputs import claims_output
 from lmforge.training.preference import bradley_terry_loss
 from lmforge.training.reward import (
     PairwiseReward,
@@ -82,13 +83,14 @@ def top_rewards(model: nn.Module, states: list[torch.Tensor], n_frozen: int) -> 
     return model.score(x[torch.arange(len(states)), lengths - 1]).squeeze(-1)
 
 
+@claims_output("reward train", inputs=("model", "adapter", "tokenizer"))
 def train_pairwise(*, data: str | os.PathLike, out_dir: str | os.PathLike, model: str = DEFAULT_MODEL,
                    adapter: str | os.PathLike | None = None, tokenizer: str | None = None,
                    chosen_field: str = "chosen", rejected_field: str = "rejected",
                    eval_file: str | None = None, eval_fraction: float = 0.1, max_train: int | None = None,
                    max_eval: int | None = None, max_len: int = 128, train_layers: int = 0, epochs: int = 1,
                    batch_size: int = 32, lr: float = 1e-3, weight_decay: float = 0.01, warmup: float = 0.1,
-                   precision: str = "bf16", seed: int = 0) -> dict:
+                   precision: str = "bf16", seed: int = 0, overwrite: bool = False, force: bool = False) -> dict:
     """Train a Bradley-Terry reward model on (chosen, rejected) pairs; save it to ``out_dir``.
 
     Held-out pairs are ``eval_file`` or a seeded ``eval_fraction`` of ``data``; ``max_train`` /

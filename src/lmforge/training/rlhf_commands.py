@@ -24,7 +24,8 @@ def _common(a: argparse.Namespace) -> dict:
     return dict(adapter=a.adapter, method=a.method, ref=a.ref, out_dir=a.out_dir, lr=a.lr, precision=a.precision,
                 seed=a.seed, device=a.device, lora_r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
                 lora_targets=_targets(a.lora_targets), rslora=a.rslora, chat={"auto": None, "chat": True,
-                                                                             "plain": False}[a.template])
+                                                                             "plain": False}[a.template],
+                overwrite=a.overwrite, force=a.force)
 
 
 def cmd_ppo(a: argparse.Namespace) -> int:
@@ -56,12 +57,16 @@ def cmd_dpo(a: argparse.Namespace) -> int:
     return 0
 
 
-def _add_checkpoint_args(g, what: str) -> None:
-    g.add_argument("--save-every", type=int, default=0,
+def _add_checkpoint_args(g, what: str, verb: str) -> None:
+    from lmforge.cli import _int_arg
+    from lmforge.outputs import add_output_args
+
+    g.add_argument("--save-every", type=_int_arg("--save-every", 0), default=0,
                    help=f"write OUT_DIR/checkpoint ({what}) atomically every N steps and at the end "
                         "(default: 0, never)")
     g.add_argument("--resume", action="store_true",
                    help="continue from OUT_DIR/checkpoint, step for step as if the run had never stopped")
+    add_output_args(g, verb)
 
 
 def _add_policy_args(p: argparse.ArgumentParser, default_steps: str) -> None:
@@ -98,7 +103,8 @@ def _add_policy_args(p: argparse.ArgumentParser, default_steps: str) -> None:
     t.add_argument("--lr", type=_float_arg("--lr", 0.0, low_open=True), default=None,
                    help="learning rate (default: 1e-4 LoRA, 1e-6 full)")
     t.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 = autocast (default: fp32)")
-    t.add_argument("--seed", type=int, default=0, help="seed for sampling, shuffling and init (default: 0)")
+    t.add_argument("--seed", type=_int_arg("--seed", 0), default=0,
+                   help="seed for sampling, shuffling and init (default: 0)")
     t.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
     t.add_argument("--threads", type=_int_arg("--threads"), default=None,
                    help="torch CPU threads (default: torch's choice)")
@@ -137,7 +143,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="prompts (rollouts) per PPO step (default: 8)")
     g.add_argument("--mini-batch-size", type=_int_arg("--mini-batch-size"), default=4,
                    help="rollouts per optimiser step; must divide --batch-size (default: 4)")
-    _add_checkpoint_args(g, "policy, value head, optimiser, KL coefficient, prompt order")
+    _add_checkpoint_args(g, "policy, value head, optimiser, KL coefficient, prompt order", "rlhf ppo")
     g.add_argument("--ppo-epochs", type=_int_arg("--ppo-epochs"), default=4,
                    help="passes over each rollout (default: 4)")
     g.add_argument("--kl-coef", type=_float_arg("--kl-coef", 0.0), default=0.05,
@@ -192,6 +198,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--epochs", type=_float_arg("--epochs", 0.0, low_open=True), default=None,
                    help="passes over the pairs (instead of --steps; default: one)")
     g.add_argument("--warmup", type=_int_arg("--warmup", 0), default=0, help="linear warmup steps (default: 0)")
-    _add_checkpoint_args(g, "policy, optimiser, pair order")
+    _add_checkpoint_args(g, "policy, optimiser, pair order", "rlhf dpo")
     _add_policy_args(q, "one epoch")
     q.set_defaults(func=cmd_dpo)
