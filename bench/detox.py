@@ -156,7 +156,7 @@ def main() -> None:
         ppo(a.model, train_prompts, a.reward, out_dir=out / "ppo", steps=a.steps, batch_size=a.batch_size,
             mini_batch_size=a.mini_batch_size, ppo_epochs=a.ppo_epochs, lr=a.lr, kl_coef=a.kl_coef,
             target_kl=a.target_kl, max_new_tokens=a.max_new_tokens, precision=a.precision, seed=a.seed,
-            lora_r=a.lora_r, lora_alpha=2.0 * a.lora_r)
+            lora_r=a.lora_r, lora_alpha=2.0 * a.lora_r, overwrite=True)  # a bench re-run replaces its own run
     train_s = time.perf_counter() - t0
     rows = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
 

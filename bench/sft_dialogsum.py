@@ -108,7 +108,7 @@ def main() -> None:
         result = finetune(None, a.train, None, out_dir=out_dir, train_limit=a.train_limit, steps=a.steps,
                           batch_size=a.batch_size // a.grad_accum, grad_accum=a.grad_accum, lr=lr,
                           warmup_steps=a.warmup, precision=a.precision, pack=a.pack, log_every=10, device=a.device,
-                          method=method, **{**fields, "max_len": a.train_max_len})
+                          method=method, overwrite=True, **{**fields, "max_len": a.train_max_len})
         train_s = time.perf_counter() - t0
         if method == "full":
             tuned = lmforge.load(out_dir / "final", device=a.device, dtype="float32")
