@@ -34,6 +34,8 @@ test-fast: venv
 
 lint: venv
 	$(BIN)/ruff check src tests bench
+	# the import contract in pyproject.toml: layers, and no cycle between the modules of a package
+	$(BIN)/lint-imports --no-cache
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info src/*.egg-info

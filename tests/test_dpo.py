@@ -8,13 +8,13 @@ import pytest
 import torch
 
 import lmforge
+from lmforge.alignment.dpo import DPOTrainer, TokenPair, collate, load_pairs, precompute_reference, response_logprobs
+from lmforge.alignment.preference import sequence_logprobs
 from lmforge.cli import main
 from lmforge.config import preset
 from lmforge.errors import LmforgeError
 from lmforge.models.decoder import DecoderLM
 from lmforge.peft.lora import LoraSpec, add_lora
-from lmforge.training.dpo import DPOTrainer, TokenPair, collate, load_pairs, precompute_reference, response_logprobs
-from lmforge.training.preference import sequence_logprobs
 
 
 def write_jsonl(path, rows):
@@ -173,7 +173,7 @@ def test_cli_dpo_held_out_pairs_are_scored_before_and_after(tiny_lm_dirs, tmp_pa
 def test_cli_dpo_resume_continues_step_for_step(tiny_lm_dirs, tmp_path, capsys, monkeypatch):
     """A DPO run that dies during step 3 (after its step-2 checkpoint) and is resumed logs exactly the steps of
     an uninterrupted run: LoRA weights, AdamW moments, the schedule's position and the pair order restored."""
-    from lmforge.training.dpo import DPOTrainer
+    from lmforge.alignment.dpo import DPOTrainer
 
     args = ["rlhf", "dpo", "-m", tiny_lm_dirs["plain"], "--data", pairs_file(tmp_path), "--batch-size", "2",
             "--lr", "1e-3", "--warmup", "1", "--threads", "1", "--save-every", "2", "--steps", "5"]
@@ -241,7 +241,7 @@ def test_cli_dpo_refuses_non_finite_hyper_parameters(tiny_lm_dirs, tmp_path, cap
 @pytest.mark.parametrize("field,flag", [("beta", "--beta"), ("lr", "--lr"), ("label_smoothing", "--label-smoothing")])
 def test_dpo_recipe_refuses_non_finite_values(tiny_lm_dirs, tmp_path, field, flag):
     """The same through the Python API, before anything is loaded."""
-    from lmforge.training.rlhf import dpo
+    from lmforge.alignment.rlhf import dpo
 
     with pytest.raises(LmforgeError, match=f"{flag} must be a finite number, got nan"):
         dpo(str(tiny_lm_dirs["plain"]), pairs_file(tmp_path), out_dir=tmp_path / "o", **{field: float("nan")})
@@ -249,8 +249,8 @@ def test_dpo_recipe_refuses_non_finite_values(tiny_lm_dirs, tmp_path, field, fla
 
 
 def test_cli_dpo_stops_on_a_nan_loss_and_keeps_the_last_checkpoint(tiny_lm_dirs, tmp_path, capsys, monkeypatch):
+    from lmforge.alignment.dpo import DPOTrainer
     from lmforge.training.checkpoint import read_state
-    from lmforge.training.dpo import DPOTrainer
 
     real, calls = DPOTrainer.loss_and_metrics, []
 

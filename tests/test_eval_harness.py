@@ -9,6 +9,7 @@ from rouge_score import rouge_scorer
 
 import lmforge
 from lmforge.cli import main
+from lmforge.data.records import Record, load_records, render
 from lmforge.errors import LmforgeError
 from lmforge.evaluation import data as D
 from lmforge.evaluation.harness import EvalSettings, build_prompts, run_eval
@@ -41,9 +42,9 @@ def test_formats_read_the_same_records(tmp_path):
         w.writerows(ROWS)
     expected = [r["text"] for r in ROWS]
     for p in (jl, js, gz, cs):
-        recs = D.load_records(p)
+        recs = load_records(p)
         assert [r.fields["text"] for r in recs] == expected, p
-    assert D.load_records(jl)[2].where == "d.jsonl, line 3"
+    assert load_records(jl)[2].where == "d.jsonl, line 3"
 
 
 @pytest.mark.parametrize("content, name, message", [
@@ -60,11 +61,11 @@ def test_bad_files_name_the_file_and_line(tmp_path, content, name, message):
     p = tmp_path / name
     p.write_text(content)
     with pytest.raises(LmforgeError, match=message):
-        D.load_records(p)
+        load_records(p)
 
 
 def test_missing_field_names_it_and_lists_the_available_ones(tmp_path):
-    recs = D.load_records(write_jsonl(tmp_path / "d.jsonl", ROWS))
+    recs = load_records(write_jsonl(tmp_path / "d.jsonl", ROWS))
     with pytest.raises(LmforgeError) as e:
         D.check_fields(recs, D.FieldMap(input="dialogue", reference="summary"), True, False)
     assert "d.jsonl, line 1: no field 'dialogue' (--input-field); the record has: id, text, summary" in str(e.value)
@@ -75,8 +76,8 @@ def test_missing_field_names_it_and_lists_the_available_ones(tmp_path):
 
 
 def test_template_fills_fields_without_reparsing_values():
-    r = D.Record({"dialogue": "A: {not a field}", "n": 3}, "x")
-    assert D.render("Summarize:\n{dialogue}\n{{n}} = {n}", r) == "Summarize:\nA: {not a field}\n{n} = 3"
+    r = Record({"dialogue": "A: {not a field}", "n": 3}, "x")
+    assert render("Summarize:\n{dialogue}\n{{n}} = {n}", r) == "Summarize:\nA: {not a field}\n{n} = 3"
 
 
 # ----------------------------------------------------------------------------- few-shot prompts
@@ -85,7 +86,7 @@ def _settings(**kw):
 
 
 def test_shots_in_fixed_order_and_never_the_query(tiny, tmp_path):
-    recs = D.load_records(write_jsonl(tmp_path / "d.jsonl", ROWS))
+    recs = load_records(write_jsonl(tmp_path / "d.jsonl", ROWS))
     lm = tiny["plain"]
     # Evaluate the first 2: shots come from the records after them, in file order.
     built = build_prompts(lm, recs, 2, _settings(shots=2), chat=False, reserve=4)
@@ -104,13 +105,13 @@ def test_shots_in_fixed_order_and_never_the_query(tiny, tmp_path):
 
 def test_a_duplicate_of_the_query_is_not_a_shot(tiny, tmp_path):
     rows = [ROWS[0], ROWS[1], dict(ROWS[0], id=99)]
-    recs = D.load_records(write_jsonl(tmp_path / "d.jsonl", rows))
+    recs = load_records(write_jsonl(tmp_path / "d.jsonl", rows))
     (b,) = build_prompts(tiny["plain"], recs, 1, _settings(shots=1), chat=False, reserve=4)
     assert "number 1\nOutput: fox 1" in b.prompt and b.prompt.count("number 0") == 1
 
 
 def test_shots_file_and_chat_template(tiny, tmp_path):
-    recs = D.load_records(write_jsonl(tmp_path / "d.jsonl", ROWS[:2]))
+    recs = load_records(write_jsonl(tmp_path / "d.jsonl", ROWS[:2]))
     shots = write_jsonl(tmp_path / "shots.jsonl", [{"text": "sea otter", "summary": "loutre de mer"}])
     (b,) = build_prompts(tiny["chat"], recs, 1, _settings(shots=1, shots_file=str(shots)), chat=True, reserve=4)
     assert [m["role"] for m in b.prompt] == ["user", "assistant", "user"]
@@ -123,7 +124,7 @@ def test_prompt_fits_the_context_by_dropping_shots_from_the_end(tiny, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", rows)
     lm = tiny["plain"]  # a 128-token context
     s = _settings(shots=4, limit=1, max_new_tokens=8)
-    (b,) = build_prompts(lm, D.load_records(data), 1, s, chat=False, reserve=8)
+    (b,) = build_prompts(lm, load_records(data), 1, s, chat=False, reserve=8)
     assert len(b.ids) + 8 <= lm.config.max_seq_len
     assert 0 < b.shots_dropped < 4 and b.shots_used + b.shots_dropped == 4
     summary = run_eval(lm, data, s, tmp_path / "out", progress=False)
@@ -134,7 +135,7 @@ def test_prompt_fits_the_context_by_dropping_shots_from_the_end(tiny, tmp_path):
 
 
 def test_too_few_records_for_the_shots(tiny, tmp_path):
-    recs = D.load_records(write_jsonl(tmp_path / "d.jsonl", ROWS[:2]))
+    recs = load_records(write_jsonl(tmp_path / "d.jsonl", ROWS[:2]))
     with pytest.raises(LmforgeError, match="2 shots requested but the dataset has only 1"):
         build_prompts(tiny["plain"], recs, 2, _settings(shots=2), chat=False, reserve=4)
 
@@ -200,7 +201,7 @@ def test_cli_eval_and_its_errors(tiny_lm_dirs, tmp_path, capsys):
 
 
 def test_cli_template_escapes():
-    from lmforge.evaluation.commands import unescape
+    from lmforge.cli.evaluation import unescape
 
     assert unescape("Summarize:\\n\\n{dialogue}\\tSummary:") == "Summarize:\n\n{dialogue}\tSummary:"
     assert unescape(None) is None

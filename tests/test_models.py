@@ -5,6 +5,7 @@ import torch
 from tests.conftest import HF_CONFIGS
 
 from lmforge.checkpoints.hf import read_hf_dir, save_hf_dir
+from lmforge.checkpoints.hf_config import config_from_hf
 from lmforge.checkpoints.resolve import build_model
 from lmforge.config import ModelConfig, preset
 from lmforge.errors import LmforgeError
@@ -87,9 +88,9 @@ def test_bad_configs():
     with pytest.raises(LmforgeError, match="norm='batchnorm'"):
         ModelConfig(norm="batchnorm")
     with pytest.raises(LmforgeError, match="model_type='roberta'"):
-        ModelConfig.from_hf_dict({"model_type": "roberta"})
+        config_from_hf({"model_type": "roberta"})
     with pytest.raises(LmforgeError, match="missing field 'hidden_size'"):
-        ModelConfig.from_hf_dict({"model_type": "llama", "vocab_size": 10, "num_hidden_layers": 1,
+        config_from_hf({"model_type": "llama", "vocab_size": 10, "num_hidden_layers": 1,
                                   "num_attention_heads": 1, "intermediate_size": 4})
 
 

@@ -215,7 +215,7 @@ def test_reward_train_keeps_the_users_files(tiny_encoder, labelled_csv, tmp_path
     assert run(capsys, *reward_train(labelled_csv, out, tiny_encoder, "--force"))[0] == 0
     assert_user_files_kept(out)
     assert (out / "reward_config.json").is_file() and not (out / LOCK).exists()
-    from lmforge.training.reward import load_reward_model
+    from lmforge.alignment.reward import load_reward_model
 
     assert len(load_reward_model(out).score(["you are so kind"])) == 1
     # its own earlier model: replaced only with --overwrite, and the user's files stay

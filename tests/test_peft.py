@@ -7,8 +7,8 @@ from tests.conftest import randomize_
 
 from lmforge.checkpoints.hf import read_hf_dir
 from lmforge.checkpoints.resolve import build_model
-from lmforge.deploy.quantize import model_bytes, quantize_linears
 from lmforge.errors import LmforgeError
+from lmforge.models.quantized import model_bytes, quantize_linears
 from lmforge.peft.adapters import load_adapter, save_adapter
 from lmforge.peft.lora import LoraSpec, add_lora, lora_layers, merge_lora, set_lora_enabled, trainable_report
 from lmforge.peft.prompt_tuning import PromptTunedLM

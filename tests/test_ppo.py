@@ -8,11 +8,7 @@ import pytest
 import torch
 
 import lmforge
-from lmforge.config import preset
-from lmforge.errors import LmforgeError
-from lmforge.models.decoder import DecoderLM
-from lmforge.peft.lora import LoraSpec, add_lora
-from lmforge.training.ppo import (
+from lmforge.alignment.ppo import (
     PPOConfig,
     PPOTrainer,
     adaptive_kl_coef,
@@ -22,6 +18,10 @@ from lmforge.training.ppo import (
     value_loss,
     whiten,
 )
+from lmforge.config import preset
+from lmforge.errors import LmforgeError
+from lmforge.models.decoder import DecoderLM
+from lmforge.peft.lora import LoraSpec, add_lora
 from lmforge.training.tokenizer_train import char_tokenizer
 
 CHARS = "abcdefghijklmnop "
@@ -162,7 +162,7 @@ def test_bad_configs():
 def test_reward_model_vocabulary_check():
     from types import SimpleNamespace
 
-    from lmforge.training.rlhf import reward_vocab_check
+    from lmforge.alignment.rlhf import reward_vocab_check
 
     pairwise = SimpleNamespace(config=SimpleNamespace(arch="decoder", vocab_size=300))
     with pytest.raises(LmforgeError, match="vocabulary of 300 tokens but the policy has 320: a pairwise decoder"):
@@ -269,8 +269,8 @@ def test_cli_ppo_bad_input(tiny_lm_dirs, tmp_path, capsys, toy_reward):
 
 
 def test_cli_ppo_refuses_a_pairwise_reward_model_with_another_vocabulary(tiny_lm_dirs, tmp_path, capsys):
+    from lmforge.alignment.reward import PairwiseReward, save_reward_model
     from lmforge.models.heads import RewardModel
-    from lmforge.training.reward import PairwiseReward, save_reward_model
 
     tok = char_tokenizer(CHARS)  # 18 tokens; the policy's byte-level BPE has a few hundred
     decoder = DecoderLM(preset("tiny-llama", vocab_size=tok.vocab_size)).init_weights(seed=0)

@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
+from lmforge.alignment.preference import dpo_loss, ipo_loss, sequence_logprobs
 from lmforge.config import preset
 from lmforge.errors import LmforgeError
 from lmforge.models.decoder import DecoderLM
 from lmforge.peft.lora import LoraSpec, add_lora, set_lora_enabled
-from lmforge.training.preference import dpo_loss, ipo_loss, sequence_logprobs
 
 
 def t(*xs):
@@ -81,8 +81,8 @@ def test_tiny_dpo_run_raises_the_chosen_over_rejected_margin():
 
 
 def test_bradley_terry_by_hand_and_a_tiny_reward_model_learns_to_rank():
+    from lmforge.alignment.preference import bradley_terry_loss
     from lmforge.models.heads import RewardModel
-    from lmforge.training.preference import bradley_terry_loss
 
     assert bradley_terry_loss(t(2.0, 0.0), t(1.0, 1.0)).item() == pytest.approx(
         (math.log(1 + math.exp(-1.0)) + math.log(1 + math.exp(1.0))) / 2)

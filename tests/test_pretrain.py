@@ -166,7 +166,7 @@ def test_mlm_and_span_corruption_pretraining(tmp_path, text_file, name, fields, 
 
 def test_cli_pretrain_help_and_errors(tmp_path, capsys, text_file):
     with pytest.raises(SystemExit):
-        from lmforge.cli import build_parser
+        from lmforge.cli.main import build_parser
 
         build_parser().parse_args(["pretrain", "--help"])
     out = capsys.readouterr().out

@@ -7,6 +7,9 @@ import random
 import pytest
 import torch
 
+from lmforge.alignment.reward import check_tokenizer_match, load_reward_model
+from lmforge.alignment.reward_classifier import train_classifier
+from lmforge.alignment.reward_pairwise import train_pairwise
 from lmforge.cli import main
 from lmforge.config import ModelConfig, preset
 from lmforge.data.reward_data import load_labelled, load_pairs, stratified_split
@@ -19,9 +22,6 @@ from lmforge.evaluation.classification import (
     roc_auc,
 )
 from lmforge.evaluation.metrics import resolve_toxicity_scorer
-from lmforge.training.reward import check_tokenizer_match, load_reward_model
-from lmforge.training.reward_classifier import train_classifier
-from lmforge.training.reward_pairwise import train_pairwise
 
 GOOD = ["kind", "lovely", "great", "thanks", "friend", "nice"]
 BAD = ["stupid", "idiot", "hate", "ugly", "dumb", "rude"]
@@ -200,10 +200,10 @@ def test_tiny_pairwise_model_learns_to_rank(tiny_decoder, tmp_path, train_layers
 
 
 def test_save_load_round_trip_gives_identical_scores(tiny_encoder, tiny_decoder, tmp_path):
+    from lmforge.alignment.reward import ClassifierReward, PairwiseReward, save_reward_model
+    from lmforge.alignment.reward_classifier import build_classifier
     from lmforge.lm import load
     from lmforge.models.heads import RewardModel
-    from lmforge.training.reward import ClassifierReward, PairwiseReward, save_reward_model
-    from lmforge.training.reward_classifier import build_classifier
 
     texts = ["you are so kind", "the human is rude today", "thanks"]
     clf, tok = build_classifier(tiny_encoder, ["toxic", "fine"])
@@ -346,7 +346,7 @@ def test_reward_fit_refuses_non_finite_values(tiny_decoder, tmp_path, field):
 
 
 def test_reward_train_stops_on_a_nan_loss(tiny_decoder, tmp_path, monkeypatch):
-    from lmforge.training import reward_pairwise
+    from lmforge.alignment import reward_pairwise
 
     real = reward_pairwise.bradley_terry_loss
     monkeypatch.setattr(reward_pairwise, "bradley_terry_loss", lambda c, r: real(c, r) * float("nan"))
@@ -359,7 +359,7 @@ def test_reward_train_stops_on_a_nan_loss(tiny_decoder, tmp_path, monkeypatch):
 def test_reward_train_stops_on_a_nan_gradient(tiny_decoder, tmp_path, monkeypatch):
     """A finite loss with a NaN gradient on the only step used to save an all-NaN head (no later loss to
     notice it); now the step stops before the update and nothing is saved."""
-    from lmforge.training import reward_pairwise
+    from lmforge.alignment import reward_pairwise
 
     real = reward_pairwise.bradley_terry_loss
     monkeypatch.setattr(reward_pairwise, "bradley_terry_loss",

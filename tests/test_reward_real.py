@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from lmforge.alignment.reward import load_reward_model
 from lmforge.cli import main
 from lmforge.evaluation.metrics import toxicity
-from lmforge.training.reward import load_reward_model
 
 TWEETS = Path(__file__).resolve().parents[2] / "shared" / "data" / "hate_speech_offensive" / "labeled_data.csv"
 

@@ -17,10 +17,10 @@ import pytest
 
 import lmforge
 from lmforge.cli import main
+from lmforge.cli.serve import load_for_serving, served_name
 from lmforge.deploy.batching import Engine
-from lmforge.deploy.commands import load_for_serving, served_name
-from lmforge.deploy.quantize import Int8Linear, model_bytes
 from lmforge.deploy.server import BackgroundServer, create_app
+from lmforge.models.quantized import Int8Linear, model_bytes
 
 KEY = "test-key-123"
 MODEL = "tiny-chat"
@@ -352,7 +352,7 @@ def test_real_model_int8_logits_stay_close(real_lm):
 
     import torch
 
-    from lmforge.deploy.quantize import quantize_linears
+    from lmforge.models.quantized import quantize_linears
 
     int8 = quantize_linears(copy.deepcopy(real_lm.model), "int8")
     assert model_bytes(int8) < 0.45 * model_bytes(real_lm.model)

@@ -18,7 +18,7 @@ STEP_S = 0.05  # each forward pass of the served model sleeps this long, so a 10
 # `lmforge serve` itself, with its model slowed down (a tiny model would finish any request in a blink)
 LAUNCH = f"""
 import sys, time
-import lmforge.deploy.commands as commands
+import lmforge.cli.serve as commands
 load = commands.load_for_serving
 def slow_load(*a, **k):
     lm = load(*a, **k)

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 import lmforge
+from lmforge.cli.training import add_finetune_parser
 from lmforge.data.sft import SFTBatches, load_sft_data, to_record, tokenize_record
 from lmforge.errors import LmforgeError
-from lmforge.training.sft import add_finetune_parser, causal_lm_loss, decoder_logits, evaluate_sft, finetune, rouge_l
+from lmforge.training.sft import causal_lm_loss, decoder_logits, evaluate_sft, finetune, rouge_l
 
 WORDS = ["one", "two", "three", "four", "five", "six", "seven", "fox", "dog"]
 
@@ -203,10 +204,8 @@ def test_bad_arguments(tiny_lm_dirs, tmp_path):
 
 
 def test_errors_through_lmforge_main_are_one_line(tiny_lm_dirs, monkeypatch, tmp_path, capsys):
-    import lmforge.training.commands as commands
     from lmforge.cli import main
 
-    monkeypatch.setattr(commands, "register", add_finetune_parser)  # what commands.register will do
     train, _ = copy_task(tmp_path)
     assert main(["finetune", "--train", str(train), "-m", str(tiny_lm_dirs["chat"]), "--method", "lora",
                  "--lora-targets", "query,value", "--steps", "1"]) == 2

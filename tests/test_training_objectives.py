@@ -120,7 +120,7 @@ def test_span_corruption_mean_span_length():
 def test_mlm_head_matches_transformers(tmp_path):
     import transformers
 
-    from lmforge.checkpoints.hf import read_hf_dir
+    from lmforge.checkpoints.hf import read_hf_dir, save_hf_dir
     from lmforge.config import ModelConfig
     from lmforge.models.mlm import MaskedLM
 
@@ -133,7 +133,7 @@ def test_mlm_head_matches_transformers(tmp_path):
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    model.save_hf(tmp_path / "mlm")
+    save_hf_dir(model, tmp_path / "mlm")
     hf = transformers.BertForMaskedLM.from_pretrained(tmp_path / "mlm").eval()
     idx = torch.randint(1, 50, (2, 9), generator=gen)
     with torch.no_grad():

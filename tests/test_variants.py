@@ -9,6 +9,7 @@ from tests.conftest import randomize_
 
 import lmforge
 from lmforge.checkpoints.hf import read_hf_dir, save_hf_dir
+from lmforge.checkpoints.hf_config import config_from_hf
 from lmforge.checkpoints.resolve import build_model
 from lmforge.cli import main
 from lmforge.config import ModelConfig
@@ -153,7 +154,7 @@ def test_three_variants_share_the_blocks():
 
 def test_bad_variant_configs(hf_variants, tmp_path):
     with pytest.raises(LmforgeError, match="feed_forward_proj='gated-swish'.*supported: relu"):
-        ModelConfig.from_hf_dict({"model_type": "t5", "vocab_size": 10, "num_layers": 1, "d_model": 8,
+        config_from_hf({"model_type": "t5", "vocab_size": 10, "num_layers": 1, "d_model": 8,
                                   "num_heads": 2, "d_kv": 4, "d_ff": 16, "feed_forward_proj": "gated-swish"})
     with pytest.raises(LmforgeError, match="mlp='swish'; allowed"):
         ModelConfig(mlp="swish")

@@ -95,13 +95,11 @@ class ModelConfig:
         return [self.eos_token_id] if isinstance(self.eos_token_id, int) else list(self.eos_token_id)
 
     def num_parameters(self) -> int:
-        """Parameter count (tied embeddings counted once): a formula for decoders, a shape-only
-        (meta-device) model for the other variants."""
+        """Parameter count of a decoder-only model (tied embeddings counted once), by formula; for the other
+        variants ``lmforge.models.count_parameters`` counts a shape-only model."""
         if self.arch != "decoder" or self.mlp not in ("swiglu", "gelu"):
-            from lmforge.models import build_empty
-
-            model = build_empty(self)
-            return sum(p.numel() for p in model.parameters())
+            raise LmforgeError(f"num_parameters() is a formula for decoder-only models; {self.name} is "
+                               f"{self.arch}: use lmforge.models.count_parameters(config)")
         d, hd = self.n_embd, self.head_dim
         q, kv = self.n_head * hd, self.n_kv_head * hd
         attn = d * (q + 2 * kv) + q * d
@@ -128,19 +126,6 @@ class ModelConfig:
         if unknown:
             raise LmforgeError(f"unknown config field(s) {unknown}; known: {sorted(known)}")
         return cls(**data)
-
-    # ---- transformers config.json, both ways (checkpoints/hf_config.py) ------------------
-
-    @classmethod
-    def from_hf_dict(cls, hf: dict[str, Any], name: str = "custom") -> ModelConfig:
-        from lmforge.checkpoints.hf_config import config_from_hf
-
-        return config_from_hf(hf, name)
-
-    def to_hf_dict(self) -> dict[str, Any]:
-        from lmforge.checkpoints.hf_config import config_to_hf
-
-        return config_to_hf(self)
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from lmforge.checkpoints.hf_config import config_from_hf
 from lmforge.checkpoints.resolve import DEFAULT_MODEL, resolve
 from lmforge.config import ModelConfig
+from lmforge.models import count_parameters
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "int4": 0.5}
 
@@ -17,7 +19,7 @@ def _read_config(name: str) -> tuple[ModelConfig, dict[str, Any]]:
     if source.kind == "hf":
         from lmforge.checkpoints.hf import read_json
 
-        config = ModelConfig.from_hf_dict(read_json(source.path / "config.json"), name=source.path.name)
+        config = config_from_hf(read_json(source.path / "config.json"), source.path.name)
         files = list(source.path.glob("*.safetensors"))
         extra["file_size_mb"] = round(sum(f.stat().st_size for f in files) / 2**20, 1)
         tok_cfg = source.path / "tokenizer_config.json"
@@ -43,7 +45,7 @@ def _read_config(name: str) -> tuple[ModelConfig, dict[str, Any]]:
 def describe(name: str | None = None) -> dict[str, Any]:
     """A dict describing the model: architecture, parameter count, memory per dtype, context length."""
     config, extra = _read_config(name or DEFAULT_MODEL)
-    n = config.num_parameters()
+    n = count_parameters(config)
     c = config
     variant = {"decoder": "decoder-only", "encoder": "encoder-only", "encoder-decoder": "encoder-decoder"}[c.arch]
     kv_layers = 0 if c.arch == "encoder" else (c.n_decoder_layer if c.arch == "encoder-decoder" else c.n_layer)

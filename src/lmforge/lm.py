@@ -102,7 +102,7 @@ def load(name: str | Path | None = None, *, device: str = "cpu", dtype: str | to
 def _quantized(model: torch.nn.Module, scheme: str) -> torch.nn.Module:
     import sys
 
-    from lmforge.deploy.quantize import model_bytes, quantize_linears
+    from lmforge.models.quantized import model_bytes, quantize_linears
     from lmforge.peft.lora import lora_layers, merge_lora
 
     before = model_bytes(model)

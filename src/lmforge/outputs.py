@@ -83,7 +83,7 @@ VERBS: dict[str, Verb] = {
 }
 
 
-def _verb(verb: str) -> Verb:
+def verb_policy(verb: str) -> Verb:
     if verb not in VERBS:
         raise ValueError(f"unknown verb {verb!r}; known: {', '.join(VERBS)}")
     return VERBS[verb]
@@ -96,7 +96,7 @@ def _matches(name: str, patterns: tuple[str, ...]) -> bool:
 
 def owned(name: str, verb: str) -> bool:
     """Whether ``name`` (an entry at the top of an output folder) is one that ``verb`` writes, or its temporary."""
-    return _matches(name, _verb(verb).writes)
+    return _matches(name, verb_policy(verb).writes)
 
 
 def _entries(folder: Path) -> list[str]:
@@ -129,8 +129,8 @@ def _some(names: list[str]) -> str:
     return shown + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
-def _writes(verb: str) -> str:
-    return ", ".join(n + ("/" if n in ("checkpoint", "final", "head", "runs") else "") for n in _verb(verb).writes
+def written_names(verb: str) -> str:
+    return ", ".join(n + ("/" if n in ("checkpoint", "final", "head", "runs") else "") for n in verb_policy(verb).writes
                      if not n.startswith("."))
 
 
@@ -138,7 +138,7 @@ def check_output(path: str | os.PathLike, verb: str, *, resume: bool = False, ov
                  force: bool = False, kind: str | None = None) -> list[str]:
     """Refuse (``LmforgeError``) what the policy forbids; changes nothing. Returns the entries that
     ``overwrite`` will remove (the earlier run's own names), else []. See the module docstring for the rules."""
-    path, v = Path(path), _verb(verb)
+    path, v = Path(path), verb_policy(verb)
     kind = kind or v.kind
     if resume and overwrite:
         raise LmforgeError("give --resume (continue the run) or --overwrite (start afresh), not both")
@@ -181,7 +181,7 @@ def check_output(path: str | os.PathLike, verb: str, *, resume: bool = False, ov
     if not force:
         theirs = [n for n in entries if not owned(n, verb)]
         raise LmforgeError(f"{path} is not empty and is not an output folder of `lmforge {verb}` (it holds "
-                           f"{_some(theirs)}); pass --force to write into it anyway (only {_writes(verb)} are "
+                           f"{_some(theirs)}); pass --force to write into it anyway (only {written_names(verb)} are "
                            "written; nothing else is changed or deleted), or choose another output folder")
     return []
 
@@ -191,7 +191,7 @@ def prepare_output(path: str | os.PathLike, verb: str, *, resume: bool = False, 
     """Apply the policy to ``path`` for ``verb`` and make it ready: refuse what is forbidden, create the folder
     (a file's parent folder), remove an earlier run's own files with ``overwrite``, record the verb in the
     folder's manifest. Returns the path. Hold the folder's ``RunLock`` around it (``claim_output`` does)."""
-    path, v = Path(path), _verb(verb)
+    path, v = Path(path), verb_policy(verb)
     remove = check_output(path, verb, resume=resume, overwrite=overwrite, force=force, kind=kind)
     if (kind or v.kind) == "file":
         _mkdir(path.parent)
@@ -334,7 +334,7 @@ def claim_output(path: str | os.PathLike, verb: str, *, resume: bool = False, ov
     path = Path(path)
     flags = dict(resume=resume, overwrite=overwrite, force=force)
     check_output(path, verb, **flags)  # refuse before creating anything
-    if _verb(verb).kind == "file":
+    if verb_policy(verb).kind == "file":
         yield prepare_output(path, verb, **flags)
         return
     created = not path.exists()
@@ -370,18 +370,3 @@ def claims_output(verb: str, *, path: str = "out_dir", inputs: tuple[str, ...] =
                 return fn(*args, **kwargs)
         return recipe
     return wrap
-
-
-def add_output_args(p, verb: str) -> None:
-    """Add the policy's flags for ``verb`` to an argparse parser or group: ``--overwrite`` (training runs) and
-    ``--force``."""
-    v = _verb(verb)
-    if v.run:
-        p.add_argument("--overwrite", action="store_true",
-                       help="start afresh in an output folder that holds an earlier run: only that run's own files "
-                            f"({_writes(verb)}) are removed first; other files stay")
-    p.add_argument("--force", action="store_true",
-                   help="replace an existing output file" if v.kind == "file" else
-                   "write into an output folder that holds other files" + ("" if v.run or v.rewrite else
-                                                                           " or this command's earlier output")
-                   + f": only {_writes(verb)} are written; nothing else is changed or deleted")

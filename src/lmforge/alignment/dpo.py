@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from lmforge.alignment.preference import IGNORE_INDEX, dpo_loss, ipo_loss
 from lmforge.data.records import parse_json_records, read_text
 from lmforge.errors import LmforgeError
 from lmforge.peft.lora import set_lora_enabled
-from lmforge.training.preference import IGNORE_INDEX, dpo_loss, ipo_loss
 
 ASSISTANT = "\n\nAssistant:"
 LOSSES = ("dpo", "ipo")

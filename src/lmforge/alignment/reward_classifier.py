@@ -18,11 +18,18 @@ from dataclasses import replace
 import torch
 from torch.nn import functional as F
 
+from lmforge.alignment.reward import (
+    ClassifierReward,
+    classifier_metrics,
+    encode_head,
+    fit,
+    pad_right,
+    save_reward_model,
+)
 from lmforge.checkpoints.resolve import DEFAULT_ENCODER
 from lmforge.data.reward_data import LabelledTexts, load_labelled, stratified_split, to_binary
 from lmforge.errors import LmforgeError
 from lmforge.outputs import claims_output
-from lmforge.training.reward import ClassifierReward, classifier_metrics, encode_head, fit, pad_right, save_reward_model
 
 WEIGHTINGS = ("none", "balanced")
 

@@ -18,12 +18,8 @@ import time
 import torch
 from torch import nn
 
-from lmforge.checkpoints.resolve import DEFAULT_MODEL
-from lmforge.data.reward_data import load_pairs, random_split
-from lmforge.errors import LmforgeError
-from lmforge.outputs import claims_output
-from lmforge.training.preference import bradley_terry_loss
-from lmforge.training.reward import (
+from lmforge.alignment.preference import bradley_terry_loss
+from lmforge.alignment.reward import (
     PairwiseReward,
     autocast,
     by_length,
@@ -34,6 +30,10 @@ from lmforge.training.reward import (
     pairwise_metrics,
     save_reward_model,
 )
+from lmforge.checkpoints.resolve import DEFAULT_MODEL
+from lmforge.data.reward_data import load_pairs, random_split
+from lmforge.errors import LmforgeError
+from lmforge.outputs import claims_output
 
 
 def run_blocks(body: nn.Module, x: torch.Tensor, blocks) -> torch.Tensor:

@@ -48,15 +48,14 @@ def load_policy(model: str | None, *, adapter: str | None, method: str, ref: str
                 lora: dict[str, Any], seed: int | None = None):
     """(LM whose model is the trainable policy, frozen reference model or None = the policy with LoRA off).
     New LoRA adapters are initialised from ``seed``."""
-    import lmforge
-    from lmforge.lm import LM
+    from lmforge.lm import LM, load
     from lmforge.training.sft import apply_method
 
     if method not in METHODS:
         raise LmforgeError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
     if adapter is not None and method != "lora":
         raise LmforgeError("--adapter continues training a LoRA adapter: use it with --method lora")
-    lm = lmforge.load(model, device=device, dtype="float32", adapter=adapter)
+    lm = load(model, device=device, dtype="float32", adapter=adapter)
     if not isinstance(lm, LM) or lm.config.arch != "decoder":
         raise LmforgeError(f"{lm.name} is not a decoder-only model; PPO and DPO need one")
     if adapter is None and method == "lora":
@@ -64,7 +63,7 @@ def load_policy(model: str | None, *, adapter: str | None, method: str, ref: str
     # with --adapter, load_adapter has frozen the base and left the adapter's weights trainable
     reference = None
     if ref is not None:
-        reference = lmforge.load(ref, device=device, dtype="float32").model
+        reference = load(ref, device=device, dtype="float32").model
         check_same_architecture(lm.config, reference.config, str(ref))
     elif method == "full":
         reference = copy.deepcopy(lm.model)
@@ -128,7 +127,7 @@ def load_reward(spec: str, reward_input: str = "completion"):
         return (lambda prompts, completions: torch.as_tensor(fn(prompts, completions), dtype=torch.float32)), None
     if not Path(spec).exists():
         raise LmforgeError(f"--reward {spec}: no such reward model folder (or give a 'package.module:function')")
-    from lmforge.training.reward import load_reward_model
+    from lmforge.alignment.reward import load_reward_model
 
     rm = load_reward_model(spec)
 
@@ -201,9 +200,9 @@ def ppo(model: str | None = None, prompts: str | Path = "", reward: str = "", *,
     needs ``resume`` or ``overwrite``; one with other files needs ``force`` (``lmforge.outputs``).
     Returns the last step's figures and where the policy was saved.
     """
+    from lmforge.alignment.ppo import PPOConfig, PPOTrainer
     from lmforge.training import checkpoint as ckpt
     from lmforge.training.loop import MetricsLog, seed_everything
-    from lmforge.training.ppo import PPOConfig, PPOTrainer
 
     run_config = json.loads(json.dumps(locals(), default=str))
     cfg = PPOConfig(batch_size=batch_size, mini_batch_size=mini_batch_size, ppo_epochs=ppo_epochs,
@@ -283,8 +282,8 @@ def dpo(model: str | None = None, data: str | Path = "", *, adapter: str | None 
     """
     import math
 
+    from lmforge.alignment.dpo import DPOTrainer, load_pairs, precompute_reference, tokenize_pairs
     from lmforge.training import checkpoint as ckpt
-    from lmforge.training.dpo import DPOTrainer, load_pairs, precompute_reference, tokenize_pairs
     from lmforge.training.loop import MetricsLog, check_finite_number, seed_everything
     from lmforge.training.optim import lr_at, make_optimizer, set_lr
 

@@ -15,6 +15,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from lmforge.checkpoints.hf_config import config_from_hf, config_to_hf
 from lmforge.checkpoints.names import mlm_head, to_hf, to_lmforge
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
@@ -76,7 +77,7 @@ def read_hf_dir(path: str | Path, *, with_mlm_head: bool = False
     if not cfg_file.exists():
         raise LmforgeError(f"{path}: no config.json, so this is not a Hugging Face model directory")
     hf_cfg = read_json(cfg_file)
-    config = ModelConfig.from_hf_dict(hf_cfg, name=path.name)
+    config = config_from_hf(hf_cfg, path.name)
     gen_cfg = read_json(path / "generation_config.json") if (path / "generation_config.json").exists() else {}
     if gen_cfg.get("eos_token_id") is not None:
         config.eos_token_id = gen_cfg["eos_token_id"]
@@ -100,7 +101,12 @@ def write_json_atomic(data: dict[str, Any], path: Path) -> None:
 
 def save_hf_dir(model: torch.nn.Module, path: str | Path, tokenizer=None,
                 generation_config: dict[str, Any] | None = None) -> Path:
-    """Save ``model`` (a DecoderLM) as a transformers-loadable directory; each file written atomically."""
+    """Save ``model`` (a DecoderLM, EncoderModel, Seq2SeqLM or MaskedLM) as a transformers-loadable directory;
+    each file written atomically."""
+    from lmforge.models.mlm import MaskedLM
+
+    if isinstance(model, MaskedLM):
+        return save_masked_lm_dir(model, path, tokenizer)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config: ModelConfig = model.config
@@ -111,7 +117,7 @@ def save_hf_dir(model: torch.nn.Module, path: str | Path, tokenizer=None,
     tmp = path / "model.safetensors.tmp"
     save_file(hf_state, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, path / "model.safetensors")
-    hf_cfg = config.to_hf_dict()
+    hf_cfg = config_to_hf(config)
     hf_cfg["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     write_json_atomic(hf_cfg, path / "config.json")
     gen = {k: v for k, v in (generation_config or {}).items()}
@@ -121,4 +127,23 @@ def save_hf_dir(model: torch.nn.Module, path: str | Path, tokenizer=None,
     write_json_atomic(gen, path / "generation_config.json")
     if tokenizer is not None:
         tokenizer.save(path)
+    return path
+
+
+def save_masked_lm_dir(model, path: str | Path, tokenizer=None) -> Path:
+    """A ``MaskedLM`` as a ``BertForMaskedLM`` directory that ``transformers`` and lmforge both load: the
+    encoder under ``bert.*`` and the head under ``cls.predictions.*`` (its decoder tied to the embeddings)."""
+    path = Path(save_hf_dir(model.encoder, path, tokenizer=tokenizer))
+    weights = path / "model.safetensors"
+    state = {"bert." + k: v for k, v in load_file(str(weights)).items()}
+    for name, t in model.predictions.named_parameters():
+        if name != "decoder.weight":  # tied to bert.embeddings.word_embeddings.weight
+            state["cls.predictions." + name] = t.detach().contiguous()
+    tmp = path / "model.safetensors.tmp"
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, weights)
+    hf_cfg = read_json(path / "config.json")
+    hf_cfg["architectures"] = ["BertForMaskedLM"]
+    hf_cfg["tie_word_embeddings"] = True
+    write_json_atomic(hf_cfg, path / "config.json")
     return path

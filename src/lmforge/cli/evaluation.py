@@ -30,7 +30,7 @@ def _metrics(text: str | None) -> list[str] | None:
 
 
 def _add_data_args(p: argparse.ArgumentParser, in_compare: bool = False) -> None:
-    from lmforge.cli import _int_arg
+    from lmforge.cli.args import int_arg
     from lmforge.evaluation.harness import TASKS
 
     g = p.add_argument_group("data")
@@ -46,8 +46,8 @@ def _add_data_args(p: argparse.ArgumentParser, in_compare: bool = False) -> None
     g.add_argument("--answer-field", help="multiple choice: the field holding the answer (index or choice text)")
     g.add_argument("--metrics", help="comma-separated: rouge1,rouge2,rougeL,rougeLsum,bleu,chrf,exact_match,toxicity "
                                      "(default: all but toxicity; the toxicity task: toxicity)")
-    g.add_argument("--limit", type=_int_arg("--limit"), help="evaluate only the first N records")
-    g.add_argument("--batch-size", type=_int_arg("--batch-size"), default=None,
+    g.add_argument("--limit", type=int_arg("--limit"), help="evaluate only the first N records")
+    g.add_argument("--batch-size", type=int_arg("--batch-size"), default=None,
                    help="examples per model call (default: 8)")
     g.add_argument("--instruction", help="an instruction before the examples (the system message in chat mode)")
     g.add_argument("--system", help="a system message (chat template only)")
@@ -56,7 +56,7 @@ def _add_data_args(p: argparse.ArgumentParser, in_compare: bool = False) -> None
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
-    from lmforge.cli import _load_generator
+    from lmforge.cli.args import load_generator
     from lmforge.evaluation.data import FieldMap
     from lmforge.evaluation.harness import EvalSettings, run_eval
     from lmforge.outputs import check_output
@@ -73,7 +73,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     if not Path(a.data).is_file():
         raise LmforgeError(f"dataset {a.data} does not exist")
     check_output(a.out, "eval", force=a.force)  # before the model loads; run_eval claims the folder
-    lm = _load_generator(a)
+    lm = load_generator(a)
     summary = run_eval(lm, a.data, s, a.out, progress=not a.no_progress,
                        extra={"adapter": a.adapter}, force=a.force)
     print(json.dumps({"metrics": summary["metrics"], "counts": summary["counts"]}, indent=2))
@@ -158,8 +158,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``eval`` and ``compare`` to the ``lmforge`` parser."""
-    from lmforge.cli import _add_model_args, _add_sampling_args, _int_arg
-    from lmforge.outputs import add_output_args
+    from lmforge.cli.args import add_model_args, add_output_args, add_sampling_args, int_arg
 
     e = sub.add_parser("eval", help="evaluate a model on a dataset (ROUGE, BLEU, chrF, perplexity, choices, toxicity)",
                        description="Evaluate a model on a JSONL / JSON / CSV dataset (optionally .gz). Writes "
@@ -168,18 +167,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("-o", "--out", required=True, help="output folder")
     add_output_args(e, "eval")
     _add_data_args(e)
-    e.add_argument("--shots", type=_int_arg("--shots", 0), default=0,
+    e.add_argument("--shots", type=int_arg("--shots", 0), default=0,
                    help="worked examples before each query (0 = zero-shot); taken in a fixed order from "
                         "--shots-file or from the dataset's other records, never the query itself")
     e.add_argument("--shots-file", help="a dataset file (same fields) to take shots from")
-    e.add_argument("--window", type=_int_arg("--window", 2), help="perplexity: tokens per window (default: context)")
-    e.add_argument("--stride", type=_int_arg("--stride"), help="perplexity: window step (default: window / 2)")
+    e.add_argument("--window", type=int_arg("--window", 2), help="perplexity: tokens per window (default: context)")
+    e.add_argument("--stride", type=int_arg("--stride"), help="perplexity: window step (default: window / 2)")
     e.add_argument("--toxicity-scorer", help="toxicity: a registered scorer name, 'reward:PATH' (a classifier from "
                                              "`lmforge reward train`) or 'package.module:function' "
                                              "(default: profanity-check)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_model_args(e)
-    _add_sampling_args(e)
+    add_model_args(e)
+    add_sampling_args(e)
     e.set_defaults(func=cmd_eval, max_new_tokens=128)
 
     c = sub.add_parser("compare", help="compare settings side by side (shots, sampling, models, adapters)",
@@ -192,12 +191,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("-o", "--out", help="output folder")
     add_output_args(c, "compare")
     _add_data_args(c, in_compare=True)
-    c.add_argument("-n", "--max-new-tokens", type=_int_arg("--max-new-tokens"), help="most tokens to generate")
+    c.add_argument("-n", "--max-new-tokens", type=int_arg("--max-new-tokens"), help="most tokens to generate")
     c.add_argument("--setting", action="append", default=[], metavar="KEY=VALUE,...",
                    help="add a setting, e.g. 'label=hot,temperature=0.9,top_p=0.9,seed=1' (keys: label, model, "
                         "adapter, shots, shots_file, temperature, top_k, top_p, repetition_penalty, seed, "
                         "max_new_tokens); repeatable")
-    c.add_argument("--examples-shown", type=_int_arg("--examples-shown", 0), help="examples in the report (3)")
+    c.add_argument("--examples-shown", type=int_arg("--examples-shown", 0), help="examples in the report (3)")
     c.add_argument("--title", help="the report's title")
     c.add_argument("--device", help="cpu, cuda, ... (default: cpu)")
     c.add_argument("--dtype", help="float32 | bfloat16 | float16 | auto (default: auto)")

@@ -12,37 +12,14 @@ import sys
 from pathlib import Path
 
 from lmforge.checkpoints.resolve import DEFAULT_ENCODER, DEFAULT_MODEL
+from lmforge.cli.args import (
+    add_model_args,
+    add_sampling_args,
+    int_arg,
+    load_generator,
+    sampling_kwargs,
+)
 from lmforge.errors import LmforgeError
-
-
-def _float_arg(name: str, low: float | None = None, high: float | None = None, low_open: bool = False):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
-        if value != value or value in (float("inf"), float("-inf")):
-            raise argparse.ArgumentTypeError(f"{name} must be a finite number, got {text!r}")
-        if low is not None and (value < low or (low_open and value == low)):
-            bound = f"> {low}" if low_open else f">= {low}"
-            raise argparse.ArgumentTypeError(f"{name} must be {bound}" + (f" and <= {high}" if high else "")
-                                             + f", got {value}")
-        if high is not None and value > high:
-            raise argparse.ArgumentTypeError(f"{name} must be <= {high}, got {value}")
-        return value
-    return parse
-
-
-def _int_arg(name: str, low: int = 1):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{name} must be >= {low}, got {value}")
-        return value
-    return parse
 
 
 class _Parser(argparse.ArgumentParser):
@@ -50,67 +27,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-m", "--model", default=DEFAULT_MODEL,
-                   help=f"model: an embedded name ({DEFAULT_MODEL}), a local HF directory or .gguf file, "
-                        "or a hub id when online (default: %(default)s)")
-    p.add_argument("--adapter", help="a PEFT adapter folder (LoRA or prompt tuning) to apply on top of the model")
-    p.add_argument("--quantize", choices=("int8",), help="weight-only int8 linear layers: ~0.4x the weight memory")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: %(default)s)")
-    p.add_argument("--dtype", default="auto",
-                   help="float32 | bfloat16 | float16 | auto (bfloat16 on GPU, float32 on CPU; default: auto)")
-
-
-def _temperature_arg(text: str) -> float:
-    from lmforge.generation.sampling import MIN_TEMPERATURE
-
-    value = _float_arg("--temperature", 0.0)(text)
-    if 0 < value < MIN_TEMPERATURE:
-        raise argparse.ArgumentTypeError(f"--temperature must be 0 (greedy) or >= {MIN_TEMPERATURE}, got {value}")
-    return value
-
-
-def _top_p_arg(text: str) -> float:
-    from lmforge.generation.sampling import MIN_TOP_P
-
-    return _float_arg("--top-p", MIN_TOP_P, 1.0)(text)
-
-
-def _repetition_penalty_arg(text: str) -> float:
-    from lmforge.generation.sampling import REPETITION_PENALTY_RANGE
-
-    return _float_arg("--repetition-penalty", *REPETITION_PENALTY_RANGE)(text)
-
-
-def _seed_arg(text: str) -> int:
-    value = _int_arg("--seed", 0)(text)
-    if value >= 2**63:
-        raise argparse.ArgumentTypeError(f"--seed must be an integer in [0, 2**63), got {value}")
-    return value
-
-
-def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("generation")
-    g.add_argument("-n", "--max-new-tokens", type=_int_arg("--max-new-tokens"), default=256,
-                   help="most tokens to generate (default: %(default)s)")
-    g.add_argument("-t", "--temperature", type=_temperature_arg, default=0.0,
-                   help="0 = greedy, deterministic (default); otherwise >= 0.01, higher = more random")
-    g.add_argument("--top-k", type=_int_arg("--top-k"), default=None, help="sample only from the k most likely tokens")
-    g.add_argument("--top-p", type=_top_p_arg, default=None,
-                   help="nucleus sampling: the smallest set of tokens whose probability reaches p, in [1e-6, 1]")
-    g.add_argument("--repetition-penalty", type=_repetition_penalty_arg,
-                   default=1.0, help="> 1 discourages repeating tokens already seen, in [0.01, 100] (default: 1 = off)")
-    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                   help="stop when this text appears (repeatable); it is not printed")
-    g.add_argument("--seed", type=_seed_arg, default=None,
-                   help="random seed in [0, 2**63): the same seed gives the same text")
-
-
-def _sampling_kwargs(a: argparse.Namespace) -> dict:
-    return dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                repetition_penalty=a.repetition_penalty, stop=a.stop, seed=a.seed)
 
 
 def _read_prompt(a: argparse.Namespace) -> str:
@@ -138,7 +54,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     if not prompt.strip():
         raise LmforgeError("the prompt is empty")
     examples = load_examples(a.shots) if a.shots else []
-    lm = _load_generator(a)
+    lm = load_generator(a)
     chat = lm.has_chat_template and not a.raw
     if a.system and not chat:
         raise LmforgeError("--system needs a chat template; drop --raw or the --system flag")
@@ -151,7 +67,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     if a.show_prompt:
         shown = lm.tokenizer.decode(lm.encode(query, chat=chat), skip_special_tokens=False)
         print(f"--- prompt ---\n{shown}\n--- output ---", file=sys.stderr)
-    kwargs = _sampling_kwargs(a)
+    kwargs = sampling_kwargs(a)
     if a.stream:
         for piece in lm.stream(query, chat=chat, **kwargs):
             print(piece, end="", flush=True)
@@ -161,25 +77,15 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
-def _load_generator(a: argparse.Namespace):
-    from lmforge.lm import LM, load
-
-    lm = load(a.model, device=a.device, dtype=a.dtype, adapter=a.adapter, quantize=a.quantize)
-    if not isinstance(lm, LM):
-        raise LmforgeError(f"{a.model} is an encoder-only model ({lm.config.family}): it cannot generate text; "
-                           "use `lmforge embed` for its embeddings")
-    return lm
-
-
 def cmd_chat(a: argparse.Namespace) -> int:
-    lm = _load_generator(a)
+    lm = load_generator(a)
     if not lm.has_chat_template:
         raise LmforgeError(f"{a.model} has no chat template, so it cannot chat; use `lmforge generate` instead")
     messages: list[dict[str, str]] = [{"role": "system", "content": a.system}] if a.system else []
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"Chatting with {a.model}. /reset clears the conversation, /exit (or Ctrl-D) quits.", file=sys.stderr)
-    kwargs = _sampling_kwargs(a)
+    kwargs = sampling_kwargs(a)
     while True:
         if interactive:
             print("you> ", end="", flush=True, file=sys.stderr)
@@ -339,16 +245,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--raw", action="store_true", help="do not apply the chat template: plain text completion")
     g.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     g.add_argument("--show-prompt", action="store_true", help="print the exact prompt text to stderr first")
-    _add_model_args(g)
-    _add_sampling_args(g)
+    add_model_args(g)
+    add_sampling_args(g)
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("chat", help="interactive multi-turn chat",
                        description="Chat with a model that has a chat template. Reads one message per line from "
                                    "standard input; /reset clears the history, /exit quits.")
     c.add_argument("--system", help="system message for the conversation")
-    _add_model_args(c)
-    _add_sampling_args(c)
+    add_model_args(c)
+    add_sampling_args(c)
     c.set_defaults(func=cmd_chat)
 
     e = sub.add_parser("embed", help="sentence embeddings and cosine similarity with an encoder model",
@@ -364,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--pooling", choices=("mean", "cls"), default="mean", help="how token vectors become one vector")
     e.add_argument("--no-normalize", action="store_true", help="do not L2-normalise the vectors")
     e.add_argument("--no-truncate", action="store_true", help="error on texts longer than the encoder's positions")
-    e.add_argument("--batch-size", type=_int_arg("--batch-size"), default=32, help="texts per forward pass")
+    e.add_argument("--batch-size", type=int_arg("--batch-size"), default=32, help="texts per forward pass")
     e.add_argument("-m", "--model", default=DEFAULT_ENCODER,
                    help="an encoder-only model: embedded name, local HF directory or hub id (default: %(default)s)")
     e.add_argument("--adapter", help="a PEFT adapter folder (LoRA) to apply on top of the model")
@@ -395,16 +301,16 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
     i.set_defaults(func=cmd_info)
 
-    from lmforge.training.commands import register as register_training
+    from lmforge.cli.training import register as register_training
 
     register_training(sub)
-    from lmforge.evaluation.commands import register as register_eval
+    from lmforge.cli.evaluation import register as register_eval
     register_eval(sub)
-    from lmforge.deploy.commands import register as register_deploy
+    from lmforge.cli.serve import register as register_deploy
     register_deploy(sub)
-    from lmforge.training.rlhf_commands import register as register_rlhf
+    from lmforge.cli.rlhf import register as register_rlhf
     register_rlhf(sub)
-    from lmforge.training.reward_commands import register as register_reward
+    from lmforge.cli.reward import register as register_reward
     register_reward(sub)
     return parser
 

@@ -42,7 +42,7 @@ def cmd_train(a: argparse.Namespace) -> int:
                   weight_decay=a.weight_decay, warmup=a.warmup, precision=a.precision, seed=a.seed,
                   overwrite=a.overwrite, force=a.force)
     if a.kind == "classifier":
-        from lmforge.training.reward_classifier import train_classifier
+        from lmforge.alignment.reward_classifier import train_classifier
 
         if a.adapter:
             raise LmforgeError("--adapter applies to --kind pairwise (a LoRA adapter merged into the decoder base)")
@@ -52,7 +52,7 @@ def cmd_train(a: argparse.Namespace) -> int:
                                    good_labels=_list(a.good_labels), binary=a.binary, max_len=a.max_len or 64,
                                    lr=a.lr or 1e-4, weighting=a.weighting, **common)
     else:
-        from lmforge.training.reward_pairwise import train_pairwise
+        from lmforge.alignment.reward_pairwise import train_pairwise
 
         metrics = train_pairwise(model=a.model or DEFAULT_MODEL, adapter=a.adapter, tokenizer=a.tokenizer,
                                  chosen_field=a.chosen_field, rejected_field=a.rejected_field,
@@ -67,9 +67,9 @@ def cmd_train(a: argparse.Namespace) -> int:
 def cmd_eval(a: argparse.Namespace) -> int:
     import torch
 
+    from lmforge.alignment.reward import load_reward_model, pairwise_metrics
+    from lmforge.alignment.reward_classifier import evaluate_classifier
     from lmforge.data.reward_data import load_labelled, load_pairs, parse_label_map, to_binary
-    from lmforge.training.reward import load_reward_model, pairwise_metrics
-    from lmforge.training.reward_classifier import evaluate_classifier
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -114,14 +114,13 @@ def _shared(p: argparse.ArgumentParser, int_arg) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``lmforge reward train`` and ``lmforge reward eval``."""
-    from lmforge.cli import _float_arg, _int_arg
-    from lmforge.outputs import add_output_args
+    from lmforge.cli.args import add_output_args, float_arg, int_arg
 
     r = sub.add_parser("reward", help="train and evaluate reward models (toxicity classifier, pairwise preferences)",
                        description="Reward models for alignment: a classifier whose reward is P(good class), e.g. "
                                    "P(not toxic), or a pairwise (Bradley-Terry) model trained on chosen/rejected "
                                    "pairs. Load one in Python with "
-                                   "lmforge.training.reward.load_reward_model(PATH).score(texts).")
+                                   "lmforge.alignment.reward.load_reward_model(PATH).score(texts).")
     rsub = r.add_subparsers(dest="reward_command", metavar="ACTION", required=True)
 
     t = rsub.add_parser("train", help="train a reward model and report held-out metrics",
@@ -141,12 +140,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--adapter", default=None,
                    help="pairwise: a PEFT LoRA adapter for MODEL, merged into it before the head is trained")
     t.add_argument("--eval-file", default=None, help="held-out data (default: a seeded split of DATA)")
-    t.add_argument("--eval-fraction", type=_float_arg("--eval-fraction", 0.0, 1.0, low_open=True), default=0.1,
+    t.add_argument("--eval-fraction", type=float_arg("--eval-fraction", 0.0, 1.0, low_open=True), default=0.1,
                    help="share of DATA held out when there is no --eval-file; stratified by class for a "
                         "classifier (default: %(default)s)")
-    t.add_argument("--max-train", type=_int_arg("--max-train"), default=None,
+    t.add_argument("--max-train", type=int_arg("--max-train"), default=None,
                    help="train on at most this many examples/pairs, a seeded (stratified) sample (default: all)")
-    t.add_argument("--max-len", type=_int_arg("--max-len"), default=None,
+    t.add_argument("--max-len", type=int_arg("--max-len"), default=None,
                    help="tokens per text: the first N for a classifier (default 64), the last N for pairwise "
                         "(default 128; the end is where chosen and rejected differ)")
     t.add_argument("--label-map", default=HATE_SPEECH_LABELS,
@@ -158,26 +157,26 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="classifier: merge the classes into two, non_toxic (--good-labels) and toxic (the rest)")
     t.add_argument("--weighting", choices=("none", "balanced"), default="none",
                    help="classifier: 'balanced' weighs the loss by inverse class frequency (default: %(default)s)")
-    t.add_argument("--train-layers", type=_int_arg("--train-layers", 0), default=0,
+    t.add_argument("--train-layers", type=int_arg("--train-layers", 0), default=0,
                    help="pairwise: train only the top K decoder blocks (+ final norm and head) on hidden states "
                         "cached once from the frozen lower blocks; 0 = a linear probe (default: %(default)s)")
     t.add_argument("--tokenizer", default=None,
                    help="pairwise: a tokenizer folder to use instead of the model's own; it must match the "
                         "model's vocabulary")
-    t.add_argument("--epochs", type=_int_arg("--epochs"), default=1, help="passes over the data (default: 1)")
-    t.add_argument("--batch-size", type=_int_arg("--batch-size"), default=32,
+    t.add_argument("--epochs", type=int_arg("--epochs"), default=1, help="passes over the data (default: 1)")
+    t.add_argument("--batch-size", type=int_arg("--batch-size"), default=32,
                    help="examples (pairwise: pairs) per step (default: %(default)s)")
-    t.add_argument("--lr", type=_float_arg("--lr", 0.0, low_open=True), default=None,
+    t.add_argument("--lr", type=float_arg("--lr", 0.0, low_open=True), default=None,
                    help="peak learning rate (default: 1e-4; pairwise probe with --train-layers 0: 1e-3)")
-    t.add_argument("--weight-decay", type=_float_arg("--weight-decay", 0.0), default=0.01,
+    t.add_argument("--weight-decay", type=float_arg("--weight-decay", 0.0), default=0.01,
                    help="AdamW weight decay (default: %(default)s)")
-    t.add_argument("--warmup", type=_float_arg("--warmup", 0.0, 1.0), default=0.1,
+    t.add_argument("--warmup", type=float_arg("--warmup", 0.0, 1.0), default=0.1,
                    help="share of the steps spent warming the learning rate up (default: %(default)s)")
     t.add_argument("--precision", choices=("fp32", "bf16"), default="bf16",
                    help="bf16 autocast (faster on CPUs with AVX-512 BF16) or fp32 (default: %(default)s)")
     t.add_argument("--seed", type=int, default=0, help="seed for the split, the head's init and the order "
                                                        "(default: %(default)s)")
-    _shared(t, _int_arg)
+    _shared(t, int_arg)
     t.set_defaults(func=cmd_train, text_field="tweet", label_field="class")
 
     e = rsub.add_parser("eval", help="held-out metrics of a saved reward model",
@@ -190,5 +189,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--good-labels", default=None, help="classifier with --binary: the good classes (default: as "
                                                        "trained)")
     e.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: %(default)s)")
-    _shared(e, _int_arg)
+    _shared(e, int_arg)
     e.set_defaults(func=cmd_eval)

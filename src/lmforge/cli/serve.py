@@ -59,7 +59,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the deployment subcommands to the ``lmforge`` parser."""
     from lmforge.checkpoints.resolve import DEFAULT_MODEL
-    from lmforge.cli import _float_arg, _int_arg
+    from lmforge.cli.args import float_arg, int_arg
 
     s = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API, with a web playground",
                        description="Serve MODEL at /v1/completions, /v1/chat/completions and /v1/models (OpenAI's "
@@ -75,22 +75,22 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="weight-only int8 linear layers (per-row absmax scales): less memory, logits close to fp32")
     s.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default: %(default)s, this machine only; 0.0.0.0 exposes it)")
-    s.add_argument("--port", type=_int_arg("--port", 0), default=8000, help="TCP port (default: %(default)s)")
+    s.add_argument("--port", type=int_arg("--port", 0), default=8000, help="TCP port (default: %(default)s)")
     s.add_argument("--api-key", default=None,
                    help=f"require 'Authorization: Bearer KEY' on every API request (default: ${API_KEY_ENV} if set; "
                         "prefer the variable: a flag shows in the process list)")
     s.add_argument("--served-model-name", default=None,
                    help="the model id clients use (default: the model name, or a path's last component)")
-    s.add_argument("--max-batch", type=_int_arg("--max-batch"), default=16,
+    s.add_argument("--max-batch", type=int_arg("--max-batch"), default=16,
                    help="sequences decoded together in one forward pass (KV cache slots; default: %(default)s)")
-    s.add_argument("--max-queue", type=_int_arg("--max-queue", 0), default=64,
+    s.add_argument("--max-queue", type=int_arg("--max-queue", 0), default=64,
                    help="sequences that may wait for a slot; beyond that requests get 503 (default: %(default)s)")
-    s.add_argument("--max-context", type=_int_arg("--max-context", 2), default=2048,
+    s.add_argument("--max-context", type=int_arg("--max-context", 2), default=2048,
                    help="tokens per sequence, prompt + completion; capped at the model's context and sizes the KV "
                         "cache (default: %(default)s)")
-    s.add_argument("--max-body-mb", type=_float_arg("--max-body-mb", 0.0, low_open=True), default=4.0,
+    s.add_argument("--max-body-mb", type=float_arg("--max-body-mb", 0.0, low_open=True), default=4.0,
                    help="largest request body in MiB; larger ones get 413 before they are read (default: %(default)s)")
-    s.add_argument("--read-timeout", type=_float_arg("--read-timeout", 0.0, low_open=True), default=30.0,
+    s.add_argument("--read-timeout", type=float_arg("--read-timeout", 0.0, low_open=True), default=30.0,
                    help="seconds a client gets to send its request head, and then its body (408); slower "
                         "connections are closed (default: %(default)s)")
     s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),

@@ -1,7 +1,7 @@
 """Reward-model data: labelled texts (a classifier's) and chosen/rejected pairs (a pairwise model's),
 and the seeded held-out splits of both.
 
-Files are ``.csv``, ``.jsonl`` or ``.json``, optionally gzipped, read by ``evaluation/data.py``'s
+Files are ``.csv``, ``.jsonl`` or ``.json``, optionally gzipped, read by ``data/records.py``'s
 ``load_records``; every error names the file, the line and the field.
 """
 
@@ -11,8 +11,8 @@ import os
 import random
 from dataclasses import dataclass
 
+from lmforge.data.records import field, load_records, text_field
 from lmforge.errors import LmforgeError
-from lmforge.evaluation.data import field, load_records, text_field
 
 BINARY_NAMES = ("toxic", "non_toxic")  # --binary: class 0 = every label not in good_labels, class 1 = the good ones
 

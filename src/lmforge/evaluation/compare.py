@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -284,6 +284,3 @@ def run_compare(cfg: CompareConfig, command: str, *, progress: bool = True, load
     return results
 
 
-def config_dict(cfg: CompareConfig) -> dict:
-    """The resolved config as plain data (saved next to the report)."""
-    return asdict(cfg)

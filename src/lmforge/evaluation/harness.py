@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmforge.data.records import load_records
 from lmforge.errors import LmforgeError
 from lmforge.evaluation import data as D
 from lmforge.evaluation.metrics import DEFAULT_METRICS, ToxicityScorer, check_metrics, score_generations
@@ -157,7 +158,7 @@ def build_prompts(lm, records: list[D.Record], evaluated: int, s: EvalSettings, 
                   reserve: int) -> list[BuiltPrompt]:
     """Prompts for ``records[:evaluated]`` with ``s.shots`` examples each (see ``data`` for the rule)."""
     if s.shots_file:
-        pool = D.load_records(s.shots_file)
+        pool = load_records(s.shots_file)
         order, own = list(range(len(pool))), False
     else:
         pool, order, own = records, D.shot_candidates(len(records), range(evaluated)), True
@@ -193,7 +194,7 @@ def run_eval(lm, data_path: str | os.PathLike, s: EvalSettings, out_dir: str | o
     """
     s.check()
     metrics = s.metric_names() if s.task in ("generation", "toxicity") else []
-    records = D.load_records(data_path)
+    records = load_records(data_path)
     n = min(len(records), s.limit) if s.limit else len(records)
     evaluated = records[:n]
     D.check_fields(evaluated, s.fields, need_reference=any(m != "toxicity" for m in metrics),

@@ -107,6 +107,11 @@ def profanity_check_scorer(texts: Sequence[str]) -> list[float]:
 _SCORERS: dict[str, ToxicityScorer] = {"profanity-check": profanity_check_scorer}
 
 
+# Scorers built from an argument (``SCHEME:ARG``) by a factory in a higher layer, named as "module:function" and
+# imported only when used: evaluation sits below alignment, whose reward models score toxicity.
+SCORER_SCHEMES = {"reward": "lmforge.alignment.reward:toxicity_scorer"}
+
+
 def register_toxicity_scorer(name: str, scorer: ToxicityScorer) -> None:
     """Make ``scorer`` (texts -> probabilities in [0, 1]) available as ``--toxicity-scorer NAME``."""
     if not callable(scorer):
@@ -122,10 +127,10 @@ def resolve_toxicity_scorer(spec: str | ToxicityScorer | None = None) -> Toxicit
         return spec
     if spec in _SCORERS:
         return _SCORERS[spec]
-    if str(spec).startswith("reward:"):  # a classifier trained by `lmforge reward train`
-        from lmforge.training.reward import toxicity_scorer
-
-        return toxicity_scorer(str(spec).removeprefix("reward:"))
+    scheme, _, arg = str(spec).partition(":")
+    if scheme in SCORER_SCHEMES:  # e.g. reward:PATH, a classifier trained by `lmforge reward train`
+        module, _, factory = SCORER_SCHEMES[scheme].partition(":")
+        return getattr(importlib.import_module(module), factory)(arg)
     module, sep, attr = str(spec).partition(":")
     if not sep:
         raise LmforgeError(f"unknown toxicity scorer {spec!r}; use one of {', '.join(_SCORERS)}, "

@@ -10,6 +10,7 @@ command that regenerates them.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import json
 import os
@@ -174,8 +175,6 @@ def write_report(cfg, results: Sequence, command: str) -> dict[str, Path]:
             f"0–1). BLEU and chrF: sacrebleu corpus scores (0–100).</p>{imgs}<h2>Example outputs</h2>{ex_html}"
             "</body></html>\n")
     write_atomic(out / "report.html", [page])
-    from lmforge.evaluation.compare import config_dict
-
-    write_atomic(out / "config.json", [json.dumps(config_dict(cfg), indent=2, ensure_ascii=False) + "\n"])
+    write_atomic(out / "config.json", [json.dumps(dataclasses.asdict(cfg), indent=2, ensure_ascii=False) + "\n"])
     paths.update(md=out / "report.md", html=out / "report.html")
     return paths

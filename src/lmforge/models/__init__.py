@@ -56,3 +56,11 @@ def init_weights(model: nn.Module, std: float = 0.02, seed: int | None = None) -
             else:
                 p.zero_()
     return model
+
+
+def count_parameters(config: ModelConfig) -> int:
+    """Parameters of the model ``config`` describes (tied weights once): the formula for decoders, a
+    shape-only (meta-device) model for the other variants."""
+    if config.arch == "decoder" and config.mlp in ("swiglu", "gelu"):
+        return config.num_parameters()
+    return sum(p.numel() for p in build_empty(config).parameters())

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lmforge.generation.kv_cache import KVCache, StaticKV
+from lmforge.models.kv_cache import KVCache, StaticKV
 from lmforge.models.positions import apply_rope
 
 SMALL_QUERY = 8  # at most this many queries: grouped_attention instead of the fused kernel

@@ -13,8 +13,8 @@ from torch import nn
 
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
-from lmforge.generation.kv_cache import KVCache
 from lmforge.models.attention import Attention
+from lmforge.models.kv_cache import KVCache
 from lmforge.models.layers import Block, make_mlp, make_norm
 from lmforge.models.positions import LearnedPositions, RelativePositionBias, RotaryEmbedding
 

@@ -12,9 +12,6 @@ for the head (``read_hf_dir(..., with_mlm_head=True)``): continued pretraining s
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -59,24 +56,3 @@ class MaskedLM(nn.Module):
     def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         return self.predictions(self.encoder(idx, attention_mask, token_type_ids))
-
-    def save_hf(self, path: str | Path, tokenizer: Any = None) -> Path:
-        """Save as a ``BertForMaskedLM`` directory that ``transformers`` and lmforge both load."""
-        from safetensors.torch import load_file, save_file
-
-        from lmforge.checkpoints.hf import read_json, save_hf_dir, write_json_atomic
-
-        path = Path(save_hf_dir(self.encoder, path, tokenizer=tokenizer))
-        weights = path / "model.safetensors"
-        state = {"bert." + k: v for k, v in load_file(str(weights)).items()}
-        for name, t in self.predictions.named_parameters():
-            if name != "decoder.weight":  # tied to bert.embeddings.word_embeddings.weight
-                state["cls.predictions." + name] = t.detach().contiguous()
-        tmp = path / "model.safetensors.tmp"
-        save_file(state, str(tmp), metadata={"format": "pt"})
-        tmp.replace(weights)
-        hf_cfg = read_json(path / "config.json")
-        hf_cfg["architectures"] = ["BertForMaskedLM"]
-        hf_cfg["tie_word_embeddings"] = True
-        write_json_atomic(hf_cfg, path / "config.json")
-        return path

@@ -301,7 +301,7 @@ def progress_bar(total: int, start: int = 0, desc: str = "train", enabled: bool 
 
 
 def _save_final(model: nn.Module, path: Path, tokenizer: Any) -> None:
-    """The trained model as a Hugging Face directory; models with their own export (an MLM head) use it;
+    """The trained model as a Hugging Face directory;
     adapted models (LoRA, prompt tuning) save just the adapter, in PEFT's format, with the tokenizer."""
     from lmforge.peft.lora import lora_layers
     from lmforge.peft.prompt_tuning import PromptTunedLM
@@ -315,9 +315,6 @@ def _save_final(model: nn.Module, path: Path, tokenizer: Any) -> None:
         if tokenizer is not None:
             tokenizer.save(path)
         return
-    if hasattr(model, "save_hf"):
-        model.save_hf(path, tokenizer=tokenizer)
-        return
-    from lmforge.checkpoints.hf import save_hf_dir
+    from lmforge.checkpoints.hf import save_hf_dir  # every architecture, a MaskedLM as BertForMaskedLM
 
     save_hf_dir(model, path, tokenizer=tokenizer)

@@ -13,7 +13,6 @@ tokens); the PEFT methods save a PEFT-format adapter instead of the whole model 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmforge.errors import LmforgeError
-from lmforge.outputs import add_output_args, claims_output
+from lmforge.outputs import claims_output
 
 if TYPE_CHECKING:  # torch is imported inside the functions so that building the CLI parser stays fast
     import torch
@@ -122,7 +121,7 @@ def apply_method(net: nn.Module, method: str, *, lora_r: int, lora_alpha: float,
     (None: torch's global generator)."""
     import torch
 
-    from lmforge.deploy.quantize import quantize_linears
+    from lmforge.models.quantized import quantize_linears
     from lmforge.peft.lora import LoraSpec, add_lora
     from lmforge.peft.prompt_tuning import PromptTunedLM
 
@@ -324,11 +323,11 @@ def finetune(
         if (value is not None or name != "max_len") and (not isinstance(value, int) or value < 1):
             raise LmforgeError(f"{name} must be an integer >= 1, got {value!r}")
     run_config = json.loads(json.dumps(locals(), default=str))  # Paths and tuples as plain JSON
-    import lmforge
     from lmforge.data.sft import SFTBatches, load_sft_data
+    from lmforge.lm import load
     from lmforge.training.loop import TrainConfig, train
 
-    lm = lmforge.load(model, device=device, dtype="float32", adapter=adapter)
+    lm = load(model, device=device, dtype="float32", adapter=adapter)
     net, tok = lm.model, lm.tokenizer
     arch = net.config.arch
     if arch not in ("decoder", "encoder-decoder"):
@@ -380,134 +379,3 @@ def finetune(
 
 
 # ----------------------------------------------------------------------------- command line
-def _unescape(text: str | None) -> str | None:
-    """Turn the two-character sequences \\n and \\t typed on a shell line into newline and tab."""
-    return None if text is None else text.replace("\\n", "\n").replace("\\t", "\t")
-
-
-def cmd_finetune(a: argparse.Namespace) -> int:
-    chat = {"auto": None, "chat": True, "plain": False}[a.template]
-    result = finetune(a.model, a.train, a.dev, adapter=a.adapter, out_dir=a.out_dir, method=a.method, format=a.format,
-                      prompt_template=_unescape(a.prompt_template), prompt_field=a.prompt_field,
-                      response_field=a.response_field, chat=chat, max_len=a.max_len, pack=a.pack,
-                      padding_side=a.padding_side, batch_size=a.batch_size, steps=a.steps, epochs=a.epochs, lr=a.lr,
-                      min_lr_ratio=a.min_lr_ratio, warmup_steps=a.warmup, weight_decay=a.weight_decay,
-                      grad_accum=a.grad_accum, clip=a.clip, precision=a.precision, compile=a.compile,
-                      eval_every=a.eval_every, eval_examples=a.eval_examples, eval_generate=a.eval_generate,
-                      max_new_tokens=a.max_new_tokens, save_every=a.save_every, log_every=a.log_every,
-                      train_limit=a.limit, resume=a.resume, seed=a.seed, device=a.device, lora_r=a.lora_r,
-                      lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout, rslora=a.rslora, quant=a.quant,
-                      lora_targets=_targets(a.lora_targets), num_virtual_tokens=a.virtual_tokens,
-                      prompt_init_text=a.prompt_init_text, overwrite=a.overwrite, force=a.force)
-    print(json.dumps(result, indent=2), file=sys.stdout)
-    return 0
-
-
-def _targets(text: str) -> str | list[str]:
-    """'all-linear', a regex (anything with regex characters), or a comma-separated list of names."""
-    if text == "all-linear" or any(c in text for c in "*^$[(|\\+?"):
-        return text
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def _positive(name: str, kind=int):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a {kind.__name__}, got {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{name} must be > 0, got {text}")
-        return value
-    return parse
-
-
-def add_finetune_parser(sub: argparse._SubParsersAction) -> None:
-    """Add ``lmforge finetune`` to the subcommands (called from ``training/commands.py::register``)."""
-    from lmforge.cli import _float_arg, _int_arg
-    p = sub.add_parser(
-        "finetune", help="instruction fine-tuning (SFT) on alpaca / chat / prompt-completion / any JSONL",
-        description="Fine-tune a model on supervised examples; the loss covers response tokens only. Formats are "
-                    "detected per record (alpaca: instruction/input/output; messages; prompt/completion) or given "
-                    "by --prompt-template/--response-field for any JSONL. Writes OUT_DIR/final (a Hugging Face "
-                    "directory), OUT_DIR/checkpoint (for --resume) and OUT_DIR/metrics.jsonl.")
-    d = p.add_argument_group("data")
-    d.add_argument("--train", nargs="+", required=True, metavar="FILE",
-                   help="training files: .json (array), .jsonl or .jsonl.gz")
-    d.add_argument("--dev", nargs="+", metavar="FILE", help="dev files for val_loss and ROUGE-L (default: none)")
-    d.add_argument("--format", choices=("alpaca", "messages", "prompt-completion", "fields"), default=None,
-                   help="force one record format (default: detected per record)")
-    d.add_argument("--prompt-template",
-                   help="prompt text with {field} placeholders, e.g. 'Summarize the following "
-                        "conversation.\\n\\n{dialogue}\\n\\nSummary: ' (\\n and \\t are unescaped)")
-    d.add_argument("--prompt-field", help="field holding the whole prompt (instead of --prompt-template)")
-    d.add_argument("--response-field", help="field holding the response to learn, e.g. summary")
-    d.add_argument("--template", choices=("auto", "chat", "plain"), default="auto",
-                   help="render with the model's chat template or as plain text (default: chat when the "
-                        "tokenizer has a template)")
-    d.add_argument("--max-len", type=_positive("--max-len"), default=None,
-                   help="tokens per example; longer responses are cut, too-long prompts dropped "
-                        "(default: 512 or the model's context window, whichever is smaller)")
-    d.add_argument("--pack", action="store_true", help="pack several examples into each max-len row "
-                                                       "(no attention across examples)")
-    d.add_argument("--padding-side", choices=("right", "left"), default="right", help="padding side (default: right)")
-    d.add_argument("--limit", type=_positive("--limit"), help="use only the first N training records")
-    t = p.add_argument_group("training")
-    t.add_argument("-m", "--model", default=None, help="model name or path (default: the embedded SmolLM2-135M)")
-    t.add_argument("--adapter", default=None,
-                   help="a PEFT adapter folder for MODEL: --method lora / prompt-tuning continue training it, "
-                        "--method full merges a LoRA adapter into the weights first")
-    t.add_argument("--method", choices=METHODS, default="full",
-                   help="full: every weight; lora: low-rank adapters; qlora: LoRA over a 4-bit (or int8) frozen "
-                        "base; prompt-tuning: trainable virtual tokens (default: full)")
-    pe = p.add_argument_group("parameter-efficient methods")
-    pe.add_argument("--lora-r", type=_positive("--lora-r"), default=16, help="LoRA rank (default: 16)")
-    pe.add_argument("--lora-alpha", type=_positive("--lora-alpha", float), default=32.0,
-                    help="LoRA alpha; the update is scaled by alpha/r (default: 32)")
-    pe.add_argument("--lora-dropout", type=_float_arg("--lora-dropout", 0.0, 0.99), default=0.05,
-                    help="dropout on the LoRA input (default: 0.05)")
-    pe.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj",
-                    help="comma-separated layer names, 'all-linear', or a regex over full names "
-                         "(default: q_proj,k_proj,v_proj,o_proj)")
-    pe.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) (rank-stabilised LoRA)")
-    pe.add_argument("--quant", choices=("nf4", "int8"), default="nf4", help="qlora: base format (default: nf4)")
-    pe.add_argument("--virtual-tokens", type=_positive("--virtual-tokens"), default=20,
-                    help="prompt tuning: number of virtual tokens (default: 20)")
-    pe.add_argument("--prompt-init-text", help="prompt tuning: initialise the virtual tokens from this text")
-    t.add_argument("--batch-size", type=_positive("--batch-size"), default=8,
-                   help="examples per micro-batch (default: 8)")
-    t.add_argument("--grad-accum", type=_positive("--grad-accum"), default=1,
-                   help="micro-batches per optimiser step (default: 1)")
-    t.add_argument("--steps", type=_positive("--steps"), help="optimiser steps (default: one epoch)")
-    t.add_argument("--epochs", type=_positive("--epochs", float), help="passes over the data (instead of --steps)")
-    t.add_argument("--lr", type=_positive("--lr", float), default=None,
-                   help="peak learning rate (default: 2e-5 full, 2e-4 LoRA/QLoRA, 3e-2 prompt tuning)")
-    t.add_argument("--min-lr-ratio", type=_float_arg("--min-lr-ratio", 0.0, 1.0), default=0.1,
-                   help="cosine floor as a fraction of --lr (default: 0.1)")
-    t.add_argument("--warmup", type=_int_arg("--warmup", 0), default=0, help="linear warmup steps (default: 0)")
-    t.add_argument("--weight-decay", type=_float_arg("--weight-decay", 0.0), default=0.0,
-                   help="AdamW weight decay (default: 0.0)")
-    t.add_argument("--clip", type=_float_arg("--clip", 0.0), default=1.0,
-                   help="max gradient norm, 0 = off (default: 1.0)")
-    t.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 = autocast (default: fp32)")
-    t.add_argument("--compile", action="store_true", help="torch.compile the model")
-    t.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
-    t.add_argument("--seed", type=_int_arg("--seed", 0), default=0,
-                   help="seed for init, shuffling and dropout (default: 0)")
-    e = p.add_argument_group("evaluation and output")
-    e.add_argument("--eval-every", type=_int_arg("--eval-every", 0), default=0,
-                   help="evaluate every N steps; 0 = only at the end (default: 0)")
-    e.add_argument("--eval-examples", type=_positive("--eval-examples"), default=200,
-                   help="dev examples for val_loss (default: 200)")
-    e.add_argument("--eval-generate", type=_int_arg("--eval-generate", 0), default=20,
-                   help="dev examples for greedy generation + ROUGE-L, 0 = none (default: 20)")
-    e.add_argument("--max-new-tokens", type=_positive("--max-new-tokens"), default=64,
-                   help="generation length for ROUGE-L (default: 64)")
-    e.add_argument("-o", "--out-dir", default="runs/sft", help="output folder (default: runs/sft)")
-    e.add_argument("--save-every", type=_int_arg("--save-every", 0), default=0,
-                   help="checkpoint every N steps; 0 = only at the end")
-    e.add_argument("--log-every", type=_int_arg("--log-every", 0), default=10,
-                   help="log the loss every N steps (default: 10)")
-    e.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint")
-    add_output_args(e, "finetune")
-    p.set_defaults(func=cmd_finetune)

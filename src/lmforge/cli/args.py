@@ -1,0 +1,133 @@
+"""Argument types and argument groups the ``lmforge`` subcommands share: numbers with ranges (one-line
+errors), the model flags, the sampling flags, and loading a text generator from them."""
+
+from __future__ import annotations
+
+import argparse
+
+from lmforge.checkpoints.resolve import DEFAULT_MODEL
+from lmforge.errors import LmforgeError
+from lmforge.outputs import verb_policy, written_names
+
+
+def float_arg(name: str, low: float | None = None, high: float | None = None, low_open: bool = False):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"{name} must be a finite number, got {text!r}")
+        if low is not None and (value < low or (low_open and value == low)):
+            bound = f"> {low}" if low_open else f">= {low}"
+            raise argparse.ArgumentTypeError(f"{name} must be {bound}" + (f" and <= {high}" if high else "")
+                                             + f", got {value}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{name} must be <= {high}, got {value}")
+        return value
+    return parse
+
+
+def int_arg(name: str, low: int = 1):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{name} must be >= {low}, got {value}")
+        return value
+    return parse
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", default=DEFAULT_MODEL,
+                   help=f"model: an embedded name ({DEFAULT_MODEL}), a local HF directory or .gguf file, "
+                        "or a hub id when online (default: %(default)s)")
+    p.add_argument("--adapter", help="a PEFT adapter folder (LoRA or prompt tuning) to apply on top of the model")
+    p.add_argument("--quantize", choices=("int8",), help="weight-only int8 linear layers: ~0.4x the weight memory")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: %(default)s)")
+    p.add_argument("--dtype", default="auto",
+                   help="float32 | bfloat16 | float16 | auto (bfloat16 on GPU, float32 on CPU; default: auto)")
+
+
+def temperature_arg(text: str) -> float:
+    from lmforge.generation.sampling import MIN_TEMPERATURE
+
+    value = float_arg("--temperature", 0.0)(text)
+    if 0 < value < MIN_TEMPERATURE:
+        raise argparse.ArgumentTypeError(f"--temperature must be 0 (greedy) or >= {MIN_TEMPERATURE}, got {value}")
+    return value
+
+
+def top_p_arg(text: str) -> float:
+    from lmforge.generation.sampling import MIN_TOP_P
+
+    return float_arg("--top-p", MIN_TOP_P, 1.0)(text)
+
+
+def repetition_penalty_arg(text: str) -> float:
+    from lmforge.generation.sampling import REPETITION_PENALTY_RANGE
+
+    return float_arg("--repetition-penalty", *REPETITION_PENALTY_RANGE)(text)
+
+
+def seed_arg(text: str) -> int:
+    value = int_arg("--seed", 0)(text)
+    if value >= 2**63:
+        raise argparse.ArgumentTypeError(f"--seed must be an integer in [0, 2**63), got {value}")
+    return value
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("generation")
+    g.add_argument("-n", "--max-new-tokens", type=int_arg("--max-new-tokens"), default=256,
+                   help="most tokens to generate (default: %(default)s)")
+    g.add_argument("-t", "--temperature", type=temperature_arg, default=0.0,
+                   help="0 = greedy, deterministic (default); otherwise >= 0.01, higher = more random")
+    g.add_argument("--top-k", type=int_arg("--top-k"), default=None, help="sample only from the k most likely tokens")
+    g.add_argument("--top-p", type=top_p_arg, default=None,
+                   help="nucleus sampling: the smallest set of tokens whose probability reaches p, in [1e-6, 1]")
+    g.add_argument("--repetition-penalty", type=repetition_penalty_arg,
+                   default=1.0, help="> 1 discourages repeating tokens already seen, in [0.01, 100] (default: 1 = off)")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop when this text appears (repeatable); it is not printed")
+    g.add_argument("--seed", type=seed_arg, default=None,
+                   help="random seed in [0, 2**63): the same seed gives the same text")
+
+
+def sampling_kwargs(a: argparse.Namespace) -> dict:
+    return dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                repetition_penalty=a.repetition_penalty, stop=a.stop, seed=a.seed)
+
+
+def load_generator(a: argparse.Namespace):
+    from lmforge.lm import LM, load
+
+    lm = load(a.model, device=a.device, dtype=a.dtype, adapter=a.adapter, quantize=a.quantize)
+    if not isinstance(lm, LM):
+        raise LmforgeError(f"{a.model} is an encoder-only model ({lm.config.family}): it cannot generate text; "
+                           "use `lmforge embed` for its embeddings")
+    return lm
+
+
+def add_output_args(p, verb: str) -> None:
+    """Add the policy's flags for ``verb`` to an argparse parser or group: ``--overwrite`` (training runs) and
+    ``--force``."""
+    v = verb_policy(verb)
+    if v.run:
+        p.add_argument("--overwrite", action="store_true",
+                       help="start afresh in an output folder that holds an earlier run: only that run's own files "
+                            f"({written_names(verb)}) are removed first; other files stay")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing output file" if v.kind == "file" else
+                   "write into an output folder that holds other files" + ("" if v.run or v.rewrite else
+                                                                           " or this command's earlier output")
+                   + f": only {written_names(verb)} are written; nothing else is changed or deleted")
+
+
+def parse_targets(text: str) -> str | list[str]:
+    """'all-linear', a regex (anything with regex characters), or a comma-separated list of names."""
+    if text == "all-linear" or any(c in text for c in "*^$[(|\\+?"):
+        return text
+    return [t.strip() for t in text.split(",") if t.strip()]
