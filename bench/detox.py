@@ -6,7 +6,7 @@ One run does four things:
      language in Davidson et al. 2017 (``../shared/data/hate_speech_offensive/labeled_data.csv``; mentions,
      links and "RT" removed, HTML entities unescaped). A seeded shuffle splits them into --n-train training
      prompts and --n-heldout held-out prompts -> OUT/prompts.train.jsonl, OUT/prompts.heldout.jsonl;
-  2. PPO (``lmforge.training.rlhf.ppo``): the embedded model with LoRA, reward = the classifier's P(not toxic)
+  2. PPO (``lmforge.alignment.rlhf.ppo``): the embedded model with LoRA, reward = the classifier's P(not toxic)
      of the completion, KL penalty to the base (LoRA off) -> OUT/ppo/final (adapter) and OUT/ppo/metrics.jsonl;
   3. the comparison of ``recipes/detox_ppo.yaml`` (``lmforge compare``: base vs base + adapter on the held-out
      prompts, greedy and sampled, toxicity = the classifier's P(toxic)) -> OUT/report/;
@@ -72,8 +72,8 @@ def heldout_kl(model: str | None, adapter: Path, heldout: Path, reward: str, max
     import torch
 
     import lmforge
-    from lmforge.training.ppo import PPOConfig, PPOTrainer
-    from lmforge.training.rlhf import load_prompts, load_reward
+    from lmforge.alignment.ppo import PPOConfig, PPOTrainer
+    from lmforge.alignment.rlhf import load_prompts, load_reward
 
     lm = lmforge.load(model, adapter=adapter)
     prompts = load_prompts(heldout)
@@ -96,8 +96,8 @@ def toxicity_scorer(reward: str) -> str:
     reward (prompts, completions) -> P(not toxic), 1 - that, registered as "detox-reward"."""
     if Path(reward).is_dir():
         return f"reward:{reward}"
+    from lmforge.alignment.rlhf import load_reward
     from lmforge.evaluation.metrics import register_toxicity_scorer
-    from lmforge.training.rlhf import load_reward
 
     reward_fn, _ = load_reward(reward)
     register_toxicity_scorer("detox-reward", lambda texts: [1.0 - float(s) for s in reward_fn([""] * len(texts),
@@ -144,8 +144,8 @@ def main() -> None:
 
     import torch
 
+    from lmforge.alignment.rlhf import ppo
     from lmforge.evaluation.compare import load_recipe, parse_config, run_compare
-    from lmforge.training.rlhf import ppo
 
     torch.set_num_threads(a.threads)
     out = Path(a.out)

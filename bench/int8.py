@@ -27,9 +27,9 @@ import time
 import torch
 
 import lmforge
-from lmforge.deploy.quantize import model_bytes, quantize_linears
 from lmforge.generation.generate import generate_tokens
 from lmforge.generation.sampling import SamplingParams
+from lmforge.models.quantized import model_bytes, quantize_linears
 
 PROMPTS = [
     "What is the capital of France?",

@@ -26,8 +26,8 @@ import time
 import openai
 import torch
 
+from lmforge.cli.serve import load_for_serving
 from lmforge.deploy.batching import Engine
-from lmforge.deploy.commands import load_for_serving
 from lmforge.deploy.server import BackgroundServer, create_app
 
 TOPICS = ["the printing press", "volcanoes", "the moon landing", "honey bees", "the Roman empire", "tides",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import math
 import os
 import re
@@ -15,17 +14,9 @@ from typing import Any, ClassVar, Literal
 import pytest
 import yaml
 
-import lmforge
+from lmforge.cli import options
 from lmforge.errors import LmforgeError
 from lmforge.recipe_config import field_help, from_yaml, load_config, option, to_yaml, validate, write_config
-
-try:
-    from lmforge.cli import options
-except ImportError:  # src/lmforge/cli/ is not a package until cli.py moves into it: load the file directly
-    _spec = importlib.util.spec_from_file_location("lmforge_cli_options",
-                                                   Path(lmforge.__file__).parent / "cli" / "options.py")
-    options = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(options)
 
 
 @dataclass(frozen=True)
