@@ -6,9 +6,12 @@ tokenizer metadata becomes a ``tokenizers.Tokenizer``. Parsing the container its
 ``gguf`` (llama.cpp's own reader) and dequantisation to ``gguf.quants``; what lives here are the
 facts of llama.cpp's conversion that have to be undone:
 
-- tensor names: ``blk.N.attn_q.weight`` -> ``model.layers.N.self_attn.q_proj.weight`` and so on;
+- tensor names: ``blk.N.attn_q.weight`` -> ``model.layers.N.self_attn.q_proj.weight`` and so on,
+  and the metadata keys of the shape, as each family's ``GGUFSpec`` lists them
+  (``lmforge.models.families``; the family is found by ``general.architecture``);
 - llama.cpp's converter permutes the rows of Llama's q and k projections (each head's two RoPE
-  halves are interleaved), so ``_unpermute_rope_rows`` puts them back (Qwen2 is not permuted);
+  halves are interleaved), so ``_unpermute_rope_rows`` puts them back (``GGUFSpec.permuted_qk``;
+  Qwen2 is not permuted);
 - Llama 3's RoPE scaling is stored as a ``rope_freqs.weight`` tensor of per-frequency divisors
   rather than as metadata; ``_llama3_rope_scaling`` recovers the config dict from it;
 - the byte-level BPE tokenizer is rebuilt from ``tokenizer.ggml.*`` with the pre-tokenizer that
@@ -32,33 +35,11 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
+from lmforge.models import build_empty, families
+from lmforge.models.families import Family, GGUFSpec
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 SUPPORTED_TENSOR_TYPES = tuple(GGMLQuantizationType[n] for n in ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"))
 SUPPORTED_TOKENIZER_MODELS = ("gpt2",)
-
-# GGUF leaf name inside ``blk.N.`` -> lmforge name inside ``model.layers.N.``
-_BLOCK_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-}
-_QKV_BIASES = {
-    "attn_q.bias": "self_attn.q_proj.bias",
-    "attn_k.bias": "self_attn.k_proj.bias",
-    "attn_v.bias": "self_attn.v_proj.bias",
-}
-_TOP_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
 
 # llama.cpp's pre-tokenizer flavours (``tokenizer.ggml.pre``), as the regex list llama-vocab.cpp
 # applies one after another. GPT-2's split is the one ``pre_tokenizers.ByteLevel(use_regex=True)``
@@ -181,48 +162,59 @@ def _read_metadata(path: Path, reader: gguf.GGUFReader) -> tuple[dict[str, Any],
     return values, scalars
 
 
-def _build_config(path: Path, meta: dict[str, Any], arch: str, tensors: dict[str, gguf.ReaderTensor],
-                  vocab_size: int) -> ModelConfig:
-    def need(key: str) -> Any:
-        if f"{arch}.{key}" not in meta:
-            raise LmforgeError(f"{path}: GGUF metadata lacks {arch}.{key}, which lmforge needs for the model shape")
-        return meta[f"{arch}.{key}"]
+def _build_config(path: Path, meta: dict[str, Any], family: Family, tensors: dict[str, gguf.ReaderTensor]
+                  ) -> ModelConfig:
+    spec: GGUFSpec = family.gguf
+    arch = spec.architecture
 
-    n_embd, n_head = int(need("embedding_length")), int(need("attention.head_count"))
-    if n_embd <= 0 or n_head <= 0 or (f"{arch}.attention.key_length" not in meta and n_embd % n_head):
-        raise LmforgeError(f"{path}: {arch}.embedding_length={n_embd} is not a positive multiple of "
-                           f"{arch}.attention.head_count={n_head}")
-    head_dim = int(meta.get(f"{arch}.attention.key_length", n_embd // n_head))
-    rot = meta.get(f"{arch}.rope.dimension_count", head_dim)
+    def key(what: str) -> str:  # the metadata key of a config field (or RoPE detail) for this architecture
+        return f"{arch}.{spec.metadata[what]}"
+
+    def need(what: str) -> Any:
+        if key(what) not in meta:
+            raise LmforgeError(f"{path}: GGUF metadata lacks {key(what)}, which lmforge needs for the model shape")
+        return meta[key(what)]
+
+    def get(what: str, default: Any) -> Any:
+        return meta.get(key(what), default)
+
+    n_embd, n_head = int(need("n_embd")), int(need("n_head"))
+    if n_embd <= 0 or n_head <= 0 or (key("head_dim") not in meta and n_embd % n_head):
+        raise LmforgeError(f"{path}: {key('n_embd')}={n_embd} is not a positive multiple of "
+                           f"{key('n_head')}={n_head}")
+    head_dim = int(get("head_dim", n_embd // n_head))
+    rot = get("rope_dimensions", head_dim)
     if int(rot) != head_dim:
-        raise LmforgeError(f"{path}: {arch}.rope.dimension_count={rot} but head_dim={head_dim}; "
+        raise LmforgeError(f"{path}: {key('rope_dimensions')}={rot} but head_dim={head_dim}; "
                            "lmforge rotates whole heads")
-    theta = float(meta.get(f"{arch}.rope.freq_base", 10000.0))
+    theta = float(get("rope_theta", 10000.0))
     rope_scaling: dict[str, Any] | None = None
-    kind = meta.get(f"{arch}.rope.scaling.type", "none")
-    factor = meta.get(f"{arch}.rope.scaling.factor")
-    orig_ctx = meta.get(f"{arch}.rope.scaling.original_context_length")
+    kind = get("rope_scaling_type", "none")
+    factor = get("rope_scaling_factor", None)
+    orig_ctx = get("rope_original_context", None)
     if kind == "linear" and factor is not None:
         rope_scaling = {"rope_type": "linear", "factor": float(factor)}
     elif kind not in ("none", "linear"):  # e.g. 'yarn': lmforge's RoPE has no such scaling
-        raise LmforgeError(f"{path}: unsupported rope scaling type {kind!r} ({arch}.rope.scaling.type); "
+        raise LmforgeError(f"{path}: unsupported rope scaling type {kind!r} ({key('rope_scaling_type')}); "
                            "lmforge supports none and linear (and Llama 3's, stored as rope_freqs.weight)")
     if "rope_freqs.weight" in tensors:
         freqs = _dequantize_in(path, tensors["rope_freqs.weight"]).astype(np.float64)
         if not np.allclose(freqs, 1.0):
             rope_scaling = _llama3_rope_scaling(path, freqs, head_dim, theta, int(orig_ctx or 8192))
     eos = meta.get("tokenizer.ggml.eos_token_id")
+    vocab_size = int(get("vocab_size", len(meta.get("tokenizer.ggml.tokens") or [])))
+    head = next(g for g, ours in spec.tensors.items() if ours == "lm_head.weight")
     try:
         return ModelConfig(
-            name=str(meta.get("general.name", path.stem)), family=arch, vocab_size=vocab_size,
-            n_layer=int(need("block_count")), n_embd=n_embd, n_head=n_head,
-            n_kv_head=int(meta.get(f"{arch}.attention.head_count_kv", n_head)), head_dim=head_dim,
-            intermediate_size=int(need("feed_forward_length")),
-            max_seq_len=int(meta.get(f"{arch}.context_length", 2048)),
-            norm_eps=float(meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+            name=str(meta.get("general.name", path.stem)), family=family.name, arch=family.arch,
+            vocab_size=vocab_size, n_layer=int(need("n_layer")), n_embd=n_embd, n_head=n_head,
+            n_kv_head=int(get("n_kv_head", n_head)), head_dim=head_dim,
+            intermediate_size=int(need("intermediate_size")),
+            max_seq_len=int(get("max_seq_len", 2048)),
+            norm_eps=float(get("norm_eps", 1e-5)),
             rope_theta=theta, rope_scaling=rope_scaling,
-            tie_embeddings="output.weight" not in tensors,  # llama.cpp writes output.weight only when untied
-            qkv_bias=arch == "qwen2",
+            tie_embeddings=head not in tensors,  # llama.cpp writes output.weight only when untied
+            **spec.config,
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
             eos_token_id=int(eos) if eos is not None else None,
             pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
@@ -232,13 +224,14 @@ def _build_config(path: Path, meta: dict[str, Any], arch: str, tensors: dict[str
 
 
 def _build_state_dict(path: Path, config: ModelConfig, tensors: dict[str, gguf.ReaderTensor]) -> dict[str, np.ndarray]:
-    block_names = dict(_BLOCK_NAMES, **(_QKV_BIASES if config.qkv_bias else {}))
+    spec: GGUFSpec = families.get(config.family).gguf
+    block_names = spec.block_tensors
     out: dict[str, np.ndarray] = {}
     unknown = []
     for gguf_name, tensor in tensors.items():
         parts = gguf_name.split(".", 2)  # blk, N, leaf
-        if gguf_name in _TOP_NAMES:
-            name = _TOP_NAMES[gguf_name]
+        if gguf_name in spec.tensors:
+            name = spec.tensors[gguf_name]
         elif parts[0] == "blk" and len(parts) == 3 and parts[1].isdigit() and parts[2] in block_names:
             if int(parts[1]) >= config.n_layer:
                 raise LmforgeError(f"{path}: tensor {gguf_name!r} is past block_count={config.n_layer}")
@@ -249,8 +242,8 @@ def _build_state_dict(path: Path, config: ModelConfig, tensors: dict[str, gguf.R
             unknown.append(gguf_name)
             continue
         w = _dequantize_in(path, tensor)
-        if config.family == "llama" and parts[-1] in ("attn_q.weight", "attn_k.weight"):
-            w = _unpermute_rope_rows(w, config.n_head if parts[-1] == "attn_q.weight" else config.n_kv_head)
+        if spec.permuted_qk and name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
+            w = _unpermute_rope_rows(w, config.n_head if name.endswith("q_proj.weight") else config.n_kv_head)
         out[name] = w
     if unknown:
         raise LmforgeError(f"{path}: tensors lmforge does not know in a {config.family} model: {sorted(unknown)[:8]}")
@@ -259,19 +252,9 @@ def _build_state_dict(path: Path, config: ModelConfig, tensors: dict[str, gguf.R
 
 
 def _check_shapes(path: Path, config: ModelConfig, sd: dict[str, np.ndarray]) -> None:
-    """Every parameter the config implies is present with the shape the config implies."""
-    d, hd, v, ff = config.n_embd, config.head_dim, config.vocab_size, config.intermediate_size
-    q, kv = config.n_head * hd, config.n_kv_head * hd
-    want = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,)}
-    if not config.tie_embeddings:
-        want["lm_head.weight"] = (v, d)
-    layer = {"input_layernorm.weight": (d,), "post_attention_layernorm.weight": (d,),
-             "self_attn.q_proj.weight": (q, d), "self_attn.k_proj.weight": (kv, d),
-             "self_attn.v_proj.weight": (kv, d), "self_attn.o_proj.weight": (d, q),
-             "mlp.gate_proj.weight": (ff, d), "mlp.up_proj.weight": (ff, d), "mlp.down_proj.weight": (d, ff)}
-    if config.qkv_bias:
-        layer |= {"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)}
-    want |= {f"model.layers.{i}.{k}": shape for i in range(config.n_layer) for k, shape in layer.items()}
+    """Every parameter the config implies is present with the shape the config implies (read off a
+    shape-only model, so any family's layout is checked)."""
+    want = {k: tuple(p.shape) for k, p in build_empty(config).named_parameters()}  # tied tensors once
     missing = sorted(set(want) - set(sd))
     if missing:
         raise LmforgeError(f"{path}: GGUF lacks tensors for {missing[:4]}{' ...' if len(missing) > 4 else ''}")
@@ -348,12 +331,12 @@ def _open_checked(path: Path) -> tuple[ModelConfig, dict[str, Any], dict[str, An
     reader = _open(path)
     meta, scalars = _read_metadata(path, reader)
     arch = meta.get("general.architecture")
-    if arch not in SUPPORTED_ARCHITECTURES:
+    family = families.family_for_gguf(arch)
+    if family is None:
         raise LmforgeError(f"{path}: GGUF architecture {arch!r} is not supported; "
-                           f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+                           f"supported: {', '.join(families.gguf_architectures())}")
     tensors = {t.name: t for t in reader.tensors}
-    vocab_size = int(meta.get(f"{arch}.vocab_size", len(meta.get("tokenizer.ggml.tokens") or [])))
-    return _build_config(path, meta, arch, tensors, vocab_size), meta, scalars, tensors
+    return _build_config(path, meta, family, tensors), meta, scalars, tensors
 
 
 def read_gguf_info(path: str | os.PathLike[str]) -> tuple[ModelConfig, dict[str, Any], bool]:
@@ -363,7 +346,8 @@ def read_gguf_info(path: str | os.PathLike[str]) -> tuple[ModelConfig, dict[str,
 
 
 def read_gguf(path: str | os.PathLike[str], dtype: torch.dtype = torch.float32) -> GGUFCheckpoint:
-    """Load a llama.cpp GGUF file (architecture ``llama`` or ``qwen2``) as a ``GGUFCheckpoint``.
+    """Load a llama.cpp GGUF file (an architecture a family's ``GGUFSpec`` names: ``llama``, ``qwen2``)
+    as a ``GGUFCheckpoint``.
 
     Tensors are dequantised to float32 (then cast to ``dtype``); Llama's q/k rows are put back in
     Hugging Face order, so ``state_dict`` loads into lmforge's decoder (and equals what

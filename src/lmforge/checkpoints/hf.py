@@ -83,12 +83,12 @@ def read_hf_dir(path: str | Path, *, with_mlm_head: bool = False
         config.eos_token_id = gen_cfg["eos_token_id"]
     tensors = read_safetensors(_safetensors_files(path))
     state = to_lmforge(config, tensors)
-    if with_mlm_head and config.family == "bert":
+    if with_mlm_head:  # a family without a masked-LM head (names.mlm_head) adds nothing
         decoder, embeddings = tensors.get("cls.predictions.decoder.weight"), state.get("embed_tokens.weight")
         if decoder is not None and (embeddings is None or not torch.equal(decoder, embeddings)):
             raise LmforgeError(f"{path}: the MLM head's decoder is not tied to the word embeddings; lmforge's "
                                "MaskedLM decodes with the (tied) word embeddings")
-        state |= mlm_head(tensors)
+        state |= mlm_head(config, tensors)
     return config, state, gen_cfg
 
 
