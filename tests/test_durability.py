@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 import lmforge
 from lmforge.errors import LmforgeError
 from lmforge.training import checkpoint as ckpt_mod
-from lmforge.training.loop import MetricsLog, TrainConfig, train
+from lmforge.training.loop import MetricsLog, RunDir, TrainConfig, train
 
 VOCAB = 32
 
@@ -100,7 +100,7 @@ def test_a_crash_at_every_step_of_the_checkpoint_swap_resumes_exactly_from_the_n
     cfg = TrainConfig(steps=6, save_every=2, log_every=1, lr=3e-3)
     model, loss_fn, batches = tiny_setup()
     counter = inject(monkeypatch, fail_at=0)
-    train(model, loss_fn, batches, cfg, tmp_path / "straight")
+    train(model, loss_fn, batches, cfg, RunDir(tmp_path / "straight"))
     monkeypatch.undo()
     total = counter["calls"]
     assert total >= 8  # 2 calls for the first save, 3 for each later one (the old folder moved aside, removed)
@@ -112,13 +112,13 @@ def test_a_crash_at_every_step_of_the_checkpoint_swap_resumes_exactly_from_the_n
         model, loss_fn, batches = tiny_setup()
         counter = inject(monkeypatch, fail_at=k)
         with pytest.raises(Crash):
-            train(model, loss_fn, batches, cfg, out)
+            train(model, loss_fn, batches, cfg, RunDir(out))
         monkeypatch.undo()
         found = ckpt_mod.find_checkpoint(out)
         assert found is not None, (k, sorted(p.name for p in out.iterdir()))
         assert ckpt_mod.read_state(found)["step"] == counter["saving"], (k, found)
         model, loss_fn, batches = tiny_setup()
-        train(model, loss_fn, batches, cfg, out, resume=True)
+        train(model, loss_fn, batches, cfg, RunDir(out, resume=True))
         assert rows_of(out) == straight, k
         got = load_file(str(out / "final" / "model.safetensors"))
         assert all(torch.equal(got[name], want[name]) for name in want), k
@@ -129,7 +129,7 @@ def test_a_crash_at_every_step_of_the_checkpoint_swap_resumes_exactly_from_the_n
 def test_find_checkpoint_ignores_an_incomplete_folder_and_prefers_the_newest_complete_one(tmp_path):
     model, loss_fn, batches = tiny_setup()
     out = tmp_path / "run"
-    train(model, loss_fn, batches, TrainConfig(steps=2), out)
+    train(model, loss_fn, batches, TrainConfig(steps=2), RunDir(out))
     shutil.copytree(out / "checkpoint", out / ".checkpoint.tmp-cut")  # cut short: no COMPLETE marker
     (out / ".checkpoint.tmp-cut" / "COMPLETE").unlink(missing_ok=True)
     state = json.loads((out / ".checkpoint.tmp-cut" / "state.json").read_text())
@@ -191,10 +191,10 @@ def test_nothing_non_finite_is_written(tmp_path):
     with pytest.raises(LmforgeError, match="refusing to write the checkpoint at step 3: parameter "):
         ckpt_mod.save_checkpoint(tmp_path, model, opt, 3, {}, None)
     assert list(tmp_path.iterdir()) == []
-    from lmforge.training.loop import _save_final
+    from lmforge.training.run import save_final
 
     with pytest.raises(LmforgeError, match="refusing to write the final model"):
-        _save_final(model, tmp_path / "final", None)
+        save_final(model, tmp_path / "final", None)
     assert not (tmp_path / "final").exists()
 
 
@@ -219,7 +219,7 @@ def test_a_nan_gradient_stops_the_loop_and_keeps_the_last_checkpoint(tmp_path):
 
     out = tmp_path / "run"
     with pytest.raises(LmforgeError, match="gradient norm became nan at step 3"):
-        train(model, nan_gradient_at_step_3, batches, TrainConfig(steps=4, save_every=2), out)
+        train(model, nan_gradient_at_step_3, batches, TrainConfig(steps=4, save_every=2), RunDir(out))
     assert ckpt_mod.read_state(out / "checkpoint")["step"] == 2 and not (out / "final").exists()
 
 

@@ -116,11 +116,11 @@ def _tiny_setup(tmp_path, vocab=32, **overrides):
 
 
 def test_crash_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch):
-    from lmforge.training.loop import TrainConfig, train
+    from lmforge.training.loop import RunDir, TrainConfig, train
 
     model, loss_fn, batches = _tiny_setup(tmp_path)
     out = tmp_path / "run"
-    train(model, loss_fn, batches, TrainConfig(steps=3, log_every=1), out)
+    train(model, loss_fn, batches, TrainConfig(steps=3, log_every=1), RunDir(out))
     before = {f.name: f.read_bytes() for f in (out / "checkpoint").iterdir()}
 
     def broken_save(*args, **kwargs):
@@ -129,57 +129,57 @@ def test_crash_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(ckpt_mod, "save_file", broken_save)  # the optimizer file: after model.safetensors
     model, loss_fn, batches = _tiny_setup(tmp_path)
     with pytest.raises(OSError, match="simulated"):
-        train(model, loss_fn, batches, TrainConfig(steps=6, log_every=1), out, resume=True)
+        train(model, loss_fn, batches, TrainConfig(steps=6, log_every=1), RunDir(out, resume=True))
     after = {f.name: f.read_bytes() for f in (out / "checkpoint").iterdir()}
     assert after == before
     assert not list(out.glob(".checkpoint*")), list(out.iterdir())
     monkeypatch.undo()
     model, loss_fn, batches = _tiny_setup(tmp_path)
-    metrics = train(model, loss_fn, batches, TrainConfig(steps=6, log_every=1), out, resume=True)
+    metrics = train(model, loss_fn, batches, TrainConfig(steps=6, log_every=1), RunDir(out, resume=True))
     assert metrics["step"] == 6
     assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 6
 
 
 def test_crash_between_renames_resumes_from_old(tmp_path):
-    from lmforge.training.loop import TrainConfig, train
+    from lmforge.training.loop import RunDir, TrainConfig, train
 
     model, loss_fn, batches = _tiny_setup(tmp_path)
     out = tmp_path / "run"
-    train(model, loss_fn, batches, TrainConfig(steps=2), out)
+    train(model, loss_fn, batches, TrainConfig(steps=2), RunDir(out))
     os.replace(out / "checkpoint", out / ".checkpoint.old")  # the instant between the two renames
     assert ckpt_mod.find_checkpoint(out) == out / ".checkpoint.old"
     model, loss_fn, batches = _tiny_setup(tmp_path)
-    assert train(model, loss_fn, batches, TrainConfig(steps=4), out, resume=True)["step"] == 4
+    assert train(model, loss_fn, batches, TrainConfig(steps=4), RunDir(out, resume=True))["step"] == 4
     assert (out / "checkpoint").is_dir() and not (out / ".checkpoint.old").exists()
 
 
 def test_resume_refuses_another_architecture(tmp_path):
-    from lmforge.training.loop import TrainConfig, train
+    from lmforge.training.loop import RunDir, TrainConfig, train
 
     model, loss_fn, batches = _tiny_setup(tmp_path)
     out = tmp_path / "run"
-    train(model, loss_fn, batches, TrainConfig(steps=1), out)
+    train(model, loss_fn, batches, TrainConfig(steps=1), RunDir(out))
     other, loss_fn, batches = _tiny_setup(tmp_path, n_embd=32, n_head=2, n_kv_head=1)
     other.config.name = "other-model"
     with pytest.raises(LmforgeError, match=r"'tiny-llama'.*'other-model'.*n_embd: checkpoint 64 vs now 32"):
-        train(other, loss_fn, batches, TrainConfig(steps=2), out, resume=True)
+        train(other, loss_fn, batches, TrainConfig(steps=2), RunDir(out, resume=True))
 
 
 def test_resume_without_checkpoint_is_an_error(tmp_path):
-    from lmforge.training.loop import TrainConfig, train
+    from lmforge.training.loop import RunDir, TrainConfig, train
 
     model, loss_fn, batches = _tiny_setup(tmp_path)
     with pytest.raises(LmforgeError, match="no checkpoint"):
-        train(model, loss_fn, batches, TrainConfig(steps=1), tmp_path / "empty", resume=True)
+        train(model, loss_fn, batches, TrainConfig(steps=1), RunDir(tmp_path / "empty", resume=True))
 
 
 def test_loop_outputs_bf16_and_grad_accum(tmp_path):
-    from lmforge.training.loop import TrainConfig, train
+    from lmforge.training.loop import RunDir, TrainConfig, train
 
     model, loss_fn, batches = _tiny_setup(tmp_path)
     out = tmp_path / "run"
     metrics = train(model, loss_fn, batches, TrainConfig(steps=4, grad_accum=2, precision="bf16", log_every=2,
-                                                         eval_every=2), out,
+                                                         eval_every=2), RunDir(out),
                     eval_fn=lambda m: {"val_loss": 1.5}, tokens_per_batch=lambda b: 100)
     assert batches.i == 8
     assert metrics["val_loss"] == 1.5 and math.isfinite(metrics["loss"])

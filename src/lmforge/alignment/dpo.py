@@ -1,8 +1,9 @@
 """DPO / IPO training from preference pairs (Rafailov et al. 2023; Azar et al. 2023).
 
 Owns reading preference files, turning pairs into token batches, the summed response log-probs a
-pair is judged by, and ``DPOTrainer`` (one optimiser step per batch of pairs). The losses themselves
-are the pure functions of ``training/preference.py``.
+pair is judged by, and ``DPOTrainer``: the batch loss and figures (``loss_and_metrics``, the step function
+the ``dpo`` recipe hands to the training loop), held-out evaluation, and a stand-alone ``step``. The losses
+themselves are the pure functions of ``alignment/preference.py``.
 
 A preference file is JSON lines (or a JSON list) of records, either
 
@@ -33,6 +34,7 @@ from lmforge.peft.lora import set_lora_enabled
 ASSISTANT = "\n\nAssistant:"
 LOSSES = ("dpo", "ipo")
 PreferenceLoss = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+DPO_HINT = "the weights are left as they were; lower --lr or check --beta"
 
 
 @dataclass
@@ -184,10 +186,12 @@ class DPOTrainer:
     """Optimises the policy on batches of pairs with the DPO or IPO loss against a frozen reference.
 
     ``ref_model=None``: the reference is the policy with its LoRA adapters off. With ``ref_table`` (from
-    ``precompute_reference``) no reference forward runs during training.
+    ``precompute_reference``) no reference forward runs during training. ``optimizer`` is needed by ``step``
+    only: the ``dpo`` recipe trains through the training loop with ``loss_and_metrics`` as its step function.
     """
 
-    def __init__(self, policy: nn.Module, optimizer: torch.optim.Optimizer, *, loss: str = "dpo", beta: float = 0.1,
+    def __init__(self, policy: nn.Module, optimizer: torch.optim.Optimizer | None, *, loss: str = "dpo",
+                 beta: float = 0.1,
                  label_smoothing: float = 0.0, ref_model: nn.Module | None = None, ref_table: Tensor | None = None,
                  pad_id: int = 0):
         self.loss_fn = preference_loss(loss, beta, label_smoothing)
@@ -234,21 +238,21 @@ class DPOTrainer:
 
     def step(self, items: list[TokenPair], indices: list[int], max_grad_norm: float = 1.0,
              step: int | None = None) -> dict[str, float]:
-        """One optimiser step on a batch of pairs; returns its figures (before the update). A NaN or infinite
-        loss or gradient norm raises ``LmforgeError`` (naming ``step``) before the update."""
-        from lmforge.training.loop import check_finite_value
+        """One optimiser step on a batch of pairs (``optimizer_step`` of the training loop); returns its figures
+        (before the update). A NaN or infinite loss or gradient norm raises ``LmforgeError`` (naming ``step``)
+        before the update."""
+        from lmforge.training.loop import check_finite_value, optimizer_step
 
-        hint = "the weights are left as they were; lower --lr or check --beta"
+        if self.optimizer is None:
+            raise LmforgeError("DPOTrainer.step needs the optimizer it was built without")
         where = step if step is not None else "this"
         self.policy.train()
         loss, metrics = self.loss_and_metrics(items, indices)
-        check_finite_value(loss, "DPO loss", where, hint)
+        check_finite_value(loss, "DPO loss", where, DPO_HINT)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
-        check_finite_value(grad_norm, "gradient norm", where, hint)
+        grad_norm = optimizer_step(params, self.optimizer, max_grad_norm, where, DPO_HINT)
         if max_grad_norm > 0:
-            metrics["grad_norm"] = float(grad_norm)
-        self.optimizer.step()
+            metrics["grad_norm"] = grad_norm
         return metrics

@@ -30,7 +30,8 @@ from lmforge.errors import LmforgeError
 from lmforge.generation.generate import generate_tokens
 from lmforge.generation.sampling import SamplingParams
 from lmforge.peft.lora import lora_layers, set_lora_enabled
-from lmforge.training.loop import check_finite_value
+from lmforge.training.loop import check_finite_value, optimizer_step
+from lmforge.training.optim import make_optimizer
 
 RewardFn = Callable[[list[str], list[str]], Tensor]
 
@@ -208,7 +209,8 @@ class PPOTrainer:
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
         self.params = [q for q in policy.parameters() if q.requires_grad] + list(self.value_head.parameters())
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=0.0)
+        both = nn.ModuleDict({"policy": policy, "value_head": self.value_head})  # AdamW's betas, no decay
+        self.optimizer = make_optimizer(both, cfg.lr, 0.0, (0.9, 0.999))
         self.eos_ids = sorted(set(eos_ids) | set(tokenizer.eos_ids) | set(policy.config.eos_token_ids))
         self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else (self.eos_ids or [0])[0]
         self.kl_coef = cfg.kl_coef
@@ -284,9 +286,10 @@ class PPOTrainer:
         b = self.rollout(prompts, prompt_ids)
         step = self.steps_done + 1
 
+        hint = "PPO keeps its last checkpoint; lower --lr or check the reward and --kl-coef/--gamma/--lam/--vf-coef"
+
         def finite(value, what: str):
-            return check_finite_value(value, what, step, "PPO keeps its last checkpoint; lower --lr or check the "
-                                      "reward and --kl-coef/--gamma/--lam/--vf-coef")
+            return check_finite_value(value, what, step, hint)
 
         finite(self.kl_coef, "KL coefficient")
         finite(b.logp.sum() + b.ref_logp.sum() + b.values.sum(), "policy/reference log-probs or values")
@@ -314,10 +317,7 @@ class PPOTrainer:
                 finite(loss, "PPO loss")
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm if c.max_grad_norm > 0
-                                                           else float("inf"))
-                finite(grad_norm, "gradient norm")
-                self.optimizer.step()
+                optimizer_step(self.params, self.optimizer, c.max_grad_norm, step, hint)
                 for key, value in zip(sums, (pg, vf, clipfrac, vf_clipfrac, approx_kl)):
                     sums[key] += float(value.detach())
                 n += 1

@@ -2,11 +2,13 @@
 
 Each builds the policy (LoRA by default, or every weight), its frozen reference (the base with the
 adapters off, a frozen copy, or a separate ``ref`` model of the same architecture), runs the trainer of
-``ppo.py`` / ``dpo.py`` with a progress bar, writes ``OUT_DIR/metrics.jsonl`` and ``OUT_DIR/config.json``,
-and saves ``OUT_DIR/final``: a PEFT adapter (with the tokenizer) or a Hugging Face directory. New LoRA
-adapters are initialised from ``seed``. A NaN or infinite hyper-parameter is refused up front; a NaN or
-infinite reward, KL, advantage, loss or gradient stops the run with an ``LmforgeError`` naming it and the
-step: the last checkpoint is kept and no ``final`` is written (``save_policy`` refuses non-finite weights).
+``ppo.py`` / ``dpo.py`` (DPO through the training loop, ``training/loop.py``; PPO's rollout/epoch step through
+its ``optimizer_step``), keeps ``OUT_DIR/metrics.jsonl``, ``OUT_DIR/config.json`` and the checkpoints in a
+``training/run.py`` ``RunDir``, and saves ``OUT_DIR/final``: a PEFT adapter (with the tokenizer) or a Hugging
+Face directory. New LoRA adapters are initialised from ``seed``. A NaN or infinite hyper-parameter is refused
+up front; a NaN or infinite reward, KL, advantage, loss or gradient stops the run with an ``LmforgeError``
+naming it and the step: the last checkpoint is kept and no ``final`` is written (``RunDir.save_final`` refuses
+non-finite weights).
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from __future__ import annotations
 import copy
 import importlib
 import json
-import random
 import sys
 import time
 from collections.abc import Sequence
@@ -24,7 +25,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmforge.checkpoints.hf import write_json_atomic
 from lmforge.errors import LmforgeError
 from lmforge.outputs import claims_output
 from lmforge.training.loop import precision_autocast, progress_bar
@@ -138,41 +138,9 @@ def load_reward(spec: str, reward_input: str = "completion"):
     return reward_fn, rm
 
 
-def save_policy(model: nn.Module, path: Path, tokenizer) -> Path:
-    """A PEFT adapter folder for a LoRA policy, else a Hugging Face directory; the tokenizer beside it.
-    Refuses (``LmforgeError``) to write NaN or infinite parameters."""
-    from lmforge.peft.lora import lora_layers
-    from lmforge.training.checkpoint import check_finite
-
-    check_finite(model.named_parameters(), f"the final policy to {path}")
-    if next(lora_layers(model), None) is not None:
-        from lmforge.peft.adapters import save_adapter
-
-        save_adapter(model, path)
-        tokenizer.save(path)
-        return path
-    from lmforge.checkpoints.hf import save_hf_dir
-
-    return save_hf_dir(model, path, tokenizer=tokenizer)
-
-
 def _lora_args(lora_r, lora_alpha, lora_dropout, lora_targets, rslora) -> dict[str, Any]:
     targets = list(lora_targets) if isinstance(lora_targets, tuple) else lora_targets
     return dict(lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=targets, rslora=rslora)
-
-
-def _resume(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, rng: random.Random) -> dict:
-    """Restore ``model``, ``optimizer`` and ``rng`` from ``out/checkpoint`` in place; returns its state.json
-    (``step``, ``batches["order"]``: the prompts/pairs still to visit, and the recipe's extras)."""
-    from lmforge.training import checkpoint as ckpt
-
-    path = ckpt.recover_checkpoint(out)
-    if path is None:
-        raise LmforgeError(f"--resume: no checkpoint in {out}")
-    state = ckpt.load_checkpoint(path, model, optimizer)
-    version, internal, gauss = state["batches"]["rng"]
-    rng.setstate((version, tuple(internal), gauss))
-    return state
 
 
 # ----------------------------------------------------------------------------- the recipes
@@ -201,8 +169,8 @@ def ppo(model: str | None = None, prompts: str | Path = "", reward: str = "", *,
     Returns the last step's figures and where the policy was saved.
     """
     from lmforge.alignment.ppo import PPOConfig, PPOTrainer
-    from lmforge.training import checkpoint as ckpt
-    from lmforge.training.loop import MetricsLog, seed_everything
+    from lmforge.training.loop import RunDir, seed_everything
+    from lmforge.training.sources import ShuffledIndices
 
     run_config = json.loads(json.dumps(locals(), default=str))
     cfg = PPOConfig(batch_size=batch_size, mini_batch_size=mini_batch_size, ppo_epochs=ppo_epochs,
@@ -219,28 +187,20 @@ def ppo(model: str | None = None, prompts: str | Path = "", reward: str = "", *,
     encoded = [lm.encode(p, chat) for p in texts]
     report_trainable(lm.model, method)
     trainer = PPOTrainer(lm.model, lm.tokenizer, reward_fn, cfg, ref_model=reference, eos_ids=lm.eos_ids)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic({"recipe": "ppo", **run_config}, out / "config.json")
-    order: list[int] = []
-    rng = random.Random(seed)
+    run = RunDir(out_dir, {"recipe": "ppo", **run_config}, resume=resume, tokenizer=lm.tokenizer, write_config=True)
+    order = ShuffledIndices(len(texts), batch_size, seed)  # a fresh shuffle of all prompts whenever one runs out
     state = nn.ModuleDict({"policy": lm.model, "value_head": trainer.value_head})  # what a checkpoint holds
     state.config = lm.model.config  # lets a resume refuse another architecture
-    start = 0
-    if resume:
-        saved = _resume(out, state, trainer.optimizer, rng)
-        start, order = saved["step"], saved["batches"]["order"]
+    saved = run.restore(state, trainer.optimizer, order)
+    start = 0 if saved is None else int(saved["step"])
+    if saved is not None:
         trainer.kl_coef, trainer.steps_done = saved["kl_coef"], start
-    log = MetricsLog(out, start if resume else None)
+    log = run.log
     bar = progress_bar(steps, start, "ppo", progress)
     stats: dict[str, float] = {}
     try:
         for step in range(start + 1, steps + 1):
-            while len(order) < batch_size:  # a fresh shuffle of all prompts whenever the current one runs out
-                perm = list(range(len(texts)))
-                rng.shuffle(perm)
-                order += perm
-            rows, order = order[:batch_size], order[batch_size:]
+            rows = order.next_batch()
             t0 = time.perf_counter()
             with precision_autocast(precision, device):
                 stats = trainer.step([texts[i] for i in rows], [encoded[i] for i in rows])
@@ -250,11 +210,10 @@ def ppo(model: str | None = None, prompts: str | Path = "", reward: str = "", *,
             bar.update(1)
             bar.set_postfix(reward=f"{stats['reward']:.3f}", kl=f"{stats['kl']:.2f}", refresh=False)
             if save_every and (step % save_every == 0 or step == steps):
-                ckpt.save_checkpoint(out, state, trainer.optimizer, step, {"order": order, "rng": rng.getstate()},
-                                     run_config, {"kl_coef": trainer.kl_coef})
+                run.checkpoint(state, trainer.optimizer, step, order, {"kl_coef": trainer.kl_coef})
     finally:  # on an error too: the error line must not land on the bar
         bar.close()
-    final = save_policy(lm.model, out / "final", lm.tokenizer)
+    final = run.save_final(lm.model)
     return {"step": steps, **stats, "out_dir": str(final)}
 
 
@@ -282,10 +241,9 @@ def dpo(model: str | None = None, data: str | Path = "", *, adapter: str | None 
     """
     import math
 
-    from lmforge.alignment.dpo import DPOTrainer, load_pairs, precompute_reference, tokenize_pairs
-    from lmforge.training import checkpoint as ckpt
-    from lmforge.training.loop import MetricsLog, check_finite_number, seed_everything
-    from lmforge.training.optim import lr_at, make_optimizer, set_lr
+    from lmforge.alignment.dpo import DPO_HINT, DPOTrainer, load_pairs, precompute_reference, tokenize_pairs
+    from lmforge.training.loop import RunDir, TrainConfig, check_finite_number, seed_everything, train
+    from lmforge.training.sources import ShuffledIndices
 
     run_config = json.loads(json.dumps(locals(), default=str))
     if steps is not None and epochs is not None:
@@ -317,45 +275,23 @@ def dpo(model: str | None = None, data: str | Path = "", *, adapter: str | None 
     if steps is None:
         steps = max(1, math.ceil((epochs or 1.0) * len(items) / batch_size))
     lr = lr if lr is not None else DEFAULT_LR[method]
-    optimizer = make_optimizer(lm.model, lr, 0.0, (0.9, 0.999))
+    cfg = TrainConfig(steps=steps, lr=lr, warmup_steps=warmup_steps, weight_decay=0.0, betas=(0.9, 0.999),
+                      precision=precision, eval_every=eval_every, eval_at_start=bool(held), save_every=save_every,
+                      log_every=1, seed=seed)
     table = precompute_reference(lm.model, reference, items, pad) if precompute_ref else None
-    trainer = DPOTrainer(lm.model, optimizer, loss=loss, beta=beta, label_smoothing=label_smoothing,
+    trainer = DPOTrainer(lm.model, None, loss=loss, beta=beta, label_smoothing=label_smoothing,
                          ref_model=reference, ref_table=table, pad_id=pad)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic({"recipe": "dpo", **run_config, "pairs": len(items), "dropped": dropped}, out / "config.json")
-    rng, order = random.Random(seed), []
-    start = None
-    if resume:
-        saved = _resume(out, lm.model, optimizer, rng)
-        start, order = saved["step"], saved["batches"]["order"]
-    log = MetricsLog(out, start)
-    if held and start is None:
-        with precision_autocast(precision, device):
-            log.write({"step": 0, **trainer.evaluate(held)})
-    bar = progress_bar(steps, start or 0, loss, progress)
-    metrics: dict[str, float] = {}
-    try:
-        for step in range(start or 0, steps):
-            while len(order) < batch_size:
-                perm = list(range(len(items)))
-                rng.shuffle(perm)
-                order += perm
-            rows, order = order[:batch_size], order[batch_size:]
-            set_lr(optimizer, lr_at(step, lr, steps, warmup_steps, 0.1))
-            with precision_autocast(precision, device):
-                metrics = trainer.step([items[i] for i in rows], rows, step=step + 1)
-            if held and ((eval_every and (step + 1) % eval_every == 0) or step + 1 == steps):
-                with precision_autocast(precision, device):
-                    metrics.update(trainer.evaluate(held))
-            log.write({"step": step + 1, "lr": optimizer.param_groups[0]["lr"], **metrics})
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['reward_accuracy']:.2f}", refresh=False)
-            if save_every and ((step + 1) % save_every == 0 or step + 1 == steps):
-                ckpt.save_checkpoint(out, lm.model, optimizer, step + 1, {"order": order, "rng": rng.getstate()},
-                                     run_config)
-    finally:  # on an error too: the error line must not land on the bar
-        bar.close()
-    final = save_policy(lm.model, out / "final", tok)
-    return {"step": steps, **metrics, "pairs": len(items), "held_out": len(held), "dropped": dropped,
-            "out_dir": str(final)}
+    run = RunDir(out_dir, {"recipe": "dpo", **run_config, "pairs": len(items), "dropped": dropped}, resume=resume,
+                 tokenizer=tok, write_config=True)
+
+    def step_fn(policy: nn.Module, rows: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
+        return trainer.loss_and_metrics([items[i] for i in rows], rows)
+
+    def tokens(rows: list[int]) -> int:
+        return sum(2 * len(items[i].prompt) + len(items[i].chosen) + len(items[i].rejected) for i in rows)
+
+    result = train(lm.model, step_fn, ShuffledIndices(len(items), batch_size, seed), cfg, run,
+                   eval_fn=(lambda policy: trainer.evaluate(held)) if held else None, tokens_per_batch=tokens,
+                   desc=loss, loss_name="DPO loss", hint=DPO_HINT, progress=progress)
+    return {**result, "step": steps, "pairs": len(items), "held_out": len(held), "dropped": dropped,
+            "out_dir": str(run.path / "final")}

@@ -222,8 +222,10 @@ def pretrain(model: str = "tiny-llama", corpus: str = "shakespeare", tokenizer: 
                       save_every=save_every, log_every=log_every, seed=seed)
     run_config["model_config"] = config.to_dict()
     run_config["corpus_tokens"] = {"train": int(data.n_train), "val": int(len(data.val))}
-    return train(net, loss_fn, batches, cfg, out_dir, eval_fn=eval_fn, resume=resume, run_config=run_config,
-                 tokenizer=tok)
+    from lmforge.training.loop import RunDir
+
+    return train(net, loss_fn, batches, cfg, RunDir(out_dir, run_config, resume=resume, tokenizer=tok),
+                 eval_fn=eval_fn)
 
 
 def _arch_of(model: str, overrides: dict[str, Any]) -> str:

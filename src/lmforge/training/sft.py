@@ -325,7 +325,7 @@ def finetune(
     run_config = json.loads(json.dumps(locals(), default=str))  # Paths and tuples as plain JSON
     from lmforge.data.sft import SFTBatches, load_sft_data
     from lmforge.lm import load
-    from lmforge.training.loop import TrainConfig, train
+    from lmforge.training.loop import RunDir, TrainConfig, train
 
     lm = load(model, device=device, dtype="float32", adapter=adapter)
     net, tok = lm.model, lm.tokenizer
@@ -371,8 +371,8 @@ def finetune(
     cfg = TrainConfig(steps=steps, lr=lr, min_lr_ratio=min_lr_ratio, warmup_steps=warmup_steps,
                       weight_decay=weight_decay, grad_accum=grad_accum, clip=clip, precision=precision,
                       compile=compile, eval_every=eval_every, save_every=save_every, log_every=log_every, seed=seed)
-    result = train(net, loss_for(net), batches, cfg, out_dir, eval_fn=eval_fn, resume=resume,
-                   run_config={"recipe": "finetune", **run_config}, tokenizer=tok,
+    run = RunDir(out_dir, {"recipe": "finetune", **run_config}, resume=resume, tokenizer=tok)
+    result = train(net, loss_for(net), batches, cfg, run, eval_fn=eval_fn,
                    tokens_per_batch=lambda b: int(b["attention_mask"].sum()))
     return {**result, "train_examples": len(data.examples), "dropped": data.dropped, "steps": steps,
             "out_dir": str(Path(out_dir) / "final")}

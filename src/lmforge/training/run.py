@@ -1,0 +1,146 @@
+"""The output folder of a training run, and everything the loop keeps there.
+
+``RunDir`` owns the folder: the run's configuration (inside every checkpoint, and optionally as
+``config.json`` beside it), ``metrics.jsonl`` and ``loss.png`` (``MetricsLog``), crash-safe checkpoints
+and exact resume (``checkpoint.py``) and the final save (``final/``: a Hugging Face directory, or a PEFT
+adapter for a model with a frozen base). The training loop and the PPO recipe both write through it.
+
+``metrics.jsonl`` gets whole appended lines, and is rewritten on resume through a renamed temporary file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmforge.errors import LmforgeError
+from lmforge.io import atomic_path, write_text_atomic
+from lmforge.training.checkpoint import NAME, check_finite, load_checkpoint, recover_checkpoint, save_checkpoint
+from lmforge.training.sources import BatchSource
+
+
+class MetricsLog:
+    """``metrics.jsonl`` (one JSON object per event) and ``loss.png`` (written when matplotlib is installed)."""
+
+    def __init__(self, out_dir: Path, resume_step: int | None):
+        self.path = out_dir / "metrics.jsonl"
+        self.png = out_dir / "loss.png"
+        self.rows: list[dict] = []
+        if resume_step is not None and self.path.is_file():  # drop events the crashed run logged after its checkpoint
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by the crash
+                if row.get("step", 0) <= resume_step:
+                    self.rows.append(row)
+        if not self.rows and not self.path.exists():
+            return  # nothing to keep and nothing to empty: the file appears with the first row
+        # rewritten whole (lmforge.io: a temporary file renamed over it): a crash leaves the old file or the new one
+        write_text_atomic(self.path, (json.dumps(r) + "\n" for r in self.rows))
+
+    def write(self, row: dict) -> None:
+        """Append ``row`` as one whole line (a single write, flushed before returning)."""
+        self.rows.append(row)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+
+    def plot(self) -> None:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return
+        fig, ax = plt.subplots(figsize=(7, 4))
+        train = [(r["step"], r["loss"]) for r in self.rows if "loss" in r]
+        if train:
+            ax.plot(*zip(*train), label="train loss")
+        for key in sorted({k for r in self.rows for k in r if k.startswith(("val_", "eval_")) and k.endswith("loss")}):
+            pts = [(r["step"], r[key]) for r in self.rows if key in r]
+            ax.plot(*zip(*pts), marker="o", label=key.replace("_", " "))
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        try:
+            with atomic_path(self.png) as tmp:
+                fig.savefig(tmp, dpi=100, format="png")
+        finally:
+            plt.close(fig)
+
+
+class RunDir:
+    """A training run's output folder ``path``.
+
+    ``run_config``: what produced the run (plain JSON), kept in every checkpoint and, with ``write_config``,
+    as ``path/config.json``. ``resume``: ``restore`` continues from the newest complete checkpoint.
+    ``tokenizer``: saved beside the final model."""
+
+    def __init__(self, path: str | os.PathLike, run_config: dict | None = None, *, resume: bool = False,
+                 tokenizer: Any = None, write_config: bool = False):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.run_config = json.loads(json.dumps(run_config or {}, default=str))
+        self.resume, self.tokenizer = resume, tokenizer
+        self.log: MetricsLog | None = None
+        if write_config:
+            from lmforge.io import write_json_atomic
+
+            write_json_atomic(self.path / "config.json", self.run_config)
+
+    def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer, batches: BatchSource | None) -> dict | None:
+        """Open ``metrics.jsonl``; when resuming, first put ``model``, ``optimizer``, the RNGs and ``batches`` back
+        as the newest checkpoint left them and return its state (``step`` and the recipe's extras), else None.
+        The log keeps only the rows up to the checkpoint's step."""
+        state = None
+        if self.resume:
+            path = recover_checkpoint(self.path)
+            if path is None:
+                raise LmforgeError(f"--resume: no checkpoint in {self.path} (expected {self.path / NAME})")
+            state = load_checkpoint(path, model, optimizer)
+            if batches is not None:
+                batches.load_state_dict(state["batches"])
+        self.log = MetricsLog(self.path, None if state is None else int(state["step"]))
+        return state
+
+    def checkpoint(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int, batches: BatchSource,
+                   extra: dict | None = None) -> Path:
+        """Write ``path/checkpoint`` atomically (``checkpoint.save_checkpoint``) at ``step``."""
+        return save_checkpoint(self.path, model, optimizer, step, batches.state_dict(), self.run_config, extra)
+
+    def discard_checkpoint(self) -> None:
+        """Remove ``path/checkpoint`` (a run whose final save makes it redundant, and that asked for none)."""
+        shutil.rmtree(self.path / NAME, ignore_errors=True)
+
+    def save_final(self, model: nn.Module) -> Path:
+        """``path/final``: see ``save_final``."""
+        return save_final(model, self.path / "final", self.tokenizer)
+
+
+def save_final(model: nn.Module, path: Path, tokenizer: Any) -> Path:
+    """The trained model as a Hugging Face directory; adapted models (LoRA, prompt tuning) save just the
+    adapter, in PEFT's format, with the tokenizer. Refuses (``LmforgeError``) NaN or infinite weights."""
+    from lmforge.peft.lora import lora_layers
+    from lmforge.peft.prompt_tuning import PromptTunedLM
+
+    check_finite(model.named_parameters(), f"the final model to {path}")
+    if isinstance(model, PromptTunedLM) or next(lora_layers(model), None) is not None:
+        from lmforge.peft.adapters import save_adapter
+
+        save_adapter(model, path)
+        if tokenizer is not None:
+            tokenizer.save(path)
+        return path
+    from lmforge.checkpoints.hf import save_hf_dir  # every architecture, a MaskedLM as BertForMaskedLM
+
+    return save_hf_dir(model, path, tokenizer=tokenizer)
