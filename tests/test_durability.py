@@ -81,14 +81,14 @@ def inject(monkeypatch, fail_at: int) -> dict:
     counter = {"calls": 0, "fail_at": fail_at, "saving": None}
     monkeypatch.setattr(ckpt_mod, "os", FailingAt(os, {"replace"}, counter))
     monkeypatch.setattr(ckpt_mod, "shutil", FailingAt(shutil, {"rmtree"}, counter))
-    real_write_json = ckpt_mod._write_json
+    real_write_json = ckpt_mod.write_json_atomic
 
     def write_json(path, data):  # note the step of the checkpoint being written
         if path.name == "state.json":
             counter["saving"] = data["step"]
         real_write_json(path, data)
 
-    monkeypatch.setattr(ckpt_mod, "_write_json", write_json)
+    monkeypatch.setattr(ckpt_mod, "write_json_atomic", write_json)
     return counter
 
 

@@ -434,7 +434,7 @@ def test_missing_or_corrupt_files(tmp_path, backend_json):
         load_tokenizer_json(corrupt / "tokenizer.json")
     bad_config = _write_dir(tmp_path / "badcfg", fresh(backend_json), None)
     (bad_config / "tokenizer_config.json").write_text("{not json", encoding="utf-8")
-    with pytest.raises(LmforgeError, match=r"tokenizer_config.json is not valid JSON"):
+    with pytest.raises(LmforgeError, match=r"tokenizer_config.json: not valid JSON \(line 1, column 2"):
         Tokenizer.from_dir(bad_config)
     (bad_config / "tokenizer_config.json").write_text('{"eos_token": 5}', encoding="utf-8")
     with pytest.raises(LmforgeError, match=r"eos_token must be a string or an object"):

@@ -17,14 +17,14 @@ def _read_config(name: str) -> tuple[ModelConfig, dict[str, Any]]:
     source = resolve(name)
     extra: dict[str, Any] = {"format": "gguf" if source.kind == "gguf" else "huggingface", "path": str(source.path)}
     if source.kind == "hf":
-        from lmforge.checkpoints.hf import read_json
+        from lmforge.io import read_json_object
 
-        config = config_from_hf(read_json(source.path / "config.json"), source.path.name)
+        config = config_from_hf(read_json_object(source.path / "config.json"), source.path.name)
         files = list(source.path.glob("*.safetensors"))
         extra["file_size_mb"] = round(sum(f.stat().st_size for f in files) / 2**20, 1)
         tok_cfg = source.path / "tokenizer_config.json"
         extra["chat_template"] = (source.path / "chat_template.jinja").exists() or (
-            tok_cfg.exists() and "chat_template" in read_json(tok_cfg))
+            tok_cfg.exists() and "chat_template" in read_json_object(tok_cfg))
     else:
         from lmforge.checkpoints.gguf import read_gguf_info
 

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.errors import LmforgeError
+from lmforge.io import write_json_atomic
 
 try:
     import fcntl
@@ -53,6 +54,8 @@ except ImportError:  # Windows: an exclusively created lock file instead of a ke
 LOCK = ".lmforge.lock"
 MANIFEST = ".lmforge-run.json"
 IGNORED = (LOCK, MANIFEST, MANIFEST + ".tmp", ".DS_Store")  # never the user's files, never a reason to refuse
+# (nor the manifest's temporary ``..lmforge-run.json.*.tmp``, see ``_ignored``); every other temporary file
+# that lmforge.io writes is named ``.NAME.*.tmp``, which ``_matches`` counts as the verb's own ``NAME``
 
 
 @dataclass(frozen=True)
@@ -99,8 +102,12 @@ def owned(name: str, verb: str) -> bool:
     return _matches(name, verb_policy(verb).writes)
 
 
+def _ignored(name: str) -> bool:
+    return name in IGNORED or fnmatch.fnmatchcase(name, f".{MANIFEST}.*.tmp")  # lmforge.io's temporary
+
+
 def _entries(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.name not in IGNORED)
+    return sorted(p.name for p in folder.iterdir() if not _ignored(p.name))
 
 
 def recorded_verb(folder: str | os.PathLike) -> str | None:
@@ -217,10 +224,7 @@ def _mkdir(path: Path) -> None:
 
 
 def _write_manifest(folder: Path, verb: str) -> None:
-    tmp = folder / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps({"verb": verb, "created": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n",
-                   encoding="utf-8")
-    os.replace(tmp, folder / MANIFEST)
+    write_json_atomic(folder / MANIFEST, {"verb": verb, "created": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=None)
 
 
 # ----------------------------------------------------------------------------- inputs

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmforge.data.records import parse_json_records, read_text
+from lmforge.data.records import parse_json_records
 from lmforge.errors import LmforgeError
+from lmforge.io import read_text
 
 # Field pairs an example file may use, in order of preference.
 FIELD_PAIRS = (("input", "output"), ("question", "answer"), ("prompt", "completion"))

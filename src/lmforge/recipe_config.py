@@ -21,7 +21,6 @@ import inspect
 import math
 import os
 import re
-import tempfile
 import textwrap
 import types
 import typing
@@ -31,6 +30,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from lmforge.errors import LmforgeError
+from lmforge.io import write_text_atomic
 
 _KEY = "lmforge"  # the dataclasses.field metadata key holding a FieldSpec
 
@@ -345,17 +345,5 @@ def load_config(cls: type, path: str | os.PathLike | None = None, overrides: dic
 
 
 def write_config(cfg: Any, out_dir: str | os.PathLike) -> Path:
-    """Write ``to_yaml(cfg)`` to ``out_dir/config.yaml`` atomically (temp file in the folder, then rename)."""
-    path = Path(out_dir) / "config.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".config.yaml.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(to_yaml(cfg))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write ``to_yaml(cfg)`` to ``out_dir/config.yaml`` atomically (``lmforge.io``)."""
+    return write_text_atomic(Path(out_dir) / "config.yaml", to_yaml(cfg))

@@ -20,7 +20,6 @@ import functools
 import json
 import operator
 import os
-import tempfile
 import warnings
 from collections.abc import Iterable, Sequence
 from datetime import datetime
@@ -36,6 +35,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, processors
 
 from lmforge.errors import LmforgeError
+from lmforge.io import read_json_object, write_json_atomic, write_text_atomic
 
 # Named special tokens in the order transformers registers them.
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -57,16 +57,6 @@ def load_tokenizer_json(path: str | os.PathLike) -> tokenizers.Tokenizer:
         raise LmforgeError(f"{path} is not a valid tokenizer.json: {e}") from e
 
 
-def _read_json_object(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LmforgeError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise LmforgeError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
-
-
 def _as_added_token(value: Any, where: str) -> AddedToken | None:
     """A special token from a config: a string, an AddedToken dict ``{"content": ...}`` or null."""
     if value is None or isinstance(value, str):
@@ -76,21 +66,6 @@ def _as_added_token(value: Any, where: str) -> AddedToken | None:
         flags.setdefault("normalized", False)
         return AddedToken(value["content"], special=True, **flags)
     raise LmforgeError(f"{where} must be a string or an object with a 'content' string, got {value!r}")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class Tokenizer:
@@ -146,11 +121,11 @@ class Tokenizer:
             raise LmforgeError(f"tokenizer folder {path} does not exist or is not a folder")
         backend = load_tokenizer_json(path / "tokenizer.json")
         config_file = path / "tokenizer_config.json"
-        config = _read_json_object(config_file) if config_file.is_file() else {}
+        config = read_json_object(config_file) if config_file.is_file() else {}
         map_file = path / "special_tokens_map.json"
         # As in transformers: special_tokens_map.json only counts when the config has no added_tokens_decoder.
         if map_file.is_file() and "added_tokens_decoder" not in config:
-            config.update(_read_json_object(map_file))
+            config.update(read_json_object(map_file))
         added_tokens = config.get("added_tokens_decoder", {})
         if not isinstance(added_tokens, dict) or not all(str(k).isdigit() for k in added_tokens):
             raise LmforgeError(f"{config_file}: added_tokens_decoder must map token ids to token objects")
@@ -222,14 +197,14 @@ class Tokenizer:
                                   "added_tokens_decoder": added}
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
-        _write_atomic(path / "tokenizer.json", backend.to_str(pretty=True))
-        _write_atomic(path / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        write_text_atomic(path / "tokenizer.json", backend.to_str(pretty=True))
+        write_json_atomic(path / "tokenizer_config.json", config)
         stale = path / "chat_template.jinja"  # would shadow the config's template on reload
         if stale.is_file():
             if self.chat_template is None:
                 stale.unlink()
             else:
-                _write_atomic(stale, self.chat_template)
+                write_text_atomic(stale, self.chat_template)
 
     # ----------------------------------------------------------------- vocabulary and special tokens
     @property

@@ -140,13 +140,14 @@ def check_tokenizer_match(reward, tokenizer: Tokenizer, what: str = "the policy 
 
 def save_reward_model(reward: ClassifierReward | PairwiseReward, path: str | os.PathLike,
                       extra: dict | None = None) -> Path:
-    """Write the reward model into the folder ``path``: each file atomically (a temporary name, then
-    ``os.replace``), ``reward_config.json`` removed first and written last, so that a half-written folder is
+    """Write the reward model into the folder ``path``: each file atomically (``lmforge.io``: a temporary
+    name, then a rename), ``reward_config.json`` removed first and written last, so that a half-written folder is
     never read as a reward model. Files under other names are left alone: nothing of the user's is moved or
     deleted. ``lmforge reward train`` checks the folder against the output policy (``lmforge.outputs``) first."""
     from safetensors.torch import save_file
 
-    from lmforge.checkpoints.hf import save_hf_dir, write_json_atomic
+    from lmforge.checkpoints.hf import save_hf_dir
+    from lmforge.io import atomic_path, write_json_atomic
 
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -161,10 +162,9 @@ def save_reward_model(reward: ClassifierReward | PairwiseReward, path: str | os.
     else:
         # beside, not in, the directory's weights: lmforge.load reads every *.safetensors
         (path / "head").mkdir(exist_ok=True)
-        tmp = path / (HEAD + ".tmp")
-        save_file({"score.weight": reward.model.score.weight.detach().contiguous()}, str(tmp))
-        os.replace(tmp, path / HEAD)
-    write_json_atomic(meta, path / REWARD_CONFIG)
+        with atomic_path(path / HEAD) as tmp:
+            save_file({"score.weight": reward.model.score.weight.detach().contiguous()}, str(tmp))
+    write_json_atomic(path / REWARD_CONFIG, meta)
     return path
 
 
@@ -172,14 +172,14 @@ def load_reward_model(path: str | os.PathLike, device: str = "cpu") -> Classifie
     """A reward model saved by ``lmforge reward train``: ``.score(texts) -> list[float]`` (higher = better)."""
     from safetensors.torch import load_file
 
-    from lmforge.checkpoints.hf import read_json
+    from lmforge.io import read_json_object
     from lmforge.lm import load
     from lmforge.models.heads import RewardModel
 
     path = Path(path)
     if not (path / REWARD_CONFIG).is_file():
         raise LmforgeError(f"{path}: no {REWARD_CONFIG}, so not a reward model (train one with `lmforge reward train`)")
-    meta = read_json(path / REWARD_CONFIG)
+    meta = read_json_object(path / REWARD_CONFIG)
     kind, precision = meta.get("kind"), meta.get("precision", "fp32")
     loaded = load(path, device=device)
     if kind == "classifier":

@@ -6,8 +6,6 @@ are read: pickled ``pytorch_model.bin`` files are refused, since unpickling runs
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -19,23 +17,13 @@ from lmforge.checkpoints.hf_config import config_from_hf, config_to_hf
 from lmforge.checkpoints.names import mlm_head, to_hf, to_lmforge
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise LmforgeError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-    if not isinstance(data, dict):
-        raise LmforgeError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+from lmforge.io import atomic_path, read_json_object, write_json_atomic
 
 
 def _safetensors_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.exists():
-        weight_map = read_json(index).get("weight_map")
+        weight_map = read_json_object(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise LmforgeError(f"{index}: missing the 'weight_map' object")
         files = [path / f for f in sorted(set(weight_map.values()))]
@@ -76,9 +64,9 @@ def read_hf_dir(path: str | Path, *, with_mlm_head: bool = False
     cfg_file = path / "config.json"
     if not cfg_file.exists():
         raise LmforgeError(f"{path}: no config.json, so this is not a Hugging Face model directory")
-    hf_cfg = read_json(cfg_file)
+    hf_cfg = read_json_object(cfg_file)
     config = config_from_hf(hf_cfg, path.name)
-    gen_cfg = read_json(path / "generation_config.json") if (path / "generation_config.json").exists() else {}
+    gen_cfg = read_json_object(path / "generation_config.json") if (path / "generation_config.json").exists() else {}
     if gen_cfg.get("eos_token_id") is not None:
         config.eos_token_id = gen_cfg["eos_token_id"]
     tensors = read_safetensors(_safetensors_files(path))
@@ -90,13 +78,6 @@ def read_hf_dir(path: str | Path, *, with_mlm_head: bool = False
                                "MaskedLM decodes with the (tied) word embeddings")
         state |= mlm_head(config, tensors)
     return config, state, gen_cfg
-
-
-def write_json_atomic(data: dict[str, Any], path: Path) -> None:
-    """Write ``data`` as JSON to ``path`` through a temporary file and a rename: never half-written."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def save_hf_dir(model: torch.nn.Module, path: str | Path, tokenizer=None,
@@ -114,17 +95,16 @@ def save_hf_dir(model: torch.nn.Module, path: str | Path, tokenizer=None,
     state = {k: v.detach().contiguous() for k, v in model.named_parameters()}
     state |= {k: v.detach().contiguous() for k, v in model.named_buffers() if k in model.state_dict()}
     hf_state = to_hf(config, state)
-    tmp = path / "model.safetensors.tmp"
-    save_file(hf_state, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path / "model.safetensors")
+    with atomic_path(path / "model.safetensors") as tmp:
+        save_file(hf_state, str(tmp), metadata={"format": "pt"})
     hf_cfg = config_to_hf(config)
     hf_cfg["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
-    write_json_atomic(hf_cfg, path / "config.json")
+    write_json_atomic(path / "config.json", hf_cfg)
     gen = {k: v for k, v in (generation_config or {}).items()}
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if getattr(config, key) is not None:
             gen.setdefault(key, getattr(config, key))
-    write_json_atomic(gen, path / "generation_config.json")
+    write_json_atomic(path / "generation_config.json", gen)
     if tokenizer is not None:
         tokenizer.save(path)
     return path
@@ -139,11 +119,10 @@ def save_masked_lm_dir(model, path: str | Path, tokenizer=None) -> Path:
     for name, t in model.predictions.named_parameters():
         if name != "decoder.weight":  # tied to bert.embeddings.word_embeddings.weight
             state["cls.predictions." + name] = t.detach().contiguous()
-    tmp = path / "model.safetensors.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, weights)
-    hf_cfg = read_json(path / "config.json")
+    with atomic_path(weights) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+    hf_cfg = read_json_object(path / "config.json")
     hf_cfg["architectures"] = ["BertForMaskedLM"]
     hf_cfg["tie_word_embeddings"] = True
-    write_json_atomic(hf_cfg, path / "config.json")
+    write_json_atomic(path / "config.json", hf_cfg)
     return path

@@ -169,28 +169,18 @@ def torch_cosine(a, b) -> float:
 def write_vectors(path: Path, texts: list[str], vecs, force: bool = False) -> None:
     """JSONL ({"text", "embedding"} per line) or .npy (N, C) float32, written to a temp file then renamed.
     An existing file at ``path`` is replaced only with ``force`` (``lmforge.outputs``)."""
-    import tempfile
-
+    from lmforge.io import atomic_open
     from lmforge.outputs import prepare_output
 
     prepare_output(path, "embed", force=force)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if path.suffix == ".npy":
-                import numpy as np
+    with atomic_open(path, "wb") as f:
+        if path.suffix == ".npy":
+            import numpy as np
 
-                np.save(f, vecs.numpy().astype("float32"))
-            else:
-                for text, vec in zip(texts, vecs.tolist()):
-                    f.write((json.dumps({"text": text, "embedding": vec}) + "\n").encode("utf-8"))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+            np.save(f, vecs.numpy().astype("float32"))
+        else:
+            for text, vec in zip(texts, vecs.tolist()):
+                f.write((json.dumps({"text": text, "embedding": vec}) + "\n").encode("utf-8"))
 
 
 def cmd_merge(a: argparse.Namespace) -> int:

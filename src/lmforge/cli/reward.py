@@ -24,9 +24,9 @@ def _list(text: str | None) -> list[str] | None:
 def _print(metrics: dict, output: str | None) -> None:
     print(json.dumps({k: v for k, v in metrics.items() if k != "reliability"}))
     if output:
-        from lmforge.checkpoints.hf import write_json_atomic
+        from lmforge.io import write_json_atomic
 
-        write_json_atomic(metrics, Path(output))
+        write_json_atomic(Path(output), metrics)
         print(f"metrics written to {output}", file=sys.stderr)
 
 
@@ -79,9 +79,9 @@ def cmd_eval(a: argparse.Namespace) -> int:
         scores = reward.score([c for c, _ in pairs] + [r for _, r in pairs])
         metrics = pairwise_metrics(scores[: len(pairs)], scores[len(pairs):])
     else:
-        from lmforge.checkpoints.hf import read_json
+        from lmforge.io import read_json_object
 
-        trained = read_json(Path(a.model) / "reward_config.json").get("train") or {}
+        trained = read_json_object(Path(a.model) / "reward_config.json").get("train") or {}
         label_map = parse_label_map(a.label_map or None) if a.label_map is not None else trained.get("label_map")
         binary = trained.get("binary", False)
         text_field, label_field = a.text_field or trained.get("text_field"), a.label_field or trained.get("label_field")

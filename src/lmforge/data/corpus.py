@@ -18,7 +18,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 
 from lmforge.errors import LmforgeError
+from lmforge.io import atomic_open, write_json_atomic
 
 EMBEDDED = "shakespeare"
 TEXT_SUFFIXES = (".txt", ".md")
@@ -137,7 +137,7 @@ def tokenize_corpus(corpus: str | os.PathLike, tokenizer, cache_dir: str | os.Pa
     cached = _read_meta(meta_path)
     if cached is None or {k: cached.get(k) for k in meta} != meta or not bin_path.is_file():
         n = _write_tokens(files, tokenizer, text_field, bin_path, dtype)
-        _write_atomic(meta_path, json.dumps({**meta, "n_tokens": n, "dtype": np.dtype(dtype).name}, indent=2))
+        write_json_atomic(meta_path, {**meta, "n_tokens": n, "dtype": np.dtype(dtype).name})
         cached = _read_meta(meta_path)
     tokens = np.memmap(bin_path, dtype=np.dtype(cached["dtype"]), mode="r")
     if len(tokens) != cached["n_tokens"]:
@@ -154,37 +154,21 @@ def _read_meta(path: Path) -> dict | None:
         return None
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _write_tokens(files: list[Path], tokenizer, text_field: str, path: Path, dtype) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
     eos = tokenizer.eos_id
     n = 0
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for text in read_documents(files, text_field):
-                if not text:
-                    continue
-                ids = tokenizer.backend.encode(text, add_special_tokens=False).ids
-                if eos is not None:
-                    ids.append(eos)
-                np.asarray(ids, dtype=dtype).tofile(f)
-                n += len(ids)
-            f.flush()
-            os.fsync(f.fileno())
+    with atomic_open(path, "wb") as f:
+        for text in read_documents(files, text_field):
+            if not text:
+                continue
+            ids = tokenizer.backend.encode(text, add_special_tokens=False).ids
+            if eos is not None:
+                ids.append(eos)
+            np.asarray(ids, dtype=dtype).tofile(f)
+            n += len(ids)
         if n == 0:
             more = ", ..." if len(files) > 1 else ""
             raise LmforgeError(f"the corpus is empty: {len(files)} file(s) ({files[0]}{more}) hold no text")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return n
 
 

@@ -1,15 +1,15 @@
 """Reading record files and filling ``{field}`` templates from them.
 
 The one reader behind prompt examples (``prompts.py``), fine-tuning data (``data/sft.py``), reward and
-preference data (``data/reward_data.py``) and evaluation datasets (``evaluation/data.py``): JSON lines,
-one JSON list or CSV, optionally gzipped, each record with the file and line it came from; and the one
-``{field}`` template renderer (``{{``/``}}`` are literal braces). Errors name the file and the line.
+preference data (``data/reward_data.py``, ``alignment/dpo.py``) and evaluation datasets (``evaluation/data.py``):
+JSON lines, one JSON list or CSV, optionally gzipped (text read by ``lmforge.io.read_text``), each record with
+the file and line it came from; and the one ``{field}`` template renderer, used by fine-tuning templates and
+evaluation/compare prompts alike (``{{``/``}}`` are literal braces). Errors name the file and the line.
 """
 
 from __future__ import annotations
 
 import csv
-import gzip
 import io
 import json
 import os
@@ -19,19 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.errors import LmforgeError
-
-
-def read_text(path: Path) -> str:
-    """A UTF-8 text file, gunzipped when its name ends in ``.gz``."""
-    try:
-        if path.name.endswith(".gz"):
-            with gzip.open(path, "rt", encoding="utf-8") as f:
-                return f.read()
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise LmforgeError(f"{path} is not UTF-8 text (byte {e.start})") from None
-    except (OSError, EOFError) as e:
-        raise LmforgeError(f"{path} cannot be read: {e}") from None
+from lmforge.io import read_text
 
 
 def parse_json_records(text: str, name: str, lines_only: bool = False) -> list[tuple[int, Any]]:

@@ -37,8 +37,9 @@ from pathlib import Path
 
 import torch
 
-from lmforge.data.records import parse_json_records, read_text
+from lmforge.data.records import parse_json_records
 from lmforge.errors import LmforgeError
+from lmforge.io import read_text
 from lmforge.tokenizer import Tokenizer, check_messages
 
 FORMATS = ("alpaca", "messages", "prompt-completion", "fields")

@@ -20,9 +20,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import time
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ from lmforge.data.records import load_records
 from lmforge.errors import LmforgeError
 from lmforge.evaluation import data as D
 from lmforge.evaluation.metrics import DEFAULT_METRICS, ToxicityScorer, check_metrics, score_generations
+from lmforge.io import write_json_atomic, write_text_atomic
 from lmforge.outputs import claims_output
 from lmforge.prompts import Example, build_messages, build_prompt
 
@@ -80,29 +79,11 @@ class EvalSettings:
         return ["toxicity"] if self.task == "toxicity" else list(DEFAULT_METRICS)
 
 
-def write_atomic(path: Path, lines: Iterable[str]) -> None:
-    """Write text pieces to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for line in lines:
-                f.write(line)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_outputs(out_dir: str | os.PathLike, rows: list[dict], summary: dict) -> None:
     """``predictions.jsonl`` and ``summary.json`` in ``out_dir``, each written to a temp file then renamed."""
     out = Path(out_dir)
-    write_atomic(out / "predictions.jsonl", (json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    write_atomic(out / "summary.json", [json.dumps(summary, indent=2, ensure_ascii=False) + "\n"])
+    write_text_atomic(out / "predictions.jsonl", (json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_json_atomic(out / "summary.json", summary)
 
 
 # ----------------------------------------------------------------------------- prompts

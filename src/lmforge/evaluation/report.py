@@ -12,12 +12,10 @@ from __future__ import annotations
 import base64
 import dataclasses
 import html
-import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from lmforge.evaluation.harness import write_atomic
+from lmforge.io import write_bytes_atomic, write_json_atomic, write_text_atomic
 
 # Metrics where lower is better (shown in the chart title).
 LOWER_IS_BETTER = {"perplexity", "nll_per_token", "toxicity_rate", "toxicity_mean"}
@@ -125,9 +123,7 @@ def write_report(cfg, results: Sequence, command: str) -> dict[str, Path]:
     paths: dict[str, Path] = {}
     for m, png in charts.items():
         p = out / f"chart_{m}.png"
-        tmp = p.with_name(p.name + ".tmp")
-        tmp.write_bytes(png)
-        os.replace(tmp, p)
+        write_bytes_atomic(p, png)
         paths[m] = p
     examples = _examples(results, cfg.examples_shown)
     first = results[0].summary
@@ -148,7 +144,7 @@ def write_report(cfg, results: Sequence, command: str) -> dict[str, Path]:
         md += [f"### Example {i + 1}", "", "<details><summary>input</summary>", "", "```",
                ex["input"].replace("```", "ʼʼʼ"), "```", "", "</details>", ""]
         md += _md_table(["", "output"], [["**reference**", ex["reference"] or ""], *ex["outputs"]]) + [""]
-    write_atomic(out / "report.md", ["\n".join(md) + "\n"])
+    write_text_atomic(out / "report.md", "\n".join(md) + "\n")
 
     e = html.escape
     def table(header, rows):
@@ -174,7 +170,7 @@ def write_report(cfg, results: Sequence, command: str) -> dict[str, Path]:
             f"<h2>Metrics</h2>{table(metric_header, metric_rows)}<p>ROUGE: mean F-measure (rouge-score, stemmed; "
             f"0–1). BLEU and chrF: sacrebleu corpus scores (0–100).</p>{imgs}<h2>Example outputs</h2>{ex_html}"
             "</body></html>\n")
-    write_atomic(out / "report.html", [page])
-    write_atomic(out / "config.json", [json.dumps(dataclasses.asdict(cfg), indent=2, ensure_ascii=False) + "\n"])
+    write_text_atomic(out / "report.html", page)
+    write_json_atomic(out / "config.json", dataclasses.asdict(cfg))
     paths.update(md=out / "report.md", html=out / "report.html")
     return paths

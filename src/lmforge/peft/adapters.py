@@ -9,8 +9,6 @@ checkpoints (``checkpoints/names.py``), so an adapter trained in lmforge loads i
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ from torch import nn
 
 from lmforge.checkpoints.names import rename, templates
 from lmforge.errors import LmforgeError
+from lmforge.io import atomic_path, read_json_object, write_json_atomic
 from lmforge.peft.lora import LoraSpec, add_lora, linear_names, lora_layers
 from lmforge.peft.prompt_tuning import PromptTunedLM
 
@@ -47,13 +46,9 @@ def _our_path(config, hf: str) -> str | None:
 
 
 def _write(path: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    tmp = path / "adapter_model.safetensors.tmp"
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path / "adapter_model.safetensors")
-    tmp = path / "adapter_config.json.tmp"
-    tmp.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path / "adapter_config.json")
+    with atomic_path(path / "adapter_model.safetensors") as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    write_json_atomic(path / "adapter_config.json", config)
     return path
 
 
@@ -97,10 +92,7 @@ def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tens
     cfg_file, weights = path / "adapter_config.json", path / "adapter_model.safetensors"
     if not cfg_file.exists() or not weights.exists():
         raise LmforgeError(f"{path}: not an adapter folder (needs adapter_config.json and adapter_model.safetensors)")
-    try:
-        config = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise LmforgeError(f"{cfg_file}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    config = read_json_object(cfg_file)
     try:
         tensors = load_file(str(weights))
     except (SafetensorError, OSError) as e:

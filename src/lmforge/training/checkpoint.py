@@ -38,31 +38,10 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from lmforge.errors import LmforgeError
+from lmforge.io import fsync_dir, fsync_file, write_json_atomic
 
 NAME, OLD, TMP_PREFIX = "checkpoint", ".checkpoint.old", ".checkpoint.tmp-"
 MARKER = "COMPLETE"  # written last: a folder without it was cut short
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
 def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
@@ -132,11 +111,10 @@ def save_checkpoint(out_dir: str | Path, model: nn.Module, optimizer: torch.opti
         os.chmod(tmp, 0o755)  # mkdtemp makes it private
         _write_files(tmp, model, tensors, frozen, optimizer, step, batch_state, run_config, extra or {})
         for f in tmp.iterdir():
-            _fsync_file(f)
-        _write_json(tmp / MARKER, {"step": step})
-        _fsync_file(tmp / MARKER)
-        _fsync_dir(tmp)
-        _fsync_dir(out_dir)
+            fsync_file(f)
+        write_json_atomic(tmp / MARKER, {"step": step})
+        fsync_dir(tmp)
+        fsync_dir(out_dir)
         complete = True  # from here on the new folder is the newest complete checkpoint: never remove it
         final, old = out_dir / NAME, out_dir / OLD
         if old.exists():
@@ -144,7 +122,7 @@ def save_checkpoint(out_dir: str | Path, model: nn.Module, optimizer: torch.opti
         if final.exists():
             os.replace(final, old)
         os.replace(tmp, final)
-        _fsync_dir(out_dir)
+        fsync_dir(out_dir)
         shutil.rmtree(old, ignore_errors=True)
         for stale in out_dir.glob(TMP_PREFIX + "*"):  # older leftovers of earlier crashes
             shutil.rmtree(stale, ignore_errors=True)
@@ -205,8 +183,8 @@ def _write_files(tmp: Path, model: nn.Module, tensors: dict[str, torch.Tensor] |
     rng_json, rng_tensors = rng_state()
     save_file(rng_tensors, str(tmp / "rng.safetensors"))
     config = getattr(model, "config", None)
-    _write_json(tmp / "config.json", run_config or {})
-    _write_json(tmp / "state.json", {
+    write_json_atomic(tmp / "config.json", run_config or {})
+    write_json_atomic(tmp / "state.json", {
         "step": step, "optimizer": opt_json, "rng": rng_json, "batches": batch_state,
         "model_config": config.to_dict() if config is not None else None,
         "weights": "all" if frozen is None else "trainable", "frozen": frozen, **extra,
@@ -249,7 +227,7 @@ def recover_checkpoint(out_dir: str | Path) -> Path | None:
         if final.exists():
             os.replace(final, old)
         os.replace(path, final)
-    _fsync_dir(out_dir)
+    fsync_dir(out_dir)
     shutil.rmtree(old, ignore_errors=True)
     for stale in out_dir.glob(TMP_PREFIX + "*"):
         shutil.rmtree(stale, ignore_errors=True)

@@ -239,9 +239,9 @@ def _arch_of(model: str, overrides: dict[str, Any]) -> str:
         if path.is_file():
             return json.loads(path.read_text(encoding="utf-8")).get("arch", "decoder")
         if (path / "config.json").is_file():
-            from lmforge.checkpoints.hf import read_json
+            from lmforge.io import read_json_object
 
-            mt = read_json(path / "config.json").get("model_type")
+            mt = read_json_object(path / "config.json").get("model_type")
             return {"bert": "encoder", "t5": "encoder-decoder"}.get(mt, "decoder")
     except (json.JSONDecodeError, AttributeError):
         pass
