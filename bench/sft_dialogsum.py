@@ -81,7 +81,7 @@ def main() -> None:
 
     import lmforge
     from lmforge.data.sft import load_sft_data
-    from lmforge.training.sft import finetune
+    from lmforge.training.sft import FinetuneConfig, finetune
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -105,10 +105,11 @@ def main() -> None:
         lr = a.lr if a.lr is not None else (1e-4 if method == "full" else 2e-4)
         out_dir = Path(a.out_dir) / method
         t0 = time.perf_counter()
-        result = finetune(None, a.train, None, out_dir=out_dir, train_limit=a.train_limit, steps=a.steps,
-                          batch_size=a.batch_size // a.grad_accum, grad_accum=a.grad_accum, lr=lr,
-                          warmup_steps=a.warmup, precision=a.precision, pack=a.pack, log_every=10, device=a.device,
-                          method=method, overwrite=True, **{**fields, "max_len": a.train_max_len})
+        cfg = FinetuneConfig(train=a.train, out_dir=out_dir, limit=a.train_limit, steps=a.steps,
+                             batch_size=a.batch_size // a.grad_accum, grad_accum=a.grad_accum, lr=lr,
+                             warmup=a.warmup, precision=a.precision, pack=a.pack, log_every=10, device=a.device,
+                             method=method, **{**fields, "max_len": a.train_max_len})
+        result = finetune(cfg, overwrite=True)
         train_s = time.perf_counter() - t0
         if method == "full":
             tuned = lmforge.load(out_dir / "final", device=a.device, dtype="float32")

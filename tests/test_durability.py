@@ -235,11 +235,13 @@ def sft_file(tmp_path: Path) -> Path:
 
 
 def lora_run(model_dir, tmp_path, out, **kwargs):
-    from lmforge.training.sft import finetune
+    from lmforge.training.sft import FinetuneConfig, finetune
 
     args = dict(method="lora", steps=4, batch_size=4, max_len=32, lr=3e-3, log_every=1, lora_r=4,
                 lora_dropout=0.1, seed=3)
-    return finetune(str(model_dir), sft_file(tmp_path), out_dir=out, **{**args, **kwargs})
+    kw = {**args, **kwargs}
+    run = {k: kw.pop(k) for k in ("resume", "overwrite", "force") if k in kw}
+    return finetune(FinetuneConfig(model=str(model_dir), train=sft_file(tmp_path), out_dir=out, **kw), **run)
 
 
 def test_two_identical_lora_runs_give_identical_metrics(tiny_lm_dirs, tmp_path):
@@ -308,7 +310,7 @@ def test_lora_checkpoints_hold_the_adapter_and_resume_exactly(tiny_lm_dirs, tmp_
 
 
 def test_prompt_tuning_checkpoint_holds_the_soft_prompt_only(tiny_lm_dirs, tmp_path):
-    lora_run(tiny_lm_dirs["plain"], tmp_path, tmp_path / "pt", method="prompt-tuning", num_virtual_tokens=3,
+    lora_run(tiny_lm_dirs["plain"], tmp_path, tmp_path / "pt", method="prompt-tuning", virtual_tokens=3,
              steps=1, lr=3e-2)
     assert list(load_file(str(tmp_path / "pt" / "checkpoint" / "model.safetensors"))) == ["prompt_embeddings"]
 

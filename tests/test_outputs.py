@@ -253,10 +253,10 @@ def test_pretrain_refuses_a_run_without_resume_or_overwrite(tmp_path, text_file,
     assert max(r["step"] for r in rows) == 2  # a fresh run, not the resumed one's 3 steps
     assert_user_files_kept(out)
     # the Python API is guarded too
-    from lmforge.training.pretrain import pretrain
+    from lmforge.training.pretrain import PretrainConfig, pretrain
 
     with pytest.raises(LmforgeError, match="already holds a `lmforge pretrain` run"):
-        pretrain(corpus=str(text_file), out_dir=out, steps=1, seq_len=16, batch_size=2)
+        pretrain(PretrainConfig(corpus=str(text_file), out_dir=out, steps=1, seq_len=16, batch_size=2))
 
 
 def test_finetune_refuses_a_run_without_resume_or_overwrite(tiny_lm_dirs, tmp_path, capsys):

@@ -11,7 +11,7 @@ import torch
 from lmforge.cli import main
 from lmforge.data.corpus import RandomWindows, corpus_files, eval_windows, tokenize_corpus
 from lmforge.errors import LmforgeError
-from lmforge.training.pretrain import pretrain
+from lmforge.training.pretrain import PretrainConfig, pretrain
 from lmforge.training.tokenizer_train import char_tokenizer
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" * 40
@@ -35,9 +35,9 @@ def text_file(tmp_path) -> Path:
 
 def test_short_run_on_embedded_corpus_learns(tmp_path):
     """80 steps of a tiny Llama on the embedded Shakespeare: validation loss far below ln(vocab)."""
-    metrics = pretrain("tiny-llama", corpus="shakespeare", out_dir=tmp_path / "run", steps=80, seq_len=64,
+    metrics = pretrain(PretrainConfig("tiny-llama", corpus="shakespeare", out_dir=tmp_path / "run", steps=80, seq_len=64,
                        batch_size=16, lr=3e-3, warmup=10, eval_every=0, save_every=0, log_every=20, eval_batches=4,
-                       cache_dir=tmp_path / "cache")
+                       cache_dir=tmp_path / "cache"))
     tok_dir = tmp_path / "run" / "final"
     from lmforge.tokenizer import Tokenizer
 
@@ -114,8 +114,8 @@ def test_empty_corpus(tmp_path):
 
 def test_seq_len_above_context(tmp_path, text_file):
     with pytest.raises(LmforgeError, match=r"--seq-len 300 is longer than the model's context of 256 tokens"):
-        pretrain("tiny-llama", corpus=str(text_file), out_dir=tmp_path / "run", steps=1, seq_len=300,
-                 cache_dir=tmp_path / "cache")
+        pretrain(PretrainConfig("tiny-llama", corpus=str(text_file), out_dir=tmp_path / "run", steps=1, seq_len=300,
+                 cache_dir=tmp_path / "cache"))
 
 
 def test_windows_resume_and_eval_batches(text_file, tmp_path):
@@ -153,8 +153,8 @@ def test_mlm_and_span_corruption_pretraining(tmp_path, text_file, name, fields, 
     cfg = tmp_path / f"{name}.json"
     cfg.write_text(json.dumps(fields))
     out = tmp_path / name
-    m = pretrain(str(cfg), corpus=str(text_file), out_dir=out, steps=steps, seq_len=32, batch_size=8, lr=1e-2,
-                 warmup=3, eval_every=0, save_every=0, log_every=10, eval_batches=2, cache_dir=tmp_path / "cache")
+    m = pretrain(PretrainConfig(str(cfg), corpus=str(text_file), out_dir=out, steps=steps, seq_len=32, batch_size=8, lr=1e-2,
+                 warmup=3, eval_every=0, save_every=0, log_every=10, eval_batches=2, cache_dir=tmp_path / "cache"))
     tok = Tokenizer.from_dir(out / "final")
     assert m["val_loss"] < math.log(tok.vocab_size) - 0.5, (name, m, tok.vocab_size)
     assert json.loads((out / "final" / "config.json").read_text())["model_type"] == name
@@ -180,7 +180,7 @@ def test_cli_pretrain_help_and_errors(tmp_path, capsys, text_file):
     err = capsys.readouterr().err
     assert err.startswith("error: corpus ") and "no such file" in err and err.count("\n") == 1
     assert main(["pretrain", "--steps", "0"]) == 2
-    assert "--steps must be >= 1" in capsys.readouterr().err
+    assert "steps (--steps): must be >= 1, got 0" in capsys.readouterr().err
     assert main(["pretrain", "--set", "n_layer", "--corpus", str(text_file)]) == 2
     assert "expected KEY=VALUE" in capsys.readouterr().err
     assert main(["pretrain", "--model", "no-such-preset", "--corpus", str(text_file),
@@ -204,9 +204,9 @@ def test_cli_pretrain_runs_and_resumes(tmp_path, capsys, text_file):
 def test_continue_pretraining_from_saved_model(tmp_path, text_file):
     """A finished run's final/ folder (weights + its tokenizer) is a --model to continue pretraining."""
     common = dict(corpus=str(text_file), steps=30, seq_len=16, batch_size=4, lr=1e-2, warmup=2, eval_every=0,
-                  save_every=0, log_every=1, eval_batches=1, cache_dir=tmp_path / "c", overrides=None)
-    first = pretrain("tiny-llama", out_dir=tmp_path / "a", **{**common, "overrides": {"n_layer": 1}})
-    again = pretrain(str(tmp_path / "a" / "final"), out_dir=tmp_path / "b", **{**common, "steps": 1})
+                  save_every=0, log_every=1, eval_batches=1, cache_dir=tmp_path / "c", overrides={})
+    first = pretrain(PretrainConfig("tiny-llama", out_dir=tmp_path / "a", **{**common, "overrides": {"n_layer": 1}}))
+    again = pretrain(PretrainConfig(str(tmp_path / "a" / "final"), out_dir=tmp_path / "b", **{**common, "steps": 1}))
     rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     from lmforge.tokenizer import Tokenizer
 

@@ -13,7 +13,13 @@ import lmforge
 from lmforge.cli.training import add_finetune_parser
 from lmforge.data.sft import SFTBatches, load_sft_data, to_record, tokenize_record
 from lmforge.errors import LmforgeError
-from lmforge.training.sft import causal_lm_loss, decoder_logits, evaluate_sft, finetune, rouge_l
+from lmforge.training.sft import FinetuneConfig, causal_lm_loss, decoder_logits, evaluate_sft, finetune, rouge_l
+
+
+def run_finetune(model, train, dev=(), **kw):
+    """``finetune`` with the config built from keywords (``resume``/``overwrite``/``force`` go to the run)."""
+    run = {k: kw.pop(k) for k in ("resume", "overwrite", "force") if k in kw}
+    return finetune(FinetuneConfig(model=model, train=train, dev=dev, **kw), **run)
 
 WORDS = ["one", "two", "three", "four", "five", "six", "seven", "fox", "dog"]
 
@@ -59,8 +65,8 @@ def test_packed_logits_equal_separate_logits(tiny_lm_dirs):
 
 def test_short_finetune_lowers_heldout_response_loss(tiny_lm_dirs, tmp_path):
     train, dev, dev_batches, before = copy_task_baseline(tiny_lm_dirs["chat"], tmp_path)
-    result = finetune(str(tiny_lm_dirs["chat"]), train, dev, out_dir=tmp_path / "run", max_len=64, batch_size=8,
-                      steps=60, lr=3e-3, warmup_steps=5, eval_generate=4, max_new_tokens=8, log_every=20, pack=True)
+    result = run_finetune(str(tiny_lm_dirs["chat"]), train, dev, out_dir=tmp_path / "run", max_len=64, batch_size=8,
+                      steps=60, lr=3e-3, warmup=5, eval_generate=4, max_new_tokens=8, log_every=20, pack=True)
     assert result["train_examples"] == 96 and result["dropped"] == 0
     assert result["val_loss"] < 0.3 * before, (before, result["val_loss"])  # stated margin: >= 70% lower (seen: 6.96 -> 1.09)
     assert 0.0 <= result["val_rougeL"] <= 1.0
@@ -103,7 +109,7 @@ def test_seq2seq_finetune_lowers_heldout_loss(tmp_path):
     dev_batches = SFTBatches(dev_data.examples, batch_size=8, pad_id=0, seq2seq=True, decoder_start_id=0,
                              shuffle=False)
     before = evaluate_sft(base.model.eval(), base.tokenizer, dev_batches)["val_loss"]
-    result = finetune(str(path), train, dev, out_dir=tmp_path / "run", max_len=32, batch_size=8, steps=40, lr=1e-2,
+    result = run_finetune(str(path), train, dev, out_dir=tmp_path / "run", max_len=32, batch_size=8, steps=40, lr=1e-2,
                       eval_generate=2, max_new_tokens=6, log_every=20)
     assert result["val_loss"] < 0.2 * before, (before, result["val_loss"])  # stated margin: >= 80% lower (seen: 21.9 -> 0.78)
 
@@ -150,8 +156,8 @@ def test_peft_methods_learn_and_save_peft_adapters(tiny_lm_dirs, tmp_path, capsy
     """Each method lowers the held-out response loss; the result is a PEFT adapter folder that
     lmforge.load(base, adapter=...) reproduces."""
     train, dev, dev_batches, before = copy_task_baseline(tiny_lm_dirs["chat"], tmp_path)
-    result = finetune(str(tiny_lm_dirs["chat"]), train, dev, out_dir=tmp_path / "run", max_len=64, batch_size=8,
-                      steps=40, warmup_steps=3, eval_generate=0, log_every=20, method=method, lora_r=8,
+    result = run_finetune(str(tiny_lm_dirs["chat"]), train, dev, out_dir=tmp_path / "run", max_len=64, batch_size=8,
+                      steps=40, warmup=3, eval_generate=0, log_every=20, method=method, lora_r=8,
                       lora_targets="all-linear", lr=3e-3 if method != "prompt-tuning" else 3e-2, lora_dropout=0.0)
     assert "trainable (" in capsys.readouterr().err  # the trainable-parameter report
     assert result["val_loss"] < margin * before, (before, result["val_loss"])
@@ -170,36 +176,36 @@ def test_finetune_continues_an_adapter_or_merges_it_for_full(tiny_lm_dirs, tmp_p
     """--adapter: LoRA training picks up where the adapter left off (its rank wins); full fine-tuning starts
     from the merged weights; an adapter of another kind is refused."""
     train, dev, _, _ = copy_task_baseline(tiny_lm_dirs["chat"], tmp_path)
-    args = dict(max_len=64, batch_size=8, warmup_steps=0, eval_generate=0, log_every=50, lora_targets="all-linear",
+    args = dict(max_len=64, batch_size=8, warmup=0, eval_generate=0, log_every=50, lora_targets="all-linear",
                 lora_dropout=0.0)
-    first = finetune(str(tiny_lm_dirs["chat"]), train, dev, out_dir=tmp_path / "a", method="lora", lora_r=8,
+    first = run_finetune(str(tiny_lm_dirs["chat"]), train, dev, out_dir=tmp_path / "a", method="lora", lora_r=8,
                      steps=10, lr=3e-3, **args)
     adapter = tmp_path / "a" / "final"
-    more = finetune(str(tiny_lm_dirs["chat"]), train, dev, adapter=adapter, out_dir=tmp_path / "b", method="lora",
+    more = run_finetune(str(tiny_lm_dirs["chat"]), train, dev, adapter=adapter, out_dir=tmp_path / "b", method="lora",
                     lora_r=4, steps=10, lr=3e-3, **args)
     assert json.loads((tmp_path / "b" / "final" / "adapter_config.json").read_text())["r"] == 8
     assert more["val_loss"] < first["val_loss"] - 0.05, (first["val_loss"], more["val_loss"])
-    merged = finetune(str(tiny_lm_dirs["chat"]), train, dev, adapter=adapter, out_dir=tmp_path / "c", method="full",
+    merged = run_finetune(str(tiny_lm_dirs["chat"]), train, dev, adapter=adapter, out_dir=tmp_path / "c", method="full",
                       steps=1, lr=1e-12, **args)
     assert merged["val_loss"] == pytest.approx(first["val_loss"], rel=1e-4)  # the merged model is the adapted one
     with pytest.raises(LmforgeError, match="is a lora adapter; continue it with --method lora"):
-        finetune(str(tiny_lm_dirs["chat"]), train, adapter=adapter, out_dir=tmp_path / "d", method="prompt-tuning",
+        run_finetune(str(tiny_lm_dirs["chat"]), train, adapter=adapter, out_dir=tmp_path / "d", method="prompt-tuning",
                  steps=1, **args)
 
 
 def test_bad_arguments(tiny_lm_dirs, tmp_path):
-    with pytest.raises(LmforgeError, match="unknown method 'adapter'"):
-        finetune(None, tmp_path / "x.jsonl", method="adapter")
+    with pytest.raises(LmforgeError, match=r"method \(--method\): expected one of 'full', .*got 'adapter'"):
+        run_finetune(None, tmp_path / "x.jsonl", method="adapter")
     with pytest.raises(LmforgeError, match="no training data"):
-        finetune(None, [])
-    with pytest.raises(LmforgeError, match="either steps or epochs"):
-        finetune(None, tmp_path / "x.jsonl", steps=1, epochs=1)
-    with pytest.raises(LmforgeError, match="batch_size must be an integer >= 1"):
-        finetune(None, tmp_path / "x.jsonl", batch_size=0)
+        run_finetune(None, [])
+    with pytest.raises(LmforgeError, match=r"either steps \(--steps\) or epochs"):
+        run_finetune(None, tmp_path / "x.jsonl", steps=1, epochs=1)
+    with pytest.raises(LmforgeError, match=r"batch_size \(--batch-size\): must be >= 1, got 0"):
+        run_finetune(None, tmp_path / "x.jsonl", batch_size=0)
     train, _ = copy_task(tmp_path)
     with pytest.raises(LmforgeError, match=r"max_len=4096 exceeds the context window .*\(128\)"):
-        finetune(str(tiny_lm_dirs["plain"]), train, max_len=4096)
-    with pytest.raises(SystemExit):
+        run_finetune(str(tiny_lm_dirs["plain"]), train, max_len=4096)
+    with pytest.raises(LmforgeError, match="--method: expected one of 'full', 'lora', 'qlora', 'prompt-tuning'"):
         cli(["--train", str(train), "--method", "adapter"])
 
 

@@ -73,15 +73,15 @@ _RUN = ("metrics.jsonl", "loss.png", ".loss.tmp.png", "checkpoint", ".checkpoint
 _HF_DIR = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
 
 VERBS: dict[str, Verb] = {
-    "pretrain": Verb(_RUN, run=True, resume=True),
-    "finetune": Verb(_RUN, run=True, resume=True),
+    "pretrain": Verb(_RUN + ("config.yaml",), run=True, resume=True),
+    "finetune": Verb(_RUN + ("config.yaml",), run=True, resume=True),
     "rlhf ppo": Verb(_RUN + ("config.json",), run=True, resume=True),
     "rlhf dpo": Verb(_RUN + ("config.json",), run=True, resume=True),
     "reward train": Verb(_HF_DIR + ("reward_config.json", "head"), run=True),
     "merge": Verb(_HF_DIR),
     "tokenizer train": Verb(("tokenizer.json", "tokenizer_config.json"), rewrite=True),
-    "eval": Verb(("predictions.jsonl", "summary.json"), rewrite=True),
-    "compare": Verb(("report.md", "report.html", "chart_*.png", "config.json", "runs"), rewrite=True),
+    "eval": Verb(("predictions.jsonl", "summary.json", "config.yaml"), rewrite=True),
+    "compare": Verb(("report.md", "report.html", "chart_*.png", "config.yaml", "config.json", "runs"), rewrite=True),
     "embed": Verb((), kind="file"),
 }
 
@@ -353,11 +353,12 @@ def claim_output(path: str | os.PathLike, verb: str, *, resume: bool = False, ov
                 path.rmdir()
 
 
-def claims_output(verb: str, *, path: str = "out_dir", inputs: tuple[str, ...] = ()):
+def claims_output(verb: str, *, path: str = "out_dir", inputs: tuple[str, ...] = (), config: str | None = None):
     """Decorate a recipe whose parameter ``path`` names its output folder: before the recipe runs, its
     ``inputs`` parameters are checked (``check_inputs``) and the folder is claimed (``claim_output`` with
     the recipe's ``resume``/``overwrite``/``force`` parameters, False where it has none) until it returns or
-    raises. A ``path`` of None (nothing written) is let through."""
+    raises. A ``path`` of None (nothing written) is let through. With ``config`` (the name of the parameter
+    holding a recipe config dataclass), ``path`` and ``inputs`` are read from that config's fields."""
     def wrap(fn):
         signature = inspect.signature(fn)
 
@@ -366,6 +367,8 @@ def claims_output(verb: str, *, path: str = "out_dir", inputs: tuple[str, ...] =
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
             a = bound.arguments
+            if config is not None:
+                a = {**a, **vars(a[config])}
             if a[path] is None:
                 return fn(*args, **kwargs)
             check_inputs(a[path], verb, {name: a.get(name) for name in inputs})

@@ -183,6 +183,8 @@ def coerce(value: Any, tp: Any) -> Any:
             return value
     if isinstance(tp, type) and issubclass(tp, PurePath) and isinstance(value, (str, os.PathLike)) and str(value):
         return tp(value)
+    if isinstance(tp, type) and tp not in (bool, int, float, str) and isinstance(value, tp):
+        return value  # an instance of another class (e.g. a nested config dataclass) as it is
     raise _Mismatch
 
 
@@ -241,6 +243,8 @@ def validate(cfg: Any) -> None:
 def _plain(value: Any) -> Any:
     if isinstance(value, PurePath):
         return str(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):  # a nested config: its fields, in order
+        return {f.name: _plain(getattr(value, f.name)) for f in recipe_fields(type(value))}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return {_plain(k): _plain(v) for k, v in value.items()} if isinstance(value, dict) else value

@@ -128,6 +128,6 @@ def add_output_args(p, verb: str) -> None:
 
 def parse_targets(text: str) -> str | list[str]:
     """'all-linear', a regex (anything with regex characters), or a comma-separated list of names."""
-    if text == "all-linear" or any(c in text for c in "*^$[(|\\+?"):
-        return text
-    return [t.strip() for t in text.split(",") if t.strip()]
+    from lmforge.training.sft import parse_lora_targets  # torch-free at import
+
+    return parse_lora_targets(text)

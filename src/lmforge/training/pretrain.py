@@ -1,35 +1,107 @@
 """Pretraining from scratch (or continued pretraining of a saved model) on a text corpus.
 
-``pretrain(...)`` resolves a tokenizer (trained character vocabulary, a tokenizer folder, or the
-model's own), builds the model (a preset or config JSON with random init, or an HF directory),
-tokenises the corpus once (``data/corpus.py``), picks the objective by ``config.arch``
-(``objectives.py``: causal LM, masked LM, span corruption) and runs the loop (``loop.py``).
+``PretrainConfig`` is the recipe's typed config (one field per setting, its docstring the ``--help``
+text; see ``lmforge.recipe_config``), and ``pretrain(cfg)`` runs it: it resolves a tokenizer (trained
+character vocabulary, a tokenizer folder, or the model's own), builds the model (a preset or config JSON
+with random init, or an HF directory), tokenises the corpus once (``data/corpus.py``), picks the objective
+by ``config.arch`` (``objectives.py``: causal LM, masked LM, span corruption) and runs the loop
+(``loop.py``); the resolved config is written to ``OUT_DIR/config.yaml`` (``lmforge pretrain --config``
+reruns it).
+
+torch and the data pipeline are imported inside the functions that use them, so that building the
+command-line parser (which reads ``PretrainConfig``) stays fast.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
-import torch
-from tokenizers import AddedToken
-from torch import nn
 
 from lmforge.config import PRESETS, ModelConfig, preset
-from lmforge.data.corpus import RandomWindows, causal_collate, corpus_text, eval_windows, tokenize_corpus
 from lmforge.errors import LmforgeError
 from lmforge.outputs import claims_output
+from lmforge.recipe_config import option, validate, write_config
 from lmforge.tokenizer import Tokenizer
-from lmforge.training import objectives as obj
-from lmforge.training.loop import TrainConfig, train
-from lmforge.training.tokenizer_train import char_tokenizer
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 MASK_TOKEN = "[MASK]"
 N_SENTINELS = 100  # T5's <extra_id_0> ... <extra_id_99>
+
+
+@dataclass
+class PretrainConfig:
+    """Everything ``lmforge pretrain`` needs: the model, the corpus, the schedule and where to write.
+
+    Defaults < ``--config FILE.yaml`` < flags; ``lmforge pretrain --print-config`` prints the resolved
+    YAML, and every run writes it to ``OUT_DIR/config.yaml``.
+    """
+
+    recipe: ClassVar[str] = "pretrain"
+
+    model: str = option("tiny-llama", flags=("-m", "--model"))
+    """A preset name (random init), a JSON file of config fields, or a model folder to continue pretraining."""
+    overrides: dict[str, Any] = option(default_factory=dict, cli=False)
+    """A preset's config fields to override, e.g. {n_layer: 4, n_embd: 128} (the --set KEY=VALUE flag)."""
+    corpus: str = "shakespeare"
+    """'shakespeare' (embedded: 42 plays and poems), a text/JSONL file, or a folder of *.txt/*.md."""
+    text_field: str = "text"
+    """The text field of JSONL lines."""
+    tokenizer: str | None = None
+    """'char' (a character vocabulary built from the corpus), a tokenizer folder, or none: the model folder's
+    own tokenizer, 'char' for presets."""
+    out_dir: Path = option(Path("runs/pretrain"), flags=("-o", "--out-dir"))
+    """Output folder."""
+    seq_len: int = option(128, min=1)
+    """Tokens per sequence."""
+    batch_size: int = option(16, min=1)
+    """Sequences per micro-batch."""
+    grad_accum: int = option(1, min=1)
+    """Micro-batches per optimiser step."""
+    steps: int = option(1000, min=1)
+    """Optimiser steps."""
+    lr: float = option(1e-3, positive=True)
+    """Peak learning rate."""
+    warmup: int = option(50, min=0)
+    """Linear warmup steps before the cosine decay."""
+    min_lr_ratio: float = option(0.1, min=0.0, max=1.0)
+    """The cosine ends at lr * this."""
+    weight_decay: float = option(0.1, min=0.0)
+    """AdamW weight decay on matrices."""
+    clip: float = option(1.0, min=0.0)
+    """Max gradient norm, 0 = off."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """fp32, or bf16 autocast."""
+    compile: bool = False
+    """torch.compile the model (slow to start)."""
+    eval_every: int = option(100, min=0)
+    """Validate every N steps, 0 = only at the end."""
+    eval_batches: int = option(20, min=1)
+    """Validation batches per evaluation."""
+    val_fraction: float = option(0.05, min=0.0, min_exclusive=True, max=1.0)
+    """The last fraction of the corpus kept for validation."""
+    save_every: int = option(100, min=0)
+    """Checkpoint every N steps, 0 = only at the end."""
+    log_every: int = option(10, min=0)
+    """Write metrics every N steps."""
+    cache_dir: Path | None = None
+    """Where tokenised corpora are cached (none: $LMFORGE_CACHE/tokens or ~/.cache/lmforge/tokens)."""
+    seed: int = option(0, min=0)
+    """Seed for the init and the data order."""
+    device: str = "cpu"
+    """cpu, cuda, ..."""
+
+    def __post_init__(self) -> None:
+        validate(self)
 
 
 def resolve_tokenizer(tokenizer: str | None, model: str, corpus: str, text_field: str) -> Tokenizer:
@@ -39,6 +111,9 @@ def resolve_tokenizer(tokenizer: str | None, model: str, corpus: str, text_field
         own = Path(model)
         tokenizer = str(own) if own.is_dir() and (own / "tokenizer.json").is_file() else "char"
     if tokenizer == "char":
+        from lmforge.data.corpus import corpus_text
+        from lmforge.training.tokenizer_train import char_tokenizer
+
         return char_tokenizer(corpus_text(corpus, text_field))
     path = Path(tokenizer)
     if path.is_file() and path.name == "tokenizer.json":
@@ -49,6 +124,8 @@ def resolve_tokenizer(tokenizer: str | None, model: str, corpus: str, text_field
 
 
 def _add_special(tok: Tokenizer, tokens: list[str]) -> None:
+    from tokenizers import AddedToken
+
     missing = [t for t in tokens if tok.token_to_id(t) is None]
     if missing:
         tok.backend.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
@@ -123,34 +200,50 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
 
 def causal_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Next-token loss; the LM head and the cross-entropy are fused (``linear_cross_entropy``) unless
-    the model is compiled (then the compiled forward gives the logits) or its head is not a plain linear."""
+    the model is not a plain ``DecoderLM`` (a compiled one's forward gives the logits; so does a prompt-tuned
+    wrapper's) or its head is not a plain linear."""
+    from torch import nn
+
+    from lmforge.models.decoder import DecoderLM
+    from lmforge.training import objectives as obj
+
     device = next(model.parameters()).device
     b = _to(batch, device)
-    head = getattr(model, "lm_head", None)
-    compiled = hasattr(model, "_orig_mod")
-    if type(head) is nn.Linear and head.bias is None and hasattr(model, "hidden_states") and not compiled:
-        return obj.linear_cross_entropy(model.hidden_states(b["input_ids"]), head.weight, b["labels"])
+    if isinstance(model, DecoderLM) and type(model.lm_head) is nn.Linear and model.lm_head.bias is None:
+        return obj.linear_cross_entropy(model.hidden_states(b["input_ids"]), model.lm_head.weight, b["labels"])
     return obj.causal_lm_loss(model(b["input_ids"]), b["labels"])
 
 
 def mlm_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    from lmforge.training import objectives as obj
+
     b = _to(batch, next(model.parameters()).device)
     return obj.masked_lm_loss(model(b["input_ids"]), b["labels"])
 
 
 def span_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    from lmforge.training import objectives as obj
+
     b = _to(batch, next(model.parameters()).device)
     return obj.span_corruption_loss(model(b["input_ids"], b["decoder_input_ids"]), b["labels"])
 
 
 def mlm_collate(windows: np.ndarray, rng: np.random.Generator, *, mask_id: int, vocab_size: int,
                 special_ids: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    import torch
+
+    from lmforge.training import objectives as obj
+
     inputs, labels = obj.mask_tokens(windows[:, :-1], rng, mask_id, vocab_size, special_ids)
     return {"input_ids": torch.from_numpy(inputs), "labels": torch.from_numpy(labels)}
 
 
 def span_collate(windows: np.ndarray, rng: np.random.Generator, *, sentinels: list[int], eos_id: int | None,
                  start_id: int) -> dict[str, torch.Tensor]:
+    import torch
+
+    from lmforge.training import objectives as obj
+
     pairs = [obj.span_corrupt(row, rng, sentinels, eos_id) for row in windows[:, :-1]]
     inputs, targets = np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
     decoder_in = obj.shift_right(targets, start_id)
@@ -160,6 +253,8 @@ def span_collate(windows: np.ndarray, rng: np.random.Generator, *, sentinels: li
 
 def objective(config: ModelConfig, tok: Tokenizer):
     """(loss_fn, collate) for the model's architecture."""
+    from lmforge.data.corpus import causal_collate
+
     if config.arch == "decoder":
         return causal_step, causal_collate
     if config.arch == "encoder":
@@ -170,46 +265,47 @@ def objective(config: ModelConfig, tok: Tokenizer):
                                         start_id=config.decoder_start_token_id)
 
 
-@claims_output("pretrain", inputs=("model",))
-def pretrain(model: str = "tiny-llama", corpus: str = "shakespeare", tokenizer: str | None = None,
-             out_dir: str | Path = "runs/pretrain", seq_len: int = 128, batch_size: int = 16, steps: int = 1000,
-             lr: float = 1e-3, warmup: int = 50, min_lr_ratio: float = 0.1, weight_decay: float = 0.1,
-             grad_accum: int = 1, clip: float = 1.0, precision: str = "fp32", compile: bool = False,
-             eval_every: int = 100, eval_batches: int = 20, save_every: int = 100, log_every: int = 10,
-             val_fraction: float = 0.05, text_field: str = "text", cache_dir: str | Path | None = None,
-             overrides: dict[str, Any] | None = None, resume: bool = False, seed: int = 0,
-             device: str = "cpu", overwrite: bool = False, force: bool = False) -> dict:
-    """Pretrain ``model`` on ``corpus`` for ``steps`` optimiser steps; returns the final metrics
-    (``loss``, ``val_loss``, ``val_ppl``, ``tokens_per_s``...). Writes ``out_dir/checkpoint``,
-    ``out_dir/final`` (HF format, with the tokenizer), ``metrics.jsonl`` and ``loss.png``.
+@claims_output("pretrain", inputs=("model",), config="recipe")
+def pretrain(recipe: PretrainConfig, *, resume: bool = False, overwrite: bool = False, force: bool = False) -> dict:
+    """Pretrain ``recipe.model`` on ``recipe.corpus`` for ``recipe.steps`` optimiser steps; returns the final
+    metrics (``loss``, ``val_loss``, ``val_ppl``, ``tokens_per_s``...). Writes ``out_dir/config.yaml`` (the
+    resolved recipe), ``out_dir/checkpoint``, ``out_dir/final`` (HF format, with the tokenizer),
+    ``metrics.jsonl`` and ``loss.png``.
 
-    model: a preset name (random init, ``overrides`` change its fields), a JSON file of config fields,
-    or an HF model directory (continued pretraining). tokenizer: ``char``, a tokenizer folder, or None
-    for the model directory's own (``char`` for presets). An ``out_dir`` that holds a run needs ``resume``
+    How a run starts is not part of the recipe: an ``out_dir`` that holds a run needs ``resume`` (continue it)
     or ``overwrite``; one with other files needs ``force`` (``lmforge.outputs``); it is locked while training.
     """
-    run_config = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()}
-    for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("eval_batches", eval_batches)):
-        if value < 1:
-            raise LmforgeError(f"{name} must be >= 1, got {value}")
-    tok = resolve_tokenizer(tokenizer, model, corpus, text_field)
-    probe_arch = _arch_of(model, overrides or {})
+    from lmforge.data.corpus import RandomWindows, eval_windows, tokenize_corpus
+    from lmforge.training import objectives as obj
+    from lmforge.training.loop import TrainConfig, train
+
+    r = recipe
+    model, overrides, corpus, text_field, out_dir, seq_len = r.model, r.overrides, r.corpus, r.text_field, \
+        r.out_dir, r.seq_len
+    steps, lr, min_lr_ratio, warmup, weight_decay, grad_accum, clip = r.steps, r.lr, r.min_lr_ratio, r.warmup, \
+        r.weight_decay, r.grad_accum, r.clip
+    precision, compile, eval_every, save_every, log_every, seed = r.precision, r.compile, r.eval_every, \
+        r.save_every, r.log_every, r.seed
+    run_config = json.loads(json.dumps(dataclasses.asdict(recipe), default=str))  # Paths as text
+    tok = resolve_tokenizer(r.tokenizer, model, corpus, text_field)
+    probe_arch = _arch_of(model, overrides)
     if probe_arch == "encoder":
         _add_special(tok, [MASK_TOKEN])
     elif probe_arch == "encoder-decoder":
         sentinel_ids(tok)
-    net, config = build_model(model, tok, overrides or {}, seed)
+    net, config = build_model(model, tok, overrides, seed)
     limit = config.max_seq_len if config.positions != "relative" else math.inf
     if seq_len > limit:
         raise LmforgeError(f"--seq-len {seq_len} is longer than the model's context of {config.max_seq_len} tokens "
                            f"({config.name}); lower --seq-len or raise max_seq_len")
     if config.arch == "encoder-decoder":
         obj.check_sentinels(seq_len, N_SENTINELS)
-    net.to(device)
+    net.to(r.device)
     loss_fn, collate = objective(config, tok)
-    data = tokenize_corpus(corpus, tok, cache_dir, text_field, val_fraction)
-    batches = RandomWindows(data.train, seq_len, batch_size, seed, collate)
-    val = eval_windows(data.val, seq_len, batch_size, eval_batches)
+    data = tokenize_corpus(corpus, tok, r.cache_dir, text_field, r.val_fraction)
+    batches = RandomWindows(data.train, seq_len, r.batch_size, seed, collate)
+    val = eval_windows(data.val, seq_len, r.batch_size, r.eval_batches)
+    write_config(recipe, out_dir)  # once the inputs have loaded: what reruns this run
 
     def eval_fn(m: nn.Module) -> dict[str, float]:
         rng = np.random.Generator(np.random.PCG64(seed + 1))  # the same masks/spans every evaluation

@@ -2,9 +2,11 @@
 
 Owns the SFT losses (masked next-token cross-entropy for decoder-only models, target cross-entropy for
 encoder-decoder ones), SFT evaluation (response-token dev loss and ROUGE-L of greedy generations),
-``finetune`` (which builds the model, data and batches and hands them to ``training/loop.py``) and the
-``lmforge finetune`` command-line parser (``add_finetune_parser``). Data formats, masking, truncation and
-packing live in ``data/sft.py``.
+``FinetuneConfig`` (the recipe's typed config: one field per setting, its docstring the ``--help`` text; see
+``lmforge.recipe_config``) and ``finetune(cfg)`` (which builds the model, data and batches, hands them to
+``training/loop.py`` and writes the resolved config to ``OUT_DIR/config.yaml``). Data formats, masking,
+truncation and packing live in ``data/sft.py``; the ``lmforge finetune`` flags are derived from the config
+in ``cli/training.py``.
 
 Methods: ``full`` (every parameter trained), ``lora`` (adapters on the chosen linear layers),
 ``qlora`` (LoRA over an NF4- or int8-quantised frozen base) and ``prompt-tuning`` (trainable virtual
@@ -13,15 +15,18 @@ tokens); the PEFT methods save a PEFT-format adapter instead of the whole model 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from lmforge.errors import LmforgeError
 from lmforge.outputs import claims_output
+from lmforge.recipe_config import option, validate, write_config
 
 if TYPE_CHECKING:  # torch is imported inside the functions so that building the CLI parser stays fast
     import torch
@@ -32,6 +37,128 @@ if TYPE_CHECKING:  # torch is imported inside the functions so that building the
 
 METHODS = ("full", "lora", "qlora", "prompt-tuning")
 DEFAULT_LR = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4, "prompt-tuning": 3e-2}
+Method = Literal["full", "lora", "qlora", "prompt-tuning"]
+
+
+def parse_lora_targets(text: str) -> str | list[str]:
+    """'all-linear', a regex (anything with regex characters), or a comma-separated list of names."""
+    if text == "all-linear" or any(c in text for c in "*^$[(|\\+?"):
+        return text
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+_PEFT = "parameter-efficient methods"
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything ``lmforge finetune`` needs: the data, the model and method, the schedule, evaluation and output.
+
+    Defaults < ``--config FILE.yaml`` < flags; ``lmforge finetune --print-config`` prints the resolved YAML,
+    and every run writes it to ``OUT_DIR/config.yaml``.
+    """
+
+    recipe: ClassVar[str] = "finetune"
+
+    train: tuple[Path, ...] = option((), group="data")
+    """Training files: .json (array), .jsonl or .jsonl.gz (required)."""
+    dev: tuple[Path, ...] = option((), group="data")
+    """Dev files for val_loss and ROUGE-L (none: no evaluation)."""
+    format: Literal["alpaca", "messages", "prompt-completion", "fields"] | None = option(None, group="data")
+    """Force one record format (none: detected per record)."""
+    prompt_template: str | None = option(None, group="data")
+    """Prompt text with {field} placeholders, e.g. 'Summarize:\\n\\n{dialogue}\\n\\nSummary: ' (on the
+    command line, \\n and \\t are unescaped)."""
+    prompt_field: str | None = option(None, group="data")
+    """Field holding the whole prompt (instead of --prompt-template)."""
+    response_field: str | None = option(None, group="data")
+    """Field holding the response to learn, e.g. summary."""
+    template: Literal["auto", "chat", "plain"] = option("auto", group="data")
+    """Render with the model's chat template or as plain text (auto: chat when the tokenizer has a template)."""
+    max_len: int | None = option(None, min=1, group="data")
+    """Tokens per example; longer responses are cut, too-long prompts dropped (none: 512 or the model's context
+    window, whichever is smaller)."""
+    pack: bool = option(False, group="data")
+    """Pack several examples into each max-len row (no attention across examples)."""
+    padding_side: Literal["right", "left"] = option("right", group="data")
+    """Padding side."""
+    limit: int | None = option(None, min=1, group="data")
+    """Use only the first N training records."""
+    model: str | None = option(None, flags=("-m", "--model"), group="training")
+    """Model name or path (none: the embedded SmolLM2-135M)."""
+    adapter: Path | None = option(None, group="training")
+    """A PEFT adapter folder for MODEL: --method lora / prompt-tuning continue training it, --method full merges a
+    LoRA adapter into the weights first."""
+    method: Method = option("full", group="training")
+    """full: every weight; lora: low-rank adapters; qlora: LoRA over a 4-bit (or int8) frozen base;
+    prompt-tuning: trainable virtual tokens."""
+    lora_r: int = option(16, min=1, group=_PEFT)
+    """LoRA rank."""
+    lora_alpha: float = option(32.0, positive=True, group=_PEFT)
+    """LoRA alpha; the update is scaled by alpha/r."""
+    lora_dropout: float = option(0.05, min=0.0, max=0.99, group=_PEFT)
+    """Dropout on the LoRA input."""
+    lora_targets: str = option("q_proj,k_proj,v_proj,o_proj", group=_PEFT)
+    """Comma-separated layer names, 'all-linear', or a regex over full names."""
+    rslora: bool = option(False, group=_PEFT)
+    """Scale by alpha/sqrt(r) (rank-stabilised LoRA)."""
+    quant: Literal["nf4", "int8"] = option("nf4", group=_PEFT)
+    """qlora: base format."""
+    virtual_tokens: int = option(20, min=1, group=_PEFT)
+    """Prompt tuning: number of virtual tokens."""
+    prompt_init_text: str | None = option(None, group=_PEFT)
+    """Prompt tuning: initialise the virtual tokens from this text."""
+    batch_size: int = option(8, min=1, group="training")
+    """Examples per micro-batch."""
+    grad_accum: int = option(1, min=1, group="training")
+    """Micro-batches per optimiser step."""
+    steps: int | None = option(None, min=1, group="training")
+    """Optimiser steps (none: --epochs, else one epoch)."""
+    epochs: float | None = option(None, positive=True, group="training")
+    """Passes over the data (instead of --steps)."""
+    lr: float | None = option(None, positive=True, group="training")
+    """Peak learning rate (none: 2e-5 full, 2e-4 LoRA/QLoRA, 3e-2 prompt tuning)."""
+    min_lr_ratio: float = option(0.1, min=0.0, max=1.0, group="training")
+    """Cosine floor as a fraction of --lr."""
+    warmup: int = option(0, min=0, group="training")
+    """Linear warmup steps."""
+    weight_decay: float = option(0.0, min=0.0, group="training")
+    """AdamW weight decay."""
+    clip: float = option(1.0, min=0.0, group="training")
+    """Max gradient norm, 0 = off."""
+    precision: Literal["fp32", "bf16"] = option("fp32", group="training")
+    """fp32, or bf16 autocast."""
+    compile: bool = option(False, group="training")
+    """torch.compile the model."""
+    device: str = option("cpu", group="training")
+    """cpu, cuda, ..."""
+    seed: int = option(0, min=0, group="training")
+    """Seed for init, shuffling and dropout."""
+    eval_every: int = option(0, min=0, group="evaluation and output")
+    """Evaluate every N steps; 0 = only at the end."""
+    eval_examples: int | None = option(200, min=1, group="evaluation and output")
+    """Dev examples for val_loss (none: all)."""
+    eval_generate: int = option(20, min=0, group="evaluation and output")
+    """Dev examples for greedy generation + ROUGE-L, 0 = none."""
+    max_new_tokens: int = option(64, min=1, group="evaluation and output")
+    """Generation length for ROUGE-L."""
+    out_dir: Path = option(Path("runs/sft"), flags=("-o", "--out-dir"), group="evaluation and output")
+    """Output folder."""
+    save_every: int = option(0, min=0, group="evaluation and output")
+    """Checkpoint every N steps; 0 = only at the end."""
+    log_every: int = option(10, min=0, group="evaluation and output")
+    """Log the loss every N steps."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.train, (str, Path)):  # one file given as is (Python API)
+            self.train = (self.train,)
+        if isinstance(self.dev, (str, Path)):
+            self.dev = (self.dev,)
+        validate(self)
+        if not self.train:
+            raise LmforgeError("train (--train): no training data given (--train FILE)")
+        if self.steps is not None and self.epochs is not None:
+            raise LmforgeError("give either steps (--steps) or epochs (--epochs), not both")
 
 
 # ----------------------------------------------------------------------------- losses
@@ -238,133 +365,84 @@ def evaluate_sft(model: nn.Module, tokenizer: Tokenizer, dev: SFTBatches, *, los
 
 
 # ----------------------------------------------------------------------------- the recipe
-@claims_output("finetune", inputs=("model", "adapter"))
-def finetune(
-    model: str | None = None,
-    train_data: str | Path | Sequence[str | Path] = (),
-    dev_data: str | Path | Sequence[str | Path] | None = None,
-    *,
-    adapter: str | Path | None = None,
-    out_dir: str | Path = "runs/sft",
-    method: str = "full",
-    format: str | None = None,
-    prompt_template: str | None = None,
-    prompt_field: str | None = None,
-    response_field: str | None = None,
-    chat: bool | None = None,
-    max_len: int | None = None,
-    pack: bool = False,
-    padding_side: str = "right",
-    batch_size: int = 8,
-    steps: int | None = None,
-    epochs: float | None = None,
-    lr: float | None = None,
-    min_lr_ratio: float = 0.1,
-    warmup_steps: int = 0,
-    weight_decay: float = 0.0,
-    grad_accum: int = 1,
-    clip: float = 1.0,
-    precision: str = "fp32",
-    compile: bool = False,
-    eval_every: int = 0,
-    eval_examples: int | None = 200,
-    eval_generate: int = 20,
-    max_new_tokens: int = 64,
-    save_every: int = 0,
-    log_every: int = 10,
-    train_limit: int | None = None,
-    resume: bool = False,
-    seed: int = 0,
-    device: str = "cpu",
-    lora_r: int = 16,
-    lora_alpha: float = 32.0,
-    lora_dropout: float = 0.05,
-    lora_targets: str | list[str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
-    rslora: bool = False,
-    quant: str = "nf4",
-    num_virtual_tokens: int = 20,
-    prompt_init_text: str | None = None,
-    overwrite: bool = False,
-    force: bool = False,
-) -> dict[str, Any]:
-    """Fine-tune ``model`` (a name or path ``lmforge.load`` accepts; None = the embedded default) on SFT data.
+@claims_output("finetune", inputs=("model", "adapter"), config="recipe")
+def finetune(recipe: FinetuneConfig, *, resume: bool = False, overwrite: bool = False,
+             force: bool = False) -> dict[str, Any]:
+    """Fine-tune ``recipe.model`` (a name or path ``lmforge.load`` accepts; None = the embedded default) on SFT data.
 
     Trains ``steps`` optimiser steps (or ``epochs`` passes over the training rows; one epoch when neither
-    is given) of ``batch_size * grad_accum`` examples. With ``dev_data``, evaluates every ``eval_every``
+    is given) of ``batch_size * grad_accum`` examples. With ``dev`` files, evaluates every ``eval_every``
     steps and at the end: ``val_loss`` on the first ``eval_examples`` dev examples and ``val_rougeL`` of
     greedy generations (``max_new_tokens``) on the first ``eval_generate``. ``max_len`` (tokens per example
-    or packed row) defaults to 512 or the model's context window, whichever is smaller. The fine-tuned model and its
-    tokenizer are written to ``out_dir/final`` (a Hugging Face directory); ``resume`` continues from
-    ``out_dir/checkpoint``. Returns the final metrics plus ``train_examples``/``dropped`` counts. An ``out_dir``
-    that holds a run needs ``resume`` or ``overwrite``; one with other files needs ``force``
-    (``lmforge.outputs``); it is locked while training.
+    or packed row) defaults to 512 or the model's context window, whichever is smaller. The fine-tuned model
+    and its tokenizer are written to ``out_dir/final`` (a Hugging Face directory), the resolved recipe to
+    ``out_dir/config.yaml``. Returns the final metrics plus ``train_examples``/``dropped`` counts.
 
     ``method``: ``full``; ``lora`` (rank ``lora_r``, ``lora_alpha``, on ``lora_targets``: names,
     ``"all-linear"`` or a regex); ``qlora`` (the same over a ``quant`` = nf4 | int8 frozen base); or
-    ``prompt-tuning`` (``num_virtual_tokens``, initialised from ``prompt_init_text`` when given). PEFT
+    ``prompt-tuning`` (``virtual_tokens``, initialised from ``prompt_init_text`` when given). PEFT
     methods write a PEFT-format adapter (plus tokenizer) to ``out_dir/final``; ``lr`` defaults to
     2e-5 (full), 2e-4 (LoRA) or 3e-2 (prompt tuning).
 
     ``adapter``: a PEFT adapter folder for ``model``. With ``lora`` / ``prompt-tuning`` (of the same kind)
-    training continues that adapter (its rank, targets and virtual tokens win over the arguments); with
+    training continues that adapter (its rank, targets and virtual tokens win over the config); with
     ``full`` a LoRA adapter is merged into the weights first.
+
+    How a run starts is not part of the recipe: ``resume`` continues from ``out_dir/checkpoint``; an
+    ``out_dir`` that holds a run needs ``resume`` or ``overwrite``; one with other files needs ``force``
+    (``lmforge.outputs``); it is locked while training.
     """
-    if method not in METHODS:
-        raise LmforgeError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
-    if lr is None:
-        lr = DEFAULT_LR[method]
-    if isinstance(lora_targets, tuple):
-        lora_targets = list(lora_targets)
-    if not train_data:
-        raise LmforgeError("no training data given (--train FILE)")
-    if steps is not None and epochs is not None:
-        raise LmforgeError("give either steps or epochs, not both")
-    for name, value in (("batch_size", batch_size), ("max_len", max_len), ("grad_accum", grad_accum)):
-        if (value is not None or name != "max_len") and (not isinstance(value, int) or value < 1):
-            raise LmforgeError(f"{name} must be an integer >= 1, got {value!r}")
-    run_config = json.loads(json.dumps(locals(), default=str))  # Paths and tuples as plain JSON
     from lmforge.data.sft import SFTBatches, load_sft_data
     from lmforge.lm import load
     from lmforge.training.loop import RunDir, TrainConfig, train
 
-    lm = load(model, device=device, dtype="float32", adapter=adapter)
+    r = recipe
+    method, out_dir, batch_size, steps, grad_accum, seed, max_len = r.method, r.out_dir, r.batch_size, r.steps, \
+        r.grad_accum, r.seed, r.max_len
+    lr = r.lr if r.lr is not None else DEFAULT_LR[method]
+    min_lr_ratio, warmup_steps, weight_decay, clip, precision, compile = r.min_lr_ratio, r.warmup, r.weight_decay, \
+        r.clip, r.precision, r.compile
+    eval_every, save_every, log_every = r.eval_every, r.save_every, r.log_every
+    run_config = json.loads(json.dumps(dataclasses.asdict(recipe), default=str))  # Paths as plain JSON
+    lm = load(r.model, device=r.device, dtype="float32", adapter=r.adapter)
     net, tok = lm.model, lm.tokenizer
     arch = net.config.arch
     if arch not in ("decoder", "encoder-decoder"):
         raise LmforgeError(f"{lm.name} is an {arch} model; fine-tuning needs a decoder-only or encoder-decoder model")
     seq2seq = arch == "encoder-decoder"
-    init_ids = tok.encode(prompt_init_text, add_special_tokens=False) if prompt_init_text else None
-    if adapter is None:
-        net = apply_method(net, method, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                           lora_targets=lora_targets, rslora=rslora, quant=quant,
-                           num_virtual_tokens=num_virtual_tokens, prompt_init_ids=init_ids, seed=seed)
+    init_ids = tok.encode(r.prompt_init_text, add_special_tokens=False) if r.prompt_init_text else None
+    if r.adapter is None:
+        net = apply_method(net, method, lora_r=r.lora_r, lora_alpha=r.lora_alpha, lora_dropout=r.lora_dropout,
+                           lora_targets=parse_lora_targets(r.lora_targets), rslora=r.rslora, quant=r.quant,
+                           num_virtual_tokens=r.virtual_tokens, prompt_init_ids=init_ids, seed=seed)
     else:
-        net = continue_adapter(net, method, adapter)
+        net = continue_adapter(net, method, r.adapter)
     if max_len is None:
         max_len = 512 if seq2seq else min(512, net.config.max_seq_len)
     if not seq2seq and max_len > net.config.max_seq_len:
         raise LmforgeError(f"max_len={max_len} exceeds the context window of {lm.name} ({net.config.max_seq_len})")
-    data_args = dict(max_len=max_len, seq2seq=seq2seq, chat=chat, format=format, prompt_template=prompt_template,
-                     prompt_field=prompt_field, response_field=response_field)
-    data = load_sft_data(list(train_data) if isinstance(train_data, (list, tuple)) else train_data, tok,
-                         limit=train_limit, **data_args)
+    chat = {"auto": None, "chat": True, "plain": False}[r.template]
+    data_args = dict(max_len=max_len, seq2seq=seq2seq, chat=chat, format=r.format, prompt_template=r.prompt_template,
+                     prompt_field=r.prompt_field, response_field=r.response_field)
+    data = load_sft_data(list(r.train), tok, limit=r.limit, **data_args)
     pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
     batch_args = dict(pad_id=pad if pad is not None else 0, seq2seq=seq2seq,
                       decoder_start_id=net.config.decoder_start_token_id if seq2seq else None)
-    batches = SFTBatches(data.examples, batch_size=batch_size, seed=seed, pack=pack, max_len=max_len,
-                         padding_side=padding_side, **batch_args)
+    batches = SFTBatches(data.examples, batch_size=batch_size, seed=seed, pack=r.pack, max_len=max_len,
+                         padding_side=r.padding_side, **batch_args)
     if steps is None:
         rows = len(batches.rows(0))
-        steps = max(1, math.ceil((epochs if epochs is not None else 1.0) * rows / (batch_size * grad_accum)))
+        steps = max(1, math.ceil((r.epochs if r.epochs is not None else 1.0) * rows / (batch_size * grad_accum)))
     eval_fn = None
-    if dev_data:
-        dev = load_sft_data(list(dev_data) if isinstance(dev_data, (list, tuple)) else dev_data, tok, **data_args)
+    if r.dev:
+        dev = load_sft_data(list(r.dev), tok, **data_args)
         dev_batches = SFTBatches(dev.examples, batch_size=batch_size, shuffle=False, **batch_args)
 
         def eval_fn(m: nn.Module) -> dict[str, float]:
-            return evaluate_sft(m, tok, dev_batches, loss_examples=eval_examples, generate_examples=eval_generate,
-                                max_new_tokens=max_new_tokens, batch_size=batch_size)
+            return evaluate_sft(m, tok, dev_batches, loss_examples=r.eval_examples, generate_examples=r.eval_generate,
+                                max_new_tokens=r.max_new_tokens, batch_size=batch_size)
 
+    write_config(recipe, out_dir)  # once the data has loaded: what reruns this run
     from lmforge.peft.lora import trainable_report
 
     print(f"{method}: {trainable_report(net)}", file=sys.stderr)  # once the data has loaded without error
