@@ -124,3 +124,38 @@ def test_no_module_has_its_own_atomic_write():
             patterns.append(r"os\.replace\(")
         offenders += [f"{rel}: {p}" for p in patterns if re.search(p, text)]
     assert offenders == []
+
+
+# ----------------------------------------------------------------------------- one {field} renderer
+TEMPLATE = "Q: {question} ({n})\n{{literal}} {{{{x}}}}\nA:"
+
+
+def _finetune_prompt(template: str, record: dict) -> str:
+    from lmforge.data.sft import to_record
+
+    return to_record(record, "d.jsonl, line 1", prompt_template=template, response_field="answer").plain_prompt
+
+
+def _eval_prompt(template: str, record: dict) -> str:
+    from lmforge.data.records import Record
+    from lmforge.evaluation.data import FieldMap, query_text
+
+    return query_text(Record(record, "d.jsonl, line 1"), FieldMap(template=template))
+
+
+def test_finetune_and_eval_render_one_template_the_same_way():
+    record = {"question": "what is {x}?", "n": 3, "answer": "y"}
+    want = "Q: what is {x}? (3)\n{literal} {{x}}\nA:"  # {{ }} are literal braces; values are not parsed again
+    assert _finetune_prompt(TEMPLATE, record) == _eval_prompt(TEMPLATE, record) == want
+
+
+@pytest.mark.parametrize("template", ["Q: {missing} {{ok}}", "Q: {not a field}", "Q: {question"])
+def test_finetune_and_eval_refuse_a_template_with_the_same_error(template):
+    record = {"question": "q", "answer": "a"}
+    errors = []
+    for render in (_finetune_prompt, _eval_prompt):
+        with pytest.raises(LmforgeError) as e:
+            render(template, record)
+        errors.append(str(e.value))
+    assert errors[0] == errors[1]
+    assert "missing" in errors[0] or "placeholder" in errors[0] or "brace" in errors[0]

@@ -128,9 +128,9 @@ def test_plain_bert_encoder_gets_a_fresh_head(tmp_path):
 
 # ----------------------------------------------------------------------------- SFT: left padding, seq2seq
 def test_encoder_decoder_batches_refuse_left_padding():
-    from lmforge.data.sft import Example, SFTBatches
+    from lmforge.data.sft import SFTBatches, SFTExample
 
-    examples = [Example([5, 6, 7], [8, 9, 1], [5, 6, 7], "r"), Example([5], [8, 1], [5], "r")]
+    examples = [SFTExample([5, 6, 7], [8, 9, 1], [5, 6, 7], "r"), SFTExample([5], [8, 1], [5], "r")]
     with pytest.raises(LmforgeError, match="padding_side='left' is for decoder-only models"):
         SFTBatches(examples, batch_size=2, pad_id=0, seq2seq=True, decoder_start_id=0, padding_side="left")
     batch = SFTBatches(examples, batch_size=2, pad_id=0, seq2seq=True, decoder_start_id=0, shuffle=False).next_batch()

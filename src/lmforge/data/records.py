@@ -141,6 +141,10 @@ _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
 def template_fields(template: str) -> list[str]:
     """The ``{field}`` names a template uses (``{{``/``}}`` are literal braces)."""
     names = [m.group(1) for m in _PLACEHOLDER.finditer(template) if m.group(0) not in ("{{", "}}")]
+    lone = re.search(r"[{}]", _PLACEHOLDER.sub("", template))
+    if lone:
+        raise LmforgeError(f"--prompt-template: a lone {lone.group(0)!r} (write {{{{ and }}}} for literal braces, "
+                           "{field} for a field)")
     for n in names:
         if not re.fullmatch(r"[A-Za-z_][\w.-]*", n):
             raise LmforgeError(f"--prompt-template: {{{n}}} is not a field placeholder (write {{{{ and }}}} "

@@ -9,7 +9,8 @@ Formats (detected per record, or forced with ``format=``):
 - ``alpaca``: ``instruction``, optional ``input``, ``output``.
 - ``messages``: ``messages``, a list of ``{"role", "content"}``; every assistant turn is trained.
 - ``prompt-completion``: ``prompt`` and ``completion``.
-- ``fields``: any record, with ``prompt_template`` (``{field}`` placeholders) or ``prompt_field``, and
+- ``fields``: any record, with ``prompt_template`` (``{field}`` placeholders, ``{{``/``}}`` literal braces:
+  ``data/records.render``, the renderer ``eval`` and ``compare`` use) or ``prompt_field``, and
   ``response_field`` naming the answer; giving any of these three selects this format.
 
 Masking rule: ``labels`` is -100 on everything the model is not asked to write. Plain text: the prompt
@@ -30,14 +31,13 @@ block-diagonal causal mask, so examples never attend to each other.
 from __future__ import annotations
 
 import os
-import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from lmforge.data.records import parse_json_records
+from lmforge.data.records import Record, parse_json_records, render
 from lmforge.errors import LmforgeError
 from lmforge.io import read_text
 from lmforge.tokenizer import Tokenizer, check_messages
@@ -50,7 +50,6 @@ ALPACA_PROMPT = ("Below is an instruction that describes a task, paired with an 
                  "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
 ALPACA_PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately "
                           "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
-_PLACEHOLDER = re.compile(r"\{(\w+)\}")
 
 
 # ----------------------------------------------------------------------------- reading files
@@ -70,7 +69,7 @@ def read_records(path: str | os.PathLike) -> list[tuple[str, dict]]:
 
 # ----------------------------------------------------------------------------- formats
 @dataclass
-class Record:
+class SFTRecord:
     """One example in a format-free shape: the conversation (chat rendering) and the plain prompt text."""
 
     messages: list[dict[str, str]]  # ends with the assistant turn to learn; single-turn: [user, assistant]
@@ -101,11 +100,6 @@ def _get(record: dict, name: str, where: str, optional: bool = False) -> str:
     return value
 
 
-def fill_template(template: str, record: dict, where: str) -> str:
-    """Replace each ``{name}`` in ``template`` with the record's field (other braces are left alone)."""
-    return _PLACEHOLDER.sub(lambda m: _get(record, m.group(1), where), template)
-
-
 def detect_format(record: dict, where: str) -> str:
     """The format a record is written in, from its fields."""
     if "messages" in record:
@@ -120,8 +114,8 @@ def detect_format(record: dict, where: str) -> str:
 
 
 def to_record(record: dict, where: str, format: str | None = None, prompt_template: str | None = None,
-              prompt_field: str | None = None, response_field: str | None = None) -> Record:
-    """Normalise one raw record of any format into a ``Record``."""
+              prompt_field: str | None = None, response_field: str | None = None) -> SFTRecord:
+    """Normalise one raw record of any format into an ``SFTRecord``."""
     fmt = format or ("fields" if (prompt_template or prompt_field or response_field) else detect_format(record, where))
     if fmt not in FORMATS:
         raise LmforgeError(f"unknown SFT format {fmt!r}; choose one of: {', '.join(FORMATS)}")
@@ -136,7 +130,7 @@ def to_record(record: dict, where: str, format: str | None = None, prompt_templa
         if not any(m["role"] == "assistant" for m in messages):
             raise LmforgeError(f"{where}: the conversation has no 'assistant' message to learn from")
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        return Record([dict(role=m["role"], content=m["content"]) for m in messages[:last + 1]], None, where)
+        return SFTRecord([dict(role=m["role"], content=m["content"]) for m in messages[:last + 1]], None, where)
     if fmt == "alpaca":
         instruction, extra = _get(record, "instruction", where), _get(record, "input", where, optional=True)
         response = _get(record, "output", where)
@@ -150,15 +144,15 @@ def to_record(record: dict, where: str, format: str | None = None, prompt_templa
             raise LmforgeError("the 'fields' format needs a response field (--response-field)")
         if prompt_template is None and not prompt_field:
             raise LmforgeError("the 'fields' format needs a prompt template (--prompt-template) or a prompt field")
-        user = plain = (fill_template(prompt_template, record, where) if prompt_template is not None
+        user = plain = (render(prompt_template, Record(record, where)) if prompt_template is not None
                         else _get(record, prompt_field, where))
         response = _get(record, response_field, where)
-    return Record([{"role": "user", "content": user}, {"role": "assistant", "content": response}], plain, where)
+    return SFTRecord([{"role": "user", "content": user}, {"role": "assistant", "content": response}], plain, where)
 
 
 # ----------------------------------------------------------------------------- tokenising with the mask
 @dataclass
-class Example:
+class SFTExample:
     """A tokenised example. Decoder-only: ``input_ids`` and same-length ``labels`` (-100 = no loss).
     Encoder-decoder: ``input_ids`` is the source and ``labels`` the target ids (ending in EOS)."""
 
@@ -178,7 +172,7 @@ def _eos(tok: Tokenizer) -> int:
     return tok.eos_id
 
 
-def _tokenize_chat(r: Record, tok: Tokenizer) -> Example:
+def _tokenize_chat(r: SFTRecord, tok: Tokenizer) -> SFTExample:
     """Render with the chat template; label each assistant content and the end-of-turn token closing it."""
     full = tok.apply_chat_template(r.messages, add_generation_prompt=False)
     ends = set(tok.eos_ids)
@@ -212,44 +206,44 @@ def _tokenize_chat(r: Record, tok: Tokenizer) -> Example:
         labels += content + tail[:cut] + [IGNORE_INDEX] * (len(tail) - cut)
         done = len(through)
     rest = _encode(tok, full[done:])
-    return Example(ids + rest, labels + [IGNORE_INDEX] * len(rest), prompt_ids, r.response)
+    return SFTExample(ids + rest, labels + [IGNORE_INDEX] * len(rest), prompt_ids, r.response)
 
 
-def tokenize_record(r: Record, tok: Tokenizer, *, chat: bool, seq2seq: bool = False) -> Example:
+def tokenize_record(r: SFTRecord, tok: Tokenizer, *, chat: bool, seq2seq: bool = False) -> SFTExample:
     """Token ids and labels of one record (see the module docstring for the masking rule)."""
     if r.plain_prompt is None and (seq2seq or not chat):
         raise LmforgeError(f"{r.where}: the messages format needs a decoder-only model with a chat template"
                            f"{'' if seq2seq or tok.chat_template else f' ({tok.name} has none)'}")
     if seq2seq:
         source = tok.encode(r.plain_prompt, add_special_tokens=True)
-        return Example(source, _encode(tok, r.response) + [_eos(tok)], source, r.response)
+        return SFTExample(source, _encode(tok, r.response) + [_eos(tok)], source, r.response)
     if chat:
         return _tokenize_chat(r, tok)
     prompt = ([tok.bos_id] if tok.add_bos_token and tok.bos_id is not None else []) + _encode(tok, r.plain_prompt)
     response = _encode(tok, r.response) + [_eos(tok)]
-    return Example(prompt + response, [IGNORE_INDEX] * len(prompt) + response, prompt, r.response)
+    return SFTExample(prompt + response, [IGNORE_INDEX] * len(prompt) + response, prompt, r.response)
 
 
-def truncate(ex: Example, max_len: int, seq2seq: bool = False) -> Example | None:
+def truncate(ex: SFTExample, max_len: int, seq2seq: bool = False) -> SFTExample | None:
     """Cut an example to ``max_len`` tokens; None when its prompt leaves no room for a response token."""
     if seq2seq:
         if len(ex.input_ids) > max_len:
             return None
-        return Example(ex.input_ids, ex.labels[:max_len], ex.prompt_ids, ex.reference)
+        return SFTExample(ex.input_ids, ex.labels[:max_len], ex.prompt_ids, ex.reference)
     # Position 0 is never predicted, so a useful example has a labelled token at 1..max_len-1.
     if all(t == IGNORE_INDEX for t in ex.labels[1:max_len]):
         return None
-    return Example(ex.input_ids[:max_len], ex.labels[:max_len], ex.prompt_ids, ex.reference)
+    return SFTExample(ex.input_ids[:max_len], ex.labels[:max_len], ex.prompt_ids, ex.reference)
 
 
 @dataclass
 class SFTData:
     """Tokenised examples from one or more files, and how many were dropped as too long."""
 
-    examples: list[Example]
+    examples: list[SFTExample]
     dropped: int = 0
     seq2seq: bool = False
-    records: list[Record] = field(default_factory=list)
+    records: list[SFTRecord] = field(default_factory=list)
 
 
 def load_sft_data(paths: str | os.PathLike | list, tokenizer: Tokenizer, *, max_len: int, seq2seq: bool = False,
@@ -306,7 +300,7 @@ class SFTBatches:
     ``attention_mask``, ``decoder_input_ids`` (start token + target[:-1]) and ``labels``.
     """
 
-    def __init__(self, examples: list[Example], *, batch_size: int, pad_id: int, seq2seq: bool = False,
+    def __init__(self, examples: list[SFTExample], *, batch_size: int, pad_id: int, seq2seq: bool = False,
                  decoder_start_id: int | None = None, seed: int = 0, shuffle: bool = True, pack: bool = False,
                  max_len: int | None = None, padding_side: str = "right"):
         if not examples:

@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # torch is imported inside the functions so that building the
     import torch
     from torch import Tensor, nn
 
-    from lmforge.data.sft import Example, SFTBatches
+    from lmforge.data.sft import SFTBatches, SFTExample
     from lmforge.tokenizer import Tokenizer
 
 METHODS = ("full", "lora", "qlora", "prompt-tuning")
@@ -323,7 +323,7 @@ def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
     return rouge(predictions, references, ["rougeL"])[0]["rougeL"]
 
 
-def generate_responses(model: nn.Module, tokenizer: Tokenizer, examples: Sequence[Example], *,
+def generate_responses(model: nn.Module, tokenizer: Tokenizer, examples: Sequence[SFTExample], *,
                        max_new_tokens: int = 64, batch_size: int = 8, eos_ids: Sequence[int] = ()) -> list[str]:
     """Greedy responses to each example's prompt (the exact prompt ids it was trained on)."""
     from lmforge.generation.generate import generate_tokens
