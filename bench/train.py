@@ -37,7 +37,7 @@ from lmforge.config import preset
 from lmforge.models.decoder import DecoderLM
 from lmforge.training.objectives import linear_cross_entropy
 from lmforge.training.optim import make_optimizer
-from lmforge.training.sft import causal_lm_loss as sft_causal_lm_loss
+from lmforge.training.sft import decoder_sft_loss
 
 SHAPES = {  # preset, overrides: ~10M and ~1M parameter Llamas, and SmolLM2-135M's shape (random weights)
     "10m": ("tiny-llama", dict(vocab_size=8192, n_layer=6, n_embd=256, n_head=8, n_kv_head=4, intermediate_size=768,
@@ -89,7 +89,7 @@ def lmforge_loss(model, b: dict[str, torch.Tensor]) -> torch.Tensor:
     if bool((b["labels"] == b["input_ids"]).all()):  # as pretrain.causal_step: LM head fused with the loss
         h = model.hidden_states(b["input_ids"])[:, :-1]  # (B, T-1, C)
         return linear_cross_entropy(h, model.lm_head.weight, b["labels"][:, 1:])
-    return sft_causal_lm_loss(model, b)
+    return decoder_sft_loss(model, b)
 
 
 def transformers_loss(model, b: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -8,7 +8,14 @@ import pytest
 import torch
 
 import lmforge
-from lmforge.alignment.dpo import DPOTrainer, TokenPair, collate, load_pairs, precompute_reference, response_logprobs
+from lmforge.alignment.dpo import (
+    DPOTrainer,
+    TokenPair,
+    collate,
+    load_preference_pairs,
+    precompute_reference,
+    response_logprobs,
+)
 from lmforge.alignment.preference import sequence_logprobs
 from lmforge.cli import main
 from lmforge.config import preset
@@ -28,14 +35,14 @@ def test_both_layouts_and_the_hh_split(tmp_path):
         {"chosen": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how?\n\nAssistant: fine, thanks",
          "rejected": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how?\n\nAssistant: go away"},
     ])
-    a, b = load_pairs(p)
+    a, b = load_preference_pairs(p)
     assert (a.prompt, a.chosen, a.rejected) == ("Q: 1+1?", " 2", " 3")
     assert b.prompt == "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how?\n\nAssistant:"  # up to the LAST turn
     assert (b.chosen, b.rejected) == (" fine, thanks", " go away")
 
 
 def test_the_real_hh_file_splits():
-    pairs = load_pairs(Path(__file__).parents[2] / "shared/data/hh_rlhf/harmless-base.test.jsonl.gz", limit=50)
+    pairs = load_preference_pairs(Path(__file__).parents[2] / "shared/data/hh_rlhf/harmless-base.test.jsonl.gz", limit=50)
     assert len(pairs) == 50 and all(p.prompt.endswith("\n\nAssistant:") for p in pairs)
 
 
@@ -50,7 +57,7 @@ def test_the_real_hh_file_splits():
 ])
 def test_bad_preference_files_name_file_and_line(tmp_path, rows, message):
     with pytest.raises(LmforgeError, match=message):
-        load_pairs(write_jsonl(tmp_path / "p.jsonl", rows))
+        load_preference_pairs(write_jsonl(tmp_path / "p.jsonl", rows))
 
 
 def tiny_policy(seed=0):

@@ -45,7 +45,7 @@ def test_fresh_mlm_model_has_unit_layernorm_weights_and_zero_biases(tmp_path):
     from lmforge.models import init_weights
     from lmforge.models.layers import RMSNorm
     from lmforge.models.mlm import MaskedLM
-    from lmforge.training.pretrain import build_model
+    from lmforge.training.pretrain import build_pretrain_model
     from lmforge.training.tokenizer_train import char_tokenizer
 
     model = init_weights(MaskedLM(ModelConfig(vocab_size=50, **BERT)), std=0.02, seed=0)
@@ -59,9 +59,9 @@ def test_fresh_mlm_model_has_unit_layernorm_weights_and_zero_biases(tmp_path):
     cfg.write_text(json.dumps(BERT))
     tok = char_tokenizer(TEXT)
     tok.backend.add_special_tokens(["[MASK]"])
-    net, _ = build_model(str(cfg), tok, {}, seed=0)
+    net, _ = build_pretrain_model(str(cfg), tok, {}, seed=0)
     assert torch.equal(net.predictions.transform.LayerNorm.weight, torch.ones(32))
-    llama, _ = build_model("tiny-llama", tok, {}, seed=0)
+    llama, _ = build_pretrain_model("tiny-llama", tok, {}, seed=0)
     assert all(bool((m.weight == 1).all()) for m in llama.modules() if isinstance(m, RMSNorm))
 
 
@@ -73,7 +73,7 @@ def test_continued_mlm_pretraining_starts_from_the_saved_head(tmp_path, capsys):
     from safetensors.torch import load_file
 
     from lmforge.tokenizer import Tokenizer
-    from lmforge.training.pretrain import PretrainConfig, build_model, pretrain
+    from lmforge.training.pretrain import PretrainConfig, build_pretrain_model, pretrain
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(TEXT, encoding="utf-8")
@@ -87,7 +87,7 @@ def test_continued_mlm_pretraining_starts_from_the_saved_head(tmp_path, capsys):
     assert first["val_loss"] < math.log(tok.vocab_size) - 0.5, first  # the head has learned something
 
     saved = load_file(str(saved_dir / "model.safetensors"))
-    net, _ = build_model(str(saved_dir), tok, {}, seed=123)  # a different init seed: the head must come from disk
+    net, _ = build_pretrain_model(str(saved_dir), tok, {}, seed=123)  # a different init seed: the head must come from disk
     head = dict(net.predictions.named_parameters())
     assert sorted(head) == ["bias", "decoder.weight", "transform.LayerNorm.bias", "transform.LayerNorm.weight",
                             "transform.dense.bias", "transform.dense.weight"]
@@ -114,14 +114,14 @@ def test_plain_bert_encoder_gets_a_fresh_head(tmp_path):
     from lmforge.checkpoints.hf import save_hf_dir
     from lmforge.models import init_weights
     from lmforge.models.encoder import EncoderModel
-    from lmforge.training.pretrain import build_model
+    from lmforge.training.pretrain import build_pretrain_model
     from lmforge.training.tokenizer_train import char_tokenizer
 
     tok = char_tokenizer(TEXT)
     tok.backend.add_special_tokens(["[MASK]"])
     encoder = init_weights(EncoderModel(ModelConfig(vocab_size=tok.vocab_size, pooler=True, **BERT)), seed=1)
     save_hf_dir(encoder, tmp_path / "enc", tokenizer=tok)
-    net, _ = build_model(str(tmp_path / "enc"), tok, {}, seed=0)
+    net, _ = build_pretrain_model(str(tmp_path / "enc"), tok, {}, seed=0)
     assert torch.equal(net.encoder.embed_tokens.weight, encoder.embed_tokens.weight)
     assert torch.equal(net.predictions.transform.LayerNorm.weight, torch.ones(32))
 

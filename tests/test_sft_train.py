@@ -13,7 +13,7 @@ import lmforge
 from lmforge.cli.training import add_finetune_parser
 from lmforge.data.sft import SFTBatches, load_sft_data, to_record, tokenize_record
 from lmforge.errors import LmforgeError
-from lmforge.training.sft import FinetuneConfig, causal_lm_loss, decoder_logits, evaluate_sft, finetune, rouge_l
+from lmforge.training.sft import FinetuneConfig, decoder_logits, decoder_sft_loss, evaluate_sft, finetune, rouge_l
 
 
 def run_finetune(model, train, dev=(), **kw):
@@ -59,8 +59,8 @@ def test_packed_logits_equal_separate_logits(tiny_lm_dirs):
         single = SFTBatches(exs, batch_size=3, pad_id=tok.pad_id, shuffle=False).next_batch()
         left = SFTBatches(exs, batch_size=3, pad_id=tok.pad_id, shuffle=False, padding_side="left").next_batch()
         # Same labelled tokens, same loss: packed, right-padded and left-padded batches agree.
-        torch.testing.assert_close(causal_lm_loss(lm.model, packed), causal_lm_loss(lm.model, single))
-        torch.testing.assert_close(causal_lm_loss(lm.model, left), causal_lm_loss(lm.model, single))
+        torch.testing.assert_close(decoder_sft_loss(lm.model, packed), decoder_sft_loss(lm.model, single))
+        torch.testing.assert_close(decoder_sft_loss(lm.model, left), decoder_sft_loss(lm.model, single))
 
 
 def test_short_finetune_lowers_heldout_response_loss(tiny_lm_dirs, tmp_path):

@@ -61,7 +61,7 @@ def split_dialogue(chosen: str, rejected: str, where: str) -> tuple[str, str, st
     return prompt, chosen[cut + len(ASSISTANT):], rejected[len(prompt):]
 
 
-def load_pairs(path: str | Path, limit: int | None = None) -> list[Pair]:
+def load_preference_pairs(path: str | Path, limit: int | None = None) -> list[Pair]:
     """Preference pairs from a .jsonl / .json / .jsonl.gz file; errors name the file and the line."""
     path = Path(path)
     if not path.is_file():

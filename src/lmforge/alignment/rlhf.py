@@ -241,7 +241,7 @@ def dpo(model: str | None = None, data: str | Path = "", *, adapter: str | None 
     """
     import math
 
-    from lmforge.alignment.dpo import DPO_HINT, DPOTrainer, load_pairs, precompute_reference, tokenize_pairs
+    from lmforge.alignment.dpo import DPO_HINT, DPOTrainer, load_preference_pairs, precompute_reference, tokenize_pairs
     from lmforge.training.loop import RunDir, TrainConfig, check_finite_number, seed_everything, train
     from lmforge.training.sources import ShuffledIndices
 
@@ -255,7 +255,7 @@ def dpo(model: str | None = None, data: str | Path = "", *, adapter: str | None 
         raise LmforgeError(f"--beta must be > 0, got {beta}")
     if lr is not None and not lr > 0:
         raise LmforgeError(f"--lr must be > 0, got {lr}")
-    pairs = load_pairs(data, limit)
+    pairs = load_preference_pairs(data, limit)
     seed_everything(seed)
     lm, reference = load_policy(model, adapter=adapter, method=method, ref=ref, device=device,
                                 lora=_lora_args(lora_r, lora_alpha, lora_dropout, lora_targets, rslora), seed=seed)

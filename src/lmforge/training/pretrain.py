@@ -139,7 +139,8 @@ def sentinel_ids(tok: Tokenizer, n: int = N_SENTINELS) -> list[int]:
     return [tok.token_to_id(t) for t in names]
 
 
-def build_model(model: str, tok: Tokenizer, overrides: dict[str, Any], seed: int) -> tuple[nn.Module, ModelConfig]:
+def build_pretrain_model(model: str, tok: Tokenizer, overrides: dict[str, Any],
+                         seed: int) -> tuple[nn.Module, ModelConfig]:
     """A preset name or a config JSON (random init, vocabulary sized to ``tok``), or an HF directory
     (its weights, for continued pretraining; a saved ``BertForMaskedLM`` keeps its trained MLM head,
     a plain ``BertModel`` gets a fresh one)."""
@@ -293,7 +294,7 @@ def pretrain(recipe: PretrainConfig, *, resume: bool = False, overwrite: bool = 
         _add_special(tok, [MASK_TOKEN])
     elif probe_arch == "encoder-decoder":
         sentinel_ids(tok)
-    net, config = build_model(model, tok, overrides, seed)
+    net, config = build_pretrain_model(model, tok, overrides, seed)
     limit = config.max_seq_len if config.positions != "relative" else math.inf
     if seq_len > limit:
         raise LmforgeError(f"--seq-len {seq_len} is longer than the model's context of {config.max_seq_len} tokens "

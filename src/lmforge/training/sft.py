@@ -197,7 +197,7 @@ def masked_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
 
 
-def causal_lm_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+def decoder_sft_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     """Next-token loss on response tokens: logits at t predict labels at t+1 (labels are aligned with inputs).
 
     The LM head runs only where a label follows (prompts are usually most of the tokens, and the head
@@ -218,7 +218,7 @@ def seq2seq_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
 
 
 def prompt_tuned_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    """``causal_lm_loss`` through a ``PromptTunedLM``, whose logits cover the real tokens only."""
+    """``decoder_sft_loss`` through a ``PromptTunedLM``, whose logits cover the real tokens only."""
     from lmforge.data.sft import IGNORE_INDEX
 
     if "segment_ids" in batch:
@@ -236,7 +236,7 @@ def loss_for(model: nn.Module):
 
     if isinstance(model, PromptTunedLM):
         return prompt_tuned_loss
-    return seq2seq_loss if model.config.arch == "encoder-decoder" else causal_lm_loss
+    return seq2seq_loss if model.config.arch == "encoder-decoder" else decoder_sft_loss
 
 
 def apply_method(net: nn.Module, method: str, *, lora_r: int, lora_alpha: float, lora_dropout: float,
