@@ -1,5 +1,5 @@
-"""Reward models: what they are on disk, how they score texts, their held-out metrics, and the
-small training loop both kinds share (``fit``).
+"""Reward models: what they are on disk, how they score texts, their held-out metrics, and how both
+kinds train (``fit``: a step function through the one training loop, resumable).
 
 Two kinds, one interface (``score(texts) -> list[float]``, higher = better):
 
@@ -13,7 +13,8 @@ Two kinds, one interface (``score(texts) -> list[float]``, higher = better):
 
 On disk a reward model is a Hugging Face directory (config.json, model.safetensors,
 tokenizer.json) plus ``reward_config.json`` ({"kind", "max_len", ...}); a pairwise model adds
-``head/score.safetensors`` (the scalar head). ``lmforge.load(path)`` reads the directory as a plain
+``head/score.safetensors`` (the scalar head); the training run leaves ``metrics.jsonl`` (and ``loss.png``,
+and ``checkpoint/`` with ``--save-every``) beside them. ``lmforge.load(path)`` reads the directory as a plain
 classifier or language model; ``load_reward_model(path)`` reads it as a reward model.
 """
 
@@ -28,6 +29,7 @@ import torch
 from lmforge.errors import LmforgeError
 from lmforge.tokenizer import Tokenizer
 from lmforge.training.loop import precision_autocast as autocast
+from lmforge.training.run import RunDir
 
 REWARD_CONFIG = "reward_config.json"
 HEAD = "head/score.safetensors"  # a pairwise model's scalar head
@@ -208,49 +210,33 @@ def toxicity_scorer(path: str | os.PathLike) -> Callable[[Sequence[str]], list[f
     return reward.toxicity
 
 
-def fit(params: list[torch.nn.Parameter], loss_of: Callable[[list[int]], torch.Tensor], n: int, *, epochs: int,
-        batch_size: int, lr: float, weight_decay: float, warmup: float, precision: str, seed: int,
-        desc: str) -> list[float]:
-    """Minimise ``loss_of(indices)`` over ``epochs`` shuffled passes of ``n`` items with AdamW,
-    linear warmup over the first ``warmup`` fraction of steps then cosine decay (``optim.py``).
-    Returns the per-step losses; a tqdm bar shows progress. NaN or infinite hyper-parameters are
-    refused up front; a NaN or infinite loss or gradient norm stops the run (``LmforgeError`` naming the
-    step) before the update, and trained parameters that are not finite at the end are refused, so
-    nothing non-finite is ever saved."""
-    from tqdm.auto import tqdm
-
+def fit(model: torch.nn.Module, loss_of: Callable[[list[int]], torch.Tensor], n: int, out_dir: str | os.PathLike, *,
+        epochs: int, batch_size: int, lr: float, weight_decay: float, warmup: float, precision: str, seed: int,
+        save_every: int = 0, resume: bool = False, run_config: dict | None = None) -> tuple[list[float], RunDir]:
+    """Minimise ``loss_of(indices)`` over ``epochs`` seeded shuffled passes of ``n`` items (the last batch of a
+    pass may be short) with the training loop (``training/loop.py``): AdamW on ``model``'s trainable parameters
+    (no decay on biases and norms), linear warmup over the first ``warmup`` fraction of the steps then cosine
+    decay, gradient clipping, a NaN/inf check of every loss and gradient norm. ``out_dir`` keeps
+    ``metrics.jsonl`` and, every ``save_every`` steps and at the end, ``checkpoint/``; ``resume`` continues from
+    it exactly. Returns (every step's loss, the run folder). NaN or infinite hyper-parameters are refused up
+    front, named by their flag; trained parameters that are not finite are refused, so nothing non-finite is
+    ever saved."""
     from lmforge.training.checkpoint import check_finite
-    from lmforge.training.loop import check_finite_number, check_finite_value
-    from lmforge.training.optim import lr_at, set_lr
+    from lmforge.training.loop import TrainConfig, check_finite_number, train
+    from lmforge.training.sources import ShuffledIndices
 
     for name, value in (("--lr", lr), ("--weight-decay", weight_decay), ("--warmup", warmup)):
         check_finite_number(value, name)
     if not lr > 0:
         raise LmforgeError(f"--lr must be > 0, got {lr}")
-    hint = "lower --lr or use fp32"
-
-    gen = torch.Generator().manual_seed(seed)
     steps = epochs * -(-n // batch_size)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    losses = []
-    bar = tqdm(total=steps, desc=desc, unit="step", dynamic_ncols=True, mininterval=0.5)
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=gen).tolist()
-        for s in range(0, n, batch_size):
-            set_lr(opt, lr_at(len(losses), lr, steps, int(warmup * steps), 0.1))
-            with autocast(precision):
-                loss = loss_of(order[s:s + batch_size])
-            check_finite_value(loss, "loss", len(losses) + 1, hint)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            check_finite_value(torch.nn.utils.clip_grad_norm_(params, 1.0), "gradient norm", len(losses) + 1, hint)
-            opt.step()
-            losses.append(loss.item())
-            bar.update(1)
-            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}", refresh=False)
-    bar.close()
-    check_finite(((f"#{i}", p.detach()) for i, p in enumerate(params)), "the trained reward model")
-    return losses
+    cfg = TrainConfig(steps=steps, lr=lr, warmup_steps=int(warmup * steps), weight_decay=weight_decay,
+                      betas=(0.9, 0.999), precision=precision, save_every=save_every, log_every=1, seed=seed)
+    run = RunDir(out_dir, run_config, resume=resume)
+    train(model, lambda m, rows: loss_of(rows), ShuffledIndices(n, batch_size, seed, whole_passes=True), cfg, run,
+          save_final=False, desc="reward train", hint="lower --lr or use fp32")
+    check_finite(model.named_parameters(), "the trained reward model")
+    return [r["loss"] for r in run.log.rows if "loss" in r], run
 
 
 def classifier_metrics(labels: Sequence[int], probs: torch.Tensor, good: Sequence[int]) -> dict:

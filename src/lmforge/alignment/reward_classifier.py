@@ -72,14 +72,18 @@ def train_classifier(*, data: str | os.PathLike, out_dir: str | os.PathLike, mod
                      eval_fraction: float = 0.1, max_train: int | None = None, max_eval: int | None = None,
                      max_len: int = 64, epochs: int = 1, batch_size: int = 32, lr: float = 1e-4,
                      weight_decay: float = 0.01, warmup: float = 0.1, weighting: str = "none",
-                     precision: str = "bf16", seed: int = 0, overwrite: bool = False, force: bool = False) -> dict:
+                     precision: str = "bf16", seed: int = 0, save_every: int = 0, resume: bool = False,
+                     overwrite: bool = False, force: bool = False) -> dict:
     """Fine-tune ``model`` + a classification head on ``data``; save the reward model to ``out_dir``.
 
     Held-out examples are ``eval_file`` or a seeded stratified ``eval_fraction`` of ``data``;
     ``max_train``/``max_eval`` cap them (stratified samples). ``good_labels`` name the classes
     whose probability is the reward (required); ``binary`` merges the classes into
     toxic/non_toxic first. ``weighting="balanced"`` weighs the loss by inverse class frequency.
-    Returns the held-out metrics (also kept in ``out_dir/reward_config.json``, with the run's settings).
+    Training runs through the training loop (``reward.fit``): ``out_dir/metrics.jsonl`` logs every step;
+    every ``save_every`` steps (0: none kept) ``out_dir/checkpoint`` is written and ``resume`` continues from
+    it, step for step as the uninterrupted run. Returns the held-out metrics (also kept in
+    ``out_dir/reward_config.json``, with the run's settings).
     """
     if weighting not in WEIGHTINGS:
         raise LmforgeError(f"weighting {weighting!r}; choose one of: {', '.join(WEIGHTINGS)}")
@@ -124,19 +128,21 @@ def train_classifier(*, data: str | os.PathLike, out_dir: str | os.PathLike, mod
         logits = clf(idx, mask).float()  # (B, K)
         return F.cross_entropy(logits, torch.tensor([labels[i] for i in batch]), weight=weight)
 
-    clf.train()
-    losses = fit(list(clf.parameters()), loss_of, len(rows), epochs=epochs, batch_size=batch_size, lr=lr,
-                 weight_decay=weight_decay, warmup=warmup, precision=precision, seed=seed, desc="reward train")
+    run = dict(data=str(data), eval_file=eval_file, model=str(model), text_field=text_field,
+               label_field=label_field, label_map=label_map, good_labels=named_good, binary=binary,
+               eval_fraction=eval_fraction, max_train=max_train, max_eval=max_eval, max_len=max_len, epochs=epochs,
+               batch_size=batch_size, lr=lr, weighting=weighting, seed=seed)
+    losses, run_dir = fit(clf, loss_of, len(rows), out_dir, epochs=epochs, batch_size=batch_size, lr=lr,
+                          weight_decay=weight_decay, warmup=warmup, precision=precision, seed=seed,
+                          save_every=save_every, resume=resume, run_config={"recipe": "reward classifier", **run})
     reward = ClassifierReward(clf.eval(), tok, good, precision=precision)  # scores whole texts, as later
     metrics = evaluate_classifier(reward, held, eval_idx)
     metrics.update(train_examples=len(rows), train_loss_first=losses[0], train_loss_last=sum(losses[-20:]) /
                    len(losses[-20:]), classes=train.names, good_labels=list(good_labels),
                    seconds=round(time.perf_counter() - t0, 1))
-    run = dict(data=str(data), eval_file=eval_file, model=str(model), text_field=text_field,
-               label_field=label_field, label_map=label_map, good_labels=named_good, binary=binary,
-               eval_fraction=eval_fraction, max_train=max_train, max_eval=max_eval, max_len=max_len, epochs=epochs,
-               batch_size=batch_size, lr=lr, weighting=weighting, seed=seed)
     save_reward_model(reward, out_dir, extra={"train": run, "metrics": metrics})
+    if not save_every:  # the reward model is saved; no checkpoint was asked for
+        run_dir.discard_checkpoint()
     return metrics
 
 

@@ -40,7 +40,7 @@ def run_blocks(body: nn.Module, x: torch.Tensor, blocks) -> torch.Tensor:
     """x (B, T, C) hidden states at positions 0..T-1 -> (B, T, C) after ``blocks`` (causal, no cache)."""
     B, T, _ = x.shape
     positions = torch.arange(T, device=x.device).expand(B, T)  # (B, T)
-    rope = body.rotary(positions, x.dtype) if hasattr(body, "rotary") else None
+    rope = body.rotary(positions, x.dtype) if body.rotary is not None else None
     for block in blocks:
         x = block(x, rope, None)  # mask None = causal; right padding never reaches earlier tokens
     return x
@@ -59,7 +59,7 @@ def frozen_states(model: nn.Module, rows: list[list[int]], n_frozen: int, batch_
         idx, _ = pad_right([rows[i] for i in batch], 0)  # (B, T)
         with autocast(precision):
             x = body.embed_tokens(idx)  # (B, T, C)
-            if hasattr(body, "embed_positions"):
+            if body.embed_positions is not None:
                 x = x + body.embed_positions(torch.arange(idx.shape[1]).expand_as(idx))
             x = run_blocks(body, x, body.layers[:n_frozen])
             if n_frozen == len(body.layers):
@@ -90,15 +90,18 @@ def train_pairwise(*, data: str | os.PathLike, out_dir: str | os.PathLike, model
                    eval_file: str | None = None, eval_fraction: float = 0.1, max_train: int | None = None,
                    max_eval: int | None = None, max_len: int = 128, train_layers: int = 0, epochs: int = 1,
                    batch_size: int = 32, lr: float = 1e-3, weight_decay: float = 0.01, warmup: float = 0.1,
-                   precision: str = "bf16", seed: int = 0, overwrite: bool = False, force: bool = False) -> dict:
+                   precision: str = "bf16", seed: int = 0, save_every: int = 0, resume: bool = False,
+                   overwrite: bool = False, force: bool = False) -> dict:
     """Train a Bradley-Terry reward model on (chosen, rejected) pairs; save it to ``out_dir``.
 
     Held-out pairs are ``eval_file`` or a seeded ``eval_fraction`` of ``data``; ``max_train`` /
     ``max_eval`` cap them. ``train_layers`` = K top blocks trained (see the module docstring).
     ``tokenizer``: a tokenizer folder to use instead of the model's own; it must match the
     model's vocabulary. ``adapter``: a PEFT LoRA adapter for ``model``, merged into the weights first
-    (e.g. start the reward model from an SFT policy). Returns the held-out metrics (``pairwise_metrics``), also kept in
-    ``out_dir/reward_config.json``.
+    (e.g. start the reward model from an SFT policy). Training runs through the training loop (``reward.fit``):
+    ``out_dir/metrics.jsonl`` logs every step; every ``save_every`` steps (0: none kept) ``out_dir/checkpoint``
+    holds the trained parameters and ``resume`` continues from it, step for step as the uninterrupted run.
+    Returns the held-out metrics (``pairwise_metrics``), also kept in ``out_dir/reward_config.json``.
     """
     from lmforge.checkpoints.resolve import build_model
     from lmforge.lm import read_checkpoint
@@ -125,9 +128,10 @@ def train_pairwise(*, data: str | os.PathLike, out_dir: str | os.PathLike, model
     if adapter is not None:
         from lmforge.peft.adapters import load_adapter
         from lmforge.peft.lora import merge_lora
+        from lmforge.peft.prompt_tuning import PromptTunedLM
 
         base = load_adapter(base, adapter)
-        if not hasattr(base, "lm_head"):
+        if isinstance(base, PromptTunedLM):
             raise LmforgeError(f"{adapter} is a prompt-tuning adapter; a reward model starts from a LoRA adapter "
                                "merged into its base")
         base = merge_lora(base)
@@ -154,9 +158,12 @@ def train_pairwise(*, data: str | os.PathLike, out_dir: str | os.PathLike, model
         r = top_rewards(rm, [train_states[2 * i + k] for i in batch for k in (0, 1)], n_frozen)  # (2B,)
         return bradley_terry_loss(r[0::2].float(), r[1::2].float())
 
-    rm.train()
-    losses = fit(trainable, loss_of, len(train), epochs=epochs, batch_size=batch_size, lr=lr,
-                 weight_decay=weight_decay, warmup=warmup, precision=precision, seed=seed, desc="reward train")
+    run = dict(data=str(data), eval_file=eval_file, model=str(model), chosen_field=chosen_field,
+               rejected_field=rejected_field, eval_fraction=eval_fraction, max_train=max_train, max_eval=max_eval,
+               train_layers=train_layers, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+    losses, run_dir = fit(rm, loss_of, len(train), out_dir, epochs=epochs, batch_size=batch_size, lr=lr,
+                          weight_decay=weight_decay, warmup=warmup, precision=precision, seed=seed,
+                          save_every=save_every, resume=resume, run_config={"recipe": "reward pairwise", **run})
     rm.eval().requires_grad_(False)
     rewards = []
     with torch.no_grad(), autocast(precision):
@@ -165,8 +172,7 @@ def train_pairwise(*, data: str | os.PathLike, out_dir: str | os.PathLike, model
     metrics = pairwise_metrics(rewards[0::2], rewards[1::2])
     metrics.update(train_pairs=len(train), train_layers=train_layers, max_len=max_len, train_loss_first=losses[0],
                    train_loss_last=sum(losses[-20:]) / len(losses[-20:]), seconds=round(time.perf_counter() - t0, 1))
-    run = dict(data=str(data), eval_file=eval_file, model=str(model), chosen_field=chosen_field,
-               rejected_field=rejected_field, eval_fraction=eval_fraction, max_train=max_train, max_eval=max_eval,
-               train_layers=train_layers, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
     save_reward_model(PairwiseReward(rm, tok, max_len, precision), out_dir, extra={"train": run, "metrics": metrics})
+    if not save_every:  # the reward model is saved; no checkpoint was asked for
+        run_dir.discard_checkpoint()
     return metrics

@@ -40,7 +40,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     common = dict(data=a.data, out_dir=a.out_dir, eval_file=a.eval_file, eval_fraction=a.eval_fraction,
                   max_train=a.max_train, max_eval=a.max_eval, epochs=a.epochs, batch_size=a.batch_size,
                   weight_decay=a.weight_decay, warmup=a.warmup, precision=a.precision, seed=a.seed,
-                  overwrite=a.overwrite, force=a.force)
+                  save_every=a.save_every, resume=a.resume, overwrite=a.overwrite, force=a.force)
     if a.kind == "classifier":
         from lmforge.alignment.reward_classifier import train_classifier
 
@@ -132,6 +132,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("-o", "--out-dir", required=True,
                    help="the folder to save the reward model in (each file written atomically)")
     add_output_args(t, "reward train")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run in OUT_DIR from its checkpoint, step for step as if uninterrupted")
+    t.add_argument("--save-every", type=int_arg("--save-every", 0), default=0, metavar="N",
+                   help="write OUT_DIR/checkpoint every N steps and keep the last one (default: 0, none kept)")
     t.add_argument("--kind", choices=("classifier", "pairwise"), default="classifier",
                    help="classifier: encoder + classification head; pairwise: decoder + scalar head "
                         "(default: %(default)s)")

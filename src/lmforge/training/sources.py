@@ -7,8 +7,9 @@ source back exactly where the checkpoint left it, so a resumed run sees the same
 
 from __future__ import annotations
 
-import random
 from typing import Any, Protocol
+
+import torch
 
 from lmforge.errors import LmforgeError
 
@@ -28,19 +29,18 @@ class ShuffledIndices:
 
     ``whole_passes=False``: every batch has ``batch_size`` indices, the end of one pass followed by the start of
     the next (DPO, PPO). ``whole_passes=True``: a batch never spans two passes, so the last one of a pass may be
-    shorter (epochs of reward training). State: the rest of the current order and the generator's state."""
+    shorter (epochs of reward training). Each pass is ``torch.randperm`` from a generator seeded with ``seed``.
+    State: the rest of the current order and the generator's state."""
 
     def __init__(self, n: int, batch_size: int, seed: int, *, whole_passes: bool = False):
         if n < 1 or batch_size < 1:
             raise ValueError(f"ShuffledIndices needs n >= 1 and batch_size >= 1, got {n}, {batch_size}")
         self.n, self.batch_size, self.whole_passes = n, batch_size, whole_passes
-        self.rng = random.Random(seed)
+        self.generator = torch.Generator().manual_seed(seed)
         self.order: list[int] = []
 
     def _pass(self) -> list[int]:
-        perm = list(range(self.n))
-        self.rng.shuffle(perm)
-        return perm
+        return torch.randperm(self.n, generator=self.generator).tolist()
 
     def next_batch(self) -> list[int]:
         if self.whole_passes:
@@ -53,12 +53,10 @@ class ShuffledIndices:
         return rows
 
     def state_dict(self) -> dict:
-        version, internal, gauss = self.rng.getstate()
-        return {"order": list(self.order), "rng": [version, list(internal), gauss]}
+        return {"order": list(self.order), "generator": self.generator.get_state().tolist()}
 
     def load_state_dict(self, state: dict) -> None:
-        version, internal, gauss = state["rng"]
-        self.rng.setstate((version, tuple(internal), gauss))
+        self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
         self.order = [int(i) for i in state["order"]]
         if any(not 0 <= i < self.n for i in self.order):
             raise LmforgeError(f"the checkpoint's batch order indexes {max(self.order) + 1} items but this run has "
