@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from lmforge.errors import LmforgeError
-from lmforge.models.heads import POOLING, pool
+from lmforge.models.heads import POOLING, SequenceClassifier, pool
 from lmforge.tokenizer import Tokenizer
 
 
@@ -61,7 +61,7 @@ class Encoder:
             raise LmforgeError("embed needs a non-empty list of strings")
         if pooling not in POOLING:
             raise LmforgeError(f"unknown pooling {pooling!r}; choose one of: {', '.join(POOLING)}")
-        encoder = self.model.encoder if hasattr(self.model, "classifier") else self.model
+        encoder = self.model.encoder if isinstance(self.model, SequenceClassifier) else self.model
         out = []
         for start in range(0, len(texts), batch_size):
             idx, mask = self._batch(texts[start:start + batch_size], truncate)
@@ -77,7 +77,7 @@ class Encoder:
     @torch.inference_mode()
     def classify(self, texts: str | Sequence[str], batch_size: int = 32, truncate: bool = True) -> torch.Tensor:
         """Class probabilities (N, num_labels) from a sequence-classification model."""
-        if not hasattr(self.model, "classifier"):
+        if not isinstance(self.model, SequenceClassifier):
             raise LmforgeError(f"{self.name} has no classification head (its config has no labels)")
         texts = [texts] if isinstance(texts, str) else list(texts)
         probs = []

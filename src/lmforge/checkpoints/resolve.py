@@ -107,7 +107,7 @@ def build_model(config: ModelConfig, state_dict: dict[str, torch.Tensor], dtype:
     """
     import torch  # here, not at the top: resolving a name (the CLI's first step) needs no torch
 
-    from lmforge.models import build_empty
+    from lmforge.models import TiesWeights, build_empty
 
     model = build_empty(config)
     expected = {k: p.shape for k, p in model.named_parameters()}  # tied tensors once, under their first name
@@ -128,7 +128,7 @@ def build_model(config: ModelConfig, state_dict: dict[str, torch.Tensor], dtype:
             raise LmforgeError(f"{source}: tensor {k} has shape {tuple(state_dict[k].shape)}, "
                                f"the config expects {tuple(shape)}")
     model = model.to_empty(device=device)
-    if hasattr(model, "tie_weights"):  # to_empty gives every module its own storage: share again
+    if isinstance(model, TiesWeights):  # to_empty gives every module its own storage: share again
         model.tie_weights()
     model.load_state_dict(state_dict, strict=False)
     return model.to(dtype or torch.float32).eval()

@@ -33,6 +33,7 @@ import torch
 from lmforge.errors import LmforgeError
 from lmforge.generation.generate import TextStream
 from lmforge.generation.sampling import SamplingParams, check_seed, sample_next
+from lmforge.peft.prompt_tuning import PromptTunedLM
 
 log = logging.getLogger("lmforge.serve")
 
@@ -120,7 +121,7 @@ class Engine:
         cfg = model.config
         if getattr(cfg, "arch", "decoder") != "decoder":
             raise LmforgeError(f"serving needs a decoder-only model, this one is {cfg.arch}")
-        if hasattr(model, "prompt_embeddings"):
+        if isinstance(model, PromptTunedLM):
             raise LmforgeError("serving a prompt-tuning adapter is not supported (its virtual tokens assume every "
                                "row starts at cache column 0); serve a LoRA adapter or use `lmforge generate`")
         if max_batch < 1 or max_queue < 0:

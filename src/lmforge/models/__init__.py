@@ -4,14 +4,25 @@
 - ``encoder.py``: EncoderModel, encoder-only (BERT)
 - ``seq2seq.py``: Seq2SeqLM, encoder-decoder (T5)
 - ``heads.py``: pooling and the sequence-classification head
+- ``families/``: the checkpoint formats (transformers model_types, GGUF architectures), one module each
 """
 
 from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from lmforge.config import ModelConfig
+
+
+@runtime_checkable
+class TiesWeights(Protocol):
+    """A model whose tied tensors (embeddings shared with the LM head, T5's shared embedding) are
+    re-tied by ``tie_weights()`` after its storage is replaced (``to_empty``): DecoderLM, Seq2SeqLM."""
+
+    def tie_weights(self) -> None: ...
 
 
 def model_class(config: ModelConfig) -> type[nn.Module]:

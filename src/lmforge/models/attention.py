@@ -67,6 +67,8 @@ class Attention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, head_dim
         self.causal, self.scale, self.cross = causal and not cross, scale, cross
         q_size, kv_size = n_head * head_dim, n_kv_head * head_dim
+        # either one fused projection (qkv_proj) or three (q_proj, k_proj, v_proj); the unused ones are None
+        self.qkv_proj = self.q_proj = self.k_proj = self.v_proj = None
         if fused_qkv:
             assert not cross, "cross-attention takes keys/values from another sequence: no fused qkv"
             self.qkv_proj = nn.Linear(dim, q_size + 2 * kv_size, bias=qkv_bias)
@@ -98,7 +100,7 @@ class Attention(nn.Module):
         StaticKV) once it has been filled on the first call.
         """
         B, T, _ = x.shape
-        if hasattr(self, "qkv_proj"):
+        if self.qkv_proj is not None:
             q, k, v = self.qkv_proj(x).split(
                 [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
             )

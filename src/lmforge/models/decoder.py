@@ -57,12 +57,11 @@ class DecoderBody(nn.Module):
         super().__init__()
         c = config
         self.embed_tokens = nn.Embedding(c.vocab_size, c.n_embd)
-        if c.positions == "learned":
-            self.embed_positions = LearnedPositions(c.max_seq_len, c.n_embd)
-        elif c.positions == "rope":
-            self.rotary = RotaryEmbedding(c.head_dim, c.rope_theta, c.rope_scaling)
-        else:
-            self.rel_bias = RelativePositionBias(c.n_head, c.rel_buckets, c.rel_max_distance, bidirectional=False)
+        # exactly one way to encode positions; the other two are None
+        self.embed_positions = LearnedPositions(c.max_seq_len, c.n_embd) if c.positions == "learned" else None
+        self.rotary = RotaryEmbedding(c.head_dim, c.rope_theta, c.rope_scaling) if c.positions == "rope" else None
+        self.rel_bias = RelativePositionBias(c.n_head, c.rel_buckets, c.rel_max_distance, bidirectional=False
+                                             ) if c.positions == "relative" else None
 
         def attention(cross: bool = False) -> Attention:
             return Attention(c.n_embd, c.n_head, c.n_kv_head, c.head_dim, qkv_bias=c.qkv_bias, out_bias=c.out_bias,
@@ -82,9 +81,9 @@ class DecoderBody(nn.Module):
                 cross_caches=None, embeds=None) -> torch.Tensor:
         x = self.embed_tokens(idx) if embeds is None else embeds  # (B, T, C)
         rope = None
-        if hasattr(self, "embed_positions"):
+        if self.embed_positions is not None:
             x = x + self.embed_positions(positions)
-        elif hasattr(self, "rotary"):
+        elif self.rotary is not None:
             rope = self.rotary(positions, x.dtype)
         else:
             T = x.shape[1]

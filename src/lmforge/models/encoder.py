@@ -24,14 +24,12 @@ class EncoderModel(nn.Module):
         super().__init__()
         c = self.config = config
         self.embed_tokens = nn.Embedding(c.vocab_size, c.n_embd)
-        if c.positions == "learned":
-            self.embed_positions = LearnedPositions(c.max_seq_len, c.n_embd)
-        elif c.positions == "relative":
-            self.rel_bias = RelativePositionBias(c.n_head, c.rel_buckets, c.rel_max_distance, bidirectional=True)
-        if c.type_vocab_size:
-            self.embed_types = nn.Embedding(c.type_vocab_size, c.n_embd)
-        if not c.norm_first:
-            self.embed_norm = make_norm(c.norm, c.n_embd, c.norm_eps)
+        # the optional parts are None when the config has none (BERT has the first, third and fourth; T5 the second)
+        self.embed_positions = LearnedPositions(c.max_seq_len, c.n_embd) if c.positions == "learned" else None
+        self.rel_bias = RelativePositionBias(c.n_head, c.rel_buckets, c.rel_max_distance, bidirectional=True
+                                             ) if c.positions == "relative" else None
+        self.embed_types = nn.Embedding(c.type_vocab_size, c.n_embd) if c.type_vocab_size else None
+        self.embed_norm = make_norm(c.norm, c.n_embd, c.norm_eps) if not c.norm_first else None
 
         def block() -> nn.Module:
             attn = Attention(c.n_embd, c.n_head, c.n_kv_head, c.head_dim, qkv_bias=c.qkv_bias, out_bias=c.out_bias,
@@ -41,10 +39,8 @@ class EncoderModel(nn.Module):
             return Block(attn, mlp, *norms) if c.norm_first else PostNormBlock(attn, mlp, *norms)
 
         self.layers = nn.ModuleList(block() for _ in range(c.n_layer))
-        if c.norm_first:
-            self.norm = make_norm(c.norm, c.n_embd, c.norm_eps)
-        if c.pooler:
-            self.pooler = nn.Linear(c.n_embd, c.n_embd)
+        self.norm = make_norm(c.norm, c.n_embd, c.norm_eps) if c.norm_first else None  # post-norm blocks end normed
+        self.pooler = nn.Linear(c.n_embd, c.n_embd) if c.pooler else None
 
     def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, embeds: torch.Tensor | None = None) -> torch.Tensor:
@@ -53,26 +49,29 @@ class EncoderModel(nn.Module):
         ``embeds`` replaces the token embeddings (e.g. with soft prompts prepended).
         """
         B, T = idx.shape if embeds is None else embeds.shape[:2]
-        if T > self.config.max_seq_len and hasattr(self, "embed_positions"):
+        if T > self.config.max_seq_len and self.embed_positions is not None:
             raise LmforgeError(f"an input of {T} tokens exceeds the encoder's {self.config.max_seq_len} positions "
                                f"(max_seq_len); cut inputs to at most {self.config.max_seq_len} tokens")
         x = self.embed_tokens(idx) if embeds is None else embeds  # (B, T, C)
-        if hasattr(self, "embed_positions"):
+        if self.embed_positions is not None:
             x = x + self.embed_positions(torch.arange(T, device=x.device).expand(B, T))
-        if hasattr(self, "embed_types"):
+        if self.embed_types is not None:
             types = token_type_ids if token_type_ids is not None else torch.zeros(B, T, dtype=torch.long,
                                                                                 device=x.device)
             x = x + self.embed_types(types)
-        if hasattr(self, "embed_norm"):
+        if self.embed_norm is not None:
             x = self.embed_norm(x)
         mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
-        if hasattr(self, "rel_bias"):
+        if self.rel_bias is not None:
             bias = self.rel_bias(0, T, T)  # (1, nh, T, T)
             mask = (bias if mask is None else bias.masked_fill(~mask, float("-inf"))).to(x.dtype)
         for layer in self.layers:
             x = layer(x, None, mask)
-        return self.norm(x) if hasattr(self, "norm") else x
+        return self.norm(x) if self.norm is not None else x
 
     def pooled(self, hidden: torch.Tensor) -> torch.Tensor:
-        """BERT's pooler: tanh(dense(first token's hidden state)) -> (B, C)."""
+        """BERT's pooler: tanh(dense(first token's hidden state)) -> (B, C); the first token's state
+        itself when the encoder has no pooler."""
+        if self.pooler is None:
+            return hidden[:, 0]
         return torch.tanh(self.pooler(hidden[:, 0]))

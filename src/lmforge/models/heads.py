@@ -38,7 +38,7 @@ class SequenceClassifier(nn.Module):
     def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         hidden = self.encoder(idx, attention_mask, token_type_ids)
-        pooled = self.encoder.pooled(hidden) if hasattr(self.encoder, "pooler") else hidden[:, 0]
+        pooled = self.encoder.pooled(hidden)  # the first token's state when the encoder has no pooler
         return self.classifier(pooled)
 
 

@@ -92,15 +92,14 @@ class Block(nn.Module):
         super().__init__()
         self.input_layernorm = input_norm
         self.self_attn = attn
-        if cross_attn is not None:
-            self.cross_attn_layernorm = cross_norm
-            self.cross_attn = cross_attn
+        self.cross_attn_layernorm = cross_norm  # both None in a block without cross-attention
+        self.cross_attn = cross_attn
         self.post_attention_layernorm = post_attention_norm
         self.mlp = mlp
 
     def forward(self, x, rope, mask, cache=None, start: int = 0, memory=None, memory_mask=None, cross_cache=None):
         x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache, start)
-        if hasattr(self, "cross_attn"):
+        if self.cross_attn is not None:
             x = x + self.cross_attn(self.cross_attn_layernorm(x), None, memory_mask, cross_cache, memory=memory)
         return x + self.mlp(self.post_attention_layernorm(x))
 

@@ -73,6 +73,11 @@ class NF4Linear(nn.Module):
         return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
 
+QUANTIZED_LINEARS = (Int8Linear, NF4Linear)
+# the layers a linear map can be: a float nn.Linear or a quantised one (all have in_features, out_features, weight)
+LINEAR_LAYERS = (nn.Linear, *QUANTIZED_LINEARS)
+
+
 def quantize_linears(model: nn.Module, scheme: str, skip: tuple[str, ...] = ("lm_head",)) -> nn.Module:
     """Replace every nn.Linear (but those whose name ends in ``skip``) by its quantised version, in place."""
     if scheme not in SCHEMES:

@@ -21,7 +21,9 @@ from torch import nn
 from lmforge.checkpoints.names import rename, templates
 from lmforge.errors import LmforgeError
 from lmforge.io import atomic_path, read_json_object, write_json_atomic
-from lmforge.peft.lora import LoraSpec, add_lora, linear_names, lora_layers
+from lmforge.models import families
+from lmforge.models.quantized import LINEAR_LAYERS
+from lmforge.peft.lora import LoRALinear, LoraSpec, add_lora, linear_names, lora_layers
 from lmforge.peft.prompt_tuning import PromptTunedLM
 
 PREFIX = "base_model.model."
@@ -78,7 +80,8 @@ def save_adapter(model: nn.Module, path: str | Path, base_name: str | None = Non
         "peft_type": "LORA", "task_type": TASK_TYPES[c.arch], "r": first.r,
         "lora_alpha": first.alpha, "use_rslora": first.rslora,
         "lora_dropout": getattr(first.dropout, "p", 0.0), "target_modules": targets, "bias": "none",
-        "fan_in_fan_out": c.family == "gpt2", "base_model_name_or_path": base_name, "inference_mode": True,
+        "fan_in_fan_out": families.get(c.family).transposed is not None,  # weights stored (in, out): GPT-2's Conv1D
+        "base_model_name_or_path": base_name, "inference_mode": True,
         "modules_to_save": None, "init_lora_weights": True, "use_dora": False,
     }
     tensors = {f"{PREFIX}{hf}.{ab}.weight": getattr(m, ab).weight
@@ -141,7 +144,7 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     available = dict(model.named_modules())
     for name, ab in modules.items():
         layer = available.get(name)
-        if layer is None or not hasattr(layer, "in_features"):
+        if not isinstance(layer, (*LINEAR_LAYERS, LoRALinear)):
             raise LmforgeError(f"{path}: adapter targets {name!r}, which is not a linear layer of this model")
         want = {"lora_A": (r, layer.in_features), "lora_B": (layer.out_features, r)}
         for which, shape in want.items():

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from lmforge.errors import LmforgeError
+from lmforge.models.quantized import LINEAR_LAYERS, QUANTIZED_LINEARS
 
 
 @dataclass
@@ -102,8 +103,8 @@ def linear_names(model: nn.Module) -> list[str]:
     inside existing adapters excluded. Quantised linear layers count."""
     adapted = tuple(name + "." for name, _ in lora_layers(model))
     return [name for name, m in model.named_modules()
-            if hasattr(m, "in_features") and hasattr(m, "weight") and not isinstance(m, LoRALinear)
-            and not name.startswith(adapted) and not name.endswith(("lm_head", "classifier"))]
+            if isinstance(m, LINEAR_LAYERS) and not name.startswith(adapted)
+            and not name.endswith(("lm_head", "classifier"))]
 
 
 def match_targets(model: nn.Module, targets: list[str] | str) -> list[str]:
@@ -183,7 +184,7 @@ def trainable_report(model: nn.Module) -> str:
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
     for m in model.modules():  # quantised layers keep their weights as buffers, not parameters
-        if hasattr(m, "num_weights"):
+        if isinstance(m, QUANTIZED_LINEARS):
             total += m.num_weights
 
     def human(n: int) -> str:

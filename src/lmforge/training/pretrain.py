@@ -337,9 +337,9 @@ def _arch_of(model: str, overrides: dict[str, Any]) -> str:
             return json.loads(path.read_text(encoding="utf-8")).get("arch", "decoder")
         if (path / "config.json").is_file():
             from lmforge.io import read_json_object
+            from lmforge.models import families
 
-            mt = read_json_object(path / "config.json").get("model_type")
-            return {"bert": "encoder", "t5": "encoder-decoder"}.get(mt, "decoder")
+            return families.family_for_hf(read_json_object(path / "config.json").get("model_type")).arch
     except (json.JSONDecodeError, AttributeError):
         pass
     return "decoder"
