@@ -35,7 +35,7 @@ class ModelConfig:
     """
 
     name: str = "custom"
-    family: str = "llama"  # the transformers model_type we save as: llama | mistral | qwen2 | gpt2 | bert | t5
+    family: str = "llama"  # a registered family (lmforge.models.families): llama, mistral, qwen2, gpt2, bert, t5
     arch: Arch = "decoder"
     vocab_size: int = 32000
     n_layer: int = 2
