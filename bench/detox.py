@@ -145,7 +145,8 @@ def main() -> None:
     import torch
 
     from lmforge.alignment.rlhf import ppo
-    from lmforge.evaluation.compare import load_recipe, parse_config, run_compare
+    from lmforge.evaluation.compare import CompareConfig, run_compare
+    from lmforge.recipe_config import from_yaml, load_config
 
     torch.set_num_threads(a.threads)
     out = Path(a.out)
@@ -160,15 +161,12 @@ def main() -> None:
     train_s = time.perf_counter() - t0
     rows = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
 
-    raw = load_recipe(a.recipe)
-    raw.update(data=str(heldout), out=str(out / "report"), runs_out=str(out / "report" / "runs"),
-               toxicity_scorer=toxicity_scorer(a.reward), limit=a.n_heldout, max_new_tokens=a.max_new_tokens)
-    for s in raw["settings"]:
-        if s.get("adapter"):
-            s["adapter"] = str(out / "ppo" / "final")
-    if a.model:
-        raw.setdefault("defaults", {})["model"] = a.model
-    cfg = parse_config(raw, a.recipe)
+    in_file = from_yaml(CompareConfig, Path(a.recipe))  # the recipe's settings, before defaults are merged in
+    settings = [{**s, "adapter": str(out / "ppo" / "final")} if s.get("adapter") else s for s in in_file["settings"]]
+    defaults = {**in_file.get("defaults", {}), **({"model": a.model} if a.model else {})}
+    cfg = load_config(CompareConfig, a.recipe, dict(
+        data=heldout, out=out / "report", runs_out=out / "report" / "runs", toxicity_scorer=toxicity_scorer(a.reward),
+        limit=a.n_heldout, max_new_tokens=a.max_new_tokens, settings=settings, defaults=defaults))
     results = run_compare(cfg, "python bench/detox.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in
                                                                     vars(a).items() if v not in (None, False)))
     summary = {

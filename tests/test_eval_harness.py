@@ -1,6 +1,7 @@
 """`lmforge eval`: reading data, few-shot prompts, end-to-end runs on tiny models, and bad input."""
 
 import csv
+import dataclasses
 import gzip
 import json
 
@@ -12,7 +13,8 @@ from lmforge.cli import main
 from lmforge.data.records import Record, load_records, render
 from lmforge.errors import LmforgeError
 from lmforge.evaluation import data as D
-from lmforge.evaluation.harness import EvalSettings, build_prompts, run_eval
+from lmforge.evaluation.harness import EvalConfig, build_prompts, run_eval
+from lmforge.recipe_config import load_config
 
 ROWS = [{"id": i, "text": f"the quick brown fox number {i}", "summary": f"fox {i}"} for i in range(6)]
 
@@ -82,7 +84,8 @@ def test_template_fills_fields_without_reparsing_values():
 
 # ----------------------------------------------------------------------------- few-shot prompts
 def _settings(**kw):
-    return EvalSettings(fields=D.FieldMap(input="text", reference="summary"), **{"max_new_tokens": 4, **kw})
+    return EvalConfig(**{"data": "d.jsonl", "input_field": "text", "reference_field": "summary", "max_new_tokens": 4,
+                         **kw})
 
 
 def test_shots_in_fixed_order_and_never_the_query(tiny, tmp_path):
@@ -127,7 +130,7 @@ def test_prompt_fits_the_context_by_dropping_shots_from_the_end(tiny, tmp_path):
     (b,) = build_prompts(lm, load_records(data), 1, s, chat=False, reserve=8)
     assert len(b.ids) + 8 <= lm.config.max_seq_len
     assert 0 < b.shots_dropped < 4 and b.shots_used + b.shots_dropped == 4
-    summary = run_eval(lm, data, s, tmp_path / "out", progress=False)
+    summary = run_eval(lm, dataclasses.replace(s, data=data, out=tmp_path / "out"), progress=False)
     assert summary["counts"]["shots_dropped"] == b.shots_dropped
     assert summary["counts"]["examples_with_dropped_shots"] == 1
     row = json.loads((tmp_path / "out" / "predictions.jsonl").read_text())
@@ -143,9 +146,9 @@ def test_too_few_records_for_the_shots(tiny, tmp_path):
 # ----------------------------------------------------------------------------- end to end
 def test_generation_run_writes_predictions_and_summary(tiny, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", ROWS)
-    s = EvalSettings(fields=D.FieldMap(input=None, reference="summary", template="Summarize: {text}"),
-                     limit=3, shots=1, batch_size=2, max_new_tokens=5)
-    summary = run_eval(tiny["chat"], data, s, tmp_path / "out", progress=False)
+    s = EvalConfig(data=data, out=tmp_path / "out", reference_field="summary", prompt_template="Summarize: {text}",
+                   limit=3, shots=1, batch_size=2, max_new_tokens=5)
+    summary = run_eval(tiny["chat"], s, progress=False)
     rows = [json.loads(x) for x in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and json.loads((tmp_path / "out" / "summary.json").read_text()) == summary
     assert {"input", "prompt", "prediction", "reference", "scores"} <= rows[0].keys()
@@ -156,19 +159,19 @@ def test_generation_run_writes_predictions_and_summary(tiny, tmp_path):
     assert summary["counts"] == {"records": 6, "evaluated": 3, "shots_requested": 1, "shots_dropped": 0,
                                  "examples_with_dropped_shots": 0}
     assert summary["settings"]["chat"] is True and summary["timing"]["seconds"] > 0
+    assert load_config(EvalConfig, tmp_path / "out" / "config.yaml") == s  # the resolved config reruns it
 
 
 def test_toxicity_perplexity_and_multiple_choice_runs(tiny, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", [{"text": t, "choices": ["Paris", "the lazy dog"], "answer": a}
                                               for t, a in (("The capital of France is", 0), ("The quick", 1))])
-    fields = D.FieldMap(input="text", choices="choices", answer="answer")
-    tox = run_eval(tiny["plain"], data, EvalSettings(task="toxicity", fields=fields, max_new_tokens=3), None,
+    fields = dict(data=data, input_field="text", choices_field="choices", answer_field="answer")
+    tox = run_eval(tiny["plain"], EvalConfig(task="toxicity", **fields, max_new_tokens=3),
                    progress=False, toxicity_scorer=lambda ts: [0.75] * len(ts))
     assert tox["metrics"] == {"toxicity_rate": 1.0, "toxicity_mean": 0.75}
-    ppl = run_eval(tiny["plain"], data, EvalSettings(task="perplexity", fields=fields), None, progress=False)
+    ppl = run_eval(tiny["plain"], EvalConfig(task="perplexity", **fields), progress=False)
     assert ppl["metrics"]["perplexity"] > 1 and ppl["metrics"]["tokens_scored"] > 0
-    mc = run_eval(tiny["plain"], data, EvalSettings(task="multiple_choice", fields=fields), tmp_path / "mc",
-                  progress=False)
+    mc = run_eval(tiny["plain"], EvalConfig(task="multiple_choice", out=tmp_path / "mc", **fields), progress=False)
     rows = [json.loads(x) for x in (tmp_path / "mc" / "predictions.jsonl").read_text().splitlines()]
     for r in rows:
         assert r["prediction"] == max(range(2), key=r["logprobs"].__getitem__)

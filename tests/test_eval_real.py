@@ -5,8 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from lmforge.evaluation.data import FieldMap
-from lmforge.evaluation.harness import EvalSettings, run_eval
+from lmforge.evaluation.harness import EvalConfig, run_eval
 from lmforge.evaluation.likelihood import perplexity
 
 DIALOGSUM_DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "dialogsum" / "dialogsum.dev.jsonl"
@@ -16,10 +15,10 @@ DIALOGSUM_DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "dialo
 def test_one_shot_dialogsum_and_perplexity_with_the_real_model(real_lm, tmp_path):
     if not DIALOGSUM_DEV.is_file():
         pytest.skip(f"{DIALOGSUM_DEV} is not here")
-    s = EvalSettings(fields=FieldMap(input=None, reference="summary",
-                                     template="Summarize the following conversation.\n\n{dialogue}\n\nSummary:"),
-                     metrics=["rouge1", "chrf"], limit=2, shots=1, batch_size=2, max_new_tokens=12)
-    summary = run_eval(real_lm, DIALOGSUM_DEV, s, tmp_path, progress=False)
+    s = EvalConfig(data=DIALOGSUM_DEV, out=tmp_path, reference_field="summary",
+                   prompt_template="Summarize the following conversation.\n\n{dialogue}\n\nSummary:",
+                   metrics=["rouge1", "chrf"], limit=2, shots=1, batch_size=2, max_new_tokens=12)
+    summary = run_eval(real_lm, s, progress=False)
     rows = [json.loads(x) for x in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     assert [r["shots"] for r in rows] == [1, 1] and summary["counts"]["shots_dropped"] == 0
     # The shot is the first record after the evaluated ones (dev_2), with its reference as the answer.

@@ -123,11 +123,51 @@ def test_help_shows_the_field_docstrings(capsys):
     assert "parameter-efficient methods:" in text and "--config FILE.yaml" in text
 
 
+def test_eval_print_config_then_config_reproduces_the_run(tiny_lm_dirs, tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"one two {i}", "summary": f"two {i}"}) + "\n" for i in range(4)),
+                    encoding="utf-8")
+    argv = ["eval", str(data), "-o", str(tmp_path / "a"), "-m", str(tiny_lm_dirs["plain"]), "--prompt-template",
+            "Say:\\n{text}", "--reference-field", "summary", "-n", "3", "--shots", "1", "--stop", ".", "--stop", "!",
+            "--no-chat", "--metrics", "rouge1,chrf", "--temperature", "0.7", "--seed", "3", "--no-progress"]
+    printed = print_config(argv, capsys)
+    values = yaml.safe_load(printed)
+    assert values["stop"] == [".", "!"] and values["chat"] is False and values["prompt_template"] == "Say:\n{text}"
+    assert values["metrics"] == ["rouge1", "chrf"] and not (tmp_path / "a").exists()
+    (tmp_path / "a.yaml").write_text(printed, encoding="utf-8")
+    assert main(argv) == 0
+    assert main(["eval", "--config", str(tmp_path / "a.yaml"), "-o", str(tmp_path / "b"), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert (tmp_path / "a" / "config.yaml").read_text(encoding="utf-8") == printed
+    first, again = ((tmp_path / d / "predictions.jsonl").read_text(encoding="utf-8") for d in "ab")
+    assert first == again and len(first.splitlines()) == 4
+    assert main(["eval", "--config", str(tmp_path / "a.yaml"), "--shots", "-1"]) == 2
+    assert "shots (--shots): must be >= 0, got -1" in capsys.readouterr().err
+
+
 def test_recipe_files_parse_and_validate():
+    """Every YAML file in recipes/ is one recipe's config and validates (nothing runs)."""
+    from lmforge.evaluation.compare import CompareConfig
+    from lmforge.evaluation.harness import EvalConfig
     from lmforge.training.pretrain import PretrainConfig
     from lmforge.training.sft import FinetuneConfig
 
-    pre = load_config(PretrainConfig, RECIPES / "pretrain_shakespeare_1m.yaml")
+    kinds = {"pretrain_shakespeare_1m.yaml": PretrainConfig, "finetune_dialogsum_lora.yaml": FinetuneConfig,
+             "eval_dialogsum.yaml": EvalConfig, "dialogsum_lab.yaml": CompareConfig, "detox_ppo.yaml": CompareConfig}
+    on_disk = {p.name for p in RECIPES.glob("*.yaml")}
+    assert set(kinds) <= on_disk, on_disk
+    configs = {name: load_config(cls, RECIPES / name) for name, cls in kinds.items()}
+    pre, ft, ev = (configs[n] for n in ("pretrain_shakespeare_1m.yaml", "finetune_dialogsum_lora.yaml",
+                                        "eval_dialogsum.yaml"))
     assert pre.steps == 1500 and pre.overrides["n_layer"] == 4 and pre.out_dir == Path("runs/shakespeare-1m")
-    ft = load_config(FinetuneConfig, RECIPES / "finetune_dialogsum_lora.yaml")
     assert ft.method == "lora" and ft.prompt_template.endswith("\n\nSummary: ") and ft.limit == 800
+    assert ev.shots == 2 and ev.fields.template.startswith("Summarize the following conversation.\n\n")
+
+
+def test_eval_config_sampling_ranges_are_the_samplers():
+    """EvalConfig checks sampling values early with torch-free copies of the sampler's limits: they must agree."""
+    from lmforge.evaluation import harness
+    from lmforge.generation import sampling
+
+    assert (harness.MIN_TEMPERATURE, harness.MIN_TOP_P, harness.REPETITION_PENALTY_RANGE, harness.SEED_LIMIT) == (
+        sampling.MIN_TEMPERATURE, sampling.MIN_TOP_P, sampling.REPETITION_PENALTY_RANGE, sampling.SEED_LIMIT)

@@ -1,10 +1,15 @@
 """The ``eval`` and ``compare`` subcommands.
 
-``register(subparsers)`` adds them to the ``lmforge`` parser. Handlers import torch and the
-metric libraries only when they run. Bad input raises ``LmforgeError`` (one line, exit 2).
+``register(subparsers)`` adds them to the ``lmforge`` parser; their flags come from ``EvalConfig``
+(``evaluation/harness.py``) and ``CompareConfig`` (``evaluation/compare.py``) through
+``lmforge.cli.options`` (the pattern is described in ``lmforge.cli.training``), with ``--config FILE.yaml``
+and ``--print-config``. Handlers import torch and the metric libraries only when they run. Bad input
+raises ``LmforgeError`` (one line, exit 2).
 
-In ``--prompt-template`` and ``--instruction`` the two-character sequences ``\\n`` and ``\\t`` stand
-for a newline and a tab, so ``--prompt-template "Summarize:\\n\\n{dialogue}\\n\\nSummary:"`` works in a shell.
+Parsed by hand here: ``--chat/--no-chat`` (an optional bool), ``--stop`` (repeatable), ``--setting``
+(compare: one column as ``KEY=VALUE,...``), and in ``--prompt-template`` and ``--instruction`` the
+two-character sequences ``\\n`` and ``\\t`` stand for a newline and a tab, so
+``--prompt-template "Summarize:\\n\\n{dialogue}\\n\\nSummary:"`` works in a shell.
 """
 
 from __future__ import annotations
@@ -15,7 +20,11 @@ import shlex
 import sys
 from pathlib import Path
 
+from lmforge.cli import options
 from lmforge.errors import LmforgeError
+from lmforge.recipe_config import from_yaml, recipe_fields
+
+_UNESCAPED = ("prompt_template", "instruction")
 
 
 def unescape(text: str | None) -> str | None:
@@ -23,61 +32,34 @@ def unescape(text: str | None) -> str | None:
     return None if text is None else text.replace("\\n", "\n").replace("\\t", "\t")
 
 
-def _metrics(text: str | None) -> list[str] | None:
-    from lmforge.evaluation.metrics import check_metrics
+def _by_hand(a: argparse.Namespace) -> dict:
+    """The values of the flags parsed here (only those given), as recipe overrides; unescapes in place."""
+    for name in _UNESCAPED:
+        if isinstance(getattr(a, name, None), str):
+            setattr(a, name, unescape(getattr(a, name)))
+    return {name: getattr(a, name) for name in ("chat", "stop") if hasattr(a, name)}
 
-    return None if text is None else check_metrics(text)
 
-
-def _add_data_args(p: argparse.ArgumentParser, in_compare: bool = False) -> None:
-    from lmforge.cli.args import int_arg
-    from lmforge.evaluation.harness import TASKS
-
-    g = p.add_argument_group("data")
-    g.add_argument("--task", choices=TASKS, default=None if in_compare else "generation",
-                   help="generation (scored against references), toxicity (rate of toxic generations), "
-                        "perplexity (of a text field), multiple_choice (by log-likelihood); default: generation")
-    g.add_argument("--input-field", help="the field holding the prompt text (default: 'input' unless "
-                                         "--prompt-template is given)")
-    g.add_argument("--reference-field", help="the field holding the reference output (needed by ROUGE/BLEU/...)")
-    g.add_argument("--prompt-template", help="build the prompt from fields: 'Summarize:\\n\\n{dialogue}\\n\\nSummary:' "
-                                             "({{ and }} are literal braces)")
-    g.add_argument("--choices-field", help="multiple choice: the field holding the list of choices")
-    g.add_argument("--answer-field", help="multiple choice: the field holding the answer (index or choice text)")
-    g.add_argument("--metrics", help="comma-separated: rouge1,rouge2,rougeL,rougeLsum,bleu,chrf,exact_match,toxicity "
-                                     "(default: all but toxicity; the toxicity task: toxicity)")
-    g.add_argument("--limit", type=int_arg("--limit"), help="evaluate only the first N records")
-    g.add_argument("--batch-size", type=int_arg("--batch-size"), default=None,
-                   help="examples per model call (default: 8)")
-    g.add_argument("--instruction", help="an instruction before the examples (the system message in chat mode)")
-    g.add_argument("--system", help="a system message (chat template only)")
-    g.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+def _add_by_hand(p: argparse.ArgumentParser, stop: bool) -> None:
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                    help="use the model's chat template (default: when the model has one)")
+    if stop:
+        p.add_argument("--stop", action="append", metavar="TEXT", default=argparse.SUPPRESS,
+                       help="stop when this text appears (repeatable); it is not printed")
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
-    from lmforge.cli.args import load_generator
-    from lmforge.evaluation.data import FieldMap
-    from lmforge.evaluation.harness import EvalSettings, run_eval
-    from lmforge.outputs import check_output
+    from lmforge.evaluation.harness import EvalConfig, evaluate
 
-    template = unescape(a.prompt_template)
-    fields = FieldMap(input=a.input_field or (None if template else "input"), reference=a.reference_field,
-                      template=template, choices=a.choices_field, answer=a.answer_field)
-    s = EvalSettings(task=a.task, fields=fields, metrics=_metrics(a.metrics), limit=a.limit, shots=a.shots,
-                     shots_file=a.shots_file, instruction=unescape(a.instruction), system=a.system, chat=a.chat,
-                     batch_size=a.batch_size or 8, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-                     top_k=a.top_k, top_p=a.top_p, repetition_penalty=a.repetition_penalty, seed=a.seed,
-                     stop=a.stop, window=a.window, stride=a.stride, toxicity_scorer=a.toxicity_scorer)
-    s.check()
-    if not Path(a.data).is_file():
-        raise LmforgeError(f"dataset {a.data} does not exist")
-    check_output(a.out, "eval", force=a.force)  # before the model loads; run_eval claims the folder
-    lm = load_generator(a)
-    summary = run_eval(lm, a.data, s, a.out, progress=not a.no_progress,
-                       extra={"adapter": a.adapter}, force=a.force)
+    cfg = options.recipe_from_args(EvalConfig, a, **_by_hand(a))
+    if a.print_config:
+        return 0
+    if cfg.out is None:
+        raise LmforgeError("out (-o/--out): give the output folder")
+    summary = evaluate(cfg, progress=not a.no_progress, force=a.force)
     print(json.dumps({"metrics": summary["metrics"], "counts": summary["counts"]}, indent=2))
-    print(f"wrote {Path(a.out) / 'predictions.jsonl'} and {Path(a.out) / 'summary.json'}", file=sys.stderr)
+    print(f"wrote {Path(cfg.out) / 'predictions.jsonl'}, {Path(cfg.out) / 'summary.json'} and "
+          f"{Path(cfg.out) / 'config.yaml'}", file=sys.stderr)
     return 0
 
 
@@ -95,52 +77,44 @@ def _parse_setting(text: str) -> dict:
     return out
 
 
-# Flags of `compare` that override a recipe's top-level keys: flag dest -> recipe key.
-_OVERRIDES = {"data": "data", "out": "out", "task": "task", "input_field": "input_field",
-              "reference_field": "reference_field", "prompt_template": "prompt_template",
-              "choices_field": "choices_field", "answer_field": "answer_field", "limit": "limit",
-              "batch_size": "batch_size", "max_new_tokens": "max_new_tokens", "instruction": "instruction",
-              "system": "system", "chat": "chat", "examples_shown": "examples_shown", "title": "title",
-              "device": "device", "dtype": "dtype"}
-
-
 def _command_line(a: argparse.Namespace) -> str:
-    """The `lmforge compare ...` command that reproduces this run (flags as given)."""
+    """The `lmforge compare ...` command that reproduces this run (the flags as given)."""
+    from lmforge.evaluation.compare import CompareConfig
+
     parts = ["lmforge", "compare"]
-    if a.config:
-        parts += ["--config", a.config]
-    for dest in _OVERRIDES:
-        v = getattr(a, dest)
-        if v is None:
+    if a.config_file:
+        parts += ["--config", a.config_file]
+    for f in recipe_fields(CompareConfig):
+        if f.name in ("chat", "stop") or not hasattr(a, f.name):
             continue
-        flag = "--" + dest.replace("_", "-")
+        v, flag = getattr(a, f.name), "--" + f.name.replace("_", "-")
         if isinstance(v, bool):
             parts.append(flag if v else "--no-" + flag[2:])
         else:
-            parts += [flag, str(v)]
-    if a.metrics:
-        parts += ["--metrics", a.metrics]
+            parts += [flag, *(v if isinstance(v, list) else [str(v)])]
+    if hasattr(a, "chat"):
+        parts.append("--chat" if a.chat else "--no-chat")
     for s in a.setting:
         parts += ["--setting", s]
     return shlex.join(parts)
 
 
 def cmd_compare(a: argparse.Namespace) -> int:
-    from lmforge.evaluation.compare import load_recipe, parse_config, report_only, run_compare
+    from lmforge.evaluation.compare import CompareConfig, report_only, run_compare
 
-    raw = load_recipe(a.config) if a.config else {}
-    source = a.config or "the command line"
-    for dest, key in _OVERRIDES.items():
-        v = getattr(a, dest)
-        if v is not None:
-            raw[key] = unescape(v) if key in ("prompt_template", "instruction") else v
-    if a.metrics:
-        raw["metrics"] = _metrics(a.metrics)
+    extra = _by_hand(a)
     if a.setting:
-        raw["settings"] = list(raw.get("settings") or []) + [_parse_setting(s) for s in a.setting]
-    if "data" not in raw:
-        raise LmforgeError("no dataset: give --config RECIPE.yaml or --data FILE")
-    cfg = parse_config(raw, source)
+        in_file = from_yaml(CompareConfig, Path(a.config_file)).get("settings", ()) if a.config_file else ()
+        extra["settings"] = [*in_file, *(_parse_setting(s) for s in a.setting)]
+    source = a.config_file or "the command line"
+    try:
+        cfg = options.recipe_from_args(CompareConfig, a, **extra)
+    except LmforgeError as e:
+        if a.config_file and not str(e).startswith(a.config_file):
+            raise LmforgeError(f"{a.config_file}: {e}") from None  # e.g. a bad key inside settings
+        raise
+    if a.print_config:
+        return 0
     if not Path(cfg.data).is_file():
         raise LmforgeError(f"{source}: dataset {cfg.data} does not exist")
     if a.check:
@@ -158,50 +132,36 @@ def cmd_compare(a: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``eval`` and ``compare`` to the ``lmforge`` parser."""
-    from lmforge.cli.args import add_model_args, add_output_args, add_sampling_args, int_arg
+    from lmforge.cli.args import add_output_args
+    from lmforge.evaluation.compare import CompareConfig
+    from lmforge.evaluation.harness import EvalConfig
 
     e = sub.add_parser("eval", help="evaluate a model on a dataset (ROUGE, BLEU, chrF, perplexity, choices, toxicity)",
                        description="Evaluate a model on a JSONL / JSON / CSV dataset (optionally .gz). Writes "
-                                   "OUT/predictions.jsonl (one line per example) and OUT/summary.json.")
-    e.add_argument("data", help="the dataset file")
-    e.add_argument("-o", "--out", required=True, help="output folder")
-    add_output_args(e, "eval")
-    _add_data_args(e)
-    e.add_argument("--shots", type=int_arg("--shots", 0), default=0,
-                   help="worked examples before each query (0 = zero-shot); taken in a fixed order from "
-                        "--shots-file or from the dataset's other records, never the query itself")
-    e.add_argument("--shots-file", help="a dataset file (same fields) to take shots from")
-    e.add_argument("--window", type=int_arg("--window", 2), help="perplexity: tokens per window (default: context)")
-    e.add_argument("--stride", type=int_arg("--stride"), help="perplexity: window step (default: window / 2)")
-    e.add_argument("--toxicity-scorer", help="toxicity: a registered scorer name, 'reward:PATH' (a classifier from "
-                                             "`lmforge reward train`) or 'package.module:function' "
-                                             "(default: profanity-check)")
+                                   "OUT/predictions.jsonl (one line per example), OUT/summary.json and "
+                                   "OUT/config.yaml (the resolved settings: rerun with --config).")
+    options.add_recipe_args(e, EvalConfig, positional=("data",), skip=("chat", "stop"))
+    _add_by_hand(e, stop=True)
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_model_args(e)
-    add_sampling_args(e)
-    e.set_defaults(func=cmd_eval, max_new_tokens=128)
+    add_output_args(e, "eval")
+    options.add_config_args(e)
+    e.set_defaults(func=cmd_eval)
 
     c = sub.add_parser("compare", help="compare settings side by side (shots, sampling, models, adapters)",
                        description="Run one dataset under several settings and write OUT/report.md, "
-                                   "OUT/report.html (self-contained), chart_<metric>.png and OUT/runs/<label>/. "
-                                   "Settings come from --config RECIPE.yaml and/or --setting; other flags override "
-                                   "the recipe's keys.")
-    c.add_argument("--config", help="a recipe YAML file (see recipes/)")
-    c.add_argument("--data", help="the dataset file")
-    c.add_argument("-o", "--out", help="output folder")
-    add_output_args(c, "compare")
-    _add_data_args(c, in_compare=True)
-    c.add_argument("-n", "--max-new-tokens", type=int_arg("--max-new-tokens"), help="most tokens to generate")
+                                   "OUT/report.html (self-contained), chart_<metric>.png, OUT/config.yaml and "
+                                   "OUT/runs/<label>/. Settings come from --config RECIPE.yaml and/or --setting; "
+                                   "other flags override the recipe's keys.")
+    options.add_recipe_args(c, CompareConfig, skip=("chat",))
+    _add_by_hand(c, stop=False)
     c.add_argument("--setting", action="append", default=[], metavar="KEY=VALUE,...",
                    help="add a setting, e.g. 'label=hot,temperature=0.9,top_p=0.9,seed=1' (keys: label, model, "
                         "adapter, shots, shots_file, temperature, top_k, top_p, repetition_penalty, seed, "
                         "max_new_tokens); repeatable")
-    c.add_argument("--examples-shown", type=int_arg("--examples-shown", 0), help="examples in the report (3)")
-    c.add_argument("--title", help="the report's title")
-    c.add_argument("--device", help="cpu, cuda, ... (default: cpu)")
-    c.add_argument("--dtype", help="float32 | bfloat16 | float16 | auto (default: auto)")
     c.add_argument("--check", action="store_true", help="validate the config and stop (runs no model)")
     c.add_argument("--report-only", action="store_true",
                    help="rebuild the report from the runs already written (runs no model)")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_output_args(c, "compare")
+    options.add_config_args(c)
     c.set_defaults(func=cmd_compare)

@@ -1,8 +1,10 @@
 """Side-by-side comparison of settings: one dataset, several (model, adapter, shots, sampling) settings.
 
-Owns the compare schema (what a recipe YAML may say, checked key by key with errors naming the
-file and the key), loading recipes, and running every setting through ``harness.run_eval`` into
-``OUT/runs/<label>/`` before ``report`` writes the side-by-side report. A recipe looks like::
+Owns ``CompareConfig`` (the recipe config of ``lmforge compare``, declared like every recipe config with
+``lmforge.recipe_config``: a docstring per field, read from YAML with file:line errors, flags derived from it)
+and its ``Setting`` columns, and running every setting through ``harness.run_eval`` into
+``OUT/runs/<label>/`` before ``report`` writes the side-by-side report and ``OUT/config.yaml`` (the resolved
+config: ``lmforge compare --config`` reruns it). A recipe looks like::
 
     data: ../shared/data/dialogsum/dialogsum.dev.jsonl   # relative paths: from the working directory
     reference_field: summary
@@ -14,69 +16,160 @@ file and the key), loading recipes, and running every setting through ``harness.
     settings:
       - {label: zero-shot, shots: 0}
       - {label: sampled, temperature: 0.7, top_p: 0.9, seed: 42}
+
+``load_config(CompareConfig, path, overrides)`` (``lmforge.recipe_config``) reads one; settings given as
+mappings are merged over ``defaults`` and checked when the config is built.
 """
 
 from __future__ import annotations
 
-import os
+import difflib
 import re
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
+from lmforge.checkpoints.resolve import DEFAULT_MODEL
 from lmforge.errors import LmforgeError
 from lmforge.evaluation.data import FieldMap
-from lmforge.evaluation.harness import TASKS, EvalSettings, run_eval
+from lmforge.evaluation.harness import EvalConfig, run_eval
 from lmforge.evaluation.metrics import check_metrics
 from lmforge.outputs import claim_output
+from lmforge.recipe_config import option, validate, write_config
 
 
 @dataclass
 class Setting:
-    """One column of the comparison."""
+    """One column of the comparison (YAML only: ``settings`` items, or ``--setting KEY=VALUE,...``)."""
 
-    label: str
-    model: str | None = None        # None: the embedded default model
-    adapter: str | None = None
-    shots: int = 0
-    shots_file: str | None = None
-    temperature: float = 0.0
-    top_k: int | None = None
-    top_p: float | None = None
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    max_new_tokens: int | None = None   # None: the recipe's value
+    label: str = option(cli=False)
+    """The column's name (unique)."""
+    model: str | None = option(None, cli=False)
+    """The model (none: the embedded default model)."""
+    adapter: str | None = option(None, cli=False)
+    """A PEFT adapter folder on top of the model."""
+    shots: int = option(0, min=0, cli=False)
+    """Worked examples before each query."""
+    shots_file: str | None = option(None, cli=False)
+    """A dataset file to take shots from (none: the dataset's other records)."""
+    temperature: float = option(0.0, min=0.0, cli=False)
+    """0 = greedy."""
+    top_k: int | None = option(None, min=1, cli=False)
+    """Sample only from the k most likely tokens."""
+    top_p: float | None = option(None, min=0.0, min_exclusive=True, max=1.0, cli=False)
+    """Nucleus sampling threshold in (0, 1]."""
+    repetition_penalty: float = option(1.0, positive=True, cli=False)
+    """> 1 discourages repeating tokens already seen."""
+    seed: int | None = option(None, min=0, cli=False)
+    """Sampling seed."""
+    max_new_tokens: int | None = option(None, min=1, cli=False)
+    """Most tokens to generate (none: the config's max_new_tokens)."""
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+SETTING_KEYS = [f.name for f in fields(Setting)]
+_DATA = "data"
+
+
+def _setting(item: dict[str, Any], defaults: dict[str, Any], where: str) -> Setting:
+    """A ``Setting`` from a mapping merged over ``defaults``; unknown or missing keys name ``where``."""
+    for key in item:
+        if key not in SETTING_KEYS:
+            close = difflib.get_close_matches(str(key), SETTING_KEYS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise LmforgeError(f"{where}: unknown key {key!r}{hint} (known keys: {', '.join(SETTING_KEYS)})")
+    if "label" not in item:
+        raise LmforgeError(f"{where}: missing key 'label'")
+    try:
+        return Setting(**{**defaults, **item})
+    except LmforgeError as e:
+        raise LmforgeError(f"{where}: {e}") from None
 
 
 @dataclass
 class CompareConfig:
-    """A whole comparison: the data and task, shared generation limits, the settings and where to write."""
+    """A whole comparison: the data and task, shared generation limits, the settings and where to write.
+    Defaults < ``--config RECIPE.yaml`` < flags; every run writes the resolved config to ``OUT/config.yaml``."""
 
-    data: str
-    settings: list[Setting]
-    out: str = "compare_out"
-    task: str = "generation"
-    input_field: str | None = None
-    reference_field: str | None = None
-    prompt_template: str | None = None
-    choices_field: str | None = None
-    answer_field: str | None = None
-    metrics: list[str] | None = None
-    limit: int | None = None
-    batch_size: int = 8
-    max_new_tokens: int = 128
-    instruction: str | None = None
-    system: str | None = None
-    chat: bool | None = None
-    stop: list[str] = field(default_factory=list)
-    examples_shown: int = 3
+    recipe: ClassVar[str] = "compare"
+
+    data: Path
+    """The dataset file."""
+    settings: tuple[dict[str, Any] | Setting, ...] = option((), cli=False)
+    """The columns: mappings with a label and any of model, adapter, shots, shots_file, temperature, top_k, top_p,
+    repetition_penalty, seed, max_new_tokens (--setting adds one)."""
+    defaults: dict[str, Any] = option(default_factory=dict, cli=False)
+    """Setting fields every setting starts from (a setting's own keys win)."""
+    out: Path = option(Path("compare_out"), flags=("-o", "--out"))
+    """Output folder: report.md, report.html, chart_<metric>.png, config.yaml and runs/."""
+    task: Literal["generation", "toxicity", "perplexity", "multiple_choice"] = option("generation", group=_DATA)
+    """generation (scored against references), toxicity (rate of toxic generations), perplexity (of a text
+    field), multiple_choice (by log-likelihood)."""
+    input_field: str | None = option(None, group=_DATA)
+    """The field holding the prompt text (instead of --prompt-template)."""
+    reference_field: str | None = option(None, group=_DATA)
+    """The field holding the reference output (needed by ROUGE/BLEU/...)."""
+    prompt_template: str | None = option(None, group=_DATA)
+    """Build the prompt from fields: 'Summarize:\\n\\n{dialogue}\\n\\nSummary:' ({{ and }} are literal braces; on the
+    command line \\n and \\t are unescaped)."""
+    choices_field: str | None = option(None, group=_DATA)
+    """Multiple choice: the field holding the list of choices."""
+    answer_field: str | None = option(None, group=_DATA)
+    """Multiple choice: the field holding the answer (index or choice text)."""
+    metrics: tuple[str, ...] | None = option(None, sep=",", group=_DATA)
+    """Comma-separated: rouge1,rouge2,rougeL,rougeLsum,bleu,chrf,exact_match,toxicity (none: all but toxicity; the
+    toxicity task: toxicity)."""
+    limit: int | None = option(None, min=1, group=_DATA)
+    """Evaluate only the first N records."""
+    batch_size: int = option(8, min=1, group=_DATA)
+    """Examples per model call."""
+    max_new_tokens: int = option(128, min=1, flags=("-n",))
+    """Most tokens to generate (a setting's max_new_tokens wins)."""
+    instruction: str | None = option(None, group=_DATA)
+    """An instruction before the examples (the system message in chat mode)."""
+    system: str | None = option(None, group=_DATA)
+    """A system message (chat template only)."""
+    chat: bool | None = option(None, group=_DATA)
+    """Use the model's chat template (none: when the model has one)."""
+    stop: tuple[str, ...] = option((), cli=False)
+    """Stop when one of these texts appears."""
+    examples_shown: int = option(3, min=0)
+    """Examples in the report."""
     title: str | None = None
-    notes: str | None = None            # free text shown under the report's title
-    runs_out: str | None = None         # per-setting predictions and summaries (default: OUT/runs)
+    """The report's title (none: 'lmforge compare: DATA')."""
+    notes: str | None = option(None, cli=False)
+    """Free text shown under the report's title."""
+    runs_out: Path | None = option(None, cli=False)
+    """Per-setting predictions and summaries (none: OUT/runs)."""
     device: str = "cpu"
+    """cpu, cuda, ..."""
     dtype: str = "auto"
-    toxicity_scorer: str | None = None  # a registered name, reward:PATH or module:function (default: profanity-check)
+    """float32 | bfloat16 | float16 | auto."""
+    toxicity_scorer: str | None = option(None, cli=False)
+    """Toxicity: a registered name, reward:PATH or module:function (none: profanity-check)."""
+
+    def __post_init__(self) -> None:
+        validate(self)
+        for key in self.defaults:
+            if key not in SETTING_KEYS or key == "label":
+                raise LmforgeError(f"defaults: unknown key {key!r} (known keys: {', '.join(SETTING_KEYS[1:])})")
+        if not self.settings:
+            raise LmforgeError("settings: give at least one setting (each with a label) in the config or with "
+                               "--setting")
+        self.settings = tuple(s if isinstance(s, Setting) else _setting(s, self.defaults, f"settings[{i}]")
+                              for i, s in enumerate(self.settings))
+        labels = [s.label for s in self.settings]
+        for i, label in enumerate(labels):
+            if label in labels[:i]:
+                raise LmforgeError(f"settings[{i}]: label {label!r} is used twice; labels must be unique")
+        if self.metrics is not None:
+            self.metrics = tuple(check_metrics(list(self.metrics)))
+        if self.input_field is None and self.prompt_template is None:
+            raise LmforgeError("set input_field (--input-field) or prompt_template (--prompt-template): how a "
+                               "record becomes a prompt")
 
     def runs_dir(self) -> Path:
         return Path(self.runs_out) if self.runs_out else Path(self.out) / "runs"
@@ -85,117 +178,17 @@ class CompareConfig:
         return FieldMap(input=self.input_field, reference=self.reference_field, template=self.prompt_template,
                         choices=self.choices_field, answer=self.answer_field)
 
-    def eval_settings(self, s: Setting) -> EvalSettings:
-        return EvalSettings(task=self.task, fields=self.fields_map(), metrics=self.metrics, limit=self.limit,
-                            shots=s.shots, shots_file=s.shots_file, instruction=self.instruction,
-                            system=self.system, chat=self.chat, batch_size=self.batch_size,
-                            max_new_tokens=s.max_new_tokens or self.max_new_tokens, temperature=s.temperature,
-                            top_k=s.top_k, top_p=s.top_p, repetition_penalty=s.repetition_penalty, seed=s.seed,
-                            stop=list(self.stop), toxicity_scorer=self.toxicity_scorer)
-
-
-# What each key may hold: (type test, description for the error message).
-_INT = (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer")
-_NUM = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number")
-_STR = (lambda v: isinstance(v, str) and v != "", "a non-empty string")
-_BOOL = (lambda v: isinstance(v, bool), "true or false")
-_STRS = (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings")
-_OPTIONAL_KEYS = {"model", "adapter", "shots_file", "top_k", "top_p", "seed", "max_new_tokens", "input_field",
-                  "reference_field", "prompt_template", "choices_field", "answer_field", "metrics", "limit",
-                  "instruction", "system", "chat", "title", "notes", "runs_out", "toxicity_scorer"}
-_TYPES: dict[str, tuple] = {
-    "label": _STR, "model": _STR, "adapter": _STR, "shots": _INT, "shots_file": _STR, "temperature": _NUM,
-    "top_k": _INT, "top_p": _NUM, "repetition_penalty": _NUM, "seed": _INT, "max_new_tokens": _INT,
-    "data": _STR, "out": _STR, "task": _STR, "input_field": _STR, "reference_field": _STR, "prompt_template": _STR,
-    "choices_field": _STR, "answer_field": _STR, "metrics": _STRS, "limit": _INT, "batch_size": _INT,
-    "instruction": _STR, "system": _STR, "chat": _BOOL, "stop": _STRS, "examples_shown": _INT, "title": _STR,
-    "notes": _STR, "runs_out": _STR,
-    "device": _STR, "dtype": _STR, "toxicity_scorer": _STR,
-}
-# Lowest allowed values (and the highest for top_p).
-_LOW = {"shots": 0, "top_k": 1, "max_new_tokens": 1, "limit": 1, "batch_size": 1, "examples_shown": 0,
-        "temperature": 0.0}
-
-
-def _check_value(key: str, value: Any, where: str) -> Any:
-    if value is None and key in _OPTIONAL_KEYS:
-        return None
-    test, what = _TYPES[key]
-    if not test(value):
-        raise LmforgeError(f"{where}: '{key}' must be {what}, got {value!r}")
-    if key in _LOW and value < _LOW[key]:
-        raise LmforgeError(f"{where}: '{key}' must be >= {_LOW[key]}, got {value}")
-    if key == "top_p" and not 0 < value <= 1:
-        raise LmforgeError(f"{where}: 'top_p' must be in (0, 1], got {value}")
-    if key in ("repetition_penalty",) and value <= 0:
-        raise LmforgeError(f"{where}: '{key}' must be > 0, got {value}")
-    if key == "task" and value not in TASKS:
-        raise LmforgeError(f"{where}: unknown task {value!r}; choose one of: {', '.join(TASKS)}")
-    if key == "metrics":
-        try:
-            check_metrics(value)
-        except LmforgeError as e:
-            raise LmforgeError(f"{where}: {e}") from None
-    return value
-
-
-def _checked(d: Any, allowed: list[str], where: str) -> dict:
-    if not isinstance(d, dict):
-        raise LmforgeError(f"{where}: expected a mapping of keys to values, got {type(d).__name__}")
-    unknown = [k for k in d if k not in allowed]
-    if unknown:
-        raise LmforgeError(f"{where}: unknown key {unknown[0]!r}; known keys: {', '.join(allowed)}")
-    return {k: _check_value(k, v, where) for k, v in d.items()}
-
-
-SETTING_KEYS = [f.name for f in fields(Setting)]
-TOP_KEYS = [f.name for f in fields(CompareConfig)] + ["defaults"]
-
-
-def parse_config(raw: Any, source: str = "the compare config") -> CompareConfig:
-    """Validate a parsed recipe (a dict) against the compare schema and build the ``CompareConfig``."""
-    top = _checked({k: v for k, v in (raw or {}).items() if k not in ("settings", "defaults")}
-                   if isinstance(raw, dict) else raw, TOP_KEYS, source)
-    if "data" not in top:
-        raise LmforgeError(f"{source}: missing key 'data' (the dataset file)")
-    defaults = _checked(raw.get("defaults") or {}, [k for k in SETTING_KEYS if k != "label"], f"{source}: defaults")
-    items = raw.get("settings")
-    if not isinstance(items, list) or not items:
-        raise LmforgeError(f"{source}: 'settings' must be a non-empty list of settings (each with a label)")
-    settings, labels = [], set()
-    for i, item in enumerate(items):
-        where = f"{source}: settings[{i}]"
-        s = {**defaults, **_checked(item, SETTING_KEYS, where)}
-        if "label" not in s:
-            raise LmforgeError(f"{where}: missing key 'label'")
-        if s["label"] in labels:
-            raise LmforgeError(f"{where}: label {s['label']!r} is used twice; labels must be unique")
-        labels.add(s["label"])
-        settings.append(Setting(**s))
-    cfg = CompareConfig(settings=settings, **top)
-    if cfg.input_field is None and cfg.prompt_template is None:
-        raise LmforgeError(f"{source}: set 'input_field' or 'prompt_template' (how a record becomes a prompt)")
-    return cfg
-
-
-def load_recipe(path: str | os.PathLike) -> dict:
-    """Read a recipe YAML file into a dict (validated later by ``parse_config``)."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise LmforgeError(f"recipe {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f", line {mark.line + 1}" if mark is not None else ""
-        raise LmforgeError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
-    except UnicodeDecodeError as e:
-        raise LmforgeError(f"{path} is not UTF-8 text (byte {e.start})") from None
-    if not isinstance(raw, dict):
-        raise LmforgeError(f"{path}: a recipe must be a YAML mapping, got {type(raw).__name__}")
-    return raw
+    def eval_config(self, s: Setting, out: Path | None = None) -> EvalConfig:
+        """The ``lmforge eval`` config of one setting (written to ``out``)."""
+        return EvalConfig(data=self.data, out=out, task=self.task, input_field=self.input_field,
+                          reference_field=self.reference_field, prompt_template=self.prompt_template,
+                          choices_field=self.choices_field, answer_field=self.answer_field, metrics=self.metrics,
+                          limit=self.limit, shots=s.shots, shots_file=s.shots_file, instruction=self.instruction,
+                          system=self.system, chat=self.chat, batch_size=self.batch_size,
+                          max_new_tokens=s.max_new_tokens or self.max_new_tokens, temperature=s.temperature,
+                          top_k=s.top_k, top_p=s.top_p, repetition_penalty=s.repetition_penalty, seed=s.seed,
+                          stop=self.stop, toxicity_scorer=self.toxicity_scorer, model=s.model or DEFAULT_MODEL,
+                          adapter=s.adapter, device=self.device, dtype=self.dtype)
 
 
 def slug(label: str) -> str:
@@ -245,6 +238,7 @@ def report_only(cfg: CompareConfig, command: str, *, force: bool = False) -> lis
     results = [Result(s, *_read_run(cfg.runs_dir() / folders[s.label])) for s in cfg.settings]
     with claim_output(cfg.out, "compare", force=force):
         write_report(cfg, results, command)
+        write_config(cfg, cfg.out)
     return results
 
 
@@ -277,10 +271,11 @@ def run_compare(cfg: CompareConfig, command: str, *, progress: bool = True, load
                 held_key = key
             print(f"[{n}/{len(cfg.settings)}] {s.label}", file=sys.stderr)
             run_dir = cfg.runs_dir() / folders[s.label]
-            run_eval(lm, cfg.data, cfg.eval_settings(s), run_dir, progress=progress, label=s.label,
+            run_eval(lm, cfg.eval_config(s, run_dir), progress=progress, label=s.label,
                      extra={"label": s.label, "model": s.model or lm.name, "adapter": s.adapter}, force=force)
             results.append(Result(s, *_read_run(run_dir)))
         write_report(cfg, results, command)
+        write_config(cfg, cfg.out)
     return results
 
 

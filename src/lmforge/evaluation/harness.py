@@ -1,7 +1,8 @@
 """One evaluation run: dataset -> prompts -> batched model calls -> scores on disk.
 
-Owns ``EvalSettings`` (everything a run depends on besides the model: the task kind, field
-mapping, shots, sampling, batch size), building each example's prompt (zero/one/few-shot, chat
+Owns ``EvalConfig`` (the recipe config of ``lmforge eval``: the dataset, the model, the task kind, field
+mapping, shots, sampling, batch size and output folder; one field per setting, its docstring the ``--help``
+text, see ``lmforge.recipe_config``), building each example's prompt (zero/one/few-shot, chat
 template or plain text, fitted to the context by dropping shots from the end), and the four task
 kinds:
 
@@ -10,9 +11,11 @@ kinds:
 - ``perplexity``: exp(mean token NLL) of a text field (``likelihood.perplexity``);
 - ``multiple_choice``: the choice with the highest summed log-likelihood, and length-normalised.
 
-``run_eval`` writes ``OUT/predictions.jsonl`` (one line per example: input, prompt, prediction,
-reference, scores) and ``OUT/summary.json`` (metrics, settings, counts, timing), each atomically; the
-folder is checked and locked first (``lmforge.outputs``).
+``run_eval(lm, cfg)`` runs a loaded model (``evaluate(cfg)`` loads ``cfg.model`` first) and writes
+``OUT/predictions.jsonl`` (one line per example: input, prompt, prediction, reference, scores),
+``OUT/summary.json`` (metrics, settings, counts, timing) and ``OUT/config.yaml`` (the resolved config:
+``lmforge eval --config`` reruns it), each atomically; the folder is checked and locked first
+(``lmforge.outputs``).
 """
 
 from __future__ import annotations
@@ -21,10 +24,11 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
+from lmforge.checkpoints.resolve import DEFAULT_MODEL
 from lmforge.data.records import load_records
 from lmforge.errors import LmforgeError
 from lmforge.evaluation import data as D
@@ -32,42 +36,109 @@ from lmforge.evaluation.metrics import DEFAULT_METRICS, ToxicityScorer, check_me
 from lmforge.io import write_json_atomic, write_text_atomic
 from lmforge.outputs import claims_output
 from lmforge.prompts import Example, build_messages, build_prompt
+from lmforge.recipe_config import option, validate, write_config
 
 TASKS = ("generation", "toxicity", "perplexity", "multiple_choice")
 
 
-@dataclass
-class EvalSettings:
-    """What an evaluation run does, apart from which model it runs."""
+# The sampling ranges of ``lmforge.generation.sampling`` (which imports torch; checked again there).
+MIN_TEMPERATURE, MIN_TOP_P, REPETITION_PENALTY_RANGE, SEED_LIMIT = 0.01, 1e-6, (0.01, 100.0), 2**63
+_DATA, _MODEL, _GEN = "data", "model", "generation"
 
-    task: str = "generation"
-    fields: D.FieldMap = field(default_factory=D.FieldMap)
-    metrics: list[str] | None = None      # generation: default DEFAULT_METRICS; toxicity: ["toxicity"]
-    limit: int | None = None              # evaluate the first N records
-    shots: int = 0
-    shots_file: str | None = None         # default: shots from the dataset's other records
-    instruction: str | None = None
-    system: str | None = None
-    chat: bool | None = None              # None: use the chat template when the model has one
-    batch_size: int = 8
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_k: int | None = None
-    top_p: float | None = None
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    window: int | None = None             # perplexity: tokens per window (default: the model's context)
-    stride: int | None = None             # perplexity: default window // 2
-    toxicity_scorer: str | None = None    # a registered name or "module:function" (default: profanity-check)
+
+@dataclass
+class EvalConfig:
+    """Everything ``lmforge eval`` needs: the dataset and how to read it, the model, shots, sampling and where
+    to write. Defaults < ``--config FILE.yaml`` < flags; every run writes it to ``OUT/config.yaml``."""
+
+    recipe: ClassVar[str] = "eval"
+
+    data: Path
+    """The dataset file (JSONL, JSON, CSV; optionally .gz)."""
+    out: Path | None = option(None, flags=("-o", "--out"))
+    """Output folder (required on the command line; none in Python: nothing is written)."""
+    task: Literal["generation", "toxicity", "perplexity", "multiple_choice"] = option("generation", group=_DATA)
+    """generation (scored against references), toxicity (rate of toxic generations), perplexity (of a text
+    field), multiple_choice (by log-likelihood)."""
+    input_field: str | None = option(None, group=_DATA)
+    """The field holding the prompt text (none: 'input' unless --prompt-template is given)."""
+    reference_field: str | None = option(None, group=_DATA)
+    """The field holding the reference output (needed by ROUGE/BLEU/...)."""
+    prompt_template: str | None = option(None, group=_DATA)
+    """Build the prompt from fields: 'Summarize:\\n\\n{dialogue}\\n\\nSummary:' ({{ and }} are literal braces; on the
+    command line \\n and \\t are unescaped)."""
+    choices_field: str | None = option(None, group=_DATA)
+    """Multiple choice: the field holding the list of choices."""
+    answer_field: str | None = option(None, group=_DATA)
+    """Multiple choice: the field holding the answer (index or choice text)."""
+    metrics: tuple[str, ...] | None = option(None, sep=",", group=_DATA)
+    """Comma-separated: rouge1,rouge2,rougeL,rougeLsum,bleu,chrf,exact_match,toxicity (none: all but toxicity; the
+    toxicity task: toxicity)."""
+    limit: int | None = option(None, min=1, group=_DATA)
+    """Evaluate only the first N records."""
+    batch_size: int = option(8, min=1, group=_DATA)
+    """Examples per model call."""
+    instruction: str | None = option(None, group=_DATA)
+    """An instruction before the examples (the system message in chat mode)."""
+    system: str | None = option(None, group=_DATA)
+    """A system message (chat template only)."""
+    chat: bool | None = option(None, group=_DATA)
+    """Use the model's chat template (none: when the model has one)."""
+    shots: int = option(0, min=0, group=_DATA)
+    """Worked examples before each query (0 = zero-shot); taken in a fixed order from --shots-file or from the
+    dataset's other records, never the query itself."""
+    shots_file: Path | None = option(None, group=_DATA)
+    """A dataset file (same fields) to take shots from."""
+    window: int | None = option(None, min=2, group=_DATA)
+    """Perplexity: tokens per window (none: the model's context)."""
+    stride: int | None = option(None, min=1, group=_DATA)
+    """Perplexity: window step (none: window / 2)."""
+    toxicity_scorer: str | None = option(None, group=_DATA)
+    """Toxicity: a registered scorer name, 'reward:PATH' (a classifier from `lmforge reward train`) or
+    'package.module:function' (none: profanity-check)."""
+    model: str = option(DEFAULT_MODEL, flags=("-m", "--model"), group=_MODEL)
+    """An embedded name, a local HF directory or .gguf file, or a hub id when online."""
+    adapter: Path | None = option(None, group=_MODEL)
+    """A PEFT adapter folder (LoRA or prompt tuning) to apply on top of the model."""
+    quantize: Literal["int8"] | None = option(None, group=_MODEL)
+    """Weight-only int8 linear layers: ~0.4x the weight memory."""
+    device: str = option("cpu", group=_MODEL)
+    """cpu, cuda, cuda:1, ..."""
+    dtype: str = option("auto", group=_MODEL)
+    """float32 | bfloat16 | float16 | auto (bfloat16 on GPU, float32 on CPU)."""
+    max_new_tokens: int = option(128, min=1, flags=("-n",), group=_GEN)
+    """Most tokens to generate."""
+    temperature: float = option(0.0, min=0.0, flags=("-t",), group=_GEN)
+    """0 = greedy, deterministic; otherwise >= 0.01, higher = more random."""
+    top_k: int | None = option(None, min=1, group=_GEN)
+    """Sample only from the k most likely tokens."""
+    top_p: float | None = option(None, min=MIN_TOP_P, max=1.0, group=_GEN)
+    """Nucleus sampling: the smallest set of tokens whose probability reaches p, in [1e-6, 1]."""
+    repetition_penalty: float = option(1.0, min=REPETITION_PENALTY_RANGE[0], max=REPETITION_PENALTY_RANGE[1],
+                                       group=_GEN)
+    """> 1 discourages repeating tokens already seen, in [0.01, 100] (1 = off)."""
+    stop: tuple[str, ...] = option((), group=_GEN)
+    """Stop when this text appears (repeatable); it is not printed."""
+    seed: int | None = option(None, min=0, max=SEED_LIMIT, max_exclusive=True, group=_GEN)
+    """Random seed in [0, 2**63): the same seed gives the same text."""
+
+    def __post_init__(self) -> None:
+        validate(self)
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            raise LmforgeError(f"temperature (--temperature): must be 0 (greedy) or >= {MIN_TEMPERATURE}, "
+                               f"got {self.temperature}")
+        if self.metrics is not None:
+            self.metrics = tuple(check_metrics(list(self.metrics)))
+        self.check()
+
+    @property
+    def fields(self) -> D.FieldMap:
+        """Which record fields play which role."""
+        default_input = None if self.prompt_template is not None else "input"
+        return D.FieldMap(input=self.input_field or default_input, reference=self.reference_field,
+                          template=self.prompt_template, choices=self.choices_field, answer=self.answer_field)
 
     def check(self) -> None:
-        if self.task not in TASKS:
-            raise LmforgeError(f"unknown task {self.task!r}; choose one of: {', '.join(TASKS)}")
-        for name, low in (("limit", 1), ("shots", 0), ("batch_size", 1), ("max_new_tokens", 1)):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
-                raise LmforgeError(f"{name} must be an integer >= {low}, got {value!r}")
         if self.task in ("perplexity",) and (self.shots or self.shots_file):
             raise LmforgeError("perplexity scores text as it is: shots do not apply")
         if self.metrics is not None and self.task in ("perplexity", "multiple_choice"):
@@ -75,7 +146,7 @@ class EvalSettings:
 
     def metric_names(self) -> list[str]:
         if self.metrics is not None:
-            return check_metrics(self.metrics)
+            return check_metrics(list(self.metrics))
         return ["toxicity"] if self.task == "toxicity" else list(DEFAULT_METRICS)
 
 
@@ -97,7 +168,7 @@ class BuiltPrompt:
     shots_dropped: int
 
 
-def _assemble(lm, query: str, shots: list[Example], s: EvalSettings, chat: bool) -> Any:
+def _assemble(lm, query: str, shots: list[Example], s: EvalConfig, chat: bool) -> Any:
     if chat:
         return build_messages(query, s.instruction, shots, system=s.system)
     if s.fields.template is None:
@@ -108,7 +179,7 @@ def _assemble(lm, query: str, shots: list[Example], s: EvalSettings, chat: bool)
     return "\n\n".join([*blocks, query])
 
 
-def fit_prompt(lm, query: str, shots: list[Example], s: EvalSettings, chat: bool, reserve: int,
+def fit_prompt(lm, query: str, shots: list[Example], s: EvalConfig, chat: bool, reserve: int,
                where: str) -> BuiltPrompt:
     """The prompt with as many of ``shots`` as fit in the context with ``reserve`` tokens to spare;
     shots are dropped from the end. Raises if even the zero-shot prompt does not fit."""
@@ -126,7 +197,7 @@ def fit_prompt(lm, query: str, shots: list[Example], s: EvalSettings, chat: bool
     return BuiltPrompt(prompt, ids, len(kept), len(shots) - len(kept))
 
 
-def _shot_output(record: D.Record, s: EvalSettings) -> str:
+def _shot_output(record: D.Record, s: EvalConfig) -> str:
     if s.task == "multiple_choice":
         choices = D.choices_of(record, s.fields)
         return choices[D.answer_index(record, s.fields, choices)]
@@ -135,7 +206,7 @@ def _shot_output(record: D.Record, s: EvalSettings) -> str:
     return D.text_field(record, s.fields.reference, "--reference-field")
 
 
-def build_prompts(lm, records: list[D.Record], evaluated: int, s: EvalSettings, chat: bool,
+def build_prompts(lm, records: list[D.Record], evaluated: int, s: EvalConfig, chat: bool,
                   reserve: int) -> list[BuiltPrompt]:
     """Prompts for ``records[:evaluated]`` with ``s.shots`` examples each (see ``data`` for the rule)."""
     if s.shots_file:
@@ -163,17 +234,41 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="ex", file=sys.stderr, disable=not enabled, leave=False)
 
 
-@claims_output("eval")
-def run_eval(lm, data_path: str | os.PathLike, s: EvalSettings, out_dir: str | os.PathLike | None = None, *,
-             progress: bool = True, label: str = "eval", extra: dict | None = None,
-             toxicity_scorer: ToxicityScorer | None = None, force: bool = False) -> dict:
-    """Evaluate ``lm`` (an ``lmforge.LM``) on the dataset at ``data_path``; returns the summary.
+def load_model(cfg: EvalConfig):
+    """``cfg.model`` (plus adapter, quantisation, device, dtype) as a text-generating ``lmforge.LM``."""
+    from lmforge.lm import LM, load
 
-    Writes ``predictions.jsonl`` and ``summary.json`` into ``out_dir`` when it is given: a folder that holds
-    other files needs ``force`` (``lmforge.outputs``); an earlier evaluation's two files are replaced.
+    lm = load(cfg.model, device=cfg.device, dtype=cfg.dtype, adapter=cfg.adapter, quantize=cfg.quantize)
+    if not isinstance(lm, LM):
+        raise LmforgeError(f"{cfg.model} is an encoder-only model ({lm.config.family}): it cannot generate text; "
+                           "use `lmforge embed` for its embeddings")
+    return lm
+
+
+def evaluate(cfg: EvalConfig, *, progress: bool = True, force: bool = False) -> dict:
+    """Load ``cfg.model`` and ``run_eval`` it; the dataset and the output folder are checked before the model
+    loads."""
+    from lmforge.outputs import check_output
+
+    if not Path(cfg.data).is_file():
+        raise LmforgeError(f"dataset {cfg.data} does not exist")
+    if cfg.out is not None:
+        check_output(cfg.out, "eval", force=force)  # before the model loads; run_eval claims the folder
+    return run_eval(load_model(cfg), cfg, progress=progress, extra={"adapter": cfg.adapter and str(cfg.adapter)},
+                    force=force)
+
+
+@claims_output("eval", path="out", config="s")
+def run_eval(lm, s: EvalConfig, *, progress: bool = True, label: str = "eval", extra: dict | None = None,
+             toxicity_scorer: ToxicityScorer | None = None, force: bool = False) -> dict:
+    """Evaluate ``lm`` (an ``lmforge.LM``; ``s.model`` is not loaded) on the dataset ``s.data``; returns the
+    summary.
+
+    Writes ``predictions.jsonl``, ``summary.json`` and ``config.yaml`` into ``s.out`` when it is set: a folder that
+    holds other files needs ``force`` (``lmforge.outputs``); an earlier evaluation's files are replaced.
     ``extra`` is merged into the summary's settings (e.g. the adapter, a compare label).
     """
-    s.check()
+    data_path = s.data
     metrics = s.metric_names() if s.task in ("generation", "toxicity") else []
     records = load_records(data_path)
     n = min(len(records), s.limit) if s.limit else len(records)
@@ -196,7 +291,8 @@ def run_eval(lm, data_path: str | os.PathLike, s: EvalSettings, out_dir: str | o
     dropped = [r.get("shots_dropped", 0) for r in rows]
     summary = {
         "task": s.task, "model": lm.name, "data": str(data_path), "metrics": scores,
-        "settings": {**asdict(s), "chat": chat, "metrics": metrics or None, **(extra or {})},
+        "settings": {**json.loads(json.dumps(asdict(s), default=str)), "chat": chat, "metrics": metrics or None,
+                     **(extra or {})},
         "counts": {"records": len(records), "evaluated": n, "shots_requested": s.shots,
                    "shots_dropped": sum(dropped), "examples_with_dropped_shots": sum(d > 0 for d in dropped)},
         "timing": {"seconds": round(seconds, 3), "seconds_per_example": round(seconds / n, 4)},
@@ -204,8 +300,9 @@ def run_eval(lm, data_path: str | os.PathLike, s: EvalSettings, out_dir: str | o
     if sum(dropped):
         print(f"warning: {sum(dropped)} shots dropped over {summary['counts']['examples_with_dropped_shots']} "
               f"examples so that prompts fit the {lm.config.max_seq_len}-token context", file=sys.stderr)
-    if out_dir is not None:
-        write_outputs(out_dir, rows, summary)
+    if s.out is not None:
+        write_outputs(s.out, rows, summary)
+        write_config(s, s.out)
     return summary
 
 
@@ -213,7 +310,7 @@ def _decoded(lm, ids: list[int]) -> str:
     return lm.tokenizer.decode(ids, skip_special_tokens=False)
 
 
-def _run_generation(lm, records, n, s: EvalSettings, chat, metrics, progress, label, scorer):
+def _run_generation(lm, records, n, s: EvalConfig, chat, metrics, progress, label, scorer):
     prompts = build_prompts(lm, records, n, s, chat, reserve=s.max_new_tokens)
     predictions: list[str] = []
     with _progress(n, label, progress) as bar:
@@ -236,7 +333,7 @@ def _run_generation(lm, records, n, s: EvalSettings, chat, metrics, progress, la
     return rows, corpus
 
 
-def _run_perplexity(lm, evaluated, s: EvalSettings, progress):
+def _run_perplexity(lm, evaluated, s: EvalConfig, progress):
     from lmforge.evaluation.likelihood import perplexity
 
     texts = [D.query_text(r, s.fields) for r in evaluated]
@@ -250,7 +347,7 @@ def _run_perplexity(lm, evaluated, s: EvalSettings, progress):
                   "tokens_scored": result.tokens}
 
 
-def _run_multiple_choice(lm, records, n, s: EvalSettings, chat, progress, label):
+def _run_multiple_choice(lm, records, n, s: EvalConfig, chat, progress, label):
     from lmforge.evaluation.likelihood import choice_logprobs
 
     all_choices = [D.choices_of(r, s.fields) for r in records[:n]]

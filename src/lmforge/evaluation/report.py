@@ -10,12 +10,11 @@ command that regenerates them.
 from __future__ import annotations
 
 import base64
-import dataclasses
 import html
 from collections.abc import Sequence
 from pathlib import Path
 
-from lmforge.io import write_bytes_atomic, write_json_atomic, write_text_atomic
+from lmforge.io import write_bytes_atomic, write_text_atomic
 
 # Metrics where lower is better (shown in the chart title).
 LOWER_IS_BETTER = {"perplexity", "nll_per_token", "toxicity_rate", "toxicity_mean"}
@@ -111,7 +110,8 @@ def _examples(results: Sequence, k: int) -> list[dict]:
 
 
 def write_report(cfg, results: Sequence, command: str) -> dict[str, Path]:
-    """Write report.md, report.html, one chart_<metric>.png per metric and config.json into ``cfg.out``."""
+    """Write report.md, report.html and one chart_<metric>.png per metric into ``cfg.out`` (the caller writes the
+    resolved config, ``config.yaml``, beside them)."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     title = cfg.title or f"lmforge compare: {Path(cfg.data).name}"
@@ -171,6 +171,5 @@ def write_report(cfg, results: Sequence, command: str) -> dict[str, Path]:
             f"0–1). BLEU and chrF: sacrebleu corpus scores (0–100).</p>{imgs}<h2>Example outputs</h2>{ex_html}"
             "</body></html>\n")
     write_text_atomic(out / "report.html", page)
-    write_json_atomic(out / "config.json", dataclasses.asdict(cfg))
     paths.update(md=out / "report.md", html=out / "report.html")
     return paths
