@@ -79,7 +79,8 @@ def save_adapter(model: nn.Module, path: str | Path, base_name: str | None = Non
     config = {
         "peft_type": "LORA", "task_type": TASK_TYPES[c.arch], "r": first.r,
         "lora_alpha": first.alpha, "use_rslora": first.rslora,
-        "lora_dropout": getattr(first.dropout, "p", 0.0), "target_modules": targets, "bias": "none",
+        "lora_dropout": first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0,
+        "target_modules": targets, "bias": "none",
         "fan_in_fan_out": families.get(c.family).transposed is not None,  # weights stored (in, out): GPT-2's Conv1D
         "base_model_name_or_path": base_name, "inference_mode": True,
         "modules_to_save": None, "init_lora_weights": True, "use_dora": False,
