@@ -171,3 +171,19 @@ def test_eval_config_sampling_ranges_are_the_samplers():
 
     assert (harness.MIN_TEMPERATURE, harness.MIN_TOP_P, harness.REPETITION_PENALTY_RANGE, harness.SEED_LIMIT) == (
         sampling.MIN_TEMPERATURE, sampling.MIN_TOP_P, sampling.REPETITION_PENALTY_RANGE, sampling.SEED_LIMIT)
+
+
+def test_serve_config_from_a_file_and_flags(tmp_path, capsys):
+    """`lmforge serve --config` reads the server's settings (flags win); the API key is never in a config."""
+    printed = print_config(["serve", "my-model", "--port", "8123", "--max-batch", "4", "--api-key", "s3cret"], capsys)
+    assert "s3cret" not in printed and "api_key" not in printed
+    values = yaml.safe_load(printed)
+    assert (values["model"], values["port"], values["max_batch"], values["host"]) == ("my-model", 8123, 4, "127.0.0.1")
+    path = tmp_path / "serve.yaml"
+    path.write_text(printed, encoding="utf-8")
+    again = yaml.safe_load(print_config(["serve", "--config", str(path), "--max-queue", "2"], capsys))
+    assert again == {**values, "max_queue": 2}
+    path.write_text("port: 70000\n", encoding="utf-8")
+    assert main(["serve", "--config", str(path)]) == 2
+    assert f"{path}:1: port: must be >= 0 and <= 65535, got 70000" in capsys.readouterr().err
+    assert "--max-body-mb MAX_BODY_MB Largest request body in MiB; larger ones get 413" in help_text("serve", capsys)

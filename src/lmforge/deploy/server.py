@@ -56,6 +56,7 @@ from lmforge.deploy.protocol import (
     usage,
     usage_chunk,
 )
+from lmforge.deploy.serve_config import MAX_BODY_MB, READ_TIMEOUT_S, ServeConfig
 from lmforge.errors import LmforgeError
 from lmforge.generation.sampling import SamplingParams
 
@@ -65,8 +66,7 @@ OPEN_PATHS = ("/", "/health")  # reachable without the API key: a static page an
 PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; "
                                            "style-src 'unsafe-inline'; connect-src 'self'",
                 "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
-MAX_BODY_BYTES = 4 * 1024 * 1024  # default request-body limit: a full 128k-token prompt as JSON fits
-READ_TIMEOUT_S = 30.0  # default time a client gets to send its request head, and then its body
+MAX_BODY_BYTES = int(MAX_BODY_MB * 1024 * 1024)  # default request-body limit (ServeConfig.max_body_mb)
 CHARS_PER_TOKEN = 32  # prompt text beyond this many characters per context token cannot fit: refused untokenised
 POLL_S = 0.25  # how often a waiting non-streaming request checks that its client is still there
 
@@ -442,11 +442,14 @@ async def _stream(engine, seqs, queue, rid, model_id, chat, echo, include_usage,
             engine.cancel(seqs)
 
 
-def serve(lm, *, model_id: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          max_batch: int = 16, max_queue: int = 64, context: int | None = None, aliases: tuple[str, ...] = (),
-          log_level: str = "info", max_body_bytes: int = MAX_BODY_BYTES, read_timeout: float = READ_TIMEOUT_S) -> None:
-    """Serve ``lm`` until interrupted (SIGTERM: requests in flight get 10 s to finish)."""
+def serve(lm, cfg: ServeConfig, *, model_id: str, api_key: str | None = None) -> None:
+    """Serve ``lm`` (loaded from ``cfg.model``) as ``model_id`` (``cfg.model`` is accepted as an alias) with
+    ``cfg``'s address and limits until interrupted (SIGTERM: requests in flight get 10 s to finish)."""
     import uvicorn
+
+    host, port, max_batch, read_timeout = cfg.host, cfg.port, cfg.max_batch, cfg.read_timeout
+    max_queue, context, aliases, log_level = cfg.max_queue, cfg.max_context, (cfg.model,), cfg.log_level
+    max_body_bytes = int(cfg.max_body_mb * 1024 * 1024)
 
     engine = Engine(lm.model, lm.tokenizer, lm.eos_ids, max_batch=max_batch, max_queue=max_queue, context=context)
     app = create_app(lm, engine, model_id=model_id, api_key=api_key, aliases=aliases, max_body_bytes=max_body_bytes,

@@ -1,0 +1,59 @@
+"""``ServeConfig``: the recipe config of ``lmforge serve`` (which model to serve, where, and the server's limits).
+
+Declared like every recipe config (``lmforge.recipe_config``: one field per setting, its docstring the
+``--help`` text, ranges in ``option(...)``); ``deploy/server.py`` runs it (``serve(lm, cfg)``). It lives apart
+from ``server.py`` because that module imports FastAPI and torch, which building the command-line parser
+must not (FastAPI is optional). The API key is not part of it: a secret never goes into a printed or
+saved config (``--api-key`` / ``$LMFORGE_API_KEY``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Literal
+
+from lmforge.checkpoints.resolve import DEFAULT_MODEL
+from lmforge.recipe_config import option, validate
+
+MAX_BODY_MB = 4.0  # default request-body limit: a full 128k-token prompt as JSON fits
+READ_TIMEOUT_S = 30.0  # default time a client gets to send its request head, and then its body
+
+
+@dataclass
+class ServeConfig:
+    """Everything ``lmforge serve`` needs but the API key. Defaults < ``--config FILE.yaml`` < flags."""
+
+    recipe: ClassVar[str] = "serve"
+
+    model: str = DEFAULT_MODEL
+    """An embedded name, a local HF directory or .gguf file, or a hub id."""
+    adapter: Path | None = None
+    """A PEFT adapter folder (LoRA or prompt tuning) to apply on top of the model."""
+    device: str = "cpu"
+    """cpu, cuda, cuda:1, ..."""
+    dtype: str = "auto"
+    """float32 | bfloat16 | float16 | auto."""
+    quantize: Literal["int8"] | None = None
+    """Weight-only int8 linear layers (per-row absmax scales): less memory, logits close to fp32."""
+    host: str = "127.0.0.1"
+    """Address to bind (127.0.0.1: this machine only; 0.0.0.0 exposes it)."""
+    port: int = option(8000, min=0, max=65535)
+    """TCP port."""
+    served_model_name: str | None = None
+    """The model id clients use (none: the model name, or a path's last component)."""
+    max_batch: int = option(16, min=1)
+    """Sequences decoded together in one forward pass (KV cache slots)."""
+    max_queue: int = option(64, min=0)
+    """Sequences that may wait for a slot; beyond that requests get 503."""
+    max_context: int = option(2048, min=2)
+    """Tokens per sequence, prompt + completion; capped at the model's context and sizes the KV cache."""
+    max_body_mb: float = option(MAX_BODY_MB, positive=True)
+    """Largest request body in MiB; larger ones get 413 before they are read."""
+    read_timeout: float = option(READ_TIMEOUT_S, positive=True)
+    """Seconds a client gets to send its request head, and then its body (408); slower connections are closed."""
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    """uvicorn's log level."""
+
+    def __post_init__(self) -> None:
+        validate(self)
