@@ -16,9 +16,9 @@ from lmforge.alignment.dpo import (
     precompute_reference,
     response_logprobs,
 )
-from lmforge.alignment.preference import sequence_logprobs
 from lmforge.cli import main
 from lmforge.config import preset
+from lmforge.data.tokens import token_logprobs
 from lmforge.errors import LmforgeError
 from lmforge.models.decoder import DecoderLM
 from lmforge.peft.lora import LoraSpec, add_lora
@@ -72,12 +72,12 @@ def random_pairs(n, seed):
     return [TokenPair(ints(4 + i % 3), ints(5), ints(3 + i % 4)) for i in range(n)]
 
 
-def test_response_logprobs_match_sequence_logprobs():
+def test_response_logprobs_match_the_summed_token_logprobs():
     model = tiny_policy()
     idx, labels = collate(random_pairs(3, seed=0), pad_id=0)  # (6, T) right-padded, ragged lengths
     with torch.no_grad():
         torch.testing.assert_close(response_logprobs(model, idx, labels),
-                                   sequence_logprobs(model(idx)[:, :-1], labels[:, 1:]))
+                                   token_logprobs(model(idx)[:, :-1], labels[:, 1:]).sum(-1))
 
 
 def test_tiny_dpo_run_raises_margin_and_accuracy():

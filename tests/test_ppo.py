@@ -19,6 +19,7 @@ from lmforge.alignment.ppo import (
     whiten,
 )
 from lmforge.config import preset
+from lmforge.data.tokens import token_logprobs
 from lmforge.errors import LmforgeError
 from lmforge.models.decoder import DecoderLM
 from lmforge.peft.lora import LoraSpec, add_lora
@@ -118,7 +119,7 @@ def test_ppo_learns_the_toy_task_with_a_bounded_kl():
     b = ppo.last_rollout
     with torch.no_grad():
         logits = base(b.idx, b.positions, b.key_mask)[:, b.P - 1:-1].float()
-    ref = PPOTrainer.token_logp(logits, b.idx[:, b.P:]) * b.mask
+    ref = token_logprobs(logits, b.idx[:, b.P:]) * b.mask
     torch.testing.assert_close(b.ref_logp, ref, atol=1e-5, rtol=1e-5)
     assert (b.logp - b.ref_logp).abs().max() > 0.1  # and the policy has moved away from it
 

@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from lmforge.alignment.preference import dpo_loss, ipo_loss, sequence_logprobs
+from lmforge.alignment.preference import dpo_loss, ipo_loss
 from lmforge.config import preset
+from lmforge.data.tokens import IGNORE_INDEX, token_logprobs
 from lmforge.errors import LmforgeError
 from lmforge.models.decoder import DecoderLM
 from lmforge.peft.lora import LoraSpec, add_lora, set_lora_enabled
@@ -28,14 +29,6 @@ def test_dpo_and_ipo_match_the_formulas_by_hand():
     batch = t(-1.0, -3.0), t(-2.0, -1.0), t(-1.5, -2.0), t(-1.5, -2.0)  # h = 1.0 and -2.0
     expected = (math.log(1 + math.exp(-0.1)) + math.log(1 + math.exp(0.2))) / 2
     assert dpo_loss(*batch, beta=0.1).item() == pytest.approx(expected)
-
-
-def test_sequence_logprobs_sum_only_labelled_tokens():
-    logits = torch.randn(2, 4, 7, generator=torch.Generator().manual_seed(0))
-    labels = torch.tensor([[3, -100, 5, 1], [-100, -100, 2, 6]])
-    logp = logits.log_softmax(-1)
-    expected = torch.stack([logp[0, 0, 3] + logp[0, 2, 5] + logp[0, 3, 1], logp[1, 2, 2] + logp[1, 3, 6]])
-    torch.testing.assert_close(sequence_logprobs(logits, labels), expected)
 
 
 def test_bad_hyperparameters():
@@ -60,8 +53,8 @@ def test_tiny_dpo_run_raises_the_chosen_over_rejected_margin():
     def logps(response):
         seq = torch.cat([prompt, response], dim=1)  # (B, 11)
         labels = seq.clone()
-        labels[:, : prompt.shape[1]] = -100  # score the response only
-        return sequence_logprobs(model(seq)[:, :-1], labels[:, 1:])
+        labels[:, : prompt.shape[1]] = IGNORE_INDEX  # score the response only
+        return token_logprobs(model(seq)[:, :-1], labels[:, 1:]).sum(-1)
 
     with torch.no_grad():
         set_lora_enabled(model, False)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from lmforge.data.tokens import IGNORE_INDEX
 from lmforge.training import objectives as obj
 
 
@@ -17,7 +18,7 @@ def test_causal_lm_loss_by_hand():
     p1 = 1 / (1 + math.e + 1)
     expected = -(math.log(p0) + math.log(p1)) / 2
     assert obj.causal_lm_loss(logits, labels).item() == pytest.approx(expected, rel=1e-6)
-    ignored = torch.tensor([[0, obj.IGNORE]])  # IGNORE positions do not count
+    ignored = torch.tensor([[0, IGNORE_INDEX]])  # IGNORE_INDEX positions do not count
     assert obj.causal_lm_loss(logits, ignored).item() == pytest.approx(-math.log(p0), rel=1e-6)
 
 
@@ -25,9 +26,9 @@ def test_losses_agree_with_functional_cross_entropy():
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 5, 7, generator=gen)
     labels = torch.randint(0, 7, (2, 5), generator=gen)
-    labels[0, 1] = obj.IGNORE
+    labels[0, 1] = IGNORE_INDEX
     manual = -torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
-    keep = labels != obj.IGNORE
+    keep = labels != IGNORE_INDEX
     expected = manual[keep].mean()
     for fn in (obj.causal_lm_loss, obj.masked_lm_loss, obj.span_corruption_loss):
         torch.testing.assert_close(fn(logits, labels), expected)
@@ -37,11 +38,11 @@ def test_losses_agree_with_functional_cross_entropy():
 
 def test_linear_cross_entropy_equals_head_then_cross_entropy():
     """The fused LM head + loss gives F.cross_entropy's loss and gradients (fp32: to rounding; bf16 autocast:
-    within bf16 rounding), skips IGNORE labels, and needs no gradient in evaluation."""
+    within bf16 rounding), skips IGNORE_INDEX labels, and needs no gradient in evaluation."""
     g = torch.Generator().manual_seed(0)
     h0, w0 = torch.randn(2, 7, 16, generator=g), torch.randn(50, 16, generator=g) * 0.3
     labels = torch.randint(0, 50, (2, 7), generator=g)
-    labels[0, :3] = obj.IGNORE
+    labels[0, :3] = IGNORE_INDEX
     for autocast in (False, True):
         results = []
         for fused in (True, False):
@@ -66,7 +67,7 @@ def test_bert_masking_ratios():
     ids = rng.integers(0, 900, size=(400, 100))
     ids[:, 0] = cls_id
     inputs, labels = obj.mask_tokens(ids, rng, mask_id, vocab, special_ids=(cls_id,))
-    chosen = labels != obj.IGNORE
+    chosen = labels != IGNORE_INDEX
     assert (chosen.sum(1) == round(0.15 * 99)).all()  # 15% of the 99 non-special tokens in every row
     assert not chosen[:, 0].any() and (inputs[:, 0] == cls_id).all()
     assert (labels[chosen] == ids[chosen]).all()

@@ -26,8 +26,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from lmforge.alignment.preference import IGNORE_INDEX, dpo_loss, ipo_loss
+from lmforge.alignment.preference import dpo_loss, ipo_loss
 from lmforge.data.records import parse_json_records, read_text
+from lmforge.data.tokens import IGNORE_INDEX, labelled_logprobs, pad_rows
 from lmforge.errors import LmforgeError
 from lmforge.peft.lora import set_lora_enabled
 
@@ -118,27 +119,18 @@ def tokenize_pairs(pairs: list[Pair], encode_prompt, tokenizer, max_len: int) ->
 
 def collate(items: list[TokenPair], pad_id: int) -> tuple[Tensor, Tensor]:
     """Right-padded input ids (2B, T) and labels (2B, T): rows 0..B-1 chosen, B..2B-1 rejected; labels are
-    -100 on prompt and padding tokens."""
+    ``IGNORE_INDEX`` on prompt and padding tokens."""
     seqs = [(it.prompt, it.chosen) for it in items] + [(it.prompt, it.rejected) for it in items]
-    T = max(len(p) + len(r) for p, r in seqs)
-    idx = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    labels = torch.full((len(seqs), T), IGNORE_INDEX, dtype=torch.long)
-    for i, (p, r) in enumerate(seqs):
-        idx[i, :len(p) + len(r)] = torch.tensor(p + r)
-        labels[i, len(p):len(p) + len(r)] = torch.tensor(r)
+    idx = pad_rows([p + r for p, r in seqs], pad_id)
+    labels = pad_rows([[IGNORE_INDEX] * len(p) + r for p, r in seqs], IGNORE_INDEX)
     return idx, labels
 
 
 def response_logprobs(model: nn.Module, idx: Tensor, labels: Tensor) -> Tensor:
     """Summed log p(response) per row: idx, labels (N, T) right-padded -> (N,). Equals
-    ``sequence_logprobs(model(idx)[:, :-1], labels[:, 1:])`` but runs the LM head only on response tokens."""
+    ``token_logprobs(model(idx)[:, :-1], labels[:, 1:]).sum(-1)`` but runs the LM head only on response tokens."""
     h = model.hidden_states(idx)[:, :-1]  # (N, T-1, C); right padding never affects earlier tokens
-    target = labels[:, 1:]  # (N, T-1)
-    keep = target != IGNORE_INDEX
-    logits = model.lm_head(h[keep]).float()  # (K, V)
-    picked = logits.log_softmax(-1).gather(-1, target[keep][:, None]).squeeze(-1)  # (K,)
-    rows = torch.arange(idx.shape[0], device=idx.device)[:, None].expand_as(target)[keep]  # (K,)
-    return torch.zeros(idx.shape[0], device=idx.device).index_add(0, rows, picked)
+    return labelled_logprobs(h, model.lm_head, labels[:, 1:]).sum(-1)
 
 
 @torch.no_grad()

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lmforge.data.tokens import pad_left, token_logprobs
 from lmforge.errors import LmforgeError
 from lmforge.generation.generate import generate_tokens
 from lmforge.generation.sampling import SamplingParams
@@ -227,11 +228,6 @@ class PPOTrainer:
         values = self.value_head(h.float()).squeeze(-1) if with_values else None
         return logits, values
 
-    @staticmethod
-    def token_logp(logits: Tensor, tokens: Tensor) -> Tensor:
-        """log softmax(logits) at tokens: (b, R, V), (b, R) -> (b, R)."""
-        return logits.log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)
-
     @torch.no_grad()
     def rollout(self, prompts: list[str], prompt_ids: list[list[int]]) -> Rollout:
         """Sample a response per prompt, score it, and record log-probs, reference log-probs and values."""
@@ -243,9 +239,8 @@ class PPOTrainer:
         B, P, R = len(prompts), max(len(p) for p in prompt_ids), len(steps)
         idx = torch.full((B, P + R), self.pad_id, dtype=torch.long, device=device)
         key_mask = torch.zeros((B, P + R), dtype=torch.bool, device=device)
-        for b, p in enumerate(prompt_ids):  # left-pad the prompts, as generation did
-            idx[b, P - len(p):P] = torch.tensor(p, dtype=torch.long)
-            key_mask[b, P - len(p):P] = True
+        prompt_idx, prompt_mask = pad_left(prompt_ids, self.pad_id)  # (B, P): left-padded, as generation did
+        idx[:, :P], key_mask[:, :P] = prompt_idx, prompt_mask.bool()
         for t, toks in enumerate(steps):
             for b, tok in enumerate(toks):
                 if tok is not None:  # None: this row finished (its EOS was yielded earlier)
@@ -265,7 +260,7 @@ class PPOTrainer:
                                "saving: the reward must be a finite number")
         seq, response = (idx, positions, key_mask, P), idx[:, P:]
         logits, values = self.forward(self.policy, *seq)
-        logp = self.token_logp(logits, response) * mask
+        logp = token_logprobs(logits, response) * mask
         if self.ref_model is None:
             set_lora_enabled(self.policy, False)
             try:
@@ -274,7 +269,7 @@ class PPOTrainer:
                 set_lora_enabled(self.policy, True)
         else:
             ref_logits, _ = self.forward(self.ref_model, *seq, with_values=False)
-        ref_logp = self.token_logp(ref_logits, response) * mask
+        ref_logp = token_logprobs(ref_logits, response) * mask
         return Rollout(idx, key_mask, positions, mask, logp, ref_logp, values * mask, scores, completions,
                        float(masked_mean(entropy(logits), mask)))
 
@@ -310,7 +305,7 @@ class PPOTrainer:
                 rows = order[start:start + c.mini_batch_size]
                 m = b.mask[rows]
                 logits, values = self.forward(self.policy, b.idx[rows], b.positions[rows], b.key_mask[rows], b.P)
-                logp = self.token_logp(logits, response[rows])
+                logp = token_logprobs(logits, response[rows])
                 pg, clipfrac, approx_kl = policy_loss(logp, b.logp[rows], advantages[rows], m, c.clip_range)
                 vf, vf_clipfrac = value_loss(values, b.values[rows], returns[rows], m, c.clip_range_value)
                 loss = pg + c.vf_coef * vf

@@ -1,4 +1,4 @@
-"""Preference-optimisation losses (pure functions) and the sequence log-probabilities they compare.
+"""Preference-optimisation losses (pure functions of summed sequence log-probabilities).
 
 - DPO (Rafailov et al. 2023, "Direct Preference Optimization", eq. 7):
   L = -log sigmoid(beta * h), with optional label smoothing (the "conservative DPO" variant:
@@ -7,27 +7,16 @@
 - Pairwise reward modelling, Bradley-Terry (Ouyang et al. 2022, eq. 1): L = -log sigmoid(r_w - r_l).
 
 where h = [log pi(y_w|x) - log ref(y_w|x)] - [log pi(y_l|x) - log ref(y_l|x)] for the chosen y_w
-and rejected y_l responses. The losses take summed sequence log-probabilities, shape (B,).
+and rejected y_l responses. The losses take summed sequence log-probabilities, shape (B,)
+(``data/tokens.py``'s per-token log-probs summed over the sequence).
 """
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from lmforge.errors import LmforgeError
-
-IGNORE_INDEX = -100
-
-
-def sequence_logprobs(logits: Tensor, labels: Tensor) -> Tensor:
-    """Sum of log p(label_t) over labelled positions: logits (B, T, V) predict labels (B, T) at the
-    same positions (shift before calling); labels == -100 are skipped. Returns (B,)."""
-    keep = labels != IGNORE_INDEX
-    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
-    picked = logp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)  # (B, T)
-    return (picked * keep).sum(-1)
 
 
 def _margin(pol_chosen: Tensor, pol_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor) -> Tensor:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from lmforge.data.tokens import pad_right
 from lmforge.errors import LmforgeError
 from lmforge.tokenizer import Tokenizer
 from lmforge.training.loop import precision_autocast as autocast
@@ -33,17 +34,6 @@ from lmforge.training.run import RunDir
 
 REWARD_CONFIG = "reward_config.json"
 HEAD = "head/score.safetensors"  # a pairwise model's scalar head
-
-
-def pad_right(rows: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token rows -> idx (B, T) right-padded with ``pad``, attention mask (B, T) of 1 = real token."""
-    width = max(len(r) for r in rows)
-    idx = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        idx[i, :len(r)] = torch.tensor(r)
-        mask[i, :len(r)] = 1
-    return idx, mask
 
 
 def encode_head(tokenizer: Tokenizer, texts: Sequence[str], max_len: int) -> list[list[int]]:

@@ -13,10 +13,10 @@ Formats (detected per record, or forced with ``format=``):
   ``data/records.render``, the renderer ``eval`` and ``compare`` use) or ``prompt_field``, and
   ``response_field`` naming the answer; giving any of these three selects this format.
 
-Masking rule: ``labels`` is -100 on everything the model is not asked to write. Plain text: the prompt
-(and BOS) are masked; the response and an EOS appended after it are labelled. Chat template: only the
-assistant contents and the end-of-turn token that closes each of them are labelled. The prompt and the
-response are tokenised *separately* and their ids concatenated, so the prompt ids are exactly what
+Masking rule: ``labels`` is ``IGNORE_INDEX`` (-100, ``data/tokens.py``) on everything the model is not asked to
+write. Plain text: the prompt (and BOS) are masked; the response and an EOS appended after it are labelled. Chat
+template: only the assistant contents and the end-of-turn token that closes each of them are labelled. The prompt
+and the response are tokenised *separately* and their ids concatenated, so the prompt ids are exactly what
 generation sees at inference (tokenising the joined text could merge tokens across the boundary).
 
 Truncation rule: an example whose prompt leaves no response token inside ``max_len`` is dropped and
@@ -38,12 +38,12 @@ from pathlib import Path
 import torch
 
 from lmforge.data.records import Record, parse_json_records, render
+from lmforge.data.tokens import IGNORE_INDEX, pad_rows
 from lmforge.errors import LmforgeError
 from lmforge.io import read_text
 from lmforge.tokenizer import Tokenizer, check_messages
 
 FORMATS = ("alpaca", "messages", "prompt-completion", "fields")
-IGNORE_INDEX = -100  # label of tokens that carry no loss (torch's cross_entropy default ignore_index)
 # The plain-text prompt of the Stanford Alpaca release (Taori et al., 2023), used without a chat template.
 ALPACA_PROMPT = ("Below is an instruction that describes a task, paired with an input that provides further "
                  "context. Write a response that appropriately completes the request.\n\n"
@@ -358,14 +358,7 @@ class SFTBatches:
         self._rows_epoch = None
 
     def _pad(self, rows: list[list[int]], value: int) -> torch.Tensor:
-        T = max(len(r) for r in rows)
-        out = torch.full((len(rows), T), value, dtype=torch.long)
-        for b, r in enumerate(rows):
-            if self.padding_side == "right":
-                out[b, :len(r)] = torch.tensor(r, dtype=torch.long)
-            else:
-                out[b, T - len(r):] = torch.tensor(r, dtype=torch.long)
-        return out  # (B, T)
+        return pad_rows(rows, value, self.padding_side)  # (B, T)
 
     def collate(self, picked: list[list[int]]) -> dict[str, torch.Tensor]:
         """Pad the chosen rows (each a list of example indices) into one batch of tensors."""

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lmforge.data.tokens import IGNORE_INDEX, pad_rows, token_logprobs
 from lmforge.errors import LmforgeError
 
 
@@ -34,22 +35,21 @@ def _score_rows(model: torch.nn.Module, rows: Sequence[Sequence[int]],
                 targets: Sequence[Sequence[int]], batch_size: int) -> list[list[float]]:
     """For each row of ids and its target positions t (>= 1): log p(ids[t] | ids[:t]).
 
-    Rows are right-padded into batches of ``batch_size``; returns one list of floats per row.
+    Rows are right-padded into batches of ``batch_size``; returns one list of floats per row. The log-softmax
+    runs only at the positions that predict a target.
     """
     device = next(model.parameters()).device
     out: list[list[float]] = []
     for b in range(0, len(rows), batch_size):
-        chunk = rows[b: b + batch_size]
-        T = max(len(r) for r in chunk)
-        idx = torch.zeros(len(chunk), T, dtype=torch.long)
-        for i, r in enumerate(chunk):
-            idx[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        logits = model(idx.to(device)).float()  # (B, T, V)
-        logp = torch.log_softmax(logits, dim=-1)  # (B, T, V)
-        for i, (r, ts) in enumerate(zip(chunk, targets[b: b + batch_size])):
+        chunk, chunk_targets = rows[b: b + batch_size], targets[b: b + batch_size]
+        idx = pad_rows(chunk, 0).to(device)  # (B, T)
+        labels = torch.full_like(idx, IGNORE_INDEX)  # (B, T): the logits at t-1 predict token t
+        for i, ts in enumerate(chunk_targets):
             pos = torch.tensor(ts, dtype=torch.long, device=device)
-            tok = torch.tensor([r[t] for t in ts], dtype=torch.long, device=device)
-            out.append(logp[i, pos - 1, tok].tolist())  # the logits at t-1 predict token t
+            labels[i, pos - 1] = idx[i, pos]
+        logp = token_logprobs(model(idx), labels)  # (B, T)
+        for i, ts in enumerate(chunk_targets):
+            out.append(logp[i, torch.tensor(ts, dtype=torch.long, device=device) - 1].tolist())
     return out
 
 

@@ -6,7 +6,8 @@ generator, so a batch stream that owns the generator stays resumable).
 - encoder-only: masked language modelling (BERT)
 - encoder-decoder: span corruption (T5)
 
-Labels equal to ``IGNORE`` (-100, as in PyTorch and ``transformers``) do not count in a loss.
+Labels equal to ``IGNORE_INDEX`` (-100, as in PyTorch and ``transformers``; ``data/tokens.py``) do not count in a
+loss.
 """
 
 from __future__ import annotations
@@ -16,15 +17,14 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from lmforge.data.tokens import IGNORE_INDEX
 from lmforge.errors import LmforgeError
-
-IGNORE = -100
 
 
 def token_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean cross-entropy over the positions whose label is not IGNORE; logits (B, T, V), labels (B, T).
+    """Mean cross-entropy over the positions whose label is not IGNORE_INDEX; logits (B, T, V), labels (B, T).
     Computed in float32 even under bf16 autocast."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -42,7 +42,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
         with torch.autocast(device, enabled=False):
             hc, wc = h.to(dtype), weight.to(dtype)
-            keep = labels != IGNORE  # (N,)
+            keep = labels != IGNORE_INDEX  # (N,)
             n = keep.sum().clamp(min=1)
             target = labels.clamp(min=0)
             g = torch.log_softmax((hc @ wc.t()).float(), dim=-1)  # (N, V) log-probabilities
@@ -76,14 +76,14 @@ def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """Next-token prediction: -mean log p(x_{t+1} | x_{<=t}) (Radford et al. 2018, eq. 1).
 
     logits (B, T, V) from inputs x_0..x_{T-1}; labels (B, T) are the inputs shifted by one
-    (x_1..x_T), IGNORE where a position should not count (padding, prompts in fine-tuning).
+    (x_1..x_T), IGNORE_INDEX where a position should not count (padding, prompts in fine-tuning).
     """
     return token_cross_entropy(logits, labels)
 
 
 def masked_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """BERT's masked LM loss (Devlin et al. 2019, §3.1 Task #1): cross-entropy on the masked
-    positions only. logits (B, T, V); labels (B, T): the original token where masked, else IGNORE."""
+    positions only. logits (B, T, V); labels (B, T): the original token where masked, else IGNORE_INDEX."""
     return token_cross_entropy(logits, labels)
 
 
@@ -101,8 +101,8 @@ def mask_tokens(ids: np.ndarray, rng: np.random.Generator, mask_id: int, vocab_s
     """BERT's masking (Devlin et al. 2019, §3.1 and Appendix C.2): in each row choose
     round(mask_prob * n) of the n non-special tokens (at least 1); replace 80% of the chosen with
     [MASK], 10% with a random token, leave 10% unchanged. ids (B, T) -> (inputs (B, T), labels (B, T)),
-    labels holding the original token at chosen positions and IGNORE elsewhere."""
-    inputs, labels = ids.copy(), np.full_like(ids, IGNORE)
+    labels holding the original token at chosen positions and IGNORE_INDEX elsewhere."""
+    inputs, labels = ids.copy(), np.full_like(ids, IGNORE_INDEX)
     special = np.isin(ids, np.asarray(special_ids, dtype=ids.dtype))
     for b in range(ids.shape[0]):
         candidates = np.flatnonzero(~special[b])

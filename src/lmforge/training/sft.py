@@ -187,11 +187,11 @@ def decoder_logits(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
 
 
 def masked_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean cross-entropy over the tokens whose label is not -100; logits (N, V), labels (N,).
+    """Mean cross-entropy over the tokens whose label is not ``IGNORE_INDEX``; logits (N, V), labels (N,).
     A batch with no labelled token gives 0 (not NaN)."""
     import torch.nn.functional as F
 
-    from lmforge.data.sft import IGNORE_INDEX
+    from lmforge.data.tokens import IGNORE_INDEX
 
     total = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
     return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
@@ -203,12 +203,10 @@ def decoder_sft_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     The LM head runs only where a label follows (prompts are usually most of the tokens, and the head
     over a large vocabulary is a good share of the compute and most of the activation memory).
     """
-    from lmforge.data.sft import IGNORE_INDEX
+    from lmforge.data.tokens import select_labelled
 
-    h = decoder_hidden(model, batch)[:, :-1]  # (B, T-1, C)
-    labels = batch["labels"][:, 1:]  # (B, T-1)
-    keep = labels != IGNORE_INDEX
-    return masked_cross_entropy(model.lm_head(h[keep]), labels[keep])  # (N, V), (N,)
+    h, labels = select_labelled(decoder_hidden(model, batch)[:, :-1], batch["labels"][:, 1:])  # (N, C), (N,)
+    return masked_cross_entropy(model.lm_head(h), labels)  # (N, V), (N,)
 
 
 def seq2seq_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
@@ -219,16 +217,14 @@ def seq2seq_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
 
 def prompt_tuned_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     """``decoder_sft_loss`` through a ``PromptTunedLM``, whose logits cover the real tokens only."""
-    from lmforge.data.sft import IGNORE_INDEX
+    from lmforge.data.tokens import select_labelled
 
     if "segment_ids" in batch:
         raise LmforgeError("packing (--pack) is not supported with prompt tuning")
     mask = batch.get("attention_mask")
     key_mask = None if mask is None or bool(mask[:, 0].all()) else mask.bool()
     logits = model(batch["input_ids"], batch.get("positions"), key_mask)[:, :-1]  # (B, T-1, V)
-    labels = batch["labels"][:, 1:]
-    keep = labels != IGNORE_INDEX
-    return masked_cross_entropy(logits[keep], labels[keep])
+    return masked_cross_entropy(*select_labelled(logits, batch["labels"][:, 1:]))  # (N, V), (N,)
 
 
 def loss_for(model: nn.Module):
@@ -295,7 +291,7 @@ def _to(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
 
 
 def _labelled(batch: dict[str, Tensor], seq2seq: bool) -> int:
-    from lmforge.data.sft import IGNORE_INDEX
+    from lmforge.data.tokens import IGNORE_INDEX
 
     labels = batch["labels"] if seq2seq else batch["labels"][:, 1:]
     return int((labels != IGNORE_INDEX).sum())
