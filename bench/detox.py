@@ -144,7 +144,7 @@ def main() -> None:
 
     import torch
 
-    from lmforge.alignment.rlhf import ppo
+    from lmforge.alignment.rlhf import PPORecipe, ppo
     from lmforge.evaluation.compare import CompareConfig, run_compare
     from lmforge.recipe_config import from_yaml, load_config
 
@@ -154,10 +154,11 @@ def main() -> None:
     train_prompts, heldout = write_prompts(out, a.n_train, a.n_heldout, a.words, a.seed)
     t0 = time.perf_counter()
     if not a.skip_train:
-        ppo(a.model, train_prompts, a.reward, out_dir=out / "ppo", steps=a.steps, batch_size=a.batch_size,
-            mini_batch_size=a.mini_batch_size, ppo_epochs=a.ppo_epochs, lr=a.lr, kl_coef=a.kl_coef,
-            target_kl=a.target_kl, max_new_tokens=a.max_new_tokens, precision=a.precision, seed=a.seed,
-            lora_r=a.lora_r, lora_alpha=2.0 * a.lora_r, overwrite=True)  # a bench re-run replaces its own run
+        recipe = PPORecipe(model=a.model, prompts=train_prompts, reward=a.reward, out_dir=out / "ppo", steps=a.steps,
+                           batch_size=a.batch_size, mini_batch_size=a.mini_batch_size, ppo_epochs=a.ppo_epochs,
+                           lr=a.lr, kl_coef=a.kl_coef, target_kl=a.target_kl, max_new_tokens=a.max_new_tokens,
+                           precision=a.precision, seed=a.seed, lora_r=a.lora_r, lora_alpha=2.0 * a.lora_r)
+        ppo(recipe, overwrite=True)  # a bench re-run replaces its own run; OUT/ppo/config.yaml reruns it
     train_s = time.perf_counter() - t0
     rows = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
 

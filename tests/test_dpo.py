@@ -242,17 +242,18 @@ def test_cli_dpo_refuses_non_finite_hyper_parameters(tiny_lm_dirs, tmp_path, cap
     out = tmp_path / "o"
     code, _, err = run(capsys, "rlhf", "dpo", "-m", tiny_lm_dirs["plain"], "--data", pairs_file(tmp_path), "-o", out,
                        "--steps", "1", "--batch-size", "3", "--threads", "1", flag, value)
-    assert_one_line_error(code, err, f"{flag} must be a finite number", value)
+    assert_one_line_error(code, err, f"({flag}): must be a finite number", value)
     assert not (out / "final").exists()
 
 
 @pytest.mark.parametrize("field,flag", [("beta", "--beta"), ("lr", "--lr"), ("label_smoothing", "--label-smoothing")])
 def test_dpo_recipe_refuses_non_finite_values(tiny_lm_dirs, tmp_path, field, flag):
     """The same through the Python API, before anything is loaded."""
-    from lmforge.alignment.rlhf import dpo
+    from lmforge.alignment.rlhf import DPORecipe, dpo
 
-    with pytest.raises(LmforgeError, match=f"{flag} must be a finite number, got nan"):
-        dpo(str(tiny_lm_dirs["plain"]), pairs_file(tmp_path), out_dir=tmp_path / "o", **{field: float("nan")})
+    with pytest.raises(LmforgeError, match=rf"\({flag}\): must be a finite number, got nan"):
+        dpo(DPORecipe(model=str(tiny_lm_dirs["plain"]), data=pairs_file(tmp_path), out_dir=tmp_path / "o",
+                      **{field: float("nan")}))
     assert not (tmp_path / "o").exists()
 
 

@@ -11,14 +11,12 @@ import torch
 from safetensors.torch import load_file
 
 import lmforge.training.loop as loop
-from lmforge.alignment.reward_classifier import train_classifier
-from lmforge.alignment.reward_pairwise import train_pairwise
 from lmforge.cli import main
 from lmforge.errors import LmforgeError
 from lmforge.training.checkpoint import read_state
 from lmforge.training.sources import ShuffledIndices
 from test_dpo import pairs_file
-from test_reward import _toy_csv, _toy_pairs, tiny_decoder, tiny_encoder  # noqa: F401 (fixtures)
+from test_reward import _toy_csv, _toy_pairs, tiny_decoder, tiny_encoder, train_classifier, train_pairwise  # noqa: F401
 
 
 class Killed(RuntimeError):
@@ -70,7 +68,7 @@ def assert_resumes_step_for_step(tmp_path, monkeypatch, trainer, kill: int, step
 def test_reward_classifier_killed_mid_run_resumes_step_for_step(tiny_encoder, tmp_path, monkeypatch):  # noqa: F811
     data = _toy_csv(tmp_path / "toy.csv", n=48)  # 36 training examples: 5 steps an epoch (the last one short)
     kwargs = dict(data=data, model=tiny_encoder, text_field="text", label_field="label", good_labels=["fine"],
-                  label_map={"0": "toxic", "1": "fine"}, eval_fraction=0.25, batch_size=8, lr=3e-3, max_len=16,
+                  label_map="0=toxic,1=fine", eval_fraction=0.25, batch_size=8, lr=3e-3, max_len=16,
                   precision="fp32", epochs=2, save_every=3)
     assert_resumes_step_for_step(tmp_path, monkeypatch, train_classifier, kill=8, steps=10, **kwargs)
     assert read_state(tmp_path / "stopped" / "checkpoint")["step"] == 10  # --save-every: the last one is kept
@@ -91,7 +89,7 @@ def test_pairwise_reward_killed_mid_run_resumes_step_for_step(tiny_decoder, tmp_
 def test_reward_checkpoint_is_not_kept_unless_asked_for(tiny_encoder, tmp_path):  # noqa: F811
     data = _toy_csv(tmp_path / "toy.csv", n=24)
     train_classifier(data=data, out_dir=tmp_path / "rm", model=tiny_encoder, text_field="text", label_field="label",
-                     good_labels=["fine"], label_map={"0": "toxic", "1": "fine"}, batch_size=8, max_len=16,
+                     good_labels=["fine"], label_map="0=toxic,1=fine", batch_size=8, max_len=16,
                      precision="fp32")
     names = sorted(p.name for p in (tmp_path / "rm").iterdir())
     assert "checkpoint" not in names and {"metrics.jsonl", "reward_config.json", "model.safetensors"} <= set(names)
@@ -153,7 +151,7 @@ def test_reward_classifier_stops_on_a_nan_loss_and_keeps_the_last_checkpoint(tin
     with pytest.raises(LmforgeError, match="the loss became nan at step 3"):
         train_classifier(data=_toy_csv(tmp_path / "toy.csv", n=48), out_dir=out, model=tiny_encoder,
                          text_field="text", label_field="label", good_labels=["fine"],
-                         label_map={"0": "toxic", "1": "fine"}, batch_size=8, max_len=16, precision="fp32",
+                         label_map="0=toxic,1=fine", batch_size=8, max_len=16, precision="fp32",
                          save_every=2)
     assert read_state(out / "checkpoint")["step"] == 2 and not (out / "reward_config.json").exists()
     assert all(torch.isfinite(t).all() for t in load_file(str(out / "checkpoint" / "model.safetensors")).values())

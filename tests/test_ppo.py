@@ -219,7 +219,12 @@ def test_cli_ppo_end_to_end(tiny_lm_dirs, tmp_path, capsys, toy_reward):
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # the first rollout comes from the untouched base
     assert rows[1]["kl_coef"] == pytest.approx(0.05 * (1 - 0.2 * 4 / 10))  # adaptive: KL 0 < target, e = -0.2
     assert (out / "final" / "adapter_config.json").is_file()
-    assert json.loads((out / "config.json").read_text())["recipe"] == "ppo"
+    from lmforge.alignment.rlhf import PPORecipe
+    from lmforge.recipe_config import load_config
+
+    assert load_config(PPORecipe, out / "config.yaml") == PPORecipe(
+        model=str(tiny_lm_dirs["plain"]), prompts=prompts, reward=str(toy_reward), out_dir=out, steps=3, batch_size=4,
+        mini_batch_size=2, ppo_epochs=2, max_new_tokens=6, target_kl=1.0, horizon=10)
     assert lmforge.load(tiny_lm_dirs["plain"], adapter=out / "final").model is not None
 
 

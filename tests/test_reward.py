@@ -7,9 +7,9 @@ import random
 import pytest
 import torch
 
+from lmforge.alignment import reward_classifier, reward_pairwise
 from lmforge.alignment.reward import check_tokenizer_match, load_reward_model
-from lmforge.alignment.reward_classifier import train_classifier
-from lmforge.alignment.reward_pairwise import train_pairwise
+from lmforge.alignment.reward_recipe import RewardRecipe
 from lmforge.cli import main
 from lmforge.config import ModelConfig, preset
 from lmforge.data.reward_data import load_labelled, load_pairs, stratified_split
@@ -26,6 +26,21 @@ from lmforge.evaluation.metrics import resolve_toxicity_scorer
 GOOD = ["kind", "lovely", "great", "thanks", "friend", "nice"]
 BAD = ["stupid", "idiot", "hate", "ugly", "dumb", "rude"]
 FILLER = ["the", "you", "are", "a", "so", "very", "really", "today", "human", "assistant"]
+
+
+def _recipe(kind: str, fields: dict) -> RewardRecipe:
+    """A ``RewardRecipe`` of these fields (the fixtures' model folders are Paths; the field is a name or path)."""
+    return RewardRecipe(kind=kind, **{k: str(v) if k == "model" else v for k, v in fields.items()})
+
+
+def train_classifier(*, resume: bool = False, **fields) -> dict:
+    """The classifier recipe on a ``RewardRecipe`` with these fields."""
+    return reward_classifier.train_classifier(_recipe("classifier", fields), resume=resume)
+
+
+def train_pairwise(*, resume: bool = False, **fields) -> dict:
+    """The pairwise recipe on a ``RewardRecipe`` with these fields."""
+    return reward_pairwise.train_pairwise(_recipe("pairwise", fields), resume=resume)
 
 
 def _tokenizer(words):
@@ -146,7 +161,7 @@ def test_tiny_classifier_learns_and_round_trips(tiny_encoder, tmp_path):
     data = _toy_csv(tmp_path / "toy.csv")
     out = tmp_path / "rm"
     kwargs = dict(data=data, model=tiny_encoder, text_field="text", label_field="label",
-                  label_map={"0": "toxic", "1": "fine"}, good_labels=["fine"], eval_fraction=0.25, batch_size=8,
+                  label_map="0=toxic,1=fine", good_labels=["fine"], eval_fraction=0.25, batch_size=8,
                   lr=3e-3, max_len=16, precision="fp32")
     untrained = train_classifier(out_dir=tmp_path / "untrained", epochs=1, **{**kwargs, "lr": 1e-9})
     metrics = train_classifier(out_dir=out, epochs=10, **kwargs)
@@ -331,7 +346,7 @@ def test_cli_reward_train_refuses_non_finite_hyper_parameters(tiny_decoder, tmp_
     code = main(["reward", "train", str(data), "--kind", "pairwise", "-o", str(out), "--model", str(tiny_decoder),
                  "--max-len", "12", "--epochs", "1", "--batch-size", "64", "--precision", "fp32", flag, "nan"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and err[-1].startswith("error: ") and f"{flag} must be a finite number" in err[-1], err
+    assert code == 2 and err[-1].startswith("error: ") and f"({flag}): must be a finite number" in err[-1], err
     assert not out.exists()
 
 
@@ -339,7 +354,7 @@ def test_cli_reward_train_refuses_non_finite_hyper_parameters(tiny_decoder, tmp_
 def test_reward_fit_refuses_non_finite_values(tiny_decoder, tmp_path, field):
     """The same through the Python API."""
     kwargs = dict(lr=1e-3, weight_decay=0.01, warmup=0.1)
-    with pytest.raises(LmforgeError, match=f"--{field.replace('_', '-')} must be a finite number, got nan"):
+    with pytest.raises(LmforgeError, match=rf"\(--{field.replace('_', '-')}\): must be a finite number, got nan"):
         train_pairwise(data=_toy_pairs(tmp_path / "pairs.jsonl", n=20), out_dir=tmp_path / "rm", model=tiny_decoder,
                        max_len=12, precision="fp32", **{**kwargs, field: float("nan")})
     assert not (tmp_path / "rm").exists()
@@ -353,7 +368,7 @@ def test_reward_train_stops_on_a_nan_loss(tiny_decoder, tmp_path, monkeypatch):
     with pytest.raises(LmforgeError, match="the loss became nan at step 1"):
         train_pairwise(data=_toy_pairs(tmp_path / "pairs.jsonl", n=20), out_dir=tmp_path / "rm", model=tiny_decoder,
                        max_len=12, batch_size=8, precision="fp32")
-    assert not (tmp_path / "rm").exists()
+    assert {p.name for p in (tmp_path / "rm").iterdir()} == {"config.yaml", ".lmforge-run.json"}  # no model, no log
 
 
 def test_reward_train_stops_on_a_nan_gradient(tiny_decoder, tmp_path, monkeypatch):
@@ -367,4 +382,4 @@ def test_reward_train_stops_on_a_nan_gradient(tiny_decoder, tmp_path, monkeypatc
     with pytest.raises(LmforgeError, match="gradient norm became nan at step 1"):
         train_pairwise(data=_toy_pairs(tmp_path / "pairs.jsonl", n=20), out_dir=tmp_path / "rm", model=tiny_decoder,
                        max_len=12, batch_size=64, precision="fp32")
-    assert not (tmp_path / "rm").exists()
+    assert {p.name for p in (tmp_path / "rm").iterdir()} == {"config.yaml", ".lmforge-run.json"}  # no model, no log

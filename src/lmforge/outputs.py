@@ -75,10 +75,10 @@ _HF_DIR = ("config.json", "model.safetensors", "generation_config.json", "tokeni
 VERBS: dict[str, Verb] = {
     "pretrain": Verb(_RUN + ("config.yaml",), run=True, resume=True),
     "finetune": Verb(_RUN + ("config.yaml",), run=True, resume=True),
-    "rlhf ppo": Verb(_RUN + ("config.json",), run=True, resume=True),
-    "rlhf dpo": Verb(_RUN + ("config.json",), run=True, resume=True),
-    "reward train": Verb(_HF_DIR + ("reward_config.json", "head") + tuple(n for n in _RUN if n != "final"), run=True,
-                         resume=True),
+    "rlhf ppo": Verb(_RUN + ("config.yaml", "config.json"), run=True, resume=True),  # config.json: earlier runs
+    "rlhf dpo": Verb(_RUN + ("config.yaml", "config.json"), run=True, resume=True),
+    "reward train": Verb(_HF_DIR + ("reward_config.json", "head", "config.yaml")
+                         + tuple(n for n in _RUN if n != "final"), run=True, resume=True),
     "merge": Verb(_HF_DIR),
     "tokenizer train": Verb(("tokenizer.json", "tokenizer_config.json"), rewrite=True),
     "eval": Verb(("predictions.jsonl", "summary.json", "config.yaml"), rewrite=True),

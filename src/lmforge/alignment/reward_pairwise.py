@@ -12,7 +12,6 @@ both give the same held-out accuracy).
 
 from __future__ import annotations
 
-import os
 import time
 
 import torch
@@ -30,10 +29,11 @@ from lmforge.alignment.reward import (
     pairwise_metrics,
     save_reward_model,
 )
-from lmforge.checkpoints.resolve import DEFAULT_MODEL
+from lmforge.alignment.reward_recipe import RewardRecipe
 from lmforge.data.reward_data import load_pairs, random_split
 from lmforge.errors import LmforgeError
 from lmforge.outputs import claims_output
+from lmforge.recipe_config import write_config
 
 
 def run_blocks(body: nn.Module, x: torch.Tensor, blocks) -> torch.Tensor:
@@ -83,16 +83,10 @@ def top_rewards(model: nn.Module, states: list[torch.Tensor], n_frozen: int) -> 
     return model.score(x[torch.arange(len(states)), lengths - 1]).squeeze(-1)
 
 
-@claims_output("reward train", inputs=("model", "adapter", "tokenizer"))
-def train_pairwise(*, data: str | os.PathLike, out_dir: str | os.PathLike, model: str = DEFAULT_MODEL,
-                   adapter: str | os.PathLike | None = None, tokenizer: str | None = None,
-                   chosen_field: str = "chosen", rejected_field: str = "rejected",
-                   eval_file: str | None = None, eval_fraction: float = 0.1, max_train: int | None = None,
-                   max_eval: int | None = None, max_len: int = 128, train_layers: int = 0, epochs: int = 1,
-                   batch_size: int = 32, lr: float = 1e-3, weight_decay: float = 0.01, warmup: float = 0.1,
-                   precision: str = "bf16", seed: int = 0, save_every: int = 0, resume: bool = False,
-                   overwrite: bool = False, force: bool = False) -> dict:
-    """Train a Bradley-Terry reward model on (chosen, rejected) pairs; save it to ``out_dir``.
+@claims_output("reward train", inputs=("model", "adapter", "tokenizer"), config="cfg")
+def train_pairwise(cfg: RewardRecipe, *, resume: bool = False, overwrite: bool = False, force: bool = False) -> dict:
+    """Train a Bradley-Terry reward model on (chosen, rejected) pairs of ``cfg.data``; save it to ``cfg.out_dir``
+    (``cfg.kind`` must be ``"pairwise"``).
 
     Held-out pairs are ``eval_file`` or a seeded ``eval_fraction`` of ``data``; ``max_train`` /
     ``max_eval`` cap them. ``train_layers`` = K top blocks trained (see the module docstring).
@@ -100,23 +94,30 @@ def train_pairwise(*, data: str | os.PathLike, out_dir: str | os.PathLike, model
     model's vocabulary. ``adapter``: a PEFT LoRA adapter for ``model``, merged into the weights first
     (e.g. start the reward model from an SFT policy). Training runs through the training loop (``reward.fit``):
     ``out_dir/metrics.jsonl`` logs every step; every ``save_every`` steps (0: none kept) ``out_dir/checkpoint``
-    holds the trained parameters and ``resume`` continues from it, step for step as the uninterrupted run.
-    Returns the held-out metrics (``pairwise_metrics``), also kept in ``out_dir/reward_config.json``.
+    holds the trained parameters. The resolved recipe is written to ``out_dir/config.yaml`` once the pairs
+    have loaded. ``resume`` continues from the checkpoint, step for step as the uninterrupted run;
+    ``overwrite``/``force`` as in ``lmforge.outputs``. Returns the held-out metrics (``pairwise_metrics``),
+    also kept in ``out_dir/reward_config.json``.
     """
     from lmforge.checkpoints.resolve import build_model
     from lmforge.lm import read_checkpoint
     from lmforge.models.heads import RewardModel
     from lmforge.tokenizer import Tokenizer
 
+    cfg.require("pairwise", "train_pairwise")
+    data, model, adapter, tokenizer, train_layers = cfg.data, cfg.base_model, cfg.adapter, cfg.tokenizer, \
+        cfg.train_layers
+    seed, max_len, batch_size, precision = cfg.seed, cfg.length, cfg.batch_size, cfg.precision
+    chosen_field, rejected_field = cfg.chosen_field, cfg.rejected_field
     t0 = time.perf_counter()
     pairs = load_pairs(data, chosen_field, rejected_field)
-    if eval_file is not None:
-        held = load_pairs(eval_file, chosen_field, rejected_field)
+    if cfg.eval_file is not None:
+        held = load_pairs(cfg.eval_file, chosen_field, rejected_field)
         train = pairs
     else:
-        train_idx, eval_idx = random_split(len(pairs), eval_fraction, seed)
+        train_idx, eval_idx = random_split(len(pairs), cfg.eval_fraction, seed)
         train, held = [pairs[i] for i in train_idx], [pairs[i] for i in eval_idx]
-    train, held = train[:max_train], held[:max_eval]
+    train, held = train[:cfg.max_train], held[:cfg.max_eval]
 
     ckpt = read_checkpoint(model)
     if ckpt.config.arch != "decoder":
@@ -141,6 +142,7 @@ def train_pairwise(*, data: str | os.PathLike, out_dir: str | os.PathLike, model
         tok = Tokenizer.from_dir(tokenizer)
         check_tokenizer_match(PairwiseReward(rm, ckpt.tokenizer, max_len), tok, f"--tokenizer {tokenizer}")
     n_frozen = ckpt.config.n_layer - train_layers
+    write_config(cfg, cfg.out_dir)  # once the inputs have loaded: what reruns this run
 
     texts = [t for pair in train + held for t in pair]  # chosen, rejected, chosen, ...
     states = frozen_states(rm, encode_tail(tok, texts, max_len), n_frozen, precision=precision)
@@ -158,12 +160,14 @@ def train_pairwise(*, data: str | os.PathLike, out_dir: str | os.PathLike, model
         r = top_rewards(rm, [train_states[2 * i + k] for i in batch for k in (0, 1)], n_frozen)  # (2B,)
         return bradley_terry_loss(r[0::2].float(), r[1::2].float())
 
-    run = dict(data=str(data), eval_file=eval_file, model=str(model), chosen_field=chosen_field,
-               rejected_field=rejected_field, eval_fraction=eval_fraction, max_train=max_train, max_eval=max_eval,
-               train_layers=train_layers, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
-    losses, run_dir = fit(rm, loss_of, len(train), out_dir, epochs=epochs, batch_size=batch_size, lr=lr,
-                          weight_decay=weight_decay, warmup=warmup, precision=precision, seed=seed,
-                          save_every=save_every, resume=resume, run_config={"recipe": "reward pairwise", **run})
+    lr = cfg.learning_rate
+    run = dict(data=str(data), eval_file=None if cfg.eval_file is None else str(cfg.eval_file), model=str(model),
+               chosen_field=chosen_field, rejected_field=rejected_field, eval_fraction=cfg.eval_fraction,
+               max_train=cfg.max_train, max_eval=cfg.max_eval, train_layers=train_layers, epochs=cfg.epochs,
+               batch_size=batch_size, lr=lr, seed=seed)
+    losses, run_dir = fit(rm, loss_of, len(train), cfg.out_dir, epochs=cfg.epochs, batch_size=batch_size, lr=lr,
+                          weight_decay=cfg.weight_decay, warmup=cfg.warmup, precision=precision, seed=seed,
+                          save_every=cfg.save_every, resume=resume, run_config={"recipe": "reward pairwise", **run})
     rm.eval().requires_grad_(False)
     rewards = []
     with torch.no_grad(), autocast(precision):
@@ -172,7 +176,8 @@ def train_pairwise(*, data: str | os.PathLike, out_dir: str | os.PathLike, model
     metrics = pairwise_metrics(rewards[0::2], rewards[1::2])
     metrics.update(train_pairs=len(train), train_layers=train_layers, max_len=max_len, train_loss_first=losses[0],
                    train_loss_last=sum(losses[-20:]) / len(losses[-20:]), seconds=round(time.perf_counter() - t0, 1))
-    save_reward_model(PairwiseReward(rm, tok, max_len, precision), out_dir, extra={"train": run, "metrics": metrics})
-    if not save_every:  # the reward model is saved; no checkpoint was asked for
+    save_reward_model(PairwiseReward(rm, tok, max_len, precision), cfg.out_dir,
+                      extra={"train": run, "metrics": metrics})
+    if not cfg.save_every:  # the reward model is saved; no checkpoint was asked for
         run_dir.discard_checkpoint()
     return metrics

@@ -125,9 +125,3 @@ def add_output_args(p, verb: str) -> None:
                                                                            " or this command's earlier output")
                    + f": only {written_names(verb)} are written; nothing else is changed or deleted")
 
-
-def parse_targets(text: str) -> str | list[str]:
-    """'all-linear', a regex (anything with regex characters), or a comma-separated list of names."""
-    from lmforge.training.sft import parse_lora_targets  # torch-free at import
-
-    return parse_lora_targets(text)
