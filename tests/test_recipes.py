@@ -1,4 +1,4 @@
-"""The recipe configs of the verbs (pretrain, finetune, eval, compare, serve): ``--print-config`` YAML that
+"""The recipe configs of the verbs (pretrain, finetune, eval, compare, serve, rlhf ppo/dpo, reward train): ``--print-config`` YAML that
 reruns the same run through ``--config``, flags over the file, file:line errors, docstrings as ``--help``,
 ``OUT/config.yaml`` written by every run, and the YAML files in ``recipes/`` (parsed and validated only)."""
 
@@ -12,9 +12,12 @@ import yaml
 
 from lmforge.cli.main import build_parser, main
 from lmforge.recipe_config import load_config
+from test_dpo import pairs_file
+from test_ppo import toy_reward  # noqa: F401 (a fixture)
+from test_reward import _toy_csv, _toy_pairs, tiny_decoder, tiny_encoder  # noqa: F401 (fixtures)
 
 RECIPES = Path(__file__).parent.parent / "recipes"
-TIMING = ("tokens_per_s", "seconds", "elapsed", "time")  # differ between two identical runs
+TIMING = ("tokens_per_s", "seconds", "elapsed", "time", "step_s")  # differ between two identical runs
 
 
 def rows(out: Path) -> list[dict]:
@@ -147,13 +150,16 @@ def test_eval_print_config_then_config_reproduces_the_run(tiny_lm_dirs, tmp_path
 
 def test_recipe_files_parse_and_validate():
     """Every YAML file in recipes/ is one recipe's config and validates (nothing runs)."""
+    from lmforge.alignment.reward_recipe import RewardRecipe
+    from lmforge.alignment.rlhf import DPORecipe
     from lmforge.evaluation.compare import CompareConfig
     from lmforge.evaluation.harness import EvalConfig
     from lmforge.training.pretrain import PretrainConfig
     from lmforge.training.sft import FinetuneConfig
 
     kinds = {"pretrain_shakespeare_1m.yaml": PretrainConfig, "finetune_dialogsum_lora.yaml": FinetuneConfig,
-             "eval_dialogsum.yaml": EvalConfig, "dialogsum_lab.yaml": CompareConfig, "detox_ppo.yaml": CompareConfig}
+             "eval_dialogsum.yaml": EvalConfig, "dialogsum_lab.yaml": CompareConfig, "detox_ppo.yaml": CompareConfig,
+             "dpo_hh.yaml": DPORecipe, "reward_toxicity.yaml": RewardRecipe}
     on_disk = {p.name for p in RECIPES.glob("*.yaml")}
     assert set(kinds) <= on_disk, on_disk
     configs = {name: load_config(cls, RECIPES / name) for name, cls in kinds.items()}
@@ -162,6 +168,10 @@ def test_recipe_files_parse_and_validate():
     assert pre.steps == 1500 and pre.overrides["n_layer"] == 4 and pre.out_dir == Path("runs/shakespeare-1m")
     assert ft.method == "lora" and ft.prompt_template.endswith("\n\nSummary: ") and ft.limit == 800
     assert ev.shots == 2 and ev.fields.template.startswith("Summarize the following conversation.\n\n")
+    dpo, rm = configs["dpo_hh.yaml"], configs["reward_toxicity.yaml"]
+    assert (dpo.limit, dpo.steps, dpo.max_len, dpo.template, dpo.out_dir) == (64, 16, 256, "plain", Path("runs/dpo-hh"))
+    assert rm.kind == "classifier" and rm.binary and rm.good_labels == ("neither",) and rm.max_train == 6000
+    assert rm.labels == {"0": "hate", "1": "offensive", "2": "neither"}
 
 
 def test_eval_config_sampling_ranges_are_the_samplers():
@@ -187,3 +197,98 @@ def test_serve_config_from_a_file_and_flags(tmp_path, capsys):
     assert main(["serve", "--config", str(path)]) == 2
     assert f"{path}:1: port: must be >= 0 and <= 65535, got 70000" in capsys.readouterr().err
     assert "--max-body-mb MAX_BODY_MB Largest request body in MiB; larger ones get 413" in help_text("serve", capsys)
+
+
+# ----------------------------------------------------------------------------- rlhf ppo/dpo and reward train
+def assert_config_reruns(argv: list[str], out: Path, capsys, *extra: str) -> str:
+    """``argv --print-config`` prints YAML and runs nothing; ``argv`` (writing ``out``) writes the same YAML to
+    ``out/config.yaml``; ``--config`` that YAML into ``out``-b reproduces ``metrics.jsonl``. Returns the YAML."""
+    printed = print_config([*argv, "-o", str(out), *extra], capsys)
+    assert not out.exists() and printed.startswith(f"# lmforge {' '.join(argv[:2])} config\n")
+    path = out.parent / f"{out.name}.yaml"
+    path.write_text(printed, encoding="utf-8")
+    assert main([*argv, "-o", str(out), *extra]) == 0
+    assert (out / "config.yaml").read_text(encoding="utf-8") == printed  # the run wrote the same YAML
+    again = out.parent / f"{out.name}-b"
+    assert main([*argv[:2], "--config", str(path), "-o", str(again), *extra]) == 0
+    capsys.readouterr()
+    first = rows(out)
+    assert len(first) >= 2 and rows(again) == first
+    assert (again / "config.yaml").read_text(encoding="utf-8") == printed.replace(f"out_dir: {out}",
+                                                                                  f"out_dir: {again}")
+    return printed
+
+
+def test_dpo_print_config_then_config_reproduces_the_run(tiny_lm_dirs, tmp_path, capsys):
+    argv = ["rlhf", "dpo", "-m", str(tiny_lm_dirs["plain"]), "--data", str(pairs_file(tmp_path)), "--steps", "3",
+            "--batch-size", "3", "--lr", "3e-3", "--seed", "5", "--lora-r", "4", "--lora-targets", "q_proj,v_proj",
+            "--eval-fraction", "0.25", "--template", "plain", "--precompute-ref"]
+    printed = assert_config_reruns(argv, tmp_path / "a", capsys, "--threads", "1")
+    values = yaml.safe_load(printed)
+    assert (values["steps"], values["lora_targets"], values["precompute_ref"], values["template"]) == (
+        3, "q_proj,v_proj", True, "plain")
+    assert "threads" not in values and "resume" not in values  # how a run starts is not part of the recipe
+    assert any("eval_loss" in r for r in rows(tmp_path / "a"))
+
+
+def test_ppo_print_config_then_config_reproduces_the_run(tiny_lm_dirs, tmp_path, capsys, toy_reward):  # noqa: F811
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("one two\nfour five\nsix seven\nfox dog\n", encoding="utf-8")
+    argv = ["rlhf", "ppo", "-m", str(tiny_lm_dirs["plain"]), "--prompts", str(prompts), "--reward", toy_reward,
+            "--steps", "2", "--batch-size", "2", "--mini-batch-size", "2", "--ppo-epochs", "1", "-n", "4",
+            "--target-kl", "1.0", "--seed", "3"]
+    printed = assert_config_reruns(argv, tmp_path / "a", capsys, "--threads", "1")
+    assert yaml.safe_load(printed)["reward"] == toy_reward and "max_new_tokens: 4\n" in printed
+    assert all("completion" in r["sample"] for r in rows(tmp_path / "a"))  # the rollouts are the same too
+
+
+def test_reward_train_print_config_then_config_reproduces_the_run(tiny_encoder, tiny_decoder, tmp_path,  # noqa: F811
+                                                                  capsys):
+    argv = ["reward", "train", str(_toy_csv(tmp_path / "toy.csv", n=40)), "--model", str(tiny_encoder),
+            "--text-field", "text", "--label-field", "label", "--label-map", "0=toxic,1=fine", "--good-labels", "fine",
+            "--max-len", "16", "--batch-size", "8", "--lr", "3e-3", "--precision", "fp32", "--eval-fraction", "0.25"]
+    values = yaml.safe_load(assert_config_reruns(argv, tmp_path / "clf", capsys))
+    assert values["good_labels"] == ["fine"] and values["kind"] == "classifier" and values["data"].endswith("toy.csv")
+    argv = ["reward", "train", str(_toy_pairs(tmp_path / "pairs.jsonl", n=24)), "--kind", "pairwise", "-m",
+            str(tiny_decoder), "--max-len", "12", "--batch-size", "8", "--epochs", "2", "--precision", "fp32"]
+    values = yaml.safe_load(assert_config_reruns(argv, tmp_path / "pairwise", capsys))
+    assert (values["kind"], values["train_layers"], values["lr"]) == ("pairwise", 0, None)
+
+
+def test_alignment_flags_override_the_file(tmp_path, capsys):
+    path = tmp_path / "dpo.yaml"
+    path.write_text("data: pairs.jsonl\nbeta: 0.3\nprecompute_ref: true\nsteps: 9\n", encoding="utf-8")
+    values = yaml.safe_load(print_config(["rlhf", "dpo", "--config", str(path), "--steps", "2",
+                                          "--no-precompute-ref", "-o", "x"], capsys))
+    assert (values["data"], values["beta"], values["steps"], values["precompute_ref"], values["out_dir"]) == (
+        "pairs.jsonl", 0.3, 2, False, "x")
+    path.write_text("prompts: p.txt\nreward: m:f\nbatch_size: 8\n", encoding="utf-8")
+    values = yaml.safe_load(print_config(["rlhf", "ppo", "--config", str(path), "--mini-batch-size", "8"], capsys))
+    assert (values["prompts"], values["batch_size"], values["mini_batch_size"]) == ("p.txt", 8, 8)
+    path.write_text("data: a.csv\ngood_labels: [neither]\nbinary: true\n", encoding="utf-8")
+    values = yaml.safe_load(print_config(["reward", "train", "b.csv", "--config", str(path), "--good-labels",
+                                          "fine,kind", "--no-binary"], capsys))
+    assert (values["data"], values["good_labels"], values["binary"]) == ("b.csv", ["fine", "kind"], False)
+
+
+def test_alignment_config_errors_name_the_file_line_and_flag(tmp_path, capsys):
+    path = tmp_path / "ppo.yaml"
+    path.write_text("prompts: p.txt\nreward: m:f\nbatch_size: 6\n", encoding="utf-8")
+    assert main(["rlhf", "ppo", "--config", str(path)]) == 2  # 6 rollouts do not split into minibatches of 4
+    assert "batch_size (--batch-size): PPO batch size 6 is not divisible by the mini-batch size 4" in \
+        capsys.readouterr().err
+    path.write_text("data: a.csv\nkind: pairwise\nwarmup: 2\n", encoding="utf-8")
+    assert main(["reward", "train", "--config", str(path)]) == 2
+    assert f"{path}:3: warmup: must be >= 0.0 and <= 1.0, got 2" in capsys.readouterr().err
+    assert main(["rlhf", "dpo", "--data", "p.jsonl", "--loss", "kto"]) == 2
+    assert "error: --loss: expected one of 'dpo', 'ipo', got 'kto'" in capsys.readouterr().err
+    text = help_text_of(["rlhf", "ppo"], capsys)
+    assert "--kl-coef KL_COEF Beta: the per-token KL penalty (the starting value with --target-kl). (default: 0.05)" \
+        in text and "--config FILE.yaml" in text
+    assert "--train-layers TRAIN_LAYERS Train only the top K decoder blocks" in help_text_of(["reward", "train"], capsys)
+
+
+def help_text_of(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*argv, "--help"])
+    return " ".join(capsys.readouterr().out.split())
