@@ -72,13 +72,14 @@ def heldout_kl(model: str | None, adapter: Path, heldout: Path, reward: str, max
     import torch
 
     import lmforge
-    from lmforge.alignment.ppo import PPOConfig, PPOTrainer
+    from lmforge.alignment.ppo import PPOHyperparams, PPOTrainer
     from lmforge.alignment.rlhf import load_prompts, load_reward
 
     lm = lmforge.load(model, adapter=adapter)
     prompts = load_prompts(heldout)
     reward_fn, _ = load_reward(reward)
-    cfg = PPOConfig(batch_size=len(prompts), mini_batch_size=len(prompts), max_new_tokens=max_new_tokens, seed=seed)
+    cfg = PPOHyperparams(batch_size=len(prompts), mini_batch_size=len(prompts), max_new_tokens=max_new_tokens,
+                         seed=seed)
     trainer = PPOTrainer(lm.model, lm.tokenizer, reward_fn, cfg, eos_ids=lm.eos_ids)
     kls, scores = [], []
     for start in range(0, len(prompts), 8):
@@ -144,7 +145,7 @@ def main() -> None:
 
     import torch
 
-    from lmforge.alignment.rlhf import PPORecipe, ppo
+    from lmforge.alignment.rlhf import PPOConfig, ppo
     from lmforge.evaluation.compare import CompareConfig, run_compare
     from lmforge.recipe_config import from_yaml, load_config
 
@@ -154,7 +155,7 @@ def main() -> None:
     train_prompts, heldout = write_prompts(out, a.n_train, a.n_heldout, a.words, a.seed)
     t0 = time.perf_counter()
     if not a.skip_train:
-        recipe = PPORecipe(model=a.model, prompts=train_prompts, reward=a.reward, out_dir=out / "ppo", steps=a.steps,
+        recipe = PPOConfig(model=a.model, prompts=train_prompts, reward=a.reward, out_dir=out / "ppo", steps=a.steps,
                            batch_size=a.batch_size, mini_batch_size=a.mini_batch_size, ppo_epochs=a.ppo_epochs,
                            lr=a.lr, kl_coef=a.kl_coef, target_kl=a.target_kl, max_new_tokens=a.max_new_tokens,
                            precision=a.precision, seed=a.seed, lora_r=a.lora_r, lora_alpha=2.0 * a.lora_r)

@@ -249,10 +249,10 @@ def test_cli_dpo_refuses_non_finite_hyper_parameters(tiny_lm_dirs, tmp_path, cap
 @pytest.mark.parametrize("field,flag", [("beta", "--beta"), ("lr", "--lr"), ("label_smoothing", "--label-smoothing")])
 def test_dpo_recipe_refuses_non_finite_values(tiny_lm_dirs, tmp_path, field, flag):
     """The same through the Python API, before anything is loaded."""
-    from lmforge.alignment.rlhf import DPORecipe, dpo
+    from lmforge.alignment.rlhf import DPOConfig, dpo
 
     with pytest.raises(LmforgeError, match=rf"\({flag}\): must be a finite number, got nan"):
-        dpo(DPORecipe(model=str(tiny_lm_dirs["plain"]), data=pairs_file(tmp_path), out_dir=tmp_path / "o",
+        dpo(DPOConfig(model=str(tiny_lm_dirs["plain"]), data=pairs_file(tmp_path), out_dir=tmp_path / "o",
                       **{field: float("nan")}))
     assert not (tmp_path / "o").exists()
 

@@ -9,7 +9,7 @@ import torch
 
 import lmforge
 from lmforge.alignment.ppo import (
-    PPOConfig,
+    PPOHyperparams,
     PPOTrainer,
     adaptive_kl_coef,
     gae,
@@ -100,7 +100,7 @@ PROMPTS = ["bcd", "ef", "ghij", "klm", "nop", "b c", "dd", "fgh"] * 2
 def test_ppo_learns_the_toy_task_with_a_bounded_kl():
     torch.manual_seed(0)
     model, tok, base_state = toy_policy()
-    cfg = PPOConfig(batch_size=16, mini_batch_size=8, ppo_epochs=4, lr=3e-3, kl_coef=0.05, max_new_tokens=8, seed=0)
+    cfg = PPOHyperparams(batch_size=16, mini_batch_size=8, ppo_epochs=4, lr=3e-3, kl_coef=0.05, max_new_tokens=8, seed=0)
     ppo = PPOTrainer(model, tok, fraction_of_a, cfg)
     ids = [tok.encode(p) for p in PROMPTS]
     stats = [ppo.step(PROMPTS, ids) for _ in range(30)]
@@ -126,7 +126,7 @@ def test_ppo_learns_the_toy_task_with_a_bounded_kl():
 
 def test_tokens_after_eos_are_masked():
     model, tok, _ = toy_policy(seed=1, eos=tok_id("e"))
-    ppo = PPOTrainer(model, tok, fraction_of_a, PPOConfig(batch_size=8, mini_batch_size=4, max_new_tokens=12,
+    ppo = PPOTrainer(model, tok, fraction_of_a, PPOHyperparams(batch_size=8, mini_batch_size=4, max_new_tokens=12,
                                                           temperature=2.0, seed=3))
     b = ppo.rollout(PROMPTS[:8], [tok.encode(p) for p in PROMPTS[:8]])
     response, mask = b.idx[:, b.P:], b.mask.bool()
@@ -146,15 +146,15 @@ def tok_id(ch):
 
 def test_bad_configs():
     with pytest.raises(LmforgeError, match="batch size 10 is not divisible by the mini-batch size 4"):
-        PPOConfig(batch_size=10, mini_batch_size=4)
+        PPOHyperparams(batch_size=10, mini_batch_size=4)
     with pytest.raises(LmforgeError, match="temperature must be > 0"):
-        PPOConfig(temperature=0)
+        PPOHyperparams(temperature=0)
     tok = char_tokenizer(CHARS)
     plain = DecoderLM(preset("tiny-llama", vocab_size=tok.vocab_size)).init_weights(seed=0)
     with pytest.raises(LmforgeError, match="PPO needs a reference"):
-        PPOTrainer(plain, tok, fraction_of_a, PPOConfig())
+        PPOTrainer(plain, tok, fraction_of_a, PPOHyperparams())
     model, tok, _ = toy_policy()
-    ppo = PPOTrainer(model, tok, lambda p, c: torch.zeros(3), PPOConfig(batch_size=4, mini_batch_size=2))
+    ppo = PPOTrainer(model, tok, lambda p, c: torch.zeros(3), PPOHyperparams(batch_size=4, mini_batch_size=2))
     with pytest.raises(LmforgeError, match=r"reward function returned shape \(3,\) for 4 completions"):
         ppo.step(PROMPTS[:4], [tok.encode(p) for p in PROMPTS[:4]])
 
@@ -219,10 +219,10 @@ def test_cli_ppo_end_to_end(tiny_lm_dirs, tmp_path, capsys, toy_reward):
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # the first rollout comes from the untouched base
     assert rows[1]["kl_coef"] == pytest.approx(0.05 * (1 - 0.2 * 4 / 10))  # adaptive: KL 0 < target, e = -0.2
     assert (out / "final" / "adapter_config.json").is_file()
-    from lmforge.alignment.rlhf import PPORecipe
+    from lmforge.alignment.rlhf import PPOConfig
     from lmforge.recipe_config import load_config
 
-    assert load_config(PPORecipe, out / "config.yaml") == PPORecipe(
+    assert load_config(PPOConfig, out / "config.yaml") == PPOConfig(
         model=str(tiny_lm_dirs["plain"]), prompts=prompts, reward=str(toy_reward), out_dir=out, steps=3, batch_size=4,
         mini_batch_size=2, ppo_epochs=2, max_new_tokens=6, target_kl=1.0, horizon=10)
     assert lmforge.load(tiny_lm_dirs["plain"], adapter=out / "final").model is not None
@@ -313,9 +313,9 @@ def test_cli_ppo_refuses_non_finite_hyper_parameters(tiny_lm_dirs, tmp_path, cap
 
 @pytest.mark.parametrize("field", ["kl_coef", "gamma", "lam", "vf_coef", "lr", "clip_range", "target_kl"])
 def test_ppo_config_refuses_non_finite_values(field):
-    """The same through the Python API (``rlhf.ppo`` builds its PPOConfig before loading anything)."""
+    """The same through the Python API (``rlhf.ppo`` builds its PPOHyperparams before loading anything)."""
     with pytest.raises(LmforgeError, match=f"PPO {field} must be a finite number, got nan"):
-        PPOConfig(**{field: float("nan")})
+        PPOHyperparams(**{field: float("nan")})
 
 
 def test_cli_ppo_stops_on_a_nan_reward_and_keeps_the_last_checkpoint(tiny_lm_dirs, tmp_path, capsys, monkeypatch):
@@ -342,7 +342,7 @@ def test_cli_ppo_stops_on_a_nan_reward_and_keeps_the_last_checkpoint(tiny_lm_dir
 
 def test_a_nan_kl_coefficient_stops_the_step_before_the_update():
     model, tok, _ = toy_policy()
-    ppo = PPOTrainer(model, tok, fraction_of_a, PPOConfig(batch_size=4, mini_batch_size=2, max_new_tokens=4))
+    ppo = PPOTrainer(model, tok, fraction_of_a, PPOHyperparams(batch_size=4, mini_batch_size=2, max_new_tokens=4))
     before = {k: v.clone() for k, v in model.named_parameters() if v.requires_grad}
     ppo.kl_coef = float("nan")  # e.g. an adaptive controller gone wrong
     with pytest.raises(LmforgeError, match="KL coefficient became nan at step 1"):

@@ -150,8 +150,8 @@ def test_eval_print_config_then_config_reproduces_the_run(tiny_lm_dirs, tmp_path
 
 def test_recipe_files_parse_and_validate():
     """Every YAML file in recipes/ is one recipe's config and validates (nothing runs)."""
-    from lmforge.alignment.reward_recipe import RewardRecipe
-    from lmforge.alignment.rlhf import DPORecipe
+    from lmforge.alignment.reward_recipe import RewardConfig
+    from lmforge.alignment.rlhf import DPOConfig
     from lmforge.evaluation.compare import CompareConfig
     from lmforge.evaluation.harness import EvalConfig
     from lmforge.training.pretrain import PretrainConfig
@@ -159,7 +159,7 @@ def test_recipe_files_parse_and_validate():
 
     kinds = {"pretrain_shakespeare_1m.yaml": PretrainConfig, "finetune_dialogsum_lora.yaml": FinetuneConfig,
              "eval_dialogsum.yaml": EvalConfig, "dialogsum_lab.yaml": CompareConfig, "detox_ppo.yaml": CompareConfig,
-             "dpo_hh.yaml": DPORecipe, "reward_toxicity.yaml": RewardRecipe}
+             "dpo_hh.yaml": DPOConfig, "reward_toxicity.yaml": RewardConfig}
     on_disk = {p.name for p in RECIPES.glob("*.yaml")}
     assert set(kinds) <= on_disk, on_disk
     configs = {name: load_config(cls, RECIPES / name) for name, cls in kinds.items()}

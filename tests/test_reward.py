@@ -9,7 +9,7 @@ import torch
 
 from lmforge.alignment import reward_classifier, reward_pairwise
 from lmforge.alignment.reward import check_tokenizer_match, load_reward_model
-from lmforge.alignment.reward_recipe import RewardRecipe
+from lmforge.alignment.reward_recipe import RewardConfig
 from lmforge.cli import main
 from lmforge.config import ModelConfig, preset
 from lmforge.data.reward_data import load_labelled, load_pairs, stratified_split
@@ -28,18 +28,18 @@ BAD = ["stupid", "idiot", "hate", "ugly", "dumb", "rude"]
 FILLER = ["the", "you", "are", "a", "so", "very", "really", "today", "human", "assistant"]
 
 
-def _recipe(kind: str, fields: dict) -> RewardRecipe:
-    """A ``RewardRecipe`` of these fields (the fixtures' model folders are Paths; the field is a name or path)."""
-    return RewardRecipe(kind=kind, **{k: str(v) if k == "model" else v for k, v in fields.items()})
+def _recipe(kind: str, fields: dict) -> RewardConfig:
+    """A ``RewardConfig`` of these fields (the fixtures' model folders are Paths; the field is a name or path)."""
+    return RewardConfig(kind=kind, **{k: str(v) if k == "model" else v for k, v in fields.items()})
 
 
 def train_classifier(*, resume: bool = False, **fields) -> dict:
-    """The classifier recipe on a ``RewardRecipe`` with these fields."""
+    """The classifier recipe on a ``RewardConfig`` with these fields."""
     return reward_classifier.train_classifier(_recipe("classifier", fields), resume=resume)
 
 
 def train_pairwise(*, resume: bool = False, **fields) -> dict:
-    """The pairwise recipe on a ``RewardRecipe`` with these fields."""
+    """The pairwise recipe on a ``RewardConfig`` with these fields."""
     return reward_pairwise.train_pairwise(_recipe("pairwise", fields), resume=resume)
 
 

@@ -129,8 +129,9 @@ def entropy(logits: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------- the trainer
 @dataclass
-class PPOConfig:
-    """PPO hyper-parameters; defaults follow Ziegler et al. 2019 / trl where they apply."""
+class PPOHyperparams:
+    """The PPO trainer's hyper-parameters (the ``rlhf ppo`` recipe's ``alignment.rlhf.PPOConfig`` builds them);
+    defaults follow Ziegler et al. 2019 / trl where they apply."""
 
     batch_size: int = 16  # prompts (rollouts) per PPO step
     mini_batch_size: int = 4  # rollouts per optimiser step
@@ -198,7 +199,7 @@ class PPOTrainer:
     ``ref_model=None`` means: the policy with its LoRA adapters switched off (the policy must have LoRA).
     """
 
-    def __init__(self, policy: nn.Module, tokenizer, reward_fn: RewardFn, cfg: PPOConfig,
+    def __init__(self, policy: nn.Module, tokenizer, reward_fn: RewardFn, cfg: PPOHyperparams,
                  ref_model: nn.Module | None = None, eos_ids: Sequence[int] = ()):
         if ref_model is None and next(lora_layers(policy), None) is None:
             raise LmforgeError("PPO needs a reference: pass a frozen ref_model, or give the policy LoRA adapters "

@@ -2,7 +2,7 @@
 sequence-classification head, fine-tuned end to end with (optionally class-weighted) cross-entropy
 on labelled texts, evaluated on a held-out split, saved as a reward-model directory.
 
-    >>> metrics = train_classifier(RewardRecipe(data="labeled_data.csv", out_dir="out/reward/toxicity-minilm",
+    >>> metrics = train_classifier(RewardConfig(data="labeled_data.csv", out_dir="out/reward/toxicity-minilm",
     ...                                         text_field="tweet", label_field="class", binary=True,
     ...                                         label_map="0=hate,1=offensive,2=neither", good_labels=["neither"]))
 """
@@ -25,7 +25,7 @@ from lmforge.alignment.reward import (
     pad_right,
     save_reward_model,
 )
-from lmforge.alignment.reward_recipe import RewardRecipe
+from lmforge.alignment.reward_recipe import RewardConfig
 from lmforge.checkpoints.resolve import DEFAULT_ENCODER
 from lmforge.data.reward_data import LabelledTexts, load_labelled, stratified_split, to_binary
 from lmforge.errors import LmforgeError
@@ -65,7 +65,7 @@ def _subsample(labels: list[int], indices: list[int], limit: int | None, seed: i
 
 
 @claims_output("reward train", inputs=("model",), config="cfg")
-def train_classifier(cfg: RewardRecipe, *, resume: bool = False, overwrite: bool = False,
+def train_classifier(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False,
                      force: bool = False) -> dict:
     """Fine-tune ``cfg.base_model`` + a classification head on ``cfg.data``; save the reward model to ``cfg.out_dir``
     (``cfg.kind`` must be ``"classifier"``).

@@ -29,7 +29,7 @@ from lmforge.alignment.reward import (
     pairwise_metrics,
     save_reward_model,
 )
-from lmforge.alignment.reward_recipe import RewardRecipe
+from lmforge.alignment.reward_recipe import RewardConfig
 from lmforge.data.reward_data import load_pairs, random_split
 from lmforge.errors import LmforgeError
 from lmforge.outputs import claims_output
@@ -84,7 +84,7 @@ def top_rewards(model: nn.Module, states: list[torch.Tensor], n_frozen: int) -> 
 
 
 @claims_output("reward train", inputs=("model", "adapter", "tokenizer"), config="cfg")
-def train_pairwise(cfg: RewardRecipe, *, resume: bool = False, overwrite: bool = False, force: bool = False) -> dict:
+def train_pairwise(cfg: RewardConfig, *, resume: bool = False, overwrite: bool = False, force: bool = False) -> dict:
     """Train a Bradley-Terry reward model on (chosen, rejected) pairs of ``cfg.data``; save it to ``cfg.out_dir``
     (``cfg.kind`` must be ``"pairwise"``).
 

@@ -1,4 +1,4 @@
-"""The recipe config of ``lmforge reward train``: ``RewardRecipe``, one dataclass for both kinds of reward model.
+"""The recipe config of ``lmforge reward train``: ``RewardConfig``, one dataclass for both kinds of reward model.
 
 ``kind="classifier"`` is read by ``reward_classifier.train_classifier`` (an encoder + classification head on
 labelled texts), ``kind="pairwise"`` by ``reward_pairwise.train_pairwise`` (a decoder + scalar head on
@@ -23,7 +23,7 @@ _CLS, _PAIR, _TRAIN = "classifier", "pairwise", "training"
 
 
 @dataclass
-class RewardRecipe:
+class RewardConfig:
     """Everything ``lmforge reward train`` needs: the data, the kind of reward model and its base, the schedule,
     the output. Defaults < ``--config FILE.yaml`` < flags."""
 

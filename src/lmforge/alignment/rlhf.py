@@ -1,6 +1,6 @@
 """The alignment recipes: ``ppo`` (RLHF's RL step against a reward) and ``dpo`` (DPO / IPO on preference pairs).
 
-Each takes its recipe config (``PPORecipe`` / ``DPORecipe``: one field per setting, a docstring each, the flags
+Each takes its recipe config (``PPOConfig`` / ``DPOConfig``: one field per setting, a docstring each, the flags
 of ``lmforge rlhf ppo`` / ``rlhf dpo`` derived from them), builds the policy (LoRA by default, or every weight),
 its frozen reference (the base with the adapters off, a frozen copy, or a separate ``ref`` model of the same
 architecture), runs the trainer of ``ppo.py`` / ``dpo.py`` (DPO through the training loop, ``training/loop.py``;
@@ -44,7 +44,7 @@ _POLICY, _LORA, _RUN = "policy and reference", "LoRA (as in lmforge finetune)", 
 # ----------------------------------------------------------------------------- the recipe configs
 @dataclass
 class PolicyOptions:
-    """The policy, its reference and LoRA settings that ``PPORecipe`` and ``DPORecipe`` share."""
+    """The policy, its reference and LoRA settings that ``PPOConfig`` and ``DPOConfig`` share."""
 
     model: str | None = option(None, flags=("-m", "--model"), group=_POLICY)
     """The policy's base: a model name or path (none: the embedded smollm2-135m-instruct)."""
@@ -96,12 +96,12 @@ class PolicyOptions:
 
 
 @dataclass
-class PPORecipe(PolicyOptions):
+class PPOConfig(PolicyOptions):
     """Everything ``lmforge rlhf ppo`` needs: prompts, reward, PPO and sampling settings, the policy, the output.
 
     Defaults < ``--config FILE.yaml`` < flags; ``--print-config`` prints the resolved YAML, and every run writes
-    it to ``OUT_DIR/config.yaml``. (``alignment.ppo.PPOConfig`` is the trainer's hyper-parameters, built from
-    this.)
+    it to ``OUT_DIR/config.yaml``. (``alignment.ppo.PPOHyperparams``, the trainer's hyper-parameters, is built
+    from this.)
     """
 
     recipe: ClassVar[str] = "rlhf ppo"
@@ -165,7 +165,7 @@ class PPORecipe(PolicyOptions):
 
 
 @dataclass
-class DPORecipe(PolicyOptions):
+class DPOConfig(PolicyOptions):
     """Everything ``lmforge rlhf dpo`` needs: the pairs, the preference loss, the policy, the schedule, the output.
 
     Defaults < ``--config FILE.yaml`` < flags; ``--print-config`` prints the resolved YAML, and every run writes
@@ -341,7 +341,7 @@ def _run_config(cfg: PolicyOptions, recipe: str) -> dict[str, Any]:
 
 
 @claims_output("rlhf ppo", inputs=("model", "adapter", "ref"), config="cfg")
-def ppo(cfg: PPORecipe, *, resume: bool = False, overwrite: bool = False, force: bool = False,
+def ppo(cfg: PPOConfig, *, resume: bool = False, overwrite: bool = False, force: bool = False,
         progress: bool = True) -> dict[str, Any]:
     """Optimise ``cfg.model`` (None: the embedded default) with PPO against ``cfg.reward`` on ``cfg.prompts``.
 
@@ -360,16 +360,16 @@ def ppo(cfg: PPORecipe, *, resume: bool = False, overwrite: bool = False, force:
     """
     from torch import nn
 
-    from lmforge.alignment.ppo import PPOConfig, PPOTrainer
+    from lmforge.alignment.ppo import PPOHyperparams, PPOTrainer
     from lmforge.training.loop import RunDir, precision_autocast, progress_bar, seed_everything
     from lmforge.training.sources import ShuffledIndices
 
     c = cfg
-    trainer_cfg = PPOConfig(batch_size=c.batch_size, mini_batch_size=c.mini_batch_size, ppo_epochs=c.ppo_epochs,
-                            lr=c.learning_rate, kl_coef=c.kl_coef, target_kl=c.target_kl, horizon=c.horizon,
-                            gamma=c.gamma, lam=c.lam, clip_range=c.clip_range, vf_coef=c.vf_coef,
-                            max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_k=c.top_k,
-                            top_p=c.top_p, seed=c.seed)
+    trainer_cfg = PPOHyperparams(batch_size=c.batch_size, mini_batch_size=c.mini_batch_size,
+                                 ppo_epochs=c.ppo_epochs, lr=c.learning_rate, kl_coef=c.kl_coef,
+                                 target_kl=c.target_kl, horizon=c.horizon, gamma=c.gamma, lam=c.lam,
+                                 clip_range=c.clip_range, vf_coef=c.vf_coef, max_new_tokens=c.max_new_tokens,
+                                 temperature=c.temperature, top_k=c.top_k, top_p=c.top_p, seed=c.seed)
     texts = load_prompts(c.prompts, c.prompt_field)
     reward_fn, reward_model = load_reward(c.reward, c.reward_input)
     seed_everything(c.seed)
@@ -411,7 +411,7 @@ def ppo(cfg: PPORecipe, *, resume: bool = False, overwrite: bool = False, force:
 
 
 @claims_output("rlhf dpo", inputs=("model", "adapter", "ref"), config="cfg")
-def dpo(cfg: DPORecipe, *, resume: bool = False, overwrite: bool = False, force: bool = False,
+def dpo(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False, force: bool = False,
         progress: bool = True) -> dict[str, Any]:
     """Train ``cfg.model`` with DPO (or IPO: ``loss="ipo"``, ``beta`` is tau) on the preference file ``cfg.data``.
 

@@ -1,7 +1,7 @@
 """The ``lmforge reward`` subcommands: ``train`` (a classifier or a pairwise reward model) and
 ``eval`` (held-out metrics of a saved one).
 
-``reward train``'s flags are derived from ``RewardRecipe`` (``alignment/reward_recipe.py``) as ``cli/training.py``
+``reward train``'s flags are derived from ``RewardConfig`` (``alignment/reward_recipe.py``) as ``cli/training.py``
 describes, with ``--config`` / ``--print-config``; ``--resume``, ``--overwrite``, ``--force``, ``--threads`` and
 ``--metrics-out`` are run flags. Handlers import torch only when they run; bad input raises ``LmforgeError``
 (one line, exit 2).
@@ -32,9 +32,9 @@ def _print(metrics: dict, output: str | None) -> None:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from lmforge.alignment.reward_recipe import RewardRecipe
+    from lmforge.alignment.reward_recipe import RewardConfig
 
-    cfg = options.recipe_from_args(RewardRecipe, a)
+    cfg = options.recipe_from_args(RewardConfig, a)
     if a.print_config:
         return 0
     if a.threads:
@@ -91,7 +91,7 @@ def _run_flags(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
 
 
 def _eval_fields(p: argparse.ArgumentParser) -> None:
-    """``reward eval``'s data flags (``reward train`` has them from ``RewardRecipe``)."""
+    """``reward eval``'s data flags (``reward train`` has them from ``RewardConfig``)."""
     p.add_argument("--max-eval", type=int_arg("--max-eval"), default=None,
                    help="score at most the first N examples (default: all)")
     p.add_argument("--text-field", default=None, help="classifier: the text column/field (default: as trained)")
@@ -104,7 +104,7 @@ def _eval_fields(p: argparse.ArgumentParser) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``lmforge reward train`` and ``lmforge reward eval``."""
-    from lmforge.alignment.reward_recipe import RewardRecipe  # torch-free at import
+    from lmforge.alignment.reward_recipe import RewardConfig  # torch-free at import
 
     r = sub.add_parser("reward", help="train and evaluate reward models (toxicity classifier, pairwise preferences)",
                        description="Reward models for alignment: a classifier whose reward is P(good class), e.g. "
@@ -119,7 +119,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                     "settings in config.yaml, which --config reruns). Prints the "
                                     "held-out metrics as JSON: accuracy, balanced accuracy (classifier), ROC AUC, "
                                     "expected calibration error (10 bins); pairwise: accuracy and mean margin.")
-    options.add_recipe_args(t, RewardRecipe, positional=("data",))
+    options.add_recipe_args(t, RewardConfig, positional=("data",))
     g = t.add_argument_group("running")
     g.add_argument("--resume", action="store_true",
                    help="continue the run in OUT_DIR from its checkpoint, step for step as if uninterrupted")

@@ -1,7 +1,7 @@
 """The ``lmforge rlhf`` subcommands: ``rlhf ppo`` (PPO against a reward) and ``rlhf dpo`` (DPO / IPO on pairs).
 
 ``register(subparsers)`` adds them to the ``lmforge`` parser, their flags derived from the recipe configs
-(``PPORecipe``, ``DPORecipe`` in ``alignment/rlhf.py``) as ``cli/training.py`` describes, plus the run flags
+(``PPOConfig``, ``DPOConfig`` in ``alignment/rlhf.py``) as ``cli/training.py`` describes, plus the run flags
 (``--resume``, ``--overwrite``, ``--force``, ``--threads``) and ``--config`` / ``--print-config``. The handlers
 import torch only when they run. Bad input raises ``LmforgeError``, which ``lmforge.cli.main`` prints as one line.
 """
@@ -24,9 +24,9 @@ def _set_threads(a: argparse.Namespace) -> None:
 
 
 def cmd_ppo(a: argparse.Namespace) -> int:
-    from lmforge.alignment.rlhf import PPORecipe, ppo
+    from lmforge.alignment.rlhf import PPOConfig, ppo
 
-    cfg = options.recipe_from_args(PPORecipe, a)
+    cfg = options.recipe_from_args(PPOConfig, a)
     if a.print_config:
         return 0
     _set_threads(a)
@@ -37,9 +37,9 @@ def cmd_ppo(a: argparse.Namespace) -> int:
 
 
 def cmd_dpo(a: argparse.Namespace) -> int:
-    from lmforge.alignment.rlhf import DPORecipe, dpo
+    from lmforge.alignment.rlhf import DPOConfig, dpo
 
-    cfg = options.recipe_from_args(DPORecipe, a)
+    cfg = options.recipe_from_args(DPOConfig, a)
     if a.print_config:
         return 0
     _set_threads(a)
@@ -62,7 +62,7 @@ def _add_run_args(p: argparse.ArgumentParser, verb: str) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``lmforge rlhf ppo`` and ``lmforge rlhf dpo`` to the ``lmforge`` parser."""
-    from lmforge.alignment.rlhf import DPORecipe, PPORecipe
+    from lmforge.alignment.rlhf import DPOConfig, PPOConfig
 
     r = sub.add_parser("rlhf", help="align a model: PPO against a reward model, or DPO/IPO on preference pairs",
                        description="Alignment: `rlhf ppo` optimises a policy against a reward with PPO and a KL "
@@ -76,7 +76,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                     "--mini-batch-size minibatches. Writes OUT_DIR/metrics.jsonl (reward, kl, "
                                     "entropy, clipfrac, value_loss, policy_loss, kl_coef, approx_kl per step), "
                                     "OUT_DIR/config.yaml and OUT_DIR/final.")
-    options.add_recipe_args(p, PPORecipe)
+    options.add_recipe_args(p, PPOConfig)
     _add_run_args(p, "rlhf ppo")
     p.set_defaults(func=cmd_ppo)
 
@@ -86,6 +86,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                                     "'\\n\\nAssistant:'). Logs loss, reward margin (chosen - rejected implicit "
                                     "reward) and reward accuracy per step to OUT_DIR/metrics.jsonl; writes "
                                     "OUT_DIR/config.yaml and OUT_DIR/final.")
-    options.add_recipe_args(q, DPORecipe)
+    options.add_recipe_args(q, DPOConfig)
     _add_run_args(q, "rlhf dpo")
     q.set_defaults(func=cmd_dpo)
