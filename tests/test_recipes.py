@@ -5,6 +5,7 @@ reruns the same run through ``--config``, flags over the file, file:line errors,
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -172,6 +173,52 @@ def test_recipe_files_parse_and_validate():
     assert (dpo.limit, dpo.steps, dpo.max_len, dpo.template, dpo.out_dir) == (64, 16, 256, "plain", Path("runs/dpo-hh"))
     assert rm.kind == "classifier" and rm.binary and rm.good_labels == ("neither",) and rm.max_train == 6000
     assert rm.labels == {"0": "hate", "1": "offensive", "2": "neither"}
+
+
+RUN_LINE = re.compile(r"^#\s+lmforge ([a-z ]+?) --config recipes/(\S+\.yaml)", re.M)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in RECIPES.glob("*.yaml")))
+def test_every_recipe_names_its_verb_and_holds_every_setting(name, capsys):
+    """Each recipe's header shows the one `lmforge VERB --config recipes/NAME` that runs it; that verb's
+    --print-config of the file gives back the file's own values (a verb recipe holds every resolved setting,
+    as --print-config wrote it; a compare recipe's settings merge over its defaults); README names it."""
+    path = RECIPES / name
+    text = path.read_text(encoding="utf-8")
+    verbs = {m.group(1) for m in RUN_LINE.finditer(text) if m.group(2) == name}
+    assert len(verbs) == 1, f"{name}: the header must show one `lmforge VERB --config recipes/{name}` line"
+    verb = verbs.pop().split()
+    in_file = yaml.safe_load(text)
+    printed = yaml.safe_load(print_config([*verb, "--config", str(path)], capsys))
+    if verb == ["compare"]:
+        assert set(in_file) <= set(printed)
+        assert {k: printed[k] for k in in_file if k != "settings"} == {k: v for k, v in in_file.items()
+                                                                      if k != "settings"}
+        assert [s["label"] for s in printed["settings"]] == [s["label"] for s in in_file["settings"]]
+    else:
+        assert printed == in_file
+    assert f"recipes/{name}" in (RECIPES.parent / "README.md").read_text(encoding="utf-8")
+
+
+def test_the_ppo_and_pairwise_reward_recipes_are_the_readme_examples():
+    """The README's `lmforge rlhf ppo` and pairwise `lmforge reward train` examples as recipes; the PPO prompts
+    file is committed beside them and the reward folder is the one recipes/reward_toxicity.yaml writes."""
+    from lmforge.alignment.reward_recipe import RewardConfig
+    from lmforge.alignment.rlhf import PPOConfig, load_prompts
+
+    ppo = load_config(PPOConfig, RECIPES / "ppo_detox_tweets.yaml")
+    toxicity = load_config(RewardConfig, RECIPES / "reward_toxicity.yaml")
+    assert (ppo.steps, ppo.batch_size, ppo.mini_batch_size, ppo.ppo_epochs, ppo.max_new_tokens, ppo.kl_coef,
+            ppo.lr, ppo.out_dir) == (40, 8, 4, 4, 24, 0.02, 5e-4, Path("runs/detox"))
+    assert Path(ppo.reward) == toxicity.out_dir
+    prompts = load_prompts(RECIPES.parent / ppo.prompts, ppo.prompt_field)
+    assert len(prompts) >= 12 and len(set(prompts)) == len(prompts)
+    assert all(p.startswith("Continue this tweet: ") for p in prompts)
+    pairwise = load_config(RewardConfig, RECIPES / "reward_hh_pairwise.yaml")
+    assert (pairwise.kind, pairwise.train_layers, pairwise.epochs, pairwise.eval_fraction, pairwise.seed) == (
+        "pairwise", 0, 2, 0.2, 1)
+    assert str(pairwise.data).endswith("hh_rlhf/harmless-base.test.jsonl.gz")
+    assert pairwise.out_dir == Path("out/reward/hh-pairwise-smollm2")
 
 
 def test_eval_config_sampling_ranges_are_the_samplers():
