@@ -218,6 +218,7 @@ def test_cli_ppo_end_to_end(tiny_lm_dirs, tmp_path, capsys, toy_reward):
     assert [r["step"] for r in rows] == [1, 2, 3] and all(keys <= set(r) for r in rows)
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # the first rollout comes from the untouched base
     assert rows[1]["kl_coef"] == pytest.approx(0.05 * (1 - 0.2 * 4 / 10))  # adaptive: KL 0 < target, e = -0.2
+    assert [r["lr"] for r in rows] == [1e-4] * 3  # the defaults: no warmup, min_lr_ratio 1 = a constant rate
     assert (out / "final" / "adapter_config.json").is_file()
     from lmforge.alignment.rlhf import PPOConfig
     from lmforge.recipe_config import load_config
@@ -251,6 +252,45 @@ def test_cli_ppo_resume_continues_step_for_step(tiny_lm_dirs, tmp_path, capsys, 
     code, _, err = run(capsys, *args, "-m", tiny_lm_dirs["chat"], "-o", tmp_path / "stopped", "--steps", "6",
                        "--resume")
     assert code == 2 and "cannot resume" in err
+
+
+def test_cli_ppo_warmup_and_cosine_schedule_resumes_exactly(tiny_lm_dirs, tmp_path, capsys, toy_reward,
+                                                            monkeypatch):
+    """--warmup and --min-lr-ratio give PPO the shared schedule (training/optim.py), one rate per PPO step, logged
+    as lr; a run that dies during step 3 (after its step-2 checkpoint) and is resumed logs exactly the steps of an
+    uninterrupted run, rates included."""
+    from lmforge.alignment.ppo import PPOTrainer
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("one two\nfour five\nsix seven\nfox dog\nthree one\n")
+    args = ["rlhf", "ppo", "-m", tiny_lm_dirs["plain"], "--prompts", prompts, "--reward", toy_reward,
+            "--batch-size", "2", "--mini-batch-size", "1", "--ppo-epochs", "2", "-n", "4", "--lr", "3e-3",
+            "--warmup", "2", "--min-lr-ratio", "0.1", "--steps", "5", "--threads", "1", "--save-every", "2"]
+    assert run(capsys, *args, "-o", tmp_path / "straight")[0] == 0
+    real_step, calls = PPOTrainer.step, []
+
+    def dies_at_step_3(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("killed")
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(PPOTrainer, "step", dies_at_step_3)
+    with pytest.raises(RuntimeError, match="killed"):
+        run(capsys, *args, "-o", tmp_path / "stopped")
+    monkeypatch.setattr(PPOTrainer, "step", real_step)
+    assert run(capsys, *args, "-o", tmp_path / "stopped", "--resume")[0] == 0
+
+    def rows(name):
+        return [{k: v for k, v in json.loads(line).items() if k != "step_s"}
+                for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+    straight, resumed = rows("straight"), rows("stopped")
+    # warmup 1.5e-3, 3e-3; then the cosine from 3e-3 (step 3) through the midpoint to 3e-3 * 0.1 at step 5
+    assert [r["lr"] for r in straight] == pytest.approx([1.5e-3, 3e-3, 3e-3, 1.65e-3, 3e-4], rel=1e-12)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5]
+    assert resumed == straight
+    assert straight[3]["kl"] != 0.0  # the later steps really depend on the restored adapter
 
 
 def test_cli_ppo_bad_input(tiny_lm_dirs, tmp_path, capsys, toy_reward):

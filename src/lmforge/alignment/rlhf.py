@@ -138,6 +138,11 @@ class PPOConfig(PolicyOptions):
     """PPO ratio clip epsilon, also used for the value clip."""
     vf_coef: float = option(0.1, min=0.0, group="PPO")
     """Weight of the value loss."""
+    warmup: int = option(0, min=0, group="PPO")
+    """Linear warmup over this many PPO steps, then a cosine from --lr down to --lr * --min-lr-ratio at the last
+    step (the schedule of training/optim.py)."""
+    min_lr_ratio: float = option(1.0, min=0.0, max=1.0, group="PPO")
+    """Where the cosine ends, as a share of --lr; 1 = a constant learning rate after the warmup."""
     max_new_tokens: int = option(32, min=1, flags=("-n", "--max-new-tokens"), group="sampling the rollouts")
     """Response length limit."""
     temperature: float = option(1.0, positive=True, flags=("-t", "--temperature"), group="sampling the rollouts")
@@ -349,7 +354,9 @@ def ppo(cfg: PPOConfig, *, resume: bool = False, overwrite: bool = False, force:
     ``max_new_tokens`` with ``temperature``/``top_k``/``top_p``, scores them with the reward (a reward-model
     folder or a ``module:function``), shapes the reward with ``kl_coef`` * KL to the reference (adaptive
     towards ``target_kl`` when set) and runs ``ppo_epochs`` epochs of ``mini_batch_size`` minibatches.
-    Every ``save_every`` steps (0: never) ``OUT_DIR/checkpoint`` is written atomically: policy, value
+    The learning rate of each PPO step (all its minibatch updates) follows ``training/optim.py``'s schedule:
+    ``warmup`` steps of linear warmup, then a cosine to ``lr * min_lr_ratio`` (1: constant); it is logged as
+    ``lr``. Every ``save_every`` steps (0: never) ``OUT_DIR/checkpoint`` is written atomically: policy, value
     head, optimiser, KL coefficient and prompt order. The resolved recipe is written to ``OUT_DIR/config.yaml``
     once the inputs have loaded.
 
@@ -362,6 +369,7 @@ def ppo(cfg: PPOConfig, *, resume: bool = False, overwrite: bool = False, force:
 
     from lmforge.alignment.ppo import PPOHyperparams, PPOTrainer
     from lmforge.training.loop import RunDir, precision_autocast, progress_bar, seed_everything
+    from lmforge.training.optim import lr_at, set_lr
     from lmforge.training.sources import ShuffledIndices
 
     c = cfg
@@ -394,9 +402,12 @@ def ppo(cfg: PPOConfig, *, resume: bool = False, overwrite: bool = False, force:
     try:
         for step in range(start + 1, c.steps + 1):
             rows = order.next_batch()
+            lr = lr_at(step - 1, trainer_cfg.lr, c.steps, c.warmup, c.min_lr_ratio)  # a function of the step
+            set_lr(trainer.optimizer, lr)
             t0 = time.perf_counter()
             with precision_autocast(c.precision, c.device):
                 stats = trainer.step([texts[i] for i in rows], [encoded[i] for i in rows])
+            stats["lr"] = lr
             stats["step_s"] = round(time.perf_counter() - t0, 2)
             log.write({"step": step, **stats,
                        "sample": {"prompt": texts[rows[0]], "completion": trainer.last_rollout.completions[0]}})
