@@ -46,7 +46,7 @@ def test_formats_read_the_same_records(tmp_path):
     for p in (jl, js, gz, cs):
         recs = load_records(p)
         assert [r.fields["text"] for r in recs] == expected, p
-    assert load_records(jl)[2].where == "d.jsonl, line 3"
+    assert load_records(jl)[2].where == f"{jl}, line 3"  # the path as given, as in the reader's own errors
 
 
 @pytest.mark.parametrize("content, name, message", [

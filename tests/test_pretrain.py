@@ -81,10 +81,10 @@ def test_folder_and_jsonl_sources(tmp_path):
 
 
 @pytest.mark.parametrize("content, field, message", [
-    (b'{"text": "ok"}\n{"text": "broken"\n', "text", r"rows\.jsonl:2: not valid JSON"),
-    (b'{"text": "ok"}\n{"body": "x", "id": 3}\n', "text", r"rows\.jsonl:2: no field 'text' \(available fields: body, id\)"),
-    (b'["a list"]\n', "text", r"rows\.jsonl:1: expected a JSON object"),
-    (b'{"text": 5}\n', "text", r"rows\.jsonl:1: field 'text' must be a string"),
+    (b'{"text": "ok"}\n{"text": "broken"\n', "text", r"rows\.jsonl, line 2: not valid JSON"),
+    (b'{"text": "ok"}\n{"body": "x", "id": 3}\n', "text", r"rows\.jsonl, line 2: no field 'text' \(--text-field\); the record has: body, id"),
+    (b'["a list"]\n', "text", r"rows\.jsonl, line 1: expected a JSON object"),
+    (b'{"text": 5}\n', "text", r"rows\.jsonl, line 1: field 'text' \(--text-field\) must be a string"),
 ])
 def test_bad_jsonl(tmp_path, content, field, message):
     path = tmp_path / "rows.jsonl"
@@ -96,7 +96,7 @@ def test_bad_jsonl(tmp_path, content, field, message):
 def test_non_utf8_file_names_file_and_offset(tmp_path):
     path = tmp_path / "latin1.txt"
     path.write_bytes(b"caf" + b"\xe9 au lait")
-    with pytest.raises(LmforgeError, match=r"latin1\.txt: not UTF-8 text \(invalid byte 0xe9 at byte offset 3\)"):
+    with pytest.raises(LmforgeError, match=r"latin1\.txt is not UTF-8 text \(byte 3\)"):
         tokenize_corpus(path, char_tokenizer("abc"), tmp_path / "cache")
 
 

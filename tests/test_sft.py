@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from lmforge.data.sft import IGNORE_INDEX, SFTBatches, load_sft_data, read_records, to_record, tokenize_record, truncate
+from lmforge.data.records import load_records
+from lmforge.data.sft import IGNORE_INDEX, SFTBatches, load_sft_data, to_record, tokenize_record, truncate
 from lmforge.errors import LmforgeError
 from lmforge.tokenizer import Tokenizer
 
@@ -179,7 +180,55 @@ def test_malformed_line_names_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps(RECORDS["alpaca"]) + "\n{not json\n")
     with pytest.raises(LmforgeError, match=r"bad.jsonl, line 2: not valid JSON"):
-        read_records(path)
+        load_records(path)
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("bad.jsonl", '{"text": "a b"}\n{"text": \n', "line 2: not valid JSON (Expecting value, column 10)"),
+    ("list.jsonl", '{"text": "a b"}\n["a b"]\n', "line 2: expected a JSON object, got list"),
+    ("list.jsonl", '[{"text": "a b"}]\n', "line 1: expected a JSON object, got list"),  # .jsonl: lines, not a list
+])
+def test_every_record_reader_names_the_file_and_line_alike(toks, tmp_path, name, content, message):
+    """Fine-tuning data, pretraining JSONL corpora, eval/reward datasets and PPO prompts are read by one reader
+    (data/records.py): the same bad file gives the same "FILE, line N: ..." error from each."""
+    from lmforge.alignment.rlhf import load_prompts
+    from lmforge.data.corpus import tokenize_corpus
+    from lmforge.training.tokenizer_train import char_tokenizer
+
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    readers = {"records": lambda: load_records(path),
+               "finetune": lambda: load_sft_data(path, toks["plain"], max_len=64, prompt_field="text",
+                                                 response_field="text"),
+               "corpus": lambda: tokenize_corpus(path, char_tokenizer("ab "), tmp_path / "cache"),
+               "prompts": lambda: load_prompts(path, "text")}
+    errors = {}
+    for what, read in readers.items():
+        with pytest.raises(LmforgeError) as e:
+            read()
+        errors[what] = str(e.value)
+    assert set(errors.values()) == {f"{path}, {message}"}, errors
+
+
+def test_finetune_reads_every_dataset_kind_and_refuses_others(toks, tmp_path):
+    """The file kinds of eval and reward data (.jsonl, .json, .csv, each optionally gzipped) for fine-tuning too;
+    another extension is refused naming the kinds, as for eval."""
+    record = RECORDS["prompt-completion"]
+    files = {"d.jsonl": json.dumps(record) + "\n", "d.json": json.dumps([record]),
+             "d.csv": "prompt,completion\n" + ",".join(record.values()) + "\n"}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        with gzip.open(tmp_path / f"{name}.gz", "wt", encoding="utf-8") as f:
+            f.write(text)
+    want = load_sft_data(tmp_path / "d.jsonl", toks["plain"], max_len=64).examples
+    for name in [*files, *(f"{n}.gz" for n in files)]:
+        got = load_sft_data(tmp_path / name, toks["plain"], max_len=64).examples
+        assert [e.input_ids for e in got] == [e.input_ids for e in want], name
+    (tmp_path / "d.txt").write_text(json.dumps(record) + "\n", encoding="utf-8")
+    for read in (load_records, lambda p: load_sft_data(p, toks["plain"], max_len=64)):
+        with pytest.raises(LmforgeError, match=r"d\.txt: unknown format '\.txt'; use \.jsonl, \.json \(a list of "
+                                               r"objects\) or \.csv, optionally gzipped"):
+            read(tmp_path / "d.txt")
 
 
 def test_missing_field_lists_available_fields(toks, tmp_path):
@@ -198,10 +247,10 @@ def test_missing_field_lists_available_fields(toks, tmp_path):
 
 def test_empty_dataset_and_unknown_format(toks, tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n\n")
-    with pytest.raises(LmforgeError, match="empty.jsonl holds no examples"):
+    with pytest.raises(LmforgeError, match="dataset .*empty.jsonl is empty"):
         load_sft_data(tmp_path / "empty.jsonl", toks["plain"], max_len=64)
     (tmp_path / "empty.json").write_text("[]")
-    with pytest.raises(LmforgeError, match="no examples"):
+    with pytest.raises(LmforgeError, match="empty.json holds no records"):
         load_sft_data(tmp_path / "empty.json", toks["plain"], max_len=64)
     with pytest.raises(LmforgeError, match="unknown SFT format 'sharegpt'; choose one of: alpaca, messages"):
         load_sft_data(write_jsonl(tmp_path / "x.jsonl", [RECORDS["alpaca"]]), toks["plain"], max_len=64,

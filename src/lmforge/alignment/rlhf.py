@@ -107,7 +107,7 @@ class PPOConfig(PolicyOptions):
     recipe: ClassVar[str] = "rlhf ppo"
 
     prompts: Path | None = option(None, group="prompts and reward")
-    """Prompts: a .txt file (one per line) or JSONL/JSON records with a prompt field (required)."""
+    """Prompts: a .txt file (one per line) or .jsonl/.json/.csv records with a prompt field (required)."""
     prompt_field: str = option("prompt", group="prompts and reward")
     """The prompt field of JSON records."""
     reward: str | None = option(None, group="prompts and reward")
@@ -266,21 +266,22 @@ def report_trainable(model: nn.Module, method: str) -> None:
 
 
 def load_prompts(path: str | Path, field: str = "prompt", limit: int | None = None) -> list[str]:
-    """Prompts from a text file (one per non-blank line) or JSON lines / a JSON list (``field`` of each record)."""
-    from lmforge.data.records import parse_json_records, read_text
+    """Prompts from a text file (one per non-blank line) or the ``field`` of each record of a dataset
+    (``data/records.load_records``: .jsonl, .json or .csv, optionally gzipped)."""
+    from lmforge.data.records import load_records
+    from lmforge.io import read_text
 
     path = Path(path)
     if not path.is_file():
         raise LmforgeError(f"prompts file {path} does not exist")
-    text = read_text(path)
     if path.suffix == ".txt" or path.name.endswith(".txt.gz"):
-        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+        prompts = [line.strip() for line in read_text(path).splitlines() if line.strip()]
     else:
         prompts = []
-        for line, rec in parse_json_records(text, str(path), lines_only=".jsonl" in path.name):
-            value = rec.get(field) if isinstance(rec, dict) else None
+        for record in load_records(path):
+            value = record.fields.get(field)
             if not isinstance(value, str) or not value.strip():
-                raise LmforgeError(f"{path}, line {line}: no non-empty string field {field!r} (set --prompt-field)")
+                raise LmforgeError(f"{record.where}: no non-empty string field {field!r} (set --prompt-field)")
             prompts.append(value)
     if not prompts:
         raise LmforgeError(f"{path}: no prompts (the file is empty)")

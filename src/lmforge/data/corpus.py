@@ -25,8 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lmforge.data.records import field, load_records
 from lmforge.errors import LmforgeError
-from lmforge.io import atomic_open, write_json_atomic
+from lmforge.io import atomic_open, read_text, write_json_atomic
 
 EMBEDDED = "shakespeare"
 TEXT_SUFFIXES = (".txt", ".md")
@@ -60,39 +61,20 @@ def corpus_files(corpus: str | os.PathLike) -> list[Path]:
     raise LmforgeError(f"corpus {path}: no such file or folder (or use the embedded corpus '{EMBEDDED}')")
 
 
-def _read_utf8(path: Path) -> str:
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise LmforgeError(f"{path}: not UTF-8 text (invalid byte 0x{data[e.start]:02x} at byte offset "
-                           f"{e.start})") from None
-
-
 def read_documents(files: list[Path], text_field: str = "text") -> Iterator[str]:
-    """Each text file as one document; each JSONL line's ``text_field`` as one document."""
+    """Each text file as one document; each JSONL line's ``text_field`` as one document. Text is read by
+    ``lmforge.io.read_text`` and JSONL by ``data/records.load_records``, so errors name the file and line as
+    for every other dataset."""
     for path in files:
-        text = _read_utf8(path)
         if path.suffix.lower() != ".jsonl":
-            yield text
+            yield read_text(path)
             continue
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LmforgeError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise LmforgeError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            if text_field not in row:
-                fields = ", ".join(map(str, row)) or "none"
-                raise LmforgeError(f"{path}:{lineno}: no field {text_field!r} (available fields: {fields}); "
-                                   "choose one with --text-field")
-            if not isinstance(row[text_field], str):
-                raise LmforgeError(f"{path}:{lineno}: field {text_field!r} must be a string, "
-                                   f"got {type(row[text_field]).__name__}")
-            yield row[text_field]
+        for record in load_records(path):
+            value = field(record, text_field, "--text-field")
+            if not isinstance(value, str):
+                raise LmforgeError(f"{record.where}: field {text_field!r} (--text-field) must be a string, "
+                                   f"got {type(value).__name__}")
+            yield value
 
 
 def tokenizer_hash(tokenizer) -> str:

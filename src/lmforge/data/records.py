@@ -1,10 +1,12 @@
 """Reading record files and filling ``{field}`` templates from them.
 
-The one reader behind prompt examples (``prompts.py``), fine-tuning data (``data/sft.py``), reward and
-preference data (``data/reward_data.py``, ``alignment/dpo.py``) and evaluation datasets (``evaluation/data.py``):
-JSON lines, one JSON list or CSV, optionally gzipped (text read by ``lmforge.io.read_text``), each record with
-the file and line it came from; and the one ``{field}`` template renderer, used by fine-tuning templates and
-evaluation/compare prompts alike (``{{``/``}}`` are literal braces). Errors name the file and the line.
+The one reader behind prompt examples (``prompts.py``), fine-tuning data (``data/sft.py``), JSONL pretraining
+corpora (``data/corpus.py``), reward and preference data (``data/reward_data.py``, ``alignment/dpo.py``), PPO
+prompts (``alignment/rlhf.py``) and evaluation datasets (``evaluation/data.py``): JSON lines, one JSON list or
+CSV, optionally gzipped (text read by ``lmforge.io.read_text``), each record with the file and line it came from;
+and the one ``{field}`` template renderer, used by fine-tuning templates and evaluation/compare prompts alike
+(``{{``/``}}`` are literal braces). Errors name the file (as it was given) and the line the same way
+everywhere: ``FILE, line N: ...``.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ def parse_json_list(text: str, name: str) -> list[tuple[int, Any]]:
 
 @dataclass
 class Record:
-    """One dataset row and where it came from ("data.jsonl, line 7")."""
+    """One dataset row and where it came from ("data/train.jsonl, line 7": the path as given)."""
 
     fields: dict[str, Any]
     where: str
@@ -111,9 +113,9 @@ def load_records(path: str | os.PathLike) -> list[Record]:
         raise LmforgeError(f"dataset {path} holds no records")
     records = []
     for number, item in rows:
-        where = f"{path.name}, line {number}"
+        where = f"{path}, line {number}"
         if not isinstance(item, dict):
-            raise LmforgeError(f"{path}, line {number}: expected a JSON object, got {type(item).__name__}")
+            raise LmforgeError(f"{where}: expected a JSON object, got {type(item).__name__}")
         records.append(Record(item, where))
     return records
 

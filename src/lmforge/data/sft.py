@@ -1,6 +1,7 @@
 """Supervised fine-tuning data: files of examples -> token ids with the prompt masked -> batches.
 
-Owns reading SFT files (JSON arrays or JSONL, optionally gzipped), the four record formats, rendering
+Owns the four record formats of SFT files (read by ``data/records.load_records``: .jsonl, .json or .csv,
+optionally gzipped; errors name the file and line as for every dataset), rendering
 each record with the model's chat template or a plain prompt template, the loss mask, truncation,
 packing, and a resumable batch source (``SFTBatches``) for the training loop.
 
@@ -33,14 +34,12 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from lmforge.data.records import Record, parse_json_records, render
+from lmforge.data.records import Record, load_records, render
 from lmforge.data.tokens import IGNORE_INDEX, pad_rows
 from lmforge.errors import LmforgeError
-from lmforge.io import read_text
 from lmforge.tokenizer import Tokenizer, check_messages
 
 FORMATS = ("alpaca", "messages", "prompt-completion", "fields")
@@ -50,21 +49,6 @@ ALPACA_PROMPT = ("Below is an instruction that describes a task, paired with an 
                  "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
 ALPACA_PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately "
                           "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
-
-
-# ----------------------------------------------------------------------------- reading files
-def read_records(path: str | os.PathLike) -> list[tuple[str, dict]]:
-    """(where, record) pairs from a JSON array or JSONL file (``.gz`` allowed); ``where`` is "file, line N"."""
-    path = Path(path)
-    if not path.is_file():
-        raise LmforgeError(f"data file {path} does not exist")
-    records = [(f"{path}, line {line}", r) for line, r in parse_json_records(read_text(path), str(path))]
-    for where, r in records:
-        if not isinstance(r, dict):
-            raise LmforgeError(f"{where}: expected a JSON object, got {type(r).__name__}")
-    if not records:
-        raise LmforgeError(f"{path} holds no examples (empty dataset)")
-    return records
 
 
 # ----------------------------------------------------------------------------- formats
@@ -260,9 +244,9 @@ def load_sft_data(paths: str | os.PathLike | list, tokenizer: Tokenizer, *, max_
         chat = bool(tokenizer.chat_template) and not seq2seq
     if chat and not tokenizer.chat_template:
         raise LmforgeError(f"{tokenizer.name} has no chat template; fine-tune with a plain prompt (chat=False)")
-    raw = [item for p in (paths if isinstance(paths, (list, tuple)) else [paths]) for item in read_records(p)]
+    raw = [r for p in (paths if isinstance(paths, (list, tuple)) else [paths]) for r in load_records(p)]
     raw = raw[:limit] if limit is not None else raw
-    records = [to_record(r, where, format, prompt_template, prompt_field, response_field) for where, r in raw]
+    records = [to_record(r.fields, r.where, format, prompt_template, prompt_field, response_field) for r in raw]
     examples = [truncate(tokenize_record(r, tokenizer, chat=chat, seq2seq=seq2seq), max_len, seq2seq)
                 for r in records]
     kept = [e for e in examples if e is not None]

@@ -61,7 +61,7 @@ class FinetuneConfig:
     recipe: ClassVar[str] = "finetune"
 
     train: tuple[Path, ...] = option((), group="data")
-    """Training files: .json (array), .jsonl or .jsonl.gz (required)."""
+    """Training files: .jsonl, .json (a list of objects) or .csv, optionally gzipped (required)."""
     dev: tuple[Path, ...] = option((), group="data")
     """Dev files for val_loss and ROUGE-L (none: no evaluation)."""
     format: Literal["alpaca", "messages", "prompt-completion", "fields"] | None = option(None, group="data")
