@@ -181,3 +181,41 @@ def test_a_lone_surrogate_is_a_400(server, path, body, param):
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == param and "invalid Unicode" in err["message"], err
+
+
+def test_a_disconnect_is_seen_while_events_keep_arriving():
+    """Tokens arriving faster than the poll interval must not hide that the client left (the old loop asked
+    only when the queue was quiet, so a busy generation kept running for a client that was gone)."""
+    import asyncio
+
+    from lmforge.deploy import server as srv
+
+    left_at = time.monotonic() + 0.3  # the client goes away 0.3 s into the generation
+
+    class Request:
+        async def is_disconnected(self):
+            return time.monotonic() >= left_at
+
+    class Engine:
+        thread = type("T", (), {"is_alive": staticmethod(lambda: True)})()
+
+    async def scenario() -> tuple[int, float]:
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def feed():  # a token every 10 ms, far faster than POLL_S
+            while True:
+                queue.put_nowait((0, "text", "x"))
+                await asyncio.sleep(0.01)
+
+        feeder = asyncio.create_task(feed())
+        watch, events = srv.ClientWatch(Request()), 0
+        try:
+            while await srv._next_event(queue, Engine(), watch) is not None and events < 500:  # 500: ~5 s
+                events += 1
+        finally:
+            feeder.cancel()
+        return events, time.monotonic() - left_at
+
+    events, late = asyncio.run(scenario())
+    assert events < 500, "the disconnect was never seen while events kept arriving"
+    assert late < srv.POLL_S + 0.5, late

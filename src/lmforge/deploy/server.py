@@ -372,10 +372,10 @@ async def _respond(request: Request, engine: Engine, seqs: list[Sequence], kind:
         events = _stream(engine, seqs, queue, rid, model_id, chat, echo, include_usage, prompt_tokens)
         return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    texts, reasons, pending = list(echo), [""] * len(seqs), len(seqs)
+    texts, reasons, pending, watch = list(echo), [""] * len(seqs), len(seqs), ClientWatch(request)
     try:
         while pending:
-            event = await _next_event(queue, engine, request)
+            event = await _next_event(queue, engine, watch)
             if event is None:  # the client went away: the finally below frees the slots
                 return Response(status_code=499)
             index, what, value = event
@@ -393,15 +393,30 @@ async def _respond(request: Request, engine: Engine, seqs: list[Sequence], kind:
     return JSONResponse(body)
 
 
-async def _next_event(queue: asyncio.Queue, engine: Engine, request: Request | None) -> tuple[int, str, str] | None:
-    """The next (index, kind, value) event of a request; None once its client has gone away (checked
-    every ``POLL_S`` s when ``request`` is given). An engine that stopped without answering is an error."""
+class ClientWatch:
+    """Whether a request's client has gone away, asked of the server at most every ``POLL_S`` seconds however
+    fast the request's events arrive (a busy generation must not hide a disconnect)."""
+
+    def __init__(self, request: Request | None):
+        self.request, self.next_check = request, 0.0
+
+    async def gone(self) -> bool:
+        now = time.monotonic()
+        if self.request is None or now < self.next_check:
+            return False
+        self.next_check = now + POLL_S
+        return await self.request.is_disconnected()
+
+
+async def _next_event(queue: asyncio.Queue, engine: Engine, watch: ClientWatch) -> tuple[int, str, str] | None:
+    """The next (index, kind, value) event of a request; None once its client has gone away (see
+    ``ClientWatch``). An engine that stopped without answering is an error."""
     while True:
+        if await watch.gone():
+            return None
         try:
             return await asyncio.wait_for(queue.get(), POLL_S)
         except asyncio.TimeoutError:
-            if request is not None and await request.is_disconnected():
-                return None
             if not engine.thread.is_alive() and queue.empty():
                 return -1, "error", "the server is shutting down"
 
@@ -421,7 +436,7 @@ async def _stream(engine, seqs, queue, rid, model_id, chat, echo, include_usage,
             elif echo[s.index]:
                 yield _sse(completion_chunk(rid, model_id, created, s.index, echo[s.index]))
         while pending:  # a client that goes away cancels this generator (Starlette watches the connection)
-            index, what, value = await _next_event(queue, engine, None)
+            index, what, value = await _next_event(queue, engine, ClientWatch(None))
             if what == "text":
                 yield _sse(chat_chunk(rid, model_id, created, index, {"content": value}) if chat else
                            completion_chunk(rid, model_id, created, index, value))
