@@ -354,6 +354,12 @@ def claim_output(path: str | os.PathLike, verb: str, *, resume: bool = False, ov
                 path.rmdir()
 
 
+def launched_rank() -> int:
+    """This process's RANK in a job started by torchrun (0 otherwise): only rank 0 claims and writes output."""
+    rank = os.environ.get("RANK", "")
+    return int(rank) if rank.isdigit() else 0
+
+
 def claims_output(verb: str, *, path: str = "out_dir", inputs: tuple[str, ...] = (), config: str | None = None):
     """Decorate a recipe whose parameter ``path`` names its output folder: before the recipe runs, its
     ``inputs`` parameters are checked (``check_inputs``) and the folder is claimed (``claim_output`` with
@@ -370,7 +376,7 @@ def claims_output(verb: str, *, path: str = "out_dir", inputs: tuple[str, ...] =
             a = bound.arguments
             if config is not None:
                 a = {**a, **vars(a[config])}
-            if a[path] is None:
+            if a[path] is None or launched_rank() != 0:  # rank 0 of a torchrun job claims the folder for all
                 return fn(*args, **kwargs)
             check_inputs(a[path], verb, {name: a.get(name) for name in inputs})
             with claim_output(a[path], verb, resume=a.get("resume", False), overwrite=a.get("overwrite", False),

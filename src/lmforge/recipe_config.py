@@ -349,5 +349,8 @@ def load_config(cls: type, path: str | os.PathLike | None = None, overrides: dic
 
 
 def write_config(cfg: Any, out_dir: str | os.PathLike) -> Path:
-    """Write ``to_yaml(cfg)`` to ``out_dir/config.yaml`` atomically (``lmforge.io``)."""
+    """Write ``to_yaml(cfg)`` to ``out_dir/config.yaml`` atomically (``lmforge.io``); by rank 0 only in a job
+    started by torchrun (the other ranks run the same recipe)."""
+    if os.environ.get("RANK", "0") not in ("", "0"):
+        return Path(out_dir) / "config.yaml"
     return write_text_atomic(Path(out_dir) / "config.yaml", to_yaml(cfg))

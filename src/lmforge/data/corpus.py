@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from lmforge.data.records import field, load_records
+from lmforge.data.tokens import IGNORE_INDEX
 from lmforge.errors import LmforgeError
 from lmforge.io import atomic_open, read_text, write_json_atomic
 
@@ -190,6 +191,11 @@ class RandomWindows:
         starts = self.rng.integers(0, len(self.tokens) - self.seq_len, size=self.batch_size)
         windows = np.stack([self.tokens[s: s + self.seq_len + 1] for s in starts]).astype(np.int64)  # (B, T+1)
         return self.collate(windows, self.rng)
+
+    def loss_terms(self, batch: dict[str, torch.Tensor]) -> int:
+        """The labels the pretraining loss averages over (all of a causal batch's; the masked ones of an MLM or
+        span batch), by which data-parallel ranks weight their share (``training/sources.ShardedBatches``)."""
+        return int((batch["labels"] != IGNORE_INDEX).sum())
 
     def state_dict(self) -> dict:
         return {"rng": self.rng.bit_generator.state, "seq_len": self.seq_len, "batch_size": self.batch_size,

@@ -328,6 +328,13 @@ class SFTBatches:
                 self.epoch, self.cursor = self.epoch + 1, 0
         return self.collate(picked)
 
+    def loss_terms(self, batch: dict[str, torch.Tensor]) -> int:
+        """The labelled tokens the SFT loss averages over: labels after the first column (a decoder's labels are
+        aligned with its inputs and the loss shifts them), every column for an encoder-decoder. Data-parallel
+        ranks weight their share of a batch by it (``training/sources.ShardedBatches``)."""
+        labels = batch["labels"] if self.seq2seq else batch["labels"][:, 1:]
+        return int((labels != IGNORE_INDEX).sum())
+
     def iter_once(self, batch_size: int | None = None):
         """Every example once, in file order, unpacked (for evaluation); does not touch the resume state."""
         size = batch_size or self.batch_size

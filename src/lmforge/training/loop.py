@@ -8,6 +8,13 @@ folder (``run.py`` ``RunDir``). What is trained and on what is the caller's: a
 ``step_fn(model, batch) -> loss`` or ``-> (loss, metrics)`` (a scalar tensor and a dict of floats to log)
 and a resumable ``BatchSource`` (``sources.py``).
 
+Launched by ``torchrun`` with more than one process (``distributed.py``), ``train`` runs data-parallel: the
+model goes into ``DistributedDataParallel`` (gradients averaged over the ranks; ``no_sync`` on all but the
+last micro-batch of an accumulated step), each rank trains on its rows of every global batch
+(``sources.ShardedBatches``, weighted so that the averaged gradient is the global batch's), the logged
+loss and metrics are averaged over the ranks, and only rank 0 prints, evaluates, logs and writes
+(``run.py``). One process is the same code with nothing wrapped.
+
 Nothing non-finite is kept: NaN/inf hyper-parameters are refused by ``TrainConfig``; a NaN or infinite
 loss or gradient norm stops the run (``LmforgeError`` naming it and the step) before the update, so
 the last checkpoint stays the last good one; checkpoints and the final model refuse non-finite weights.
@@ -28,9 +35,10 @@ import torch
 from torch import Tensor, nn
 
 from lmforge.errors import LmforgeError
+from lmforge.training.distributed import Dist, setup
 from lmforge.training.optim import lr_at, make_optimizer, set_lr
 from lmforge.training.run import MetricsLog, RunDir
-from lmforge.training.sources import BatchSource
+from lmforge.training.sources import BatchSource, ShardedBatches
 
 __all__ = ["BatchSource", "MetricsLog", "RunDir", "TrainConfig", "optimizer_step", "train"]
 
@@ -129,6 +137,26 @@ def _split(out: Tensor | tuple[Tensor, dict[str, float]]) -> tuple[Tensor, dict[
     return out if isinstance(out, tuple) else (out, {})
 
 
+class _StepModule(nn.Module):
+    """``step_fn(model, batch)`` as a module's forward, so that ``DistributedDataParallel`` wraps the whole step
+    (step functions call submodules such as ``model.lm_head`` directly, which a DDP wrapper would not see)."""
+
+    def __init__(self, model: nn.Module, step_fn: StepFn):
+        super().__init__()
+        self.model, self.step_fn = model, step_fn
+
+    def forward(self, batch: Any) -> Tensor | tuple[Tensor, dict[str, float]]:
+        return self.step_fn(self.model, batch)
+
+
+def _data_parallel(model: nn.Module, step_fn: StepFn, dist: Dist) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = next(model.parameters()).device
+    ids = [device.index if device.index is not None else dist.local_rank] if device.type == "cuda" else None
+    return DistributedDataParallel(_StepModule(model, step_fn), device_ids=ids)
+
+
 def train(model: nn.Module, step_fn: StepFn, batches: BatchSource, cfg: TrainConfig, run: RunDir, *,
           eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
           tokens_per_batch: Callable[[Any], int] | None = None, save_final: bool = True, desc: str = "train",
@@ -136,14 +164,18 @@ def train(model: nn.Module, step_fn: StepFn, batches: BatchSource, cfg: TrainCon
     """Train the trainable parameters of ``model`` for ``cfg.steps`` optimiser steps; returns the final figures.
 
     Each step draws ``cfg.grad_accum`` batches, averages ``step_fn(model, batch)``'s loss (and metrics) over
-    them and takes one AdamW step (``optimizer_step``). ``eval_fn(model)`` (run in eval mode, without
-    gradients) returns metrics such as ``{"val_loss": ...}``: every ``cfg.eval_every`` steps and at the end.
+    them and takes one AdamW step (``optimizer_step``); under torchrun see the module docstring.
+    ``eval_fn(model)`` (run in eval mode, without gradients) returns metrics such as ``{"val_loss": ...}``:
+    every ``cfg.eval_every`` steps and at the end.
     With ``run.resume`` the run continues from ``run``'s checkpoint exactly where it stopped (same losses, step
     for step). Every ``cfg.save_every`` steps and at the end a checkpoint is written; with ``save_final`` the
     model is then written to ``run.path/final``. ``loss_name`` and ``hint`` word the error a non-finite loss
     or gradient norm stops the run with.
     """
     tokens_of = tokens_per_batch or default_tokens
+    dist = setup()
+    run.dist = dist
+    progress = progress and dist.is_main
     seed_everything(cfg.seed)
     model.train()
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas)
@@ -156,18 +188,43 @@ def train(model: nn.Module, step_fn: StepFn, batches: BatchSource, cfg: TrainCon
     params = [p for g in optimizer.param_groups for p in g["params"]]
     fwd_model = torch.compile(model) if cfg.compile else model
     device_type = next(model.parameters()).device.type
+    shards = ShardedBatches(batches, dist.rank, dist.world) if dist.enabled else None
+    ddp = _data_parallel(fwd_model, step_fn, dist) if dist.enabled else None
 
     def autocast():
         return precision_autocast(cfg.precision, device_type)
 
-    def evaluate(step: int) -> dict:
-        model.eval()
-        with torch.no_grad(), autocast():
-            metrics = {k: float(v) for k, v in eval_fn(model).items()}
-        model.train()
-        log.write({"step": step, **metrics})
-        log.plot()
+    def evaluate(step: int) -> dict:  # on rank 0; the others wait
+        metrics: dict[str, float] = {}
+        if dist.is_main:
+            model.eval()
+            with torch.no_grad(), autocast():
+                metrics = {k: float(v) for k, v in eval_fn(model).items()}
+            model.train()
+            log.write({"step": step, **metrics})
+            log.plot()
+        dist.barrier()
         return metrics
+
+    def micro_step(step: int, last: bool) -> tuple[Any, float, dict[str, float]]:
+        """Draw a batch, run the step function and backpropagate; the batch, its loss and its metrics (under
+        data parallelism: this rank's share, and the figures of the global batch)."""
+        if ddp is None:
+            batch = batches.next_batch()
+            with autocast():
+                loss, metrics = _split(step_fn(fwd_model, batch))
+            check_finite_value(loss, loss_name, step + 1, hint)
+            (loss / cfg.grad_accum).backward()
+            return batch, loss.item(), metrics
+        batch, weight = shards.next_shard()
+        with contextlib.nullcontext() if last else ddp.no_sync():
+            with autocast():
+                loss, metrics = _split(ddp(batch))
+            check_finite_value(loss, loss_name, step + 1, hint)
+            (loss * (weight / cfg.grad_accum)).backward()
+        keys = sorted(metrics)
+        values = dist.all_reduce_mean([loss.item() * weight, *(float(metrics[k]) * weight for k in keys)])
+        return batch, values[0], dict(zip(keys, values[1:]))
 
     schedule = {"kind": "linear warmup + cosine", "lr": cfg.lr, "warmup_steps": cfg.warmup_steps,
                 "total_steps": cfg.steps, "min_lr_ratio": cfg.min_lr_ratio}
@@ -185,14 +242,10 @@ def train(model: nn.Module, step_fn: StepFn, batches: BatchSource, cfg: TrainCon
             lr = lr_at(step, cfg.lr, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
             set_lr(optimizer, lr)
             step_loss, sums = 0.0, {}
-            for _ in range(cfg.grad_accum):
-                batch = batches.next_batch()
-                window_tokens += tokens_of(batch)
-                with autocast():
-                    loss, metrics = _split(step_fn(fwd_model, batch))
-                check_finite_value(loss, loss_name, step + 1, hint)
-                (loss / cfg.grad_accum).backward()
-                step_loss += loss.item() / cfg.grad_accum
+            for micro in range(cfg.grad_accum):
+                batch, loss_value, metrics = micro_step(step, micro == cfg.grad_accum - 1)
+                window_tokens += tokens_of(batch) * dist.world
+                step_loss += loss_value / cfg.grad_accum
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v) / cfg.grad_accum
             grad_norm = optimizer_step(params, optimizer, cfg.clip, step + 1, hint)

@@ -6,6 +6,10 @@ and exact resume (``checkpoint.py``) and the final save (``final/``: a Hugging F
 adapter for a model with a frozen base). The training loop and the PPO recipe both write through it.
 
 ``metrics.jsonl`` gets whole appended lines, and is rewritten on resume through a renamed temporary file.
+
+Under data parallelism (``distributed.py``) only rank 0 writes: the log, the plot, checkpoints (the model's
+state is the same on every rank, the batch source's position global) and the final save; the other ranks
+wait for it at a barrier and, on resume, read the checkpoint rank 0 has recovered.
 """
 
 from __future__ import annotations
@@ -22,16 +26,19 @@ from torch import nn
 from lmforge.errors import LmforgeError
 from lmforge.io import atomic_path, write_text_atomic
 from lmforge.training.checkpoint import NAME, check_finite, load_checkpoint, recover_checkpoint, save_checkpoint
+from lmforge.training.distributed import Dist, env_rank
 from lmforge.training.sources import BatchSource
 
 
 class MetricsLog:
-    """``metrics.jsonl`` (one JSON object per event) and ``loss.png`` (written when matplotlib is installed)."""
+    """``metrics.jsonl`` (one JSON object per event) and ``loss.png`` (written when matplotlib is installed).
+    ``writes=False`` (a data-parallel rank other than 0): the rows are kept in memory only."""
 
-    def __init__(self, out_dir: Path, resume_step: int | None):
+    def __init__(self, out_dir: Path, resume_step: int | None, writes: bool = True):
         self.path = out_dir / "metrics.jsonl"
         self.png = out_dir / "loss.png"
         self.rows: list[dict] = []
+        self.writes = writes
         if resume_step is not None and self.path.is_file():  # drop events the crashed run logged after its checkpoint
             for line in self.path.read_text(encoding="utf-8").splitlines():
                 try:
@@ -40,7 +47,7 @@ class MetricsLog:
                     continue  # a line cut short by the crash
                 if row.get("step", 0) <= resume_step:
                     self.rows.append(row)
-        if not self.rows and not self.path.exists():
+        if not writes or (not self.rows and not self.path.exists()):
             return  # nothing to keep and nothing to empty: the file appears with the first row
         # rewritten whole (lmforge.io: a temporary file renamed over it): a crash leaves the old file or the new one
         write_text_atomic(self.path, (json.dumps(r) + "\n" for r in self.rows))
@@ -48,11 +55,15 @@ class MetricsLog:
     def write(self, row: dict) -> None:
         """Append ``row`` as one whole line (a single write, flushed before returning)."""
         self.rows.append(row)
+        if not self.writes:
+            return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
 
     def plot(self) -> None:
+        if not self.writes:
+            return
         try:
             import matplotlib
 
@@ -84,7 +95,8 @@ class RunDir:
 
     ``run_config``: what produced the run (plain JSON), kept in every checkpoint and, with ``write_config``,
     as ``path/config.json``. ``resume``: ``restore`` continues from the newest complete checkpoint.
-    ``tokenizer``: saved beside the final model."""
+    ``tokenizer``: saved beside the final model. ``dist``: this process's place in a data-parallel job (set by
+    the training loop; single-process by default): only rank 0 writes."""
 
     def __init__(self, path: str | os.PathLike, run_config: dict | None = None, *, resume: bool = False,
                  tokenizer: Any = None, write_config: bool = False):
@@ -93,7 +105,8 @@ class RunDir:
         self.run_config = json.loads(json.dumps(run_config or {}, default=str))
         self.resume, self.tokenizer = resume, tokenizer
         self.log: MetricsLog | None = None
-        if write_config:
+        self.dist = Dist()
+        if write_config and env_rank() == 0:
             from lmforge.io import write_json_atomic
 
             write_json_atomic(self.path / "config.json", self.run_config)
@@ -104,27 +117,40 @@ class RunDir:
         The log keeps only the rows up to the checkpoint's step."""
         state = None
         if self.resume:
-            path = recover_checkpoint(self.path)
+            path = recover_checkpoint(self.path) if self.dist.is_main else None
+            if self.dist.enabled:  # the others read what rank 0 recovered
+                found = self.dist.all_reduce_mean(float(path is not None) if self.dist.is_main else 0.0) > 0
+                path = self.path / NAME if found else None
             if path is None:
                 raise LmforgeError(f"--resume: no checkpoint in {self.path} (expected {self.path / NAME})")
             state = load_checkpoint(path, model, optimizer)
             if batches is not None:
                 batches.load_state_dict(state["batches"])
-        self.log = MetricsLog(self.path, None if state is None else int(state["step"]))
+        self.log = MetricsLog(self.path, None if state is None else int(state["step"]), writes=self.dist.is_main)
         return state
 
     def checkpoint(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int, batches: BatchSource,
                    extra: dict | None = None) -> Path:
-        """Write ``path/checkpoint`` atomically (``checkpoint.save_checkpoint``) at ``step``."""
-        return save_checkpoint(self.path, model, optimizer, step, batches.state_dict(), self.run_config, extra)
+        """Write ``path/checkpoint`` atomically (``checkpoint.save_checkpoint``) at ``step`` (rank 0; the others
+        wait for it)."""
+        path = self.path / NAME
+        if self.dist.is_main:
+            path = save_checkpoint(self.path, model, optimizer, step, batches.state_dict(), self.run_config, extra)
+        self.dist.barrier()
+        return path
 
     def discard_checkpoint(self) -> None:
         """Remove ``path/checkpoint`` (a run whose final save makes it redundant, and that asked for none)."""
-        shutil.rmtree(self.path / NAME, ignore_errors=True)
+        if self.dist.is_main:
+            shutil.rmtree(self.path / NAME, ignore_errors=True)
 
     def save_final(self, model: nn.Module) -> Path:
-        """``path/final``: see ``save_final``."""
-        return save_final(model, self.path / "final", self.tokenizer)
+        """``path/final``: see ``save_final`` (rank 0; the others wait for it)."""
+        path = self.path / "final"
+        if self.dist.is_main:
+            save_final(model, path, self.tokenizer)
+        self.dist.barrier()
+        return path
 
 
 def save_final(model: nn.Module, path: Path, tokenizer: Any) -> Path:
