@@ -152,7 +152,9 @@ def test_batch_not_divisible_by_world_is_one_clear_error(tiny_lm_dirs, sft_file,
                      "--steps", "1", "--batch-size", "3", "--max-len", "32", "--response-field", "answer",
                      "--prompt-template", "{text}", "-o", str(tmp_path / "bad")])
     assert done.returncode != 0
-    assert "error: the batch size 3 does not divide among the world size 2" in done.stderr
+    for rank in (0, 1):  # each rank's error as one line naming it; the recipe's report comes from rank 0 only
+        assert f"error: rank {rank}: the batch size 3 does not divide among the world size 2" in done.stderr
+    assert done.stderr.count("parameters trainable") == 1
 
 
 # ----------------------------------------------------------------------------- in this process

@@ -6,6 +6,7 @@ Bad input ends in one line on stderr (``error: ...``) and exit status 2, never a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -20,6 +21,7 @@ from lmforge.cli.args import (
     sampling_kwargs,
 )
 from lmforge.errors import LmforgeError
+from lmforge.outputs import launched_rank
 
 
 class _Parser(argparse.ArgumentParser):
@@ -311,10 +313,16 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, or a one-line usage error already printed
         return int(e.code or 0)
+    rank, world = launched_rank(), int(os.environ.get("WORLD_SIZE", "1") or 1)
     try:
-        return args.func(args)
+        with contextlib.ExitStack() as quiet:
+            if rank != 0:  # a torchrun job's other ranks: rank 0 speaks for them, their errors still reach the user
+                devnull = quiet.enter_context(open(os.devnull, "w", encoding="utf-8"))
+                quiet.enter_context(contextlib.redirect_stdout(devnull))
+                quiet.enter_context(contextlib.redirect_stderr(devnull))
+            return args.func(args)
     except LmforgeError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {f'rank {rank}: ' if world > 1 else ''}{e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(file=sys.stderr)
