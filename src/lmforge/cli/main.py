@@ -313,8 +313,13 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, or a one-line usage error already printed
         return int(e.code or 0)
-    rank, world = launched_rank(), int(os.environ.get("WORLD_SIZE", "1") or 1)
+    size = os.environ.get("WORLD_SIZE", "")
+    rank, world = launched_rank(), int(size) if size.isdigit() else 1
     try:
+        if world > 1:  # started by torchrun: each rank's "cuda" is its own GPU
+            from lmforge.training.distributed import bind_local_device
+
+            bind_local_device()
         with contextlib.ExitStack() as quiet:
             if rank != 0:  # a torchrun job's other ranks: rank 0 speaks for them, their errors still reach the user
                 devnull = quiet.enter_context(open(os.devnull, "w", encoding="utf-8"))

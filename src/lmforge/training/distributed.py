@@ -23,7 +23,7 @@ import torch.distributed as tdist
 
 from lmforge.errors import LmforgeError
 
-__all__ = ["Dist", "backend_for", "env_rank", "env_world", "setup"]
+__all__ = ["Dist", "backend_for", "bind_local_device", "env_rank", "env_world", "setup"]
 
 
 def env_world() -> int:
@@ -90,6 +90,13 @@ class Dist:
         """Leave the process group (when this process joined it)."""
         if self.enabled and tdist.is_initialized():
             tdist.destroy_process_group()
+
+
+def bind_local_device() -> None:
+    """Make ``cuda`` mean ``cuda:LOCAL_RANK`` in this process (torchrun with CUDA), before a recipe places its
+    models: the ranks on one machine each use their own GPU. Nothing without CUDA or torchrun."""
+    if env_world() > 1 and torch.cuda.is_available():
+        torch.cuda.set_device(_env_int("LOCAL_RANK", 0))
 
 
 def setup(timeout_s: float = 600.0) -> Dist:
