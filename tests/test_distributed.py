@@ -22,6 +22,7 @@ from lmforge.data.sft import SFTBatches, SFTExample
 from lmforge.errors import LmforgeError
 from lmforge.training.distributed import Dist, backend_for, setup
 from lmforge.training.sources import ShardedBatches, ShuffledIndices
+from test_reward import tiny_encoder  # noqa: F401 (a fixture)
 
 TIMING = ("tokens_per_s",)
 
@@ -202,3 +203,21 @@ def test_shards_are_the_global_batch_split_in_rank_order():
     with pytest.raises(LmforgeError, match="batch size 3 does not divide among the world size 2"):
         ShardedBatches(ShuffledIndices(10, 3, seed=0), 0, 2).next_shard()
     assert Dist(rank=1, world=2).is_main is False
+
+
+def test_reward_classifier_two_ranks_equal_one_process(tiny_encoder, tmp_path, capsys):  # noqa: F811
+    """Reward-classifier training (epochs of whole passes: 30 rows in batches of 8, 8, 8, 6) with held-out
+    figures evaluated by rank 0."""
+    from test_reward import _toy_csv
+
+    args = ["reward", "train", str(_toy_csv(tmp_path / "toy.csv", n=40)), "--model", str(tiny_encoder),
+            "--text-field", "text", "--label-field", "label", "--label-map", "0=toxic,1=fine", "--good-labels", "fine",
+            "--max-len", "16", "--batch-size", "8", "--lr", "3e-3", "--precision", "fp32", "--eval-fraction", "0.25",
+            "--epochs", "2"]
+    assert main([*args, "-o", str(tmp_path / "one")]) == 0
+    capsys.readouterr()
+    done = torchrun([*args, "-o", str(tmp_path / "two")])
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = losses(tmp_path / "one")
+    assert len([r for r in one if "loss" in r]) == 8
+    assert_same_rows(losses(tmp_path / "two"), one)
