@@ -221,3 +221,4 @@ def test_reward_classifier_two_ranks_equal_one_process(tiny_encoder, tmp_path, c
     one = losses(tmp_path / "one")
     assert len([r for r in one if "loss" in r]) == 8
     assert_same_rows(losses(tmp_path / "two"), one)
+    assert_same_weights(tmp_path / "two", tmp_path / "one")
