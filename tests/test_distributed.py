@@ -222,3 +222,53 @@ def test_reward_classifier_two_ranks_equal_one_process(tiny_encoder, tmp_path, c
     assert len([r for r in one if "loss" in r]) == 8
     assert_same_rows(losses(tmp_path / "two"), one)
     assert_same_weights(tmp_path / "two", tmp_path / "one")
+
+
+def test_two_ranks_killed_mid_run_resume_on_two_and_on_one(tmp_path, capsys):
+    """A 2-rank pretraining run SIGKILLed (the whole process group) after its checkpoint reached step 2 resumes
+    in copies of its folder with 2 ranks and with 1 process; both log the same steps as an uninterrupted run."""
+    import shutil
+    import signal
+    import time
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("To be, or not to be, that is the question. Whether 'tis nobler in the mind.\n" * 40,
+                      encoding="utf-8")
+    args = ["pretrain", "--corpus", str(corpus), "--steps", "40", "--seq-len", "16", "--batch-size", "8",
+            "--eval-every", "10", "--eval-batches", "1", "--log-every", "1", "--save-every", "1",
+            "--cache-dir", str(tmp_path / "cache"), "--set", "n_layer=2", "--set", "n_embd=32", "--lr", "1e-2",
+            "--min-lr-ratio", "1"]
+    assert main([*args, "-o", str(tmp_path / "one")]) == 0
+    capsys.readouterr()
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo",
+           "TQDM_DISABLE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), "-m", "lmforge.cli", *args, "-o", str(killed)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    state, deadline = killed / "checkpoint" / "state.json", time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if json.loads(state.read_text(encoding="utf-8"))["step"] >= 2:
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.02)
+        assert proc.poll() is None, f"the run ended before it was killed: {proc.stderr.read()[-3000:]}"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (killed / "final").exists()
+
+    for name in ("two", "single"):
+        shutil.copytree(killed, tmp_path / name)
+    done = torchrun([*args, "--resume", "-o", str(tmp_path / "two")])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert main([*args, "--resume", "-o", str(tmp_path / "single")]) == 0
+    one = losses(tmp_path / "one")
+    assert len([r for r in one if "loss" in r]) == 40
+    for name in ("two", "single"):
+        assert_same_rows(losses(tmp_path / name), one)
