@@ -272,3 +272,29 @@ def test_two_ranks_killed_mid_run_resume_on_two_and_on_one(tmp_path, capsys):
     assert len([r for r in one if "loss" in r]) == 40
     for name in ("two", "single"):
         assert_same_rows(losses(tmp_path / name), one)
+
+
+def test_nproc_flag_relaunches_under_torchrun(tiny_lm_dirs, sft_file, tmp_path, capsys, monkeypatch):
+    """``lmforge finetune --nproc 2 ...`` runs the same command (less --nproc) under ``torchrun --standalone``:
+    the 2-process run logs the 1-process run's steps; torchrun's exit status is passed through (1 when a
+    rank failed); --nproc 0 and --nproc inside a torchrun job are refused."""
+    for key, value in {"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "TQDM_DISABLE": "1"}.items():
+        monkeypatch.setenv(key, value)
+    args = ["finetune", "-m", str(tiny_lm_dirs["plain"]), "--train", str(sft_file), "--method", "full",
+            "--steps", "2", "--batch-size", "8", "--max-len", "32", "--lr", "3e-3", "--log-every", "1", "--seed", "3",
+            "--prompt-template", "Swap: {text}\nAnswer: ", "--response-field", "answer"]
+    assert main([*args, "-o", str(tmp_path / "one")]) == 0
+    assert main([*args, "--nproc", "2", "-o", str(tmp_path / "two")]) == 0
+    assert_same_rows(losses(tmp_path / "two"), losses(tmp_path / "one"))
+    assert "\nnproc:" not in (tmp_path / "two" / "config.yaml").read_text(encoding="utf-8")
+    assert main([*args, "--nproc=2", "--batch-size", "3", "-o", str(tmp_path / "bad")]) == 1  # torchrun's status
+    capsys.readouterr()
+
+    assert main([*args, "--nproc", "0", "-o", str(tmp_path / "zero")]) == 2
+    assert "--nproc must be >= 1, got 0" in capsys.readouterr().err
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    assert main([*args, "--nproc", "2", "-o", str(tmp_path / "inside")]) == 2
+    assert "--nproc inside a torchrun job" in capsys.readouterr().err
+    for verb in (["pretrain"], ["rlhf", "dpo"], ["reward", "train"]):
+        assert main([*verb, "--help"]) == 0
+        assert "--nproc N" in capsys.readouterr().out

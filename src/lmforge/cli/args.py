@@ -125,3 +125,11 @@ def add_output_args(p, verb: str) -> None:
                                                                            " or this command's earlier output")
                    + f": only {written_names(verb)} are written; nothing else is changed or deleted")
 
+
+
+def add_nproc_arg(p) -> None:
+    """``--nproc N`` on a training verb: a run flag (not part of the recipe config) that starts the command under
+    torchrun with N processes on this machine (``training.distributed.launch_local``)."""
+    p.add_argument("--nproc", type=int_arg("--nproc", 1), default=None, metavar="N",
+                   help="train data-parallel on N processes of this machine: re-launches this command under "
+                        "`torchrun --standalone --nproc-per-node N` (default: one process, no torchrun)")

@@ -316,6 +316,10 @@ def main(argv: list[str] | None = None) -> int:
     size = os.environ.get("WORLD_SIZE", "")
     rank, world = launched_rank(), int(size) if size.isdigit() else 1
     try:
+        if getattr(args, "nproc", None) is not None:  # a training verb's --nproc N: the same command under torchrun
+            from lmforge.training.distributed import launch_local
+
+            return launch_local(sys.argv[1:] if argv is None else list(argv), args.nproc)
         if world > 1:  # started by torchrun: each rank's "cuda" is its own GPU
             from lmforge.training.distributed import bind_local_device
 

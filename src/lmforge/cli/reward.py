@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from lmforge.cli import options
-from lmforge.cli.args import add_output_args, int_arg
+from lmforge.cli.args import add_nproc_arg, add_output_args, int_arg
 
 
 def _list(text: str | None) -> list[str] | None:
@@ -124,6 +124,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--resume", action="store_true",
                    help="continue the run in OUT_DIR from its checkpoint, step for step as if uninterrupted")
     add_output_args(g, "reward train")
+    add_nproc_arg(g)
     _run_flags(g)
     options.add_config_args(g)
     t.set_defaults(func=cmd_train)

@@ -13,7 +13,7 @@ import json
 import sys
 
 from lmforge.cli import options
-from lmforge.cli.args import add_output_args, int_arg
+from lmforge.cli.args import add_nproc_arg, add_output_args, int_arg
 
 
 def _set_threads(a: argparse.Namespace) -> None:
@@ -88,4 +88,5 @@ def register(sub: argparse._SubParsersAction) -> None:
                                     "OUT_DIR/config.yaml and OUT_DIR/final.")
     options.add_recipe_args(q, DPOConfig)
     _add_run_args(q, "rlhf dpo")
+    add_nproc_arg(q)
     q.set_defaults(func=cmd_dpo)

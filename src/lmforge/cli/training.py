@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 from lmforge.cli import options
-from lmforge.cli.args import add_output_args, int_arg
+from lmforge.cli.args import add_nproc_arg, add_output_args, int_arg
 from lmforge.errors import LmforgeError
 from lmforge.recipe_config import from_yaml
 
@@ -97,6 +97,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(the config's 'overrides')")
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint exactly where it stopped")
     add_output_args(p, "pretrain")
+    add_nproc_arg(p)
     options.add_config_args(p)
     p.set_defaults(func=cmd_pretrain)
 
@@ -157,5 +158,6 @@ def add_finetune_parser(sub: argparse._SubParsersAction) -> None:
     run = p.add_argument_group("run")
     run.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint")
     add_output_args(run, "finetune")
+    add_nproc_arg(run)
     options.add_config_args(run)
     p.set_defaults(func=cmd_finetune)

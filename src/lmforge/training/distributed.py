@@ -5,7 +5,8 @@ WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT in their environment. ``setu
 the process group (``torch.distributed.init_process_group``): NCCL when CUDA is available (each rank on
 ``cuda:LOCAL_RANK``), gloo on CPU, chosen automatically. Without torchrun's environment (or with
 WORLD_SIZE=1) ``setup()`` returns a single-process ``Dist`` whose collectives do nothing, so the one
-training loop (``loop.py``) runs the same code either way.
+training loop (``loop.py``) runs the same code either way. ``launch_local`` is the other end: a training
+verb's ``--nproc N`` re-runs the command under ``torchrun --standalone`` on this machine.
 
 What data parallelism needs from the rest of the loop lives beside it: ``sources.ShardedBatches`` gives
 each rank its rows of every global batch, ``loop.train`` wraps the model in ``DistributedDataParallel``
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +26,8 @@ import torch.distributed as tdist
 
 from lmforge.errors import LmforgeError
 
-__all__ = ["Dist", "backend_for", "bind_local_device", "env_rank", "env_world", "setup"]
+__all__ = ["Dist", "backend_for", "bind_local_device", "env_rank", "env_world", "launch_local", "setup",
+           "without_nproc"]
 
 
 def env_world() -> int:
@@ -118,3 +122,29 @@ def setup(timeout_s: float = 600.0) -> Dist:
             torch.cuda.set_device(local_rank)
         tdist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return Dist(rank=tdist.get_rank(), world=tdist.get_world_size(), local_rank=local_rank, backend=backend)
+
+
+def without_nproc(argv: list[str]) -> list[str]:
+    """``argv`` less its ``--nproc N`` / ``--nproc=N`` (the flag that asked for the launch)."""
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--nproc":
+            skip = True
+        elif not item.startswith("--nproc="):
+            out.append(item)
+    return out
+
+
+def launch_local(argv: list[str], nproc: int) -> int:
+    """``lmforge VERB --nproc N ...``: run ``python -m torch.distributed.run --standalone --nproc-per-node N
+    -m lmforge.cli ARGV`` (ARGV less ``--nproc``) on this machine and return its exit status. Refused inside a
+    job torchrun already started (which would start N jobs of N processes)."""
+    if nproc < 1:
+        raise LmforgeError(f"--nproc must be >= 1, got {nproc}")
+    if os.environ.get("TORCHELASTIC_RUN_ID") or env_world() > 1:
+        raise LmforgeError("--nproc inside a torchrun job: drop --nproc (torchrun already starts the processes)")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           "-m", "lmforge.cli", *without_nproc(argv)]
+    return subprocess.run(cmd, check=False).returncode
