@@ -61,12 +61,17 @@ class TreeSampler:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _label(self, p: psutil.Process) -> str:
-        if p.pid not in self._labels:
-            if p.pid == self.root.pid and self.root_is_rank:
-                self._labels[p.pid] = "rank 0"
-            else:
-                rank = p.environ().get("RANK")
-                self._labels[p.pid] = f"rank {rank}" if rank is not None else "launcher"
+        """A rank's label is kept once seen; "launcher" is not: a worker read between torchrun's fork and its
+        exec still shows the agent's environment (no RANK) and is counted with the launcher for that sample."""
+        if p.pid in self._labels:
+            return self._labels[p.pid]
+        if p.pid == self.root.pid and self.root_is_rank:
+            rank = "0"
+        else:
+            rank = p.environ().get("RANK")
+            if rank is None:
+                return "launcher"
+        self._labels[p.pid] = f"rank {rank}"
         return self._labels[p.pid]
 
     def sample(self) -> None:
