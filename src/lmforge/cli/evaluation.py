@@ -20,7 +20,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from lmforge.cli import options
+import lmforge.cli.options as options
 from lmforge.errors import LmforgeError
 from lmforge.recipe_config import from_yaml, recipe_fields
 

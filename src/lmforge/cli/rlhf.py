@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from lmforge.cli import options
+import lmforge.cli.options as options
 from lmforge.cli.args import add_nproc_arg, add_output_args, int_arg
 
 

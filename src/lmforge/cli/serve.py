@@ -12,7 +12,7 @@ import argparse
 import os
 from pathlib import Path
 
-from lmforge.cli import options
+import lmforge.cli.options as options
 from lmforge.errors import LmforgeError
 
 API_KEY_ENV = "LMFORGE_API_KEY"

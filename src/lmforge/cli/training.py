@@ -25,7 +25,7 @@ import json
 import sys
 from pathlib import Path
 
-from lmforge.cli import options
+import lmforge.cli.options as options
 from lmforge.cli.args import add_nproc_arg, add_output_args, int_arg
 from lmforge.errors import LmforgeError
 from lmforge.recipe_config import from_yaml

@@ -109,7 +109,7 @@ class DecoderLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def init_weights(self, std: float = 0.02, seed: int | None = None) -> DecoderLM:
-        from lmforge.models import init_weights
+        from lmforge.models.init import init_weights
 
         return init_weights(self, std, seed)
 
