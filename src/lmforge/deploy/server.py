@@ -1,4 +1,4 @@
-"""An OpenAI-compatible HTTP server over one model: FastAPI routes, API-key check, SSE streaming.
+"""An OpenAI-compatible HTTP server over one model: FastAPI routes, SSE streaming.
 
 This module owns the HTTP side of ``lmforge serve``: ``create_app`` (routes ``/v1/models``,
 ``/v1/completions``, ``/v1/chat/completions``, ``/health`` and the playground page at ``/``),
@@ -12,10 +12,8 @@ With an API key set, every request but the static page ``/`` and ``/health`` mus
 ``Authorization: Bearer <key>``; others get 401 in OpenAI's error shape. Every error is
 answered as ``{"error": {"message", "type", "param", "code"}}``.
 
-Limits, so that no request can take the server down: a request body is read before any route sees
-it, at most ``max_body_bytes`` of it (413 from its Content-Length, or as soon as a streamed body
-passes the limit) and all of it within ``read_timeout`` seconds (408); a connection must send its
-request line and headers within ``read_timeout`` seconds too (``http_protocol``). Prompt text longer
+Limits, so that no request can take the server down: the body limit, read deadlines and API key are
+``guards.py``'s, in front of the routes. Prompt text longer
 than ``CHARS_PER_TOKEN`` characters per context token is refused before tokenising, and tokenising
 runs in a worker thread, off the event loop. A non-streaming request whose client goes away is
 cancelled within ``POLL_S`` seconds plus one decode step, like a stream.
@@ -26,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 import socket
 import sys
 import threading
@@ -41,6 +38,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge.deploy.batching import Engine, EngineBusy, Sequence
+from lmforge.deploy.guards import MAX_BODY_BYTES, ApiKeyCheck, BodyLimit, http_protocol
 from lmforge.deploy.protocol import (
     APIError,
     ChatRequest,
@@ -56,131 +54,17 @@ from lmforge.deploy.protocol import (
     usage,
     usage_chunk,
 )
-from lmforge.deploy.serve_config import MAX_BODY_MB, READ_TIMEOUT_S, ServeConfig
+from lmforge.deploy.serve_config import READ_TIMEOUT_S, ServeConfig
 from lmforge.errors import LmforgeError
 from lmforge.generation.sampling import SamplingParams
 
 log = logging.getLogger("lmforge.serve")
 PLAYGROUND = Path(__file__).parent / "web" / "playground.html"
-OPEN_PATHS = ("/", "/health")  # reachable without the API key: a static page and a liveness probe
 PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; "
                                            "style-src 'unsafe-inline'; connect-src 'self'",
                 "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
-MAX_BODY_BYTES = int(MAX_BODY_MB * 1024 * 1024)  # default request-body limit (ServeConfig.max_body_mb)
 CHARS_PER_TOKEN = 32  # prompt text beyond this many characters per context token cannot fit: refused untokenised
 POLL_S = 0.25  # how often a waiting non-streaming request checks that its client is still there
-
-
-class _BodyLimit:
-    """ASGI middleware: read the whole request body first, at most ``max_bytes`` (413 from the
-    Content-Length header without reading, or once the bytes received pass it) within ``timeout``
-    seconds (408); the route then reads it from memory."""
-
-    def __init__(self, app, max_bytes: int, timeout: float):
-        self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
-            return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None:
-            if not length.strip().isdigit():
-                return await _refuse(scope, receive, send, 400, "the Content-Length header is not a number")
-            if int(length) > self.max_bytes:
-                return await _refuse(scope, receive, send, 413, self._too_large(int(length)))
-        loop = asyncio.get_running_loop()
-        deadline, chunks, size = loop.time() + self.timeout, [], 0
-        while True:
-            try:
-                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
-            except asyncio.TimeoutError:
-                return await _refuse(scope, receive, send, 408, f"the request body did not arrive within "
-                                                                f"{self.timeout:g} s")
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                return await _refuse(scope, receive, send, 413, self._too_large(None))
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body, delivered = b"".join(chunks), False
-        del chunks
-
-        async def replay():
-            nonlocal delivered
-            if not delivered:
-                delivered = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()  # after the body: http.disconnect when the client goes away
-
-        await self.app(scope, replay, send)
-
-    def _too_large(self, length: int | None) -> str:
-        size = f"{length} bytes" if length is not None else "larger"
-        return f"the request body is {size}; this server accepts at most {self.max_bytes} bytes (--max-body-mb)"
-
-
-async def _refuse(scope, receive, send, status: int, message: str) -> None:
-    response = JSONResponse(error_body(message, code=str(status)), status_code=status, headers={"Connection": "close"})
-    await response(scope, receive, send)
-
-
-def http_protocol(head_timeout: float):
-    """uvicorn's h11 HTTP/1.1 protocol plus a deadline for the request head: a connection that has not
-    sent a complete request line and headers ``head_timeout`` seconds after it opened (or after its
-    previous response) is closed. uvicorn itself waits for a request head forever."""
-    import h11
-    from uvicorn.protocols.http.h11_impl import H11Protocol
-
-    class HeadTimeoutH11(H11Protocol):
-        _head_timer: asyncio.TimerHandle | None = None
-
-        def connection_made(self, transport) -> None:
-            super().connection_made(transport)
-            self._arm()
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            self._arm()
-
-        def connection_lost(self, exc) -> None:
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-            super().connection_lost(exc)
-
-        def _arm(self) -> None:
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-            self._head_timer = self.loop.call_later(head_timeout, self._head_late)
-
-        def _head_late(self) -> None:
-            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-                self.transport.close()  # still no complete request head
-
-    return HeadTimeoutH11
-
-
-class _ApiKeyCheck:
-    """ASGI middleware: 401 unless the request carries the key (``Authorization: Bearer`` or ``api-key``)."""
-
-    def __init__(self, app, api_key: str):
-        self.app, self.key = app, api_key.encode()
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
-            return await self.app(scope, receive, send)
-        headers = dict(scope["headers"])
-        auth = headers.get(b"authorization", b"")
-        given = auth[7:].strip() if auth[:7].lower() == b"bearer " else headers.get(b"api-key", b"")
-        if secrets.compare_digest(given, self.key):
-            return await self.app(scope, receive, send)
-        message = ("Incorrect API key provided." if given else
-                   "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.")
-        response = JSONResponse(error_body(message, code="invalid_api_key"), status_code=401,
-                                headers={"WWW-Authenticate": "Bearer"})
-        await response(scope, receive, send)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -215,9 +99,9 @@ def create_app(lm, engine: Engine, *, model_id: str, api_key: str | None = None,
         engine.stop()
 
     app = FastAPI(title="lmforge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(_BodyLimit, max_bytes=max_body_bytes, timeout=read_timeout)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes, timeout=read_timeout)
     if api_key:  # added last, so it runs first: no body is read for a request without the key
-        app.add_middleware(_ApiKeyCheck, api_key=api_key)
+        app.add_middleware(ApiKeyCheck, api_key=api_key)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
