@@ -23,30 +23,28 @@ def _set_threads(a: argparse.Namespace) -> None:
         torch.set_num_threads(a.threads)
 
 
-def cmd_ppo(a: argparse.Namespace) -> int:
-    from lmforge.alignment.rlhf import PPOConfig, ppo
-
-    cfg = options.recipe_from_args(PPOConfig, a)
+def _run(a: argparse.Namespace, config_cls, recipe) -> int:
+    """Build the recipe's config from the flags (and ``--config``); print it, or run the recipe."""
+    cfg = options.recipe_from_args(config_cls, a)
     if a.print_config:
         return 0
     _set_threads(a)
-    result = ppo(cfg, resume=a.resume, overwrite=a.overwrite, force=a.force)
+    result = recipe(cfg, resume=a.resume, overwrite=a.overwrite, force=a.force)
     print(json.dumps(result, indent=2))
     print(f"policy saved to {result['out_dir']}", file=sys.stderr)
     return 0
+
+
+def cmd_ppo(a: argparse.Namespace) -> int:
+    from lmforge.alignment.rlhf import PPOConfig, ppo
+
+    return _run(a, PPOConfig, ppo)
 
 
 def cmd_dpo(a: argparse.Namespace) -> int:
     from lmforge.alignment.rlhf import DPOConfig, dpo
 
-    cfg = options.recipe_from_args(DPOConfig, a)
-    if a.print_config:
-        return 0
-    _set_threads(a)
-    result = dpo(cfg, resume=a.resume, overwrite=a.overwrite, force=a.force)
-    print(json.dumps(result, indent=2))
-    print(f"policy saved to {result['out_dir']}", file=sys.stderr)
-    return 0
+    return _run(a, DPOConfig, dpo)
 
 
 def _add_run_args(p: argparse.ArgumentParser, verb: str) -> None:
