@@ -330,7 +330,7 @@ def test_pairwise_reward_model_starts_from_a_merged_adapter(tiny_decoder, tmp_pa
     data = _toy_pairs(tmp_path / "pairs.jsonl")
     train_pairwise(data=data, model=tiny_decoder, adapter=tmp_path / "ad", out_dir=tmp_path / "rm", epochs=1,
                    lr=1e-12, max_len=12, batch_size=8, precision="fp32")
-    saved = lmforge.load(tmp_path / "rm").model.model.layers[0].self_attn.q_proj.weight
+    saved = load_reward_model(tmp_path / "rm").model.decoder.model.layers[0].self_attn.q_proj.weight
     torch.testing.assert_close(saved, expected.detach(), rtol=0, atol=1e-6)
     assert not torch.allclose(saved, layer.base.weight)  # the adapter really changed the weights
     code = main(["reward", "train", str(data), "--adapter", str(tmp_path / "ad"), "-o", str(tmp_path / "c")])

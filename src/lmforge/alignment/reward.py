@@ -12,10 +12,16 @@ Two kinds, one interface (``score(texts) -> list[float]``, higher = better):
   because two responses to one dialogue differ at its end).
 
 On disk a reward model is a Hugging Face directory (config.json, model.safetensors,
-tokenizer.json) plus ``reward_config.json`` ({"kind", "max_len", ...}); a pairwise model adds
-``head/score.safetensors`` (the scalar head); the training run leaves ``metrics.jsonl`` (and ``loss.png``,
-and ``checkpoint/`` with ``--save-every``) beside them. ``lmforge.load(path)`` reads the directory as a plain
-classifier or language model; ``load_reward_model(path)`` reads it as a reward model.
+tokenizer.json) plus ``reward_config.json`` ({"kind", "max_len", ...}); the training run leaves
+``metrics.jsonl`` (and ``loss.png``, and ``checkpoint/`` with ``--save-every``) beside them. A classifier is a
+``BertForSequenceClassification`` directory (``lmforge.load(path)`` reads it as a plain classifier too). A
+pairwise model is saved the way TRL and vLLM reward tooling expect it: the family's
+``...ForSequenceClassification`` (``LlamaForSequenceClassification``, ``Qwen2...``, ``GPT2...``) with
+``num_labels=1``, ``pad_token_id`` set and the head as ``score.weight`` (1, hidden) beside the decoder body, no
+language-model head; ``transformers.AutoModelForSequenceClassification.from_pretrained(path)`` scores a text at its
+last token that is not ``pad_token_id``, the same number as ``PairwiseReward.score`` (when the text itself does
+not end in the pad token). Folders of the earlier layout (a full causal LM + ``head/score.safetensors``) still
+load. ``load_reward_model(path)`` reads either kind as a reward model.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from lmforge.training.loop import precision_autocast as autocast
 from lmforge.training.run import RunDir
 
 REWARD_CONFIG = "reward_config.json"
-HEAD = "head/score.safetensors"  # a pairwise model's scalar head
+HEAD = "head/score.safetensors"  # the earlier layout's scalar head: still read, no longer written
 
 
 def encode_head(tokenizer: Tokenizer, texts: Sequence[str], max_len: int) -> list[list[int]]:
@@ -107,7 +113,7 @@ class PairwiseReward:
         rows = encode_tail(self.tokenizer, texts, self.max_len)
         out = torch.empty(len(rows))
         device = next(self.model.parameters()).device
-        pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else (self.tokenizer.eos_id or 0)
+        pad = pad_id_of(self.tokenizer)
         for batch in by_length(rows, batch_size):
             idx, mask = pad_right([rows[i] for i in batch], pad)
             with autocast(self.precision, device.type):
@@ -130,51 +136,138 @@ def check_tokenizer_match(reward, tokenizer: Tokenizer, what: str = "the policy 
                            f"e.g. {t!r} is id {theirs.get(t)} there and {mine.get(t)} in the reward model")
 
 
-def save_reward_model(reward: ClassifierReward | PairwiseReward, path: str | os.PathLike,
-                      extra: dict | None = None) -> Path:
-    """Write the reward model into the folder ``path``: each file atomically (``lmforge.io``: a temporary
-    name, then a rename), ``reward_config.json`` removed first and written last, so that a half-written folder is
-    never read as a reward model. Files under other names are left alone: nothing of the user's is moved or
-    deleted. ``lmforge reward train`` checks the folder against the output policy (``lmforge.outputs``) first."""
+SEQUENCE_CLASSIFICATION = "ForSequenceClassification"
+
+
+def sequence_classification_class(config) -> str:
+    """The ``transformers`` class name of a decoder family's sequence classifier: the family's causal-LM class
+    (``LlamaForCausalLM``, ``GPT2LMHeadModel``...) with ``ForSequenceClassification`` in place of its LM part."""
+    from lmforge.checkpoints.hf_config import config_to_hf
+
+    arch = (config_to_hf(config).get("architectures") or [""])[0]
+    for suffix in ("ForCausalLM", "LMHeadModel"):
+        if arch.endswith(suffix):
+            return arch.removesuffix(suffix) + SEQUENCE_CLASSIFICATION
+    raise LmforgeError(f"the {config.family} family has no transformers sequence-classification class lmforge knows "
+                       f"(its causal LM is {arch!r})")
+
+
+def pad_id_of(tokenizer: Tokenizer) -> int:
+    """The id a pairwise reward model pads with (``PairwiseReward.score``), and the ``pad_token_id`` its config.json
+    records: the tokenizer's pad token, else its end-of-text token, else 0."""
+    return tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
+
+
+def _save_pairwise(reward: PairwiseReward, path: Path) -> None:
+    """``path/model.safetensors`` + ``config.json`` of a ``...ForSequenceClassification`` with one label: the decoder
+    body under the family's transformers names (with the task class's prefix, e.g. GPT-2's ``transformer.``) and
+    ``score.weight`` (1, C); the decoder's LM head is not part of it."""
     from safetensors.torch import save_file
 
-    from lmforge.checkpoints.hf import save_hf_dir
+    from lmforge.checkpoints.hf_config import config_to_hf
+    from lmforge.checkpoints.names import to_hf
     from lmforge.io import atomic_path, write_json_atomic
+    from lmforge.models import families
+
+    decoder = reward.model.decoder
+    config = decoder.config
+    prefix = families.get(config.family).hf_prefix
+    state = {k: v.detach().contiguous() for k, v in decoder.named_parameters() if not k.startswith("lm_head.")}
+    state |= {k: v.detach().contiguous() for k, v in decoder.named_buffers() if k in decoder.state_dict()}
+    hf_state = {(k if k.startswith(prefix) else prefix + k): v for k, v in to_hf(config, state).items()}
+    hf_state["score.weight"] = reward.model.score.weight.detach().contiguous()  # (1, C)
+    hf_cfg = config_to_hf(config)
+    hf_cfg.update(architectures=[sequence_classification_class(config)], id2label={"0": "LABEL_0"},
+                  label2id={"LABEL_0": 0}, pad_token_id=pad_id_of(reward.tokenizer),
+                  torch_dtype=str(reward.model.score.weight.dtype).removeprefix("torch."))
+    with atomic_path(path / "model.safetensors") as tmp:
+        save_file(hf_state, str(tmp), metadata={"format": "pt"})
+    write_json_atomic(path / "config.json", hf_cfg)
+    reward.tokenizer.save(path)
+    (path / HEAD).unlink(missing_ok=True)  # the earlier layout's head, which would no longer match
+    if (path / HEAD).parent.is_dir() and not any((path / HEAD).parent.iterdir()):
+        (path / HEAD).parent.rmdir()
+
+
+def save_reward_model(reward: ClassifierReward | PairwiseReward, path: str | os.PathLike,
+                      extra: dict | None = None) -> Path:
+    """Write the reward model into the folder ``path`` (the layout in the module docstring): each file atomically
+    (``lmforge.io``: a temporary name, then a rename), ``reward_config.json`` removed first and written last, so that
+    a half-written folder is never read as a reward model. Files under other names are left alone: nothing of the
+    user's is moved or deleted. ``lmforge reward train`` checks the folder against the output policy
+    (``lmforge.outputs``) first."""
+    from lmforge.checkpoints.hf import save_hf_dir
+    from lmforge.io import write_json_atomic
 
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise LmforgeError(f"{path} is a file, not a folder: a reward model is a folder")
     path.mkdir(parents=True, exist_ok=True)
     (path / REWARD_CONFIG).unlink(missing_ok=True)
-    model = reward.model.decoder if reward.kind == "pairwise" else reward.model
-    save_hf_dir(model, path, tokenizer=reward.tokenizer)
     meta = {"kind": reward.kind, "max_len": reward.max_len, "precision": reward.precision, **(extra or {})}
     if reward.kind == "classifier":
+        save_hf_dir(reward.model, path, tokenizer=reward.tokenizer)
         meta["good_labels"] = [reward.config.labels[i] for i in reward.good]
     else:
-        # beside, not in, the directory's weights: lmforge.load reads every *.safetensors
-        (path / "head").mkdir(exist_ok=True)
-        with atomic_path(path / HEAD) as tmp:
-            save_file({"score.weight": reward.model.score.weight.detach().contiguous()}, str(tmp))
+        _save_pairwise(reward, path)
     write_json_atomic(path / REWARD_CONFIG, meta)
     return path
 
 
-def load_reward_model(path: str | os.PathLike, device: str = "cpu") -> ClassifierReward | PairwiseReward:
-    """A reward model saved by ``lmforge reward train``: ``.score(texts) -> list[float]`` (higher = better)."""
+def _read_pairwise(path: Path, device: str) -> tuple[torch.nn.Module, Tokenizer]:
+    """The ``RewardModel`` and tokenizer of a pairwise reward model folder, in either layout."""
     from safetensors.torch import load_file
 
+    from lmforge.checkpoints.hf import read_safetensors
+    from lmforge.checkpoints.hf_config import config_from_hf
+    from lmforge.checkpoints.names import to_lmforge
+    from lmforge.checkpoints.resolve import build_model
     from lmforge.io import read_json_object
     from lmforge.lm import load
     from lmforge.models.heads import RewardModel
+
+    hf_cfg = read_json_object(path / "config.json") if (path / "config.json").is_file() else {}
+    if not str((hf_cfg.get("architectures") or [""])[0]).endswith(SEQUENCE_CLASSIFICATION):
+        loaded = load(path, device=device)  # the earlier layout: a causal LM + head/score.safetensors
+        model = RewardModel(loaded.model)
+        try:
+            model.score.weight.data.copy_(load_file(str(path / HEAD))["score.weight"])
+        except (OSError, KeyError, RuntimeError) as e:
+            raise LmforgeError(f"{path / HEAD}: cannot read the reward head ({e})") from None
+        return model.to(device), loaded.tokenizer
+    config = config_from_hf(hf_cfg, path.name)
+    if config.arch != "decoder":
+        raise LmforgeError(f"{path / 'config.json'}: a pairwise reward model is a decoder, this is {config.arch}")
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise LmforgeError(f"{path}: no model.safetensors")
+    tensors = read_safetensors([weights])
+    score = tensors.pop("score.weight", None)
+    if score is None or tuple(score.shape) != (1, config.n_embd):
+        got = "none" if score is None else f"shape {tuple(score.shape)}"
+        raise LmforgeError(f"{weights}: the reward head score.weight must have shape (1, {config.n_embd}), got {got}")
+    state = to_lmforge(config, tensors)
+    if not config.tie_embeddings:  # a reward model has no LM head: an unused zero one fills DecoderLM's slot
+        state.setdefault("lm_head.weight", torch.zeros(config.vocab_size, config.n_embd))
+    model = RewardModel(build_model(config, state, source=str(path)))
+    model.score.weight.data.copy_(score.float())
+    if not (path / "tokenizer.json").is_file():
+        raise LmforgeError(f"{path}: no tokenizer.json beside the reward model's weights")
+    return model.to(device).eval(), Tokenizer.from_dir(path)
+
+
+def load_reward_model(path: str | os.PathLike, device: str = "cpu") -> ClassifierReward | PairwiseReward:
+    """A reward model saved by ``lmforge reward train``: ``.score(texts) -> list[float]`` (higher = better)."""
+    from lmforge.io import read_json_object
+    from lmforge.lm import load
 
     path = Path(path)
     if not (path / REWARD_CONFIG).is_file():
         raise LmforgeError(f"{path}: no {REWARD_CONFIG}, so not a reward model (train one with `lmforge reward train`)")
     meta = read_json_object(path / REWARD_CONFIG)
     kind, precision = meta.get("kind"), meta.get("precision", "fp32")
-    loaded = load(path, device=device)
     if kind == "classifier":
+        loaded = load(path, device=device)
         labels = loaded.config.labels or []
         good = meta.get("good_labels") or []
         missing = [g for g in good if g not in labels]
@@ -183,12 +276,8 @@ def load_reward_model(path: str | os.PathLike, device: str = "cpu") -> Classifie
         return ClassifierReward(loaded.model, loaded.tokenizer, [labels.index(g) for g in good], meta.get("max_len"),
                                 precision)
     if kind == "pairwise":
-        model = RewardModel(loaded.model)
-        try:
-            model.score.weight.data.copy_(load_file(str(path / HEAD))["score.weight"])
-        except (OSError, KeyError, RuntimeError) as e:
-            raise LmforgeError(f"{path / HEAD}: cannot read the reward head ({e})") from None
-        return PairwiseReward(model.to(device), loaded.tokenizer, int(meta["max_len"]), precision)
+        model, tokenizer = _read_pairwise(path, device)
+        return PairwiseReward(model, tokenizer, int(meta["max_len"]), precision)
     raise LmforgeError(f"{path / REWARD_CONFIG}: unknown kind {kind!r}; expected 'classifier' or 'pairwise'")
 
 
@@ -221,7 +310,8 @@ def fit(model: torch.nn.Module, loss_of: Callable[[list[int]], torch.Tensor], n:
         raise LmforgeError(f"--lr must be > 0, got {lr}")
     steps = epochs * -(-n // batch_size)
     cfg = TrainConfig(steps=steps, lr=lr, warmup_steps=int(warmup * steps), weight_decay=weight_decay,
-                      betas=(0.9, 0.999), precision=precision, save_every=save_every, log_every=1, seed=seed)
+                      betas=(0.9, 0.999), precision=precision, save_every=save_every, log_every=1, seed=seed,
+                      strategy="ddp")  # the recipe checks and saves the model itself, whole on every rank
     run = RunDir(out_dir, run_config, resume=resume)
     train(model, lambda m, rows: loss_of(rows), ShuffledIndices(n, batch_size, seed, whole_passes=True), cfg, run,
           save_final=False, desc="reward train", hint="lower --lr or use fp32")

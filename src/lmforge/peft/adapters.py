@@ -4,11 +4,14 @@ A folder holds ``adapter_config.json`` and ``adapter_model.safetensors``. LoRA t
 ``base_model.model.<transformers module path>.lora_A.weight`` / ``lora_B.weight``; prompt tuning
 stores ``prompt_embeddings`` (N, hidden). Module paths are translated with the same name maps as
 checkpoints (``checkpoints/names.py``), so an adapter trained in lmforge loads in ``peft`` on the
-``transformers`` model, and one made with ``peft`` loads here.
+``transformers`` model, and one made with ``peft`` loads here. ``adapter_config.json`` records the base model as
+``base_model_name_or_path`` (``base_model_reference``: a local folder's absolute path, else the name given), so
+``peft.AutoPeftModelForCausalLM.from_pretrained(adapter_dir)`` finds the base on its own.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -54,8 +57,23 @@ def _write(path: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor])
     return path
 
 
+def base_model_reference(name: str | os.PathLike | None) -> str:
+    """What ``adapter_config.json`` records as ``base_model_name_or_path`` for the base model ``name`` (as given to
+    ``lmforge.load``): an existing local folder or file as its absolute path (so that the adapter folder can move and
+    ``peft`` still finds the base), an embedded or hub name as it is; None (the embedded default) as its name."""
+    from lmforge.checkpoints.resolve import DEFAULT_MODEL, EMBEDDED
+
+    if name is None:
+        return DEFAULT_MODEL
+    if isinstance(name, str) and name.lower() in EMBEDDED:
+        return name
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else str(name)
+
+
 def save_adapter(model: nn.Module, path: str | Path, base_name: str | None = None) -> Path:
-    """Write the model's LoRA adapters or soft prompt as a PEFT adapter folder (atomically per file)."""
+    """Write the model's LoRA adapters or soft prompt as a PEFT adapter folder (atomically per file);
+    ``base_name``: ``base_model_name_or_path`` (see ``base_model_reference``; None writes null)."""
     path = Path(path)
     if isinstance(model, PromptTunedLM):
         c = model.base.config

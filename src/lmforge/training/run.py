@@ -148,22 +148,23 @@ class RunDir:
         """``path/final``: see ``save_final`` (rank 0; the others wait for it)."""
         path = self.path / "final"
         if self.dist.is_main:
-            save_final(model, path, self.tokenizer)
+            save_final(model, path, self.tokenizer, base_model=self.run_config.get("model"))
         self.dist.barrier()
         return path
 
 
-def save_final(model: nn.Module, path: Path, tokenizer: Any) -> Path:
+def save_final(model: nn.Module, path: Path, tokenizer: Any, base_model: str | None = None) -> Path:
     """The trained model as a Hugging Face directory; adapted models (LoRA, prompt tuning) save just the
-    adapter, in PEFT's format, with the tokenizer. Refuses (``LmforgeError``) NaN or infinite weights."""
+    adapter, in PEFT's format, with the tokenizer, recording ``base_model`` (the name or path the run loaded; None:
+    the embedded default) as its base. Refuses (``LmforgeError``) NaN or infinite weights."""
     from lmforge.peft.lora import lora_layers
     from lmforge.peft.prompt_tuning import PromptTunedLM
 
     check_finite(model.named_parameters(), f"the final model to {path}")
     if isinstance(model, PromptTunedLM) or next(lora_layers(model), None) is not None:
-        from lmforge.peft.adapters import save_adapter
+        from lmforge.peft.adapters import base_model_reference, save_adapter
 
-        save_adapter(model, path)
+        save_adapter(model, path, base_name=base_model_reference(base_model))
         if tokenizer is not None:
             tokenizer.save(path)
         return path

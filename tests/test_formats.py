@@ -1,0 +1,194 @@
+"""Formats other tools load (issue 15): pairwise reward models as ``...ForSequenceClassification`` (transformers),
+classifier reward models, adapters with ``base_model_name_or_path`` (``peft.AutoPeftModelForCausalLM``),
+``lmforge export --format hf``, and the permissions of written files."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from lmforge.alignment.reward import (
+    HEAD,
+    ClassifierReward,
+    PairwiseReward,
+    load_reward_model,
+    save_reward_model,
+)
+from lmforge.cli import main
+from lmforge.config import preset
+from lmforge.errors import LmforgeError
+from test_reward import _toy_pairs, tiny_decoder, tiny_encoder, train_pairwise  # noqa: F401 (fixtures)
+
+TEXTS = ["human you are so kind assistant thanks friend", "human the ugly idiot assistant rude",
+         "human today assistant", "human you are very really nice assistant great lovely friend thanks"]
+
+
+def hf_scores(path, texts, ids_of) -> list[float]:
+    """transformers' AutoModelForSequenceClassification on ``path``: one score per text, a right-padded batch."""
+    import transformers
+
+    model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+        path, output_loading_info=True, dtype=torch.float32)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    rows = [ids_of(t) for t in texts]
+    width = max(map(len, rows))
+    pad = model.config.pad_token_id
+    idx = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    with torch.no_grad():
+        return model.eval()(input_ids=idx, attention_mask=mask).logits.squeeze(-1).tolist()
+
+
+# ----------------------------------------------------------------------------- reward models
+def test_trained_pairwise_reward_model_loads_in_transformers_with_the_same_scores(tiny_decoder, tmp_path):  # noqa: F811
+    data = _toy_pairs(tmp_path / "pairs.jsonl")
+    train_pairwise(data=data, model=tiny_decoder, out_dir=tmp_path / "rm", epochs=2, lr=3e-3, max_len=64,
+                   train_layers=1, batch_size=8, precision="fp32")
+    out = tmp_path / "rm"
+    hf_cfg = json.loads((out / "config.json").read_text())
+    assert hf_cfg["architectures"] == ["LlamaForSequenceClassification"]
+    assert hf_cfg["id2label"] == {"0": "LABEL_0"} and hf_cfg["pad_token_id"] is not None
+    assert not (out / "head").exists()
+    from safetensors.torch import load_file
+
+    weights = load_file(str(out / "model.safetensors"))
+    assert weights["score.weight"].shape == (1, 32) and "lm_head.weight" not in weights
+    reward = load_reward_model(out)
+    ours = reward.score(TEXTS)
+    theirs = hf_scores(out, TEXTS, lambda t: reward.tokenizer.encode(t))
+    torch.testing.assert_close(torch.tensor(theirs), torch.tensor(ours), rtol=0, atol=1e-5)
+    assert len(set(ours)) == len(TEXTS)
+    # and through the tokenizer files saved beside the weights
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert [tok(t)["input_ids"] for t in TEXTS] == [reward.tokenizer.encode(t) for t in TEXTS]
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gpt2"])
+def test_other_families_save_their_sequence_classifier(family, tmp_path):
+    """Qwen2ForSequenceClassification, GPT2ForSequenceClassification (its body under ``transformer.``)."""
+    from lmforge.models.decoder import DecoderLM
+    from lmforge.models.heads import RewardModel
+    from test_reward import FILLER, GOOD, _tokenizer
+
+    tok = _tokenizer(GOOD + FILLER + ["ugly", "idiot", "rude"])
+    name = {"qwen2": "tiny-llama", "gpt2": "tiny-gpt2"}[family]
+    extra = {"family": "qwen2", "qkv_bias": True} if family == "qwen2" else {}
+    config = preset(name, vocab_size=tok.vocab_size, **extra)
+    rm = RewardModel(DecoderLM(config).init_weights(seed=1, std=0.2))
+    reward = PairwiseReward(rm, tok, max_len=64)
+    save_reward_model(reward, tmp_path / "rm")
+    cls = {"qwen2": "Qwen2ForSequenceClassification", "gpt2": "GPT2ForSequenceClassification"}[family]
+    assert json.loads((tmp_path / "rm" / "config.json").read_text())["architectures"] == [cls]
+    ours = load_reward_model(tmp_path / "rm").score(TEXTS)
+    assert ours == reward.score(TEXTS)
+    theirs = hf_scores(tmp_path / "rm", TEXTS, tok.encode)
+    torch.testing.assert_close(torch.tensor(theirs), torch.tensor(ours), rtol=0, atol=1e-5)
+
+
+def test_reward_model_of_the_earlier_layout_still_loads(tiny_decoder, tmp_path):  # noqa: F811
+    """A causal-LM folder + head/score.safetensors (what lmforge wrote before) scores as it did."""
+    from safetensors.torch import save_file
+
+    from lmforge.alignment.reward import REWARD_CONFIG
+    from lmforge.checkpoints.hf import save_hf_dir
+    from lmforge.lm import load
+    from lmforge.models.heads import RewardModel
+
+    lm = load(tiny_decoder)
+    rm = RewardModel(lm.model)
+    torch.nn.init.normal_(rm.score.weight, std=1.0)
+    old = tmp_path / "old"
+    save_hf_dir(lm.model, old, tokenizer=lm.tokenizer)
+    (old / "head").mkdir()
+    save_file({"score.weight": rm.score.weight.detach().contiguous()}, str(old / HEAD))
+    (old / REWARD_CONFIG).write_text(json.dumps({"kind": "pairwise", "max_len": 16, "precision": "fp32"}))
+    expected = PairwiseReward(rm, lm.tokenizer, max_len=16).score(TEXTS)
+    assert load_reward_model(old).score(TEXTS) == expected
+    save_reward_model(load_reward_model(old), old)  # rewritten in the new layout: the old head goes
+    assert not (old / "head").exists()
+    assert load_reward_model(old).score(TEXTS) == expected
+
+
+def test_reward_head_of_the_wrong_shape_is_refused(tiny_decoder, tmp_path):  # noqa: F811
+    from safetensors.torch import load_file, save_file
+
+    from lmforge.lm import load
+    from lmforge.models.heads import RewardModel
+
+    lm = load(tiny_decoder)
+    save_reward_model(PairwiseReward(RewardModel(lm.model), lm.tokenizer, max_len=8), tmp_path / "rm")
+    weights = load_file(str(tmp_path / "rm" / "model.safetensors"))
+    weights["score.weight"] = torch.zeros(2, 32)
+    save_file(weights, str(tmp_path / "rm" / "model.safetensors"))
+    with pytest.raises(LmforgeError, match=r"score.weight must have shape \(1, 32\), got shape \(2, 32\)"):
+        load_reward_model(tmp_path / "rm")
+
+
+def test_classifier_reward_model_loads_in_transformers_with_the_same_probabilities(tiny_encoder, tmp_path):  # noqa: F811
+    import transformers
+
+    from lmforge.alignment.reward_classifier import build_classifier
+
+    clf, tok = build_classifier(tiny_encoder, ["toxic", "fine"])
+    torch.nn.init.normal_(clf.classifier.weight, std=1.0)
+    reward = ClassifierReward(clf, tok, [1])
+    save_reward_model(reward, tmp_path / "clf")
+    model, info = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "clf",
+                                                                                  output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert model.config.id2label == {0: "toxic", 1: "fine"}
+    texts = ["you are so kind", "the human is rude today"]
+    ours = load_reward_model(tmp_path / "clf").probs(texts)
+    with torch.no_grad():
+        theirs = torch.cat([model.eval()(input_ids=torch.tensor([tok.encode(t)])).logits.softmax(-1) for t in texts])
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- adapters
+@pytest.mark.parametrize("method", ["lora", "prompt-tuning"])
+def test_finetuned_adapter_opens_with_auto_peft_model_and_gives_the_same_logits(tiny_lm_dirs, tmp_path, monkeypatch,
+                                                                               method):
+    """`lmforge finetune --method lora|prompt-tuning` records its base (a local folder: its absolute path), so
+    ``peft.AutoPeftModelForCausalLM`` loads base + adapter offline from the adapter folder alone."""
+    import peft
+
+    import lmforge
+
+    base = tiny_lm_dirs["plain"]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": f"{a} {b}", "answer": f"{b} {a}"}) + "\n"
+                            for a in ("one", "two", "fox") for b in ("dog", "lazy", "quick")), encoding="utf-8")
+    monkeypatch.chdir(base.parent)  # the base given as a relative path is recorded absolute
+    args = ["finetune", "-m", base.name, "--train", str(data), "--method", method, "--steps", "3", "--batch-size",
+            "4", "--max-len", "32", "--lr", "5e-2", "--prompt-template", "{text} ->", "--response-field", "answer",
+            "-o", str(tmp_path / "run")]
+    if method == "lora":
+        args += ["--lora-r", "4", "--lora-dropout", "0"]
+    else:
+        args += ["--virtual-tokens", "3"]
+    assert main(args) == 0
+    final = tmp_path / "run" / "final"
+    assert json.loads((final / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base.resolve())
+    monkeypatch.chdir(tmp_path)
+    theirs = peft.AutoPeftModelForCausalLM.from_pretrained(final).eval()
+    ours = lmforge.load(base, adapter=final).model
+    plain = lmforge.load(base).model
+    x = torch.randint(1, 300, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = theirs(input_ids=x).logits
+        if method == "prompt-tuning":
+            expected = expected[:, 3:]  # peft returns the virtual positions too
+        torch.testing.assert_close(ours(x), expected, rtol=0, atol=1e-5)
+        assert (ours(x) - plain(x)).abs().max() > 1e-3  # the adapter really changes the model
+
+
+def test_base_model_reference():
+    from lmforge.peft.adapters import base_model_reference
+
+    assert base_model_reference(None) == "smollm2-135m-instruct"
+    assert base_model_reference("SmolLM2-135M-Instruct") == "SmolLM2-135M-Instruct"
+    assert base_model_reference("org/some-model") == "org/some-model"
+    assert base_model_reference(".") == os.getcwd()
