@@ -142,7 +142,7 @@ def test_bad_chat_input_is_a_4xx_in_openai_shape_and_the_server_keeps_serving(se
     ({"model": MODEL}, "'prompt'"),
     ({"model": MODEL, "prompt": "hi", "max_tokens": 500}, "maximum context length"),
     ({"model": MODEL, "prompt": [[1, 2, 99999]]}, "outside the vocabulary"),
-    ({"model": MODEL, "prompt": "hi", "logprobs": 2}, "logprobs"),
+    ({"model": MODEL, "prompt": "hi", "logprobs": 21}, "logprobs"),
     ({"model": MODEL, "prompt": "", "max_tokens": 2}, "empty"),
 ])
 def test_bad_completion_input(served, body, expected):

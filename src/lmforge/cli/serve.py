@@ -38,6 +38,38 @@ def load_for_serving(model: str, *, adapter: str | None = None, device: str = "c
     return lm
 
 
+def load_lora_models(lm, modules: dict[str, Path]) -> dict:
+    """One LM per LoRA adapter on ``lm``'s model, {name: LM}. Each is a copy of the model's modules that shares
+    its weights (only the adapter's tensors are new), so N adapters cost N adapters, not N models."""
+    import copy
+
+    from lmforge.lm import LM
+    from lmforge.peft.adapters import load_adapter, read_adapter
+
+    out = {}
+    for name, path in modules.items():
+        kind = read_adapter(path)[0].get("peft_type")
+        if kind != "LORA":
+            raise LmforgeError(f"--lora-modules {name}={path}: a {kind} adapter; only LoRA adapters can be served "
+                               "beside the base model")
+        shared = {id(t): t for t in [*lm.model.parameters(), *lm.model.buffers()]}
+        model = load_adapter(copy.deepcopy(lm.model, shared), path).eval()
+        out[name] = LM(model, lm.tokenizer, name, lm.generation_config)
+    return out
+
+
+def load_embedder(model: str, *, device: str = "cpu", dtype: str = "auto"):
+    """Load the encoder served at /v1/embeddings."""
+    from lmforge.embed import Encoder
+    from lmforge.lm import load
+
+    enc = load(model, device=device, dtype=dtype)
+    if not isinstance(enc, Encoder):
+        raise LmforgeError(f"--embedding-model {model} is not an encoder-only model; /v1/embeddings needs one, "
+                           "as `lmforge embed` does")
+    return enc
+
+
 def cmd_serve(a: argparse.Namespace) -> int:
     from lmforge.deploy.serve_config import ServeConfig
 
@@ -55,8 +87,17 @@ def cmd_serve(a: argparse.Namespace) -> int:
                            "is missing)") from None
     from lmforge.deploy.server import serve
 
+    model_id = cfg.served_model_name or served_name(cfg.model)
+    embedding_id = served_name(cfg.embedding_model) if cfg.embedding_model else None
+    names = [model_id, *cfg.adapters(), *([embedding_id] if embedding_id else [])]
+    if len(set(names)) < len(names):
+        raise LmforgeError(f"two served models share a name ({', '.join(names)}); rename one (--served-model-name, "
+                           "--lora-modules NAME=...)")
     lm = load_for_serving(cfg.model, adapter=cfg.adapter, device=cfg.device, dtype=cfg.dtype, quantize=cfg.quantize)
-    serve(lm, cfg, model_id=cfg.served_model_name or served_name(cfg.model), api_key=api_key)
+    adapters = load_lora_models(lm, cfg.adapters())
+    embedder = load_embedder(cfg.embedding_model, device=cfg.device, dtype=cfg.dtype) if cfg.embedding_model else None
+    serve(lm, cfg, model_id=model_id, api_key=api_key, adapters=adapters, embedder=embedder,
+          embedding_id=embedding_id)
     return 0
 
 
@@ -68,7 +109,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     s = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API, with a web playground",
                        description="Serve MODEL at /v1/completions, /v1/chat/completions and /v1/models (OpenAI's "
-                                   "request and response shapes, streaming as server-sent events), a chat playground "
+                                   "request and response shapes, streaming as server-sent events, logprobs), LoRA "
+                                   "adapters beside it (--lora-modules), an encoder at /v1/embeddings "
+                                   "(--embedding-model), Prometheus metrics at /metrics, a chat playground "
                                    "at / and /health. Concurrent requests share forward passes (continuous "
                                    "batching). Binds to 127.0.0.1 unless --host says otherwise.")
     options.add_recipe_args(s, ServeConfig, positional=("model",))

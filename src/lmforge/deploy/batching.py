@@ -27,6 +27,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
+from typing import Any
 
 import torch
 
@@ -37,13 +38,42 @@ from lmforge.peft.prompt_tuning import PromptTunedLM
 
 log = logging.getLogger("lmforge.serve")
 
-# on_event(seq, kind, value): kind "text" (value: the new text), "done" (value: finish reason
+# on_event(seq, kind, value): kind "text" (value: the new text), "logprob" (value: a ``TokenLogprob``, sent
+# before the text of that token, only when the sequence asked for logprobs), "done" (value: finish reason
 # "stop" | "length" | "cancelled") or "error" (value: a message). Called on the engine thread.
-EventCallback = Callable[["Sequence", str, str], None]
+EventCallback = Callable[["Sequence", str, Any], None]
+
+# (token id, its log-probability, [(id, log-probability) of the k likeliest tokens]): the model's own
+# distribution, log_softmax of the raw logits, before temperature, top-k/top-p and repetition penalty.
+# A prompt's first token, which nothing predicts, has (id, None, None).
+TokenLogprob = tuple[int, float | None, list[tuple[int, float]] | None]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: Seq[int], k: int) -> list[TokenLogprob]:
+    """logits (T, V) and the token chosen at each of the T positions -> one ``TokenLogprob`` each."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp.gather(1, torch.tensor(list(tokens), device=lp.device)[:, None])[:, 0].tolist()
+    if k:
+        values, ids = lp.topk(min(k, lp.shape[-1]), dim=-1)
+        tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    else:
+        tops = [[] for _ in chosen]
+    return [(int(t), c, top) for t, c, top in zip(tokens, chosen, tops)]
 
 
 def _failure(e: Exception) -> str:
     return f"generation failed: {type(e).__name__}: {e}"
+
+
+@torch.inference_mode()
+def prompt_logprobs(model: torch.nn.Module, ids: Seq[int], k: int) -> list[TokenLogprob]:
+    """Teacher-forced logprobs of a prompt's tokens (one forward pass, no cache): ``(id, None, None)`` for the
+    first token, which nothing predicts, then each token's logprob given the ones before it (``echo`` with
+    ``logprobs``). Safe beside the engine thread: a plain forward pass changes no state of the model."""
+    device = next(model.parameters()).device
+    idx = torch.tensor([list(ids)], dtype=torch.long, device=device)
+    logits = model(idx)[0, :-1]  # (T - 1, V): position t predicts token t + 1
+    return [(int(ids[0]), None, None), *(token_logprobs(logits, ids[1:], k) if len(ids) > 1 else [])]
 
 
 class EngineBusy(RuntimeError):
@@ -55,8 +85,9 @@ class Sequence:
 
     def __init__(self, prompt_ids: Seq[int], max_new_tokens: int, params: SamplingParams = SamplingParams(), *,
                  stop: Seq[str] = (), seed: int | None = None, on_event: EventCallback | None = None,
-                 index: int = 0):
+                 index: int = 0, logprobs: int | None = None):
         check_seed(seed)
+        self.logprobs = logprobs  # None: no logprobs; k: each sampled token's logprob and the top k
         self.prompt_ids = list(prompt_ids)
         self.max_new_tokens, self.params, self.stop, self.seed = max_new_tokens, params, list(stop), seed
         self.on_event, self.index = on_event, index
@@ -66,7 +97,7 @@ class Sequence:
         self.cancelled = False
         self.done = threading.Event()
 
-    def _emit(self, kind: str, value: str) -> None:
+    def _emit(self, kind: str, value: Any) -> None:
         if kind == "done":
             self.finish_reason = value
         if self.on_event is not None:
@@ -263,7 +294,7 @@ class Engine:
         logits = self.model(idx, positions, self.key_mask[s:s + 1, :self.cur], self._views(s, s + 1), start,
                             last_only=True)[:, -1]  # (1, V)
         self.rows.append(row)
-        if not self._take(row, self._sample_row(logits[0:1], row)):
+        if not self._take(row, self._sample_row(logits[0:1], row), logits[0:1]):
             self._retire([s], None)
 
     def _decode(self) -> None:
@@ -285,7 +316,7 @@ class Engine:
         finished = []
         for i, r in enumerate(self.rows):  # one row's failure (its sampling, its text) ends that row only
             try:
-                if not self._take(r, self._sample_row(logits[i:i + 1], r, greedy[i])):
+                if not self._take(r, self._sample_row(logits[i:i + 1], r, greedy[i]), logits[i:i + 1]):
                     finished.append(i)
             except Exception as e:
                 log.exception("the engine failed a request")
@@ -300,13 +331,17 @@ class Engine:
             return int(sample_next(logits, p, row.seen, row.generator)[0])
         return int(logits[0].argmax()) if greedy is None else greedy
 
-    def _take(self, row: _Row, tok: int) -> bool:
-        """Record a sampled token; False when the row has finished (its done event is sent)."""
+    def _take(self, row: _Row, tok: int, logits: torch.Tensor | None = None) -> bool:
+        """Record a sampled token (``logits`` (1, V): what it was sampled from, for its logprob); False when the
+        row has finished (its done event is sent). An end-of-sequence token has no logprob event: like its
+        text, it is not part of the completion."""
         seq = row.seq
         seq.token_ids.append(tok)
         self.tokens += 1
         if tok in self.eos:
             return self._finish(row, "stop")
+        if seq.logprobs is not None and logits is not None:
+            seq._emit("logprob", token_logprobs(logits, [tok], seq.logprobs)[0])
         piece = row.text.push(tok)
         if piece:
             seq.text += piece

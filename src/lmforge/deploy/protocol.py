@@ -5,9 +5,10 @@ This module owns what the JSON looks like for ``/v1/completions``, ``/v1/chat/co
 ``{"error": {"message", "type", "param", "code"}}``. It holds no model and no HTTP server.
 
 Supported request fields: model, prompt | messages, max_tokens (chat: also max_completion_tokens),
-temperature, top_p, n, stop, seed, stream, stream_options.include_usage, echo (completions), user;
-and two common extensions (as in vLLM): top_k and repetition_penalty. Fields that would change
-the output in ways lmforge does not implement (logprobs, logit_bias, tools, penalties, ...) are
+temperature, top_p, n, stop, seed, stream, stream_options.include_usage, echo (completions), user,
+logprobs + top_logprobs (chat) and logprobs: k (completions, with ``echo`` and ``max_tokens: 0`` for
+scoring a prompt); and two common extensions (as in vLLM): top_k and repetition_penalty. Fields that would change
+the output in ways lmforge does not implement (logit_bias, tools, penalties, ...) are
 refused with a 400 naming the field, never silently ignored. Sampling values are held to the ranges in
 ``generation.sampling`` (temperature 0 or in [0.01, 2], top_p in [1e-6, 1], repetition_penalty in
 [0.01, 100], seed in [0, 2**63)), so an accepted request cannot make sampling fail; text holding a lone
@@ -16,9 +17,12 @@ UTF-16 surrogate (JSON "\\ud800"), which no tokenizer can encode, is refused too
 
 from __future__ import annotations
 
+import base64
+import struct
 import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -41,6 +45,10 @@ class APIError(Exception):
 def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+MAX_EMBEDDING_INPUTS = 2048  # texts in one /v1/embeddings request, as OpenAI allows
+MAX_TOP_LOGPROBS = 20  # top_logprobs (chat) and logprobs (completions) go up to this, as OpenAI's chat allows
 
 
 class StreamOptions(BaseModel):
@@ -68,6 +76,15 @@ def lone_surrogate(value: Any, path: str = "") -> str | None:
     return None
 
 
+def valid_unicode(data: Any) -> Any:
+    """A model validator's check: refuse a request body holding a lone surrogate (see ``lone_surrogate``)."""
+    where = lone_surrogate(data)
+    if where is not None:
+        raise PydanticCustomError("invalid_unicode", "'{param}' holds an invalid Unicode character (a lone UTF-16 "
+                                  "surrogate such as \\ud800); send valid UTF-8 text", {"param": where})
+    return data
+
+
 class _Common(BaseModel):
     """Fields shared by both endpoints. ``None`` means "not given" (the endpoint picks the default)."""
 
@@ -92,11 +109,7 @@ class _Common(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _valid_unicode(cls, data: Any) -> Any:
-        where = lone_surrogate(data)
-        if where is not None:
-            raise PydanticCustomError("invalid_unicode", "'{param}' holds an invalid Unicode character (a lone UTF-16 "
-                                      "surrogate such as \\ud800); send valid UTF-8 text", {"param": where})
-        return data
+        return valid_unicode(data)
 
     @field_validator("temperature")
     @classmethod
@@ -124,13 +137,14 @@ class _Common(BaseModel):
 
 class CompletionRequest(_Common):
     prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0)  # 0 with echo: score the prompt only (lm-eval's log-likelihood)
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     best_of: int | None = None
     suffix: str | None = None
 
     def unsupported(self) -> list[str]:
-        extra = [f for f in ("logprobs", "suffix") if getattr(self, f) is not None]
+        extra = [f for f in ("suffix",) if getattr(self, f) is not None]
         return super().unsupported() + extra + (["best_of"] if self.best_of not in (None, 1) else [])
 
 
@@ -138,16 +152,24 @@ class ChatRequest(_Common):
     messages: list[dict[str, Any]]
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None
     response_format: dict[str, Any] | None = None
 
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> ChatRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs set to true")
+        return self
+
+    def logprob_k(self) -> int | None:
+        """None: no logprobs; k: each token's logprob and the top k alternatives."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     def unsupported(self) -> list[str]:
-        bad = [f for f in ("top_logprobs", "tools", "functions") if getattr(self, f)]
-        if self.logprobs:
-            bad.append("logprobs")
+        bad = [f for f in ("tools", "functions") if getattr(self, f)]
         if self.tool_choice not in (None, "none"):
             bad.append("tool_choice")
         if self.response_format and self.response_format.get("type") != "text":
@@ -193,35 +215,114 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def model_card(model_id: str, created: int) -> dict[str, Any]:
-    return {"id": model_id, "object": "model", "created": created, "owned_by": "lmforge"}
+def model_card(model_id: str, created: int, parent: str | None = None) -> dict[str, Any]:
+    """A /v1/models entry; a LoRA adapter names its base as ``parent`` (and ``root``), as vLLM does."""
+    card = {"id": model_id, "object": "model", "created": created, "owned_by": "lmforge"}
+    return card | ({"parent": parent, "root": parent} if parent else {})
 
 
-def completion_body(rid: str, model: str, choices: list[tuple[str, str]], use: dict[str, int]) -> dict[str, Any]:
-    """choices: (text, finish_reason) in index order."""
+class EmbeddingRequest(BaseModel):
+    """/v1/embeddings: ``input`` is a string or a list of strings (token-id input is refused)."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        return valid_unicode(data)
+
+    def texts(self) -> list[str]:
+        if self.dimensions is not None:
+            raise APIError(400, "lmforge does not support the parameter 'dimensions'", param="dimensions")
+        texts = [self.input] if isinstance(self.input, str) else self.input
+        if not texts:
+            raise APIError(400, "input is empty", param="input")
+        if not all(isinstance(t, str) for t in texts):
+            raise APIError(400, "input must be a string or a list of strings; token ids are not supported",
+                           param="input")
+        if len(texts) > MAX_EMBEDDING_INPUTS:
+            raise APIError(400, f"input holds {len(texts)} texts; at most {MAX_EMBEDDING_INPUTS} are taken at once",
+                           param="input")
+        return list(texts)
+
+
+def embedding_body(model: str, vectors: list[list[float]], encoding_format: str, tokens: int) -> dict[str, Any]:
+    """OpenAI's embeddings shape; base64 is the little-endian float32 bytes, as the ``openai`` client decodes."""
+    def encode(vec: list[float]) -> list[float] | str:
+        if encoding_format == "float":
+            return vec
+        return base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode("ascii")
+
+    return {"object": "list", "model": model,
+            "data": [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(vectors)],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+def completion_body(rid: str, model: str, choices: list[tuple[str, str]], use: dict[str, int],
+                    logprobs: list[dict[str, Any] | None] | None = None) -> dict[str, Any]:
+    """choices: (text, finish_reason) in index order; logprobs: each choice's ``completion_logprobs``."""
+    logprobs = logprobs or [None] * len(choices)
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": i, "text": t, "logprobs": None, "finish_reason": f}
-                        for i, (t, f) in enumerate(choices)],
+            "choices": [{"index": i, "text": t, "logprobs": lp, "finish_reason": f}
+                        for i, ((t, f), lp) in enumerate(zip(choices, logprobs))],
             "usage": use}
 
 
-def chat_body(rid: str, model: str, choices: list[tuple[str, str]], use: dict[str, int]) -> dict[str, Any]:
+def chat_body(rid: str, model: str, choices: list[tuple[str, str]], use: dict[str, int],
+              logprobs: list[dict[str, Any] | None] | None = None) -> dict[str, Any]:
+    logprobs = logprobs or [None] * len(choices)
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
-                         "finish_reason": f} for i, (t, f) in enumerate(choices)],
+            "choices": [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": lp,
+                         "finish_reason": f} for i, ((t, f), lp) in enumerate(zip(choices, logprobs))],
             "usage": use}
 
 
 def completion_chunk(rid: str, model: str, created: int, index: int, text: str,
-                     finish_reason: str | None = None) -> dict[str, Any]:
+                     finish_reason: str | None = None, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+            "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
 
 
 def chat_chunk(rid: str, model: str, created: int, index: int, delta: dict[str, str],
-               finish_reason: str | None = None) -> dict[str, Any]:
+               finish_reason: str | None = None, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
+
+
+# A logprob entry as the engine gives it: (token id, logprob or None for a prompt's first token, top [(id, lp)]).
+Entry = tuple[int, float | None, list[tuple[int, float]] | None]
+
+
+def chat_logprobs(entries: list[Entry], token_text: Callable[[int], tuple[str, bytes]]) -> dict[str, Any]:
+    """Chat's shape: {"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]};
+    ``token_text(id)`` -> (the token as text, its bytes)."""
+    def item(t: int, lp: float) -> dict[str, Any]:
+        text, raw = token_text(t)
+        return {"token": text, "logprob": lp, "bytes": list(raw)}
+
+    return {"content": [{**item(t, lp), "top_logprobs": [item(i, v) for i, v in top or []]}
+                        for t, lp, top in entries], "refusal": None}
+
+
+def completion_logprobs(entries: list[Entry], token_text: Callable[[int], tuple[str, bytes]],
+                        offset: int = 0) -> dict[str, Any]:
+    """The legacy completions shape: tokens, token_logprobs, top_logprobs (a {token: logprob} dict per token,
+    None where the logprob is None), text_offset (each token's character offset in the choice's text, counted
+    from ``offset``)."""
+    tokens = [token_text(t)[0] for t, _, _ in entries]
+    offsets = []
+    for t, _, _ in entries:
+        offsets.append(offset)
+        offset += len(token_text(t)[1].decode("utf-8", errors="ignore"))
+    return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries],
+            "top_logprobs": [None if lp is None else {token_text(i)[0]: v for i, v in top or []}
+                             for _, lp, top in entries],
+            "text_offset": offsets}
 
 
 def usage_chunk(rid: str, model: str, created: int, kind: str, use: dict[str, int]) -> dict[str, Any]:

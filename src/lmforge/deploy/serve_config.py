@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 from lmforge.checkpoints.resolve import DEFAULT_MODEL
+from lmforge.errors import LmforgeError
 from lmforge.recipe_config import option, validate
 
 MAX_BODY_MB = 4.0  # default request-body limit: a full 128k-token prompt as JSON fits
@@ -36,6 +37,11 @@ class ServeConfig:
     """float32 | bfloat16 | float16 | auto."""
     quantize: Literal["int8"] | None = None
     """Weight-only int8 linear layers (per-row absmax scales): less memory, logits close to fp32."""
+    lora_modules: tuple[str, ...] = ()
+    """More models to serve, each a LoRA adapter on MODEL, as NAME=PATH (vLLM's shape): a request's "model" picks
+    one by NAME, or the base model by its own name."""
+    embedding_model: str | None = None
+    """An encoder-only model (as for `lmforge embed`) served at /v1/embeddings under its name."""
     host: str = "127.0.0.1"
     """Address to bind (127.0.0.1: this machine only; 0.0.0.0 exposes it)."""
     port: int = option(8000, min=0, max=65535)
@@ -57,3 +63,20 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         validate(self)
+        self.adapters()
+        if self.lora_modules and (self.adapter is not None or self.quantize is not None):
+            raise LmforgeError("--lora-modules serves adapters on the plain base model: it cannot be combined with "
+                               f"--{'adapter' if self.adapter is not None else 'quantize'}")
+
+    def adapters(self) -> dict[str, Path]:
+        """--lora-modules as {name: adapter folder}; LmforgeError for an entry that is not NAME=PATH or a repeated
+        name."""
+        out: dict[str, Path] = {}
+        for entry in self.lora_modules:
+            name, sep, path = entry.partition("=")
+            if not sep or not name.strip() or not path.strip():
+                raise LmforgeError(f"--lora-modules: {entry!r} is not NAME=PATH (an adapter name and its folder)")
+            if name in out:
+                raise LmforgeError(f"--lora-modules: the name {name!r} is given twice")
+            out[name.strip()] = Path(path.strip())
+        return out

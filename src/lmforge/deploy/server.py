@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 import sys
@@ -37,17 +38,22 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lmforge.deploy.batching import Engine, EngineBusy, Sequence
+from lmforge.deploy.batching import Engine, EngineBusy, Sequence, prompt_logprobs
 from lmforge.deploy.guards import MAX_BODY_BYTES, ApiKeyCheck, BodyLimit, http_protocol
+from lmforge.deploy.metrics import Metrics, MetricsMiddleware
 from lmforge.deploy.protocol import (
     APIError,
     ChatRequest,
     CompletionRequest,
+    EmbeddingRequest,
     chat_body,
     chat_chunk,
+    chat_logprobs,
     chat_messages,
     completion_body,
     completion_chunk,
+    completion_logprobs,
+    embedding_body,
     error_body,
     model_card,
     new_id,
@@ -85,23 +91,38 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 
 def create_app(lm, engine: Engine, *, model_id: str, api_key: str | None = None, aliases: tuple[str, ...] = (),
-               max_body_bytes: int = MAX_BODY_BYTES, read_timeout: float = READ_TIMEOUT_S) -> FastAPI:
-    """The FastAPI app serving ``lm`` through ``engine`` (started and stopped with the app)."""
-    names = {model_id, *aliases}
+               max_body_bytes: int = MAX_BODY_BYTES, read_timeout: float = READ_TIMEOUT_S,
+               adapters: dict[str, tuple[Any, Engine]] | None = None, embedder=None,
+               embedding_id: str | None = None) -> FastAPI:
+    """The FastAPI app serving ``lm`` through ``engine`` (started and stopped with the app).
+
+    ``adapters``: more served models, name -> (LM, Engine), each a LoRA adapter on ``lm``'s base (see
+    ``lora_models``); a request's ``model`` picks one. ``embedder``: an ``Encoder`` served at ``/v1/embeddings``
+    as ``embedding_id``."""
+    served = {name: (lm, engine) for name in (model_id, *aliases)}
+    served.update(adapters or {})
+    engines = [engine, *(e for _, e in (adapters or {}).values())]
+    if embedder is not None and not embedding_id:
+        raise LmforgeError("an embedding model needs an id (embedding_id)")
     max_chars = CHARS_PER_TOKEN * engine.width
     created = int(time.time())
+    metrics = Metrics(lambda: engines)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        if not engine.thread.is_alive():
-            engine.start()
+        for e in engines:
+            if not e.thread.is_alive():
+                e.start()
         yield
-        engine.stop()
+        for e in engines:
+            e.stop()
 
     app = FastAPI(title="lmforge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.metrics = metrics
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes, timeout=read_timeout)
-    if api_key:  # added last, so it runs first: no body is read for a request without the key
+    if api_key:  # added after the body limit, so it runs before it: no body is read for a request without the key
         app.add_middleware(ApiKeyCheck, api_key=api_key)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts refusals (401, 413) too
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -133,10 +154,20 @@ def create_app(lm, engine: Engine, *, model_id: str, api_key: str | None = None,
         log.exception("request failed")
         return JSONResponse(error_body(f"internal error: {type(exc).__name__}", type="server_error"), status_code=500)
 
-    def check_model(name: str) -> None:
-        if name not in names:
-            raise APIError(404, f"The model '{name}' does not exist; this server serves '{model_id}'",
-                           param="model", code="model_not_found")
+    def known() -> str:
+        names = [model_id, *(adapters or {})]
+        return ", ".join(f"'{n}'" for n in names)
+
+    def pick(name: str) -> tuple[Any, Engine]:
+        """The (LM, Engine) serving the request's ``model``; 404 naming the served models otherwise."""
+        if name in served:
+            return served[name]
+        hint = "; it is the embedding model: use /v1/embeddings" if name == embedding_id else ""
+        raise APIError(404, f"The model '{name}' does not exist{hint}; this server serves {known()}",
+                       param="model", code="model_not_found")
+
+    def canonical(name: str) -> str:
+        return name if name in (adapters or {}) else model_id
 
     def check_supported(req: CompletionRequest | ChatRequest) -> None:
         bad = req.unsupported()
@@ -159,6 +190,10 @@ def create_app(lm, engine: Engine, *, model_id: str, api_key: str | None = None,
             raise APIError(400, str(e), param="max_tokens" if prompt_len < engine.width else "messages",
                            code="context_length_exceeded") from None
 
+    @functools.lru_cache(maxsize=65536)
+    def token_text(token: int) -> tuple[str, bytes]:
+        return token_piece(lm.tokenizer, token)
+
     @app.get("/", include_in_schema=False)
     async def playground():
         return HTMLResponse(PLAYGROUND.read_text(encoding="utf-8"), headers=PAGE_HEADERS)
@@ -169,35 +204,58 @@ def create_app(lm, engine: Engine, *, model_id: str, api_key: str | None = None,
         return {"status": "ok" if engine.thread.is_alive() else "stopped", "running": stats["running"],
                 "waiting": stats["waiting"]}
 
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    def cards() -> list[dict[str, Any]]:
+        out = [model_card(model_id, created)]
+        out += [model_card(name, created, parent=model_id) for name in adapters or {}]
+        if embedder is not None:
+            out.append(model_card(embedding_id, created))
+        return out
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [model_card(model_id, created)]}
+        return {"object": "list", "data": cards()}
 
     @app.get("/v1/models/{name:path}")
     async def model(name: str):
-        check_model(name)
-        return model_card(model_id, created)
+        for card in cards():
+            if card["id"] == name:
+                return card
+        if name in served:  # an alias of the base model
+            return model_card(model_id, created)
+        raise APIError(404, f"The model '{name}' does not exist; this server serves {known()}", param="model",
+                       code="model_not_found")
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
-        check_model(req.model)
+        start = time.monotonic()
+        chosen, eng = pick(req.model)
         check_supported(req)
         check_chars([req.prompt] if isinstance(req.prompt, str) else
                     [p for p in req.prompt if isinstance(p, str)], "prompt")
         prompts = await run_in_threadpool(_completion_prompts, req.prompt, lm.tokenizer)
-        max_tokens = req.max_tokens or 16
+        max_tokens = 16 if req.max_tokens is None else req.max_tokens
         for ids in prompts:
-            check_lengths(len(ids), max_tokens)
-        params, stops = sampling(req), req.stop_list()
-        seqs = [Sequence(ids, max_tokens, params, stop=stops, seed=req.seed_for(j), index=p * req.n + j)
+            check_lengths(len(ids), max(max_tokens, 1))
+        params, stops, k = sampling(req), req.stop_list(), req.logprobs
+        scored = [await run_in_threadpool(prompt_logprobs, chosen.model, ids, k) if req.echo and k is not None
+                  else [] for ids in prompts]
+        seqs = [Sequence(ids, max(max_tokens, 1), params, stop=stops, seed=req.seed_for(j), index=p * req.n + j,
+                         logprobs=k)
                 for p, ids in enumerate(prompts) for j in range(req.n)]
         echo = [lm.tokenizer.decode(s.prompt_ids, skip_special_tokens=True) if req.echo else "" for s in seqs]
-        return await _respond(request, engine, seqs, "text_completion", model_id, req, echo,
-                              sum(len(p) for p in prompts))
+        reply = Reply("text_completion", canonical(req.model), token_text, k, [scored[s.index // req.n] for s in seqs],
+                      metrics, start)
+        return await _respond(request, eng, seqs, reply, req, echo, sum(len(p) for p in prompts),
+                              submit=max_tokens > 0)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request):
-        check_model(req.model)
+        start = time.monotonic()
+        chosen, eng = pick(req.model)
         check_supported(req)
         if not lm.has_chat_template:
             raise APIError(400, f"the model '{model_id}' has no chat template; use /v1/completions",
@@ -207,11 +265,64 @@ def create_app(lm, engine: Engine, *, model_id: str, api_key: str | None = None,
         ids = await run_in_threadpool(lm.encode_messages, messages)
         max_tokens = req.max_completion_tokens or req.max_tokens or max(1, engine.width - len(ids))
         check_lengths(len(ids), max_tokens)
-        params, stops = sampling(req), req.stop_list()
-        seqs = [Sequence(ids, max_tokens, params, stop=stops, seed=req.seed_for(j), index=j) for j in range(req.n)]
-        return await _respond(request, engine, seqs, "chat.completion", model_id, req, [""] * req.n, len(ids))
+        params, stops, k = sampling(req), req.stop_list(), req.logprob_k()
+        seqs = [Sequence(ids, max_tokens, params, stop=stops, seed=req.seed_for(j), index=j, logprobs=k)
+                for j in range(req.n)]
+        reply = Reply("chat.completion", canonical(req.model), token_text, k, [[] for _ in seqs], metrics, start)
+        return await _respond(request, eng, seqs, reply, req, [""] * req.n, len(ids))
+
+    @app.post("/v1/embeddings")
+    async def embeddings(req: EmbeddingRequest):
+        if embedder is None:
+            raise APIError(404, "this server has no embedding model; start it with --embedding-model PATH",
+                           param="model", code="model_not_found")
+        if req.model != embedding_id:
+            raise APIError(404, f"The model '{req.model}' does not exist; the embedding model of this server is "
+                                f"'{embedding_id}'", param="model", code="model_not_found")
+        texts = req.texts()
+        check_chars(texts, "input")
+        vectors, tokens = await run_in_threadpool(_embed, embedder, texts)
+        return JSONResponse(embedding_body(embedding_id, vectors, req.encoding_format, tokens))
 
     return app
+
+
+def _embed(embedder, texts: list[str]) -> tuple[list[list[float]], int]:
+    """``Encoder.embed`` with ``lmforge embed``'s defaults (mean pooling, L2-normalised) and the tokens read."""
+    tokens = sum(min(len(ids), embedder.config.max_seq_len) for ids in embedder.tokenizer.encode_batch(texts))
+    return embedder.embed(texts).tolist(), tokens
+
+def _byte_level_chars() -> dict[str, int]:
+    """The byte-level BPE alphabet (GPT-2's): the printable character that stands for each byte -> the byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+BYTE_LEVEL = _byte_level_chars()
+
+
+def token_piece(tokenizer, token: int) -> tuple[str, bytes]:
+    """A token as logprobs show it: its text and its UTF-8 bytes. A token holding part of a character (byte-level
+    BPE, or a ``<0xNN>`` byte-fallback piece) reads as ``bytes:\\xNN...`` with its raw bytes, as OpenAI shows one."""
+    text = tokenizer.decode([token], skip_special_tokens=False)
+    if "\ufffd" not in text:
+        return text, text.encode("utf-8")
+    piece = tokenizer.backend.id_to_token(token) or ""
+    raw = None
+    if piece and all(c in BYTE_LEVEL for c in piece):
+        raw = bytes(BYTE_LEVEL[c] for c in piece)
+    elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        raw = bytes([int(piece[3:5], 16)])
+    if raw is None or raw.decode("utf-8", errors="replace") != text:
+        return text, text.encode("utf-8")
+    return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), raw
 
 
 def _completion_prompts(prompt: Any, tokenizer) -> list[list[int]]:
@@ -235,28 +346,62 @@ def _completion_prompts(prompt: Any, tokenizer) -> list[list[int]]:
     return out
 
 
-async def _respond(request: Request, engine: Engine, seqs: list[Sequence], kind: str, model_id: str, req,
-                   echo: list[str], prompt_tokens: int):
-    """Submit the sequences and answer with one JSON body, or a stream of server-sent events."""
+class Reply:
+    """What a completion request's answer needs besides its sequences: its kind ("text_completion" or
+    "chat.completion"), the model id it names, how a token id reads as text, the logprobs asked for (None or
+    top k), each choice's echoed prompt logprobs, and where its timings and token counts go."""
+
+    def __init__(self, kind: str, model_id: str, token_text, k: int | None, prefix: list[list], metrics: Metrics,
+                 start: float):
+        self.kind, self.model_id, self.token_text, self.k, self.prefix = kind, model_id, token_text, k, prefix
+        self.metrics, self.start, self.first = metrics, start, True
+        self.chat = kind == "chat.completion"
+        self.offsets = [0] * len(prefix)
+
+    def token_seen(self) -> None:
+        if self.first:
+            self.first = False
+            self.metrics.first_token(time.monotonic() - self.start)
+
+    def logprobs(self, index: int, entries: list) -> dict[str, Any] | None:
+        """Entries in the response's shape (None when logprobs were not asked for); a completion choice's
+        text offsets continue from its previous call's."""
+        if self.k is None:
+            return None
+        if self.chat:
+            return chat_logprobs(entries, self.token_text)
+        out = completion_logprobs(entries, self.token_text, self.offsets[index])
+        self.offsets[index] += sum(len(self.token_text(t)[1].decode("utf-8", errors="ignore")) for t, _, _ in entries)
+        return out
+
+
+async def _respond(request: Request, engine: Engine, seqs: list[Sequence], reply: Reply, req, echo: list[str],
+                   prompt_tokens: int, submit: bool = True):
+    """Submit the sequences and answer with one JSON body, or a stream of server-sent events. ``submit=False``
+    (``max_tokens: 0``): generate nothing, answer the echo (and its logprobs) alone."""
     loop, queue = asyncio.get_running_loop(), asyncio.Queue()
 
-    def on_event(seq: Sequence, what: str, value: str) -> None:
+    def on_event(seq: Sequence, what: str, value: Any) -> None:
         loop.call_soon_threadsafe(queue.put_nowait, (seq.index, what, value))
 
     for s in seqs:
         s.on_event = on_event
-    try:
-        engine.submit(seqs)
-    except EngineBusy as e:
-        raise APIError(503, str(e), type="server_error", code="server_overloaded") from None
-    rid = new_id("cmpl" if kind == "text_completion" else "chatcmpl")
-    chat = kind == "chat.completion"
+    if submit:
+        try:
+            engine.submit(seqs)
+        except EngineBusy as e:
+            raise APIError(503, str(e), type="server_error", code="server_overloaded") from None
+    else:
+        for s in seqs:
+            queue.put_nowait((s.index, "done", "length"))
+    rid = new_id("cmpl" if not reply.chat else "chatcmpl")
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        events = _stream(engine, seqs, queue, rid, model_id, chat, echo, include_usage, prompt_tokens)
+        events = _stream(engine, seqs, queue, rid, reply, echo, include_usage, prompt_tokens)
         return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     texts, reasons, pending, watch = list(echo), [""] * len(seqs), len(seqs), ClientWatch(request)
+    entries = [list(p) for p in reply.prefix]
     try:
         while pending:
             event = await _next_event(queue, engine, watch)
@@ -264,7 +409,11 @@ async def _respond(request: Request, engine: Engine, seqs: list[Sequence], kind:
                 return Response(status_code=499)
             index, what, value = event
             if what == "text":
+                reply.token_seen()
                 texts[index] += value
+            elif what == "logprob":
+                reply.token_seen()
+                entries[index].append(value)
             elif what == "done":
                 reasons[index], pending = value, pending - 1
             else:
@@ -272,8 +421,12 @@ async def _respond(request: Request, engine: Engine, seqs: list[Sequence], kind:
     finally:
         if pending:
             engine.cancel(seqs)
-    use = usage(prompt_tokens, sum(len(s.token_ids) for s in seqs))
-    body = (chat_body if chat else completion_body)(rid, model_id, list(zip(texts, reasons)), use)
+    completion_tokens = sum(len(s.token_ids) for s in seqs)
+    reply.metrics.tokens(prompt_tokens, completion_tokens)
+    use = usage(prompt_tokens, completion_tokens)
+    logprobs = [reply.logprobs(i, e) for i, e in enumerate(entries)]
+    body = (chat_body if reply.chat else completion_body)(rid, reply.model_id, list(zip(texts, reasons)), use,
+                                                          logprobs)
     return JSONResponse(body)
 
 
@@ -311,48 +464,64 @@ def _sse(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-async def _stream(engine, seqs, queue, rid, model_id, chat, echo, include_usage, prompt_tokens):
-    created, pending = int(time.time()), len(seqs)
+async def _stream(engine, seqs, queue, rid, reply: Reply, echo, include_usage, prompt_tokens):
+    created, pending, chat, model_id = int(time.time()), len(seqs), reply.chat, reply.model_id
+    waiting = [[] for _ in seqs]  # logprob entries whose text has not been sent yet
     try:
         for s in seqs:
             if chat:
                 yield _sse(chat_chunk(rid, model_id, created, s.index, {"role": "assistant", "content": ""}))
-            elif echo[s.index]:
-                yield _sse(completion_chunk(rid, model_id, created, s.index, echo[s.index]))
+            elif echo[s.index] or reply.prefix[s.index]:
+                yield _sse(completion_chunk(rid, model_id, created, s.index, echo[s.index],
+                                            logprobs=reply.logprobs(s.index, reply.prefix[s.index])))
         while pending:  # a client that goes away cancels this generator (Starlette watches the connection)
             index, what, value = await _next_event(queue, engine, ClientWatch(None))
-            if what == "text":
-                yield _sse(chat_chunk(rid, model_id, created, index, {"content": value}) if chat else
-                           completion_chunk(rid, model_id, created, index, value))
+            if what == "logprob":
+                reply.token_seen()
+                waiting[index].append(value)
+            elif what == "text":
+                reply.token_seen()
+                lp, waiting[index] = reply.logprobs(index, waiting[index]), []
+                yield _sse(chat_chunk(rid, model_id, created, index, {"content": value}, logprobs=lp) if chat else
+                           completion_chunk(rid, model_id, created, index, value, logprobs=lp))
             elif what == "done":
                 pending -= 1
-                yield _sse(chat_chunk(rid, model_id, created, index, {}, value) if chat else
-                           completion_chunk(rid, model_id, created, index, "", value))
+                lp, waiting[index] = (reply.logprobs(index, waiting[index]) if waiting[index] else None), []
+                yield _sse(chat_chunk(rid, model_id, created, index, {}, value, logprobs=lp) if chat else
+                           completion_chunk(rid, model_id, created, index, "", value, logprobs=lp))
             else:
                 yield _sse(error_body(value, type="server_error"))
                 return
+        completion_tokens = sum(len(s.token_ids) for s in seqs)
+        reply.metrics.tokens(prompt_tokens, completion_tokens)
         if include_usage:
             kind = "chat.completion.chunk" if chat else "text_completion"
-            yield _sse(usage_chunk(rid, model_id, created, kind, usage(prompt_tokens,
-                                                                       sum(len(s.token_ids) for s in seqs))))
+            yield _sse(usage_chunk(rid, model_id, created, kind, usage(prompt_tokens, completion_tokens)))
         yield _sse("[DONE]")
     finally:  # the client went away (or the stream ended): free the slots
         if pending:
             engine.cancel(seqs)
 
 
-def serve(lm, cfg: ServeConfig, *, model_id: str, api_key: str | None = None) -> None:
+def serve(lm, cfg: ServeConfig, *, model_id: str, api_key: str | None = None, adapters: dict | None = None,
+          embedder=None, embedding_id: str | None = None) -> None:
     """Serve ``lm`` (loaded from ``cfg.model``) as ``model_id`` (``cfg.model`` is accepted as an alias) with
-    ``cfg``'s address and limits until interrupted (SIGTERM: requests in flight get 10 s to finish)."""
+    ``cfg``'s address and limits until interrupted (SIGTERM: requests in flight get 10 s to finish).
+    ``adapters``: {name: LM} of LoRA adapters on ``lm``, each decoded by its own engine; ``embedder``: an
+    ``Encoder`` served at /v1/embeddings as ``embedding_id``."""
     import uvicorn
 
     host, port, max_batch, read_timeout = cfg.host, cfg.port, cfg.max_batch, cfg.read_timeout
     max_queue, context, aliases, log_level = cfg.max_queue, cfg.max_context, (cfg.model,), cfg.log_level
     max_body_bytes = int(cfg.max_body_mb * 1024 * 1024)
 
-    engine = Engine(lm.model, lm.tokenizer, lm.eos_ids, max_batch=max_batch, max_queue=max_queue, context=context)
+    def engine_of(m) -> Engine:
+        return Engine(m.model, m.tokenizer, m.eos_ids, max_batch=max_batch, max_queue=max_queue, context=context)
+
+    engine = engine_of(lm)
     app = create_app(lm, engine, model_id=model_id, api_key=api_key, aliases=aliases, max_body_bytes=max_body_bytes,
-                     read_timeout=read_timeout)
+                     read_timeout=read_timeout, adapters={n: (m, engine_of(m)) for n, m in (adapters or {}).items()},
+                     embedder=embedder, embedding_id=embedding_id)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"warning: serving on {host} without an API key: anyone who can reach this port can use the model; "
               "set --api-key or LMFORGE_API_KEY", file=sys.stderr)
