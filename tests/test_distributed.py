@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -64,7 +65,13 @@ def assert_same_weights(a: Path, b: Path, tol: float = 5e-5, name: str = "model.
         torch.testing.assert_close(wa[name], wb[name], atol=tol, rtol=tol, msg=name)
 
 
-def test_pretrain_two_ranks_equal_one_process(tmp_path, capsys):
+STRATEGIES = pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+
+
+@STRATEGIES
+def test_pretrain_two_ranks_equal_one_process(tmp_path, capsys, strategy):
+    """Pretraining with accumulation and evaluation; under FSDP also: the sharded checkpoint of a 2-rank run
+    stopped at step 2 resumes on 4 ranks and on one process, and both end where the uninterrupted run does."""
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("To be, or not to be, that is the question. Whether 'tis nobler in the mind.\n" * 40,
                       encoding="utf-8")
@@ -73,15 +80,29 @@ def test_pretrain_two_ranks_equal_one_process(tmp_path, capsys):
             "--cache-dir", str(tmp_path / "cache"), "--set", "n_layer=2", "--set", "n_embd=32", "--lr", "1e-2"]
     assert main([*args, "-o", str(tmp_path / "one")]) == 0
     capsys.readouterr()
-    done = torchrun([*args, "-o", str(tmp_path / "two")])
+    done = torchrun([*args, "--strategy", strategy, "-o", str(tmp_path / "two")])
     assert done.returncode == 0, done.stderr[-3000:]
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len([r for r in one if "loss" in r]) == 4 and any("val_loss" in r for r in one)
     assert_same_rows(two, one)
     assert_same_weights(tmp_path / "two" / "final", tmp_path / "one" / "final")
     assert (tmp_path / "two" / "config.yaml").read_text(encoding="utf-8") == (
-        tmp_path / "one" / "config.yaml").read_text(encoding="utf-8").replace(str(tmp_path / "one"),
-                                                                               str(tmp_path / "two"))
+        tmp_path / "one" / "config.yaml").read_text(encoding="utf-8").replace(str(tmp_path / "one"), str(
+            tmp_path / "two")).replace("strategy: auto", f"strategy: {strategy}")
+    if strategy == "fsdp":
+        shards = sorted(p.name for p in (tmp_path / "two" / "checkpoint" / "shards").iterdir())
+        assert len(shards) == 2 and all(p.endswith(".safetensors") for p in shards)
+        # 2 steps on 2 ranks (still in the warmup: the same learning rates as the 4-step run), then 2 more
+        done = torchrun([*args, "--strategy", "fsdp", "--steps", "2", "-o", str(tmp_path / "half")])
+        assert done.returncode == 0, done.stderr[-3000:]
+        for name in ("four", "single"):
+            shutil.copytree(tmp_path / "half", tmp_path / name)
+        done = torchrun([*args, "--strategy", "fsdp", "--resume", "-o", str(tmp_path / "four")], nproc=4)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert main([*args, "--resume", "-o", str(tmp_path / "single")]) == 0
+        for name in ("four", "single"):
+            assert_same_rows(losses(tmp_path / name), one)
+            assert_same_weights(tmp_path / name / "final", tmp_path / "one" / "final")
 
 
 @pytest.fixture
@@ -154,7 +175,7 @@ def test_batch_not_divisible_by_world_is_one_clear_error(tiny_lm_dirs, sft_file,
                      "--prompt-template", "{text}", "-o", str(tmp_path / "bad")])
     assert done.returncode != 0
     for rank in (0, 1):  # each rank's error as one line naming it; the recipe's report comes from rank 0 only
-        assert f"error: rank {rank}: the batch size 3 does not divide among the world size 2" in done.stderr
+        assert f"error (rank {rank}/2): the batch size 3 does not divide among the world size 2" in done.stderr
     assert done.stderr.count("parameters trainable") == 1
 
 
@@ -276,8 +297,8 @@ def test_two_ranks_killed_mid_run_resume_on_two_and_on_one(tmp_path, capsys):
 
 def test_nproc_flag_relaunches_under_torchrun(tiny_lm_dirs, sft_file, tmp_path, capsys, monkeypatch):
     """``lmforge finetune --nproc 2 ...`` runs the same command (less --nproc) under ``torchrun --standalone``:
-    the 2-process run logs the 1-process run's steps; torchrun's exit status is passed through (1 when a
-    rank failed); --nproc 0 and --nproc inside a torchrun job are refused."""
+    the 2-process run logs the 1-process run's steps; a job whose ranks stopped on bad input exits with 2
+    (``distributed.launch_main``); --nproc 0 and --nproc inside a torchrun job are refused."""
     for key, value in {"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "TQDM_DISABLE": "1"}.items():
         monkeypatch.setenv(key, value)
     args = ["finetune", "-m", str(tiny_lm_dirs["plain"]), "--train", str(sft_file), "--method", "full",
@@ -287,7 +308,7 @@ def test_nproc_flag_relaunches_under_torchrun(tiny_lm_dirs, sft_file, tmp_path, 
     assert main([*args, "--nproc", "2", "-o", str(tmp_path / "two")]) == 0
     assert_same_rows(losses(tmp_path / "two"), losses(tmp_path / "one"))
     assert "\nnproc:" not in (tmp_path / "two" / "config.yaml").read_text(encoding="utf-8")
-    assert main([*args, "--nproc=2", "--batch-size", "3", "-o", str(tmp_path / "bad")]) == 1  # torchrun's status
+    assert main([*args, "--nproc=2", "--batch-size", "3", "-o", str(tmp_path / "bad")]) == 2  # bad input on the ranks
     capsys.readouterr()
 
     assert main([*args, "--nproc", "0", "-o", str(tmp_path / "zero")]) == 2

@@ -80,8 +80,9 @@ def field_spec(f: dataclasses.Field) -> FieldSpec:
 
 
 def recipe_fields(cls: type) -> list[dataclasses.Field]:
-    """The fields a config is built from (``init=False`` fields are derived, so left out), in order."""
-    return [f for f in dataclasses.fields(cls) if f.init]
+    """The fields a config is built from (``init=False`` fields are derived, so left out), in order; keyword-only
+    fields (shared option sets a recipe inherits, such as ``training.scale.ScaleOut``) come last."""
+    return sorted((f for f in dataclasses.fields(cls) if f.init), key=lambda f: bool(f.kw_only))
 
 
 @functools.cache

@@ -29,6 +29,7 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -103,15 +104,26 @@ def save_checkpoint(out_dir: str | Path, model: nn.Module, optimizer: torch.opti
     checkpoint survives for ``find_checkpoint``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tensors, frozen = _model_tensors(model)
+    tensors, frozen = model_tensors(model)
     check_finite(model.named_parameters() if tensors is None else tensors.items(), f"the checkpoint at step {step}")
     tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=out_dir))
-    complete = False
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private
         _write_files(tmp, model, tensors, frozen, optimizer, step, batch_state, run_config, extra or {})
-        for f in tmp.iterdir():
-            fsync_file(f)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return commit(tmp, out_dir, step)
+
+
+def commit(tmp: Path, out_dir: Path, step: int) -> Path:
+    """Make the written folder ``tmp`` the checkpoint: fsync its files, write ``COMPLETE``, then swap it in for
+    ``checkpoint/`` (the old one kept as ``.checkpoint.old`` until the new one is in place)."""
+    complete = False
+    try:
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                fsync_file(f)
         write_json_atomic(tmp / MARKER, {"step": step})
         fsync_dir(tmp)
         fsync_dir(out_dir)
@@ -133,10 +145,12 @@ def save_checkpoint(out_dir: str | Path, model: nn.Module, optimizer: torch.opti
     return final
 
 
-def _model_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor] | None, dict | None]:
+def model_tensors(model: nn.Module, gather: Callable[[torch.Tensor], torch.Tensor] | None = None
+                   ) -> tuple[dict[str, torch.Tensor] | None, dict | None]:
     """(what model.safetensors holds, the frozen part's record). Every parameter trainable: (None, None),
     the whole model is saved (``save_model``). Otherwise the trainable parameters by name and
-    ``{"name", "fingerprint", "tensors"}`` of the rest, which a resume rebuilds from the model source."""
+    ``{"name", "fingerprint", "tensors"}`` of the rest, which a resume rebuilds from the model source.
+    ``gather`` makes a whole tensor of a shard for the fingerprint (FSDP: a collective on every rank)."""
     params = dict(model.named_parameters())
     trainable = {k: p for k, p in params.items() if p.requires_grad}
     if len(trainable) == len(params):
@@ -145,16 +159,18 @@ def _model_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor] | None, di
     ids = {id(p) for p in trainable.values()}  # a tied trainable tensor is not part of the frozen rest
     rest = [(k, t.detach()) for k, t in model.state_dict(keep_vars=True).items() if id(t) not in ids]
     return ({k: p.detach() for k, p in trainable.items()},
-            {"name": getattr(config, "name", None), "fingerprint": fingerprint(rest), "tensors": len(rest)})
+            {"name": getattr(config, "name", None), "fingerprint": fingerprint(rest, gather=gather),
+             "tensors": len(rest)})
 
 
-def fingerprint(named: list[tuple[str, torch.Tensor]], samples: int = 256) -> str:
+def fingerprint(named: list[tuple[str, torch.Tensor]], samples: int = 256,
+                gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> str:
     """A cheap fingerprint of named tensors: names, dtypes, shapes and ``samples`` evenly spaced elements
     of each (their bytes), hashed. Tells one base model from another without reading all of it."""
     h = hashlib.sha256()
     for name, t in sorted(named, key=lambda kv: kv[0]):
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        flat = t.detach().reshape(-1)
+        flat = (gather(t) if gather else t).detach().reshape(-1)
         if flat.numel():
             idx = torch.linspace(0, flat.numel() - 1, min(samples, flat.numel()), device=flat.device).long()
             h.update(flat[idx].cpu().contiguous().view(torch.uint8).numpy().tobytes())
@@ -281,6 +297,8 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     rest must be the base it was written for (same fingerprint), else the resume is refused."""
     state = read_state(path)
     check_compatible(path, state, model)
+    if state.get("layout") == "sharded":
+        raise LmforgeError(f"{path} was written by an FSDP run (sharded): load it with sharded.load_sharded")
     try:
         if state.get("weights") == "trainable":
             _load_trainable(path, state, model)
@@ -300,8 +318,11 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     return state
 
 
-def _load_trainable(path: Path, state: dict, model: nn.Module) -> None:
-    tensors, frozen = _model_tensors(model)
+def check_frozen_base(path: Path, state: dict, model: nn.Module,
+                      gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Refuse to resume a trainable-only checkpoint onto another frozen base (another fingerprint) or onto a
+    model with nothing frozen; returns the model's trainable tensors by name."""
+    tensors, frozen = model_tensors(model, gather)
     saved = state.get("frozen") or {}
     if frozen is None:
         raise LmforgeError(f"{path} holds only the trainable parameters of a model with a frozen base "
@@ -311,6 +332,11 @@ def _load_trainable(path: Path, state: dict, model: nn.Module) -> None:
         raise LmforgeError(f"cannot resume {path}: its frozen base ({saved.get('name')!r}, fingerprint "
                            f"{saved.get('fingerprint')}) is not this run's ({frozen['name']!r}, fingerprint "
                            f"{frozen['fingerprint']}): resume with the same --model (and --adapter, --quant)")
+    return tensors
+
+
+def _load_trainable(path: Path, state: dict, model: nn.Module) -> None:
+    tensors = check_frozen_base(path, state, model)
     weights = load_file(str(path / "model.safetensors"))
     missing, unexpected = sorted(set(tensors) - set(weights)), sorted(set(weights) - set(tensors))
     if missing or unexpected:

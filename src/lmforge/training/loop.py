@@ -9,8 +9,10 @@ folder (``run.py`` ``RunDir``). What is trained and on what is the caller's: a
 and a resumable ``BatchSource`` (``sources.py``).
 
 Launched by ``torchrun`` with more than one process (``distributed.py``), ``train`` runs data-parallel: the
-model goes into ``DistributedDataParallel`` (gradients averaged over the ranks; ``no_sync`` on all but the
-last micro-batch of an accumulated step), each rank trains on its rows of every global batch
+model goes into ``DistributedDataParallel`` or FSDP2 (``cfg.strategy``, ``parallel.py``: gradients averaged
+over the ranks, communicated only on the last micro-batch of an accumulated step; under FSDP each rank keeps
+1/N of the weights and optimiser states, evaluates with the others and saves its own shards,
+``sharded.py``), each rank trains on its rows of every global batch
 (``sources.ShardedBatches``, weighted so that the averaged gradient is the global batch's), the logged
 loss and metrics are averaged over the ranks, and only rank 0 prints, evaluates, logs and writes
 (``run.py``). One process is the same code with nothing wrapped.
@@ -35,8 +37,9 @@ import torch
 from torch import Tensor, nn
 
 from lmforge.errors import LmforgeError
-from lmforge.training.distributed import Dist, setup
+from lmforge.training.distributed import setup
 from lmforge.training.optim import lr_at, make_optimizer, set_lr
+from lmforge.training.parallel import STRATEGIES, checkpoint_blocks, is_sharded, no_sync, resolve_strategy, wrap
 from lmforge.training.run import MetricsLog, RunDir
 from lmforge.training.sources import BatchSource, ShardedBatches
 
@@ -67,6 +70,9 @@ class TrainConfig:
     save_every: int = 0  # 0 = only at the end
     log_every: int = 10
     seed: int = 0
+    strategy: str = "auto"  # under torchrun: "ddp" | "fsdp" | "auto" (parallel.py)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward
+    cpu_offload: bool = False  # FSDP on CUDA: shards and optimiser states in host memory
 
     def __post_init__(self) -> None:
         for name in ("steps", "grad_accum"):
@@ -86,6 +92,8 @@ class TrainConfig:
             raise LmforgeError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.precision not in PRECISIONS:
             raise LmforgeError(f"TrainConfig.precision={self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
+        if self.strategy not in STRATEGIES:
+            raise LmforgeError(f"TrainConfig.strategy={self.strategy!r}; choose one of: {', '.join(STRATEGIES)}")
 
 
 def check_finite_number(value: Any, name: str) -> None:
@@ -137,26 +145,6 @@ def _split(out: Tensor | tuple[Tensor, dict[str, float]]) -> tuple[Tensor, dict[
     return out if isinstance(out, tuple) else (out, {})
 
 
-class _StepModule(nn.Module):
-    """``step_fn(model, batch)`` as a module's forward, so that ``DistributedDataParallel`` wraps the whole step
-    (step functions call submodules such as ``model.lm_head`` directly, which a DDP wrapper would not see)."""
-
-    def __init__(self, model: nn.Module, step_fn: StepFn):
-        super().__init__()
-        self.model, self.step_fn = model, step_fn
-
-    def forward(self, batch: Any) -> Tensor | tuple[Tensor, dict[str, float]]:
-        return self.step_fn(self.model, batch)
-
-
-def _data_parallel(model: nn.Module, step_fn: StepFn, dist: Dist) -> nn.Module:
-    from torch.nn.parallel import DistributedDataParallel
-
-    device = next(model.parameters()).device
-    ids = [device.index if device.index is not None else dist.local_rank] if device.type == "cuda" else None
-    return DistributedDataParallel(_StepModule(model, step_fn), device_ids=ids)
-
-
 def train(model: nn.Module, step_fn: StepFn, batches: BatchSource, cfg: TrainConfig, run: RunDir, *,
           eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
           tokens_per_batch: Callable[[Any], int] | None = None, save_final: bool = True, desc: str = "train",
@@ -178,7 +166,17 @@ def train(model: nn.Module, step_fn: StepFn, batches: BatchSource, cfg: TrainCon
     progress = progress and dist.is_main
     seed_everything(cfg.seed)
     model.train()
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas)
+    strategy = resolve_strategy(cfg.strategy, dist, model)  # None: one process
+    if cfg.cpu_offload and strategy != "fsdp":
+        raise LmforgeError("--cpu-offload keeps FSDP's shards in host memory: it needs --strategy fsdp under "
+                           "torchrun on CUDA")
+    if cfg.activation_checkpointing:
+        checkpoint_blocks(model)
+    fwd_model = torch.compile(model) if cfg.compile else model
+    wrapped = wrap(fwd_model, step_fn, strategy, dist, precision=cfg.precision, cpu_offload=cfg.cpu_offload
+                   ) if strategy else None
+    sharded = is_sharded(model)  # FSDP: every rank evaluates and saves with the others
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas)  # after FSDP made the shards
     state = run.restore(model, optimizer, batches)
     start = 0 if state is None else int(state["step"])
     if start > cfg.steps:
@@ -186,21 +184,21 @@ def train(model: nn.Module, step_fn: StepFn, batches: BatchSource, cfg: TrainCon
     log = run.log
     run.run_config["train"] = asdict(cfg)  # the checkpoints' config.json records how the run optimises
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    fwd_model = torch.compile(model) if cfg.compile else model
     device_type = next(model.parameters()).device.type
     shards = ShardedBatches(batches, dist.rank, dist.world) if dist.enabled else None
-    ddp = _data_parallel(fwd_model, step_fn, dist) if dist.enabled else None
 
     def autocast():
         return precision_autocast(cfg.precision, device_type)
 
-    def evaluate(step: int) -> dict:  # on rank 0; the others wait
+    def evaluate(step: int) -> dict:  # on rank 0 (the others wait), on every rank under FSDP; rank 0 logs
         metrics: dict[str, float] = {}
-        if dist.is_main:
+        if dist.is_main or sharded:
             model.eval()
             with torch.no_grad(), autocast():
-                metrics = {k: float(v) for k, v in eval_fn(model).items()}
+                out = wrapped(None, lambda m, _: eval_fn(m)) if sharded else eval_fn(model)
+            metrics = {k: float(v) for k, v in out.items()}
             model.train()
+        if dist.is_main:
             log.write({"step": step, **metrics})
             log.plot()
         dist.barrier()
@@ -209,7 +207,7 @@ def train(model: nn.Module, step_fn: StepFn, batches: BatchSource, cfg: TrainCon
     def micro_step(step: int, last: bool) -> tuple[Any, float, dict[str, float]]:
         """Draw a batch, run the step function and backpropagate; the batch, its loss and its metrics (under
         data parallelism: this rank's share, and the figures of the global batch)."""
-        if ddp is None:
+        if wrapped is None:
             batch = batches.next_batch()
             with autocast():
                 loss, metrics = _split(step_fn(fwd_model, batch))
@@ -217,9 +215,9 @@ def train(model: nn.Module, step_fn: StepFn, batches: BatchSource, cfg: TrainCon
             (loss / cfg.grad_accum).backward()
             return batch, loss.item(), metrics
         batch, weight = shards.next_shard()
-        with contextlib.nullcontext() if last else ddp.no_sync():
+        with no_sync(wrapped, strategy, last):
             with autocast():
-                loss, metrics = _split(ddp(batch))
+                loss, metrics = _split(wrapped(batch))
             check_finite_value(loss, loss_name, step + 1, hint)
             (loss * (weight / cfg.grad_accum)).backward()
         keys = sorted(metrics)

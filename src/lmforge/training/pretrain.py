@@ -29,6 +29,7 @@ from lmforge.errors import LmforgeError
 from lmforge.outputs import claims_output
 from lmforge.recipe_config import option, validate, write_config
 from lmforge.tokenizer import Tokenizer
+from lmforge.training.scale import ScaleOut
 
 if TYPE_CHECKING:
     import torch
@@ -39,7 +40,7 @@ N_SENTINELS = 100  # T5's <extra_id_0> ... <extra_id_99>
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(ScaleOut):
     """Everything ``lmforge pretrain`` needs: the model, the corpus, the schedule and where to write.
 
     Defaults < ``--config FILE.yaml`` < flags; ``lmforge pretrain --print-config`` prints the resolved
@@ -316,7 +317,7 @@ def pretrain(recipe: PretrainConfig, *, resume: bool = False, overwrite: bool = 
 
     cfg = TrainConfig(steps=steps, lr=lr, min_lr_ratio=min_lr_ratio, warmup_steps=warmup, weight_decay=weight_decay,
                       grad_accum=grad_accum, clip=clip, precision=precision, compile=compile, eval_every=eval_every,
-                      save_every=save_every, log_every=log_every, seed=seed)
+                      save_every=save_every, log_every=log_every, seed=seed, **r.train_kwargs())
     run_config["model_config"] = config.to_dict()
     run_config["corpus_tokens"] = {"train": int(data.n_train), "val": int(len(data.val))}
     from lmforge.training.loop import RunDir

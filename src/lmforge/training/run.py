@@ -9,11 +9,14 @@ adapter for a model with a frozen base). The training loop and the PPO recipe bo
 
 Under data parallelism (``distributed.py``) only rank 0 writes: the log, the plot, checkpoints (the model's
 state is the same on every rank, the batch source's position global) and the final save; the other ranks
-wait for it at a barrier and, on resume, read the checkpoint rank 0 has recovered.
+wait for it at a barrier and, on resume, read the checkpoint rank 0 has recovered. Under FSDP every rank writes
+its own shards of each checkpoint (``sharded.py``) and the final model is gathered whole to rank 0.
+``restore`` first checks that every rank holds the same run configuration (``Dist.check_same``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -27,6 +30,8 @@ from lmforge.errors import LmforgeError
 from lmforge.io import atomic_path, write_text_atomic
 from lmforge.training.checkpoint import NAME, check_finite, load_checkpoint, recover_checkpoint, save_checkpoint
 from lmforge.training.distributed import Dist, env_rank
+from lmforge.training.parallel import gathered, is_sharded
+from lmforge.training.sharded import is_sharded_checkpoint, load_sharded, save_sharded
 from lmforge.training.sources import BatchSource
 
 
@@ -115,6 +120,7 @@ class RunDir:
         """Open ``metrics.jsonl``; when resuming, first put ``model``, ``optimizer``, the RNGs and ``batches`` back
         as the newest checkpoint left them and return its state (``step`` and the recipe's extras), else None.
         The log keeps only the rows up to the checkpoint's step."""
+        self.dist.check_same("run config", self.run_config)  # every rank ran the same command (distributed.py)
         state = None
         if self.resume:
             path = recover_checkpoint(self.path) if self.dist.is_main else None
@@ -123,7 +129,10 @@ class RunDir:
                 path = self.path / NAME if found else None
             if path is None:
                 raise LmforgeError(f"--resume: no checkpoint in {self.path} (expected {self.path / NAME})")
-            state = load_checkpoint(path, model, optimizer)
+            if is_sharded(model) or is_sharded_checkpoint(path):  # written by an FSDP run, or resuming into one
+                state = load_sharded(path, model, optimizer)
+            else:
+                state = load_checkpoint(path, model, optimizer)
             if batches is not None:
                 batches.load_state_dict(state["batches"])
         self.log = MetricsLog(self.path, None if state is None else int(state["step"]), writes=self.dist.is_main)
@@ -134,6 +143,9 @@ class RunDir:
         """Write ``path/checkpoint`` atomically (``checkpoint.save_checkpoint``) at ``step`` (rank 0; the others
         wait for it)."""
         path = self.path / NAME
+        if is_sharded(model):  # FSDP: every rank writes its shards
+            return save_sharded(self.path, model, optimizer, step, batches.state_dict(), self.run_config, extra,
+                                self.dist)
         if self.dist.is_main:
             path = save_checkpoint(self.path, model, optimizer, step, batches.state_dict(), self.run_config, extra)
         self.dist.barrier()
@@ -145,10 +157,12 @@ class RunDir:
             shutil.rmtree(self.path / NAME, ignore_errors=True)
 
     def save_final(self, model: nn.Module) -> Path:
-        """``path/final``: see ``save_final`` (rank 0; the others wait for it)."""
+        """``path/final``: see ``save_final`` (rank 0; the others wait for it, and under FSDP first help gather
+        the whole weights to rank 0)."""
         path = self.path / "final"
-        if self.dist.is_main:
-            save_final(model, path, self.tokenizer, base_model=self.run_config.get("model"))
+        with gathered(model, self.dist) if is_sharded(model) else contextlib.nullcontext(model) as whole:
+            if self.dist.is_main:
+                save_final(whole, path, self.tokenizer, base_model=self.run_config.get("model"))
         self.dist.barrier()
         return path
 

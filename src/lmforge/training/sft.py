@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from lmforge.errors import LmforgeError
 from lmforge.outputs import claims_output
 from lmforge.recipe_config import option, validate, write_config
+from lmforge.training.scale import ScaleOut
 
 if TYPE_CHECKING:  # torch is imported inside the functions so that building the CLI parser stays fast
     import torch
@@ -51,7 +52,7 @@ _PEFT = "parameter-efficient methods"
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(ScaleOut):
     """Everything ``lmforge finetune`` needs: the data, the model and method, the schedule, evaluation and output.
 
     Defaults < ``--config FILE.yaml`` < flags; ``lmforge finetune --print-config`` prints the resolved YAML,
@@ -444,7 +445,8 @@ def finetune(recipe: FinetuneConfig, *, resume: bool = False, overwrite: bool = 
     print(f"{method}: {trainable_report(net)}", file=sys.stderr)  # once the data has loaded without error
     cfg = TrainConfig(steps=steps, lr=lr, min_lr_ratio=min_lr_ratio, warmup_steps=warmup_steps,
                       weight_decay=weight_decay, grad_accum=grad_accum, clip=clip, precision=precision,
-                      compile=compile, eval_every=eval_every, save_every=save_every, log_every=log_every, seed=seed)
+                      compile=compile, eval_every=eval_every, save_every=save_every, log_every=log_every, seed=seed,
+                      **r.train_kwargs())
     run = RunDir(out_dir, {"recipe": "finetune", **run_config}, resume=resume, tokenizer=tok)
     result = train(net, loss_for(net), batches, cfg, run, eval_fn=eval_fn,
                    tokens_per_batch=lambda b: int(b["attention_mask"].sum()))
