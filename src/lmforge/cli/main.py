@@ -304,6 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     register_rlhf(sub)
     from lmforge.cli.reward import register as register_reward
     register_reward(sub)
+    from lmforge.cli.export import register as register_export
+    register_export(sub)
+    from lmforge.cli.plan import register as register_plan
+    register_plan(sub)
     return parser
 
 
@@ -331,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
                 quiet.enter_context(contextlib.redirect_stderr(devnull))
             return args.func(args)
     except LmforgeError as e:
-        print(f"error: {f'rank {rank}: ' if world > 1 else ''}{e}", file=sys.stderr)
+        print(f"error{f' (rank {rank}/{world})' if world > 1 else ''}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(file=sys.stderr)
@@ -339,6 +343,16 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except Exception as e:  # a torchrun job: a rank whose peer died says so in one line, not a traceback
+        reason = None
+        if world > 1:
+            from lmforge.training.distributed import lost_peer
+
+            reason = lost_peer(e)
+        if reason is None:
+            raise
+        print(f"error (rank {rank}/{world}): {reason}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
