@@ -73,6 +73,22 @@ def test_clipped_value_loss_by_hand():
     assert clipfrac.item() == 1.0
 
 
+def test_value_clip_fraction_counts_only_values_outside_the_range():
+    """Values within the clip range of the old ones are not clipped: V_old + (V - V_old) rounds to another float32
+    for values of mixed signs near 0 (the zero-initialised head's), which used to count as clipped (and made
+    the figure depend on the batch layout)."""
+    g = torch.Generator().manual_seed(0)
+    values, old = 0.05 * torch.randn(4, 50, generator=g), 0.05 * torch.randn(4, 50, generator=g)
+    returns, mask = torch.randn(4, 50, generator=g), torch.ones(4, 50)
+    assert (old + (values - old) != values).any()  # the rounding the old code counted
+    loss, clipfrac = value_loss(values, old, returns, mask, clip=0.2)
+    assert clipfrac.item() == 0.0
+    assert loss.item() == pytest.approx(0.5 * ((values - returns) ** 2).mean().item(), rel=1e-6)
+    values[0, -1] = returns[0, -1] = old[0, -1] + 1.0  # outside the range, and the clipped error is larger
+    _, clipfrac = value_loss(values, old, returns, mask, clip=0.2)
+    assert clipfrac.item() == pytest.approx(1 / 200)
+
+
 def test_adaptive_kl_controller_by_hand():
     assert adaptive_kl_coef(0.1, kl=12, target=6, horizon=100, n_steps=10) == pytest.approx(0.1 * 1.02)  # e clipped
     assert adaptive_kl_coef(0.1, kl=6, target=6, horizon=100, n_steps=10) == pytest.approx(0.1)
@@ -196,7 +212,7 @@ def test_cli_ppo_full_method_trains_every_weight_against_a_frozen_copy(tiny_lm_d
     out = tmp_path / "full"
     code, _, err = run(capsys, "rlhf", "ppo", "-m", tiny_lm_dirs["plain"], "--prompts", prompts, "--reward",
                        toy_reward, "-o", out, "--steps", "2", "--batch-size", "4", "--mini-batch-size", "4",
-                       "--ppo-epochs", "1", "-n", "4", "--method", "full", "--lr", "1e-3", "--threads", "1")
+                       "--ppo-epochs", "1", "-n", "4", "--method", "full", "--lr", "1e-3", "--threads", "1", "--seed", "1")
     assert code == 0, err
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-5) and rows[1]["kl"] != 0.0  # the copy stays put

@@ -16,6 +16,19 @@ shaped reward, advantage, loss or gradient norm stops the step with an ``Lmforge
 the step, before the optimiser touches the weights. Dropout stays off (eval mode) so the first
 minibatch's probability ratio is exactly 1. Log-probs use the sampling temperature (logits / T);
 top-k / top-p truncation is ignored in them, as in most RLHF code.
+
+Data parallelism (``torchrun``; ``PPOTrainer(dist=...)``, ``training/distributed.py``): every rank holds the
+same policy, value head and optimiser; each rank generates, scores and evaluates the rollouts of its own share
+of every global batch of prompts (rows ``[rank * b / world, (rank + 1) * b / world)``, the same global order
+at any world size). Each prompt is sampled alone, with a generator seeded from (seed, PPO step, the prompt's
+index in the global batch), so that N ranks of b / N prompts generate exactly what one process of b prompts
+generates (``sample_seed``). Advantages are whitened with the mean and variance over every rank's response
+tokens (``whiten_across``: one all-reduce of sum, sum of squares and count). The minibatches are the same
+shuffled slices of the global batch on every rank; each rank backpropagates the rows of a minibatch it holds,
+weighted by its share of the minibatch's response tokens, and the gradients are summed over the ranks
+(``RankSums.grads``) before ``training/loop.py``'s ``optimizer_step``: the update is the one-process update
+on the whole minibatch. The logged figures and the KL that drives the adaptive coefficient are the global
+batch's (sums and counts all-reduced), so every rank takes the same decisions.
 """
 
 from __future__ import annotations
@@ -31,6 +44,7 @@ from lmforge.errors import LmforgeError
 from lmforge.generation.generate import generate_tokens
 from lmforge.generation.sampling import SamplingParams
 from lmforge.peft.lora import lora_layers, set_lora_enabled
+from lmforge.training.distributed import Dist
 from lmforge.training.loop import check_finite_value, optimizer_step
 from lmforge.training.optim import make_optimizer
 
@@ -52,6 +66,56 @@ def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
     if not shift_mean:
         out = out + mean
     return out * mask
+
+
+def whiten_across(x: Tensor, mask: Tensor, all_sum: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """``whiten(x, mask)`` with the mean and variance of the masked positions of every data-parallel rank's ``x``:
+    ``all_sum`` sums a float64 tensor (sum, sum of squares, count) over the ranks (``RankSums``; None: this
+    process only). Equals ``whiten`` of the ranks' rows concatenated, up to rounding. Masked positions -> 0."""
+    xd, md = x.double(), mask.double()
+    stats = torch.stack([(xd * md).sum(), (xd * xd * md).sum(), md.sum()])
+    if all_sum is not None:
+        stats = all_sum(stats)
+    total, squares, n = stats.tolist()
+    n = max(n, 1.0)
+    mean = total / n
+    var = max(squares / n - mean * mean, 0.0)
+    return (x - mean) * (var + 1e-8) ** -0.5 * mask
+
+
+class RankSums:
+    """Sums over the ranks of a data-parallel job (``torch.distributed`` all-reduce); the identity on one process.
+
+    ``rs(t)`` returns the sum of ``t`` over the ranks (on ``t``'s device); ``rs.grads(params)`` replaces each
+    parameter's gradient by its sum over the ranks, in one collective (a missing gradient counts as zeros)."""
+
+    def __init__(self, dist: Dist):
+        self.dist = dist
+
+    def _device(self, t: Tensor) -> torch.device:
+        return torch.device("cuda", self.dist.local_rank) if self.dist.backend == "nccl" else torch.device("cpu")
+
+    def __call__(self, t: Tensor) -> Tensor:
+        if not self.dist.enabled:
+            return t
+        import torch.distributed as tdist
+
+        buf = t.detach().to(self._device(t), copy=True)
+        tdist.all_reduce(buf, op=tdist.ReduceOp.SUM)
+        return buf.to(t.device)
+
+    def grads(self, params: Sequence[nn.Parameter]) -> None:
+        if not self.dist.enabled:
+            return
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = self(torch.cat([p.grad.reshape(-1) for p in params]))
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+            offset += n
 
 
 def kl_shaped_rewards(logp: Tensor, ref_logp: Tensor, scores: Tensor, mask: Tensor, kl_coef: float
@@ -106,8 +170,10 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor
                ) -> tuple[Tensor, Tensor]:
     """Clipped value loss (OpenAI baselines ppo2, used by Ziegler et al. 2019):
     L = 0.5 mean_t max((V_t - R_t)^2, (V_old + clip(V_t - V_old, -eps, eps) - R_t)^2).
-    All inputs (b, R). Returns (loss, clip fraction)."""
-    clipped_values = old_values + torch.clamp(values - old_values, -clip, clip)
+    All inputs (b, R). Returns (loss, clip fraction). Inside the clip range the clipped value is ``values`` itself
+    (V_old + (V_t - V_old) can round to another float, which would count as clipped)."""
+    delta = values - old_values
+    clipped_values = torch.where(delta.abs() > clip, old_values + torch.clamp(delta, -clip, clip), values)
     err, err_clipped = (values - returns) ** 2, (clipped_values - returns) ** 2
     loss = 0.5 * masked_mean(torch.maximum(err, err_clipped), mask)
     return loss, masked_mean((err_clipped > err).float(), mask)
@@ -128,6 +194,12 @@ def entropy(logits: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- the trainer
+def batch_not_divisible(batch_size: int, world: int) -> str:
+    """The error for a PPO batch that does not split evenly among ``world`` data-parallel ranks."""
+    return (f"batch_size (--batch-size): the PPO batch size {batch_size} does not divide among the world size "
+            f"{world} (torchrun --nproc-per-node): choose a batch size that is a multiple of {world}")
+
+
 @dataclass
 class PPOHyperparams:
     """The PPO trainer's hyper-parameters (the ``rlhf ppo`` recipe's ``alignment.rlhf.PPOConfig`` builds them);
@@ -197,10 +269,18 @@ class PPOTrainer:
     """A policy (``DecoderLM``, usually with LoRA), its value head, a frozen reference and a reward function.
 
     ``ref_model=None`` means: the policy with its LoRA adapters switched off (the policy must have LoRA).
+    ``dist``: this process's place in a data-parallel job (see the module docstring; None: one process); each
+    ``step`` then takes this rank's ``batch_size / world`` prompts of the global batch.
     """
 
     def __init__(self, policy: nn.Module, tokenizer, reward_fn: RewardFn, cfg: PPOHyperparams,
-                 ref_model: nn.Module | None = None, eos_ids: Sequence[int] = ()):
+                 ref_model: nn.Module | None = None, eos_ids: Sequence[int] = (), dist: Dist | None = None):
+        self.dist = dist or Dist()
+        if cfg.batch_size % self.dist.world:
+            raise LmforgeError(batch_not_divisible(cfg.batch_size, self.dist.world))
+        self.local_batch = cfg.batch_size // self.dist.world
+        self.offset = self.dist.rank * self.local_batch  # the global index of this rank's first prompt
+        self.sums = RankSums(self.dist)
         if ref_model is None and next(lora_layers(policy), None) is None:
             raise LmforgeError("PPO needs a reference: pass a frozen ref_model, or give the policy LoRA adapters "
                                "(the reference is then the base with the adapters off)")
@@ -229,23 +309,31 @@ class PPOTrainer:
         values = self.value_head(h.float()).squeeze(-1) if with_values else None
         return logits, values
 
+    def sample_seed(self, index: int) -> int:
+        """The sampling seed of the prompt at ``index`` in the global batch of the current PPO step: a function of
+        (seed, step, index) only, so the rollouts do not depend on how the batch is split among ranks."""
+        return ((self.cfg.seed * 1_000_003 + self.steps_done) * 1_000_003 + index) % 2 ** 63
+
     @torch.no_grad()
     def rollout(self, prompts: list[str], prompt_ids: list[list[int]]) -> Rollout:
-        """Sample a response per prompt, score it, and record log-probs, reference log-probs and values."""
+        """Sample a response per prompt (each alone, seeded by ``sample_seed`` of its global index), score it, and
+        record log-probs, reference log-probs and values."""
         c = self.cfg
         params = SamplingParams(temperature=c.temperature, top_k=c.top_k, top_p=c.top_p)
-        steps = list(generate_tokens(self.policy, prompt_ids, c.max_new_tokens, params, eos_ids=self.eos_ids,
-                                     pad_id=self.pad_id, seed=c.seed * 100_003 + self.steps_done))
+        responses = []
+        for b, ids in enumerate(prompt_ids):
+            steps = generate_tokens(self.policy, [ids], c.max_new_tokens, params, eos_ids=self.eos_ids,
+                                    pad_id=self.pad_id, seed=self.sample_seed(self.offset + b))
+            responses.append([toks[0] for toks in steps if toks[0] is not None])
         device = next(self.policy.parameters()).device
-        B, P, R = len(prompts), max(len(p) for p in prompt_ids), len(steps)
+        B, P, R = len(prompts), max(len(p) for p in prompt_ids), max(len(r) for r in responses)
         idx = torch.full((B, P + R), self.pad_id, dtype=torch.long, device=device)
         key_mask = torch.zeros((B, P + R), dtype=torch.bool, device=device)
         prompt_idx, prompt_mask = pad_left(prompt_ids, self.pad_id)  # (B, P): left-padded, as generation did
         idx[:, :P], key_mask[:, :P] = prompt_idx, prompt_mask.bool()
-        for t, toks in enumerate(steps):
-            for b, tok in enumerate(toks):
-                if tok is not None:  # None: this row finished (its EOS was yielded earlier)
-                    idx[b, P + t], key_mask[b, P + t] = tok, True
+        for b, response in enumerate(responses):  # right-padded after each response's end
+            idx[b, P:P + len(response)] = torch.tensor(response, dtype=torch.long, device=device)
+            key_mask[b, P:P + len(response)] = True
         positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
         mask = key_mask[:, P:].float()  # (B, R)
         eos = set(self.eos_ids)
@@ -275,10 +363,12 @@ class PPOTrainer:
                        float(masked_mean(entropy(logits), mask)))
 
     def step(self, prompts: list[str], prompt_ids: list[list[int]]) -> dict[str, float]:
-        """One PPO step on a batch of prompts; returns the step's statistics."""
+        """One PPO step on a batch of prompts (this rank's share of the global batch); returns the step's
+        statistics (the global batch's)."""
         c = self.cfg
-        if len(prompts) != c.batch_size:
-            raise LmforgeError(f"a PPO step takes batch_size={c.batch_size} prompts, got {len(prompts)}")
+        if len(prompts) != self.local_batch:
+            share = "" if self.dist.world == 1 else f" (this rank's {self.local_batch} of a world of {self.dist.world})"
+            raise LmforgeError(f"a PPO step takes batch_size={c.batch_size} prompts{share}, got {len(prompts)}")
         b = self.rollout(prompts, prompt_ids)
         step = self.steps_done + 1
 
@@ -293,34 +383,46 @@ class PPOTrainer:
         finite(kl, "KL")
         finite(rewards, "KL-shaped reward")
         advantages, returns = gae(rewards, b.values, b.mask, c.gamma, c.lam)
-        advantages = whiten(advantages, b.mask)
+        advantages = whiten_across(advantages, b.mask, self.sums)
         finite(advantages, "advantage")
         finite(returns, "return")
         response = b.idx[:, b.P:]
+        B, lo = len(prompts), self.offset
+        tokens = torch.zeros(c.batch_size, dtype=torch.float64)  # response tokens of each global row
+        tokens[lo:lo + B] = b.mask.sum(1).double().cpu()
+        tokens = self.sums(tokens)
         gen = torch.Generator().manual_seed(c.seed * 7919 + self.steps_done)
         sums = {"policy_loss": 0.0, "value_loss": 0.0, "clipfrac": 0.0, "value_clipfrac": 0.0, "approx_kl": 0.0}
         n = 0
         for _ in range(c.ppo_epochs):
-            order = torch.randperm(c.batch_size, generator=gen).to(response.device)
+            order = torch.randperm(c.batch_size, generator=gen)  # the same global minibatches on every rank
             for start in range(0, c.batch_size, c.mini_batch_size):
-                rows = order[start:start + c.mini_batch_size]
-                m = b.mask[rows]
-                logits, values = self.forward(self.policy, b.idx[rows], b.positions[rows], b.key_mask[rows], b.P)
-                logp = token_logprobs(logits, response[rows])
-                pg, clipfrac, approx_kl = policy_loss(logp, b.logp[rows], advantages[rows], m, c.clip_range)
-                vf, vf_clipfrac = value_loss(values, b.values[rows], returns[rows], m, c.clip_range_value)
-                loss = pg + c.vf_coef * vf
-                finite(loss, "PPO loss")
+                batch_rows = order[start:start + c.mini_batch_size]
+                held = batch_rows[(batch_rows >= lo) & (batch_rows < lo + B)]  # the rows this rank holds
+                share = float(tokens[held].sum() / tokens[batch_rows].sum())  # of the minibatch's response tokens
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                if len(held):
+                    rows = (held - lo).to(response.device)
+                    m = b.mask[rows]
+                    logits, values = self.forward(self.policy, b.idx[rows], b.positions[rows], b.key_mask[rows], b.P)
+                    logp = token_logprobs(logits, response[rows])
+                    pg, clipfrac, approx_kl = policy_loss(logp, b.logp[rows], advantages[rows], m, c.clip_range)
+                    vf, vf_clipfrac = value_loss(values, b.values[rows], returns[rows], m, c.clip_range_value)
+                    loss = pg + c.vf_coef * vf
+                    finite(loss, "PPO loss")
+                    (loss * share).backward()  # this rank's token-weighted share of the minibatch mean (1 alone)
+                    for key, value in zip(sums, (pg, vf, clipfrac, vf_clipfrac, approx_kl)):
+                        sums[key] += float(value.detach()) * share
+                self.sums.grads(self.params)  # summed over the ranks: the gradient of the whole minibatch's loss
                 optimizer_step(self.params, self.optimizer, c.max_grad_norm, step, hint)
-                for key, value in zip(sums, (pg, vf, clipfrac, vf_clipfrac, approx_kl)):
-                    sums[key] += float(value.detach())
                 n += 1
-        kl_per_seq = float(kl.sum(1).mean())
-        stats = {"reward": float(b.scores.mean()), "kl": kl_per_seq, "entropy": b.entropy,
-                 **{k: v / n for k, v in sums.items()}, "kl_coef": self.kl_coef,
-                 "response_len": float(b.mask.sum(1).mean())}
+        count = float(b.mask.sum())
+        local = [float(b.scores.sum()), float(kl.sum()), b.entropy * count, count, *sums.values()]
+        total = self.sums(torch.tensor(local, dtype=torch.float64)).tolist()
+        kl_per_seq = total[1] / c.batch_size
+        stats = {"reward": total[0] / c.batch_size, "kl": kl_per_seq, "entropy": total[2] / total[3],
+                 **{k: v / n for k, v in zip(sums, total[4:])}, "kl_coef": self.kl_coef,
+                 "response_len": total[3] / c.batch_size}
         if c.target_kl is not None:
             self.kl_coef = adaptive_kl_coef(self.kl_coef, kl_per_seq, c.target_kl, c.horizon, c.batch_size)
         self.steps_done += 1

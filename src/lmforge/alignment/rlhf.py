@@ -10,6 +10,7 @@ PPO's rollout/epoch step through its ``optimizer_step``), keeps ``OUT_DIR/metric
 initialised from ``seed``. A NaN or infinite hyper-parameter is refused when the config is built; a NaN or
 infinite reward, KL, advantage, loss or gradient stops the run with an ``LmforgeError`` naming it and the step:
 the last checkpoint is kept and no ``final`` is written (``RunDir.save_final`` refuses non-finite weights).
+Both run data-parallel under ``torchrun`` (``--nproc N``): DPO through the loop, PPO as ``ppo.py`` describes.
 
 The module imports torch only inside its functions, so that building the command line (which reads the
 config classes) stays fast.
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from lmforge.errors import LmforgeError
 from lmforge.outputs import claims_output
 from lmforge.recipe_config import option, validate, write_config
+from lmforge.training.scale import ScaleOut
 
 if TYPE_CHECKING:
     import torch
@@ -170,7 +172,7 @@ class PPOConfig(PolicyOptions):
 
 
 @dataclass
-class DPOConfig(PolicyOptions):
+class DPOConfig(PolicyOptions, ScaleOut):
     """Everything ``lmforge rlhf dpo`` needs: the pairs, the preference loss, the policy, the schedule, the output.
 
     Defaults < ``--config FILE.yaml`` < flags; ``--print-config`` prints the resolved YAML, and every run writes
@@ -365,15 +367,25 @@ def ppo(cfg: PPOConfig, *, resume: bool = False, overwrite: bool = False, force:
     step as the uninterrupted run (rollouts and minibatches are seeded by the step); an ``out_dir`` that holds
     a run needs ``resume`` or ``overwrite``; one with other files needs ``force`` (``lmforge.outputs``).
     ``progress``: show a progress bar. Returns the last step's figures and where the policy was saved.
+
+    Under ``torchrun`` (or ``lmforge rlhf ppo --nproc N``) the run is data-parallel: each rank generates and
+    scores its ``batch_size / world`` prompts of every global batch, advantages are whitened over all ranks and
+    gradients summed before each update (``ppo.py``'s module docstring), so N ranks log the steps of one
+    process; ``batch_size`` must be a multiple of the world size. Only rank 0 writes; the checkpoint's prompt
+    position is global.
     """
     from torch import nn
 
-    from lmforge.alignment.ppo import PPOHyperparams, PPOTrainer
+    from lmforge.alignment.ppo import PPOHyperparams, PPOTrainer, batch_not_divisible
+    from lmforge.training.distributed import setup
     from lmforge.training.loop import RunDir, precision_autocast, progress_bar, seed_everything
     from lmforge.training.optim import lr_at, set_lr
-    from lmforge.training.sources import ShuffledIndices
+    from lmforge.training.sources import ShardedBatches, ShuffledIndices
 
     c = cfg
+    dist = setup()  # under torchrun: this rank of the data-parallel job (ppo.py's module docstring)
+    if c.batch_size % dist.world:
+        raise LmforgeError(batch_not_divisible(c.batch_size, dist.world))
     trainer_cfg = PPOHyperparams(batch_size=c.batch_size, mini_batch_size=c.mini_batch_size,
                                  ppo_epochs=c.ppo_epochs, lr=c.learning_rate, kl_coef=c.kl_coef,
                                  target_kl=c.target_kl, horizon=c.horizon, gamma=c.gamma, lam=c.lam,
@@ -388,9 +400,12 @@ def ppo(cfg: PPOConfig, *, resume: bool = False, overwrite: bool = False, force:
     encoded = [lm.encode(p, c.chat) for p in texts]
     write_config(cfg, c.out_dir)  # once the inputs have loaded: what reruns this run
     report_trainable(lm.model, c.method)
-    trainer = PPOTrainer(lm.model, lm.tokenizer, reward_fn, trainer_cfg, ref_model=reference, eos_ids=lm.eos_ids)
+    trainer = PPOTrainer(lm.model, lm.tokenizer, reward_fn, trainer_cfg, ref_model=reference, eos_ids=lm.eos_ids,
+                         dist=dist)
     run = RunDir(c.out_dir, _run_config(cfg, "ppo"), resume=resume, tokenizer=lm.tokenizer)
+    run.dist = dist  # only rank 0 writes
     order = ShuffledIndices(len(texts), c.batch_size, c.seed)  # a fresh shuffle of all prompts whenever one runs out
+    shard = ShardedBatches(order, dist.rank, dist.world)  # this rank's rows of each global batch (all of it alone)
     state = nn.ModuleDict({"policy": lm.model, "value_head": trainer.value_head})  # what a checkpoint holds
     state.config = lm.model.config  # lets a resume refuse another architecture
     saved = run.restore(state, trainer.optimizer, order)
@@ -398,11 +413,11 @@ def ppo(cfg: PPOConfig, *, resume: bool = False, overwrite: bool = False, force:
     if saved is not None:
         trainer.kl_coef, trainer.steps_done = saved["kl_coef"], start
     log = run.log
-    bar = progress_bar(c.steps, start, "ppo", progress)
+    bar = progress_bar(c.steps, start, "ppo", progress and dist.is_main)
     stats: dict[str, float] = {}
     try:
         for step in range(start + 1, c.steps + 1):
-            rows = order.next_batch()
+            rows = shard.next_batch()  # on rank 0 the global batch's first prompt is rows[0] (the logged sample)
             lr = lr_at(step - 1, trainer_cfg.lr, c.steps, c.warmup, c.min_lr_ratio)  # a function of the step
             set_lr(trainer.optimizer, lr)
             t0 = time.perf_counter()
@@ -463,7 +478,8 @@ def dpo(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False, force:
     steps = c.steps if c.steps is not None else max(1, math.ceil((c.epochs or 1.0) * len(items) / c.batch_size))
     train_cfg = TrainConfig(steps=steps, lr=c.learning_rate, warmup_steps=c.warmup, weight_decay=0.0,
                             betas=(0.9, 0.999), precision=c.precision, eval_every=c.eval_every,
-                            eval_at_start=bool(held), save_every=c.save_every, log_every=1, seed=c.seed)
+                            eval_at_start=bool(held), save_every=c.save_every, log_every=1, seed=c.seed,
+                            **c.train_kwargs())
     table = precompute_reference(lm.model, reference, items, pad) if c.precompute_ref else None
     trainer = DPOTrainer(lm.model, None, loss=c.loss, beta=c.beta, label_smoothing=c.label_smoothing,
                          ref_model=reference, ref_table=table, pad_id=pad)

@@ -76,6 +76,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                     "OUT_DIR/config.yaml and OUT_DIR/final.")
     options.add_recipe_args(p, PPOConfig)
     _add_run_args(p, "rlhf ppo")
+    add_nproc_arg(p)
     p.set_defaults(func=cmd_ppo)
 
     q = rsub.add_parser("dpo", help="DPO / IPO on preference pairs (Rafailov et al. 2023; Azar et al. 2023)",
