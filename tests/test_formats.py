@@ -4,6 +4,7 @@ classifier reward models, adapters with ``base_model_name_or_path`` (``peft.Auto
 
 import json
 import os
+import stat
 
 import pytest
 import torch
@@ -192,3 +193,117 @@ def test_base_model_reference():
     assert base_model_reference("SmolLM2-135M-Instruct") == "SmolLM2-135M-Instruct"
     assert base_model_reference("org/some-model") == "org/some-model"
     assert base_model_reference(".") == os.getcwd()
+
+
+# ----------------------------------------------------------------------------- lmforge export
+def hf_logits(path, x: torch.Tensor) -> torch.Tensor:
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(input_ids=x).logits
+
+
+def test_export_hf_merges_an_adapter_and_loads_in_transformers(tiny_lm_dirs, tmp_path, capsys):
+    import lmforge
+    from lmforge.peft.adapters import save_adapter
+    from lmforge.peft.lora import LoraSpec, add_lora, lora_layers
+
+    base = tiny_lm_dirs["chat"]
+    lm = lmforge.load(base)
+    add_lora(lm.model, LoraSpec(r=2, alpha=4, targets=["q_proj", "down_proj"]))
+    for _, layer in lora_layers(lm.model):
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.3)
+    save_adapter(lm.model, tmp_path / "ad")
+    assert main(["export", str(base), "--adapter", str(tmp_path / "ad"), "--format", "hf", "-o",
+                 str(tmp_path / "out")]) == 0
+    out = tmp_path / "out"
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+            "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
+    x = torch.randint(1, 300, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = lm.model(x)
+    torch.testing.assert_close(hf_logits(out, x), expected, rtol=0, atol=1e-5)
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    assert tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
+        lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    # an earlier export is replaced only with --force
+    capsys.readouterr()
+    assert main(["export", str(base), "-o", str(out)]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert main(["export", str(base), "-o", str(out), "--force"]) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(hf_logits(out, x), lmforge.load(base).model(x), rtol=0, atol=1e-5)
+
+
+def test_export_refuses_bad_input(tiny_lm_dirs, tmp_path, capsys):
+    from lmforge.cli.export import FORMATS, export
+    from lmforge.peft.adapters import save_adapter
+    from lmforge.peft.prompt_tuning import PromptTunedLM
+
+    base = tiny_lm_dirs["plain"]
+    assert main(["export", str(base), "--format", "onnx", "-o", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "invalid choice: 'onnx'" in err and "hf" in err
+    with pytest.raises(LmforgeError, match=r"--format 'onnx' .* allowed: " + ", ".join(FORMATS)):
+        export(base, "onnx", tmp_path / "x")
+    (tmp_path / "file").write_text("mine")
+    assert main(["export", str(base), "-o", str(tmp_path / "file")]) == 2
+    assert "error:" in capsys.readouterr().err and (tmp_path / "file").read_text() == "mine"
+    assert main(["export", str(base), "-o", str(base / "inside")]) == 2  # never into its input
+    assert "destroy its input" in capsys.readouterr().err
+    import lmforge
+
+    save_adapter(PromptTunedLM(lmforge.load(base).model, 2), tmp_path / "pt")
+    assert main(["export", str(base), "--adapter", str(tmp_path / "pt"), "-o", str(tmp_path / "o")]) == 2
+    assert "not a LoRA adapter" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # nothing half-written
+
+
+@pytest.mark.real
+def test_export_the_embedded_gguf_model_to_hf(real_lm, tmp_path):
+    """The embedded SmolLM2-135M (Q4_1 GGUF, dequantised) as an HF folder: transformers gives lmforge's logits and
+    renders the same chat prompt."""
+    import transformers
+
+    assert main(["export", "-o", str(tmp_path / "smollm2")]) == 0
+    out = tmp_path / "smollm2"
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    x = torch.tensor([real_lm.tokenizer.encode("The capital of France is")])
+    with torch.no_grad():
+        expected = real_lm.model(x)
+    torch.testing.assert_close(hf_logits(out, x), expected, rtol=0, atol=1e-4)
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    messages = [{"role": "user", "content": "Hi!"}]
+    assert tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False) == \
+        real_lm.encode(messages)
+
+
+# ----------------------------------------------------------------------------- file modes
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_saved_models_adapters_and_reward_models_are_readable_by_others(tiny_decoder, tmp_path, umask):  # noqa: F811
+    """Every file written is 0o666 less the umask (0644 under the usual 022), not tempfile's private 0600."""
+    import lmforge
+    from lmforge.checkpoints.hf import save_hf_dir
+    from lmforge.models.heads import RewardModel
+    from lmforge.peft.adapters import save_adapter
+    from lmforge.peft.lora import LoraSpec, add_lora
+
+    old = os.umask(umask)
+    try:
+        lm = lmforge.load(tiny_decoder)
+        save_hf_dir(lm.model, tmp_path / "model", tokenizer=lm.tokenizer)
+        save_reward_model(PairwiseReward(RewardModel(lm.model), lm.tokenizer, max_len=8), tmp_path / "rm")
+        add_lora(lm.model, LoraSpec(r=2, alpha=4, targets=["q_proj"]))
+        save_adapter(lm.model, tmp_path / "adapter")
+        assert main(["export", str(tiny_decoder), "-o", str(tmp_path / "export")]) == 0
+    finally:
+        os.umask(old)
+    files = [p for p in tmp_path.rglob("*") if p.is_file() and p.name != ".lmforge.lock"]
+    assert {p.name for p in files} >= {"model.safetensors", "adapter_model.safetensors", "adapter_config.json",
+                                       "tokenizer.json", "reward_config.json", "config.json"}
+    modes = {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode)) for p in files}
+    assert set(modes.values()) == {oct(0o666 & ~umask)}, modes

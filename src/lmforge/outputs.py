@@ -1,7 +1,7 @@
 """Where a verb may write: one output policy for every command that writes files, and a lock per run folder.
 
-Every writing verb (``pretrain``, ``finetune``, ``rlhf ppo``/``dpo``, ``reward train``, ``merge``, ``eval``,
-``compare``, ``tokenizer train``, ``embed -o FILE``) passes its output path through this module before it
+Every writing verb (``pretrain``, ``finetune``, ``rlhf ppo``/``dpo``, ``reward train``, ``merge``, ``export``,
+``eval``, ``compare``, ``tokenizer train``, ``embed -o FILE``) passes its output path through this module before it
 writes anything. The rules:
 
 - A folder is written only into a folder: an existing file where a folder is expected (or a folder where a
@@ -12,8 +12,8 @@ writes anything. The rules:
   verb write its own names there and leaves every other file as it is.
 - A folder that already holds a training run is refused unless ``--resume`` (continue it) or
   ``--overwrite`` (start afresh: only the run's own names are removed first; the user's files stay).
-- An earlier ``merge`` output is replaced only with ``--force``; ``eval``, ``compare`` and ``tokenizer train``
-  rewrite their own earlier output in place (their two or three files, nothing else).
+- An earlier ``merge`` or ``export`` output is replaced only with ``--force``; ``eval``, ``compare`` and
+  ``tokenizer train`` rewrite their own earlier output in place (their two or three files, nothing else).
 - A run holds ``OUT/.lmforge.lock`` while it writes: a second run in the same folder is refused with a
   message naming the first (pid, host, command, start time). The kernel drops the lock when its process ends,
   however it ends, so a lock file left by a dead process is simply taken over.
@@ -80,6 +80,7 @@ VERBS: dict[str, Verb] = {
     "reward train": Verb(_HF_DIR + ("reward_config.json", "head", "config.yaml")
                          + tuple(n for n in _RUN if n != "final"), run=True, resume=True),
     "merge": Verb(_HF_DIR),
+    "export": Verb(_HF_DIR + ("chat_template.jinja",)),  # --format hf
     "tokenizer train": Verb(("tokenizer.json", "tokenizer_config.json"), rewrite=True),
     "eval": Verb(("predictions.jsonl", "summary.json", "config.yaml"), rewrite=True),
     "compare": Verb(("report.md", "report.html", "chart_*.png", "config.yaml", "config.json", "runs"), rewrite=True),

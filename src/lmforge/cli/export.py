@@ -1,0 +1,84 @@
+"""``lmforge export MODEL --format FORMAT -o OUT``: any model lmforge loads, written in a format other tools load.
+
+MODEL is anything ``lmforge.load`` takes: the embedded default (a quantised GGUF, dequantised on loading), a saved
+folder, a ``.gguf`` file or a hub id; ``--adapter`` folds a LoRA adapter into the weights first. Each format is one
+writer in ``FORMATS`` (name -> function of the loaded model and the output path); ``hf`` writes a Hugging Face
+folder (config.json, model.safetensors, generation_config.json, tokenizer.json and tokenizer_config.json with the
+chat template) that ``transformers.AutoModelForCausalLM`` (``AutoModel`` for an encoder) loads with the same
+logits. A new format (issue 16's ``gguf``) is a writer added to ``FORMATS``. The output folder follows the output
+policy of ``lmforge.outputs`` (verb ``export``): never into or around its input, an earlier export or a folder
+holding other files replaced only with ``--force``, and then only the export's own names are written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lmforge.checkpoints.resolve import DEFAULT_MODEL
+from lmforge.errors import LmforgeError
+
+
+def write_hf(loaded: Any, out: Path) -> None:
+    """``loaded`` (an ``LM`` or ``Encoder``) as a Hugging Face folder in ``out`` (``save_hf_dir``)."""
+    from lmforge.checkpoints.hf import save_hf_dir
+
+    save_hf_dir(loaded.model, out, tokenizer=loaded.tokenizer,
+                generation_config=getattr(loaded, "generation_config", None))
+
+
+FORMATS: dict[str, Callable[[Any, Path], None]] = {"hf": write_hf}
+
+
+def export(model: str | os.PathLike | None, fmt: str, out: str | os.PathLike, *,
+           adapter: str | os.PathLike | None = None, dtype: str = "float32", force: bool = False) -> Path:
+    """Load ``model`` (+ a LoRA ``adapter``, merged) and write it as ``fmt`` (a key of ``FORMATS``) into ``out``,
+    under the output policy (``force`` as in ``lmforge.outputs``). Returns the output folder."""
+    from lmforge.lm import load
+    from lmforge.outputs import check_inputs, claim_output
+    from lmforge.peft.lora import lora_layers, merge_lora
+
+    if fmt not in FORMATS:
+        raise LmforgeError(f"--format {fmt!r} is not a format lmforge exports; allowed: {', '.join(FORMATS)}")
+    # never into (or around) the model or adapter it reads, even with --force
+    check_inputs(out, "export", {"model": model, "adapter": adapter}, strict=True)
+    with claim_output(out, "export", force=force) as folder:
+        loaded = load(model, adapter=adapter, dtype=dtype)
+        if adapter is not None:
+            if not list(lora_layers(loaded.model)):
+                raise LmforgeError(f"--adapter {adapter} is not a LoRA adapter; only LoRA adapters can be merged into "
+                                   "the exported weights (a prompt-tuning adapter stays an adapter)")
+            loaded.model = merge_lora(loaded.model)
+        FORMATS[fmt](loaded, folder)
+    return Path(out)
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    out = export(a.model, a.format, a.output, adapter=a.adapter, dtype=a.dtype, force=a.force)
+    what = a.model + (f" + {a.adapter}" if a.adapter else "")
+    print(f"exported {what} as {a.format}: wrote {out}", file=sys.stderr)
+    return 0
+
+
+def register(sub) -> None:
+    """Add ``export`` to the ``lmforge`` subcommands."""
+    from lmforge.cli.args import add_output_args
+
+    p = sub.add_parser("export", help="write a model in a format other tools load (a Hugging Face folder)",
+                       description="Load MODEL (the embedded GGUF default, a saved folder, a .gguf file; with "
+                                   "--adapter a LoRA adapter merged in) and write it as --format into -o OUT. "
+                                   "hf: config.json, model.safetensors, generation_config.json and the tokenizer "
+                                   "files with the chat template, loadable by transformers' AutoModelForCausalLM.")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                   help="model name or path, as for `lmforge generate -m` (default: %(default)s)")
+    p.add_argument("--format", default="hf", choices=sorted(FORMATS), help="output format (default: %(default)s)")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--adapter", help="a PEFT LoRA adapter folder to merge into the weights first")
+    p.add_argument("--dtype", default="float32",
+                   help="dtype of the written weights: float32 | bfloat16 | float16 (default: %(default)s)")
+    add_output_args(p, "export")
+    p.set_defaults(func=cmd_export)
