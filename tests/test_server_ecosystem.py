@@ -268,3 +268,28 @@ def test_metrics_in_prometheus_text_format(eco):
         after["lmforge_time_to_first_token_seconds_count"]
     assert after["lmforge_queue_depth"] == 0 and "lmforge_running_sequences" in after
     assert httpx.get(eco.url + "/metrics").status_code == 401  # behind the API key, like the API
+
+
+def test_cli_serve_loads_lora_modules_and_the_embedding_model(eco, monkeypatch, capsys):
+    import lmforge.deploy.server as server
+
+    seen = {}
+    monkeypatch.setattr(server, "serve", lambda lm, cfg, **kw: seen.update(kw, lm=lm))
+    fox, dog = eco.adapters["fox"], eco.adapters["dog"]
+    assert main(["serve", str(eco.base), "--lora-modules", f"fox={fox}", f"dog={dog}",
+                 "--embedding-model", str(eco.encoder), "--served-model-name", MODEL]) == 0
+    assert set(seen["adapters"]) == {"fox", "dog"} and seen["embedding_id"] == eco.encoder.name
+    assert seen["model_id"] == MODEL and seen["embedder"].config.arch == "encoder"
+    shared = {p.data_ptr() for p in seen["lm"].model.parameters()}
+    assert {p.data_ptr() for p in seen["adapters"]["fox"].model.parameters()} & shared, "base weights are shared"
+
+    capsys.readouterr()
+    for argv, expected in (
+        (["--lora-modules", "fox"], "NAME=PATH"),
+        (["--lora-modules", f"{MODEL}={fox}", "--served-model-name", MODEL], "share a name"),
+        (["--embedding-model", str(eco.base), "--served-model-name", MODEL], "not an encoder-only model"),
+        (["--lora-modules", f"fox={fox}", "--quantize", "int8"], "--quantize"),
+    ):
+        assert main(["serve", str(eco.base), *argv]) == 2
+        err = capsys.readouterr().err
+        assert expected in err and "Traceback" not in err, err

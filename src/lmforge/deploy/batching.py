@@ -16,6 +16,11 @@ most of the timeline is holes, ``_compact`` packs each row's columns against a s
 (keys are stored after RoPE, so moving them between columns changes nothing). When a row
 finishes, the last row moves into its slot so the running rows stay contiguous.
 
+A sequence may ask for logprobs (``Sequence(logprobs=k)``): each sampled token's log-probability and the k
+likeliest alternatives, from the raw logits (before temperature and the other sampling settings), sent as
+"logprob" events. One engine serves one model: the server runs one per LoRA adapter, so a batch never mixes
+adapters.
+
     engine = Engine(lm.model, lm.tokenizer, lm.eos_ids, max_batch=16, max_queue=64).start()
     engine.submit([Sequence(ids, 32, SamplingParams(), on_event=callback)])
 """

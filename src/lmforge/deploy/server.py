@@ -1,14 +1,20 @@
 """An OpenAI-compatible HTTP server over one model: FastAPI routes, SSE streaming.
 
 This module owns the HTTP side of ``lmforge serve``: ``create_app`` (routes ``/v1/models``,
-``/v1/completions``, ``/v1/chat/completions``, ``/health`` and the playground page at ``/``),
+``/v1/completions``, ``/v1/chat/completions``, ``/v1/embeddings``, ``/metrics``, ``/health`` and the
+playground page at ``/``),
 ``serve`` (run it with uvicorn, bound to 127.0.0.1 unless told otherwise) and
 ``BackgroundServer`` (the same app on an ephemeral loopback port in a thread, for tests and
 benchmarks). Requests are tokenised here and handed to ``deploy.batching.Engine``, whose
 scheduler thread batches all running requests together; its events come back to the event
 loop through ``loop.call_soon_threadsafe``.
 
-With an API key set, every request but the static page ``/`` and ``/health`` must carry
+Several models can be served: the base, LoRA adapters on it (``adapters``; a request's ``model`` picks one,
+each has its own ``Engine`` so batches hold one adapter's rows) and an encoder for ``/v1/embeddings``.
+Logprobs come from the engine (sampled tokens) or ``batching.prompt_logprobs`` (an echoed prompt, scored in
+a worker thread); ``metrics.py`` counts requests, tokens and latencies for ``/metrics``.
+
+With an API key set, every request but the static page ``/`` and ``/health`` (``/metrics`` included) must carry
 ``Authorization: Bearer <key>``; others get 401 in OpenAI's error shape. Every error is
 answered as ``{"error": {"message", "type", "param", "code"}}``.
 
@@ -529,6 +535,9 @@ def serve(lm, cfg: ServeConfig, *, model_id: str, api_key: str | None = None, ad
     print(f"lmforge: serving '{model_id}' at http://{shown}:{port}/v1 (playground: http://{shown}:{port}/), "
           f"{max_batch} batch slots x {engine.width} tokens, API key {'required' if api_key else 'off'}",
           file=sys.stderr)
+    if adapters or embedder is not None:
+        extra = [f"LoRA adapter '{n}'" for n in adapters or {}] + ([f"embeddings '{embedding_id}'"] if embedder else [])
+        print(f"lmforge: also serving {', '.join(extra)}", file=sys.stderr)
     uvicorn.run(app, host=host, port=port, log_level=log_level, http=http_protocol(read_timeout),
                 timeout_graceful_shutdown=10)
 
