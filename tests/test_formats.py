@@ -113,7 +113,8 @@ def test_reward_model_of_the_earlier_layout_still_loads(tiny_decoder, tmp_path):
     assert load_reward_model(old).score(TEXTS) == expected
 
 
-def test_reward_head_of_the_wrong_shape_is_refused(tiny_decoder, tmp_path):  # noqa: F811
+def test_reward_model_is_not_loaded_as_a_language_model_and_a_bad_head_is_refused(tiny_decoder, tmp_path,  # noqa: F811
+                                                                                    capsys):
     from safetensors.torch import load_file, save_file
 
     from lmforge.lm import load
@@ -121,6 +122,9 @@ def test_reward_head_of_the_wrong_shape_is_refused(tiny_decoder, tmp_path):  # n
 
     lm = load(tiny_decoder)
     save_reward_model(PairwiseReward(RewardModel(lm.model), lm.tokenizer, max_len=8), tmp_path / "rm")
+    assert main(["generate", "-m", str(tmp_path / "rm"), "hello"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "LlamaForSequenceClassification" in err and "load_reward_model" in err
     weights = load_file(str(tmp_path / "rm" / "model.safetensors"))
     weights["score.weight"] = torch.zeros(2, 32)
     save_file(weights, str(tmp_path / "rm" / "model.safetensors"))

@@ -66,6 +66,11 @@ def read_hf_dir(path: str | Path, *, with_mlm_head: bool = False
         raise LmforgeError(f"{path}: no config.json, so this is not a Hugging Face model directory")
     hf_cfg = read_json_object(cfg_file)
     config = config_from_hf(hf_cfg, path.name)
+    arch = str((hf_cfg.get("architectures") or [""])[0])
+    if config.arch == "decoder" and arch.endswith("ForSequenceClassification"):
+        raise LmforgeError(f"{path} is a {arch} (a reward model?): a decoder without a language-model head, so it "
+                           "does not generate; score texts with it through `lmforge reward eval` or "
+                           "lmforge.alignment.reward.load_reward_model")
     gen_cfg = read_json_object(path / "generation_config.json") if (path / "generation_config.json").exists() else {}
     if gen_cfg.get("eos_token_id") is not None:
         config.eos_token_id = gen_cfg["eos_token_id"]
