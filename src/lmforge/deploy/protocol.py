@@ -1,13 +1,14 @@
 """The OpenAI wire format: request bodies (validated), response and stream-chunk shapes, errors.
 
-This module owns what the JSON looks like for ``/v1/completions``, ``/v1/chat/completions`` and
-``/v1/models`` (https://platform.openai.com/docs/api-reference) and the error body
+This module owns what the JSON looks like for ``/v1/completions``, ``/v1/chat/completions``,
+``/v1/embeddings`` and ``/v1/models`` (https://platform.openai.com/docs/api-reference) and the error body
 ``{"error": {"message", "type", "param", "code"}}``. It holds no model and no HTTP server.
 
 Supported request fields: model, prompt | messages, max_tokens (chat: also max_completion_tokens),
 temperature, top_p, n, stop, seed, stream, stream_options.include_usage, echo (completions), user,
 logprobs + top_logprobs (chat) and logprobs: k (completions, with ``echo`` and ``max_tokens: 0`` for
-scoring a prompt); and two common extensions (as in vLLM): top_k and repetition_penalty. Fields that would change
+scoring a prompt; logprobs are the model's raw log_softmax, before temperature and the other sampling
+settings); and two common extensions (as in vLLM): top_k and repetition_penalty. Fields that would change
 the output in ways lmforge does not implement (logit_bias, tools, penalties, ...) are
 refused with a 400 naming the field, never silently ignored. Sampling values are held to the ranges in
 ``generation.sampling`` (temperature 0 or in [0.01, 2], top_p in [1e-6, 1], repetition_penalty in

@@ -39,7 +39,8 @@ class ServeConfig:
     """Weight-only int8 linear layers (per-row absmax scales): less memory, logits close to fp32."""
     lora_modules: tuple[str, ...] = ()
     """More models to serve, each a LoRA adapter on MODEL, as NAME=PATH (vLLM's shape): a request's "model" picks
-    one by NAME, or the base model by its own name."""
+    one by NAME, or the base model by its own name. Each adapter shares the base's weights but has its own
+    batching engine and KV cache (max_batch x max_context tokens)."""
     embedding_model: str | None = None
     """An encoder-only model (as for `lmforge embed`) served at /v1/embeddings under its name."""
     host: str = "127.0.0.1"
