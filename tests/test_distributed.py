@@ -103,6 +103,10 @@ def test_pretrain_two_ranks_equal_one_process(tmp_path, capsys, strategy):
         for name in ("four", "single"):
             assert_same_rows(losses(tmp_path / name), one)
             assert_same_weights(tmp_path / name / "final", tmp_path / "one" / "final")
+        shutil.copytree(tmp_path / "half", tmp_path / "other")  # a checkpoint of another model: one clear line
+        capsys.readouterr()
+        assert main([*args, "--set", "n_embd=48", "--resume", "-o", str(tmp_path / "other")]) == 2
+        assert "differing fields: " in capsys.readouterr().err
 
 
 @pytest.fixture
@@ -114,7 +118,9 @@ def sft_file(tmp_path) -> Path:
     return path
 
 
-def test_full_sft_two_ranks_equal_one_process_then_resume_on_one(tiny_lm_dirs, sft_file, tmp_path, capsys):
+@STRATEGIES
+def test_full_sft_two_ranks_equal_one_process_then_resume_on_one(tiny_lm_dirs, sft_file, tmp_path, capsys,
+                                                                  strategy):
     """Full fine-tuning: the SFT loss is the mean over the global batch's labelled tokens, whose count differs
     between the ranks' halves. A 2-rank run's checkpoint (global position) resumes on one process (a constant
     rate, so that a run of 2 steps continued to 4 follows the 4-step run)."""
@@ -124,21 +130,28 @@ def test_full_sft_two_ranks_equal_one_process_then_resume_on_one(tiny_lm_dirs, s
             "--response-field", "answer"]
     assert main([*args, "-o", str(tmp_path / "one")]) == 0
     capsys.readouterr()
-    done = torchrun([*args, "--save-every", "2", "-o", str(tmp_path / "two")])
+    done = torchrun([*args, "--strategy", strategy, "--save-every", "2", "-o", str(tmp_path / "two")])
     assert done.returncode == 0, done.stderr[-3000:]
     one = losses(tmp_path / "one")
     assert len(one) == 4
     assert_same_rows(losses(tmp_path / "two"), one)
     assert_same_weights(tmp_path / "two" / "final", tmp_path / "one" / "final")
 
-    done = torchrun([*args, "--steps", "2", "-o", str(tmp_path / "half")])  # 2 ranks, then 1 from its checkpoint
+    done = torchrun([*args, "--strategy", strategy, "--steps", "2", "-o", str(tmp_path / "half")])  # then 1 rank
     assert done.returncode == 0, done.stderr[-3000:]
+    if strategy == "ddp":  # whole tensors resume into FSDP shards too
+        shutil.copytree(tmp_path / "half", tmp_path / "to_fsdp")
+        done = torchrun([*args, "--strategy", "fsdp", "--resume", "-o", str(tmp_path / "to_fsdp")])
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert_same_rows(losses(tmp_path / "to_fsdp"), one)
+        assert_same_weights(tmp_path / "to_fsdp" / "final", tmp_path / "one" / "final")
     assert main([*args, "--resume", "-o", str(tmp_path / "half")]) == 0
     assert_same_rows(losses(tmp_path / "half"), one)
     assert_same_weights(tmp_path / "half" / "final", tmp_path / "one" / "final")
 
 
-def test_lora_sft_two_ranks_equal_one_process(tiny_lm_dirs, sft_file, tmp_path, capsys):
+@STRATEGIES
+def test_lora_sft_two_ranks_equal_one_process(tiny_lm_dirs, sft_file, tmp_path, capsys, strategy):
     """LoRA with accumulation (no_sync on the first micro-batch); without dropout, whose masks are per rank."""
     args = ["finetune", "-m", str(tiny_lm_dirs["plain"]), "--train", str(sft_file), "--method", "lora",
             "--lora-r", "4", "--lora-targets", "q_proj,v_proj", "--lora-dropout", "0", "--steps", "3",
@@ -146,13 +159,14 @@ def test_lora_sft_two_ranks_equal_one_process(tiny_lm_dirs, sft_file, tmp_path, 
             "--seed", "5", "--prompt-template", "{text} ->", "--response-field", "answer"]
     assert main([*args, "-o", str(tmp_path / "one")]) == 0
     capsys.readouterr()
-    done = torchrun([*args, "-o", str(tmp_path / "two")])
+    done = torchrun([*args, "--strategy", strategy, "-o", str(tmp_path / "two")])
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_rows(losses(tmp_path / "two"), losses(tmp_path / "one"))
     assert_same_weights(tmp_path / "two" / "final", tmp_path / "one" / "final", name="adapter_model.safetensors")
 
 
-def test_dpo_two_ranks_equal_one_process(tiny_lm_dirs, tmp_path, capsys):
+@STRATEGIES
+def test_dpo_two_ranks_equal_one_process(tiny_lm_dirs, tmp_path, capsys, strategy):
     """LoRA DPO with held-out pairs (evaluated by rank 0 before and after): the preference loss is a mean over
     pairs, each rank holding half of every batch's pairs."""
     from test_dpo import pairs_file
@@ -161,7 +175,7 @@ def test_dpo_two_ranks_equal_one_process(tiny_lm_dirs, tmp_path, capsys):
             "--batch-size", "4", "--lr", "1e-3", "--eval-fraction", "0.34", "--seed", "2"]
     assert main([*args, "-o", str(tmp_path / "one")]) == 0
     capsys.readouterr()
-    done = torchrun([*args, "-o", str(tmp_path / "two")])
+    done = torchrun([*args, "--strategy", strategy, "-o", str(tmp_path / "two")])
     assert done.returncode == 0, done.stderr[-3000:]
     one = losses(tmp_path / "one")
     assert [r["step"] for r in one] == [0, 1, 2, 3, 3] and "eval_reward_margin" in one[0]
