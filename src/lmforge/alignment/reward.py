@@ -19,9 +19,10 @@ pairwise model is saved the way TRL and vLLM reward tooling expect it: the famil
 ``...ForSequenceClassification`` (``LlamaForSequenceClassification``, ``Qwen2...``, ``GPT2...``) with
 ``num_labels=1``, ``pad_token_id`` set and the head as ``score.weight`` (1, hidden) beside the decoder body, no
 language-model head; ``transformers.AutoModelForSequenceClassification.from_pretrained(path)`` scores a text at its
-last token that is not ``pad_token_id``, the same number as ``PairwiseReward.score`` (when the text itself does
-not end in the pad token). Folders of the earlier layout (a full causal LM + ``head/score.safetensors``) still
-load. ``load_reward_model(path)`` reads either kind as a reward model.
+last token that is not ``pad_token_id``, the same number as ``PairwiseReward.score`` for a text of at most
+``max_len`` tokens (lmforge keeps a longer text's last ``max_len``) that does not itself end in the pad token.
+Folders of the earlier layout (a full causal LM + ``head/score.safetensors``) still load. ``load_reward_model(path)``
+reads either kind as a reward model.
 """
 
 from __future__ import annotations
