@@ -243,6 +243,19 @@ def test_export_hf_merges_an_adapter_and_loads_in_transformers(tiny_lm_dirs, tmp
         torch.testing.assert_close(hf_logits(out, x), lmforge.load(base).model(x), rtol=0, atol=1e-5)
 
 
+def test_export_hf_of_an_encoder_loads_in_transformers(tiny_encoder, tmp_path):  # noqa: F811
+    import transformers
+
+    import lmforge
+
+    assert main(["export", str(tiny_encoder), "-o", str(tmp_path / "enc")]) == 0
+    model = transformers.AutoModel.from_pretrained(tmp_path / "enc").eval()
+    x = torch.randint(2, 20, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=x).last_hidden_state, lmforge.load(tiny_encoder).model(x),
+                                   rtol=0, atol=1e-5)
+
+
 def test_export_refuses_bad_input(tiny_lm_dirs, tmp_path, capsys):
     from lmforge.cli.export import FORMATS, export
     from lmforge.peft.adapters import save_adapter
