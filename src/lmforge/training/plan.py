@@ -333,13 +333,13 @@ def _block_saved(c: ModelConfig, i: int, method: str, adapted: set[str], precisi
             kept += d * res  # the normalised input, for the weight's gradient
         return kept
 
-    def inputs(group: list[Linear], width: int, already_kept: bool = False) -> int:
-        """Bytes kept for the inputs of linear layers that read one tensor of ``width`` (``already_kept``: that
-        tensor is counted elsewhere, as SDPA's output is)."""
+    def inputs(group: list[Linear], width: int, needs_grad: bool, already_kept: bool = False) -> int:
+        """Bytes kept for the inputs of linear layers that read one tensor of ``width`` (``needs_grad``: that
+        tensor needs a gradient; ``already_kept``: it is counted elsewhere, as SDPA's output is)."""
         kept, shared = 0, False
         for lin in group:
             lora = f"model.layers.{i}.{lin.name}" in adapted
-            if full or lora:
+            if full or (lora and dropout == 0):  # the input itself is kept (by the layer, or by lora_A)
                 if precision == "bf16" and width == lin.fin and lin.name.endswith(("q_proj", "k_proj", "v_proj",
                                                                                    "qkv_proj", "gate_proj",
                                                                                    "up_proj")):
@@ -347,9 +347,11 @@ def _block_saved(c: ModelConfig, i: int, method: str, adapted: set[str], precisi
                 else:
                     shared = True
             if lora:
-                kept += r * a
-                if dropout > 0:
-                    kept += width * (res if precision != "bf16" else 2) + width  # dropout output (or its cast), mask
+                kept += r * a  # lora_A's output, kept by lora_B
+                if dropout > 0:  # lora_A keeps the dropout's output (under autocast, its bf16 cast) ...
+                    kept += width * a
+                    if needs_grad:  # ... and the dropout its float mask (x * mask / (1 - p)) for x's gradient
+                        kept += width * (2 if precision == "bf16-pure" else 4)
         return kept + (width * (res if width == d and precision != "bf16" else a)
                        if shared and not already_kept else 0)
 
@@ -359,18 +361,18 @@ def _block_saved(c: ModelConfig, i: int, method: str, adapted: set[str], precisi
     up = [lin for lin in linears if lin.name.endswith(("gate_proj", "up_proj"))]
     down = [lin for lin in linears if lin.name.endswith("down_proj")]
     # attention: input norm, projections' inputs, rotated q and k, v, SDPA output (= o_proj's input), lse
-    total += norm() + inputs(qkv, d)
+    total += norm() + inputs(qkv, d, grad_flows)
     attn_grad = grad_flows or any(f"model.layers.{i}.{lin.name}" in adapted for lin in qkv)
     if attn_grad:
         total += (2 * q + 2 * kv) * a + 4 * c.n_head
-        total += inputs(o, q, already_kept=True)
+        total += inputs(o, q, True, already_kept=True)
     grad_flows = grad_flows or any(f"model.layers.{i}.{lin.name}" in adapted for lin in qkv + o)
     # MLP: its norm, gate/up inputs, the activation's input and output and up's output (gated), down's input
-    total += norm() + inputs(up, d)
+    total += norm() + inputs(up, d, grad_flows)
     if grad_flows:
         inter = c.intermediate_size
         total += (3 if len(up) == 2 else 1) * inter * a
-        total += inputs(down, inter)
+        total += inputs(down, inter, True)
     return total
 
 
