@@ -42,15 +42,30 @@ stall_at = int(os.environ.get("FAULT_STALL_SAVE_AT", "0"))
 if stall_at and rank == "0":
     import lmforge.training.checkpoint as ckpt
 
-    write = ckpt.write_json_atomic
+    def stall(folder):
+        (faults / "stalled").write_text(str(folder))
+        time.sleep(600)
 
-    def stalling(path, data, *args, **kwargs):
-        if Path(path).name == ckpt.MARKER and data.get("step") == stall_at:
-            (faults / "stalled").write_text(str(Path(path).parent))
-            time.sleep(600)
-        return write(path, data, *args, **kwargs)
+    if os.environ.get("FAULT_STALL_PHASE") == "swap":  # the old checkpoint moved aside, the new one not yet in
+        replace = os.replace
 
-    ckpt.write_json_atomic = stalling
+        def stalling_replace(src, dst, *args, **kwargs):
+            src, dst = Path(src), Path(dst)
+            if src.name.startswith(ckpt.TMP_PREFIX) and dst.name == ckpt.NAME and src.is_dir():
+                if json.loads((src / ckpt.MARKER).read_text())["step"] == stall_at:
+                    stall(src)
+            return replace(src, dst, *args, **kwargs)
+
+        os.replace = stalling_replace
+    else:  # the new checkpoint's files written, not yet marked complete
+        write = ckpt.write_json_atomic
+
+        def stalling_write(path, data, *args, **kwargs):
+            if Path(path).name == ckpt.MARKER and data.get("step") == stall_at:
+                stall(Path(path).parent)
+            return write(path, data, *args, **kwargs)
+
+        ckpt.write_json_atomic = stalling_write
 from lmforge.cli.main import main
 sys.exit(main(argv))
 '''
@@ -174,20 +189,26 @@ def test_a_dead_rank_ends_the_job_and_resume_continues(pretrain, tmp_path):
     assert_same_rows(losses(out), one)
 
 
-def test_kill_during_a_checkpoint_save_loses_at_most_one_interval(pretrain, tmp_path):
-    """Rank 0 SIGKILLed inside the save of step 4 (its files written, not yet marked complete): the folder
-    still holds the complete checkpoint of step 2; ``--resume`` continues from it and ends with the
-    uninterrupted run's losses."""
+@pytest.mark.parametrize("phase", ["files", "swap"])
+def test_kill_during_a_checkpoint_save_loses_at_most_one_interval(pretrain, tmp_path, phase):
+    """Rank 0 SIGKILLed inside the save of step 4, ``files``: its files written, not yet marked complete (the
+    folder still holds the complete checkpoint of step 2: one interval lost); ``swap``: the checkpoint of step
+    2 moved aside, the new one complete but not yet renamed into place (nothing lost). ``--resume`` continues
+    from the newest complete one and ends with the uninterrupted run's losses."""
+    from lmforge.training.checkpoint import MARKER, find_checkpoint
+
     args, one = pretrain
     out, faults = tmp_path / "out", tmp_path / "faults"
-    proc = start([*args, "-o", str(out)], faults, FAULT_STALL_SAVE_AT="4")
+    proc = start([*args, "-o", str(out)], faults, FAULT_STALL_SAVE_AT="4", FAULT_STALL_PHASE=phase)
     wait_for(lambda: (faults / "stalled").exists(), proc, faults)
     tmp = Path((faults / "stalled").read_text(encoding="utf-8"))
     assert tmp.name.startswith(".checkpoint.tmp-") and (tmp / "model.safetensors").exists()
     os.kill(int((faults / "pid-0").read_text()), signal.SIGKILL)
     rc, log = finish(proc, faults, timeout=60)
     assert rc != 0, log[-3000:]
-    assert checkpoint_step(out) == 2
+    newest = find_checkpoint(out)
+    assert json.loads((newest / MARKER).read_text(encoding="utf-8"))["step"] == (2 if phase == "files" else 4)
+    assert checkpoint_step(out) == (2 if phase == "files" else -1)  # "swap": checkpoint/ is not there
     resume_on_two(args, out)
     assert_same_rows(losses(out), one)
 
