@@ -53,7 +53,7 @@ def test_the_real_hh_file_splits():
     ([{"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: z\n\nAssistant: c"}],
      "do not share the dialogue"),
     ([{"prompt": 3, "chosen": "b", "rejected": "c"}], "'prompt' must be a string, got int"),
-    ([], "no preference records"),
+    ([], r"p.jsonl is empty"),
 ])
 def test_bad_preference_files_name_file_and_line(tmp_path, rows, message):
     with pytest.raises(LmforgeError, match=message):

@@ -57,7 +57,7 @@ def test_formats_read_the_same_records(tmp_path):
     ('[{"a": 1},\n {"a": }]', "bad.json", "bad.json, line 2: not valid JSON"),
     ('[1, 2]\n', "list.jsonl", "line 1: expected a JSON object, got list"),
     ("a,b\n1,2,3\n", "wide.csv", "line 2: more values than the 2 header columns"),
-    ("x", "data.txt", "unknown format '.txt'"),
+    ("x", "data.xml", "unknown format '.xml'"),
 ])
 def test_bad_files_name_the_file_and_line(tmp_path, content, name, message):
     p = tmp_path / name

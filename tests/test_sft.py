@@ -224,11 +224,11 @@ def test_finetune_reads_every_dataset_kind_and_refuses_others(toks, tmp_path):
     for name in [*files, *(f"{n}.gz" for n in files)]:
         got = load_sft_data(tmp_path / name, toks["plain"], max_len=64).examples
         assert [e.input_ids for e in got] == [e.input_ids for e in want], name
-    (tmp_path / "d.txt").write_text(json.dumps(record) + "\n", encoding="utf-8")
+    (tmp_path / "d.tsv").write_text(json.dumps(record) + "\n", encoding="utf-8")
     for read in (load_records, lambda p: load_sft_data(p, toks["plain"], max_len=64)):
-        with pytest.raises(LmforgeError, match=r"d\.txt: unknown format '\.txt'; use \.jsonl, \.json \(a list of "
-                                               r"objects\) or \.csv, optionally gzipped"):
-            read(tmp_path / "d.txt")
+        with pytest.raises(LmforgeError, match=r"d\.tsv: unknown format '\.tsv'; use \.jsonl, \.json \(a list of "
+                                               r"objects\), \.csv or \.txt/\.md"):
+            read(tmp_path / "d.tsv")
 
 
 def test_missing_field_lists_available_fields(toks, tmp_path):

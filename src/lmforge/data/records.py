@@ -1,12 +1,27 @@
 """Reading record files and filling ``{field}`` templates from them.
 
-The one reader behind prompt examples (``prompts.py``), fine-tuning data (``data/sft.py``), JSONL pretraining
-corpora (``data/corpus.py``), reward and preference data (``data/reward_data.py``, ``alignment/dpo.py``), PPO
-prompts (``alignment/rlhf.py``) and evaluation datasets (``evaluation/data.py``): JSON lines, one JSON list or
-CSV, optionally gzipped (text read by ``lmforge.io.read_text``), each record with the file and line it came from;
-and the one ``{field}`` template renderer, used by fine-tuning templates and evaluation/compare prompts alike
+The one reader behind fine-tuning data (``data/sft.py``), record pretraining corpora (``data/corpus.py``),
+reward and preference data (``data/reward_data.py``, ``alignment/dpo.py``), PPO prompts (``alignment/rlhf.py``)
+and evaluation datasets (``evaluation/data.py``), each record with the file and line it came from:
+
+- ``.jsonl`` (one JSON object a line), ``.json`` (a list of objects, or JSON lines), ``.csv`` (a header row);
+  these three optionally gzipped (``.gz``, text read by ``lmforge.io.read_text``);
+- ``.parquet`` (a table; one record per row, ``FILE, row N``; needs ``pyarrow``: ``pip install pyarrow`` or the
+  ``lmforge[parquet]`` extra; parquet compresses inside, so ``.parquet.gz`` is refused);
+- ``.txt`` / ``.md`` (optionally gzipped): one record ``{"text": PARAGRAPH}`` per non-empty paragraph, paragraphs
+  being separated by blank lines, each with the line it starts on. (A pretraining corpus reads a text file as one
+  whole document instead: ``data/corpus.py``.)
+
+Fields are named by a key or by a dotted path into nested records: ``dialogue.turns`` (a key of a nested object),
+``turns.0.text`` (a list index, from 0); a key that itself holds a dot is matched whole first. Where text is
+wanted (``text_field``, ``{field}`` placeholders), a number is written out and a list of strings (dialogue
+turns) is joined with newlines. The JSON parsing (``parse_json_records``) also reads prompt examples
+(``prompts.py``).
+
+And the one ``{field}`` template renderer, used by fine-tuning templates and evaluation/compare prompts alike
 (``{{``/``}}`` are literal braces). Errors name the file (as it was given) and the line the same way
-everywhere: ``FILE, line N: ...``.
+everywhere: ``FILE, line N: ...`` (``FILE, row N: ...`` for parquet), and a bad field path names the component
+that is missing.
 """
 
 from __future__ import annotations
@@ -83,58 +98,151 @@ class Record:
     where: str
 
 
+RECORD_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt", ".md")
+TEXT_SUFFIXES = (".txt", ".md")
+
+
+def record_kind(path: str | os.PathLike) -> tuple[str, bool]:
+    """``(suffix, gzipped)`` of a dataset file name: ``("jsonl", True)`` for ``x.jsonl.gz``; the suffix is
+    lower-case with its dot, ``""`` when there is none."""
+    name = Path(path).name
+    gz = name.lower().endswith(".gz")
+    return Path(name[:-3] if gz else name).suffix.lower(), gz
+
+
 def load_records(path: str | os.PathLike) -> list[Record]:
-    """Read a dataset: ``.jsonl``/``.json``/``.csv``, optionally ``.gz``. Errors name the file and line."""
+    """Read a dataset (the formats of the module docstring). Errors name the file and line (or row)."""
     path = Path(path)
     if not path.is_file():
         raise LmforgeError(f"dataset {path} does not exist")
-    suffix = path.name[:-3] if path.name.endswith(".gz") else path.name
-    kind = Path(suffix).suffix.lower()
-    if kind not in (".jsonl", ".json", ".csv"):
-        raise LmforgeError(f"dataset {path}: unknown format {kind or '(no extension)'!r}; "
-                           "use .jsonl, .json (a list of objects) or .csv, optionally gzipped (.gz)")
-    text = read_text(path)
-    if not text.strip():
-        raise LmforgeError(f"dataset {path} is empty")
-    rows: list[tuple[int, Any]] = []
-    if kind == ".csv":
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        try:
-            for row in reader:
-                if None in row:
-                    raise LmforgeError(f"{path}, line {reader.line_num}: more values than the "
-                                       f"{len(reader.fieldnames or [])} header columns")
-                rows.append((reader.line_num, dict(row)))
-        except csv.Error as e:
-            raise LmforgeError(f"{path}, line {reader.line_num}: not valid CSV ({e})") from None
+    kind, gz = record_kind(path)
+    if kind not in RECORD_SUFFIXES or (kind == ".parquet" and gz):
+        raise LmforgeError(f"dataset {path}: unknown format {(kind + '.gz' if gz else kind) or '(no extension)'!r}; "
+                           "use .jsonl, .json (a list of objects), .csv or .txt/.md (one record per paragraph, "
+                           "field 'text'), optionally gzipped (.gz), or .parquet")
+    if kind == ".parquet":
+        rows = _parquet_rows(path)
     else:
-        rows = parse_json_records(text, str(path), lines_only=kind == ".jsonl")
+        text = read_text(path)
+        if not text.strip():
+            raise LmforgeError(f"dataset {path} is empty")
+        if kind == ".csv":
+            rows = _csv_rows(text, path)
+        elif kind in TEXT_SUFFIXES:
+            rows = [(number, {"text": paragraph}) for number, paragraph in paragraphs(text)]
+        else:
+            rows = parse_json_records(text, str(path), lines_only=kind == ".jsonl")
     if not rows:
         raise LmforgeError(f"dataset {path} holds no records")
+    unit = "row" if kind == ".parquet" else "line"
     records = []
     for number, item in rows:
-        where = f"{path}, line {number}"
+        where = f"{path}, {unit} {number}"
         if not isinstance(item, dict):
             raise LmforgeError(f"{where}: expected a JSON object, got {type(item).__name__}")
         records.append(Record(item, where))
     return records
 
 
+def paragraphs(text: str) -> list[tuple[int, str]]:
+    """``(line, paragraph)`` for each run of non-blank lines (blank: only whitespace), joined with ``\n``."""
+    out: list[tuple[int, str]] = []
+    block: list[str] = []
+    first = 0
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            if not block:
+                first = number
+            block.append(line)
+        elif block:
+            out.append((first, "\n".join(block)))
+            block = []
+    if block:
+        out.append((first, "\n".join(block)))
+    return out
+
+
+def _csv_rows(text: str, path: Path) -> list[tuple[int, Any]]:
+    rows: list[tuple[int, Any]] = []
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        for row in reader:
+            if None in row:
+                raise LmforgeError(f"{path}, line {reader.line_num}: more values than the "
+                                   f"{len(reader.fieldnames or [])} header columns")
+            rows.append((reader.line_num, dict(row)))
+    except csv.Error as e:
+        raise LmforgeError(f"{path}, line {reader.line_num}: not valid CSV ({e})") from None
+    return rows
+
+
+def _parquet_rows(path: Path) -> list[tuple[int, Any]]:
+    """The rows of a parquet table as Python values (nested structs become dicts, lists lists), numbered from 1."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise LmforgeError(f"dataset {path}: reading .parquet needs pyarrow; install it with `pip install pyarrow` "
+                           "(or `pip install 'lmforge[parquet]'`), or convert the file to .jsonl") from None
+    try:
+        table = pq.read_table(path)
+    except (OSError, ValueError) as e:  # pyarrow.ArrowInvalid is a ValueError, ArrowIOError an OSError
+        raise LmforgeError(f"dataset {path}: not a readable parquet file ({str(e).splitlines()[0][:200]})") from None
+    return [(i, row) for i, row in enumerate(table.to_pylist(), start=1)]
+
+
+def lookup(fields: dict[str, Any], path: str, where: str, flag: str) -> Any:
+    """The value at ``path`` in a record's ``fields``: a key, or a dotted path (``dialogue.turns``,
+    ``turns.0.text``; a key holding the dot whole wins). A missing component raises naming the file and line
+    (``where``), the path, the flag that chose it, the component and what is there instead."""
+    if path in fields:
+        return fields[path]
+    value: Any = fields
+    walked: list[str] = []
+    for part in path.split("."):
+        at = ".".join(walked)
+        if isinstance(value, dict):
+            if part not in value:
+                have = ", ".join(map(str, value)) or "no fields"
+                if not walked:
+                    raise LmforgeError(f"{where}: no field {path!r} ({flag}); the record has: {have}")
+                raise LmforgeError(f"{where}: no field {path!r} ({flag}): {at!r} has no {part!r}; it has: {have}")
+            value = value[part]
+        elif isinstance(value, list):
+            if not part.isdigit():
+                raise LmforgeError(f"{where}: no field {path!r} ({flag}): {at!r} is a list of {len(value)} items, "
+                                   f"so {part!r} must be an index (0 to {len(value) - 1})")
+            if int(part) >= len(value):
+                raise LmforgeError(f"{where}: no field {path!r} ({flag}): {at!r} has {len(value)} items, "
+                                   f"no index {part}")
+            value = value[int(part)]
+        else:
+            raise LmforgeError(f"{where}: no field {path!r} ({flag}): {at!r} is a {type(value).__name__}, "
+                               f"not an object or a list, so it has no {part!r}")
+        walked.append(part)
+    return value
+
+
 def field(record: Record, name: str, flag: str) -> Any:
-    """The value of ``name``; a missing field raises naming it, the flag that chose it and the fields there are."""
-    if name not in record.fields:
-        have = ", ".join(map(str, record.fields)) or "no fields"
-        raise LmforgeError(f"{record.where}: no field {name!r} ({flag}); the record has: {have}")
-    return record.fields[name]
+    """The value of ``name`` (a key or a dotted path: ``lookup``); a missing field raises naming it, the flag
+    that chose it and the fields there are."""
+    return lookup(record.fields, name, record.where, flag)
+
+
+def as_text(value: Any, name: str, where: str, flag: str) -> str:
+    """A field value as text: a string, a number written out, or a list of strings joined with newlines."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return "\n".join(value)
+    if not isinstance(value, str):
+        raise LmforgeError(f"{where}: field {name!r} ({flag}) must be text (or a list of strings), "
+                           f"got {type(value).__name__}")
+    return value
 
 
 def text_field(record: Record, name: str, flag: str) -> str:
-    value = field(record, name, flag)
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
-    if not isinstance(value, str):
-        raise LmforgeError(f"{record.where}: field {name!r} ({flag}) must be text, got {type(value).__name__}")
-    return value
+    """``field`` as text (``as_text``)."""
+    return as_text(field(record, name, flag), name, record.where, flag)
 
 
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")

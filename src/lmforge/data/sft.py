@@ -1,7 +1,8 @@
 """Supervised fine-tuning data: files of examples -> token ids with the prompt masked -> batches.
 
-Owns the four record formats of SFT files (read by ``data/records.load_records``: .jsonl, .json or .csv,
-optionally gzipped; errors name the file and line as for every dataset), rendering
+Owns the four record formats of SFT files (read by ``data/records.load_records``: .jsonl, .json, .csv or
+.txt/.md, optionally gzipped, or .parquet; errors name the file and line as for every dataset; ``prompt_field``
+and ``response_field`` may be dotted paths into nested records such as ``dialogue.summary``), rendering
 each record with the model's chat template or a plain prompt template, the loss mask, truncation,
 packing, and a resumable batch source (``SFTBatches``) for the training loop.
 
@@ -37,7 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lmforge.data.records import Record, load_records, render
+from lmforge.data.records import Record, as_text, load_records, lookup, render
 from lmforge.data.tokens import IGNORE_INDEX, pad_rows
 from lmforge.errors import LmforgeError
 from lmforge.tokenizer import Tokenizer, check_messages
@@ -71,7 +72,10 @@ def _missing(record: dict, name: str, where: str) -> LmforgeError:
 
 
 def _get(record: dict, name: str, where: str, optional: bool = False) -> str:
-    """The string field ``name`` of a record ("" when optional and absent or null)."""
+    """The string field ``name`` of a record ("" when optional and absent or null); ``name`` may be a dotted path
+    into nested records (``data/records.lookup``)."""
+    if name not in record and "." in name:
+        return as_text(lookup(record, name, where, "field path"), name, where, "field path")
     if name not in record:
         if optional:
             return ""
