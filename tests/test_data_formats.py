@@ -202,3 +202,51 @@ def test_dpo_warns_once_with_the_count_of_dropped_pairs(toks):
         warnings.simplefilter("always")
         tokenize_pairs(pairs[:1], encode, tok, max_len=8)
     assert caught == []
+
+
+# ----------------------------------------------------------------------------- finetune --show-example
+def test_show_example_prints_the_first_example_with_its_loss_mask_and_trains_nothing(tiny_lm_dirs, toks, tmp_path,
+                                                                                      capsys):
+    from lmforge.cli.main import main
+    from lmforge.data.tokens import IGNORE_INDEX
+
+    rows = [{"messages": [{"role": "user", "content": "What is the capital of France?"},
+                          {"role": "assistant", "content": "Paris."}]},
+            {"messages": [{"role": "user", "content": "one two"}, {"role": "assistant", "content": "three"}]}]
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)
+    out = tmp_path / "run"
+    assert main(["finetune", "--train", str(data), "-m", str(tiny_lm_dirs["chat"]), "--show-example",
+                 "-o", str(out)]) == 0
+    shown = capsys.readouterr().out
+    ex = load_sft_data(data, toks["chat"], max_len=128).examples[0]
+    trained = [t for i, (t, y) in enumerate(zip(ex.input_ids, ex.labels)) if i and y != IGNORE_INDEX]
+    assert shown == (
+        f"example 1 of 2 ({data}, line 1; max_len=128):\n"
+        f"input ({len(ex.input_ids)} tokens; {len(trained)} trained, {len(ex.input_ids) - len(trained)} with no "
+        "loss, shown in [[ ]]):\n"
+        "[[<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n]]Paris.<|im_end|>[[\n]]\n"
+        f"trained tokens (the loss covers these {len(trained)}):\nParis.<|im_end|>\n")
+    assert toks["chat"].decode(trained, skip_special_tokens=False) == "Paris.<|im_end|>"
+    assert not out.exists()  # nothing trained, nothing written
+
+    plain = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "one two", "completion": " three"}])
+    assert main(["finetune", "--train", str(plain), "-m", str(tiny_lm_dirs["plain"]), "--show-example",
+                 "--max-len", "64", "-o", str(out)]) == 0
+    assert "\n[[one two]] three<|endoftext|>\n" in capsys.readouterr().out
+    assert not out.exists()
+
+
+def test_dpo_show_example_marks_the_prompt_counts_the_dropped_and_trains_nothing(tiny_lm_dirs, tmp_path, capsys):
+    from lmforge.cli.main import main
+
+    data = write_jsonl(tmp_path / "p.jsonl", [
+        {"prompt": "one two three four five six seven " * 8, "chosen": " a", "rejected": " b"},  # too long: dropped
+        {"prompt": "What is the capital of France?", "chosen": " Paris.", "rejected": " Rome."}])
+    out = tmp_path / "run"
+    assert main(["rlhf", "dpo", "--data", str(data), "-m", str(tiny_lm_dirs["plain"]), "--max-len", "24",
+                 "--show-example", "-o", str(out)]) == 0
+    shown = capsys.readouterr().out.splitlines()
+    assert shown[0].startswith(f"pair 1 of 1 ({data}, line 2; max_len=24, 1 dropped as too long); the prompt's ")
+    assert shown[1:] == ["chosen (4 response tokens scored):", "[[What is the capital of France?]] Paris.<|endoftext|>",
+                         "rejected (7 response tokens scored):", "[[What is the capital of France?]] Rome.<|endoftext|>"]
+    assert not out.exists()

@@ -122,6 +122,36 @@ def tokenize_pairs(pairs: list[Pair], encode_prompt, tokenizer, max_len: int) ->
     return out, dropped
 
 
+def show_pair(data: str | Path, model: str | None, chat: bool | None, max_len: int | None, limit: int | None = None,
+              *, color: bool = False) -> str:
+    """The first preference pair of ``data`` as ``rlhf dpo`` would score it: each response after the prompt, the
+    prompt tokens (no log-prob counted) marked as ``data/sft.mark_untrained`` does, and how many pairs there are.
+    Reads ``model``'s config and tokenizer and the whole file; builds no model, writes nothing."""
+    from lmforge.data.sft import mark_untrained
+    from lmforge.lm import LM, read_checkpoint
+
+    pairs = load_preference_pairs(data, limit)
+    ckpt = read_checkpoint(model)
+    tok = ckpt.tokenizer
+    encoder = LM(None, tok, str(model))  # type: ignore[arg-type]  # encode() reads the tokenizer only
+    max_len = max_len or min(512, ckpt.config.max_seq_len)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the count is in the header
+        items, dropped = tokenize_pairs(pairs, lambda p: encoder.encode(p, chat), tok, max_len)
+    if not items:
+        raise LmforgeError(f"{data}: every prompt is longer than max_len={max_len} tokens")
+    first = items[0]
+    kept = next(p for p in pairs if len(encoder.encode(p.prompt, chat)) < max_len)
+    out = [f"pair 1 of {len(items)} ({kept.where}; max_len={max_len}"
+           f"{f', {dropped} dropped as too long' if dropped else ''}); the prompt's {len(first.prompt)} tokens "
+           f"count no log-prob, shown {'dim' if color else 'in [[ ]]'}:"]
+    for name, response in (("chosen", first.chosen), ("rejected", first.rejected)):
+        ids = first.prompt + response
+        out.append(f"{name} ({len(response)} response tokens scored):")
+        out.append(mark_untrained(ids, [False] * len(first.prompt) + [True] * len(response), tok, color))
+    return "\n".join(out) + "\n"
+
+
 def collate(items: list[TokenPair], pad_id: int) -> tuple[Tensor, Tensor]:
     """Right-padded input ids (2B, T) and labels (2B, T): rows 0..B-1 chosen, B..2B-1 rejected; labels are
     ``IGNORE_INDEX`` on prompt and padding tokens."""

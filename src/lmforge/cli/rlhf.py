@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import lmforge.cli.options as options
@@ -44,6 +45,14 @@ def cmd_ppo(a: argparse.Namespace) -> int:
 def cmd_dpo(a: argparse.Namespace) -> int:
     from lmforge.alignment.rlhf import DPOConfig, dpo
 
+    if a.show_example:  # an action like --print-config, not a recipe setting
+        from lmforge.alignment.dpo import show_pair
+
+        c = options.recipe_from_args(DPOConfig, a)
+        if not a.print_config:
+            color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+            print(show_pair(c.data, c.model, c.chat, c.max_len, c.limit, color=color), end="")
+        return 0
     return _run(a, DPOConfig, dpo)
 
 
@@ -86,6 +95,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                     "reward) and reward accuracy per step to OUT_DIR/metrics.jsonl; writes "
                                     "OUT_DIR/config.yaml and OUT_DIR/final.")
     options.add_recipe_args(q, DPOConfig)
+    q.add_argument("--show-example", action="store_true",
+                   help="print the first pair as it will be scored (prompt tokens, which count no log-prob, in "
+                        "[[ ]], dim on a terminal) and exit without training; loads the tokenizer, not the model")
     _add_run_args(q, "rlhf dpo")
     add_nproc_arg(q)
     q.set_defaults(func=cmd_dpo)

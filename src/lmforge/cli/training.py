@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -138,6 +139,11 @@ def cmd_finetune(a: argparse.Namespace) -> int:
     cfg = options.recipe_from_args(FinetuneConfig, a)
     if a.print_config:
         return 0
+    if a.show_example:
+        from lmforge.training.sft import show_example
+
+        print(show_example(cfg, color=sys.stdout.isatty() and not os.environ.get("NO_COLOR")), end="")
+        return 0
     result = finetune(cfg, resume=a.resume, overwrite=a.overwrite, force=a.force)
     print(json.dumps(result, indent=2), file=sys.stdout)
     return 0
@@ -157,6 +163,11 @@ def add_finetune_parser(sub: argparse._SubParsersAction) -> None:
     options.add_recipe_args(p, FinetuneConfig)
     run = p.add_argument_group("run")
     run.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint")
+    # An action like --print-config, not a recipe setting: it is not saved in config.yaml and changes no run.
+    run.add_argument("--show-example", action="store_true",
+                     help="print the first training example as it will be trained (tokens with no loss in [[ ]], "
+                          "dim on a terminal; then the trained tokens alone) and exit without training; loads "
+                          "the tokenizer and the data, not the model")
     add_output_args(run, "finetune")
     add_nproc_arg(run)
     options.add_config_args(run)

@@ -264,6 +264,39 @@ def load_sft_data(paths: str | os.PathLike | list, tokenizer: Tokenizer, *, max_
     return SFTData(kept, dropped, seq2seq, [r for r, e in zip(records, examples) if e is not None])
 
 
+def mark_untrained(ids: list[int], trained: list[bool], tokenizer: Tokenizer, color: bool = False) -> str:
+    """The text of ``ids`` with the runs of tokens the loss ignores (``trained`` False) in ``[[`` ``]]``, or dim
+    with ``color`` (ANSI codes for a terminal). Special tokens are shown; each run is decoded on its own."""
+    runs: list[tuple[bool, list[int]]] = []
+    for t, on in zip(ids, trained):
+        if runs and runs[-1][0] == on:
+            runs[-1][1].append(t)
+        else:
+            runs.append((on, [t]))
+    open_, close = ("\x1b[2m", "\x1b[22m") if color else ("[[", "]]")
+    return "".join(tokenizer.decode(run, skip_special_tokens=False) if on
+                   else f"{open_}{tokenizer.decode(run, skip_special_tokens=False)}{close}" for on, run in runs)
+
+
+def format_example(ex: SFTExample, tokenizer: Tokenizer, *, seq2seq: bool = False, color: bool = False) -> str:
+    """One tokenised example as text with its loss mask, for a person to check what training sees.
+
+    Decoder-only: the whole input with the tokens the loss ignores marked (``mark_untrained``), then the trained
+    tokens alone. Position 0 counts as ignored (nothing predicts it: ``SFTBatches.collate``). Encoder-decoder:
+    the source (never trained) and the target (all trained)."""
+    def text(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=False)
+
+    if seq2seq:
+        return (f"encoder input ({len(ex.input_ids)} tokens, no loss):\n{text(ex.input_ids)}\n"
+                f"decoder target ({len(ex.labels)} tokens, all trained):\n{text(ex.labels)}\n")
+    trained = [i > 0 and y != IGNORE_INDEX for i, y in enumerate(ex.labels)]
+    n = sum(trained)
+    return (f"input ({len(ex.input_ids)} tokens; {n} trained, {len(ex.input_ids) - n} with no loss, shown "
+            f"{'dim' if color else 'in [[ ]]'}):\n{mark_untrained(ex.input_ids, trained, tokenizer, color)}\n"
+            f"trained tokens (the loss covers these {n}):\n{text([t for t, on in zip(ex.input_ids, trained) if on])}\n")
+
+
 # ----------------------------------------------------------------------------- batches
 def pack_rows(lengths: list[int], order: list[int], max_len: int) -> list[list[int]]:
     """Greedy packing: walk ``order`` and start a new row whenever the next example does not fit."""

@@ -62,7 +62,8 @@ class FinetuneConfig(ScaleOut):
     recipe: ClassVar[str] = "finetune"
 
     train: tuple[Path, ...] = option((), group="data")
-    """Training files: .jsonl, .json (a list of objects) or .csv, optionally gzipped (required)."""
+    """Training files: .jsonl, .json (a list of objects) or .csv, optionally gzipped, or .parquet (required);
+    fields may be dotted paths into nested records (--response-field dialogue.summary)."""
     dev: tuple[Path, ...] = option((), group="data")
     """Dev files for val_loss and ROUGE-L (none: no evaluation)."""
     format: Literal["alpaca", "messages", "prompt-completion", "fields"] | None = option(None, group="data")
@@ -362,6 +363,17 @@ def evaluate_sft(model: nn.Module, tokenizer: Tokenizer, dev: SFTBatches, *, los
 
 
 # ----------------------------------------------------------------------------- the recipe
+def sft_max_len(max_len: int | None, config: Any, name: str) -> int:
+    """Tokens per example: ``max_len``, or 512 or the context window of ``config`` (a model's), whichever is
+    smaller; more than a decoder's context window is refused."""
+    seq2seq = config.arch == "encoder-decoder"
+    if max_len is None:
+        max_len = 512 if seq2seq else min(512, config.max_seq_len)
+    if not seq2seq and max_len > config.max_seq_len:
+        raise LmforgeError(f"max_len={max_len} exceeds the context window of {name} ({config.max_seq_len})")
+    return max_len
+
+
 @claims_output("finetune", inputs=("model", "adapter"), config="recipe")
 def finetune(recipe: FinetuneConfig, *, resume: bool = False, overwrite: bool = False,
              force: bool = False) -> dict[str, Any]:
@@ -414,10 +426,7 @@ def finetune(recipe: FinetuneConfig, *, resume: bool = False, overwrite: bool = 
                            num_virtual_tokens=r.virtual_tokens, prompt_init_ids=init_ids, seed=seed)
     else:
         net = continue_adapter(net, method, r.adapter)
-    if max_len is None:
-        max_len = 512 if seq2seq else min(512, net.config.max_seq_len)
-    if not seq2seq and max_len > net.config.max_seq_len:
-        raise LmforgeError(f"max_len={max_len} exceeds the context window of {lm.name} ({net.config.max_seq_len})")
+    max_len = sft_max_len(max_len, net.config, lm.name)
     chat = {"auto": None, "chat": True, "plain": False}[r.template]
     data_args = dict(max_len=max_len, seq2seq=seq2seq, chat=chat, format=r.format, prompt_template=r.prompt_template,
                      prompt_field=r.prompt_field, response_field=r.response_field)
@@ -452,6 +461,35 @@ def finetune(recipe: FinetuneConfig, *, resume: bool = False, overwrite: bool = 
                    tokens_per_batch=lambda b: int(b["attention_mask"].sum()))
     return {**result, "train_examples": len(data.examples), "dropped": data.dropped, "steps": steps,
             "out_dir": str(Path(out_dir) / "final")}
+
+
+def show_example(recipe: FinetuneConfig, *, color: bool = False) -> str:
+    """The first training example of ``recipe`` as ``finetune`` would train on it, with its loss mask
+    (``data/sft.format_example``), and how many examples there are. Reads the model's config and tokenizer
+    and the whole training data (so a bad record is reported as in training); builds no model, writes nothing."""
+    import dataclasses
+
+    from lmforge.data.sft import format_example, load_sft_data
+    from lmforge.lm import read_checkpoint
+
+    r = recipe
+    ckpt = read_checkpoint(r.model)
+    config, tok, name = ckpt.config, ckpt.tokenizer, str(r.model or "the default model")
+    if config.arch not in ("decoder", "encoder-decoder"):
+        raise LmforgeError(f"{name} is an {config.arch} model; fine-tuning needs a decoder-only or encoder-decoder "
+                           "model")
+    if r.method == "prompt-tuning" and r.adapter is None:  # the virtual tokens take part of the context window
+        config = dataclasses.replace(config, max_seq_len=config.max_seq_len - r.virtual_tokens)
+    seq2seq = config.arch == "encoder-decoder"
+    max_len = sft_max_len(r.max_len, config, name)
+    data = load_sft_data(list(r.train), tok, max_len=max_len, seq2seq=seq2seq,
+                         chat={"auto": None, "chat": True, "plain": False}[r.template], format=r.format,
+                         prompt_template=r.prompt_template, prompt_field=r.prompt_field,
+                         response_field=r.response_field, limit=r.limit)
+    first = data.records[0]
+    head = (f"example 1 of {len(data.examples)} ({first.where}; max_len={max_len}"
+            f"{f', {data.dropped} dropped as too long' if data.dropped else ''}):\n")
+    return head + format_example(data.examples[0], tok, seq2seq=seq2seq, color=color)
 
 
 # ----------------------------------------------------------------------------- command line
