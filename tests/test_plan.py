@@ -97,6 +97,33 @@ def test_activations_are_what_autograd_saves(method, precision, dropout, seq, to
     assert sum(saved.values()) == pytest.approx(planned, rel=tolerance)
 
 
+def test_fused_loss_keeps_its_gradients_not_the_logits():
+    """Pretraining's linear_cross_entropy keeps the two gradients it computes in the forward pass (counted in the
+    plan's loss buffers, next to its peak of 2 x N x V fp32) and not the head's input."""
+    from lmforge.models.decoder import DecoderLM
+    from lmforge.training.objectives import linear_cross_entropy
+
+    config = ModelConfig(**{**TINY, "n_embd": 16, "n_head": 4, "n_kv_head": 2, "intermediate_size": 24})
+    torch.manual_seed(0)
+    model = DecoderLM(config)
+    held = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in held:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    idx = torch.randint(0, config.vocab_size, (2, 8))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        linear_cross_entropy(model.hidden_states(idx), model.lm_head.weight, idx)
+    p = plan(config, batch_size=2, seq_len=8, loss="fused")
+    logits = 16 * config.vocab_size * 8  # the logits and the log-probabilities, fp32: not kept past the forward
+    assert sum(saved.values()) == p.activations + p.loss - logits
+    assert p.loss - logits == 16 * 16 * 4 + config.vocab_size * 16 * 4  # grad_h (N, C) and grad_w (V, C)
+    assert plan(config, batch_size=2, seq_len=8).loss == 16 * config.vocab_size * 12
+
+
 MEASURE = textwrap.dedent("""
     import json, sys
     import torch
@@ -143,14 +170,14 @@ MEASURE = textwrap.dedent("""
 
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_peak_matches_measured_cpu_memory(method):
-    """Peak resident memory of building a ~13M-parameter fp32 model and taking 2 AdamW steps, in a fresh process,
+    """Peak resident memory of building a ~10M-parameter fp32 model and taking 2 AdamW steps, in a fresh process,
     is within 25% of the plan's peak.
 
     Measured as VmHWM minus VmRSS, after a warm-up step on a throwaway copy (then freed) and a reset of VmHWM
     (/proc/self/clear_refs), so the baseline holds imports and the libraries' workspaces but not the model.
     glibc's mmap threshold is fixed at 64 KiB so that a freed tensor leaves the resident set (with the dynamic
     threshold, freed heap chunks stay resident and later ones add to them)."""
-    cfg = dict(vocab_size=8192, n_layer=4, n_embd=384, n_head=6, intermediate_size=1024, max_seq_len=256)
+    cfg = dict(vocab_size=8192, n_layer=2, n_embd=384, n_head=6, intermediate_size=1024, max_seq_len=256)
     spec = dict(config=cfg, method=method, batch=2, seq=128, r=8, targets=["q_proj", "v_proj"])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
     out = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(spec)], capture_output=True, text=True, env=env,
@@ -198,9 +225,14 @@ def test_cli_plan_table_json_and_memory(capsys):
     (["--strategy", "zero3"], "--strategy: invalid choice"),
     (["-m", "bert-nope/x/y"], "unknown model"),
     (["--set", "n_layer"], "expected KEY=VALUE"),
+    (["--set", "n_head=abc"], "config field n_head must be an integer >= 1, got 'abc'"),
+    (["--set", "arch=encoder"], "lmforge plan covers decoder-only models"),
+    (["--seq-len", "300"], "seq_len 300 exceeds the context window of tiny-llama (256 tokens)"),
+    (["--method", "prompt-tuning", "--seq-len", "250"], "seq_len 250 + 20 virtual tokens exceeds"),
+    (["--method", "lora", "--lora-targets", "nothing"], "LoRA targets ['nothing'] match no linear layer"),
 ])
 def test_cli_plan_bad_input(capsys, argv, needle):
-    assert main(["plan", *argv]) == 2
+    assert main(["plan", "-m", "tiny-llama", *argv]) == 2
     err = capsys.readouterr().err
     assert needle in err and err.count("\n") == 1 and "Traceback" not in err
 

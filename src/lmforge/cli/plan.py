@@ -30,7 +30,8 @@ def cmd_plan(a: argparse.Namespace) -> int:
     kwargs = dict(method=a.method, strategy=a.strategy, world=a.world, precision=a.precision, seq_len=a.seq_len,
                   activation_checkpointing=a.activation_checkpointing, lora_r=a.lora_r,
                   lora_targets=a.lora_targets, lora_dropout=a.lora_dropout, quant=a.quant,
-                  virtual_tokens=a.virtual_tokens, device=a.device, serve_batch=a.serve_batch, context=a.context)
+                  virtual_tokens=a.virtual_tokens, device=a.device, serve_batch=a.serve_batch, context=a.context,
+                  loss=a.loss)
     result = plan(config, batch_size=a.batch_size, **kwargs)
     fits = None if a.memory is None else max_batch_size(config, a.memory, **kwargs)
     if a.json:
@@ -51,7 +52,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``lmforge plan`` to the ``lmforge`` parser."""
-    from lmforge.training.plan import DEVICES, METHODS, PRECISIONS, QUANTS, STRATEGIES
+    from lmforge.training.plan import DEVICES, LOSSES, METHODS, PRECISIONS, QUANTS, STRATEGIES
 
     p = sub.add_parser(
         "plan", help="memory per rank and FLOPs per token of a training run, before launching it",
@@ -83,6 +84,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also report the largest micro-batch whose peak fits SIZE per rank, e.g. 24GiB, 80GB")
     p.add_argument("--device", choices=DEVICES, default="cuda",
                    help="where it trains: the AdamW step's temporaries differ (default: %(default)s)")
+    p.add_argument("--loss", choices=LOSSES, default="plain",
+                   help="plain: cross-entropy over the logits (finetune, dpo); fused: the LM head and loss in one "
+                        "(pretrain's decoder objective), one (batch x seq x vocab) buffer less (default: %(default)s)")
     peft = p.add_argument_group("parameter-efficient methods (as in lmforge finetune)")
     peft.add_argument("--lora-r", type=int_arg("--lora-r"), default=16, help="LoRA rank (default: %(default)s)")
     peft.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj",

@@ -39,6 +39,9 @@ STRATEGIES = ("ddp", "fsdp")
 PRECISIONS = ("fp32", "bf16", "bf16-pure")  # bf16: autocast over fp32 weights (the loop's --precision bf16)
 DEVICES = ("cuda", "cpu")
 QUANTS = ("nf4", "int8")
+LOSSES = ("plain", "fused")  # F.cross_entropy over the logits; objectives.linear_cross_entropy (pretraining)
+SHAPE_FIELDS = ("vocab_size", "n_layer", "n_embd", "n_head", "n_kv_head", "head_dim", "intermediate_size",
+                "max_seq_len")
 NF4_BYTES = 0.5 + 4 / 64  # two codes a byte, one float32 absmax per block of 64 weights
 
 
@@ -47,6 +50,7 @@ def load_config(model: str, overrides: dict[str, Any] | None = None) -> ModelCon
     other verbs (an embedded model, an HF directory, a .gguf file); only its config is read. ``overrides``:
     config fields to change (``--set n_layer=4``)."""
     overrides = dict(overrides or {})
+    _check_shape({k: v for k, v in overrides.items() if k in SHAPE_FIELDS and v is not None})
     if model in PRESETS:
         return preset(model, **overrides)
     from lmforge.checkpoints.resolve import resolve
@@ -63,6 +67,7 @@ def load_config(model: str, overrides: dict[str, Any] | None = None) -> ModelCon
         config = read_gguf_info(source.path)[0]
     if overrides:
         config = ModelConfig.from_dict({**config.to_dict(), **overrides})
+    config.name = str(model)  # the name the user gave, not the folder's or the GGUF's
     return config
 
 
@@ -179,6 +184,12 @@ def parse_memory(text: str) -> int:
     return int(value)
 
 
+def _check_shape(fields: dict[str, Any]) -> None:
+    for name, value in fields.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise LmforgeError(f"config field {name} must be an integer >= 1, got {value!r}")
+
+
 def _check(name: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise LmforgeError(f"{name} {value!r}; allowed: {', '.join(allowed)}")
@@ -188,22 +199,26 @@ def plan(config: ModelConfig, *, method: str = "full", strategy: str = "ddp", wo
          precision: str = "fp32", batch_size: int = 1, seq_len: int | None = None,
          activation_checkpointing: bool = False, lora_r: int = 16, lora_targets: str | list[str] =
          "q_proj,k_proj,v_proj,o_proj", lora_dropout: float = 0.05, quant: str = "nf4", virtual_tokens: int = 20,
-         device: str = "cuda", serve_batch: int = 1, context: int | None = None) -> Plan:
+         device: str = "cuda", serve_batch: int = 1, context: int | None = None, loss: str = "plain") -> Plan:
     """Memory per rank and FLOPs per token for training ``config`` (a decoder-only model) this way.
 
     ``seq_len`` defaults to min(2048, the context window); ``lora_*``, ``quant`` and ``virtual_tokens`` mean
     what they mean in ``lmforge finetune`` (the same defaults); ``device`` picks the AdamW implementation
     torch uses there (foreach on cuda, a per-tensor loop on cpu); ``serve_batch`` x ``context`` sizes the
     KV cache (context defaults to the context window). The loss is counted over every position (pretraining,
-    or SFT whose every token is labelled: the worst case).
+    or SFT whose every token is labelled: the worst case); ``loss``: ``plain`` (``F.cross_entropy`` over the
+    logits: fine-tuning, DPO) or ``fused`` (``objectives.linear_cross_entropy``: decoder pretraining).
     """
     _check("method", method, METHODS)
     _check("strategy", strategy, STRATEGIES)
     _check("precision", precision, PRECISIONS)
     _check("device", device, DEVICES)
     _check("quant", quant, QUANTS)
+    _check("loss", loss, LOSSES)
     if config.arch != "decoder":
-        raise LmforgeError(f"{config.name} is a {config.arch} model; lmforge plan covers decoder-only models")
+        raise LmforgeError(f"{config.name} is an {config.arch} model (arch={config.arch!r}); lmforge plan covers "
+                           "decoder-only models")
+    _check_shape({name: getattr(config, name) for name in SHAPE_FIELDS})
     seq_len = min(2048, config.max_seq_len) if seq_len is None else seq_len
     context = config.max_seq_len if context is None else context
     for name, value in (("world", world), ("batch_size", batch_size), ("seq_len", seq_len), ("lora_r", lora_r),
@@ -212,6 +227,11 @@ def plan(config: ModelConfig, *, method: str = "full", strategy: str = "ddp", wo
             raise LmforgeError(f"{name} must be an integer >= 1, got {value!r}")
     if not 0 <= lora_dropout < 1:
         raise LmforgeError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+    virtual = virtual_tokens if method == "prompt-tuning" else 0
+    if seq_len + virtual > config.max_seq_len or context > config.max_seq_len:
+        what = (f"seq_len {seq_len}" + (f" + {virtual} virtual tokens" if virtual else "")
+                if seq_len + virtual > config.max_seq_len else f"context {context}")
+        raise LmforgeError(f"{what} exceeds the context window of {config.name} ({config.max_seq_len} tokens)")
     if isinstance(lora_targets, str) and lora_targets != "all-linear" and not any(c in lora_targets
                                                                                    for c in "*^$[(|\\+?"):
         lora_targets = [t.strip() for t in lora_targets.split(",") if t.strip()]  # as sft.parse_lora_targets
@@ -248,9 +268,9 @@ def plan(config: ModelConfig, *, method: str = "full", strategy: str = "ddp", wo
     rope = 2 * c.head_dim * (2 if precision == "bf16-pure" else 4) if c.positions == "rope" else 0
     res = 2 if precision == "bf16-pure" else 4  # residual stream bytes
     head_trains = method == "full"
-    final = d * res + 4 + (2 * d * res if head_trains else 0)  # x, 1/rms, and hn and the head's input
-    if precision == "bf16" and head_trains:
-        final += 2 * d  # the head's bf16 copy of its input
+    final = d * res + 4 + (d * res if head_trains else 0)  # the final norm's x, 1/rms, and hn
+    if head_trains and loss == "plain":  # the head's input, kept by the linear (fused keeps gradients instead)
+        final += 2 * d if precision == "bf16" else d * res  # under autocast a bf16 copy
     if activation_checkpointing:
         kept = L * d * res + max(per_block)  # block inputs, and one block recomputed during backward
     else:
@@ -262,7 +282,9 @@ def plan(config: ModelConfig, *, method: str = "full", strategy: str = "ddp", wo
     if precision == "bf16":  # autocast's bf16 weight casts are saved for backward by every linear
         weight_copies += (linear_weights // (L if activation_checkpointing else 1) + V * d) * 2
     activations += weight_copies
-    loss = _loss_buffers(batch_size * seq_len, V, precision)
+    loss_bytes = _loss_buffers(batch_size * seq_len, V, precision, loss)
+    if loss == "fused":  # it computes both gradients in the forward pass and keeps them until backward
+        loss_bytes += batch_size * seq_len * d * res + (V * d * pb if head_trains else 0)
 
     if strategy == "ddp":
         strategy_buffers = gradients if world > 1 else 0
@@ -287,7 +309,8 @@ def plan(config: ModelConfig, *, method: str = "full", strategy: str = "ddp", wo
     return Plan(model=c.name, method=method, strategy=strategy, world=world, precision=precision,
                 batch_size=batch_size, seq_len=seq_len, activation_checkpointing=activation_checkpointing,
                 parameters=n_params, trainable=trainable, weights=weights, gradients=gradients, optimizer=optimizer,
-                optimizer_step=optimizer_step, activations=activations, loss=loss, strategy_buffers=strategy_buffers,
+                optimizer_step=optimizer_step, activations=activations, loss=loss_bytes,
+                strategy_buffers=strategy_buffers,
                 train_flops_per_token=float(train_flops), recompute_flops_per_token=float(recompute),
                 inference_flops_per_token=float(2 * n_matmul + 4 * L * c.n_head * c.head_dim * context),
                 kv_cache=kv, serve_batch=serve_batch, context=context, notes=notes)
@@ -376,11 +399,16 @@ def _block_saved(c: ModelConfig, i: int, method: str, adapted: set[str], precisi
     return total
 
 
-def _loss_buffers(n: int, vocab: int, precision: str) -> int:
-    """Bytes of the loss over the vocabulary for n positions: the log-softmax (fp32) kept for backward, and
-    during backward its gradient and the logits' gradient (fp32); under bf16 the logits themselves are bf16
-    and are cast to fp32 first, so one more bf16 (n, V)."""
-    return n * vocab * (3 * 4 + (2 if precision != "fp32" else 0))
+def _loss_buffers(n: int, vocab: int, precision: str, loss: str) -> int:
+    """Bytes of the loss over the vocabulary for n positions, at its peak.
+
+    plain (``F.cross_entropy``): the fp32 log-softmax kept for backward, and during backward its gradient and the
+    logits' gradient (fp32): 3 x 4 bytes a logit; under bf16 the logits are bf16 and cast to fp32 first (+2).
+    fused (``linear_cross_entropy``): the logits (fp32, or bf16 plus an fp32 cast) and the fp32 log-probabilities
+    that become the logits' gradient in place: 2 x 4 bytes; under bf16 the bf16 logits, their fp32 cast and the
+    log-probabilities: 2 + 4 + 4."""
+    per_logit = {"plain": 12 if precision == "fp32" else 14, "fused": 8 if precision == "fp32" else 10}[loss]
+    return n * vocab * per_logit
 
 
 def max_batch_size(config: ModelConfig, memory: int, **kwargs: Any) -> int:
