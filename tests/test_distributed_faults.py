@@ -140,16 +140,18 @@ def resume_on_two(args: list[str], out: Path) -> None:
 
 
 def test_mismatched_configs_between_ranks_are_one_clear_error(pretrain, tmp_path):
-    """Rank 1 started with another --lr and --seed: every rank stops at the start with a line naming rank 1 and
-    both fields (rank 0's values beside them); nothing is trained."""
+    """Rank 1 started with another --lr, --seed and --strategy: every rank stops at the start, before the
+    model is wrapped (whose collectives would differ), with a line naming rank 1 and the fields (rank 0's
+    values beside them); nothing is trained."""
     args, _ = pretrain
     proc = start([*args, "-o", str(tmp_path / "out")], tmp_path / "faults",
-                 FAULT_RANK1_ARGS=json.dumps(["--lr", "2e-2", "--seed", "7"]))
+                 FAULT_RANK1_ARGS=json.dumps(["--lr", "2e-2", "--seed", "7", "--strategy", "fsdp"]))
     rc, out = finish(proc, tmp_path / "faults", timeout=240)
     assert rc != 0
     lines = [line for line in out.splitlines() if "different run configs" in line]
     assert lines and all(line.startswith(("error (rank 0/2): ", "error (rank 1/2): ")) for line in lines), out[-3000:]
     assert "rank 1 has lr=0.02 (rank 0: 0.01)" in lines[0] and "seed=7 (rank 0: " in lines[0], lines[0]
+    assert 'strategy="fsdp" (rank 0: "auto")' in lines[0], lines[0]
     assert "every rank must run the same command" in lines[0]
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
 

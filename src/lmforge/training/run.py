@@ -11,7 +11,8 @@ Under data parallelism (``distributed.py``) only rank 0 writes: the log, the plo
 state is the same on every rank, the batch source's position global) and the final save; the other ranks
 wait for it at a barrier and, on resume, read the checkpoint rank 0 has recovered. Under FSDP every rank writes
 its own shards of each checkpoint (``sharded.py``) and the final model is gathered whole to rank 0.
-``restore`` first checks that every rank holds the same run configuration (``Dist.check_same``).
+Joining a job (``run.dist = dist``, before any other collective) checks that every rank holds the same run
+configuration (``Dist.check_same``).
 """
 
 from __future__ import annotations
@@ -110,17 +111,28 @@ class RunDir:
         self.run_config = json.loads(json.dumps(run_config or {}, default=str))
         self.resume, self.tokenizer = resume, tokenizer
         self.log: MetricsLog | None = None
-        self.dist = Dist()
+        self._dist = Dist()
         if write_config and env_rank() == 0:
             from lmforge.io import write_json_atomic
 
             write_json_atomic(self.path / "config.json", self.run_config)
 
+    @property
+    def dist(self) -> Dist:
+        return self._dist
+
+    @dist.setter
+    def dist(self, dist: Dist) -> None:
+        """Join the run to a data-parallel job (the training loop does, right after the process group is set up
+        and before any other collective, so ranks that differ in their strategy or data fail here rather than in
+        a mismatched collective): every rank must hold the same ``run_config`` (``Dist.check_same``)."""
+        dist.check_same("run config", self.run_config)
+        self._dist = dist
+
     def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer, batches: BatchSource | None) -> dict | None:
         """Open ``metrics.jsonl``; when resuming, first put ``model``, ``optimizer``, the RNGs and ``batches`` back
         as the newest checkpoint left them and return its state (``step`` and the recipe's extras), else None.
         The log keeps only the rows up to the checkpoint's step."""
-        self.dist.check_same("run config", self.run_config)  # every rank ran the same command (distributed.py)
         state = None
         if self.resume:
             path = recover_checkpoint(self.path) if self.dist.is_main else None
