@@ -77,7 +77,7 @@ def test_stop_string_is_not_printed(tiny_lm_dirs, capsys):
 
 
 def test_chat_multi_turn(tiny_lm_dirs, capsys, monkeypatch):
-    code, out, _ = run(capsys, "chat", "-m", tiny_lm_dirs["chat"], "-n", "6", "--system", "Be brief.",
+    code, out, _ = run(capsys, "chat", "-m", tiny_lm_dirs["chat"], "-n", "6", "-t", "0", "--system", "Be brief.",
                        stdin="hello\n/reset\nsecond message\n/exit\nnever read\n", monkeypatch=monkeypatch)
     assert code == 0
     assert len(out.splitlines()) == 2  # two replies: one per user line, /reset and /exit are commands

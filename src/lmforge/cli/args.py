@@ -79,12 +79,16 @@ def seed_arg(text: str) -> int:
     return value
 
 
-def add_sampling_args(p: argparse.ArgumentParser) -> None:
+def add_sampling_args(p: argparse.ArgumentParser, temperature: float = 0.0,
+                      why: str = "greedy: the same output every run, for scripts and comparisons") -> None:
+    """The sampling flags. ``temperature`` and ``why``: the verb's default and its reason, shown in ``--help``
+    (``generate`` 0, greedy; ``chat`` 0.7; the HTTP API's is OpenAI's 1.0: README "Temperature defaults")."""
     g = p.add_argument_group("generation")
     g.add_argument("-n", "--max-new-tokens", type=int_arg("--max-new-tokens"), default=256,
                    help="most tokens to generate (default: %(default)s)")
-    g.add_argument("-t", "--temperature", type=temperature_arg, default=0.0,
-                   help="0 = greedy, deterministic (default); otherwise >= 0.01, higher = more random")
+    g.add_argument("-t", "--temperature", type=temperature_arg, default=temperature,
+                   help=f"0 = greedy, deterministic; otherwise >= 0.01, higher = more random "
+                        f"(default: {temperature:g}, {why})")
     g.add_argument("--top-k", type=int_arg("--top-k"), default=None, help="sample only from the k most likely tokens")
     g.add_argument("--top-p", type=top_p_arg, default=None,
                    help="nucleus sampling: the smallest set of tokens whose probability reaches p, in [1e-6, 1]")

@@ -80,37 +80,14 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
 
 def cmd_chat(a: argparse.Namespace) -> int:
+    from lmforge.cli.chat import chat_loop
+
     lm = load_generator(a)
     if not lm.has_chat_template:
         raise LmforgeError(f"{a.model} has no chat template, so it cannot chat; use `lmforge generate` instead")
-    messages: list[dict[str, str]] = [{"role": "system", "content": a.system}] if a.system else []
-    interactive = sys.stdin.isatty()
-    if interactive:
-        print(f"Chatting with {a.model}. /reset clears the conversation, /exit (or Ctrl-D) quits.", file=sys.stderr)
     kwargs = sampling_kwargs(a)
-    while True:
-        if interactive:
-            print("you> ", end="", flush=True, file=sys.stderr)
-        line = sys.stdin.readline()
-        if not line:
-            break
-        text = line.strip()
-        if not text:
-            continue
-        if text in ("/exit", "/quit"):
-            break
-        if text == "/reset":
-            messages = messages[:1] if a.system else []
-            continue
-        messages.append({"role": "user", "content": text})
-        if interactive:
-            print("assistant> ", end="", flush=True, file=sys.stderr)
-        reply = ""
-        for piece in lm.stream(messages, **kwargs):
-            reply += piece
-            print(piece, end="", flush=True)
-        print(flush=True)
-        messages.append({"role": "assistant", "content": reply})
+    chat_loop(sys.stdin.readline, lambda messages: lm.stream(messages, **kwargs), model=a.model,
+              system=a.system, interactive=sys.stdin.isatty())
     return 0
 
 
@@ -243,10 +220,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("chat", help="interactive multi-turn chat",
                        description="Chat with a model that has a chat template. Reads one message per line from "
-                                   "standard input; /reset clears the history, /exit quits.")
+                                   "standard input (a message between \"\"\" marks may span lines); replies go to "
+                                   "standard output. /help lists the commands: /reset clears the conversation, "
+                                   "/save FILE writes it (.json or Markdown), /exit quits. Samples at temperature "
+                                   "0.7 by default, like the playground: varied replies for a person; -t 0 is "
+                                   "greedy and repeatable.")
     c.add_argument("--system", help="system message for the conversation")
     add_model_args(c)
-    add_sampling_args(c)
+    add_sampling_args(c, temperature=0.7, why="varied replies for a person, as in the playground; -t 0 is greedy")
     c.set_defaults(func=cmd_chat)
 
     e = sub.add_parser("embed", help="sentence embeddings and cosine similarity with an encoder model",

@@ -1,7 +1,8 @@
 """The OpenAI wire format: request bodies (validated), response and stream-chunk shapes, errors.
 
 This module owns what the JSON looks like for ``/v1/completions``, ``/v1/chat/completions``,
-``/v1/embeddings`` and ``/v1/models`` (https://platform.openai.com/docs/api-reference) and the error body
+``/v1/embeddings`` and ``/v1/models`` (https://platform.openai.com/docs/api-reference), vLLM's ``/tokenize``
+(the rendered prompt and its token ids) and the error body
 ``{"error": {"message", "type", "param", "code"}}``. It holds no model and no HTTP server.
 
 Supported request fields: model, prompt | messages, max_tokens (chat: also max_completion_tokens),
@@ -220,6 +221,28 @@ def model_card(model_id: str, created: int, parent: str | None = None) -> dict[s
     """A /v1/models entry; a LoRA adapter names its base as ``parent`` (and ``root``), as vLLM does."""
     card = {"id": model_id, "object": "model", "created": created, "owned_by": "lmforge"}
     return card | ({"parent": parent, "root": parent} if parent else {})
+
+
+class TokenizeRequest(BaseModel):
+    """``/tokenize`` (vLLM's route, used by the playground's "show prompt"): the prompt a request would send,
+    as the model sees it. ``messages`` (chat, rendered with the chat template and the generation prompt) or
+    ``prompt`` (a completion's text), exactly one."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    prompt: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        return valid_unicode(data)
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("give exactly one of 'messages' (chat) and 'prompt' (completion)")
+        return self
 
 
 class EmbeddingRequest(BaseModel):

@@ -1,8 +1,8 @@
 """An OpenAI-compatible HTTP server over one model: FastAPI routes, SSE streaming.
 
 This module owns the HTTP side of ``lmforge serve``: ``create_app`` (routes ``/v1/models``,
-``/v1/completions``, ``/v1/chat/completions``, ``/v1/embeddings``, ``/metrics``, ``/health`` and the
-playground page at ``/``),
+``/v1/completions``, ``/v1/chat/completions``, ``/v1/embeddings``, ``/tokenize`` (the rendered prompt, as
+vLLM's route; the playground's "show prompt"), ``/metrics``, ``/health`` and the playground page at ``/``),
 ``serve`` (run it with uvicorn, bound to 127.0.0.1 unless told otherwise) and
 ``BackgroundServer`` (the same app on an ephemeral loopback port in a thread, for tests and
 benchmarks). Requests are tokenised here and handed to ``deploy.batching.Engine``, whose
@@ -52,6 +52,7 @@ from lmforge.deploy.protocol import (
     ChatRequest,
     CompletionRequest,
     EmbeddingRequest,
+    TokenizeRequest,
     chat_body,
     chat_chunk,
     chat_logprobs,
@@ -276,6 +277,24 @@ def create_app(lm, engine: Engine, *, model_id: str, api_key: str | None = None,
                 for j in range(req.n)]
         reply = Reply("chat.completion", canonical(req.model), token_text, k, [[] for _ in seqs], metrics, start)
         return await _respond(request, eng, seqs, reply, req, [""] * req.n, len(ids))
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest):
+        if req.model is not None:
+            pick(req.model)
+        if req.messages is None:
+            check_chars([req.prompt], "prompt")
+            ids = await run_in_threadpool(lm.tokenizer.encode, req.prompt, add_special_tokens=True)
+            text = lm.tokenizer.decode(ids, skip_special_tokens=False)
+        else:
+            if not lm.has_chat_template:
+                raise APIError(400, f"the model '{model_id}' has no chat template; send 'prompt' instead",
+                               param="messages")
+            messages = chat_messages(req.messages)
+            check_chars([m["content"] for m in messages], "messages")
+            text = await run_in_threadpool(lm.tokenizer.apply_chat_template, messages, add_generation_prompt=True)
+            ids = await run_in_threadpool(lm.tokenizer.encode, text, add_special_tokens=False)
+        return {"count": len(ids), "max_model_len": engine.width, "tokens": ids, "prompt": text}
 
     @app.post("/v1/embeddings")
     async def embeddings(req: EmbeddingRequest):
