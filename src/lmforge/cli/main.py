@@ -287,8 +287,6 @@ def build_parser() -> argparse.ArgumentParser:
     register_reward(sub)
     from lmforge.cli.export import register as register_export
     register_export(sub)
-    from lmforge.cli.export import register as register_export
-    register_export(sub)
     from lmforge.cli.plan import register as register_plan
     register_plan(sub)
     return parser
