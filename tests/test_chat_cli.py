@@ -113,8 +113,16 @@ def test_chat_through_the_cli_on_a_tiny_model(tiny_lm_dirs, tmp_path, capsys, mo
     assert out == messages[1]["content"] + "\n"
 
 
-def test_temperature_defaults_generate_greedy_chat_like_the_playground():
+def test_temperature_defaults_generate_greedy_chat_like_the_playground_and_help_says_why(capsys):
     parser = build_parser()
     assert parser.parse_args(["generate", "x"]).temperature == 0.0
     assert parser.parse_args(["chat"]).temperature == 0.7
     assert parser.parse_args(["chat", "-t", "0"]).temperature == 0.0
+
+    def help_of(verb):
+        assert main([verb, "--help"]) == 0
+        return " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+
+    assert "(default: 0, greedy: the same output every run, for scripts and comparisons)" in help_of("generate")
+    assert "(default: 0.7, varied replies for a person, as in the playground; -t 0 is greedy)" in help_of("chat")
+    assert "A request without 'temperature' samples at 1.0, OpenAI's default" in help_of("serve")

@@ -250,3 +250,57 @@ def test_dpo_show_example_marks_the_prompt_counts_the_dropped_and_trains_nothing
     assert shown[1:] == ["chosen (4 response tokens scored):", "[[What is the capital of France?]] Paris.<|endoftext|>",
                          "rejected (7 response tokens scored):", "[[What is the capital of France?]] Rome.<|endoftext|>"]
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- examples/
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def test_every_examples_file_the_readmes_name_exists():
+    import re
+
+    def named(doc):
+        return set(re.findall(r"examples/[\w.-]+\.\w+", doc.read_text(encoding="utf-8")))
+
+    readme, ours = named(ROOT / "README.md"), named(ROOT / "examples" / "README.md")
+    assert {"examples/shots_en_fr.jsonl", "examples/sentences.txt", "examples/tweets.csv",
+            "examples/prompts.jsonl", "examples/instructions.jsonl"} <= readme
+    assert sorted(n for n in readme | ours if not (ROOT / n).is_file()) == []
+
+
+def test_the_examples_files_read_through_the_readers_their_commands_use(toks):
+    from lmforge.alignment.reward_recipe import HATE_SPEECH_LABELS
+    from lmforge.alignment.rlhf import load_prompts
+    from lmforge.data.reward_data import load_labelled, parse_label_map, to_binary
+    from lmforge.prompts import load_examples
+
+    ex = ROOT / "examples"
+    assert [e.output for e in load_examples(ex / "shots_en_fr.jsonl")][:2] == ["pomme", "bonjour"]
+    tweets = load_labelled(ex / "tweets.csv", "tweet", "class", parse_label_map(HATE_SPEECH_LABELS))
+    assert len(to_binary(tweets, ["neither"]).texts) == 10
+    assert len(load_prompts(ex / "prompts.jsonl")) == 8
+    assert len(load_sft_data(ex / "instructions.jsonl", toks["chat"], max_len=128).examples) == 10
+    assert len(load_preference_pairs(ex / "pairs.jsonl")) == 4
+    sentences = (ex / "sentences.txt").read_text(encoding="utf-8").splitlines()
+    assert len(sentences) == 8 and all(s.strip() for s in sentences)
+
+
+def test_no_recipe_writes_into_a_committed_folder():
+    """Running a recipe as the README says must not overwrite what the repository commits (such as the DialogSum lab
+    report in docs/dialogsum_lab)."""
+    import subprocess
+
+    import yaml
+
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    folders = {str(__import__("pathlib").PurePosixPath(t).parent) for t in tracked}
+    for recipe in sorted((ROOT / "recipes").glob("*.yaml")):
+        values = yaml.safe_load(recipe.read_text(encoding="utf-8"))
+        for key in ("out", "out_dir", "runs_out", "output"):
+            target = values.get(key)
+            if target is None:
+                continue
+            target = str(target).rstrip("/")
+            assert target not in folders and not any(t.startswith(target + "/") for t in tracked), (recipe.name, key)

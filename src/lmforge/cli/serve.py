@@ -113,7 +113,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "adapters beside it (--lora-modules), an encoder at /v1/embeddings "
                                    "(--embedding-model), Prometheus metrics at /metrics, a chat playground "
                                    "at / and /health. Concurrent requests share forward passes (continuous "
-                                   "batching). Binds to 127.0.0.1 unless --host says otherwise.")
+                                   "batching). Binds to 127.0.0.1 unless --host says otherwise. A request without "
+                                   "'temperature' samples at 1.0, OpenAI's default, so OpenAI client code behaves "
+                                   "the same; the playground starts at 0.7 (as `lmforge chat`), `generate` at 0.")
     options.add_recipe_args(s, ServeConfig, positional=("model",))
     s.add_argument("--api-key", default=None,
                    help=f"require 'Authorization: Bearer KEY' on every API request (default: ${API_KEY_ENV} if set; "

@@ -11,7 +11,7 @@ config: ``lmforge compare --config`` reruns it). A recipe looks like::
     prompt_template: "Summarize the conversation.\\n\\n{dialogue}\\n\\nSummary:"
     limit: 20
     max_new_tokens: 60
-    out: docs/dialogsum_lab
+    out: out/dialogsum_lab/report
     defaults: {model: SmolLM2-135M-Instruct}        # fields every setting starts from
     settings:
       - {label: zero-shot, shots: 0}
