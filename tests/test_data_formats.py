@@ -304,3 +304,20 @@ def test_no_recipe_writes_into_a_committed_folder():
                 continue
             target = str(target).rstrip("/")
             assert target not in folders and not any(t.startswith(target + "/") for t in tracked), (recipe.name, key)
+
+
+def test_a_truncated_or_corrupted_parquet_file_is_a_clean_error(tmp_path):
+    import random
+
+    path = write_parquet(tmp_path / "ok.parquet", [{"a": i, "b": {"c": [str(i)]}} for i in range(50)])
+    data = path.read_bytes()
+    rng = random.Random(0)
+    for k in range(60):
+        damaged = bytearray(data[: rng.randrange(len(data))] if k % 2 else data)
+        for _ in range(0 if k % 2 else rng.randrange(1, 20)):
+            damaged[rng.randrange(len(damaged))] = rng.randrange(256)
+        (tmp_path / "d.parquet").write_bytes(bytes(damaged))
+        try:
+            load_records(tmp_path / "d.parquet")
+        except LmforgeError as e:
+            assert "d.parquet" in str(e)

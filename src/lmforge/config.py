@@ -9,6 +9,7 @@ to and from the ``config.json`` of Hugging Face ``transformers``.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -71,6 +72,7 @@ class ModelConfig:
     pad_token_id: int | None = None
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.head_dim is None:
@@ -87,6 +89,22 @@ class ModelConfig:
                 raise LmforgeError(f"config field {fname}={value!r}; allowed: {', '.join(allowed.__args__)}")
         if self.positions == "rope" and self.head_dim % 2:
             raise LmforgeError(f"RoPE needs an even head_dim, got {self.head_dim}")
+
+    def _check_types(self) -> None:
+        """Refuse values of the wrong type (a ``config.json`` with ``"hidden_size": "64"``) and sizes below their
+        minimum, naming the field, before anything computes with them."""
+        for f in dataclasses.fields(self):
+            value, kinds = getattr(self, f.name), _FIELD_KINDS.get(str(f.type))
+            if kinds is None:
+                continue  # str / Literal fields: the allowed values are checked below
+            ok = any(_is_kind(value, kind) for kind in kinds)
+            if not ok:
+                words = " or ".join(_KIND_WORDS[k] for k in kinds)
+                raise LmforgeError(f"config field {f.name} must be {words}, got {value!r} "
+                                   f"({type(value).__name__})")
+            low = _MIN_SIZE.get(f.name)
+            if low is not None and isinstance(value, int) and value < low:
+                raise LmforgeError(f"config field {f.name} must be >= {low}, got {value}")
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -126,6 +144,30 @@ class ModelConfig:
         if unknown:
             raise LmforgeError(f"unknown config field(s) {unknown}; known: {sorted(known)}")
         return cls(**data)
+
+
+_FIELD_KINDS: dict[str, tuple[str, ...]] = {  # a field's annotation -> the kinds of value it accepts
+    "int": ("int",), "int | None": ("int", "none"), "float": ("float",), "float | None": ("float", "none"),
+    "bool": ("bool",), "dict[str, Any] | None": ("dict", "none"), "list[str] | None": ("strs", "none"),
+    "int | list[int] | None": ("int", "ints", "none"),
+}
+_KIND_WORDS = {"int": "an integer", "float": "a finite number", "bool": "true or false", "none": "null",
+               "dict": "a mapping", "strs": "a list of strings", "ints": "a list of integers"}
+_MIN_SIZE = {"vocab_size": 1, "n_embd": 1, "n_head": 1, "n_kv_head": 1, "head_dim": 1, "intermediate_size": 1,
+             "max_seq_len": 1, "n_layer": 0, "n_decoder_layer": 0, "type_vocab_size": 0, "rel_buckets": 0,
+             "rel_max_distance": 0}
+
+
+def _is_kind(value: Any, kind: str) -> bool:
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if kind == "ints":
+        return isinstance(value, list) and all(_is_kind(v, "int") for v in value)
+    if kind == "strs":
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    return {"bool": isinstance(value, bool), "none": value is None, "dict": isinstance(value, dict)}[kind]
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -69,7 +69,8 @@ class Verb:
     kind: str = "folder"   # "folder" or "file"
 
 
-_RUN = ("metrics.jsonl", "loss.png", ".loss.tmp.png", "checkpoint", ".checkpoint.old", ".checkpoint.tmp-*", "final")
+_RUN = ("metrics.jsonl", "loss.png", ".loss.tmp.png", "checkpoint", ".checkpoint.old", ".checkpoint.tmp-*", "final",
+        "metrics.csv", "tb", "wandb", "mlruns")  # the last four: --logger (training/tracking.py)
 _HF_DIR = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
 
 VERBS: dict[str, Verb] = {

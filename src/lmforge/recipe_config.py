@@ -33,6 +33,8 @@ from lmforge.errors import LmforgeError
 from lmforge.io import write_text_atomic
 
 _KEY = "lmforge"  # the dataclasses.field metadata key holding a FieldSpec
+TRAINING_SEED_MAX = 2**32 - 1  # a training recipe's seed: the loop seeds numpy's global generator, which takes
+# 32 bits (``option(0, min=0, max=TRAINING_SEED_MAX)``)
 
 
 @dataclasses.dataclass(frozen=True)

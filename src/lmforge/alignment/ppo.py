@@ -393,7 +393,7 @@ class PPOTrainer:
         tokens = self.sums(tokens)
         gen = torch.Generator().manual_seed(c.seed * 7919 + self.steps_done)
         sums = {"policy_loss": 0.0, "value_loss": 0.0, "clipfrac": 0.0, "value_clipfrac": 0.0, "approx_kl": 0.0}
-        n = 0
+        n, norm_sum = 0, 0.0
         for _ in range(c.ppo_epochs):
             order = torch.randperm(c.batch_size, generator=gen)  # the same global minibatches on every rank
             for start in range(0, c.batch_size, c.mini_batch_size):
@@ -414,14 +414,14 @@ class PPOTrainer:
                     for key, value in zip(sums, (pg, vf, clipfrac, vf_clipfrac, approx_kl)):
                         sums[key] += float(value.detach()) * share
                 self.sums.grads(self.params)  # summed over the ranks: the gradient of the whole minibatch's loss
-                optimizer_step(self.params, self.optimizer, c.max_grad_norm, step, hint)
+                norm_sum += optimizer_step(self.params, self.optimizer, c.max_grad_norm, step, hint)
                 n += 1
         count = float(b.mask.sum())
         local = [float(b.scores.sum()), float(kl.sum()), b.entropy * count, count, *sums.values()]
         total = self.sums(torch.tensor(local, dtype=torch.float64)).tolist()
         kl_per_seq = total[1] / c.batch_size
         stats = {"reward": total[0] / c.batch_size, "kl": kl_per_seq, "entropy": total[2] / total[3],
-                 **{k: v / n for k, v in zip(sums, total[4:])}, "kl_coef": self.kl_coef,
+                 **{k: v / n for k, v in zip(sums, total[4:])}, "grad_norm": norm_sum / n, "kl_coef": self.kl_coef,
                  "response_len": total[3] / c.batch_size}
         if c.target_kl is not None:
             self.kl_coef = adaptive_kl_coef(self.kl_coef, kl_per_seq, c.target_kl, c.horizon, c.batch_size)

@@ -292,13 +292,15 @@ def toxicity_scorer(path: str | os.PathLike) -> Callable[[Sequence[str]], list[f
 
 def fit(model: torch.nn.Module, loss_of: Callable[[list[int]], torch.Tensor], n: int, out_dir: str | os.PathLike, *,
         epochs: int, batch_size: int, lr: float, weight_decay: float, warmup: float, precision: str, seed: int,
-        save_every: int = 0, resume: bool = False, run_config: dict | None = None) -> tuple[list[float], RunDir]:
+        save_every: int = 0, resume: bool = False, run_config: dict | None = None,
+        loggers: tuple[str, ...] = ()) -> tuple[list[float], RunDir]:
     """Minimise ``loss_of(indices)`` over ``epochs`` seeded shuffled passes of ``n`` items (the last batch of a
     pass may be short) with the training loop (``training/loop.py``): AdamW on ``model``'s trainable parameters
     (no decay on biases and norms), linear warmup over the first ``warmup`` fraction of the steps then cosine
     decay, gradient clipping, a NaN/inf check of every loss and gradient norm. ``out_dir`` keeps
     ``metrics.jsonl`` and, every ``save_every`` steps and at the end, ``checkpoint/``; ``resume`` continues from
-    it exactly. Returns (every step's loss, the run folder). NaN or infinite hyper-parameters are refused up
+    it exactly; ``loggers``: the experiment trackers the metrics also go to (``training/tracking.py``). Returns
+    (every step's loss, the run folder). NaN or infinite hyper-parameters are refused up
     front, named by their flag; trained parameters that are not finite are refused, so nothing non-finite is
     ever saved."""
     from lmforge.training.checkpoint import check_finite
@@ -313,7 +315,7 @@ def fit(model: torch.nn.Module, loss_of: Callable[[list[int]], torch.Tensor], n:
     cfg = TrainConfig(steps=steps, lr=lr, warmup_steps=int(warmup * steps), weight_decay=weight_decay,
                       betas=(0.9, 0.999), precision=precision, save_every=save_every, log_every=1, seed=seed,
                       strategy="ddp")  # the recipe checks and saves the model itself, whole on every rank
-    run = RunDir(out_dir, run_config, resume=resume)
+    run = RunDir(out_dir, run_config, resume=resume, loggers=loggers)
     train(model, lambda m, rows: loss_of(rows), ShuffledIndices(n, batch_size, seed, whole_passes=True), cfg, run,
           save_final=False, desc="reward train", hint="lower --lr or use fp32")
     check_finite(model.named_parameters(), "the trained reward model")

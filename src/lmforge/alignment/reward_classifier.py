@@ -131,7 +131,8 @@ def train_classifier(cfg: RewardConfig, *, resume: bool = False, overwrite: bool
                batch_size=cfg.batch_size, lr=lr, weighting=cfg.weighting, seed=seed)
     losses, run_dir = fit(clf, loss_of, len(rows), cfg.out_dir, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=lr,
                           weight_decay=cfg.weight_decay, warmup=cfg.warmup, precision=cfg.precision, seed=seed,
-                          save_every=cfg.save_every, resume=resume, run_config={"recipe": "reward classifier", **run})
+                          save_every=cfg.save_every, resume=resume, run_config={"recipe": "reward classifier", **run},
+                          loggers=cfg.logger)
     reward = ClassifierReward(clf.eval(), tok, good, precision=cfg.precision)  # scores whole texts, as later
     metrics = evaluate_classifier(reward, held, eval_idx)
     metrics.update(train_examples=len(rows), train_loss_first=losses[0], train_loss_last=sum(losses[-20:]) /

@@ -167,7 +167,8 @@ def train_pairwise(cfg: RewardConfig, *, resume: bool = False, overwrite: bool =
                batch_size=batch_size, lr=lr, seed=seed)
     losses, run_dir = fit(rm, loss_of, len(train), cfg.out_dir, epochs=cfg.epochs, batch_size=batch_size, lr=lr,
                           weight_decay=cfg.weight_decay, warmup=cfg.warmup, precision=precision, seed=seed,
-                          save_every=cfg.save_every, resume=resume, run_config={"recipe": "reward pairwise", **run})
+                          save_every=cfg.save_every, resume=resume, run_config={"recipe": "reward pairwise", **run},
+                          loggers=cfg.logger)
     rm.eval().requires_grad_(False)
     rewards = []
     with torch.no_grad(), autocast(precision):

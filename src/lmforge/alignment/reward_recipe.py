@@ -17,13 +17,14 @@ from lmforge.checkpoints.resolve import DEFAULT_ENCODER, DEFAULT_MODEL
 from lmforge.data.reward_data import parse_label_map
 from lmforge.errors import LmforgeError
 from lmforge.recipe_config import option, validate
+from lmforge.training.tracking import Tracking
 
 HATE_SPEECH_LABELS = "0=hate,1=offensive,2=neither"  # the class column of Davidson et al.'s labeled_data.csv
 _CLS, _PAIR, _TRAIN = "classifier", "pairwise", "training"
 
 
 @dataclass
-class RewardConfig:
+class RewardConfig(Tracking):
     """Everything ``lmforge reward train`` needs: the data, the kind of reward model and its base, the schedule,
     the output. Defaults < ``--config FILE.yaml`` < flags."""
 

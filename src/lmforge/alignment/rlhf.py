@@ -32,6 +32,7 @@ from lmforge.errors import LmforgeError
 from lmforge.outputs import claims_output
 from lmforge.recipe_config import option, validate, write_config
 from lmforge.training.scale import ScaleOut
+from lmforge.training.tracking import Tracking
 
 if TYPE_CHECKING:
     import torch
@@ -98,7 +99,7 @@ class PolicyOptions:
 
 
 @dataclass
-class PPOConfig(PolicyOptions):
+class PPOConfig(PolicyOptions, Tracking):
     """Everything ``lmforge rlhf ppo`` needs: prompts, reward, PPO and sampling settings, the policy, the output.
 
     Defaults < ``--config FILE.yaml`` < flags; ``--print-config`` prints the resolved YAML, and every run writes
@@ -172,7 +173,7 @@ class PPOConfig(PolicyOptions):
 
 
 @dataclass
-class DPOConfig(PolicyOptions, ScaleOut):
+class DPOConfig(PolicyOptions, ScaleOut, Tracking):
     """Everything ``lmforge rlhf dpo`` needs: the pairs, the preference loss, the policy, the schedule, the output.
 
     Defaults < ``--config FILE.yaml`` < flags; ``--print-config`` prints the resolved YAML, and every run writes
@@ -402,7 +403,7 @@ def ppo(cfg: PPOConfig, *, resume: bool = False, overwrite: bool = False, force:
     report_trainable(lm.model, c.method)
     trainer = PPOTrainer(lm.model, lm.tokenizer, reward_fn, trainer_cfg, ref_model=reference, eos_ids=lm.eos_ids,
                          dist=dist)
-    run = RunDir(c.out_dir, _run_config(cfg, "ppo"), resume=resume, tokenizer=lm.tokenizer)
+    run = RunDir(c.out_dir, _run_config(cfg, "ppo"), resume=resume, tokenizer=lm.tokenizer, loggers=c.logger)
     run.dist = dist  # only rank 0 writes
     order = ShuffledIndices(len(texts), c.batch_size, c.seed)  # a fresh shuffle of all prompts whenever one runs out
     shard = ShardedBatches(order, dist.rank, dist.world)  # this rank's rows of each global batch (all of it alone)
@@ -433,6 +434,8 @@ def ppo(cfg: PPOConfig, *, resume: bool = False, overwrite: bool = False, force:
                 run.checkpoint(state, trainer.optimizer, step, order, {"kl_coef": trainer.kl_coef})
     finally:  # on an error too: the error line must not land on the bar
         bar.close()
+    log.plot()  # loss.png: the policy and value losses, and the reward and KL beside them
+    log.close()
     final = run.save_final(lm.model)
     return {"step": c.steps, **stats, "out_dir": str(final)}
 
@@ -484,7 +487,7 @@ def dpo(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False, force:
     trainer = DPOTrainer(lm.model, None, loss=c.loss, beta=c.beta, label_smoothing=c.label_smoothing,
                          ref_model=reference, ref_table=table, pad_id=pad)
     run = RunDir(c.out_dir, {**_run_config(cfg, "dpo"), "pairs": len(items), "dropped": dropped}, resume=resume,
-                 tokenizer=tok)
+                 tokenizer=tok, loggers=c.logger)
 
     def step_fn(policy: nn.Module, rows: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
         return trainer.loss_and_metrics([items[i] for i in rows], rows)

@@ -19,16 +19,28 @@ def supported() -> list[str]:
     return [t for name in families.names() for t in families.get(name).hf_model_types]
 
 
+_SIZES = frozenset({  # integer fields of the config.json files the families read
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+    "intermediate_size", "max_position_embeddings", "type_vocab_size", "n_embd", "n_layer", "n_head", "n_inner",
+    "n_positions", "n_ctx", "d_model", "d_ff", "d_kv", "num_layers", "num_decoder_layers", "num_heads",
+    "relative_attention_num_buckets", "relative_attention_max_distance", "sliding_window"})
+
+
 def config_from_hf(hf: dict[str, Any], name: str = "custom") -> ModelConfig:
     """Build from a ``transformers`` config.json dict."""
     model_type = hf.get("model_type")
     family = families.family_for_hf(model_type)
+    for key, value in hf.items():  # a size written as text ("hidden_size": "64") is refused by its own name
+        if key in _SIZES and value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise LmforgeError(f"config.json: {key} must be an integer, got {value!r} ({type(value).__name__})")
     common = dict(name=name, bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
                   pad_token_id=hf.get("pad_token_id"))
     try:
         config = family.from_hf(hf, common)
     except KeyError as e:
         raise LmforgeError(f"config.json: missing field {e.args[0]!r} for model_type {model_type!r}") from None
+    except LmforgeError as e:  # ModelConfig's own checks (types, ranges, divisibility)
+        raise LmforgeError(f"config.json: {e}") from None
     if config.arch != family.arch:
         raise LmforgeError(f"config.json: the {family.name} family reads {family.arch} models, "
                            f"its mapping built an {config.arch} config")

@@ -31,6 +31,41 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
 
 
+def _utf8_argv(argv: list[str]) -> None:
+    """Refuse command-line arguments that are not UTF-8: Python passes such bytes on as lone surrogates, which
+    the tokenizer (and every file written) cannot take."""
+    for i, arg in enumerate(argv, 1):
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = arg.encode("utf-8", "surrogateescape" if _escaped(arg) else "backslashreplace")
+            raise LmforgeError(f"argument {i} is not valid UTF-8 text ('{shown.decode('utf-8', 'backslashreplace')}'); "
+                               "lmforge reads its command line as UTF-8") from None
+
+
+def _escaped(text: str) -> bool:
+    try:
+        text.encode("utf-8", "surrogateescape")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def read_stdin(line: bool = False) -> str:
+    """All of standard input (or one line of it) as text; bytes that are not UTF-8 are a one-line error."""
+    try:
+        text = sys.stdin.readline() if line else sys.stdin.read()
+    except UnicodeDecodeError as e:
+        raise LmforgeError(f"standard input is not UTF-8 text (byte 0x{e.object[e.start]:02x} cannot be decoded); "
+                           "convert it first, e.g. with iconv -t UTF-8") from None
+    try:
+        text.encode("utf-8")  # a C/POSIX locale decodes stdin with surrogateescape instead of failing
+    except UnicodeEncodeError as e:
+        raise LmforgeError(f"standard input is not UTF-8 text (character {e.start} cannot be encoded); "
+                           "convert it first, e.g. with iconv -t UTF-8") from None
+    return text
+
+
 def _read_prompt(a: argparse.Namespace) -> str:
     if a.prompt is not None and a.file is not None:
         raise LmforgeError("give the prompt either as an argument or with --file, not both")
@@ -46,7 +81,7 @@ def _read_prompt(a: argparse.Namespace) -> str:
         return a.prompt
     if a.prompt is None and sys.stdin.isatty():
         raise LmforgeError("no prompt: pass it as an argument, with --file PATH, or on standard input")
-    return sys.stdin.read()
+    return read_stdin()
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
@@ -86,7 +121,7 @@ def cmd_chat(a: argparse.Namespace) -> int:
     if not lm.has_chat_template:
         raise LmforgeError(f"{a.model} has no chat template, so it cannot chat; use `lmforge generate` instead")
     kwargs = sampling_kwargs(a)
-    chat_loop(sys.stdin.readline, lambda messages: lm.stream(messages, **kwargs), model=a.model,
+    chat_loop(lambda: read_stdin(line=True), lambda messages: lm.stream(messages, **kwargs), model=a.model,
               system=a.system, interactive=sys.stdin.isatty())
     return 0
 
@@ -152,14 +187,17 @@ def write_vectors(path: Path, texts: list[str], vecs, force: bool = False) -> No
     from lmforge.outputs import prepare_output
 
     prepare_output(path, "embed", force=force)
-    with atomic_open(path, "wb") as f:
-        if path.suffix == ".npy":
-            import numpy as np
+    try:
+        with atomic_open(path, "wb") as f:
+            if path.suffix == ".npy":
+                import numpy as np
 
-            np.save(f, vecs.numpy().astype("float32"))
-        else:
-            for text, vec in zip(texts, vecs.tolist()):
-                f.write((json.dumps({"text": text, "embedding": vec}) + "\n").encode("utf-8"))
+                np.save(f, vecs.numpy().astype("float32"))
+            else:
+                for text, vec in zip(texts, vecs.tolist()):
+                    f.write((json.dumps({"text": text, "embedding": vec}) + "\n").encode("utf-8"))
+    except OSError as e:  # permission denied, a read-only file system, no space: nothing is left half-written
+        raise LmforgeError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def cmd_merge(a: argparse.Namespace) -> int:
@@ -194,12 +232,44 @@ def cmd_info(a: argparse.Namespace) -> int:
     return 0
 
 
+class _Version(argparse.Action):
+    """``lmforge --version``: lmforge's and torch's versions from the installed packages' metadata (torch itself is
+    not imported, so this is instant)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:  # type: ignore[override]
+        print(version_line())
+        parser.exit(0)
+
+
+def version_line() -> str:
+    """``lmforge X.Y.Z (torch A.B.C, Python D.E.F)`` from package metadata."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"lmforge {of('lmforge')} (torch {of('torch')}, Python {sys.version.split()[0]})"
+
+
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """``warnings.showwarning`` while a command runs: ``warning: MESSAGE`` on one line of stderr, without Python's
+    source file, line number and source line."""
+    print(f"warning: {' '.join(str(message).split())}", file=file or sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="lmforge",
         description="Run, inspect and chat with language models in lmforge's own PyTorch code.",
         epilog="Run `lmforge COMMAND --help` for a command's options.",
     )
+    parser.add_argument("--version", action=_Version, help="print lmforge's version (and torch's) and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     g = sub.add_parser("generate", help="generate text from a prompt",
@@ -292,12 +362,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _warnings_as_lines():
+    import warnings
+
+    before = warnings.showwarning
+    warnings.showwarning = show_warning
+    try:
+        yield
+    finally:
+        warnings.showwarning = before
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, or a one-line usage error already printed
         return int(e.code or 0)
+    try:
+        _utf8_argv(sys.argv[1:] if argv is None else list(argv))
+    except LmforgeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     size = os.environ.get("WORLD_SIZE", "")
     rank, world = launched_rank(), int(size) if size.isdigit() else 1
     try:
@@ -310,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
 
             bind_local_device()
         with contextlib.ExitStack() as quiet:
+            quiet.enter_context(_warnings_as_lines())
             if rank != 0:  # a torchrun job's other ranks: rank 0 speaks for them, their errors still reach the user
                 devnull = quiet.enter_context(open(os.devnull, "w", encoding="utf-8"))
                 quiet.enter_context(contextlib.redirect_stdout(devnull))

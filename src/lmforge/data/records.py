@@ -179,15 +179,17 @@ def _csv_rows(text: str, path: Path) -> list[tuple[int, Any]]:
 def _parquet_rows(path: Path) -> list[tuple[int, Any]]:
     """The rows of a parquet table as Python values (nested structs become dicts, lists lists), numbered from 1."""
     try:
+        import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
         raise LmforgeError(f"dataset {path}: reading .parquet needs pyarrow; install it with `pip install pyarrow` "
                            "(or `pip install 'lmforge[parquet]'`), or convert the file to .jsonl") from None
     try:
-        table = pq.read_table(path)
-    except (OSError, ValueError) as e:  # pyarrow.ArrowInvalid is a ValueError, ArrowIOError an OSError
-        raise LmforgeError(f"dataset {path}: not a readable parquet file ({str(e).splitlines()[0][:200]})") from None
-    return [(i, row) for i, row in enumerate(table.to_pylist(), start=1)]
+        rows = pq.read_table(path).to_pylist()
+    except (OSError, ValueError, pa.ArrowException) as e:  # every pyarrow error derives from ArrowException
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise LmforgeError(f"dataset {path}: not a readable parquet file ({reason})") from None
+    return [(i, row) for i, row in enumerate(rows, start=1)]
 
 
 def lookup(fields: dict[str, Any], path: str, where: str, flag: str) -> Any:

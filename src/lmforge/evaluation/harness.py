@@ -250,12 +250,21 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True, force: bool = False) -> 
     loads."""
     from lmforge.outputs import check_output
 
-    if not Path(cfg.data).is_file():
-        raise LmforgeError(f"dataset {cfg.data} does not exist")
+    _dataset(cfg)  # a missing or malformed dataset (or a record without the mapped fields) fails here
     if cfg.out is not None:
         check_output(cfg.out, "eval", force=force)  # before the model loads; run_eval claims the folder
     return run_eval(load_model(cfg), cfg, progress=progress, extra={"adapter": cfg.adapter and str(cfg.adapter)},
                     force=force)
+
+
+def _dataset(s: EvalConfig) -> tuple[list[str], list, int]:
+    """(metric names, the dataset's records, how many are evaluated), the evaluated records' fields checked."""
+    metrics = s.metric_names() if s.task in ("generation", "toxicity") else []
+    records = load_records(s.data)
+    n = min(len(records), s.limit) if s.limit else len(records)
+    D.check_fields(records[:n], s.fields, need_reference=any(m != "toxicity" for m in metrics),
+                   multiple_choice=s.task == "multiple_choice")
+    return metrics, records, n
 
 
 @claims_output("eval", path="out", config="s")
@@ -269,12 +278,8 @@ def run_eval(lm, s: EvalConfig, *, progress: bool = True, label: str = "eval", e
     ``extra`` is merged into the summary's settings (e.g. the adapter, a compare label).
     """
     data_path = s.data
-    metrics = s.metric_names() if s.task in ("generation", "toxicity") else []
-    records = load_records(data_path)
-    n = min(len(records), s.limit) if s.limit else len(records)
+    metrics, records, n = _dataset(s)
     evaluated = records[:n]
-    D.check_fields(evaluated, s.fields, need_reference=any(m != "toxicity" for m in metrics),
-                   multiple_choice=s.task == "multiple_choice")
     chat = lm.has_chat_template if s.chat is None else s.chat
     if chat and not lm.has_chat_template:
         raise LmforgeError(f"{lm.name} has no chat template; drop --chat (plain prompts are used by default)")

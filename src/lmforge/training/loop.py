@@ -256,9 +256,7 @@ def train(model: nn.Module, step_fn: StepFn, batches: BatchSource, cfg: TrainCon
             final.update(sums, step=done, loss=step_loss, lr=lr)
             if cfg.log_every and (done % cfg.log_every == 0 or done == cfg.steps):
                 row = {"step": done, **sums, "loss": step_loss, "avg_loss": loss_sum / loss_n, "lr": lr,
-                       "tokens_per_s": round(tok_s, 1)}
-                if cfg.clip > 0:  # measured for the finite check only when not clipping
-                    row["grad_norm"] = grad_norm
+                       "grad_norm": grad_norm, "tokens_per_s": round(tok_s, 1)}  # the norm before clipping
                 log.write(row)
                 final["tokens_per_s"] = row["tokens_per_s"]
                 window_tokens, window_t0, loss_sum, loss_n = 0, time.perf_counter(), 0.0, 0
@@ -279,6 +277,7 @@ def train(model: nn.Module, step_fn: StepFn, batches: BatchSource, cfg: TrainCon
     if start < cfg.steps:
         checkpoint(cfg.steps)
     log.plot()
+    log.close()  # the experiment trackers (run.py MetricsLog, tracking.py)
     if save_final:
         run.save_final(model)
     return final

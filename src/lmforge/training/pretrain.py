@@ -30,6 +30,7 @@ from lmforge.outputs import claims_output
 from lmforge.recipe_config import option, validate, write_config
 from lmforge.tokenizer import Tokenizer
 from lmforge.training.scale import ScaleOut
+from lmforge.training.tracking import Tracking
 
 if TYPE_CHECKING:
     import torch
@@ -40,7 +41,7 @@ N_SENTINELS = 100  # T5's <extra_id_0> ... <extra_id_99>
 
 
 @dataclass
-class PretrainConfig(ScaleOut):
+class PretrainConfig(ScaleOut, Tracking):
     """Everything ``lmforge pretrain`` needs: the model, the corpus, the schedule and where to write.
 
     Defaults < ``--config FILE.yaml`` < flags; ``lmforge pretrain --print-config`` prints the resolved
@@ -322,8 +323,8 @@ def pretrain(recipe: PretrainConfig, *, resume: bool = False, overwrite: bool = 
     run_config["corpus_tokens"] = {"train": int(data.n_train), "val": int(len(data.val))}
     from lmforge.training.loop import RunDir
 
-    return train(net, loss_fn, batches, cfg, RunDir(out_dir, run_config, resume=resume, tokenizer=tok),
-                 eval_fn=eval_fn)
+    run = RunDir(out_dir, run_config, resume=resume, tokenizer=tok, loggers=r.logger)
+    return train(net, loss_fn, batches, cfg, run, eval_fn=eval_fn)
 
 
 def _arch_of(model: str, overrides: dict[str, Any]) -> str:

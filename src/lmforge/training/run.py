@@ -6,6 +6,8 @@ and exact resume (``checkpoint.py``) and the final save (``final/``: a Hugging F
 adapter for a model with a frozen base). The training loop and the PPO recipe both write through it.
 
 ``metrics.jsonl`` gets whole appended lines, and is rewritten on resume through a renamed temporary file.
+``MetricsLog`` also hands every row to the experiment trackers the run asks for (``--logger``: csv, tensorboard,
+wandb, mlflow; ``tracking.py``).
 
 Under data parallelism (``distributed.py``) only rank 0 writes: the log, the plot, checkpoints (the model's
 state is the same on every rank, the batch source's position global) and the final save; the other ranks
@@ -34,17 +36,22 @@ from lmforge.training.distributed import Dist, env_rank
 from lmforge.training.parallel import gathered, is_sharded
 from lmforge.training.sharded import is_sharded_checkpoint, load_sharded, save_sharded
 from lmforge.training.sources import BatchSource
+from lmforge.training.tracking import Tracker, check_available, open_trackers
 
 
 class MetricsLog:
-    """``metrics.jsonl`` (one JSON object per event) and ``loss.png`` (written when matplotlib is installed).
-    ``writes=False`` (a data-parallel rank other than 0): the rows are kept in memory only."""
+    """``metrics.jsonl`` (one JSON object per event) and ``loss.png`` (written when matplotlib is installed), and
+    every row fanned out to the ``loggers`` backends (``tracking.py``; ``run_config`` is what they record as the
+    run's configuration). ``writes=False`` (a data-parallel rank other than 0): the rows are kept in memory only
+    and no backend is opened."""
 
-    def __init__(self, out_dir: Path, resume_step: int | None, writes: bool = True):
+    def __init__(self, out_dir: Path, resume_step: int | None, writes: bool = True, loggers: tuple[str, ...] = (),
+                 run_config: dict | None = None):
         self.path = out_dir / "metrics.jsonl"
         self.png = out_dir / "loss.png"
         self.rows: list[dict] = []
         self.writes = writes
+        self.trackers: list[Tracker] = []
         if resume_step is not None and self.path.is_file():  # drop events the crashed run logged after its checkpoint
             for line in self.path.read_text(encoding="utf-8").splitlines():
                 try:
@@ -53,19 +60,30 @@ class MetricsLog:
                     continue  # a line cut short by the crash
                 if row.get("step", 0) <= resume_step:
                     self.rows.append(row)
-        if not writes or (not self.rows and not self.path.exists()):
-            return  # nothing to keep and nothing to empty: the file appears with the first row
-        # rewritten whole (lmforge.io: a temporary file renamed over it): a crash leaves the old file or the new one
-        write_text_atomic(self.path, (json.dumps(r) + "\n" for r in self.rows))
+        if not writes:
+            return
+        if self.rows or self.path.exists():  # else nothing to keep or empty: the file appears with the first row
+            # rewritten whole (lmforge.io: a temporary file renamed over it): a crash leaves the old or the new file
+            write_text_atomic(self.path, (json.dumps(r) + "\n" for r in self.rows))
+        self.trackers = open_trackers(loggers, out_dir, self.rows, resume_step=resume_step, run_config=run_config)
 
     def write(self, row: dict) -> None:
-        """Append ``row`` as one whole line (a single write, flushed before returning)."""
+        """Append ``row`` as one whole line (a single write, flushed before returning), then give it to each
+        tracker."""
         self.rows.append(row)
         if not self.writes:
             return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
+        for tracker in self.trackers:
+            tracker.log(row)
+
+    def close(self) -> None:
+        """Close the trackers (finish the wandb/mlflow run, flush TensorBoard); the log stays readable."""
+        trackers, self.trackers = self.trackers, []
+        for tracker in trackers:
+            tracker.close()
 
     def plot(self) -> None:
         if not self.writes:
@@ -77,17 +95,27 @@ class MetricsLog:
             import matplotlib.pyplot as plt
         except ImportError:
             return
-        fig, ax = plt.subplots(figsize=(7, 4))
-        train = [(r["step"], r["loss"]) for r in self.rows if "loss" in r]
-        if train:
-            ax.plot(*zip(*train), label="train loss")
-        for key in sorted({k for r in self.rows for k in r if k.startswith(("val_", "eval_")) and k.endswith("loss")}):
+        keys = {k for r in self.rows for k, v in r.items() if isinstance(v, (int, float))}
+        held = sorted(k for k in keys if k.startswith(("val_", "eval_")) and k.endswith("loss"))
+        losses = sorted(k for k in keys if k.endswith("loss") and k not in held and k != "avg_loss")  # PPO: two
+        rl = [k for k in ("reward", "kl") if k in keys]  # PPO: the reward and the KL to the reference, beside
+        fig, axes = plt.subplots(1, 2 if rl else 1, figsize=(12 if rl else 7, 4), squeeze=False)
+        ax = axes[0][0]
+        for key in losses:
+            pts = [(r["step"], r[key]) for r in self.rows if key in r]
+            ax.plot(*zip(*pts), label="train loss" if key == "loss" else key.replace("_", " "))
+        for key in held:
             pts = [(r["step"], r[key]) for r in self.rows if key in r]
             ax.plot(*zip(*pts), marker="o", label=key.replace("_", " "))
-        ax.set_xlabel("step")
         ax.set_ylabel("loss")
-        ax.grid(alpha=0.3)
-        ax.legend()
+        for key in rl:
+            pts = [(r["step"], r[key]) for r in self.rows if key in r]
+            axes[0][1].plot(*zip(*pts), label=key)
+        for a in axes[0]:
+            a.set_xlabel("step")
+            a.grid(alpha=0.3)
+            if a.get_legend_handles_labels()[0]:
+                a.legend()
         fig.tight_layout()
         try:
             with atomic_path(self.png) as tmp:
@@ -102,10 +130,13 @@ class RunDir:
     ``run_config``: what produced the run (plain JSON), kept in every checkpoint and, with ``write_config``,
     as ``path/config.json``. ``resume``: ``restore`` continues from the newest complete checkpoint.
     ``tokenizer``: saved beside the final model. ``dist``: this process's place in a data-parallel job (set by
-    the training loop; single-process by default): only rank 0 writes."""
+    the training loop; single-process by default): only rank 0 writes. ``loggers``: the experiment trackers the
+    metrics also go to (``tracking.py``; a missing package is refused here, before the folder is made)."""
 
     def __init__(self, path: str | os.PathLike, run_config: dict | None = None, *, resume: bool = False,
-                 tokenizer: Any = None, write_config: bool = False):
+                 tokenizer: Any = None, write_config: bool = False, loggers: tuple[str, ...] = ()):
+        check_available(loggers)
+        self.loggers = tuple(loggers)
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.run_config = json.loads(json.dumps(run_config or {}, default=str))
@@ -147,7 +178,8 @@ class RunDir:
                 state = load_checkpoint(path, model, optimizer)
             if batches is not None:
                 batches.load_state_dict(state["batches"])
-        self.log = MetricsLog(self.path, None if state is None else int(state["step"]), writes=self.dist.is_main)
+        self.log = MetricsLog(self.path, None if state is None else int(state["step"]), writes=self.dist.is_main,
+                              loggers=self.loggers, run_config=self.run_config)
         return state
 
     def checkpoint(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int, batches: BatchSource,

@@ -28,6 +28,7 @@ from lmforge.errors import LmforgeError
 from lmforge.outputs import claims_output
 from lmforge.recipe_config import option, validate, write_config
 from lmforge.training.scale import ScaleOut
+from lmforge.training.tracking import Tracking
 
 if TYPE_CHECKING:  # torch is imported inside the functions so that building the CLI parser stays fast
     import torch
@@ -52,7 +53,7 @@ _PEFT = "parameter-efficient methods"
 
 
 @dataclass
-class FinetuneConfig(ScaleOut):
+class FinetuneConfig(ScaleOut, Tracking):
     """Everything ``lmforge finetune`` needs: the data, the model and method, the schedule, evaluation and output.
 
     Defaults < ``--config FILE.yaml`` < flags; ``lmforge finetune --print-config`` prints the resolved YAML,
@@ -456,7 +457,7 @@ def finetune(recipe: FinetuneConfig, *, resume: bool = False, overwrite: bool = 
                       weight_decay=weight_decay, grad_accum=grad_accum, clip=clip, precision=precision,
                       compile=compile, eval_every=eval_every, save_every=save_every, log_every=log_every, seed=seed,
                       **r.train_kwargs())
-    run = RunDir(out_dir, {"recipe": "finetune", **run_config}, resume=resume, tokenizer=tok)
+    run = RunDir(out_dir, {"recipe": "finetune", **run_config}, resume=resume, tokenizer=tok, loggers=r.logger)
     result = train(net, loss_for(net), batches, cfg, run, eval_fn=eval_fn,
                    tokens_per_batch=lambda b: int(b["attention_mask"].sum()))
     return {**result, "train_examples": len(data.examples), "dropped": data.dropped, "steps": steps,
