@@ -110,9 +110,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     tt.add_argument("-o", "--output", required=True, help="output folder")
     add_output_args(tt, "tokenizer train")
     tt.add_argument("--corpus", default="shakespeare",
-                    help="'shakespeare' (embedded), a text/JSONL file, or a folder of *.txt/*.md "
+                    help="'shakespeare' (embedded), a text file (read whole), a record file (.jsonl, .json, .csv, "
+                         "optionally gzipped, or .parquet), or a folder of *.txt/*.md (else of record files) "
                          "(default: %(default)s)")
-    tt.add_argument("--text-field", default="text", help="the text field of JSONL lines (default: %(default)s)")
+    tt.add_argument("--text-field", default="text",
+                    help="the text field of a record file; a dotted path reaches into nested records, e.g. "
+                         "meta.body (default: %(default)s)")
     tt.add_argument("--kind", choices=("bpe", "char"), default="bpe",
                     help="byte-level BPE, or one token per character (default: %(default)s)")
     tt.add_argument("--vocab-size", type=int_arg("--vocab-size", 1), default=8192,

@@ -55,9 +55,10 @@ class PretrainConfig(ScaleOut, Tracking):
     overrides: dict[str, Any] = option(default_factory=dict, cli=False)
     """A preset's config fields to override, e.g. {n_layer: 4, n_embd: 128} (the --set KEY=VALUE flag)."""
     corpus: str = "shakespeare"
-    """'shakespeare' (embedded: 42 plays and poems), a text/JSONL file, or a folder of *.txt/*.md."""
+    """'shakespeare' (embedded: 42 plays and poems), a text file (read whole), a record file (.jsonl, .json, .csv,
+    optionally gzipped, or .parquet), or a folder of *.txt/*.md (else of record files)."""
     text_field: str = "text"
-    """The text field of JSONL lines."""
+    """The text field of a record file; a dotted path reaches into nested records (meta.body)."""
     tokenizer: str | None = None
     """'char' (a character vocabulary built from the corpus), a tokenizer folder, or none: the model folder's
     own tokenizer, 'char' for presets."""
