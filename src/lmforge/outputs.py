@@ -224,6 +224,9 @@ def _mkdir(path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         raise LmforgeError(f"cannot create the folder {path}: a part of that path is a file") from None
+    except OSError as e:  # permission denied, a read-only file system, no space...
+        raise LmforgeError(f"cannot create the folder {path}: {e.strerror or e}; choose another output folder "
+                           "(nothing was written)") from None
 
 
 def _write_manifest(folder: Path, verb: str) -> None:

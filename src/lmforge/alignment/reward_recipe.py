@@ -16,7 +16,7 @@ from typing import ClassVar, Literal
 from lmforge.checkpoints.resolve import DEFAULT_ENCODER, DEFAULT_MODEL
 from lmforge.data.reward_data import parse_label_map
 from lmforge.errors import LmforgeError
-from lmforge.recipe_config import option, validate
+from lmforge.recipe_config import TRAINING_SEED_MAX, option, validate
 from lmforge.training.tracking import Tracking
 
 HATE_SPEECH_LABELS = "0=hate,1=offensive,2=neither"  # the class column of Davidson et al.'s labeled_data.csv
@@ -83,8 +83,8 @@ class RewardConfig(Tracking):
     """Share of the steps spent warming the learning rate up."""
     precision: Literal["fp32", "bf16"] = option("bf16", group=_TRAIN)
     """bf16 autocast (faster on CPUs with AVX-512 BF16) or fp32."""
-    seed: int = option(0, min=0, group=_TRAIN)
-    """Seed for the split, the head's init and the order."""
+    seed: int = option(0, min=0, max=TRAINING_SEED_MAX, group=_TRAIN)
+    """Seed for the split, the head's init and the order, in [0, 2**32)."""
     save_every: int = option(0, min=0, group=_TRAIN)
     """Write OUT_DIR/checkpoint every N steps and keep the last one; 0 = none kept."""
     out_dir: Path = option(Path("runs/reward"), flags=("-o", "--out-dir"))

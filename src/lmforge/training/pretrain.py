@@ -27,7 +27,7 @@ import numpy as np
 from lmforge.config import PRESETS, ModelConfig, preset
 from lmforge.errors import LmforgeError
 from lmforge.outputs import claims_output
-from lmforge.recipe_config import option, validate, write_config
+from lmforge.recipe_config import TRAINING_SEED_MAX, option, validate, write_config
 from lmforge.tokenizer import Tokenizer
 from lmforge.training.scale import ScaleOut
 from lmforge.training.tracking import Tracking
@@ -94,12 +94,12 @@ class PretrainConfig(ScaleOut, Tracking):
     """The last fraction of the corpus kept for validation."""
     save_every: int = option(100, min=0)
     """Checkpoint every N steps, 0 = only at the end."""
-    log_every: int = option(10, min=0)
+    log_every: int = option(10, min=1)
     """Write metrics every N steps."""
     cache_dir: Path | None = None
     """Where tokenised corpora are cached (none: $LMFORGE_CACHE/tokens or ~/.cache/lmforge/tokens)."""
-    seed: int = option(0, min=0)
-    """Seed for the init and the data order."""
+    seed: int = option(0, min=0, max=TRAINING_SEED_MAX)
+    """Seed for the init and the data order, in [0, 2**32)."""
     device: str = "cpu"
     """cpu, cuda, ..."""
 

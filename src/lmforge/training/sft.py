@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from lmforge.errors import LmforgeError
 from lmforge.outputs import claims_output
-from lmforge.recipe_config import option, validate, write_config
+from lmforge.recipe_config import TRAINING_SEED_MAX, option, validate, write_config
 from lmforge.training.scale import ScaleOut
 from lmforge.training.tracking import Tracking
 
@@ -135,8 +135,8 @@ class FinetuneConfig(ScaleOut, Tracking):
     """torch.compile the model."""
     device: str = option("cpu", group="training")
     """cpu, cuda, ..."""
-    seed: int = option(0, min=0, group="training")
-    """Seed for init, shuffling and dropout."""
+    seed: int = option(0, min=0, max=TRAINING_SEED_MAX, group="training")
+    """Seed for init, shuffling and dropout, in [0, 2**32)."""
     eval_every: int = option(0, min=0, group="evaluation and output")
     """Evaluate every N steps; 0 = only at the end."""
     eval_examples: int | None = option(200, min=1, group="evaluation and output")
@@ -149,7 +149,7 @@ class FinetuneConfig(ScaleOut, Tracking):
     """Output folder."""
     save_every: int = option(0, min=0, group="evaluation and output")
     """Checkpoint every N steps; 0 = only at the end."""
-    log_every: int = option(10, min=0, group="evaluation and output")
+    log_every: int = option(10, min=1, group="evaluation and output")
     """Log the loss every N steps."""
 
     def __post_init__(self) -> None:
@@ -375,6 +375,18 @@ def sft_max_len(max_len: int | None, config: Any, name: str) -> int:
     return max_len
 
 
+def check_sft_files(r: FinetuneConfig) -> None:
+    """Read the train and dev files and put each record into its SFT format, so that a missing or malformed data
+    file fails before the model loads (``load_sft_data`` reads them again, with the tokenizer)."""
+    from lmforge.data.records import load_records
+    from lmforge.data.sft import to_record
+
+    for paths, limit in ((r.train, r.limit), (r.dev or (), None)):
+        raw = [record for path in paths for record in load_records(path)]
+        for record in raw[:limit] if limit is not None else raw:
+            to_record(record.fields, record.where, r.format, r.prompt_template, r.prompt_field, r.response_field)
+
+
 @claims_output("finetune", inputs=("model", "adapter"), config="recipe")
 def finetune(recipe: FinetuneConfig, *, resume: bool = False, overwrite: bool = False,
              force: bool = False) -> dict[str, Any]:
@@ -414,6 +426,7 @@ def finetune(recipe: FinetuneConfig, *, resume: bool = False, overwrite: bool = 
         r.clip, r.precision, r.compile
     eval_every, save_every, log_every = r.eval_every, r.save_every, r.log_every
     run_config = json.loads(json.dumps(dataclasses.asdict(recipe), default=str))  # Paths as plain JSON
+    check_sft_files(r)
     lm = load(r.model, device=r.device, dtype="float32", adapter=r.adapter)
     net, tok = lm.model, lm.tokenizer
     arch = net.config.arch
@@ -439,6 +452,9 @@ def finetune(recipe: FinetuneConfig, *, resume: bool = False, overwrite: bool = 
                          padding_side=r.padding_side, **batch_args)
     if steps is None:
         rows = len(batches.rows(0))
+        if r.epochs is not None and r.epochs * rows < 1:
+            raise LmforgeError(f"epochs (--epochs): {r.epochs:g} passes over {rows} training rows is less than one "
+                               "row; give a larger --epochs, or --steps N for a short run")
         steps = max(1, math.ceil((r.epochs if r.epochs is not None else 1.0) * rows / (batch_size * grad_accum)))
     eval_fn = None
     if r.dev:
