@@ -321,3 +321,14 @@ def test_a_truncated_or_corrupted_parquet_file_is_a_clean_error(tmp_path):
             load_records(tmp_path / "d.parquet")
         except LmforgeError as e:
             assert "d.parquet" in str(e)
+
+
+def test_ppo_prompts_by_a_dotted_path_and_from_parquet(tmp_path):
+    from lmforge.alignment.rlhf import load_prompts
+
+    rows = [{"meta": {"opening": "Stuck in traffic and"}}, {"meta": {"opening": "The bus was late so"}}]
+    for path in (write_jsonl(tmp_path / "p.jsonl", rows), write_parquet(tmp_path / "p.parquet", rows)):
+        assert load_prompts(path, "meta.opening") == ["Stuck in traffic and", "The bus was late so"]
+    with pytest.raises(LmforgeError, match=r"p.jsonl, line 1: no field 'meta.first' \(--prompt-field\): 'meta' has "
+                                           r"no 'first'; it has: opening"):
+        load_prompts(tmp_path / "p.jsonl", "meta.first")

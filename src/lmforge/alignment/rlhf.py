@@ -22,7 +22,6 @@ import copy
 import dataclasses
 import importlib
 import json
-import numbers
 import sys
 import time
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from lmforge.errors import LmforgeError
 from lmforge.outputs import claims_output
-from lmforge.recipe_config import TRAINING_SEED_MAX, option, validate, write_config
+from lmforge.recipe_config import option, validate, write_config
 from lmforge.training.scale import ScaleOut
 from lmforge.training.tracking import Tracking
 
@@ -78,8 +77,8 @@ class PolicyOptions:
     """Learning rate (none: 1e-4 LoRA, 1e-6 full)."""
     precision: Literal["fp32", "bf16"] = option("fp32", group=_RUN)
     """fp32, or bf16 autocast."""
-    seed: int = option(0, min=0, max=TRAINING_SEED_MAX, group=_RUN)
-    """Seed for sampling, shuffling and init, in [0, 2**32)."""
+    seed: int = option(0, min=0, group=_RUN)
+    """Seed for sampling, shuffling and init."""
     device: str = option("cpu", group=_RUN)
     """cpu, cuda, ..."""
 
@@ -270,9 +269,9 @@ def report_trainable(model: nn.Module, method: str) -> None:
 
 
 def load_prompts(path: str | Path, field: str = "prompt", limit: int | None = None) -> list[str]:
-    """Prompts from a text file (one per non-blank line) or the ``field`` of each record of a dataset
-    (``data/records.load_records``: .jsonl, .json or .csv, optionally gzipped)."""
-    from lmforge.data.records import load_records
+    """Prompts from a text file (one per non-blank line) or the ``field`` (a key or a dotted path) of each record
+    of a dataset (``data/records.load_records``: .jsonl, .json or .csv, optionally gzipped, or .parquet)."""
+    from lmforge.data.records import load_records, lookup
     from lmforge.io import read_text
 
     path = Path(path)
@@ -283,7 +282,8 @@ def load_prompts(path: str | Path, field: str = "prompt", limit: int | None = No
     else:
         prompts = []
         for record in load_records(path):
-            value = record.fields.get(field)
+            value = (lookup(record.fields, field, record.where, "--prompt-field")  # a dotted path: dialogue.opening
+                     if "." in field and field not in record.fields else record.fields.get(field))
             if not isinstance(value, str) or not value.strip():
                 raise LmforgeError(f"{record.where}: no non-empty string field {field!r} (set --prompt-field)")
             prompts.append(value)
@@ -304,26 +304,6 @@ def reward_vocab_check(reward: Any, policy_vocab: int, name: str) -> None:
                            "needs the same tokenizer")
 
 
-def _scores(value: Any, spec: str):
-    """What a reward function returned as a float tensor; anything but numbers is a one-line error naming it."""
-    import numpy as np
-    import torch
-
-    if isinstance(value, torch.Tensor) and not value.is_complex():
-        return value.to(torch.float32)
-    if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
-        return torch.as_tensor(value, dtype=torch.float32)
-    items = value.tolist() if isinstance(value, np.ndarray) else value
-    if not isinstance(items, (list, tuple)):
-        raise LmforgeError(f"reward function {spec} returned a {type(value).__name__}; it must return one number "
-                           "per completion (a list, or a 1-D tensor)")
-    for x in items:
-        if isinstance(x, bool) or not isinstance(x, numbers.Real):
-            raise LmforgeError(f"reward function {spec} returned a {type(x).__name__} ({x!r}) for a completion; it "
-                               "must return one number per completion")
-    return torch.tensor(items, dtype=torch.float32)
-
-
 def load_reward(spec: str, reward_input: str = "completion"):
     """(``reward_fn(prompts, completions) -> (B,)``, the reward model or None) from a reward-model folder
     (``training/reward.py``'s ``load_reward_model``: higher = better) or a ``package.module:function``
@@ -338,7 +318,7 @@ def load_reward(spec: str, reward_input: str = "completion"):
             fn = getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError) as e:
             raise LmforgeError(f"reward function {spec!r} cannot be imported: {e}") from None
-        return (lambda prompts, completions: _scores(fn(prompts, completions), spec)), None
+        return (lambda prompts, completions: torch.as_tensor(fn(prompts, completions), dtype=torch.float32)), None
     if not Path(spec).exists():
         raise LmforgeError(f"--reward {spec}: no such reward model folder (or give a 'package.module:function')")
     from lmforge.alignment.reward import load_reward_model
@@ -483,9 +463,6 @@ def dpo(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False, force:
 
     c = cfg
     pairs = load_preference_pairs(c.data, c.limit)
-    if c.steps is None and c.epochs is not None and c.epochs * len(pairs) < 1:
-        raise LmforgeError(f"epochs (--epochs): {c.epochs:g} passes over {len(pairs)} pairs is less than one pair; "
-                           "give a larger --epochs, or --steps N for a short run")
     seed_everything(c.seed)
     lm, reference = _load_policy(c)
     tok = lm.tokenizer
