@@ -22,6 +22,7 @@ import copy
 import dataclasses
 import importlib
 import json
+import numbers
 import sys
 import time
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from lmforge.errors import LmforgeError
 from lmforge.outputs import claims_output
-from lmforge.recipe_config import option, validate, write_config
+from lmforge.recipe_config import TRAINING_SEED_MAX, option, validate, write_config
 from lmforge.training.scale import ScaleOut
 from lmforge.training.tracking import Tracking
 
@@ -77,8 +78,8 @@ class PolicyOptions:
     """Learning rate (none: 1e-4 LoRA, 1e-6 full)."""
     precision: Literal["fp32", "bf16"] = option("fp32", group=_RUN)
     """fp32, or bf16 autocast."""
-    seed: int = option(0, min=0, group=_RUN)
-    """Seed for sampling, shuffling and init."""
+    seed: int = option(0, min=0, max=TRAINING_SEED_MAX, group=_RUN)
+    """Seed for sampling, shuffling and init, in [0, 2**32)."""
     device: str = option("cpu", group=_RUN)
     """cpu, cuda, ..."""
 
@@ -304,6 +305,26 @@ def reward_vocab_check(reward: Any, policy_vocab: int, name: str) -> None:
                            "needs the same tokenizer")
 
 
+def _scores(value: Any, spec: str):
+    """What a reward function returned as a float tensor; anything but numbers is a one-line error naming it."""
+    import numpy as np
+    import torch
+
+    if isinstance(value, torch.Tensor) and not value.is_complex():
+        return value.to(torch.float32)
+    if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
+        return torch.as_tensor(value, dtype=torch.float32)
+    items = value.tolist() if isinstance(value, np.ndarray) else value
+    if not isinstance(items, (list, tuple)):
+        raise LmforgeError(f"reward function {spec} returned a {type(value).__name__}; it must return one number "
+                           "per completion (a list, or a 1-D tensor)")
+    for x in items:
+        if isinstance(x, bool) or not isinstance(x, numbers.Real):
+            raise LmforgeError(f"reward function {spec} returned a {type(x).__name__} ({x!r}) for a completion; it "
+                               "must return one number per completion")
+    return torch.tensor(items, dtype=torch.float32)
+
+
 def load_reward(spec: str, reward_input: str = "completion"):
     """(``reward_fn(prompts, completions) -> (B,)``, the reward model or None) from a reward-model folder
     (``training/reward.py``'s ``load_reward_model``: higher = better) or a ``package.module:function``
@@ -318,7 +339,7 @@ def load_reward(spec: str, reward_input: str = "completion"):
             fn = getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError) as e:
             raise LmforgeError(f"reward function {spec!r} cannot be imported: {e}") from None
-        return (lambda prompts, completions: torch.as_tensor(fn(prompts, completions), dtype=torch.float32)), None
+        return (lambda prompts, completions: _scores(fn(prompts, completions), spec)), None
     if not Path(spec).exists():
         raise LmforgeError(f"--reward {spec}: no such reward model folder (or give a 'package.module:function')")
     from lmforge.alignment.reward import load_reward_model
@@ -463,6 +484,9 @@ def dpo(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False, force:
 
     c = cfg
     pairs = load_preference_pairs(c.data, c.limit)
+    if c.steps is None and c.epochs is not None and c.epochs * len(pairs) < 1:
+        raise LmforgeError(f"epochs (--epochs): {c.epochs:g} passes over {len(pairs)} pairs is less than one pair; "
+                           "give a larger --epochs, or --steps N for a short run")
     seed_everything(c.seed)
     lm, reference = _load_policy(c)
     tok = lm.tokenizer
