@@ -119,11 +119,12 @@ def spy_requests(browser):
         };""")
 
 
-def fake_stream(browser, pieces):
-    """Answer the next chat request in the page with ``pieces`` as a server-sent-event stream, one piece per
-    chunk, as a model would send them: the page's renderer sees exactly this text, whatever it holds."""
+def fake_stream(browser, pieces, delay_ms=2):
+    """Answer the page's chat requests with ``pieces`` as a server-sent-event stream, one piece per chunk
+    every ``delay_ms``, as a model would send them (Stop aborts it, as it does a real one): the page's renderer
+    sees exactly this text, whatever it holds."""
     browser.execute_script("""
-        const pieces = arguments[0];
+        const pieces = arguments[0], delay = arguments[1];
         const real = window.fetch.bind(window);
         window.fetch = (url, opts) => {
           if (!String(url).endsWith('/v1/chat/completions')) return real(url, opts);
@@ -133,12 +134,17 @@ def fake_stream(browser, pieces):
           events.push(sse({choices: [], usage: {prompt_tokens: 9, completion_tokens: pieces.length,
                                                 total_tokens: 9 + pieces.length}}));
           events.push(enc.encode('data: [DONE]\\n\\n'));
-          const body = new ReadableStream({async pull(c) {
-            await new Promise((r) => setTimeout(r, 2));
+          let ctl;
+          const body = new ReadableStream({start(c) { ctl = c; }, async pull(c) {
+            await new Promise((r) => setTimeout(r, delay));
+            if (opts.signal && opts.signal.aborted) return;
             if (events.length) c.enqueue(events.shift()); else c.close();
           }});
+          if (opts.signal) opts.signal.addEventListener('abort', () => {
+            try { ctl.error(new DOMException('The user aborted a request.', 'AbortError')); } catch (e) {}
+          });
           return Promise.resolve(new Response(body, {status: 200, headers: {'Content-Type': 'text/event-stream'}}));
-        };""", pieces)
+        };""", pieces, delay_ms)
 
 
 def stored(browser):
@@ -323,12 +329,29 @@ def test_playground_chat_regenerate_edit_persist_export(browser, served, downloa
     assert "## System\n\nYou answer in one word." in md and "## User\n\nName three colours.\n" in md
     assert f"## Assistant\n\n{answer}\n" in md
 
-    # delete asks once more, then removes it and shows the other one
+    # import: the exported file comes back as a new conversation; a file that is not one is refused whole
+    upload = browser.find_element(By.ID, "import-file")
+    browser.execute_script("arguments[0].hidden = false", upload)
+    exported_file = next(downloads.glob("*.json"))
+    upload.send_keys(str(exported_file))
+    wait(browser, lambda d: len(stored(d)) == 3)
+    imported = stored(browser)[0]
+    assert imported["messages"] == exported["messages"] and imported["system"] == system
+    assert [u.text for u in browser.find_elements(By.CSS_SELECTOR, ".msg.user .content")] == ["Name three colours."]
+    bad = downloads / "not-a-conversation.json"
+    bad.write_text(json.dumps({"messages": [{"role": "robot", "content": 1}]}))
+    upload.send_keys(str(bad))
+    wait(browser, lambda d: "failed" in d.find_element(By.ID, "status").text)
+    assert "not a conversation exported by this playground" in browser.find_element(By.ID, "status").text
+    assert len(stored(browser)) == 3
+
+    # delete asks once more, then removes the current one and shows the most recent other one
     browser.find_element(By.ID, "delete-chat").click()
-    assert len(stored(browser)) == 2 and browser.find_element(By.ID, "delete-chat").text == "Really delete?"
+    assert len(stored(browser)) == 3 and browser.find_element(By.ID, "delete-chat").text == "Really delete?"
     browser.find_element(By.ID, "delete-chat").click()
-    assert [c["title"] for c in stored(browser)] == ["one two three"]
+    assert [c["title"] for c in stored(browser)] == ["one two three", "Name three colours."]
     assert [u.text for u in browser.find_elements(By.CSS_SELECTOR, ".msg.user .content")] == ["one two three"]
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#conversations button")) == 2
 
     # a wrong key shows OpenAI's 401 message in the page, and the unanswered turn is not kept
     key = browser.find_element(By.ID, "api_key")
@@ -357,7 +380,8 @@ MARKDOWN = [
     "- one\n- two\n\n",
     "3. third\n4. fourth\n\n",
     "See [the docs](https://example.com/a?b=1&c=2) or https://example.org/x.\n",
-    "second line of the paragraph",
+    "second line of the paragraph\n\n",
+    "## A heading\n\n| name | n |\n|:--|--:|\n| one | **1** |\n| two | 2 |\n\n---\n\nthe end",
 ]
 
 
@@ -388,8 +412,16 @@ def check_no_html_injected(browser):
 @needs_browser
 def test_model_output_renders_as_markdown_and_cannot_inject_html(browser, served):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
 
     open_fresh(browser, served.url)
+    # an unreadable store (another version, a hand edit) is set aside, not a broken page
+    browser.execute_script("localStorage.setItem('lmforge-playground-conversations', '{not json')")
+    browser.refresh()
+    wait(browser, lambda d: d.find_element(By.ID, "model").text == MODEL)
+    assert [b.text for b in browser.find_elements(By.CSS_SELECTOR, "#conversations button")] == ["New chat"]
+    assert browser.execute_script("return localStorage.getItem('lmforge-playground-conversations-unreadable')") \
+        == "{not json"
     fake_stream(browser, XSS)
     send(browser, "show me some html")
     check_no_html_injected(browser)
@@ -400,7 +432,7 @@ def test_model_output_renders_as_markdown_and_cannot_inject_html(browser, served
     fake_stream(browser, MARKDOWN)
     send(browser, "show me markdown")
     last = browser.find_elements(By.CSS_SELECTOR, ".msg.assistant .content")[-1]
-    assert [e.text for e in last.find_elements(By.TAG_NAME, "strong")] == ["bold"]
+    assert [e.text for e in last.find_elements(By.CSS_SELECTOR, "p > strong")] == ["bold"]
     assert [e.text for e in last.find_elements(By.TAG_NAME, "em")] == ["italic"]
     assert last.find_element(By.CSS_SELECTOR, "p > code").text == "x < y && z"
     code = last.find_element(By.CSS_SELECTOR, "pre code.language-python")
@@ -415,12 +447,28 @@ def test_model_output_renders_as_markdown_and_cannot_inject_html(browser, served
         [("the docs", "https://example.com/a?b=1&c=2"), ("https://example.org/x", "https://example.org/x")]
     assert all(a.get_attribute("rel") == "noopener noreferrer" and a.get_attribute("target") == "_blank"
                for a in links)
-    assert last.find_elements(By.CSS_SELECTOR, "p")[-1].find_elements(By.TAG_NAME, "br")  # line break kept
+    assert last.find_elements(By.CSS_SELECTOR, "p")[-2].find_elements(By.TAG_NAME, "br")  # line break kept
+    assert last.find_element(By.TAG_NAME, "h4").text == "A heading"
+    assert [e.text for e in last.find_elements(By.CSS_SELECTOR, ".table-wrap th")] == ["name", "n"]
+    assert [e.text for e in last.find_elements(By.CSS_SELECTOR, ".table-wrap td")] == ["one", "1", "two", "2"]
+    assert last.find_element(By.CSS_SELECTOR, "td strong").text == "1"
+    assert last.find_elements(By.TAG_NAME, "hr") and last.find_elements(By.TAG_NAME, "p")[-1].text == "the end"
     meta = browser.find_elements(By.CSS_SELECTOR, ".msg.assistant .meta")[-1].text
     assert meta.startswith(f"{len(MARKDOWN)} tokens · ") and meta.endswith(" · stop")
     copy = last.find_element(By.CSS_SELECTOR, ".code-block .code-head button")
     copy.click()
     wait(browser, lambda d: copy.text == "Copied", timeout=5)
+
+    # Stop keeps what had arrived, marked as stopped
+    fake_stream(browser, [f"word{i} " for i in range(40)], delay_ms=100)
+    browser.find_element(By.ID, "prompt").send_keys("a long one", Keys.ENTER)
+    wait(browser, lambda d: int(d.find_elements(By.CSS_SELECTOR, ".msg.assistant")[-1].get_attribute("data-chunks")
+                                or 0) >= 2)
+    browser.find_element(By.ID, "stop-button").click()
+    idle(browser)
+    kept = stored(browser)[0]["messages"][-1]
+    assert kept["meta"]["finish"] == "stopped" and kept["content"].startswith("word0 word1 ")
+    assert len(kept["content"].split()) < 40 and browser.find_element(By.ID, "status").text == "stopped"
 
 
 DEMO = [{"role": "user", "content": "How do I load a model with lmforge?"},
