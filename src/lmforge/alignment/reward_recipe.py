@@ -32,7 +32,7 @@ class RewardConfig(Tracking):
 
     data: Path | None = None
     """Training data: labelled texts (classifier) or chosen/rejected pairs (pairwise); .csv, .jsonl or .json,
-    optionally .gz (required)."""
+    optionally .gz, or .parquet (required)."""
     kind: Literal["classifier", "pairwise"] = "classifier"
     """classifier: encoder + classification head; pairwise: decoder + scalar head."""
     model: str | None = option(None, flags=("-m", "--model"))

@@ -111,7 +111,8 @@ class PPOConfig(PolicyOptions, Tracking):
     recipe: ClassVar[str] = "rlhf ppo"
 
     prompts: Path | None = option(None, group="prompts and reward")
-    """Prompts: a .txt file (one per line) or .jsonl/.json/.csv records with a prompt field (required)."""
+    """Prompts: a .txt file (one per line) or records (.jsonl, .json, .csv, optionally gzipped, or .parquet) with a
+    prompt field (required)."""
     prompt_field: str = option("prompt", group="prompts and reward")
     """The prompt field of JSON records."""
     reward: str | None = option(None, group="prompts and reward")
@@ -184,7 +185,7 @@ class DPOConfig(PolicyOptions, ScaleOut, Tracking):
     recipe: ClassVar[str] = "rlhf dpo"
 
     data: Path | None = option(None, group="data")
-    """Preference pairs: .jsonl, .json or .jsonl.gz (required)."""
+    """Preference pairs: .jsonl, .json or .csv, optionally gzipped, or .parquet (required)."""
     limit: int | None = option(None, min=1, group="data")
     """Use only the first N pairs (none: all)."""
     eval_fraction: float = option(0.0, min=0.0, max=1.0, group="data")

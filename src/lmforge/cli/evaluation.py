@@ -137,9 +137,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     from lmforge.evaluation.harness import EvalConfig
 
     e = sub.add_parser("eval", help="evaluate a model on a dataset (ROUGE, BLEU, chrF, perplexity, choices, toxicity)",
-                       description="Evaluate a model on a JSONL / JSON / CSV dataset (optionally .gz). Writes "
-                                   "OUT/predictions.jsonl (one line per example), OUT/summary.json and "
-                                   "OUT/config.yaml (the resolved settings: rerun with --config).")
+                       description="Evaluate a model on a JSONL / JSON / CSV / .txt dataset (optionally .gz) or "
+                                   ".parquet. Writes OUT/predictions.jsonl (one line per example), OUT/summary.json "
+                                   "and OUT/config.yaml (the resolved settings: rerun with --config).")
     options.add_recipe_args(e, EvalConfig, positional=("data",), skip=("chat", "stop"))
     _add_by_hand(e, stop=True)
     e.add_argument("--no-progress", action="store_true", help="no progress bar")

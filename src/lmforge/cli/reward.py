@@ -134,7 +134,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                     "classifier reads labelled texts (fields, label map and --binary as it was "
                                     "trained unless overridden); a pairwise model reads chosen/rejected pairs.")
     e.add_argument("model", help="a reward model directory written by `lmforge reward train`")
-    e.add_argument("data", help="labelled texts or chosen/rejected pairs (.csv, .jsonl, .json, optionally .gz)")
+    e.add_argument("data", help="labelled texts or chosen/rejected pairs (.csv, .jsonl, .json, optionally .gz, or "
+                                  ".parquet)")
     e.add_argument("--label-map", default=None, help="classifier: VALUE=NAME pairs (default: as trained)")
     e.add_argument("--good-labels", default=None, help="classifier with --binary: the good classes (default: as "
                                                        "trained)")

@@ -3,7 +3,7 @@
 
 Modules, each owning one thing:
 
-- ``data``        reading evaluation records (JSONL, .jsonl.gz, JSON list, CSV), field mapping,
+- ``data``        reading evaluation records (JSONL, JSON list, CSV, .txt/.md, optionally .gz; parquet), field mapping,
                   prompt templates and picking few-shot examples.
 - ``metrics``     reference-based scores (ROUGE via ``rouge-score``, BLEU/chrF via ``sacrebleu``,
                   exact match) and the toxicity-scorer hook.

@@ -54,7 +54,7 @@ class EvalConfig:
     recipe: ClassVar[str] = "eval"
 
     data: Path
-    """The dataset file (JSONL, JSON, CSV; optionally .gz)."""
+    """The dataset file (JSONL, JSON, CSV or .txt/.md paragraphs, optionally .gz; or .parquet)."""
     out: Path | None = option(None, flags=("-o", "--out"))
     """Output folder (required on the command line; none in Python: nothing is written)."""
     task: Literal["generation", "toxicity", "perplexity", "multiple_choice"] = option("generation", group=_DATA)
