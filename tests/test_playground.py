@@ -558,3 +558,27 @@ def test_layout_at_400px_and_the_screenshots(browser, served_long):
         assert path.exists(), f"{path} is missing: run with LMFORGE_WRITE_SCREENSHOTS=1"
         assert png_size(path) == (width, height)
         assert path.stat().st_size < 400_000  # small enough to keep in the repository
+
+
+@needs_browser
+def test_text_completion_mode_sends_the_text_alone(browser, served):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    lm = served.lm
+    open_fresh(browser, served.url)
+    Select(browser.find_element(By.ID, "mode")).select_by_value("completion")
+    set_value(browser, "temperature", 0)
+    set_value(browser, "max_tokens", 12)
+    browser.find_element(By.ID, "system").send_keys("Input: sea otter")
+    send(browser, "Output:")
+    prompt = "Input: sea otter\nOutput:"  # the system text, a newline, the message; no chat template
+    answer = stored(browser)[0]["messages"][1]
+    assert answer["content"] == lm.generate(prompt, chat=False, max_new_tokens=12)
+    assert answer["meta"]["mode"] == "completion"
+    click(browser, ".prompt-button")
+    view = wait(browser, lambda d: [v for v in d.find_elements(By.CSS_SELECTOR, "pre.prompt-view")
+                                    if v.get_attribute("data-tokens")])[0]
+    assert int(view.get_attribute("data-tokens")) == len(lm.encode(prompt, chat=False))
+    assert browser.execute_script("return arguments[0].textContent", view) == \
+        lm.tokenizer.decode(lm.encode(prompt, chat=False), skip_special_tokens=False)
