@@ -332,3 +332,20 @@ def test_ppo_prompts_by_a_dotted_path_and_from_parquet(tmp_path):
     with pytest.raises(LmforgeError, match=r"p.jsonl, line 1: no field 'meta.first' \(--prompt-field\): 'meta' has "
                                            r"no 'first'; it has: opening"):
         load_prompts(tmp_path / "p.jsonl", "meta.first")
+
+
+def test_eval_on_a_nested_parquet_file_by_input_field_path(tiny_lm_dirs, tmp_path, capsys):
+    import json as _json
+
+    from lmforge.cli.main import main
+
+    data = write_parquet(tmp_path / "d.parquet", NESTED)
+    flat = write_jsonl(tmp_path / "d.jsonl", [{"text": "\n".join(r["dialogue"]["turns"])} for r in NESTED])
+    common = ["--task", "perplexity", "-m", str(tiny_lm_dirs["plain"]), "--no-progress"]
+    assert main(["eval", str(data), "--input-field", "dialogue.turns", *common, "-o", str(tmp_path / "a")]) == 0
+    assert main(["eval", str(flat), "--input-field", "text", *common, "-o", str(tmp_path / "b")]) == 0
+    a, b = (_json.loads((tmp_path / x / "summary.json").read_text()) for x in "ab")
+    assert a["metrics"] == b["metrics"] and a["counts"]["evaluated"] == 2
+    assert main(["eval", str(data), "--input-field", "dialogue.speakers", *common, "-o", str(tmp_path / "c")]) == 2
+    assert "d.parquet, row 1: no field 'dialogue.speakers' (--input-field): 'dialogue' has no 'speakers'" in \
+        capsys.readouterr().err
