@@ -416,12 +416,13 @@ def test_model_output_renders_as_markdown_and_cannot_inject_html(browser, served
 
     open_fresh(browser, served.url)
     # an unreadable store (another version, a hand edit) is set aside, not a broken page
-    browser.execute_script("localStorage.setItem('lmforge-playground-conversations', '{not json')")
-    browser.refresh()
-    wait(browser, lambda d: d.find_element(By.ID, "model").text == MODEL)
-    assert [b.text for b in browser.find_elements(By.CSS_SELECTOR, "#conversations button")] == ["New chat"]
-    assert browser.execute_script("return localStorage.getItem('lmforge-playground-conversations-unreadable')") \
-        == "{not json"
+    for junk in ("{not json", json.dumps({"conversations": [{"id": "x", "messages": [{"role": "user"}]}]})):
+        browser.execute_script("localStorage.setItem('lmforge-playground-conversations', arguments[0])", junk)
+        browser.refresh()
+        wait(browser, lambda d: d.find_element(By.ID, "model").text == MODEL)
+        assert [b.text for b in browser.find_elements(By.CSS_SELECTOR, "#conversations button")] == ["New chat"]
+        assert browser.execute_script(
+            "return localStorage.getItem('lmforge-playground-conversations-unreadable')") == junk
     fake_stream(browser, XSS)
     send(browser, "show me some html")
     check_no_html_injected(browser)
