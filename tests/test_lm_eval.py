@@ -1,0 +1,136 @@
+"""lmforge as an lm-evaluation-harness model (``evaluation/lm_eval_model.py``): a YAML task over a local JSONL (no hub)
+run through lm-eval's registry (``model="lmforge"``) gives the accuracy of ``lmforge eval --task multiple_choice`` on
+the same file, choice by choice; the rolling log-likelihood and greedy generation agree with lmforge's own; the
+``python -m lmforge.evaluation.lm_eval_model`` command line runs the task. Skipped where lm_eval is not installed
+(``pip install lm_eval``; requirements-dev.txt installs it)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install lm_eval)")
+
+QUESTIONS = [
+    ("What is the capital of France?", ["Paris", "London", "Rome"], 0),
+    ("The quick brown fox jumps over the lazy", ["dog", "cat", "fox jumps"], 0),
+    ("Input: sea otter\nOutput:", ["loutre de mer", "sea otter", "otter"], 0),
+    ("one two three four five", ["six", "seven", "two"], 0),
+    ("What is the capital of", ["France? Paris.", "the dog", "one"], 1),
+    ("The lazy dog", ["jumps over the fox.", "Paris.", "sea"], 2),
+    ("five six", ["seven", "one two", "three four five six seven"], 1),
+    ("loutre de", ["mer", "otter", "fox"], 0),
+    ("Output: loutre", ["de mer", "brown", "capital"], 2),
+    ("four five six", ["seven", "eight", "quick brown"], 1),
+]
+
+TASK_YAML = """task: lmforge_mc_local
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+  cache_dir: {cache}
+test_split: test
+output_type: multiple_choice
+doc_to_text: input
+doc_to_choice: choices
+doc_to_target: answer
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+@pytest.fixture
+def mc_task(tmp_path):
+    """(the JSONL file, the folder holding the task's YAML) for QUESTIONS."""
+    data = tmp_path / "mc.jsonl"
+    data.write_text("".join(json.dumps({"input": q, "choices": c, "answer": a}) + "\n" for q, c, a in QUESTIONS))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "lmforge_mc_local.yaml").write_text(TASK_YAML.format(data=data, cache=tmp_path / "hf-datasets"))
+    return data, tasks
+
+
+def test_lm_eval_multiple_choice_equals_lmforge_eval(tiny_lm_dirs, tmp_path, mc_task):
+    import lm_eval.evaluator
+    from lm_eval.tasks import TaskManager
+
+    import lmforge.evaluation.lm_eval_model  # noqa: F401  (registers "lmforge")
+    from lmforge.evaluation.harness import EvalConfig, evaluate
+
+    data, tasks = mc_task
+    model = str(tiny_lm_dirs["plain"])
+    ours = evaluate(EvalConfig(data=data, out=tmp_path / "eval", task="multiple_choice", model=model,
+                               input_field="input", choices_field="choices", answer_field="answer", batch_size=4),
+                    progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    theirs = lm_eval.evaluator.simple_evaluate(model="lmforge", model_args=f"pretrained={model}",
+                                               tasks=["lmforge_mc_local"], batch_size=4, log_samples=True,
+                                               task_manager=TaskManager(include_path=str(tasks)))
+    accuracy = theirs["results"]["lmforge_mc_local"]["acc,none"]
+    assert 0 < ours["metrics"]["accuracy"] < 1  # the random tiny model gets some right and some wrong
+    assert accuracy == ours["metrics"]["accuracy"]
+    samples = sorted(theirs["samples"]["lmforge_mc_local"], key=lambda s: s["doc_id"])
+    assert len(samples) == len(rows) == len(QUESTIONS)
+    for sample, row in zip(samples, rows):  # every choice's log-likelihood, question by question
+        logliks = [float(resp[0]) for resp in sample["filtered_resps"]]
+        assert logliks == pytest.approx(row["logprobs"], abs=1e-4)
+        assert sample["acc"] == row["scores"]["correct"]
+
+
+def _requests(*args):
+    return [SimpleNamespace(args=a) for a in args]
+
+
+def test_loglikelihood_rolling_and_greedy_match_a_direct_forward_pass(tiny_lm_dirs):
+    from lmforge.evaluation.lm_eval_model import LmforgeLM
+    from lmforge.lm import load
+
+    lm = load(tiny_lm_dirs["plain"])
+    model = LmforgeLM(lm=lm, batch_size=2)
+    tok = lm.tokenizer
+    text = "The quick brown fox jumps over the lazy dog."
+    ids = [model.prefix_id, *tok.encode(text, add_special_tokens=False)]
+    with torch.no_grad():
+        logp = torch.log_softmax(lm.model(torch.tensor([ids])).float()[0], -1)  # (T, V)
+    by_hand = sum(float(logp[t - 1, ids[t]]) for t in range(1, len(ids)))
+    (rolling,) = model.loglikelihood_rolling(_requests((text,)))
+    assert rolling == pytest.approx(by_hand, rel=1e-5)
+    # a text longer than the 128-token context: every token is still predicted once
+    long_text = " ".join([text] * 20)
+    (long_total,) = model.loglikelihood_rolling(_requests((long_text,)))
+    assert math.isfinite(long_total) and long_total < rolling * 10
+    # the most likely next token is greedy, the least likely is not
+    context = "one two three"
+    with torch.no_grad():
+        next_logp = torch.log_softmax(lm.model(torch.tensor([lm.encode(context, chat=False)])).float()[0, -1], -1)
+    best, worst = tok.decode([int(next_logp.argmax())]), tok.decode([int(next_logp.argmin())])
+    assert tok.encode(best, add_special_tokens=False) == [int(next_logp.argmax())]  # one token each way
+    (ll_best, best_greedy), (ll_worst, worst_greedy) = model.loglikelihood(_requests((context, best),
+                                                                                     (context, worst)))
+    assert best_greedy and not worst_greedy
+    assert (ll_best, ll_worst) == pytest.approx((float(next_logp.max()), float(next_logp.min())), abs=1e-5)
+    greedy = lm.generate(context, chat=False, max_new_tokens=3)
+    (generated,) = model.generate_until(_requests((context, {"until": ["\n\n"], "max_gen_toks": 3})))
+    assert generated == greedy
+
+
+def test_the_lm_eval_command_line_runs_a_local_task(tiny_lm_dirs, tmp_path, mc_task):
+    _, tasks = mc_task
+    out = tmp_path / "results"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "lmforge.evaluation.lm_eval_model", "run", "--model", "lmforge",
+                           "--model_args", f"pretrained={tiny_lm_dirs['plain']}", "--tasks", "lmforge_mc_local",
+                           "--include_path", str(tasks), "--batch_size", "4", "--output_path", str(out)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (result_file,) = out.rglob("results_*.json")
+    acc = json.loads(result_file.read_text())["results"]["lmforge_mc_local"]["acc,none"]
+    assert 0 < acc < 1
