@@ -126,3 +126,19 @@ def test_temperature_defaults_generate_greedy_chat_like_the_playground_and_help_
     assert "(default: 0, greedy: the same output every run, for scripts and comparisons)" in help_of("generate")
     assert "(default: 0.7, varied replies for a person, as in the playground; -t 0 is greedy)" in help_of("chat")
     assert "A request without 'temperature' samples at 1.0, OpenAI's default" in help_of("serve")
+
+
+def test_ctrl_c_stops_a_reply_in_a_terminal_and_the_chat_goes_on():
+    lines = io.StringIO("first\nsecond\n")
+
+    def reply(messages):
+        yield "partial"
+        if messages[-1]["content"] == "first":
+            raise KeyboardInterrupt
+
+    out, log = io.StringIO(), io.StringIO()
+    session = chat_loop(lines.readline, reply, model="tiny", interactive=True, out=out, log=log)
+    assert "(reply stopped; what was written is kept)" in log.getvalue()
+    assert [m["content"] for m in session.messages] == ["first", "partial", "second", "partial"]
+    with pytest.raises(KeyboardInterrupt):  # piped: Ctrl-C ends the command as before
+        chat_loop(io.StringIO("first\n").readline, reply, model="tiny", out=io.StringIO(), log=io.StringIO())

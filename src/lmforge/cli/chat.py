@@ -16,6 +16,7 @@ chat's output is just the replies); prompts, confirmations and the command list 
 
 A message the model cannot take (the conversation outgrew the context) is an error: in a terminal it is said
 and the conversation goes on without that message; with piped input it ends the chat (``error: ...``, exit 2).
+In a terminal, Ctrl-C during a reply stops that reply (its text so far stays in the conversation).
 """
 
 from __future__ import annotations
@@ -171,6 +172,13 @@ def chat_loop(read_line: Callable[[], str], reply: Callable[[list[dict[str, str]
                     raise
                 print(flush=True, file=out)
                 session.say(f"error: {e} (the message was not added; /reset starts afresh)")
+                continue
+            except KeyboardInterrupt:  # Ctrl-C in a terminal stops this reply, not the chat
+                if not interactive:
+                    raise
+                print(flush=True, file=out)
+                session.say("(reply stopped; what was written is kept)")
+                session.messages.append({"role": "assistant", "content": text})
                 continue
             print(flush=True, file=out)
             session.messages.append({"role": "assistant", "content": text})
