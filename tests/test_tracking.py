@@ -205,7 +205,12 @@ def test_a_missing_backend_is_one_line_naming_the_package(tmp_path, capsys, monk
                        "--cache-dir", tmp_path / "c", "--set", "n_layer=1", "--logger", f"csv,{name}")
     assert code == 2
     assert err == f"error: --logger {name} needs the {package} package: pip install {package}\n"
-    assert not (out / "metrics.jsonl").exists() and not (out / "checkpoint").exists()
+    assert not out.exists()  # refused as the flags are read: no folder claimed, no model built
+    from lmforge.training.loop import RunDir
+
+    with pytest.raises(LmforgeError, match=f"pip install {package}$"):  # the Python API: when the run is opened
+        RunDir(tmp_path / "api", loggers=(name,))
+    assert not (tmp_path / "api").exists()
 
 
 def test_an_unknown_logger_is_refused_naming_the_choices(tmp_path, capsys):

@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 from lmforge import recipe_config as rc
 from lmforge.errors import LmforgeError
+from lmforge.training.tracking import Tracking, check_available
 
 _FIELDS = "_recipe_fields"  # namespace attribute: the fields add_recipe_args turned into arguments
 
@@ -184,4 +185,6 @@ def recipe_from_args(cls: type, namespace: argparse.Namespace, **overrides: Any)
     cfg = rc.load_config(cls, getattr(namespace, "config_file", None), {**given, **overrides})
     if getattr(namespace, "print_config", False):
         sys.stdout.write(rc.to_yaml(cfg))
+    elif isinstance(cfg, Tracking):  # a --logger whose package is missing: one line before any model loads
+        check_available(cfg.logger)
     return cfg

@@ -13,14 +13,16 @@ of (comma-separated, e.g. ``--logger csv,tensorboard``; YAML ``logger: [csv, ten
   uploads them later); project ``$WANDB_PROJECT`` or ``lmforge``. Needs ``pip install wandb``.
 - ``mlflow``: an MLflow file store at ``file:OUT/mlruns`` (experiment ``lmforge``, one run per training run,
   the run configuration as parameters); ``mlflow ui --backend-store-uri OUT/mlruns`` shows it. Needs
-  ``pip install mlflow-skinny`` (or ``mlflow``).
+  ``pip install mlflow-skinny`` (or ``mlflow``); MLflow 3 refuses file stores unless ``MLFLOW_ALLOW_FILE_STORE``
+  is true, so a run with this logger sets it (when unset) for its process.
 
 Every backend is a ``Tracker`` (``log(row)``, ``close()``) made by ``open_trackers``; only numbers are sent to
 tensorboard, wandb and mlflow (PPO's logged sample text is left to ``metrics.jsonl``). Their packages are
 imported only when a run asks for them, and a missing one is an ``LmforgeError`` naming the pip package,
-raised by ``check_available`` before the run folder is touched. On resume the CSV is rebuilt from the rows
-``metrics.jsonl`` keeps, TensorBoard purges the events after the checkpoint's step, and wandb/mlflow start a new
-run. Under data parallelism only rank 0 tracks (``MetricsLog(writes=False)`` opens nothing).
+raised by ``check_available``: on the command line as soon as the flags are read (``cli/options.py``), before
+the output folder is claimed or a model loads; from Python when the run's ``RunDir`` is made. On resume the CSV
+is rebuilt from the rows ``metrics.jsonl`` keeps, TensorBoard purges the events after the checkpoint's step, and
+wandb/mlflow start a new run. Under data parallelism only rank 0 tracks (``MetricsLog(writes=False)`` opens nothing).
 
 This module imports neither torch nor any backend at import time, so building the command line stays fast.
 """
@@ -190,6 +192,9 @@ class MlflowTracker:
     global MLflow state (tracking URI, active run) is touched."""
 
     def __init__(self, store: Path, run_name: str, run_config: dict[str, Any]):
+        # MLflow 3 keeps its file store in maintenance mode and refuses it unless this is set; a file store is what
+        # an offline run needs (a database store needs SQLAlchemy, which mlflow-skinny lacks)
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=store.resolve().as_uri())
