@@ -11,6 +11,7 @@ Llama models with and without a chat template, ``{enc}`` a tiny BERT encoder, ``
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import sys
@@ -41,10 +42,11 @@ def P(what: str, argv: str | list[str], expect: str, **kw) -> Probe:
 
 
 def _out_faults(verb: str, argv: str, flag: str = "-o") -> list[Probe]:
-    """The output-path faults for one folder-writing verb: an existing file, a folder where nothing can be
-    created, a path through a file."""
+    """The output-path faults for one folder-writing verb: an existing file, an existing folder that refuses
+    writes, a new folder in one, a path through a file."""
     return [
         P(f"{verb}: {flag} names an existing file", f"{argv} {flag} {{file}}", "is a file, not a folder"),
+        P(f"{verb}: {flag} names a folder that refuses writes", f"{argv} {flag} {{denied}}", "cannot write into"),
         P(f"{verb}: {flag} in a folder that refuses writes", f"{argv} {flag} {{denied}}/out", "cannot create"),
         P(f"{verb}: {flag} under a file", f"{argv} {flag} {{file}}/out", "a part of that path is a file"),
     ]
@@ -126,21 +128,36 @@ PROBES: list[Probe] = [
 
 
 # ----------------------------------------------------------------------------- fixtures
+def _refuses(folder: Path) -> bool:
+    """Whether creating a file and a folder in ``folder`` fails for want of permission (root ignores modes)."""
+    for make in (lambda p: os.close(os.open(p, os.O_CREAT | os.O_WRONLY, 0o644)), os.mkdir):
+        try:
+            make(folder / "lmforge-probe")
+        except OSError as e:
+            if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                continue
+            return False
+        probe = folder / "lmforge-probe"
+        probe.rmdir() if probe.is_dir() else probe.unlink()
+        return False
+    return True
+
+
 def _denied_folder(tmp: Path) -> tuple[Path | None, str]:
-    """A folder in which creating anything fails, and how it was made. Not root: a mode-0555 folder. Root
-    ignores file modes, so then a folder of a read-only kernel file system (/sys) that refuses mkdir, if any."""
+    """An existing, empty folder in which nothing can be created, and how it was found. Not root: a mode 0555
+    folder. Root ignores modes, so then an empty folder of the kernel's /sys that refuses new entries, if any."""
     if hasattr(os, "geteuid") and os.geteuid() != 0:
         folder = tmp / "read-only"
         folder.mkdir(exist_ok=True)
         folder.chmod(0o555)
         return folder, "a mode 0555 folder"
-    sysfs = Path("/sys")
-    try:
-        (sysfs / "lmforge-probe").mkdir()
-    except OSError:
-        return sysfs, "running as root, where modes do not deny: /sys (the kernel refuses to create files there)"
-    (sysfs / "lmforge-probe").rmdir()
-    return None, "running as root and /sys accepts new folders: no folder here denies writes"
+    for folder in sorted(Path("/sys/kernel").glob("*")):
+        try:
+            if folder.is_dir() and not any(folder.iterdir()) and _refuses(folder):
+                return folder, f"running as root, where modes do not deny: {folder} (sysfs refuses new entries)"
+        except OSError:
+            continue
+    return None, "running as root and no empty /sys folder refuses new entries: no folder here denies writes"
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +243,7 @@ FILES = ("sft", "pairs", "labels", "prompts", "corpus", "mc", "file", "latin1", 
 
 def _shown(text: str, world: dict, tmp: Path) -> str:
     """A message with this machine's temporary paths replaced by the template names."""
-    if world["denied"] not in (None, "/sys"):
+    if world["denied"] is not None:
         text = text.replace(world["denied"], "{denied}")
     for key in (*FILES, "data"):
         text = text.replace(world[key], "{" + key + "}")

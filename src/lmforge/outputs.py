@@ -286,8 +286,9 @@ class RunLock:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT | (os.O_EXCL if fcntl is None else 0), 0o644)
             except FileExistsError:
                 raise self._busy() from None
-            except OSError as e:
-                raise LmforgeError(f"cannot create the lock file {self.path}: {e.strerror}") from None
+            except OSError as e:  # a read-only or permission-denied folder
+                raise LmforgeError(f"cannot write into {self.folder}: creating its lock file {LOCK} failed "
+                                   f"({e.strerror}); choose another output folder (nothing was written)") from None
             if fcntl is not None:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
