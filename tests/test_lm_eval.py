@@ -1,12 +1,14 @@
 """lmforge as an lm-evaluation-harness model (``evaluation/lm_eval_model.py``): a YAML task over a local JSONL (no hub)
 run through lm-eval's registry (``model="lmforge"``) gives the accuracy of ``lmforge eval --task multiple_choice`` on
-the same file, choice by choice; the rolling log-likelihood and greedy generation agree with lmforge's own; the
+the same file, choice by choice; a perplexity task's word and byte perplexities come from the NLL of ``lmforge eval
+--task perplexity``; the rolling log-likelihood and greedy generation agree with lmforge's own; the
 ``python -m lmforge.evaluation.lm_eval_model`` command line runs the task. Skipped where lm_eval is not installed
 (``pip install lm_eval``; requirements-dev.txt installs it)."""
 
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -83,6 +85,58 @@ def test_lm_eval_multiple_choice_equals_lmforge_eval(tiny_lm_dirs, tmp_path, mc_
         logliks = [float(resp[0]) for resp in sample["filtered_resps"]]
         assert logliks == pytest.approx(row["logprobs"], abs=1e-4)
         assert sample["acc"] == row["scores"]["correct"]
+
+
+PPL_YAML = """task: lmforge_ppl_local
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+  cache_dir: {cache}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: text
+metric_list:
+  - metric: word_perplexity
+  - metric: byte_perplexity
+"""
+
+
+def test_lm_eval_perplexity_equals_lmforge_eval(tiny_lm_dirs, tmp_path):
+    """A perplexity task (loglikelihood_rolling) over a local JSONL, one text longer than the 128-token context:
+    lm-eval's word and byte perplexities are exp(NLL / words or bytes) with the NLL lmforge eval --task perplexity
+    measures, for a tokenizer that adds a BOS token (the rolling log-likelihood is conditioned on it)."""
+    import lm_eval.evaluator
+    import tokenizers
+    from lm_eval.tasks import TaskManager
+
+    from lmforge.evaluation.harness import EvalConfig, run_eval
+    from lmforge.evaluation.lm_eval_model import LmforgeLM
+    from lmforge.lm import LM, load
+    from lmforge.tokenizer import Tokenizer
+
+    plain = load(tiny_lm_dirs["plain"])
+    tok = Tokenizer(tokenizers.Tokenizer.from_str(plain.tokenizer.backend.to_str()), bos_token="<|endoftext|>",
+                    eos_token="<|endoftext|>", add_bos_token=True)
+    lm = LM(plain.model, tok, "tiny-with-bos")
+    texts = ["The quick brown fox jumps over the lazy dog.", "What is the capital of France? Paris.",
+             " ".join(["one two three four five six seven"] * 12)]
+    assert len(tok.encode(texts[-1])) > lm.config.max_seq_len  # scored in sliding windows
+    data = tmp_path / "texts.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    ours = run_eval(lm, EvalConfig(data=data, task="perplexity", input_field="text", batch_size=2), progress=False)
+    nll = ours["metrics"]["nll_per_token"] * ours["metrics"]["tokens_scored"]
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "lmforge_ppl_local.yaml").write_text(PPL_YAML.format(data=data, cache=tmp_path / "hf-datasets"))
+    theirs = lm_eval.evaluator.simple_evaluate(model=LmforgeLM(lm=lm), tasks=["lmforge_ppl_local"],
+                                               task_manager=TaskManager(include_path=str(tasks)))
+    result = theirs["results"]["lmforge_ppl_local"]
+    words = sum(len(re.split(r"\s+", t)) for t in texts)
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    assert result["word_perplexity,none"] == pytest.approx(math.exp(nll / words), rel=1e-5)
+    assert result["byte_perplexity,none"] == pytest.approx(math.exp(nll / n_bytes), rel=1e-5)
 
 
 def _requests(*args):
