@@ -19,10 +19,20 @@ torchrun's RANK in its environment; the single-process run is rank 0) and of the
 (``lmforge --nproc`` and torchrun's agent) are printed. The peak includes the Python and torch runtime
 (several hundred MB per process), which dominates for small models.
 
-Not measured here: FSDP2 (not built yet) and GPUs.
+``--strategies`` measures the other question, memory per rank: full fine-tuning of the embedded default model
+(SmolLM2-135M-Instruct) on ``--nproc N`` processes under ``--strategy ddp`` and ``--strategy fsdp`` (synthetic
+SFT rows of ``--seq`` tokens, ``--batch`` rows per step, ``--steps`` steps), alternating for ``--rounds``
+rounds; it prints each rank's peak resident memory (the same sampler), tokens/s and the first losses (equal up to
+float summation order: the same optimisation). DDP keeps the whole model, its gradients (plus DDP's gradient
+buckets) and both AdamW moments on every rank; FSDP2 keeps 1/N of each and gathers one block's weights at a
+time. Both load the whole model once before sharding.
+
+Not measured here: GPUs.
 
     HF_HUB_OFFLINE=1 python bench/distributed.py [--preset 1m|10m|tiny] [--nproc 2] [--batch 16] [--seq 128]
         [--steps 12] [--skip 2] [--rounds 2] [--threads 1] [--precision fp32|bf16] [--json out.json]
+    HF_HUB_OFFLINE=1 python bench/distributed.py --strategies [--nproc 2] [--batch 4] [--seq 128] [--steps 4]
+        [--rounds 1]
 """
 
 from __future__ import annotations
@@ -113,20 +123,40 @@ def pretrain_cmd(a: argparse.Namespace, nproc: int, out: Path, cache: Path) -> l
     return cmd + (["--nproc", str(nproc)] if nproc > 1 else [])
 
 
-def run_once(a: argparse.Namespace, nproc: int, out: Path, cache: Path) -> dict:
-    """One ``lmforge pretrain`` run: its median tokens/s after --skip steps, losses, peak RSS per label, wall s."""
+def finetune_cmd(a: argparse.Namespace, strategy: str, out: Path, data: Path) -> list[str]:
+    return [sys.executable, "-m", "lmforge.cli", "finetune", "--train", str(data), "--method", "full",
+            "--prompt-template", "{prompt}", "--response-field", "response", "--max-len", str(a.seq),
+            "--batch-size", str(a.batch), "--steps", str(a.steps), "--lr", "1e-5", "--precision", a.precision,
+            "--log-every", "1", "--save-every", "0", "--seed", "0", "--nproc", str(a.nproc), "--strategy", strategy,
+            "-o", str(out)]
+
+
+def sft_rows(path: Path, n: int, seq: int) -> Path:
+    """``n`` synthetic SFT rows whose prompt + response fill about ``seq`` tokens (a few words a token)."""
+    words = "the quick brown fox jumps over the lazy dog while seven wizards quietly hex every jumping frog".split()
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            text = " ".join(words[(i + j) % len(words)] for j in range(seq // 3))
+            f.write(json.dumps({"prompt": text[: len(text) // 2], "response": text[len(text) // 2:]}) + "\n")
+    return path
+
+
+def run_once(a: argparse.Namespace, nproc: int, out: Path, cache: Path, cmd: list[str] | None = None) -> dict:
+    """One ``lmforge pretrain`` run (or ``cmd``): its median tokens/s after --skip steps, losses, peak RSS per
+    label, wall s."""
     threads = str(a.threads)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
            "GLOO_SOCKET_IFNAME": "lo", "TQDM_DISABLE": "1"}
     log_path = out.with_suffix(".log")
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
-        proc = psutil.Popen(pretrain_cmd(a, nproc, out, cache), env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = psutil.Popen(cmd or pretrain_cmd(a, nproc, out, cache), env=env, stdout=log, stderr=subprocess.STDOUT)
         with TreeSampler(proc, root_is_rank=nproc == 1) as sampler:
             rc = proc.wait()
     wall = time.perf_counter() - t0
     if rc != 0:
-        raise SystemExit(f"pretrain --nproc {nproc} failed (exit {rc}):\n" + log_path.read_text()[-3000:])
+        raise SystemExit(f"{' '.join((cmd or ['pretrain'])[2:4])} --nproc {nproc} failed (exit {rc}):\n"
+                         + log_path.read_text()[-3000:])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     train = [r for r in rows if "tokens_per_s" in r]
     timed = [r["tokens_per_s"] for r in train if r["step"] > a.skip]
@@ -148,7 +178,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="threads per process")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--strategies", action="store_true",
+                   help="peak memory per rank, DDP vs FSDP2, full fine-tuning of the embedded 135M model")
     a = p.parse_args()
+    if a.strategies:
+        return strategies(a)
     if a.nproc < 2 or a.batch % a.nproc:
         raise SystemExit(f"--nproc must be >= 2 and divide --batch {a.batch}, got {a.nproc}")
     import torch
@@ -190,6 +224,41 @@ def main() -> None:
         with open(a.json, "w") as f:
             json.dump({"args": vars(a), "tokens_per_s": tok, "efficiency": eff, "runs": runs,
                        "load_before": load0, "load_after": load1}, f, indent=2)
+
+
+def strategies(a: argparse.Namespace) -> None:
+    """``--strategies``: DDP vs FSDP2 on ``--nproc`` processes, full fine-tuning of the embedded default model."""
+    import torch
+
+    load0 = os.getloadavg()
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, {a.threads} thread(s) per process, "
+          f"load average {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}")
+    runs: dict[str, list[dict]] = {"ddp": [], "fsdp": []}
+    with tempfile.TemporaryDirectory() as d:
+        data = sft_rows(Path(d) / "sft.jsonl", 64, a.seq)
+        for r in range(a.rounds):
+            for s in (("ddp", "fsdp") if r % 2 == 0 else ("fsdp", "ddp")):
+                out = Path(d) / f"r{r}-{s}"
+                res = run_once(a, a.nproc, out, Path(d), cmd=finetune_cmd(a, s, out, data))
+                runs[s].append(res)
+                rss = ", ".join(f"{k} {v:,.0f}" for k, v in res["peak_rss_mb"].items())
+                print(f"round {r + 1} {s}: {res['tokens_per_s']:,.0f} tok/s, wall {res['wall_s']:.1f} s, "
+                      f"peak RSS MB: {rss}")
+    print(f"\nfull fine-tuning, embedded SmolLM2-135M-Instruct, {a.nproc} processes, {a.precision}, global batch "
+          f"{a.batch} x up to {a.seq} tokens, {a.steps} steps, {a.rounds} round(s):")
+    peak = {}
+    for s, v in runs.items():
+        ranks = [max(x["peak_rss_mb"].get(f"rank {r}", 0.0) for x in v) for r in range(a.nproc)]
+        peak[s] = max(ranks)
+        tok = statistics.median(x["tokens_per_s"] for x in v)
+        print(f"  {s:4}: peak RSS per rank MB {', '.join(f'{m:,.0f}' for m in ranks)}; {tok:,.0f} tok/s; "
+              f"first losses {', '.join(f'{x:.5f}' for x in v[0]['losses'][:3])}")
+    print(f"  FSDP2 / DDP peak memory per rank: {peak['fsdp'] / peak['ddp']:.2f}")
+    load1 = os.getloadavg()
+    print(f"load average after {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"args": vars(a), "runs": runs, "load_before": load0, "load_after": load1}, f, indent=2)
 
 
 if __name__ == "__main__":

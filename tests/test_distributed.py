@@ -91,7 +91,8 @@ def test_pretrain_two_ranks_equal_one_process(tmp_path, capsys, strategy):
             tmp_path / "two")).replace("strategy: auto", f"strategy: {strategy}")
     if strategy == "fsdp":
         shards = sorted(p.name for p in (tmp_path / "two" / "checkpoint" / "shards").iterdir())
-        assert len(shards) == 2 and all(p.endswith(".safetensors") for p in shards)
+        assert {p.split("-")[1] for p in shards} == {"00001", "00002"}  # each rank's own files
+        assert all(p.endswith(".safetensors") for p in shards) and len(shards) == 2 * 3  # per block + the rest
         # 2 steps on 2 ranks (still in the warmup: the same learning rates as the 4-step run), then 2 more
         done = torchrun([*args, "--strategy", "fsdp", "--steps", "2", "-o", str(tmp_path / "half")])
         assert done.returncode == 0, done.stderr[-3000:]

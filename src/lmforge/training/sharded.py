@@ -24,6 +24,7 @@ finishes it (``COMPLETE``) only after every rank's shards are written, then swap
 
 from __future__ import annotations
 
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -64,12 +65,40 @@ def _flat_state(model: nn.Module, optimizer: torch.optim.Optimizer, trainable_on
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     opts = _options(trainable_only)
-    flat = {f"model.{k}": v for k, v in get_model_state_dict(model, options=opts).items()}
+    ties = tied_names(model)
+    flat = {f"model.{k}": v for k, v in get_model_state_dict(model, options=opts).items() if k not in ties}
     osd = get_optimizer_state_dict(model, optimizer, options=opts)
     for fqn, per_param in osd["state"].items():
         for name, value in per_param.items():
             flat[f"optim.{fqn}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
     return flat, osd["param_groups"]
+
+
+def tied_names(model: nn.Module) -> dict[str, str]:
+    """Parameter names that are another name's tensor (tied embeddings: ``lm_head.weight`` ->
+    ``model.embed_tokens.weight``): stored once, under the first name."""
+    first: dict[int, str] = {}
+    ties = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            ties[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return ties
+
+
+def files_by_block(flat: dict[str, Tensor]) -> dict[str, int]:
+    """The file (1, 2, ...) of each key: one per transformer block (``...layers.N...``, weights and AdamW states
+    together) and one for the rest. The writer builds each file in memory before writing it, so one file per
+    block bounds what a save adds to a rank's memory by one block's share instead of the whole shard."""
+    index: dict[str, int] = {}
+    for key in flat:
+        m = _BLOCK.search(key)
+        index[key] = 1 if m is None else 2 + int(m.group(1)) + (1000 * (m.group(0).startswith("encoder")))
+    return index
+
+
+_BLOCK = re.compile(r"(?:encoder\.)?layers\.(\d+)\.")
 
 
 def _local(t: Tensor) -> Tensor:
@@ -103,7 +132,8 @@ def save_sharded(out_dir: Path, model: nn.Module, optimizer: torch.optim.Optimiz
                            + (f"parameter {bad} holds non-finite value(s)" if bad else "another rank's parameters "
                               "hold non-finite values") + " (NaN or inf); the training diverged")
     try:
-        dcp.save(flat, storage_writer=dcp.HuggingFaceStorageWriter(str(tmp / SHARDS), save_distributed=True))
+        dcp.save(flat, storage_writer=dcp.HuggingFaceStorageWriter(str(tmp / SHARDS), save_distributed=True,
+                                                                   fqn_to_index_mapping=files_by_block(flat)))
         dist.barrier()  # every rank's shards are on disk
         if dist.is_main:
             rng_json, rng_tensors = rng_state()
@@ -149,6 +179,9 @@ def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer)
         else:
             flat = _read_shards(path, model, optimizer, trainable_only)
         model_sd = {k[6:]: v for k, v in flat.items() if k.startswith("model.")}
+        for alias, name in tied_names(model).items():  # a tied tensor is stored once: under either name
+            if name in model_sd or alias in model_sd:
+                model_sd[alias] = model_sd[name] = model_sd.get(name, model_sd.get(alias))
         per_param: dict[str, dict[str, Tensor]] = {}
         for key, value in flat.items():
             if key.startswith("optim."):
