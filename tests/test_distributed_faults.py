@@ -191,26 +191,29 @@ def test_a_dead_rank_ends_the_job_and_resume_continues(pretrain, tmp_path):
     assert_same_rows(losses(out), one)
 
 
-@pytest.mark.parametrize("phase", ["files", "swap"])
+@pytest.mark.parametrize("phase", ["files", "swap", "files-fsdp"])
 def test_kill_during_a_checkpoint_save_loses_at_most_one_interval(pretrain, tmp_path, phase):
     """Rank 0 SIGKILLed inside the save of step 4, ``files``: its files written, not yet marked complete (the
     folder still holds the complete checkpoint of step 2: one interval lost); ``swap``: the checkpoint of step
-    2 moved aside, the new one complete but not yet renamed into place (nothing lost). ``--resume`` continues
-    from the newest complete one and ends with the uninterrupted run's losses."""
+    2 moved aside, the new one complete but not yet renamed into place (nothing lost); ``files-fsdp``: as
+    ``files``, every rank's shards written by an FSDP run (resumed under DDP). ``--resume`` continues from the
+    newest complete one and ends with the uninterrupted run's losses."""
     from lmforge.training.checkpoint import MARKER, find_checkpoint
 
     args, one = pretrain
     out, faults = tmp_path / "out", tmp_path / "faults"
-    proc = start([*args, "-o", str(out)], faults, FAULT_STALL_SAVE_AT="4", FAULT_STALL_PHASE=phase)
+    fsdp = phase.endswith("-fsdp")
+    proc = start([*args, *(["--strategy", "fsdp"] if fsdp else []), "-o", str(out)], faults, FAULT_STALL_SAVE_AT="4",
+                 FAULT_STALL_PHASE=phase.removesuffix("-fsdp"))
     wait_for(lambda: (faults / "stalled").exists(), proc, faults)
     tmp = Path((faults / "stalled").read_text(encoding="utf-8"))
-    assert tmp.name.startswith(".checkpoint.tmp-") and (tmp / "model.safetensors").exists()
+    assert tmp.name.startswith(".checkpoint.tmp-") and (tmp / ("shards" if fsdp else "model.safetensors")).exists()
     os.kill(int((faults / "pid-0").read_text()), signal.SIGKILL)
     rc, log = finish(proc, faults, timeout=60)
     assert rc != 0, log[-3000:]
     newest = find_checkpoint(out)
-    assert json.loads((newest / MARKER).read_text(encoding="utf-8"))["step"] == (2 if phase == "files" else 4)
-    assert checkpoint_step(out) == (2 if phase == "files" else -1)  # "swap": checkpoint/ is not there
+    assert json.loads((newest / MARKER).read_text(encoding="utf-8"))["step"] == (4 if phase == "swap" else 2)
+    assert checkpoint_step(out) == (-1 if phase == "swap" else 2)  # "swap": checkpoint/ is not there
     resume_on_two(args, out)
     assert_same_rows(losses(out), one)
 
