@@ -70,11 +70,13 @@ PROBES: list[Probe] = [
     *_out_faults("merge", "merge {tmp}/no-adapter -m {plain}"),
     *_out_faults("eval", "eval {mc} -m {plain} --task multiple_choice --input-field question --choices-field choices "
                          "--answer-field answer"),
-    *_out_faults("compare", "compare --data {mc} --task multiple_choice --input-field question "
-                            "--setting label=a,model={plain}"),
+    *_out_faults("compare", "compare --data {mc} --task multiple_choice --input-field question --choices-field "
+                            "choices --answer-field answer --setting label=a,model={plain}"),
     *_out_faults("reward train", "reward train {labels} -m {enc} --text-field text --label-field label"),
     *_out_faults("rlhf dpo", DPO),
     *_out_faults("tokenizer train", "tokenizer train --corpus {corpus} --vocab-size 300"),
+    *_out_faults("rlhf ppo", PPO),
+    *_out_faults("export", "export {plain}"),
     P("embed: -o names an existing file", "embed kind -m {enc} -o {file}.jsonl", "already exists; pass --force"),
     P("embed: -o in a folder that refuses writes", "embed kind -m {enc} -o {denied}/v.jsonl", "cannot write"),
     P("embed: -o under a file", "embed kind -m {enc} -o {file}/v.jsonl", "a part of that path is a file"),
@@ -367,7 +369,7 @@ DATA_FAULTS = [("missing", None, "does not exist"),
 
 
 @pytest.mark.parametrize("name, text, expect", DATA_FAULTS, ids=[d[0] for d in DATA_FAULTS])
-@pytest.mark.parametrize("verb", ["finetune", "rlhf dpo", "eval"])
+@pytest.mark.parametrize("verb", ["finetune", "rlhf dpo", "eval", "compare"])
 def test_data_files_are_checked_before_the_model_loads(verb, name, text, expect, tmp_path, monkeypatch, capsys):
     import lmforge.alignment.rlhf as rlhf
     import lmforge.evaluation.harness as harness
@@ -379,12 +381,31 @@ def test_data_files_are_checked_before_the_model_loads(verb, name, text, expect,
     data = tmp_path / name
     if text is not None:
         data.write_text(text)
-    model = str(tmp_path / "not-a-model")
+    model = str(tmp_path / "model")  # an empty folder: loading it would fail, but nothing gets that far
+    (tmp_path / "model").mkdir()
     argv = {"finetune": ["finetune", "--train", str(data), "-m", model, "-o", str(tmp_path / "o")],
             "rlhf dpo": ["rlhf", "dpo", "--data", str(data), "-m", model, "-o", str(tmp_path / "o")],
             "eval": ["eval", str(data), "-m", model, "--input-field", "prompt", "--reference-field", "completion",
-                     "-o", str(tmp_path / "o")]}[verb]
+                     "-o", str(tmp_path / "o")],
+            "compare": ["compare", "--data", str(data), "--input-field", "prompt", "--reference-field", "completion",
+                        "--setting", f"label=a,model={model}", "-o", str(tmp_path / "o")]}[verb]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and expect in err, err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("utf8_mode", ["0", "1"], ids=["strict stdin", "surrogateescape stdin (UTF-8 mode)"])
+def test_real_process_refuses_bytes_that_are_not_utf8(utf8_mode, tiny_lm_dirs, tmp_path):
+    """The same faults in a real process: stdin bytes (Python decodes them strictly, or with surrogateescape in
+    UTF-8 mode and the C locale) and argv bytes (always surrogateescape)."""
+    import subprocess
+
+    env = {**os.environ, "PYTHONUTF8": utf8_mode, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    base = [sys.executable, "-m", "lmforge.cli", "generate", "-m", str(tiny_lm_dirs["chat"]), "-n", "2"]
+    stdin = subprocess.run(base, input=BAD, capture_output=True, env=env, timeout=120)
+    argv = subprocess.run([*map(os.fsencode, base), BAD], capture_output=True, env=env, timeout=120)
+    for proc, expect in ((stdin, b"error: standard input is not UTF-8 text"),
+                         (argv, b"error: argument 6 is not valid UTF-8 text")):
+        assert proc.returncode == 2 and proc.stderr.startswith(expect), proc.stderr.decode(errors="replace")
+        assert proc.stderr.count(b"\n") == 1 and b"Traceback" not in proc.stderr

@@ -33,7 +33,7 @@ from typing import Any, ClassVar, Literal
 from lmforge.checkpoints.resolve import DEFAULT_MODEL
 from lmforge.errors import LmforgeError
 from lmforge.evaluation.data import FieldMap
-from lmforge.evaluation.harness import EvalConfig, run_eval
+from lmforge.evaluation.harness import EvalConfig, read_dataset, run_eval
 from lmforge.evaluation.metrics import check_metrics
 from lmforge.outputs import claim_output
 from lmforge.recipe_config import option, validate, write_config
@@ -260,6 +260,8 @@ def run_compare(cfg: CompareConfig, command: str, *, progress: bool = True, load
     results: list[Result] = []
     held_key, lm = None, None
     folders = run_folders(cfg.settings)
+    if cfg.settings:  # a missing or malformed dataset fails before any model loads
+        read_dataset(cfg.eval_config(cfg.settings[0]))
     with claim_output(cfg.out, "compare", force=force):
         for n, s in enumerate(cfg.settings, start=1):
             key = (s.model, s.adapter)

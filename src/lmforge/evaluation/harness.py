@@ -250,15 +250,16 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True, force: bool = False) -> 
     loads."""
     from lmforge.outputs import check_output
 
-    _dataset(cfg)  # a missing or malformed dataset (or a record without the mapped fields) fails here
+    read_dataset(cfg)  # a missing or malformed dataset (or a record without the mapped fields) fails here
     if cfg.out is not None:
         check_output(cfg.out, "eval", force=force)  # before the model loads; run_eval claims the folder
     return run_eval(load_model(cfg), cfg, progress=progress, extra={"adapter": cfg.adapter and str(cfg.adapter)},
                     force=force)
 
 
-def _dataset(s: EvalConfig) -> tuple[list[str], list, int]:
-    """(metric names, the dataset's records, how many are evaluated), the evaluated records' fields checked."""
+def read_dataset(s: EvalConfig) -> tuple[list[str], list, int]:
+    """(metric names, the dataset's records, how many are evaluated), the evaluated records' fields checked:
+    what ``evaluate`` and ``lmforge compare`` call before any model loads."""
     metrics = s.metric_names() if s.task in ("generation", "toxicity") else []
     records = load_records(s.data)
     n = min(len(records), s.limit) if s.limit else len(records)
@@ -278,7 +279,7 @@ def run_eval(lm, s: EvalConfig, *, progress: bool = True, label: str = "eval", e
     ``extra`` is merged into the summary's settings (e.g. the adapter, a compare label).
     """
     data_path = s.data
-    metrics, records, n = _dataset(s)
+    metrics, records, n = read_dataset(s)
     evaluated = records[:n]
     chat = lm.has_chat_template if s.chat is None else s.chat
     if chat and not lm.has_chat_template:
