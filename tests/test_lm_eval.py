@@ -2,9 +2,10 @@
 run through lm-eval's registry (``model="lmforge"``) gives the accuracy of ``lmforge eval --task multiple_choice`` on
 the same file, choice by choice; a perplexity task's word and byte perplexities come from the NLL of ``lmforge eval
 --task perplexity``; the rolling log-likelihood and greedy generation agree with lmforge's own; the
-``python -m lmforge.evaluation.lm_eval_model`` command line runs the task. Skipped where lm_eval is not installed
-(``pip install lm_eval``; requirements-dev.txt installs it)."""
+``lmforge lm-eval`` command line runs the task, and without lm_eval installed says so in one line. The others are
+skipped where lm_eval is not installed (``pip install lm_eval``; requirements-dev.txt installs it)."""
 
+import importlib.util
 import json
 import math
 import os
@@ -16,7 +17,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install lm_eval)")
+from lmforge.cli import main
+
+HAVE_LM_EVAL = importlib.util.find_spec("lm_eval") is not None
+needs_lm_eval = pytest.mark.skipif(not HAVE_LM_EVAL, reason="lm-evaluation-harness is not installed (pip install lm_eval)")
 
 QUESTIONS = [
     ("What is the capital of France?", ["Paris", "London", "Rome"], 0),
@@ -60,6 +64,7 @@ def mc_task(tmp_path):
     return data, tasks
 
 
+@needs_lm_eval
 def test_lm_eval_multiple_choice_equals_lmforge_eval(tiny_lm_dirs, tmp_path, mc_task):
     import lm_eval.evaluator
     from lm_eval.tasks import TaskManager
@@ -103,6 +108,7 @@ metric_list:
 """
 
 
+@needs_lm_eval
 def test_lm_eval_perplexity_equals_lmforge_eval(tiny_lm_dirs, tmp_path):
     """A perplexity task (loglikelihood_rolling) over a local JSONL, one text longer than the 128-token context:
     lm-eval's word and byte perplexities are exp(NLL / words or bytes) with the NLL lmforge eval --task perplexity
@@ -143,6 +149,7 @@ def _requests(*args):
     return [SimpleNamespace(args=a) for a in args]
 
 
+@needs_lm_eval
 def test_loglikelihood_rolling_and_greedy_match_a_direct_forward_pass(tiny_lm_dirs):
     from lmforge.evaluation.lm_eval_model import LmforgeLM
     from lmforge.lm import load
@@ -176,11 +183,13 @@ def test_loglikelihood_rolling_and_greedy_match_a_direct_forward_pass(tiny_lm_di
     assert generated == greedy
 
 
-def test_the_lm_eval_command_line_runs_a_local_task(tiny_lm_dirs, tmp_path, mc_task):
+@needs_lm_eval
+def test_lmforge_lm_eval_runs_a_local_task(tiny_lm_dirs, tmp_path, mc_task):
+    """`lmforge lm-eval ARGS` is lm-eval's command line with the lmforge model registered."""
     _, tasks = mc_task
     out = tmp_path / "results"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "lmforge.evaluation.lm_eval_model", "run", "--model", "lmforge",
+    proc = subprocess.run([sys.executable, "-m", "lmforge.cli", "lm-eval", "run", "--model", "lmforge",
                            "--model_args", f"pretrained={tiny_lm_dirs['plain']}", "--tasks", "lmforge_mc_local",
                            "--include_path", str(tasks), "--batch_size", "4", "--output_path", str(out)],
                           capture_output=True, text=True, env=env, timeout=600)
@@ -188,3 +197,9 @@ def test_the_lm_eval_command_line_runs_a_local_task(tiny_lm_dirs, tmp_path, mc_t
     (result_file,) = out.rglob("results_*.json")
     acc = json.loads(result_file.read_text())["results"]["lmforge_mc_local"]["acc,none"]
     assert 0 < acc < 1
+
+
+def test_lmforge_lm_eval_without_the_package_is_one_line(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if it were not installed
+    assert main(["lm-eval", "run", "--model", "lmforge", "--tasks", "x"]) == 2
+    assert capsys.readouterr().err == "error: lmforge lm-eval needs lm-evaluation-harness: pip install lm_eval\n"

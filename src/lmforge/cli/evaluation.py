@@ -1,4 +1,5 @@
-"""The ``eval`` and ``compare`` subcommands.
+"""The ``eval`` and ``compare`` subcommands, and ``lm-eval`` (lm-evaluation-harness's command line with lmforge
+as its ``lmforge`` model: every argument after ``lm-eval`` is lm-eval's, see ``evaluation/lm_eval_model.py``).
 
 ``register(subparsers)`` adds them to the ``lmforge`` parser; their flags come from ``EvalConfig``
 (``evaluation/harness.py``) and ``CompareConfig`` (``evaluation/compare.py``) through
@@ -165,3 +166,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_output_args(c, "compare")
     options.add_config_args(c)
     c.set_defaults(func=cmd_compare)
+
+    # prefix_chars that no argument starts with: every token after `lm-eval` (--help included) is lm-eval's
+    le = sub.add_parser("lm-eval", help="lm-evaluation-harness with lmforge as its model (pip install lm_eval)",
+                        description="lm-evaluation-harness's command line with the model `lmforge` registered: "
+                                    "lmforge lm-eval run --model lmforge --model_args pretrained=PATH --tasks TASK "
+                                    "[--include_path DIR] ... (lmforge lm-eval --help: lm-eval's own help)",
+                        add_help=False, prefix_chars="\0")
+    le.add_argument("lm_eval_args", nargs=argparse.REMAINDER)
+    le.set_defaults(func=cmd_lm_eval)
+
+
+def cmd_lm_eval(a: argparse.Namespace) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise LmforgeError("lmforge lm-eval needs lm-evaluation-harness: pip install lm_eval")
+    from lmforge.evaluation.lm_eval_model import main
+
+    try:
+        main(a.lm_eval_args)
+    except SystemExit as e:  # lm-eval's own --help and usage errors
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    return 0

@@ -20,10 +20,10 @@ lm-eval (``pip install lm_eval``) asks a model three things; each is answered wi
 lm-eval 0.4 finds models only in its registry (no entry points), so this module must be imported before lm-eval
 looks the name up. From Python: ``import lmforge.evaluation.lm_eval_model`` then ``lm_eval.simple_evaluate(
 model="lmforge", model_args="pretrained=PATH", ...)`` (or pass ``LmforgeLM(...)`` itself). From the shell,
-``python -m lmforge.evaluation.lm_eval_model`` is lm-eval's command line with the model registered::
+``lmforge lm-eval`` (or ``python -m lmforge.evaluation.lm_eval_model``) is lm-eval's command line with the model
+registered::
 
-    python -m lmforge.evaluation.lm_eval_model run --model lmforge --model_args pretrained=PATH \\
-        --tasks my_task --include_path tasks/
+    lmforge lm-eval run --model lmforge --model_args pretrained=PATH --tasks my_task --include_path tasks/
 
 Model arguments: ``pretrained`` (a model name or path, as ``lmforge.load`` takes; none: the embedded default),
 ``adapter``, ``device`` (cuda when there is one, else cpu; lm-eval's command line asks for ``cuda:0`` by
@@ -169,12 +169,17 @@ class LmforgeLM(_HarnessLM):
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """lm-eval's command line (``lm_eval ...``) with the ``lmforge`` model registered."""
+    """lm-eval's command line (``lm_eval ...``) with the ``lmforge`` model registered; ``argv``: its arguments
+    (None: this process's own). ``lmforge lm-eval ARGS`` calls this."""
     from lm_eval.__main__ import cli_evaluate
 
+    saved = sys.argv
     if argv is not None:
-        sys.argv = [sys.argv[0], *argv]
-    cli_evaluate()
+        sys.argv = ["lmforge lm-eval", *argv]  # lm-eval reads its arguments from sys.argv
+    try:
+        cli_evaluate()
+    finally:
+        sys.argv = saved
 
 
 if __name__ == "__main__":
