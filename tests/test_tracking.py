@@ -265,3 +265,23 @@ def test_mlflow_file_store_holds_the_metrics(tmp_path):
     rows = jsonl_rows(out)
     assert [(m.step, m.value) for m in history] == [(r["step"], pytest.approx(r["loss"])) for r in rows]
     assert run_info.data.params["recipe"] == "test" and run_info.info.status == "FINISHED"
+
+
+def test_under_torchrun_only_rank_0_tracks(tmp_path):
+    """Two data-parallel ranks: one metrics.csv and one TensorBoard event file, each step once, equal to
+    metrics.jsonl."""
+    pytest.importorskip("tensorboard")
+    from test_distributed import torchrun
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT, encoding="utf-8")
+    out = tmp_path / "run"
+    done = torchrun(["pretrain", "--corpus", str(corpus), "-o", str(out), "--steps", "2", "--seq-len", "16",
+                     "--batch-size", "2", "--eval-batches", "1", "--log-every", "1", "--cache-dir", str(tmp_path / "c"),
+                     "--set", "n_layer=1", "--logger", "csv,tensorboard"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = jsonl_rows(out)
+    assert [r["step"] for r in rows] == [1, 2, 2]
+    assert csv_rows(out) == numeric(rows)
+    assert len(list((out / "tb").glob("events.out.tfevents.*"))) == 1
+    assert_tb_matches(out / "tb", rows)
