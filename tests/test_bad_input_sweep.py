@@ -93,6 +93,8 @@ PROBES: list[Probe] = [
     P("embed: --file not UTF-8", "embed -m {enc} --file {latin1}", "not UTF-8 text (byte 3)"),
     # ---- broken inputs
     P("config.json with strings for sizes", "generate hi -m {strsizes}", "hidden_size"),
+    P("config.json with strings for sizes (info)", "info {strsizes}", "hidden_size"),
+    P("config.json with zero attention heads", "generate hi -m {zeroheads}", "n_head must be >= 1"),
     P("PPO reward function returning strings", [*PPO.split(), "-o", "{tmp}/ppo"], "returned a str"),
     # ---- non-finite and absurd numbers, refused at parse time
     P("generate -t nan", f"{GEN} hi -t nan", "--temperature must be a finite number"),
@@ -192,13 +194,16 @@ def world(tiny_lm_dirs, tmp_path_factory):
                          qkv_bias=True, out_bias=True, mlp_bias=True, norm_first=False, type_vocab_size=2,
                          vocab_size=len(words), pooler=True, pad_token_id=0)
     enc = save_hf_dir(init_weights(EncoderModel(config), seed=0), root / "enc", tokenizer=tok)
-    strsizes = root / "strsizes"
-    strsizes.mkdir()
-    cfg = json.loads((Path(tiny_lm_dirs["plain"]) / "config.json").read_text())
-    cfg["hidden_size"] = str(cfg["hidden_size"])
-    (strsizes / "config.json").write_text(json.dumps(cfg))
-    for name in ("tokenizer.json", "tokenizer_config.json", "model.safetensors"):
-        (strsizes / name).write_bytes((Path(tiny_lm_dirs["plain"]) / name).read_bytes())
+    broken = {}
+    for name, key, value in (("strsizes", "hidden_size", "64"), ("zeroheads", "num_attention_heads", 0)):
+        folder = root / name
+        folder.mkdir()
+        cfg = json.loads((Path(tiny_lm_dirs["plain"]) / "config.json").read_text())
+        cfg[key] = value
+        (folder / "config.json").write_text(json.dumps(cfg))
+        for file in ("tokenizer.json", "tokenizer_config.json", "model.safetensors"):
+            (folder / file).write_bytes((Path(tiny_lm_dirs["plain"]) / file).read_bytes())
+        broken[name] = str(folder)
     files = {
         "sft": ("sft.jsonl", "".join(json.dumps({"prompt": "one two", "completion": " three"}) + "\n"
                                      for _ in range(4))),
@@ -220,8 +225,8 @@ def world(tiny_lm_dirs, tmp_path_factory):
     (data / "latin1.txt").write_bytes(BAD + b"\n")
     (data / "toy_reward.py").write_text("def strings(prompts, completions):\n    return ['good' for _ in completions]\n")
     denied, how = _denied_folder(root)
-    return dict(paths, chat=str(tiny_lm_dirs["chat"]), plain=str(tiny_lm_dirs["plain"]), enc=str(enc),
-                strsizes=str(strsizes), latin1=str(data / "latin1.txt"), denied=str(denied) if denied else None,
+    return dict(paths, **broken, chat=str(tiny_lm_dirs["chat"]), plain=str(tiny_lm_dirs["plain"]), enc=str(enc),
+                latin1=str(data / "latin1.txt"), denied=str(denied) if denied else None,
                 denied_how=how, data=str(data))
 
 
@@ -240,7 +245,8 @@ def _run(probe: Probe, world: dict, tmp: Path, capsys, monkeypatch) -> tuple[int
     return code, capsys.readouterr().err
 
 
-FILES = ("sft", "pairs", "labels", "prompts", "corpus", "mc", "file", "latin1", "chat", "plain", "enc", "strsizes")
+FILES = ("sft", "pairs", "labels", "prompts", "corpus", "mc", "file", "latin1", "chat", "plain", "enc", "strsizes",
+         "zeroheads")
 
 
 def _shown(text: str, world: dict, tmp: Path) -> str:
@@ -286,7 +292,7 @@ tests/test_bad_input_sweep.py` rewrites this file.
 
 `{tmp}` is the probe's own folder, `{chat}` / `{plain}` tiny Llama models with and without a chat template, `{enc}`
 a tiny BERT encoder, `{file}` an existing file, `{latin1}` a file of Latin-1 bytes, `{strsizes}` a model folder whose
-config.json says `"hidden_size": "64"`; the others are small data files.
+config.json says `"hidden_size": "64"` (`{zeroheads}`: `"num_attention_heads": 0`); the others are small data files.
 """
 
 
@@ -409,3 +415,18 @@ def test_real_process_refuses_bytes_that_are_not_utf8(utf8_mode, tiny_lm_dirs, t
                          (argv, b"error: argument 6 is not valid UTF-8 text")):
         assert proc.returncode == 2 and proc.stderr.startswith(expect), proc.stderr.decode(errors="replace")
         assert proc.stderr.count(b"\n") == 1 and b"Traceback" not in proc.stderr
+
+
+def test_model_config_refuses_wrong_types_naming_the_field():
+    from lmforge.config import PRESETS, ModelConfig, preset
+    from lmforge.errors import LmforgeError
+
+    for name in PRESETS:  # every preset still builds
+        preset(name)
+    for field, value, words in [("n_embd", "64", "must be an integer, got '64' (str)"), ("n_layer", 2.0, "integer"),
+                                ("norm_eps", float("nan"), "finite number"), ("tie_embeddings", "yes", "true or false"),
+                                ("eos_token_id", [1, "2"], "list of integers"), ("n_head", 0, ">= 1"),
+                                ("rope_scaling", [], "a mapping"), ("vocab_size", True, "integer")]:
+        with pytest.raises(LmforgeError) as e:
+            ModelConfig(**{field: value})
+        assert str(e.value).startswith(f"config field {field} must be") and words in str(e.value), str(e.value)

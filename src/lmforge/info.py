@@ -19,7 +19,8 @@ def _read_config(name: str) -> tuple[ModelConfig, dict[str, Any]]:
     if source.kind == "hf":
         from lmforge.io import read_json_object
 
-        config = config_from_hf(read_json_object(source.path / "config.json"), source.path.name)
+        config = config_from_hf(read_json_object(source.path / "config.json"), source.path.name,
+                                source=str(source.path / "config.json"))
         files = list(source.path.glob("*.safetensors"))
         extra["file_size_mb"] = round(sum(f.stat().st_size for f in files) / 2**20, 1)
         tok_cfg = source.path / "tokenizer_config.json"

@@ -65,10 +65,7 @@ def read_hf_dir(path: str | Path, *, with_mlm_head: bool = False
     if not cfg_file.exists():
         raise LmforgeError(f"{path}: no config.json, so this is not a Hugging Face model directory")
     hf_cfg = read_json_object(cfg_file)
-    try:
-        config = config_from_hf(hf_cfg, path.name)
-    except LmforgeError as e:  # "config.json: ..." -> the file's full path
-        raise LmforgeError(f"{path}/{e}" if str(e).startswith("config.json:") else str(e)) from None
+    config = config_from_hf(hf_cfg, path.name, source=str(cfg_file))
     arch = str((hf_cfg.get("architectures") or [""])[0])
     if config.arch == "decoder" and arch.endswith("ForSequenceClassification"):
         raise LmforgeError(f"{path} is a {arch} (a reward model?): a decoder without a language-model head, so it "

@@ -25,24 +25,31 @@ _SIZES = frozenset({  # integer fields of the config.json files the families rea
     "n_positions", "n_ctx", "d_model", "d_ff", "d_kv", "num_layers", "num_decoder_layers", "num_heads",
     "relative_attention_num_buckets", "relative_attention_max_distance", "sliding_window"})
 
+_MAPPINGS = frozenset({"rope_scaling"})
 
-def config_from_hf(hf: dict[str, Any], name: str = "custom") -> ModelConfig:
-    """Build from a ``transformers`` config.json dict."""
+
+def config_from_hf(hf: dict[str, Any], name: str = "custom", source: str = "config.json") -> ModelConfig:
+    """Build from a ``transformers`` config.json dict; errors start with ``source`` (the file's path)."""
     model_type = hf.get("model_type")
     family = families.family_for_hf(model_type)
     for key, value in hf.items():  # a size written as text ("hidden_size": "64") is refused by its own name
         if key in _SIZES and value is not None and (not isinstance(value, int) or isinstance(value, bool)):
-            raise LmforgeError(f"config.json: {key} must be an integer, got {value!r} ({type(value).__name__})")
+            raise LmforgeError(f"{source}: {key} must be an integer, got {value!r} ({type(value).__name__})")
+        if key in _MAPPINGS and value is not None and not isinstance(value, dict):
+            raise LmforgeError(f"{source}: {key} must be an object or null, got {value!r} ({type(value).__name__})")
     common = dict(name=name, bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
                   pad_token_id=hf.get("pad_token_id"))
     try:
         config = family.from_hf(hf, common)
     except KeyError as e:
-        raise LmforgeError(f"config.json: missing field {e.args[0]!r} for model_type {model_type!r}") from None
+        raise LmforgeError(f"{source}: missing field {e.args[0]!r} for model_type {model_type!r}") from None
     except LmforgeError as e:  # ModelConfig's own checks (types, ranges, divisibility)
-        raise LmforgeError(f"config.json: {e}") from None
+        raise LmforgeError(f"{source}: {e}") from None
+    except (TypeError, ValueError, AttributeError, ZeroDivisionError) as e:  # a value the mapping cannot use
+        raise LmforgeError(f"{source}: a field of this {model_type} config has a value of the wrong type or range "
+                           f"({type(e).__name__}: {e})") from None
     if config.arch != family.arch:
-        raise LmforgeError(f"config.json: the {family.name} family reads {family.arch} models, "
+        raise LmforgeError(f"{source}: the {family.name} family reads {family.arch} models, "
                            f"its mapping built an {config.arch} config")
     return config
 
