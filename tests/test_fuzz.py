@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from lmforge.errors import LmforgeError
@@ -176,6 +176,9 @@ small_values = st.integers(-3, 300) | st.sampled_from([0, 1, 64, 4, "64", 2.5, N
 
 
 @FUZZ
+@example(cfg={"model_type": "llama", "vocab_size": 256, "hidden_size": "64", "num_hidden_layers": 2,
+              "num_attention_heads": 4, "intermediate_size": 128, "max_position_embeddings": 64})
+@example(cfg={"model_type": "llama", "rope_scaling": 1})  # found by this test: AttributeError in the mapping
 @given(cfg=st.fixed_dictionaries(
     {"model_type": st.sampled_from(["llama", "qwen2", "mistral", "gpt2", "bert", "t5", "nope"]) | json_values},
     optional={k: small_values for k in HF_KEYS[1:]}))
