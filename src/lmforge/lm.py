@@ -57,7 +57,11 @@ def read_checkpoint(name: str | Path | None = None) -> Checkpoint:
     if not (source.path / "tokenizer.json").exists():
         raise LmforgeError(f"{source.path}: no tokenizer.json; lmforge needs the fast-tokenizer file "
                            "beside the weights")
-    return Checkpoint(config, state, Tokenizer.from_dir(source.path), gen, source)
+    from lmforge.io import read_json_object
+
+    block = read_json_object(source.path / "config.json").get("quantization")  # `lmforge quantize` output
+    return Checkpoint(config, state, Tokenizer.from_dir(source.path), gen, source,
+                      {} if block is None else {"quantization": block})
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
@@ -85,7 +89,16 @@ def load(name: str | Path | None = None, *, device: str = "cpu", dtype: str | to
         raise LmforgeError(f"device {device!r} requested but CUDA is not available; use --device cpu")
     ckpt = read_checkpoint(name)
     label = str(name or DEFAULT_MODEL)
-    model = build_model(ckpt.config, ckpt.state_dict, resolve_dtype(dtype, device), device, source=label)
+    block = ckpt.metadata.get("quantization")
+    if block is not None:  # a folder `lmforge quantize` wrote: its linear layers are built quantised
+        from lmforge.checkpoints.quantized import build_quantized_model
+
+        if quantize is not None:
+            raise LmforgeError(f"{label} is already quantised ({block.get('method')}); drop --quantize")
+        model = build_quantized_model(ckpt.config, ckpt.state_dict, block, resolve_dtype(dtype, device), device,
+                                      source=label)
+    else:
+        model = build_model(ckpt.config, ckpt.state_dict, resolve_dtype(dtype, device), device, source=label)
     if adapter is not None:
         from lmforge.peft.adapters import load_adapter
 

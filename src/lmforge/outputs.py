@@ -82,6 +82,7 @@ VERBS: dict[str, Verb] = {
                          + tuple(n for n in _RUN if n != "final"), run=True, resume=True),
     "merge": Verb(_HF_DIR),
     "export": Verb(_HF_DIR + ("chat_template.jinja",)),  # --format hf
+    "quantize": Verb(_HF_DIR + ("chat_template.jinja",)),
     "tokenizer train": Verb(("tokenizer.json", "tokenizer_config.json"), rewrite=True),
     "eval": Verb(("predictions.jsonl", "summary.json", "config.yaml"), rewrite=True),
     "compare": Verb(("report.md", "report.html", "chart_*.png", "config.yaml", "config.json", "runs"), rewrite=True),

@@ -75,7 +75,12 @@ def read_hf_dir(path: str | Path, *, with_mlm_head: bool = False
     if gen_cfg.get("eos_token_id") is not None:
         config.eos_token_id = gen_cfg["eos_token_id"]
     tensors = read_safetensors(_safetensors_files(path))
-    state = to_lmforge(config, tensors)
+    quantized: dict[str, torch.Tensor] = {}
+    if "quantization" in hf_cfg:  # `lmforge quantize` output: codes and scales apart (checkpoints/quantized.py)
+        from lmforge.checkpoints.quantized import check_block, split_quantized
+
+        tensors, quantized = split_quantized(config, tensors, check_block(hf_cfg["quantization"], str(cfg_file)))
+    state = to_lmforge(config, tensors) | quantized
     if with_mlm_head:  # a family without a masked-LM head (names.mlm_head) adds nothing
         decoder, embeddings = tensors.get("cls.predictions.decoder.weight"), state.get("embed_tokens.weight")
         if decoder is not None and (embeddings is None or not torch.equal(decoder, embeddings)):

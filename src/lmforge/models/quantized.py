@@ -1,11 +1,17 @@
-"""Weight-only quantisation of linear layers: int8 (per output row) and 4-bit NF4 (per block).
+"""Weight-only quantisation of linear layers: int8 (per output row), int4 (group-wise, ``int4.py``) and 4-bit NF4.
 
-- int8: w ~ q * s with one absmax scale per output row, q in [-127, 127].
+- int8: w ~ q * s with one absmax scale per output row, q in [-127, 127]. Portable form: ``qweight`` int8
+  (out, in), ``scale`` (out, 1), ``bias``. On CPU ``forward`` runs PyTorch's packed kernel
+  ``torch._weight_int8pack_mm`` (no dequantised weight is built); elsewhere, or when a gradient must reach the
+  input (QLoRA training), it multiplies by the dequantised weight.
+- int4: see ``lmforge.models.int4`` (round-to-nearest or GPTQ, ``torch._weight_int4pack_mm_for_cpu``).
 - nf4: blocks of 64 values, each scaled by its absmax, rounded to the nearest of the 16
-  NormalFloat-4 levels (Dettmers et al. 2023, "QLoRA", sec. 3 and appendix E), two codes per byte.
+  NormalFloat-4 levels (Dettmers et al. 2023, "QLoRA", sec. 3 and appendix E), two codes per byte;
+  dequantised in ``forward``.
 
-Quantised layers keep their codes and scales as buffers (not trainable) and dequantise in
-``forward``; they serve as the frozen base under LoRA (QLoRA-style) and for int8 inference.
+Quantised layers keep their codes and scales as buffers (not trainable); they serve as the frozen base under
+LoRA (QLoRA-style) and for inference. ``quantize_model`` quantises a whole model for inference (int8 or int4,
+GPTQ calibrated on token sequences); ``lmforge quantize`` saves the result (``checkpoints/quantized.py``).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lmforge.errors import LmforgeError
+from lmforge.models.int4 import Int4Linear, check_group_size
 
 # The 16 NF4 levels (quantiles of N(0, 1) normalised to [-1, 1]), from the QLoRA paper's appendix.
 NF4_LEVELS = torch.tensor([
@@ -26,9 +33,21 @@ NF4_LEVELS = torch.tensor([
 SCHEMES = ("int8", "nf4")
 
 
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 class Int8Linear(nn.Module):
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Module | None = None, *, in_features: int = 0, out_features: int = 0,
+                 bias: bool = False, device: torch.device | str | None = None):
+        """From a float ``linear`` (quantised here), or an empty shell of the given shape (a loading target)."""
         super().__init__()
+        if linear is None:
+            self.in_features, self.out_features = in_features, out_features
+            self.num_weights = in_features * out_features
+            self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+            self.register_buffer("scale", torch.ones(out_features, 1, device=device))
+            self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+            return
         w = linear.weight.detach().float()
         self.in_features, self.out_features, self.num_weights = linear.in_features, linear.out_features, w.numel()
         scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127.0  # (out, 1)
@@ -41,8 +60,18 @@ class Int8Linear(nn.Module):
         """The dequantised weight (out, in)."""
         return self.qweight.to(self.scale.dtype) * self.scale
 
+    def uses_kernel(self, x: torch.Tensor) -> bool:
+        return (x.device.type == "cpu" and self.qweight.device.type == "cpu" and x.dtype in KERNEL_DTYPES
+                and not (torch.is_grad_enabled() and x.requires_grad))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if not self.uses_kernel(x):
+            return F.linear(x, self.weight.to(x.dtype), bias)
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features).contiguous(), self.qweight,
+                                               self.scale.reshape(-1).to(x.dtype))
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if bias is None else y + bias
 
 
 class NF4Linear(nn.Module):
@@ -73,7 +102,7 @@ class NF4Linear(nn.Module):
         return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
 
-QUANTIZED_LINEARS = (Int8Linear, NF4Linear)
+QUANTIZED_LINEARS = (Int8Linear, Int4Linear, NF4Linear)
 # the layers a linear map can be: a float nn.Linear or a quantised one (all have in_features, out_features, weight)
 LINEAR_LAYERS = (nn.Linear, *QUANTIZED_LINEARS)
 
@@ -88,6 +117,83 @@ def quantize_linears(model: nn.Module, scheme: str, skip: tuple[str, ...] = ("lm
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, cls(module))
+    return model
+
+
+METHODS = ("int8", "int4")
+ALGORITHMS = ("rtn", "gptq")
+
+
+def _targets(model: nn.Module, skip: tuple[str, ...]) -> list[tuple[str, nn.Linear]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and not name.endswith(skip)]
+
+
+def _replace(model: nn.Module, name: str, layer: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+
+
+def check_quantization(model: nn.Module, method: str, group_size: int | None = None, algorithm: str = "rtn",
+                       skip: tuple[str, ...] = ("lm_head",)) -> None:
+    """Refuse a method, algorithm or group size that does not fit ``model`` (before anything is computed)."""
+    if method not in METHODS:
+        raise LmforgeError(f"--method {method!r} is not a quantisation method; choose one of: {', '.join(METHODS)}")
+    if algorithm not in ALGORITHMS:
+        raise LmforgeError(f"--algorithm {algorithm!r} is unknown; choose one of: {', '.join(ALGORITHMS)}")
+    if method == "int8":
+        if group_size is not None:
+            raise LmforgeError("--group-size applies to --method int4 only (int8 has one scale per output row)")
+        if algorithm != "rtn":
+            raise LmforgeError(f"--algorithm {algorithm} applies to --method int4 only (int8 rounds to nearest)")
+        return
+    for name, m in _targets(model, skip):
+        check_group_size(m.in_features, 64 if group_size is None else group_size, name)
+
+
+def collect_hessians(model: nn.Module, batches: list[torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
+    """``X^T X / n`` (in, in) of the inputs of each linear layer in ``names`` over the calibration ``batches``
+    (token-id tensors (batch, seq), run through ``model`` without gradients): one matrix per layer in memory."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook(name):
+        def accumulate(module, inputs):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float().cpu()
+            sums[name] = sums.get(name, 0) + x.T @ x
+            counts[name] = counts.get(name, 0) + x.shape[0]
+        return accumulate
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        with torch.no_grad():
+            for ids in batches:
+                model(ids.to(next(model.parameters()).device))
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: 2 * sums[n] / counts[n] for n in sums}
+
+
+def quantize_model(model: nn.Module, method: str, group_size: int | None = None, *, algorithm: str = "rtn",
+                   calibration: list[torch.Tensor] | None = None, skip: tuple[str, ...] = ("lm_head",)) -> nn.Module:
+    """Replace the model's ``nn.Linear`` layers (but ``skip``) by ``Int8Linear`` or ``Int4Linear`` in place.
+
+    int4: ``group_size`` 32/64/128 (default 64), ``algorithm`` "rtn" or "gptq"; GPTQ needs ``calibration``,
+    a list of token-id tensors (batch, seq). The model must be on CPU for GPTQ's Hessians to stay small."""
+    check_quantization(model, method, group_size, algorithm, skip)
+    targets = _targets(model, skip)
+    if method == "int8":
+        for name, m in targets:
+            _replace(model, name, Int8Linear(m))
+        return model
+    hessians: dict[str, torch.Tensor] = {}
+    if algorithm == "gptq":
+        if not calibration:
+            raise LmforgeError("GPTQ needs calibration text (--calibration FILE); none was given")
+        hessians = collect_hessians(model, calibration, [n for n, _ in targets])
+    for name, m in targets:
+        layer = Int4Linear.from_linear(m, 64 if group_size is None else group_size, hessians.pop(name, None))
+        _replace(model, name, layer.to(m.weight.device))
     return model
 
 

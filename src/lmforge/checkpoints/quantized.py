@@ -1,0 +1,172 @@
+"""Quantised model folders (``lmforge quantize``): saving, recognising and rebuilding them.
+
+A quantised folder is a Hugging Face folder (config.json, model.safetensors, generation_config.json, tokenizer
+files) whose config.json carries a ``quantization`` block::
+
+    "quantization": {"format": "lmforge-weight-only", "version": 1, "method": "int4", "group_size": 64,
+                     "algorithm": "gptq", "layout": "..."}
+
+model.safetensors holds the float tensors (embeddings, norms, ``lm_head``, biases) under transformers' names, and
+for each quantised linear layer, under its weight's transformers name with ``weight`` replaced:
+
+- int8: ``*.qweight`` int8 (out, in) and ``*.scale`` float (out, 1); w = qweight * scale;
+- int4: ``*.qweight`` uint8 (out, in / 2), two 4-bit codes per byte along the input dimension (column 2j in the
+  low nibble, 2j + 1 in the high nibble), ``*.scales`` and ``*.zeros`` float32 (out, in / group_size);
+  w[r, c] = (code[r, c] - 8) * scales[r, c // g] + zeros[r, c // g].
+
+Codes are always (out, in), also for families whose checkpoints store weights transposed (GPT-2). The kernel
+packing (``torch._convert_weight_to_int4pack_for_cpu``) is machine-specific and done at load time, never saved.
+``transformers`` does not load these folders; ``lmforge.load`` does (``generate``, ``eval``, ``serve``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from lmforge.checkpoints.hf_config import config_to_hf
+from lmforge.checkpoints.names import rename, templates, to_hf
+from lmforge.config import ModelConfig
+from lmforge.errors import LmforgeError
+from lmforge.io import atomic_path, write_json_atomic
+from lmforge.models.int4 import Int4Linear
+from lmforge.models.quantized import Int8Linear
+
+FORMAT = "lmforge-weight-only"
+SUFFIXES = {"int8": ("qweight", "scale"), "int4": ("qweight", "scales", "zeros")}
+LAYOUT = {
+    "int8": "w = qweight (int8, out x in) * scale (out x 1), one absmax scale per output row",
+    "int4": "w[r,c] = (code[r,c] - 8) * scales[r,c//g] + zeros[r,c//g]; qweight uint8 (out x in/2): column 2j "
+            "in the low nibble, 2j+1 in the high nibble; scales, zeros float32 (out x in/g)",
+}
+
+
+def _hf_name(config: ModelConfig, name: str) -> str:
+    pairs = templates(config)
+    hf = name if pairs is None else rename(name, pairs, to_lmforge=False)
+    if hf is None:
+        raise LmforgeError(f"no {config.family} checkpoint name for lmforge tensor {name!r}")
+    return hf
+
+
+def _our_name(config: ModelConfig, hf: str) -> str:
+    pairs = templates(config)
+    ours = hf if pairs is None else rename(hf, pairs, to_lmforge=True)
+    if ours is None:
+        raise LmforgeError(f"unexpected quantised tensor {hf!r} in a {config.family} checkpoint")
+    return ours
+
+
+def quantization_block(method: str, group_size: int | None, algorithm: str) -> dict[str, Any]:
+    block: dict[str, Any] = {"format": FORMAT, "version": 1, "method": method}
+    if method == "int4":
+        block |= {"group_size": group_size, "algorithm": algorithm}
+    return block | {"layout": LAYOUT[method]}
+
+
+def save_quantized_dir(model: torch.nn.Module, path: str | Path, block: dict[str, Any], tokenizer=None,
+                       generation_config: dict[str, Any] | None = None) -> Path:
+    """Save a model quantised by ``quantize_model`` with the ``quantization`` ``block``; each file atomically."""
+    path = Path(path)
+    config: ModelConfig = model.config
+    suffixes = SUFFIXES[block["method"]]
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (Int8Linear, Int4Linear))}
+    floats = {k: v for k, v in model.named_parameters()}
+    floats |= {k: v for k, v in model.named_buffers() if k in model.state_dict()
+               and not (k.rpartition(".")[0] in layers and k.rpartition(".")[2] in suffixes)}
+    state = to_hf(config, {k: v.detach().contiguous() for k, v in floats.items()})
+    for name, layer in layers.items():
+        hf = _hf_name(config, f"{name}.weight").removesuffix("weight")
+        for s in suffixes:
+            state[hf + s] = getattr(layer, s).detach().contiguous()
+    with atomic_path(path / "model.safetensors") as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+    hf_cfg = config_to_hf(config)
+    hf_cfg["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    hf_cfg["quantization"] = block
+    write_json_atomic(path / "config.json", hf_cfg)
+    gen = dict(generation_config or {})
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if getattr(config, key) is not None:
+            gen.setdefault(key, getattr(config, key))
+    write_json_atomic(path / "generation_config.json", gen)
+    if tokenizer is not None:
+        tokenizer.save(path)
+    return path
+
+
+def check_block(block: Any, where: str) -> dict[str, Any]:
+    if not isinstance(block, dict) or block.get("format") != FORMAT or block.get("method") not in SUFFIXES:
+        raise LmforgeError(f"{where}: 'quantization' is not an lmforge weight-only block (format {FORMAT!r}, "
+                           f"method one of {', '.join(SUFFIXES)})")
+    if block["method"] == "int4" and block.get("group_size") not in (32, 64, 128):
+        raise LmforgeError(f"{where}: quantization.group_size must be 32, 64 or 128, not {block.get('group_size')!r}")
+    return block
+
+
+def split_quantized(config: ModelConfig, tensors: dict[str, torch.Tensor], block: dict[str, Any]
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(the float tensors, still under transformers' names; the quantised ones under lmforge's ``M.qweight``...)"""
+    suffixes = SUFFIXES[block["method"]]
+    floats, quant = {}, {}
+    for hf, t in tensors.items():
+        prefix, _, last = hf.rpartition(".")
+        if last in suffixes:
+            quant[_our_name(config, f"{prefix}.weight").removesuffix("weight") + last] = t
+        else:
+            floats[hf] = t
+    return floats, quant
+
+
+def build_quantized_model(config: ModelConfig, state_dict: dict[str, torch.Tensor], block: dict[str, Any],
+                          dtype: torch.dtype | None = None, device: str = "cpu", source: str = "checkpoint"):
+    """The model for ``config`` with the linear layers that ``state_dict`` holds codes for (``M.qweight``) made
+    ``Int8Linear``/``Int4Linear``; every tensor must match (names and shapes), as in ``build_model``."""
+    from lmforge.models import TiesWeights, build_empty
+
+    model = build_empty(config)
+    for key in [k for k in state_dict if k.endswith(".qweight")]:
+        name = key.removesuffix(".qweight")
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise LmforgeError(f"{source}: quantised tensor {key} names no layer of the model") from None
+        if not isinstance(old, torch.nn.Linear):
+            raise LmforgeError(f"{source}: quantised tensor {key} names {type(old).__name__}, not a linear layer")
+        has_bias = old.bias is not None
+        if block["method"] == "int8":
+            layer = Int8Linear(in_features=old.in_features, out_features=old.out_features, bias=has_bias,
+                               device="meta")
+        else:
+            layer = Int4Linear(old.in_features, old.out_features, block["group_size"], bias=has_bias, device="meta")
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
+    expected = {k: p.shape for k, p in model.named_parameters()}
+    expected |= {k: b.shape for k, b in model.named_buffers() if k in model.state_dict()}
+    aliases = set(model.state_dict()) - set(expected)
+    state_dict = {k: v for k, v in state_dict.items() if k not in aliases}
+    missing, unexpected = sorted(set(expected) - set(state_dict)), sorted(set(state_dict) - set(expected))
+    if missing or unexpected:
+        raise LmforgeError(f"{source}: weights do not match the config: missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}")
+    for k, shape in expected.items():
+        if tuple(state_dict[k].shape) != tuple(shape):
+            raise LmforgeError(f"{source}: tensor {k} has shape {tuple(state_dict[k].shape)}, "
+                               f"the config expects {tuple(shape)}")
+    model = model.to_empty(device=device)
+    if isinstance(model, TiesWeights):
+        model.tie_weights()
+    model.load_state_dict(state_dict, strict=False)
+    model.requires_grad_(False)
+    if dtype is not None and dtype != torch.float32:  # float tensors in dtype; codes, scales and zeros as saved
+        for m in model.modules():
+            if not isinstance(m, (Int8Linear, Int4Linear)):
+                for p in m.parameters(recurse=False):
+                    p.data = p.data.to(dtype)
+                for n, b in m.named_buffers(recurse=False):
+                    if b is not None and b.is_floating_point():
+                        setattr(m, n, b.to(dtype))
+    return model.eval()

@@ -1,0 +1,210 @@
+"""Weight-only int4 linear layers with group-wise scales: round-to-nearest and GPTQ, on PyTorch's packed CPU kernel.
+
+Arithmetic (the same as ``torch._weight_int4pack_mm_for_cpu`` computes). The weight ``W`` (out, in) is cut along
+the input dimension into groups of ``group_size`` (32, 64 or 128) columns; each (row, group) has a float ``scale``
+and a float ``zero`` and each weight a 4-bit code ``q`` in [0, 15]:
+
+    W[r, c] ~ (q[r, c] - 8) * scales[r, c // group_size] + zeros[r, c // group_size]
+
+Round-to-nearest (asymmetric, min/max): ``scale = max(hi - lo, 1e-8) / 15``, ``zero = lo + 8 * scale`` and
+``q = clamp(round((w - lo) / scale), 0, 15)`` with ``lo``/``hi`` the group's min/max (so ``q * scale + lo``
+reconstructs the weight).
+
+GPTQ (Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers",
+arXiv:2210.17323): the columns are quantised one at a time, in order, and the rounding error of each column is
+spread over the columns not yet quantised through the inverse Hessian ``H = 2 X^T X`` of the layer's calibration
+inputs ``X`` (the paper's Algorithm 1: Cholesky form of the inverse, lazy batch updates of 128 columns, 1%
+dampening of the diagonal). A group's scale and zero are taken from the (already updated) weights when its first
+column is reached. Here the Hessians of every layer are collected in one pass of the float model over the
+calibration text (not layer after layer on quantised inputs, as the paper does): simpler, and memory is bounded by
+one (in x in) matrix per linear layer, whatever the calibration length.
+
+Portable form (what ``lmforge quantize`` saves; the kernel packing is done at load time, it is machine-specific):
+
+- ``qweight``: uint8 (out, in / 2), two codes per byte along the input dimension: byte ``j`` of a row holds
+  column ``2j`` in its low nibble and column ``2j + 1`` in its high nibble;
+- ``scales``, ``zeros``: float32 (out, in / group_size);
+- ``bias``: the float bias, when the layer has one.
+
+``Int4Linear.forward`` runs ``torch._weight_int4pack_mm_for_cpu`` on CPU (float32, bfloat16, float16 inputs; the
+kernel wants the output width a multiple of 16, so the packed weight is padded with zero rows and the output cut);
+on other devices, or when a gradient must flow to the input, it falls back to a float matmul with the dequantised
+weight.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from lmforge.errors import LmforgeError
+
+GROUP_SIZES = (32, 64, 128)
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_N_ALIGN = 16  # _convert_weight_to_int4pack_for_cpu: "expect N to be dividable by 16"
+
+
+def check_group_size(in_features: int, group_size: int, name: str = "linear layer") -> None:
+    if group_size not in GROUP_SIZES:
+        raise LmforgeError(f"--group-size {group_size} is not supported; choose one of: "
+                           f"{', '.join(map(str, GROUP_SIZES))}")
+    if in_features % group_size:
+        fits = ", ".join(str(g) for g in GROUP_SIZES if in_features % g == 0) or "none of 32, 64, 128 does"
+        raise LmforgeError(f"--group-size {group_size} does not divide the input width {in_features} of {name}; "
+                           f"choose a group size that divides it ({fits})")
+
+
+def group_params(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min/max scale and zero of each row of ``w`` (rows, group): both (rows,)."""
+    lo, hi = w.amin(dim=1), w.amax(dim=1)
+    scale = (hi - lo).clamp(min=1e-8) / 15
+    return scale, lo + 8 * scale
+
+
+def quantize_with(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """Codes of ``w`` (rows, k) under per-row ``scale``/``zero`` (rows,) or (rows, 1): int64 in [0, 15]."""
+    scale, zero = scale.reshape(-1, 1), zero.reshape(-1, 1)
+    return torch.round((w - (zero - 8 * scale)) / scale).clamp(0, 15).long()
+
+
+def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(out, in) float weight from codes (out, in) and group parameters (out, in / group_size)."""
+    s = scales.float().repeat_interleave(group_size, dim=1)
+    z = zeros.float().repeat_interleave(group_size, dim=1)
+    return (codes.float() - 8) * s + z
+
+
+def rtn_quantize(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest: (codes (out, in) int64, scales, zeros (out, in / group_size) float32)."""
+    out_f, in_f = weight.shape
+    groups = weight.detach().float().reshape(out_f * (in_f // group_size), group_size)
+    scale, zero = group_params(groups)
+    codes = quantize_with(groups, scale, zero).reshape(out_f, in_f)
+    return codes, scale.reshape(out_f, -1), zero.reshape(out_f, -1)
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, group_size: int, *, block: int = 128,
+                  damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ (arXiv:2210.17323, Algorithm 1) of ``weight`` (out, in) given ``hessian`` (in, in) ~ X^T X of its inputs.
+    Returns the same triple as ``rtn_quantize``."""
+    W = weight.detach().float().clone()
+    out_f, in_f = W.shape
+    H = hessian.detach().float().clone()
+    dead = torch.diag(H) == 0  # inputs never active: no information, quantise as they are
+    H[dead, dead] = 1
+    H += torch.eye(in_f) * (damp * torch.diag(H).mean())
+    try:
+        U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    except torch.linalg.LinAlgError:  # not positive definite even after dampening: round to nearest instead
+        return rtn_quantize(weight, group_size)
+    codes = torch.zeros(out_f, in_f, dtype=torch.long)
+    scales = torch.zeros(out_f, in_f // group_size)
+    zeros = torch.zeros(out_f, in_f // group_size)
+    block = max(group_size, block // group_size * group_size)  # groups never straddle two blocks
+    for b0 in range(0, in_f, block):
+        b1 = min(b0 + block, in_f)
+        W1, E1, U1 = W[:, b0:b1].clone(), torch.zeros(out_f, b1 - b0), U[b0:b1, b0:b1]
+        for j in range(b1 - b0):
+            col = b0 + j
+            if col % group_size == 0:
+                g = col // group_size
+                scales[:, g], zeros[:, g] = group_params(W1[:, j:j + group_size])
+            g = col // group_size
+            q = quantize_with(W1[:, j:j + 1], scales[:, g], zeros[:, g]).squeeze(1)
+            codes[:, col] = q
+            deq = (q.float() - 8) * scales[:, g] + zeros[:, g]
+            err = (W1[:, j] - deq) / U1[j, j]
+            W1[:, j:] -= err[:, None] * U1[j, j:][None, :]
+            E1[:, j] = err
+        W[:, b1:] -= E1 @ U[b0:b1, b1:]
+    return codes, scales, zeros
+
+
+def pack_codes(codes: torch.Tensor) -> torch.Tensor:
+    """(out, in) codes in [0, 15] -> uint8 (out, in / 2): column 2j in the low nibble, 2j + 1 in the high one."""
+    c = codes.to(torch.uint8)
+    return c[:, 0::2] | (c[:, 1::2] << 4)
+
+
+def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``pack_codes``: uint8 (out, in / 2) -> int32 (out, in)."""
+    return torch.stack([packed & 0xF, packed >> 4], dim=2).reshape(packed.shape[0], -1).to(torch.int32)
+
+
+class Int4Linear(nn.Module):
+    """A linear layer holding 4-bit codes with group-wise scales and zeros (the portable form as buffers)."""
+
+    def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool = False,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        check_group_size(in_features, group_size)
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.num_weights = in_features * out_features
+        n_groups = in_features // group_size
+        self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.ones(out_features, n_groups, device=device))
+        self.register_buffer("zeros", torch.zeros(out_features, n_groups, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+        self._packed: tuple | None = None  # (key, packed weight, scales_and_zeros): built on first CPU call
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                   bias: torch.Tensor | None = None) -> Int4Linear:
+        out_f, in_f = codes.shape
+        layer = cls(in_f, out_f, group_size, bias=bias is not None, device=codes.device)
+        layer.qweight.copy_(pack_codes(codes))
+        layer.scales.copy_(scales)
+        layer.zeros.copy_(zeros)
+        if bias is not None:
+            layer.bias = bias.detach().clone()
+        return layer
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, group_size: int, hessian: torch.Tensor | None = None) -> Int4Linear:
+        """Round-to-nearest, or GPTQ when the layer's input ``hessian`` is given."""
+        w = linear.weight.detach().float().cpu()
+        codes, scales, zeros = (rtn_quantize(w, group_size) if hessian is None
+                                else gptq_quantize(w, hessian, group_size))
+        return cls.from_codes(codes, scales, zeros, group_size, linear.bias)
+
+    def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(): the packed form is rebuilt on the next call
+        self._packed = None
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._packed = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantised weight (out, in), float32."""
+        return dequantize_codes(unpack_codes(self.qweight), self.scales, self.zeros, self.group_size)
+
+    def packed(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The CPU kernel's packed weight and (in / group, out, 2) scales_and_zeros in ``dtype`` (cached)."""
+        key = (dtype, self.qweight.data_ptr())
+        if self._packed is None or self._packed[0] != key:
+            n_pad = (-self.out_features) % _N_ALIGN
+            codes = F.pad(unpack_codes(self.qweight), (0, 0, 0, n_pad))
+            sz = torch.stack([F.pad(self.scales, (0, 0, 0, n_pad)), F.pad(self.zeros, (0, 0, 0, n_pad))], dim=2)
+            w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
+            self._packed = (key, w, sz.transpose(0, 1).contiguous().to(dtype))
+        return self._packed[1], self._packed[2]
+
+    def uses_kernel(self, x: torch.Tensor) -> bool:
+        return (x.device.type == "cpu" and self.qweight.device.type == "cpu" and x.dtype in KERNEL_DTYPES
+                and not (torch.is_grad_enabled() and x.requires_grad))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if not self.uses_kernel(x):
+            return F.linear(x, self.weight.to(x.dtype), bias)
+        w, sz = self.packed(x.dtype)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).contiguous(), w,
+                                                       self.group_size, sz)
+        y = y[:, : self.out_features].reshape(*x.shape[:-1], self.out_features)
+        return y if bias is None else y + bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
