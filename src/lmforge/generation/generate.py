@@ -2,7 +2,9 @@
 
 ``generate_tokens`` is the token-level engine (batched, left-padded prompts); ``TextStream``
 turns the ids it yields into text increments that stop at stop strings and never cut a
-multi-byte character in half.
+multi-byte character in half. With ``compile=True`` a decoder-only model decodes through
+``StaticDecoderSteps``: the same prefill, then the static-shape step of ``generation.fast``
+(compiled once per shape); models or machines it does not cover keep ``DecoderSteps``.
 """
 
 from __future__ import annotations
@@ -46,15 +48,17 @@ def generate_tokens(
     pad_id: int = 0,
     seed: int | None = None,
     use_cache: bool = True,
+    compile: bool = False,
 ) -> Iterator[list[int | None]]:
     """Yield, each step, one new token id per prompt (None once that prompt has finished).
 
     A prompt finishes when it emits one of ``eos_ids`` (the EOS id is yielded) or after
     ``max_new_tokens``. Prompts of different lengths are left-padded; padding is masked out and
-    positions count real tokens only, so each row decodes as it would alone.
+    positions count real tokens only, so each row decodes as it would alone. ``compile``: decode
+    with the compiled static-shape step (``generation.fast``) where the model and machine allow it.
     """
     check_seed(seed)
-    steps = _generate(model, prompts, max_new_tokens, params, eos_ids, pad_id, seed, use_cache)
+    steps = _generate(model, prompts, max_new_tokens, params, eos_ids, pad_id, seed, use_cache, compile)
     if next(model.parameters()).device.type != "cpu":
         yield from steps
         return
@@ -128,6 +132,64 @@ class DecoderSteps:
         return self.model(self.idx, self.positions, mask, None, 0, last_only=True)[:, -1]
 
 
+class StaticDecoderSteps(DecoderSteps):
+    """``DecoderSteps`` over caches of a fixed width: the prefill is the eager one, written into the static
+    caches; each decode step is ``generation.fast.StaticDecoder`` (compiled), whose shapes never change."""
+
+    def __init__(self, model, prompts, max_new_tokens: int, pad_id: int):
+        from lmforge.generation import fast
+
+        device = next(model.parameters()).device
+        self.model, self.use_cache = model, True
+        B, lens = len(prompts), [len(p) for p in prompts]
+        self.L = L = max(lens)
+        self.max_new_tokens = check_lengths(L, max_new_tokens, model.config.max_seq_len)
+        W = fast.cache_width(L + self.max_new_tokens, model.config.max_seq_len)
+        self.idx = torch.full((B, L), pad_id, dtype=torch.long, device=device)
+        self.key_mask = torch.zeros((B, W), dtype=torch.bool, device=device)
+        for b, p in enumerate(prompts):
+            self.idx[b, L - len(p):] = torch.tensor(list(p), dtype=torch.long)
+            self.key_mask[b, L - len(p):] = True
+        self.key_mask[:, L:] = True
+        self.padded = min(lens) != L
+        self.positions = (self.key_mask[:, :L].long().cumsum(-1) - 1).clamp(min=0)  # (B, L)
+        self.entry = fast.decoder_for(model, B, W)
+        self.caches = list(self.entry.decoder.caches)  # reused across generations: prefill overwrites [0, L)
+        self.step = 0
+        self.pos = self.positions[:, -1:]  # (B, 1): the last position id of each row
+
+    def next(self, tokens: torch.Tensor) -> torch.Tensor:
+        from lmforge.generation.fast import run_step
+
+        cur = self.L + self.step
+        self.step += 1
+        self.pos = self.pos + 1
+        column = torch.tensor([cur], dtype=torch.long, device=tokens.device)
+        return run_step(self.model, self.entry, tokens[:, None].contiguous(), self.pos, column, self.key_mask)
+
+
+def _decoder_steps(model, prompts, max_new_tokens: int, pad_id: int, use_cache: bool, compile: bool):
+    """StaticDecoderSteps when asked to compile and possible (otherwise a stderr line says why), else DecoderSteps."""
+    if compile and use_cache:
+        from lmforge.generation import fast
+
+        why = (fast.static_support(model) or fast.compile_support(next(model.parameters()).device)
+               or fast.compile_failed(model))
+        if why is None:
+            return StaticDecoderSteps(model, prompts, max_new_tokens, pad_id)
+        _say_once(model, f"lmforge: decoding without torch.compile: {why}")
+    return DecoderSteps(model, prompts, max_new_tokens, pad_id, use_cache)
+
+
+_SAID: set[tuple[int, str]] = set()
+
+
+def _say_once(model, line: str) -> None:
+    if (id(model), line) not in _SAID:
+        _SAID.add((id(model), line))
+        print(line, file=sys.stderr)
+
+
 class Seq2SeqSteps:
     """Forward passes of an encoder-decoder model: encode the (right-padded) sources once, then
     decode from the start token, one token per row per step."""
@@ -169,12 +231,13 @@ class Seq2SeqSteps:
 
 
 @torch.inference_mode()
-def _generate(model, prompts, max_new_tokens, params, eos_ids, pad_id, seed, use_cache):
+def _generate(model, prompts, max_new_tokens, params, eos_ids, pad_id, seed, use_cache, compile=False):
     if getattr(model.config, "arch", "decoder") == "encoder":
         raise LmforgeError("an encoder-only model cannot generate text; use it for embeddings or classification")
     device = next(model.parameters()).device
     seq2seq = model.config.arch == "encoder-decoder"
-    steps = (Seq2SeqSteps if seq2seq else DecoderSteps)(model, prompts, max_new_tokens, pad_id, use_cache)
+    steps = (Seq2SeqSteps(model, prompts, max_new_tokens, pad_id, use_cache) if seq2seq
+             else _decoder_steps(model, prompts, max_new_tokens, pad_id, use_cache, compile))
     B = len(prompts)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
@@ -206,6 +269,13 @@ class TextStream:
 
     Text is held back while it ends in an incomplete UTF-8 sequence or could be the start of a
     stop string. A stop string ends the stream and is not part of the text (OpenAI semantics).
+
+    Detokenisation is incremental: each token decodes only a short window, the ids from
+    ``prefix`` (where the last confirmed piece began, kept as context so leading spaces and merged
+    bytes come out as in a full decode) to the end, and the new text is what that window adds to
+    the text of ``prefix:read``. A window ending in U+FFFD (an incomplete UTF-8 sequence) is not
+    confirmed: later tokens extend it. Tokenizers whose decode rewrites across token boundaries
+    (``clean_up_tokenization_spaces`` on a non-BPE model) decode the whole sequence each token.
     """
 
     def __init__(self, tokenizer, stop: Sequence[str] = ()):
@@ -216,13 +286,36 @@ class TextStream:
         self.emitted = 0
         self.stopped = False
         self.text = ""
+        backend = getattr(tokenizer, "backend", None)
+        self.incremental = not (getattr(tokenizer, "clean_up_tokenization_spaces", False)
+                                and type(getattr(backend, "model", None)).__name__ != "BPE")
+        self._prefix = self._read = 0  # ids[:read] are confirmed: their text is self._confirmed
+        self._confirmed = ""
+
+    def _decode_new(self) -> str:
+        """The text of all ids so far (confirmed text plus the decoded tail), decoding only the window."""
+        if not self.incremental:
+            return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        before = self.tokenizer.decode(self.ids[self._prefix:self._read], skip_special_tokens=True)
+        window = self.tokenizer.decode(self.ids[self._prefix:], skip_special_tokens=True)
+        if not window.startswith(before):  # the window rewrote earlier text: a full decode is the truth
+            text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+            if not text.endswith("\ufffd"):
+                self._confirmed, self._prefix, self._read = text, self._read, len(self.ids)
+            return text
+        tail = window[len(before):]
+        if tail and not tail.endswith("\ufffd"):
+            self._confirmed += tail
+            self._prefix, self._read = self._read, len(self.ids)
+            return self._confirmed
+        return self._confirmed + tail
 
     def push(self, token_id: int) -> str:
         """Add one token; return the new text to show (possibly '')."""
         if self.stopped:
             return ""
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        text = self._decode_new()
         hits = [i for i in (text.find(s, max(0, self.emitted - len(s))) for s in self.stop) if i >= 0]
         if hits:
             self.stopped = True

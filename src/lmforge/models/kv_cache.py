@@ -2,6 +2,11 @@
 
 Keys and values live in fixed (B, n_kv_head, max_len, head_dim) buffers allocated once per
 generation; prefill writes the prompt's positions, each decode step writes one more.
+
+``update`` takes where the new keys start either as an int (the eager path: the filled prefix
+comes back, its length grows each step) or as a 1-element long tensor (the static path of
+``generation.fast``: the column is data, not Python, the whole buffer comes back at a fixed shape and
+the attention mask hides the columns not written yet, so one compiled graph serves every step).
 """
 
 from __future__ import annotations
@@ -22,8 +27,16 @@ class KVCache(nn.Module):
     def max_len(self) -> int:
         return self.k.shape[2]
 
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, nkv, T, hs) at [start, start+T); return the filled prefix (B, nkv, start+T, hs)."""
+    def update(self, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, nkv, T, hs) at [start, start+T); return the filled prefix (B, nkv, start+T, hs).
+
+        With ``start`` a long tensor of shape (1,) (and T == 1): write column ``start`` in place and return
+        the whole buffers (B, nkv, max_len, hs), a shape that does not depend on ``start``.
+        """
+        if isinstance(start, torch.Tensor):
+            self.k.index_copy_(2, start, k)
+            self.v.index_copy_(2, start, v)
+            return self.k, self.v
         end = start + k.shape[2]
         assert end <= self.max_len, f"KV cache overflow: {end} > {self.max_len}"
         self.k[:, :, start:end] = k

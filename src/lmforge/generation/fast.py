@@ -1,0 +1,138 @@
+"""The static-shape decode step and its ``torch.compile`` (gpt-fast style), with the eager fallback.
+
+This module owns ``StaticDecoder`` (one decode step of a decoder-only model over preallocated caches of a
+fixed width: every tensor has the same shape at every step, the cache column is a tensor, nothing in the
+step branches on data, so ``torch.compile`` captures it as one graph) and ``decoder_for``, which keeps one
+such step per model, batch size and cache width, compiled once and reused by every later generation of that
+shape. The compile time is paid on the first step of a new shape and reported on stderr. When compiling is
+unavailable (no C++ compiler for inductor on CPU, a model the static step does not cover) callers keep the
+eager path of ``generation.generate`` (``static_support`` says why); when it fails, the step runs uncompiled
+for that generation and the model is marked so that later generations take the eager path again.
+
+Cache widths are rounded up to ``WIDTH_STEP`` columns (capped at the context) so prompts of different
+lengths share a compiled graph; the extra columns are masked out.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lmforge.models.decoder import DecoderLM
+
+WIDTH_STEP = 256  # cache widths are multiples of this (or the whole context): fewer shapes, fewer compiles
+
+
+def static_support(model: nn.Module) -> str | None:
+    """None when ``model`` can decode through ``StaticDecoder``; otherwise the reason it cannot."""
+    if type(model) is not DecoderLM:
+        return f"{type(model).__name__} is not a plain decoder-only model"
+    if model.config.positions not in ("rope", "learned"):
+        return f"{model.config.positions} position biases depend on the step"
+    return None
+
+
+def compile_support(device: torch.device) -> str | None:
+    """None when torch.compile can build kernels for ``device``; otherwise the reason it cannot."""
+    if device.type == "cpu":
+        cxx = os.environ.get("CXX") or "c++"
+        if shutil.which(cxx) is None and shutil.which("g++") is None:
+            return f"inductor needs a C++ compiler on CPU and neither {cxx!r} nor 'g++' is on PATH"
+    elif device.type == "cuda":
+        return None
+    else:
+        return f"torch.compile is not set up for device {device.type!r} here"
+    return None
+
+
+def cache_width(total: int, context: int) -> int:
+    """The static cache width for a generation of ``total`` tokens: rounded up to WIDTH_STEP, within the context."""
+    return min(context, -(-total // WIDTH_STEP) * WIDTH_STEP)
+
+
+class StaticDecoder(nn.Module):
+    """One decode step over caches of a fixed width W: (B, 1) tokens -> (B, V) logits.
+
+    positions (B, 1): each row's position id; column (1,) long: the cache column the token is written to
+    (the same for every row: left-padded rows share one timeline); key_mask (B, W) bool: the columns each
+    row may attend to besides the rule "not after ``column``" (False for left padding).
+    """
+
+    def __init__(self, model: DecoderLM, batch: int, width: int):
+        super().__init__()
+        self.model = model
+        p = next(model.parameters())
+        self.caches = nn.ModuleList(model.make_caches(batch, width, p.dtype, p.device))
+        self.register_buffer("columns", torch.arange(width, device=p.device), persistent=False)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, column: torch.Tensor,
+                key_mask: torch.Tensor) -> torch.Tensor:
+        mask = (key_mask & (self.columns <= column))[:, None, None, :]  # (B, 1, 1, W)
+        h = self.model.model(tokens, positions, mask, list(self.caches), column)  # (B, 1, C)
+        return self.model.lm_head(h)[:, -1]
+
+
+@dataclass
+class _Entry:
+    decoder: StaticDecoder
+    step: object  # the compiled (or plain) callable
+    compiled: bool
+    warm: bool = False  # the first call (which compiles) has happened
+
+
+@dataclass
+class _ModelState:
+    entries: dict[tuple[int, int], _Entry] = field(default_factory=dict)
+    failed: str | None = None  # why compiling failed for this model: later generations decode eagerly
+
+
+_STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def compile_failed(model: nn.Module) -> str | None:
+    state = _STATES.get(model)
+    return state.failed if state is not None else None
+
+
+def decoder_for(model: DecoderLM, batch: int, width: int) -> _Entry:
+    """The (compiled) static decode step of ``model`` for this batch size and cache width, built once."""
+    state = _STATES.setdefault(model, _ModelState())
+    key = (batch, width)
+    if key not in state.entries:
+        dec = StaticDecoder(model, batch, width)
+        cuda = next(model.parameters()).device.type == "cuda"
+        # CUDA graphs on GPU (the step's launch overhead is most of its time there); plain inductor on CPU
+        step = torch.compile(dec, fullgraph=True, dynamic=False, mode="reduce-overhead" if cuda else None)
+        state.entries[key] = _Entry(dec, step, compiled=True)
+    return state.entries[key]
+
+
+def run_step(model: DecoderLM, entry: _Entry, tokens: torch.Tensor, positions: torch.Tensor,
+             column: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+    """Call the step; the first call of a compiled one compiles it (timed, reported on stderr). If that
+    fails, say so, run this step uncompiled and mark the model so that later generations decode eagerly."""
+    if entry.warm or not entry.compiled:
+        return entry.step(tokens, positions, column, key_mask).clone()  # clone: CUDA graphs reuse the output
+    t0 = time.perf_counter()
+    try:
+        out = entry.step(tokens, positions, column, key_mask).clone()
+    except Exception as e:  # noqa: BLE001 - any compiler failure: decode without it
+        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        _STATES[model].failed = reason
+        print(f"warning: torch.compile of the decode step failed ({reason}); decoding without it",
+              file=sys.stderr)
+        entry.step, entry.compiled, entry.warm = entry.decoder, False, True
+        return entry.step(tokens, positions, column, key_mask)
+    entry.warm = True
+    B, W = tokens.shape[0], entry.decoder.columns.shape[0]
+    print(f"lmforge: compiled the decode step (batch {B}, cache {W} tokens) in {time.perf_counter() - t0:.1f} s",
+          file=sys.stderr)
+    return out
+

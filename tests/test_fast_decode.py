@@ -1,0 +1,212 @@
+"""The fast decode path (issue 17): the static-shape decode step and its torch.compile, incremental
+detokenisation, thread counts.
+
+The static step runs here uncompiled (torch.compile replaced by the identity) so the default run stays
+quick; the compiled cases are marked ``real`` (inductor needs a minute or two per shape on this machine).
+"""
+
+import pytest
+import torch
+
+from lmforge.checkpoints.hf import read_hf_dir
+from lmforge.checkpoints.resolve import build_model
+from lmforge.generation import fast
+from lmforge.generation.generate import TextStream, generate_tokens
+from lmforge.generation.sampling import SamplingParams
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [40, 41, 42, 43, 44]]  # left-padded: rows differ in length
+
+
+@pytest.fixture(scope="module")
+def tiny(hf_tiny):
+    out = {}
+    for name in ("llama", "gpt2", "qwen2"):
+        config, state, _ = read_hf_dir(hf_tiny[name][1])
+        out[name] = build_model(config, state)
+    return out
+
+
+def _run(model, prompts, n, params=SamplingParams(), **kw):
+    rows = [[] for _ in prompts]
+    for step in generate_tokens(model, prompts, n, params, **kw):
+        for r, t in zip(rows, step):
+            if t is not None:
+                r.append(t)
+    return rows
+
+
+@pytest.fixture
+def uncompiled(monkeypatch):
+    """torch.compile as the identity: the static step runs eagerly, with every shape it has when compiled."""
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: module)
+    monkeypatch.setattr(fast, "_STATES", type(fast._STATES)())
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "qwen2"])
+def test_static_step_gives_the_eager_greedy_tokens(tiny, name, uncompiled, capsys):
+    model = tiny[name]
+    eager = _run(model, PROMPTS, 24)
+    assert _run(model, PROMPTS, 24, use_cache=False) == eager  # cached == uncached, still exact
+    assert _run(model, PROMPTS, 24, compile=True) == eager
+    assert _run(model, PROMPTS[1:2], 24, compile=True) == [eager[1]]  # batch 1: another shape
+    assert "compiled the decode step (batch 3, cache 256 tokens)" in capsys.readouterr().err
+    # a second generation reuses the step and its caches (stale columns from the first are masked or overwritten)
+    assert _run(model, PROMPTS, 24, compile=True) == eager
+    assert "compiled the decode step" not in capsys.readouterr().err
+
+
+def test_static_step_with_sampling_and_eos(tiny, uncompiled):
+    model = tiny["llama"]
+    params = SamplingParams(temperature=0.8, top_k=20, repetition_penalty=1.3)
+    eager = _run(model, PROMPTS, 16, params, seed=3, eos_ids=[7])
+    assert _run(model, PROMPTS, 16, params, seed=3, eos_ids=[7], compile=True) == eager
+
+
+def test_static_cache_writes_one_column_in_place():
+    from lmforge.models.kv_cache import KVCache
+
+    cache = KVCache(2, 1, 8, 4)
+    k = torch.ones(2, 1, 1, 4)
+    full_k, full_v = cache.update(torch.tensor([3]), k, 2 * k)
+    assert full_k.shape == (2, 1, 8, 4) and full_k.data_ptr() == cache.k.data_ptr()
+    assert cache.k[:, :, 3].eq(1).all() and cache.v[:, :, 3].eq(2).all() and cache.k[:, :, :3].eq(0).all()
+    assert cache.update(0, k, k)[0].shape == (2, 1, 1, 4)  # the int path is unchanged: the filled prefix
+
+
+def test_compile_unavailable_or_unsupported_falls_back_to_the_eager_path(tiny, hf_tiny, monkeypatch, capsys):
+    model = tiny["llama"]
+    eager = _run(model, PROMPTS, 8)
+    monkeypatch.setattr(fast.shutil, "which", lambda name: None)  # no C++ compiler for inductor
+    monkeypatch.delenv("CXX", raising=False)
+    assert _run(model, PROMPTS, 8, compile=True) == eager
+    assert "decoding without torch.compile: inductor needs a C++ compiler" in capsys.readouterr().err
+
+
+def test_a_failing_compile_decodes_without_it(tiny, monkeypatch, capsys):
+    model = tiny["qwen2"]
+    eager = _run(model, PROMPTS, 8)
+
+    def broken(module, **kw):
+        def step(*args):
+            raise RuntimeError("no inductor today")
+        return step
+
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(fast, "_STATES", type(fast._STATES)())
+    assert _run(model, PROMPTS, 8, compile=True) == eager
+    assert "torch.compile of the decode step failed (RuntimeError: no inductor today)" in capsys.readouterr().err
+    assert _run(model, PROMPTS, 8, compile=True) == eager  # later generations take the eager path
+    assert "decoding without torch.compile: RuntimeError: no inductor today" in capsys.readouterr().err
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_compiled_step_gives_the_eager_greedy_tokens(tiny, name, monkeypatch, capsys):
+    monkeypatch.setattr(fast, "_STATES", type(fast._STATES)())
+    model = tiny[name]
+    eager = _run(model, PROMPTS, 24)
+    assert _run(model, PROMPTS, 24, compile=True) == eager
+    err = capsys.readouterr().err
+    assert "compiled the decode step (batch 3, cache 256 tokens)" in err and "failed" not in err
+    assert _run(model, PROMPTS, 24, compile=True) == eager  # compiled once, reused
+
+
+# ---------------------------------------------------------------- incremental detokenisation
+
+class CountingTokenizer:
+    """Wraps a tokenizer and records how many ids each decode call was given."""
+
+    def __init__(self, inner):
+        self.inner, self.sizes = inner, []
+        self.backend = getattr(inner, "backend", None)
+        self.clean_up_tokenization_spaces = getattr(inner, "clean_up_tokenization_spaces", False)
+
+    def decode(self, ids, skip_special_tokens=True):
+        self.sizes.append(len(ids))
+        return self.inner.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+class ByteTokenizer:
+    """ids are bytes; decoding may end in half a UTF-8 character, like a real byte-level BPE."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def _llama_style_tokenizer():
+    """A SentencePiece-style BPE (Metaspace, byte fallback: characters outside the vocabulary become <0xNN>
+    tokens), whose decode strips the first leading space: a window decoded alone loses it."""
+    import tokenizers
+    from tokenizers import decoders, models, normalizers
+
+    from lmforge.tokenizer import Tokenizer
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for piece in ["▁", "h", "e", "l", "o", "w", "r", "d", "▁h", "▁w", "ll", "llo", "▁hello", "▁world", "or", "ld"]:
+        vocab.setdefault(piece, len(vocab))
+    merges = [("▁", "h"), ("▁", "w"), ("l", "l"), ("ll", "o"), ("▁h", "e"), ("o", "r"), ("l", "d")]
+    vocab.setdefault("▁he", len(vocab))
+    merges.append(("▁he", "llo"))
+    vocab.setdefault("▁wor", len(vocab))
+    vocab.setdefault("▁wo", len(vocab))
+    merges += [("▁w", "o"), ("▁wo", "r"), ("▁wor", "ld")]
+    backend = tokenizers.Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    backend.add_special_tokens(["<s>", "</s>"])
+    return Tokenizer(backend, eos_token="</s>", bos_token="<s>")
+
+
+TEXTS = ["héllo wörld ✓ 👋🏽 家族の写真 🇫🇷 e\u0301 😀!", "日本語のテキスト、そして絵文字 🤖🧠 and ASCII"]
+
+
+def _tokenizers(tiny_lm_dirs):
+    from lmforge.tokenizer import Tokenizer
+
+    return {"bytes": (ByteTokenizer(), lambda t: list(t.encode())),
+            "byte-level BPE": (tok := Tokenizer.from_dir(tiny_lm_dirs["plain"]),
+                               lambda t: tok.encode(t, add_special_tokens=False)),
+            "sentencepiece-style": (sp := _llama_style_tokenizer(), lambda t: sp.encode(t, add_special_tokens=False))}
+
+
+@pytest.mark.parametrize("kind", ["bytes", "byte-level BPE", "sentencepiece-style"])
+def test_incremental_detokenisation_equals_the_full_decode_at_every_split(tiny_lm_dirs, kind):
+    tokenizer, encode = _tokenizers(tiny_lm_dirs)[kind]
+    for text in TEXTS + [" hello world héllo wörld"]:
+        ids = encode(text)
+        assert len(ids) > len(text) // 3
+        final = tokenizer.decode(ids)
+        for k in range(1, len(ids) + 1):  # the stream cut after every token
+            ts = TextStream(tokenizer)
+            shown = "".join(ts.push(i) for i in ids[:k])
+            assert "\ufffd" not in shown and final.startswith(shown)  # never half a character, never retracted
+            full = tokenizer.decode(ids[:k])
+            if not full.endswith("\ufffd"):  # the cut falls between characters: everything so far is shown
+                assert shown == ts.text == full and ts.finish() == ""
+        assert ts.text == final
+
+def test_detokenisation_decodes_a_short_window_per_token(tiny_lm_dirs):
+    from lmforge.tokenizer import Tokenizer
+
+    tok = CountingTokenizer(Tokenizer.from_dir(tiny_lm_dirs["plain"]))
+    ids = tok.inner.encode(" ".join(TEXTS * 8), add_special_tokens=False)
+    ts = TextStream(tok, stop=["never appears"])
+    shown = "".join(ts.push(i) for i in ids) + ts.finish()
+    assert shown == tok.inner.decode(ids) and len(ids) > 300
+    assert max(tok.sizes) <= 8  # the old stream decoded all ids so far every token: up to len(ids)
+    assert sum(tok.sizes) < 10 * len(ids)
+
+
+def test_stop_strings_still_work_incrementally(tiny_lm_dirs):
+    from lmforge.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(tiny_lm_dirs["plain"])
+    ids = tok.encode("The answer is 家族 42.\nQuestion: next 👋🏽", add_special_tokens=False)
+    ts = TextStream(tok, stop=["\nQuestion:"])
+    pieces = []
+    for i in ids:
+        pieces.append(ts.push(i))
+        if ts.stopped:
+            break
+    assert ts.stopped and ts.text == "".join(pieces) == "The answer is 家族 42."
