@@ -56,6 +56,12 @@ def cmd_dpo(a: argparse.Namespace) -> int:
     return _run(a, DPOConfig, dpo)
 
 
+def cmd_grpo(a: argparse.Namespace) -> int:
+    from lmforge.alignment.grpo import GRPOConfig, grpo
+
+    return _run(a, GRPOConfig, grpo)
+
+
 def _add_run_args(p: argparse.ArgumentParser, verb: str) -> None:
     """How a run starts (not part of the recipe): --resume, --overwrite, --force, --threads; then --config."""
     g = p.add_argument_group("running")
@@ -101,3 +107,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_run_args(q, "rlhf dpo")
     add_nproc_arg(q)
     q.set_defaults(func=cmd_dpo)
+
+    from lmforge.alignment.grpo import GRPOConfig
+
+    g = rsub.add_parser("grpo", help="GRPO: group-relative policy optimisation with verifiable rewards (Shao et al. "
+                                     "2024; Dr. GRPO: Liu et al. 2025)",
+                        description="Each step samples --group-size completions of --batch-size prompts, scores them "
+                                    "with the --rewards (summed with --reward-weights), normalises each reward within "
+                                    "its group and takes a clipped policy-gradient step, with an optional k3 KL "
+                                    "penalty (--beta) to the reference. Writes OUT_DIR/metrics.jsonl (loss, reward, "
+                                    "reward_<name>, kl, held-out eval_* before and after), OUT_DIR/config.yaml and "
+                                    "OUT_DIR/final.")
+    options.add_recipe_args(g, GRPOConfig)
+    _add_run_args(g, "rlhf grpo")
+    g.set_defaults(func=cmd_grpo)
