@@ -76,6 +76,7 @@ _HF_DIR = ("config.json", "model.safetensors", "generation_config.json", "tokeni
 VERBS: dict[str, Verb] = {
     "pretrain": Verb(_RUN + ("config.yaml",), run=True, resume=True),
     "finetune": Verb(_RUN + ("config.yaml",), run=True, resume=True),
+    "distill": Verb(_RUN + ("config.yaml",), run=True, resume=True),
     "rlhf ppo": Verb(_RUN + ("config.yaml", "config.json"), run=True, resume=True),  # config.json: earlier runs
     "rlhf dpo": Verb(_RUN + ("config.yaml", "config.json"), run=True, resume=True),
     "rlhf grpo": Verb(_RUN + ("config.yaml",), run=True, resume=True),

@@ -361,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     register_quantize(sub)
     from lmforge.cli.plan import register as register_plan
     register_plan(sub)
+    from lmforge.cli.distill import register as register_distill
+    register_distill(sub)
     return parser
 
 
