@@ -430,3 +430,19 @@ def test_model_config_refuses_wrong_types_naming_the_field():
         with pytest.raises(LmforgeError) as e:
             ModelConfig(**{field: value})
         assert str(e.value).startswith(f"config field {field} must be") and words in str(e.value), str(e.value)
+
+
+def test_embed_output_in_a_folder_without_write_permission_is_refused_before_the_model_loads(tmp_path, monkeypatch,
+                                                                                            capsys):
+    """Not root: ``os.access`` says the folder refuses new files, so ``embed -o`` stops before loading the encoder
+    (as root modes do not deny, so the answer is simulated here; the sweep's {denied} probe is the real case)."""
+    import lmforge.lm
+    import lmforge.outputs as outputs
+
+    real = os.access
+    monkeypatch.setattr(outputs.os, "access", lambda p, mode: False if Path(p) == tmp_path else real(p, mode))
+    monkeypatch.setattr(lmforge.lm, "load", _no_model)
+    assert main(["embed", "kind", "-m", str(tmp_path / "enc"), "-o", str(tmp_path / "v.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: cannot write {tmp_path / 'v.jsonl'}: the folder {tmp_path} does not let you create files "
+                   "(permission denied); choose another file name\n"), err

@@ -160,6 +160,10 @@ def check_output(path: str | os.PathLike, verb: str, *, resume: bool = False, ov
             raise LmforgeError(f"{path} is a folder; `lmforge {verb}` writes a file: give a file name")
         if path.exists() and not force:
             raise LmforgeError(f"{path} already exists; pass --force to replace it, or choose another file name")
+        parent = path.parent
+        if parent.is_dir() and not os.access(parent, os.W_OK | os.X_OK):  # refuse before the slow part
+            raise LmforgeError(f"cannot write {path}: the folder {parent} does not let you create files "
+                               "(permission denied); choose another file name")
         return []
     if path.exists() and not path.is_dir():
         raise LmforgeError(f"{path} is a file, not a folder; `lmforge {verb}` writes a folder: choose another "
