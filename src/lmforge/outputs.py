@@ -1,8 +1,8 @@
 """Where a verb may write: one output policy for every command that writes files, and a lock per run folder.
 
 Every writing verb (``pretrain``, ``finetune``, ``rlhf ppo``/``dpo``, ``reward train``, ``merge``, ``export``,
-``eval``, ``compare``, ``tokenizer train``, ``embed -o FILE``) passes its output path through this module before it
-writes anything. The rules:
+``prune``, ``eval``, ``compare``, ``tokenizer train``, ``embed -o FILE``) passes its output path through this module
+before it writes anything. The rules:
 
 - A folder is written only into a folder: an existing file where a folder is expected (or a folder where a
   file is expected) is refused.
@@ -84,6 +84,7 @@ VERBS: dict[str, Verb] = {
                          + tuple(n for n in _RUN if n != "final"), run=True, resume=True),
     "merge": Verb(_HF_DIR),
     "export": Verb(_HF_DIR + ("chat_template.jinja",)),  # --format hf
+    "prune": Verb(_HF_DIR + ("chat_template.jinja", "masks.safetensors", "prune.json")),
     "quantize": Verb(_HF_DIR + ("chat_template.jinja",)),
     "tokenizer train": Verb(("tokenizer.json", "tokenizer_config.json"), rewrite=True),
     "eval": Verb(("predictions.jsonl", "summary.json", "config.yaml"), rewrite=True),

@@ -357,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     register_reward(sub)
     from lmforge.cli.export import register as register_export
     register_export(sub)
+    from lmforge.cli.prune import register as register_prune
+    register_prune(sub)
     from lmforge.cli.quantize import register as register_quantize
     register_quantize(sub)
     from lmforge.cli.plan import register as register_plan

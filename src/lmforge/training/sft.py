@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from lmforge.errors import LmforgeError
-from lmforge.outputs import claims_output
+from lmforge.outputs import claims_output, launched_rank
 from lmforge.recipe_config import TRAINING_SEED_MAX, option, validate, write_config
 from lmforge.training.scale import ScaleOut
 from lmforge.training.tracking import Tracking
@@ -387,6 +387,22 @@ def check_sft_files(r: FinetuneConfig) -> None:
             to_record(record.fields, record.where, r.format, r.prompt_template, r.prompt_field, r.response_field)
 
 
+def pruning_masks(r: FinetuneConfig) -> dict[str, Tensor] | None:
+    """The masks of a model pruned by ``lmforge prune`` (magnitude / 2:4; ``masks.safetensors`` in the model
+    folder), to keep its pruned weights at zero during a ``full`` fine-tune; None when there are none. A LoRA or
+    prompt-tuning run leaves the frozen base (zeros included) as it is, so it needs none; FSDP re-shards the
+    parameters, which the masks do not follow, so it is refused."""
+    from lmforge.training.prune import MASKS_FILE, read_masks
+
+    masks = read_masks(r.model)
+    if masks is None or r.method != "full":
+        return None
+    if r.strategy == "fsdp":
+        raise LmforgeError(f"{r.model}/{MASKS_FILE}: keeping a pruned model's masks works with --strategy ddp, "
+                           "not fsdp")
+    return masks
+
+
 @claims_output("finetune", inputs=("model", "adapter"), config="recipe")
 def finetune(recipe: FinetuneConfig, *, resume: bool = False, overwrite: bool = False,
              force: bool = False) -> dict[str, Any]:
@@ -417,6 +433,7 @@ def finetune(recipe: FinetuneConfig, *, resume: bool = False, overwrite: bool = 
     from lmforge.data.sft import SFTBatches, load_sft_data
     from lmforge.lm import load
     from lmforge.training.loop import RunDir, TrainConfig, train
+    from lmforge.training.prune import MASKS_FILE, check_masks, keep_masks, save_masks
 
     r = recipe
     method, out_dir, batch_size, steps, grad_accum, seed, max_len = r.method, r.out_dir, r.batch_size, r.steps, \
@@ -427,6 +444,7 @@ def finetune(recipe: FinetuneConfig, *, resume: bool = False, overwrite: bool = 
     eval_every, save_every, log_every = r.eval_every, r.save_every, r.log_every
     run_config = json.loads(json.dumps(dataclasses.asdict(recipe), default=str))  # Paths as plain JSON
     check_sft_files(r)
+    masks = pruning_masks(r)
     lm = load(r.model, device=r.device, dtype="float32", adapter=r.adapter)
     net, tok = lm.model, lm.tokenizer
     arch = net.config.arch
@@ -440,6 +458,8 @@ def finetune(recipe: FinetuneConfig, *, resume: bool = False, overwrite: bool = 
                            num_virtual_tokens=r.virtual_tokens, prompt_init_ids=init_ids, seed=seed)
     else:
         net = continue_adapter(net, method, r.adapter)
+    if masks:
+        check_masks(net, masks, f"{r.model}/{MASKS_FILE}")  # before anything is written
     max_len = sft_max_len(max_len, net.config, lm.name)
     chat = {"auto": None, "chat": True, "plain": False}[r.template]
     data_args = dict(max_len=max_len, seq2seq=seq2seq, chat=chat, format=r.format, prompt_template=r.prompt_template,
@@ -474,8 +494,11 @@ def finetune(recipe: FinetuneConfig, *, resume: bool = False, overwrite: bool = 
                       compile=compile, eval_every=eval_every, save_every=save_every, log_every=log_every, seed=seed,
                       **r.train_kwargs())
     run = RunDir(out_dir, {"recipe": "finetune", **run_config}, resume=resume, tokenizer=tok, loggers=r.logger)
-    result = train(net, loss_for(net), batches, cfg, run, eval_fn=eval_fn,
-                   tokens_per_batch=lambda b: int(b["attention_mask"].sum()))
+    with keep_masks(net, masks, f"{r.model}/{MASKS_FILE}"):  # a pruned model's zeros stay zero (training/prune.py)
+        result = train(net, loss_for(net), batches, cfg, run, eval_fn=eval_fn,
+                       tokens_per_batch=lambda b: int(b["attention_mask"].sum()))
+    if masks and launched_rank() == 0 and (Path(out_dir) / "final").is_dir():  # kept for a later fine-tune
+        save_masks(masks, Path(out_dir) / "final")
     return {**result, "train_examples": len(data.examples), "dropped": data.dropped, "steps": steps,
             "out_dir": str(Path(out_dir) / "final")}
 
