@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import lmforge
 from lmforge.cli.main import main
@@ -260,3 +261,25 @@ def test_bad_values_are_one_line(flags, words, tiny_lm_dirs, tmp_path, capsys):
     line = one_error(capsys)
     assert line.startswith("error: ") and words in line
     assert not (tmp_path / "run").exists()
+
+
+def test_print_config_then_config_reproduces_the_run(tiny_lm_dirs, tmp_path, capsys):
+    argv = ["distill", "--teacher", str(tiny_lm_dirs["plain"]), "--student-layers", "1", "--train",
+            str(sft_file(tmp_path)), "--steps", "2", "--batch-size", "4", "--log-every", "1", "--loss", "reverse",
+            "--alpha", "0.5", "--prompt-template", "Q:\\n{prompt}\\nA:", "--response-field", "completion",
+            "-o", str(tmp_path / "a")]
+    assert main([*argv, "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("# lmforge distill config\n")
+    assert yaml.safe_load(printed)["prompt_template"] == "Q:\n{prompt}\nA:"  # the flag's \\n: a newline
+    assert not (tmp_path / "a").exists()
+    (tmp_path / "a.yaml").write_text(printed, encoding="utf-8")
+    assert main(argv) == 0
+    assert (tmp_path / "a" / "config.yaml").read_text(encoding="utf-8") == printed
+    assert main(["distill", "--config", str(tmp_path / "a.yaml"), "-o", str(tmp_path / "b")]) == 0
+
+    def losses(name: str) -> list[tuple]:
+        return [(r["step"], r.get("loss"), r.get("kd"), r.get("ce"), r.get("val_kl"))
+                for r in rows(tmp_path / name)]
+
+    assert len(losses("a")) == 2 and losses("a") == losses("b")
