@@ -9,9 +9,13 @@ itself when a build is at hand (``LLAMA_CPP_BIN`` or a ``llama-simple`` / ``llam
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import socket
 import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 import gguf
@@ -313,41 +317,78 @@ def test_embedded_smollm2_round_trips_through_gguf_f16(real_lm, tmp_path):
 
 
 def llama_cpp_runner() -> Path | None:
-    """A llama.cpp program that decodes a raw prompt greedily: from LLAMA_CPP_BIN (a build's bin folder) or PATH."""
+    """A llama.cpp program that decodes a raw prompt greedily (``llama-completion``, ``llama-simple``, or
+    ``llama-server``'s /completion), from LLAMA_CPP_BIN (a build's bin folder) or PATH."""
     folder = os.environ.get("LLAMA_CPP_BIN")
-    for name in ("llama-simple", "llama-completion", "llama-cli"):
+    for name in ("llama-completion", "llama-simple", "llama-server"):
         found = (Path(folder) / name) if folder else shutil.which(name)
         if found and Path(found).is_file() and os.access(found, os.X_OK):
             return Path(found)
     return None
 
 
-def llama_cpp_greedy(binary: Path, model: Path, prompt: str, n: int) -> str:
-    """The text llama.cpp generates after ``prompt`` (greedy, ``n`` tokens)."""
-    if binary.name == "llama-simple":
-        cmd = [str(binary), "-m", str(model), "-n", str(n), prompt]
-    else:  # llama-completion / llama-cli: greedy sampling, no chat mode, no prompt echo
-        cmd = [str(binary), "-m", str(model), "-p", prompt, "-n", str(n), "--temp", "0", "--top-k", "1",
-               "-no-cnv", "--no-display-prompt", "--seed", "0", "-t", "2", "--no-warmup"]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert run.returncode == 0, run.stderr[-2000:]
-    text = run.stdout
-    if binary.name == "llama-simple":  # it prints the prompt's pieces first
-        assert text.startswith(prompt), text
-        text = text[len(prompt):]
-    return text.rstrip("\n")
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def llama_cpp_greedy(binary: Path, model: Path, prompts: list[str], n: int) -> list[str]:
+    """The text llama.cpp generates after each prompt (greedy: temperature 0, top-k 1; ``n`` tokens at most)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    if binary.name == "llama-server":
+        port = free_port()
+        server = subprocess.Popen([str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
+                                   "-t", "2", "-c", "512", "-np", "1", "--no-webui"], env=env,
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            for _ in range(600):  # up to 5 minutes to load
+                assert server.poll() is None, server.stderr.read().decode()[-2000:]
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    time.sleep(0.5)
+            out = []
+            for prompt in prompts:
+                body = json.dumps({"prompt": prompt, "n_predict": n, "temperature": 0.0, "top_k": 1,
+                                   "cache_prompt": False}).encode()
+                req = urllib.request.Request(f"http://127.0.0.1:{port}/completion", data=body,
+                                             headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(req, timeout=300) as r:
+                    out.append(json.loads(r.read())["content"])
+            return out
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    out = []
+    for prompt in prompts:
+        if binary.name == "llama-simple":  # greedy; prints the prompt's pieces, then the generated ones
+            cmd = [str(binary), "-m", str(model), "-n", str(n), prompt]
+        else:
+            cmd = [str(binary), "-m", str(model), "-p", prompt, "-n", str(n), "--temp", "0", "--top-k", "1",
+                   "-no-cnv", "--no-display-prompt", "-t", "2", "--no-warmup"]
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL, env=env)
+        assert run.returncode == 0, run.stderr[-2000:]
+        text = run.stdout
+        if binary.name == "llama-simple":
+            assert text.startswith(prompt), text
+            text = text[len(prompt):]
+        out.append(text.rstrip("\n"))
+    return out
 
 
 @pytest.mark.real
 @pytest.mark.skipif(llama_cpp_runner() is None, reason="no llama.cpp build: set LLAMA_CPP_BIN to a build's bin folder "
-                                                       "or put llama-simple / llama-completion / llama-cli on PATH")
+                                                       "(llama-completion, llama-simple or llama-server) or put one "
+                                                       "on PATH")
 def test_llama_cpp_runs_the_exported_q8_0_with_lmforge_greedy_text(smollm2_q8):
     binary = llama_cpp_runner()
     lm = lmforge.load(smollm2_q8)  # the same q8_0 weights, dequantised
     n = 16
-    for prompt in PROMPTS:
+    got = llama_cpp_greedy(binary, smollm2_q8, PROMPTS, n)
+    for prompt, text in zip(PROMPTS, got):
         want = lm.generate(prompt, max_new_tokens=n)
-        got = llama_cpp_greedy(binary, smollm2_q8, prompt, n)
-        print(f"{binary.name} {prompt!r}: {got!r} | lmforge: {want!r}")
-        assert want and got == want, (prompt, got, want)
+        print(f"{binary.name} {prompt!r}: {text!r} | lmforge: {want!r}")
+        assert want and text == want, (prompt, text, want)
