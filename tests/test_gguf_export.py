@@ -155,7 +155,7 @@ def test_float_types_hold_the_exact_tensors_and_tokenizer(tiny_lm_dirs, tmp_path
     meta = gguf_fields(out)
     c = lmforge.load(src).model.config
     assert meta["general.architecture"] == "llama" and meta["tokenizer.ggml.model"] == "gpt2"
-    assert meta["tokenizer.ggml.pre"] == "gpt2" and meta["tokenizer.chat_template"] == lmforge.load(src).tokenizer.chat_template
+    assert meta["tokenizer.ggml.pre"] == "gpt-2" and meta["tokenizer.chat_template"] == lmforge.load(src).tokenizer.chat_template
     assert {k: meta[f"llama.{k}"] for k in ("context_length", "embedding_length", "block_count",
                                             "feed_forward_length", "attention.head_count",
                                             "attention.head_count_kv", "rope.dimension_count")} == \

@@ -11,7 +11,7 @@ that llama.cpp (and Ollama, which runs llama.cpp) loads the file and lmforge's o
   interleaved; ``permute_rope_rows``, the inverse of the reader's ``_unpermute_rope_rows``); Qwen2 is not permuted;
 - the tokenizer: a byte-level BPE ``tokenizers`` model becomes ``tokenizer.ggml.model = gpt2`` with the tokens in
   id order, their types (normal, control for special added tokens, user-defined for other added tokens, unused
-  for padding rows), the merges, ``tokenizer.ggml.pre`` (the pre-tokenizer flavour: ``gpt2``, ``smollm``,
+  for padding rows), the merges, ``tokenizer.ggml.pre`` (the pre-tokenizer flavour: ``gpt-2``, ``smollm``,
   ``llama-bpe`` or ``qwen2``, recognised from the pre-tokenizer itself), the bos/eos/pad/unk ids, ``add_bos`` and
   the chat template (``tokenizer.chat_template``). SentencePiece tokenizers (``tokenizer.ggml.model = llama``)
   are not written yet: refused with one line;
@@ -117,7 +117,7 @@ def _pre_flavour(pre: dict | None) -> str | None:
             and not p.get("add_prefix_space", False)
 
     if byte_level(pre, True):
-        return "gpt2"
+        return "gpt-2"  # llama.cpp's name (llama-vocab.cpp); it refuses "gpt2"
     steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else None
     if not steps or len(steps) != 2:
         return None
@@ -211,7 +211,7 @@ def write_gguf(model: torch.nn.Module, tokenizer: Any, path: str | os.PathLike, 
     unknown = sorted(k for k in state if k not in names)
     if unknown:
         raise LmforgeError(f"GGUF export: parameters with no GGUF name in a {config.family} model: {unknown[:6]} "
-                           "(merge adapters before exporting)")
+                           "(GGUF export takes a float model: merge adapters, export before lmforge quantize)")
     path = Path(path)
     with atomic_path(path) as tmp:
         w = gguf.GGUFWriter(str(tmp), arch)
