@@ -105,7 +105,7 @@ PROBES: list[Probe] = [
     P("generate -n 1000000000", "generate hi -m {chat} -n 1000000000", "shortened to",
       code=0, note="defined: capped by the model's context, with a one-line note"),
     P("finetune --clip nan", f"{TRAIN} --clip nan -o {{tmp}}/o", "(--clip): must be a finite number"),
-    P("finetune --epochs 1e-9", "finetune --train {sft} -m {plain} --epochs 1e-9 -o {tmp}/o", "less than one row"),
+    P("finetune --epochs 1e-9", "finetune --train {sft} -m {plain} --epochs 1e-9 -o {tmp}/o", "less than one record"),
     P("finetune --log-every 0", f"{TRAIN} --log-every 0 -o {{tmp}}/o", "(--log-every): must be >= 1", note=LOG0),
     P("finetune --save-every -2", f"{TRAIN} --save-every -2 -o {{tmp}}/o", "(--save-every): must be >= 0"),
     P("finetune --seed beyond 64 bits", f"{TRAIN} --seed {BIG} -o {{tmp}}/o", "(--seed): must be"),

@@ -381,10 +381,14 @@ def check_sft_files(r: FinetuneConfig) -> None:
     from lmforge.data.records import load_records
     from lmforge.data.sft import to_record
 
-    for paths, limit in ((r.train, r.limit), (r.dev or (), None)):
+    for paths, limit, train in ((r.train, r.limit, True), (r.dev or (), None, False)):
         raw = [record for path in paths for record in load_records(path)]
-        for record in raw[:limit] if limit is not None else raw:
+        raw = raw[:limit] if limit is not None else raw
+        for record in raw:
             to_record(record.fields, record.where, r.format, r.prompt_template, r.prompt_field, r.response_field)
+        if train and r.steps is None and r.epochs is not None and r.epochs * len(raw) < 1:
+            raise LmforgeError(f"epochs (--epochs): {r.epochs:g} passes over {len(raw)} training records is less "
+                               "than one record; give a larger --epochs, or --steps N for a short run")
 
 
 def pruning_masks(r: FinetuneConfig) -> dict[str, Tensor] | None:
