@@ -210,3 +210,98 @@ def test_stop_strings_still_work_incrementally(tiny_lm_dirs):
         if ts.stopped:
             break
     assert ts.stopped and ts.text == "".join(pieces) == "The answer is 家族 42."
+
+
+# ---------------------------------------------------------------- serving with the static step
+
+def _engine_texts(lm, prompts, *, compile, together, max_batch=16):
+    from lmforge.deploy.batching import Engine, Sequence
+
+    engine = Engine(lm.model, lm.tokenizer, lm.eos_ids, max_batch=max_batch, max_queue=64, compile=compile).start()
+    try:
+        seqs = [Sequence(lm.encode(text, chat=True), n, SamplingParams()) for text, n in prompts]
+        for batch in ([seqs] if together else [[s] for s in seqs]):
+            engine.submit(batch)
+            for s in batch:
+                assert s.done.wait(300)
+        return [(s.text, s.finish_reason) for s in seqs], engine
+    finally:
+        engine.stop()
+
+
+def _serve_prompts(k):
+    words = ["fox", "dog", "one", "two", "the"]
+    return [(f"Question {i}: " + " ".join(words[(i + j) % 5] for j in range(i % 7 + 1)), 6 + i % 11) for i in range(k)]
+
+
+def test_concurrent_streams_with_the_static_step_equal_each_served_alone(tiny_lm_dirs, uncompiled):
+    import lmforge
+
+    lm = lmforge.load(tiny_lm_dirs["chat"])
+    prompts = _serve_prompts(32)
+    alone, _ = _engine_texts(lm, prompts, compile=False, together=False)
+    together, engine = _engine_texts(lm, prompts, compile=True, together=True)
+    assert engine.compile and together == alone
+    assert {k[:2] for k in fast._STATES[lm.model].entries} >= {(16, 128)}  # batch buckets over the engine's cache
+
+
+@pytest.mark.real
+def test_concurrent_streams_compiled_equal_each_served_alone(tiny_lm_dirs, monkeypatch):
+    import lmforge
+
+    monkeypatch.setattr(fast, "_STATES", type(fast._STATES)())
+    lm = lmforge.load(tiny_lm_dirs["chat"])
+    prompts = _serve_prompts(8)
+    alone, _ = _engine_texts(lm, prompts, compile=False, together=False, max_batch=8)
+    together, engine = _engine_texts(lm, prompts, compile=True, together=True, max_batch=8)
+    assert engine.compile and together == alone and fast.compile_failed(lm.model) is None
+
+
+# ---------------------------------------------------------------- threads and flags
+
+def test_default_threads_leave_busy_cores_alone(monkeypatch):
+    from lmforge.generation import threads
+
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (2.6, 1.0, 1.0))
+    assert threads.free_cores() == 1  # 4 cores, ~3 busy
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (0.2, 1.0, 1.0))
+    assert threads.free_cores() == 4
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (9.0, 1.0, 1.0))
+    assert threads.free_cores() == 1
+    before = torch.get_num_threads()
+    try:
+        assert threads.set_threads(None) == 1 and torch.get_num_threads() == 1
+        assert threads.set_threads(2) == 2 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_cli_generate_with_compile_and_threads(tiny_lm_dirs, uncompiled, capsys):
+    from lmforge.cli.main import main
+
+    before = torch.get_num_threads()
+    try:
+        args = ["generate", "-m", str(tiny_lm_dirs["plain"]), "-n", "12", "The quick brown"]
+        assert main(args) == 0
+        plain = capsys.readouterr().out
+        assert main(args + ["--compile", "--threads", "1"]) == 0
+        out = capsys.readouterr()
+        assert out.out == plain and "compiled the decode step (batch 1" in out.err
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert main(["generate", "--threads", "0", "hi"]) == 2
+    assert "--threads must be >= 1" in capsys.readouterr().err
+
+
+def test_lm_generate_compile_flag(tiny_lm_dirs, uncompiled, capsys):
+    import lmforge
+
+    lm = lmforge.load(tiny_lm_dirs["chat"])
+    plain = lm.generate(["hello there", "one two three four"], max_new_tokens=10)
+    assert lm.generate(["hello there", "one two three four"], max_new_tokens=10, compile=True) == plain
+    assert "compiled the decode step (batch 2" in capsys.readouterr().err
+    lm2 = lmforge.load(tiny_lm_dirs["chat"], compile=True)
+    assert lm2.compile and lm2.generate(["hello there", "one two three four"], max_new_tokens=10) == plain
+    assert "".join(lm2.stream("hello there", max_new_tokens=10)) == plain[0]

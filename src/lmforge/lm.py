@@ -77,13 +77,14 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
 
 
 def load(name: str | Path | None = None, *, device: str = "cpu", dtype: str | torch.dtype | None = None,
-         adapter: str | Path | None = None, quantize: str | None = None):
+         adapter: str | Path | None = None, quantize: str | None = None, compile: bool = False):
     """Load a model by name: the embedded default (None), a local HF dir or .gguf file, or a hub id.
 
     ``adapter``: a PEFT adapter folder (LoRA or prompt tuning) applied on top; ``quantize="int8"``:
     weight-only int8 linear layers for inference (LoRA adapters are merged first). Returns an ``LM``
     for decoder-only and encoder-decoder models, an ``Encoder`` (embeddings, classification) for
-    encoder-only ones.
+    encoder-only ones. ``compile=True``: generation decodes through the compiled static-shape step
+    (``generation.fast``; compiled on the first generation of each batch size, the time reported on stderr).
     """
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise LmforgeError(f"device {device!r} requested but CUDA is not available; use --device cpu")
@@ -109,7 +110,7 @@ def load(name: str | Path | None = None, *, device: str = "cpu", dtype: str | to
         from lmforge.embed import Encoder
 
         return Encoder(model, ckpt.tokenizer, label)
-    return LM(model, ckpt.tokenizer, label, ckpt.generation_config)
+    return LM(model, ckpt.tokenizer, label, ckpt.generation_config, compile=compile)
 
 
 def _quantized(model: torch.nn.Module, scheme: str) -> torch.nn.Module:
@@ -132,9 +133,10 @@ class LM:
     """A loaded model with its tokenizer: prompt in, text out."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, name: str = "model",
-                 generation_config: dict[str, Any] | None = None):
+                 generation_config: dict[str, Any] | None = None, compile: bool = False):
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.generation_config = generation_config or {}
+        self.compile = compile  # the default of generate/stream/chat's ``compile``
 
     @property
     def config(self) -> ModelConfig:
@@ -171,23 +173,24 @@ class LM:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def _token_stream(self, prompts: Sequence[Prompt], chat, max_new_tokens, temperature, top_k, top_p,
-                      repetition_penalty, seed, stop):
+                      repetition_penalty, seed, stop, compile=None):
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
                                 repetition_penalty=repetition_penalty)
         stop = [stop] if isinstance(stop, str) else list(stop or [])
         ids = [self.encode(p, chat) for p in prompts]
         pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else (self.eos_ids or [0])[0]
         streams = [TextStream(self.tokenizer, stop) for _ in prompts]
-        steps = generate_tokens(self.model, ids, max_new_tokens, params, eos_ids=self.eos_ids, pad_id=pad, seed=seed)
+        steps = generate_tokens(self.model, ids, max_new_tokens, params, eos_ids=self.eos_ids, pad_id=pad, seed=seed,
+                                compile=self.compile if compile is None else compile)
         return steps, streams
 
     def stream(self, prompt: Prompt, *, chat: bool | None = None, max_new_tokens: int = 256,
                temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                repetition_penalty: float = 1.0, seed: int | None = None,
-               stop: str | Sequence[str] | None = None) -> Iterator[str]:
-        """Yield the generated text piece by piece as tokens arrive."""
+               stop: str | Sequence[str] | None = None, compile: bool | None = None) -> Iterator[str]:
+        """Yield the generated text piece by piece as tokens arrive (``compile``: as in ``generate``)."""
         steps, (ts,) = self._token_stream([prompt], chat, max_new_tokens, temperature, top_k, top_p,
-                                          repetition_penalty, seed, stop)
+                                          repetition_penalty, seed, stop, compile)
         eos = set(self.eos_ids)
         for (tok,) in steps:
             if tok is None or tok in eos:
@@ -205,11 +208,12 @@ class LM:
     def generate(self, prompt: Prompt | Sequence[Prompt], *, chat: bool | None = None, max_new_tokens: int = 256,
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                  repetition_penalty: float = 1.0, seed: int | None = None,
-                 stop: str | Sequence[str] | None = None) -> str | list[str]:
+                 stop: str | Sequence[str] | None = None, compile: bool | None = None) -> str | list[str]:
         """Generate for one prompt (returns str) or a batch (a list of prompts; returns list[str]).
 
         A batch is decoded together with left padding; each row stops at EOS, a stop string or
-        ``max_new_tokens``. temperature 0 = greedy; ``seed`` makes sampling reproducible.
+        ``max_new_tokens``. temperature 0 = greedy; ``seed`` makes sampling reproducible. ``compile``: decode
+        through the compiled static-shape step (None: the ``compile`` given to ``load``); the same tokens.
         """
         single = isinstance(prompt, str) or (isinstance(prompt, list) and bool(prompt)
                                              and all(isinstance(m, dict) for m in prompt))
@@ -219,7 +223,7 @@ class LM:
         if not prompts:
             raise LmforgeError("no prompts given")
         steps, streams = self._token_stream(prompts, chat, max_new_tokens, temperature, top_k, top_p,
-                                            repetition_penalty, seed, stop)
+                                            repetition_penalty, seed, stop, compile)
         eos = set(self.eos_ids)
         done = [False] * len(prompts)
         for toks in steps:

@@ -16,6 +16,7 @@ from lmforge.checkpoints.resolve import DEFAULT_ENCODER, DEFAULT_MODEL
 from lmforge.cli.args import (
     add_model_args,
     add_sampling_args,
+    add_speed_args,
     int_arg,
     load_generator,
     sampling_kwargs,
@@ -285,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     g.add_argument("--show-prompt", action="store_true", help="print the exact prompt text to stderr first")
     add_model_args(g)
+    add_speed_args(g)
     add_sampling_args(g)
     g.set_defaults(func=cmd_generate)
 
@@ -297,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "greedy and repeatable.")
     c.add_argument("--system", help="system message for the conversation")
     add_model_args(c)
+    add_speed_args(c)
     add_sampling_args(c, temperature=0.7, why="varied replies for a person, as in the playground; -t 0 is greedy")
     c.set_defaults(func=cmd_chat)
 

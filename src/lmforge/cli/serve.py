@@ -93,6 +93,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
     if len(set(names)) < len(names):
         raise LmforgeError(f"two served models share a name ({', '.join(names)}); rename one (--served-model-name, "
                            "--lora-modules NAME=...)")
+    from lmforge.generation.threads import set_threads
+
+    set_threads(cfg.threads)  # before the model loads: inter-op threads can be set only then
     lm = load_for_serving(cfg.model, adapter=cfg.adapter, device=cfg.device, dtype=cfg.dtype, quantize=cfg.quantize)
     adapters = load_lora_models(lm, cfg.adapters())
     embedder = load_embedder(cfg.embedding_model, device=cfg.device, dtype=cfg.dtype) if cfg.embedding_model else None

@@ -16,6 +16,11 @@ most of the timeline is holes, ``_compact`` packs each row's columns against a s
 (keys are stored after RoPE, so moving them between columns changes nothing). When a row
 finishes, the last row moves into its slot so the running rows stay contiguous.
 
+With ``compile=True`` a decode step runs the static-shape step of ``generation.fast`` over the rows
+[0, nb) and columns [0, W) of the engine's caches, nb the running rows rounded up to a power of two and W the
+timeline rounded up to ``fast.WIDTH_STEP``: each (nb, W) is compiled once (the time on stderr) and the rows past
+the running ones compute on throwaway inputs in free slots. Models the static step does not cover decode eagerly.
+
 A sequence may ask for logprobs (``Sequence(logprobs=k)``): each sampled token's log-probability and the k
 likeliest alternatives, from the raw logits (before temperature and the other sampling settings), sent as
 "logprob" events. One engine serves one model: the server runs one per LoRA adapter, so a batch never mixes
@@ -153,7 +158,7 @@ class Engine:
     """Runs ``Sequence``s with continuous batching on one model; see the module docstring."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, eos_ids: Seq[int], *, max_batch: int = 16,
-                 max_queue: int = 64, context: int | None = None):
+                 max_queue: int = 64, context: int | None = None, compile: bool = False):
         cfg = model.config
         if getattr(cfg, "arch", "decoder") != "decoder":
             raise LmforgeError(f"serving needs a decoder-only model, this one is {cfg.arch}")
@@ -179,6 +184,14 @@ class Engine:
         self.steps = 0  # decode steps run (a forward pass for every running row)
         self.tokens = 0  # tokens sampled
         self.compactions = 0
+        self.compile = False
+        if compile:
+            from lmforge.generation import fast
+
+            why = fast.static_support(model) or fast.compile_support(self.device)
+            if why:
+                log.warning("serving without torch.compile: %s", why)
+            self.compile = why is None
 
     # ---------------------------------------------------------------- the caller's side
     def start(self) -> Engine:
@@ -310,8 +323,11 @@ class Engine:
         tokens = torch.tensor([[r.pending] for r in self.rows], dtype=torch.long, device=self.device)  # (n, 1)
         pos = torch.tensor([[r.pos] for r in self.rows], dtype=torch.long, device=self.device)  # (n, 1)
         self.key_mask[:n, self.cur] = True
-        logits = self.model(tokens, pos, self.key_mask[:n, :self.cur + 1], self._views(0, n), self.cur,
-                            last_only=True)[:, -1]  # (n, V)
+        if self.compile and not self._compile_failed():
+            logits = self._static_decode(tokens, pos)
+        else:
+            logits = self.model(tokens, pos, self.key_mask[:n, :self.cur + 1], self._views(0, n), self.cur,
+                                last_only=True)[:, -1]  # (n, V)
         self.cur += 1
         self.steps += 1
         for r in self.rows:
@@ -328,6 +344,28 @@ class Engine:
                 r.seq._emit("error", _failure(e))
                 finished.append(i)
         self._retire(finished, None)
+
+    def _compile_failed(self) -> bool:
+        from lmforge.generation.fast import compile_failed
+
+        return compile_failed(self.model) is not None
+
+    def _static_decode(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """The decode step through ``generation.fast`` (see the module docstring): logits (n, V)."""
+        from lmforge.generation import fast
+
+        n = tokens.shape[0]
+        nb = fast.batch_bucket(n, self.max_batch)
+        W = fast.cache_width(self.cur + 1, self.width)
+        entry = fast.decoder_for(self.model, nb, W, self.caches)
+        mask = self.key_mask[:nb, :W].clone()
+        mask[n:] = False
+        mask[n:, self.cur] = True  # the throwaway rows see their own column: finite, and no running row reads them
+        pad = nb - n
+        tokens = torch.cat([tokens, tokens.new_zeros(pad, 1)]) if pad else tokens
+        pos = torch.cat([pos, pos.new_zeros(pad, 1)]) if pad else pos
+        column = torch.tensor([self.cur], dtype=torch.long, device=self.device)
+        return fast.run_step(self.model, entry, tokens, pos, column, mask)[:n]
 
     def _sample_row(self, logits: torch.Tensor, row: _Row, greedy: int | None = None) -> int:
         """logits (1, V) -> the row's next token, with its own sampling settings and generator."""

@@ -59,6 +59,12 @@ class ServeConfig:
     """Largest request body in MiB; larger ones get 413 before they are read."""
     read_timeout: float = option(READ_TIMEOUT_S, positive=True)
     """Seconds a client gets to send its request head, and then its body (408); slower connections are closed."""
+    compile: bool = False
+    """Decode with torch.compile'd static-shape steps (the same tokens; each batch/timeline bucket compiles once,
+    on first use, the time in the log)."""
+    threads: int | None = option(None, min=1)
+    """Torch compute threads, used by the one engine thread that decodes (default: the allowed cores minus the
+    1-minute load average, at least 1)."""
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     """uvicorn's log level."""
 

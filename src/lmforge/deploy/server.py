@@ -541,7 +541,8 @@ def serve(lm, cfg: ServeConfig, *, model_id: str, api_key: str | None = None, ad
     max_body_bytes = int(cfg.max_body_mb * 1024 * 1024)
 
     def engine_of(m) -> Engine:
-        return Engine(m.model, m.tokenizer, m.eos_ids, max_batch=max_batch, max_queue=max_queue, context=context)
+        return Engine(m.model, m.tokenizer, m.eos_ids, max_batch=max_batch, max_queue=max_queue, context=context,
+                      compile=getattr(cfg, "compile", False))
 
     engine = engine_of(lm)
     app = create_app(lm, engine, model_id=model_id, api_key=api_key, aliases=aliases, max_body_bytes=max_body_bytes,

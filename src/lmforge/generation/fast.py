@@ -52,9 +52,29 @@ def compile_support(device: torch.device) -> str | None:
     return None
 
 
+def batch_bucket(n: int, most: int) -> int:
+    """The batch a static step runs for ``n`` rows: the next power of two, at most ``most``."""
+    return min(most, 1 << max(0, n - 1).bit_length())
+
+
 def cache_width(total: int, context: int) -> int:
     """The static cache width for a generation of ``total`` tokens: rounded up to WIDTH_STEP, within the context."""
     return min(context, -(-total // WIDTH_STEP) * WIDTH_STEP)
+
+
+class CacheWindow(nn.Module):
+    """Rows [0, rows) and columns [0, width) of a larger KVCache (the serving engine's), written at a tensor
+    column in place: the static step of a batch bucket and a timeline bucket of ``deploy.batching.Engine``."""
+
+    def __init__(self, cache: nn.Module, rows: int, width: int):
+        super().__init__()
+        self.cache, self.rows, self.width = cache, rows, width
+
+    def update(self, start: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        K, V = self.cache.k[:self.rows], self.cache.v[:self.rows]  # views: index_copy_ writes the engine's cache
+        K.index_copy_(2, start, k)
+        V.index_copy_(2, start, v)
+        return K[:, :, :self.width], V[:, :, :self.width]
 
 
 class StaticDecoder(nn.Module):
@@ -62,14 +82,16 @@ class StaticDecoder(nn.Module):
 
     positions (B, 1): each row's position id; column (1,) long: the cache column the token is written to
     (the same for every row: left-padded rows share one timeline); key_mask (B, W) bool: the columns each
-    row may attend to besides the rule "not after ``column``" (False for left padding).
+    row may attend to besides the rule "not after ``column``" (False for left padding). ``caches``: the
+    caches to decode over (default: new ones of this batch and width, owned by this step).
     """
 
-    def __init__(self, model: DecoderLM, batch: int, width: int):
+    def __init__(self, model: DecoderLM, batch: int, width: int, caches: list[nn.Module] | None = None):
         super().__init__()
         self.model = model
         p = next(model.parameters())
-        self.caches = nn.ModuleList(model.make_caches(batch, width, p.dtype, p.device))
+        self.caches = nn.ModuleList(caches if caches is not None else model.make_caches(batch, width, p.dtype,
+                                                                                         p.device))
         self.register_buffer("columns", torch.arange(width, device=p.device), persistent=False)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, column: torch.Tensor,
@@ -89,7 +111,7 @@ class _Entry:
 
 @dataclass
 class _ModelState:
-    entries: dict[tuple[int, int], _Entry] = field(default_factory=dict)
+    entries: dict[tuple[int, int, int | None], _Entry] = field(default_factory=dict)
     failed: str | None = None  # why compiling failed for this model: later generations decode eagerly
 
 
@@ -101,12 +123,17 @@ def compile_failed(model: nn.Module) -> str | None:
     return state.failed if state is not None else None
 
 
-def decoder_for(model: DecoderLM, batch: int, width: int) -> _Entry:
-    """The (compiled) static decode step of ``model`` for this batch size and cache width, built once."""
+def decoder_for(model: DecoderLM, batch: int, width: int, caches: list[nn.Module] | None = None) -> _Entry:
+    """The (compiled) static decode step of ``model`` for this batch size and cache width, built once.
+
+    ``caches``: a serving engine's caches (rows and columns beyond batch and width are left alone); the step is
+    then kept per caches object, else it owns caches of its own, reused by each generation of this shape.
+    """
     state = _STATES.setdefault(model, _ModelState())
-    key = (batch, width)
+    key = (batch, width, id(caches[0]) if caches else None)
     if key not in state.entries:
-        dec = StaticDecoder(model, batch, width)
+        windows = [CacheWindow(c, batch, width) for c in caches] if caches else None
+        dec = StaticDecoder(model, batch, width, windows)
         cuda = next(model.parameters()).device.type == "cuda"
         # CUDA graphs on GPU (the step's launch overhead is most of its time there); plain inductor on CPU
         step = torch.compile(dec, fullgraph=True, dynamic=False, mode="reduce-overhead" if cuda else None)
