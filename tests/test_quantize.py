@@ -206,3 +206,22 @@ def test_an_already_quantized_folder_refuses_quantize_again(tiny_lm_dirs, tmp_pa
     capsys.readouterr()
     assert main(["generate", "one", "-m", str(out), "--quantize", "int8"]) == 2
     assert "already quantised" in capsys.readouterr().err
+
+
+def test_float_tensors_saved_in_bfloat16_and_a_bfloat16_load_runs_the_kernels(tiny_lm_dirs, tmp_path, capsys):
+    from safetensors import safe_open
+
+    import lmforge
+
+    out = tmp_path / "q4bf"
+    assert main(["quantize", str(tiny_lm_dirs["plain"]), "-o", str(out), "--method", "int4", "--group-size", "32",
+                 "--algorithm", "rtn", "--dtype", "bfloat16"]) == 0
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    assert dtypes["model.embed_tokens.weight"] == "BF16" and dtypes["lm_head.weight"] == "BF16"
+    assert {d for k, d in dtypes.items() if k.endswith((".scales", ".zeros"))} == {"F32"}
+    assert {d for k, d in dtypes.items() if k.endswith(".qweight")} == {"U8"}
+    lm = lmforge.load(out, dtype="bfloat16")
+    layer = next(m for m in lm.model.modules() if isinstance(m, Int4Linear))
+    assert lm.generate("one two", max_new_tokens=4, chat=False) is not None
+    assert layer._packed is not None and layer._packed[2].dtype == torch.bfloat16  # the kernel ran in bf16

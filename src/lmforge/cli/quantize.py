@@ -50,18 +50,20 @@ def calibration_batches(tokenizer, path: str | os.PathLike | None, tokens: int =
 
 
 def quantize(model: str | os.PathLike | None, out: str | os.PathLike, method: str, *, group_size: int | None = None,
-             algorithm: str | None = None, calibration: str | os.PathLike | None = None,
+             algorithm: str | None = None, calibration: str | os.PathLike | None = None, dtype: str = "float32",
              force: bool = False) -> Path:
-    """Quantise ``model`` with ``method`` (int8 | int4) and save it into ``out``. Returns the output folder."""
+    """Quantise ``model`` with ``method`` (int8 | int4) and save it into ``out``; the tensors left float
+    (embeddings, norms, ``lm_head``) are saved in ``dtype``. Returns the output folder."""
     from torch import nn
 
     from lmforge.checkpoints.quantized import quantization_block, save_quantized_dir
-    from lmforge.lm import load
+    from lmforge.lm import load, resolve_dtype
     from lmforge.models.quantized import check_quantization, quantize_model
     from lmforge.outputs import check_inputs, check_output, claim_output
 
     algorithm = algorithm or ("gptq" if method == "int4" else "rtn")
     check_quantization(nn.Module(), method, group_size, algorithm)  # the names, before the (slow) load
+    float_dtype = resolve_dtype(dtype, "cpu")
     check_inputs(out, "quantize", {"model": model, "calibration": calibration}, strict=True)
     check_output(out, "quantize", force=force)  # refused before the (slow) load
     loaded = load(model, dtype="float32")
@@ -74,6 +76,8 @@ def quantize(model: str | os.PathLike | None, out: str | os.PathLike, method: st
     if method == "int4" and group_size is None:
         group_size = 64
     quantize_model(loaded.model, method, group_size, algorithm=algorithm, calibration=batches)
+    for p in loaded.model.parameters():  # what stayed float (quantised layers hold buffers, untouched)
+        p.data = p.data.to(float_dtype)
     with claim_output(out, "quantize", force=force) as folder:
         save_quantized_dir(loaded.model, folder, quantization_block(method, group_size, algorithm),
                            tokenizer=loaded.tokenizer, generation_config=loaded.generation_config)
@@ -82,7 +86,7 @@ def quantize(model: str | os.PathLike | None, out: str | os.PathLike, method: st
 
 def cmd_quantize(a: argparse.Namespace) -> int:
     out = quantize(a.model, a.output, a.method, group_size=a.group_size, algorithm=a.algorithm,
-                   calibration=a.calibration, force=a.force)
+                   calibration=a.calibration, dtype=a.dtype, force=a.force)
     detail = f", group {a.group_size or 64}, {a.algorithm or 'gptq'}" if a.method == "int4" else ""
     print(f"quantized {a.model} to {a.method}{detail}: wrote {out}", file=sys.stderr)
     return 0
@@ -108,5 +112,8 @@ def register(sub) -> None:
     p.add_argument("--calibration", default=None, metavar="FILE",
                    help=f"GPTQ: a UTF-8 text file; its first {CALIBRATION_TOKENS} tokens calibrate "
                         "(default: the embedded Shakespeare)")
+    p.add_argument("--dtype", default="float32",
+                   help="dtype of the tensors left float (embeddings, norms, lm_head): float32 | bfloat16 | "
+                        "float16 (default: %(default)s)")
     add_output_args(p, "quantize")
     p.set_defaults(func=cmd_quantize)
