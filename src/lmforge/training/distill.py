@@ -256,8 +256,8 @@ def distill_loss(student_logits: Tensor, teacher: Tensor | TopK, labels: Tensor,
     kd = divergence_from_logits(teacher, student_logits, kind, temperature, beta).mean() * temperature ** 2
     if alpha > 0:
         ce = masked_cross_entropy(student_logits, labels)
-        return alpha * ce + (1 - alpha) * kd, {"kd": float(kd), "ce": float(ce)}
-    return kd, {"kd": float(kd)}
+        return alpha * ce + (1 - alpha) * kd, {"kd": float(kd.detach()), "ce": float(ce.detach())}
+    return kd, {"kd": float(kd.detach())}
 
 
 # ----------------------------------------------------------------------------- the student
