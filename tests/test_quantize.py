@@ -225,3 +225,15 @@ def test_float_tensors_saved_in_bfloat16_and_a_bfloat16_load_runs_the_kernels(ti
     layer = next(m for m in lm.model.modules() if isinstance(m, Int4Linear))
     assert lm.generate("one two", max_new_tokens=4, chat=False) is not None
     assert layer._packed is not None and layer._packed[2].dtype == torch.bfloat16  # the kernel ran in bf16
+
+
+def test_training_code_refuses_a_quantized_folder_in_one_line(tiny_lm_dirs, tmp_path, capsys):
+    from lmforge.checkpoints.resolve import build_model
+    from lmforge.errors import LmforgeError
+    from lmforge.lm import read_checkpoint
+
+    out = tmp_path / "q8"
+    assert main(["quantize", str(tiny_lm_dirs["plain"]), "-o", str(out), "--method", "int8"]) == 0
+    ckpt = read_checkpoint(out)
+    with pytest.raises(LmforgeError, match="holds quantised weights .*qweight.*float model"):
+        build_model(ckpt.config, ckpt.state_dict, source=str(out))

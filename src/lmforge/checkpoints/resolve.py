@@ -109,6 +109,10 @@ def build_model(config: ModelConfig, state_dict: dict[str, torch.Tensor], dtype:
 
     from lmforge.models import TiesWeights, build_empty
 
+    quantized = next((k for k in state_dict if k.endswith(".qweight")), None)
+    if quantized is not None:  # codes from `lmforge quantize`: only lmforge.load builds those layers
+        raise LmforgeError(f"{source} holds quantised weights ({quantized}); it is for inference (lmforge.load, "
+                           "generate, eval, serve): train or convert the float model it was quantised from")
     model = build_empty(config)
     expected = {k: p.shape for k, p in model.named_parameters()}  # tied tensors once, under their first name
     expected |= {k: b.shape for k, b in model.named_buffers() if k in model.state_dict()}
