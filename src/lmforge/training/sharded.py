@@ -102,7 +102,10 @@ _BLOCK = re.compile(r"(?:encoder\.)?layers\.(\d+)\.")
 
 
 def _local(t: Tensor) -> Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
+    """A DTensor's shard on this rank; a plain tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _json_groups(groups: list[dict]) -> list[dict]:
