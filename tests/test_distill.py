@@ -283,3 +283,21 @@ def test_print_config_then_config_reproduces_the_run(tiny_lm_dirs, tmp_path, cap
                 for r in rows(tmp_path / name)]
 
     assert len(losses("a")) == 2 and losses("a") == losses("b")
+
+
+def test_a_student_with_other_tokens_of_the_same_count_is_one_line(tiny_lm_dirs, tmp_path, capsys):
+    """Same vocabulary size, two token ids swapped: the distributions are over other tokens, refused."""
+    import shutil
+
+    other = tmp_path / "swapped"
+    shutil.copytree(tiny_lm_dirs["plain"], other)
+    spec = json.loads((other / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = spec["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[100:102]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (other / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    assert main(["distill", "--teacher", str(tiny_lm_dirs["plain"]), "--student", str(other), "--train",
+                 str(sft_file(tmp_path)), "--steps", "2", "-o", str(tmp_path / "run")]) == 2
+    line = one_error(capsys)
+    assert "have different tokenizers" in line and "same size" in line
+    assert not (tmp_path / "run" / "final").exists()

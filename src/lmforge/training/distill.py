@@ -642,7 +642,10 @@ def distill(recipe: DistillConfig, *, resume: bool = False, overwrite: bool = Fa
         cache = TeacherCache.ensure(r.cache_teacher, teacher, str(r.teacher), examples, top_k=r.top_k,
                                     temperature=r.temperature, pad_id=pad, batch_size=r.batch_size)
 
+    device = next(teacher.parameters()).device
+
     def step_fn(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        batch = {k: v.to(device) for k, v in batch.items()}  # the loop hands over the batch as the source made it
         h, labels = _hidden_and_labels(model, batch)
         student_logits = model.lm_head(h)
         if cache is not None:
