@@ -387,8 +387,10 @@ def test_llama_cpp_runs_the_exported_q8_0_with_lmforge_greedy_text(smollm2_q8):
     binary = llama_cpp_runner()
     lm = lmforge.load(smollm2_q8)  # the same q8_0 weights, dequantised
     n = 16
-    got = llama_cpp_greedy(binary, smollm2_q8, PROMPTS, n)
-    for prompt, text in zip(PROMPTS, got):
-        want = lm.generate(prompt, max_new_tokens=n)
+    # raw prompts, and a chat prompt rendered by the chat template (its special tokens parsed by both)
+    prompts = [*PROMPTS, lm.tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True)]
+    got = llama_cpp_greedy(binary, smollm2_q8, prompts, n)
+    for prompt, text in zip(prompts, got):
+        want = lm.generate(prompt, chat=False, max_new_tokens=n)
         print(f"{binary.name} {prompt!r}: {text!r} | lmforge: {want!r}")
         assert want and text == want, (prompt, text, want)
