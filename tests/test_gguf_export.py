@@ -333,32 +333,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def llama_cpp_greedy(binary: Path, model: Path, prompts: list[str], n: int) -> list[str]:
-    """The text llama.cpp generates after each prompt (greedy: temperature 0, top-k 1; ``n`` tokens at most)."""
+def post(url: str, payload: dict) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=300) as r:
+        return json.loads(r.read())
+
+
+def llama_cpp_greedy(binary: Path, model: Path, prompts: list[str], n: int,
+                     texts: list[str] = ()) -> tuple[list[str], list[list[int]] | None]:
+    """(the text llama.cpp generates after each prompt, greedy: temperature 0, top-k 1, ``n`` tokens at most;
+    with llama-server also llama.cpp's token ids of each of ``texts``, else None)."""
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     if binary.name == "llama-server":
         port = free_port()
-        server = subprocess.Popen([str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
-                                   "-t", "2", "-c", "512", "-np", "1", "--no-webui"], env=env,
-                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        url = f"http://127.0.0.1:{port}"
+        log = model.with_suffix(".server.log")
+        with open(log, "wb") as err:
+            server = subprocess.Popen([str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
+                                       "-t", "2", "-c", "512", "-np", "1", "--no-webui"], env=env,
+                                      stdin=subprocess.DEVNULL, stdout=err, stderr=err)
         try:
             for _ in range(600):  # up to 5 minutes to load
-                assert server.poll() is None, server.stderr.read().decode()[-2000:]
+                assert server.poll() is None, log.read_text(errors="replace")[-2000:]
                 try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                    with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
                         if r.status == 200:
                             break
                 except OSError:
                     time.sleep(0.5)
-            out = []
-            for prompt in prompts:
-                body = json.dumps({"prompt": prompt, "n_predict": n, "temperature": 0.0, "top_k": 1,
-                                   "cache_prompt": False}).encode()
-                req = urllib.request.Request(f"http://127.0.0.1:{port}/completion", data=body,
-                                             headers={"Content-Type": "application/json"})
-                with urllib.request.urlopen(req, timeout=300) as r:
-                    out.append(json.loads(r.read())["content"])
-            return out
+            out = [post(f"{url}/completion", {"prompt": p, "n_predict": n, "temperature": 0.0, "top_k": 1,
+                                              "cache_prompt": False})["content"] for p in prompts]
+            ids = [post(f"{url}/tokenize", {"content": t, "add_special": False, "parse_special": True})["tokens"]
+                   for t in texts]
+            return out, ids
         finally:
             server.terminate()
             server.wait(timeout=30)
@@ -376,7 +383,7 @@ def llama_cpp_greedy(binary: Path, model: Path, prompts: list[str], n: int) -> l
             assert text.startswith(prompt), text
             text = text[len(prompt):]
         out.append(text.rstrip("\n"))
-    return out
+    return out, None
 
 
 @pytest.mark.real
@@ -389,7 +396,9 @@ def test_llama_cpp_runs_the_exported_q8_0_with_lmforge_greedy_text(smollm2_q8):
     n = 16
     # raw prompts, and a chat prompt rendered by the chat template (its special tokens parsed by both)
     prompts = [*PROMPTS, lm.tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True)]
-    got = llama_cpp_greedy(binary, smollm2_q8, prompts, n)
+    got, ids = llama_cpp_greedy(binary, smollm2_q8, prompts, n, texts=TEXTS)
+    if ids is not None:  # llama.cpp's tokenizer, built from the exported metadata, gives lmforge's ids
+        assert ids == [lm.tokenizer.encode(t) for t in TEXTS]
     for prompt, text in zip(prompts, got):
         want = lm.generate(prompt, chat=False, max_new_tokens=n)
         print(f"{binary.name} {prompt!r}: {text!r} | lmforge: {want!r}")
