@@ -122,6 +122,14 @@ def default_tokens(batch: Any) -> int:
     return int(t.numel())
 
 
+def to_device(batch: Any, device: torch.device) -> Any:
+    """A batch's tensors (a dict of them) on ``device``, where the model computes; other batches (lists of row
+    indices that the step function resolves itself) as they are."""
+    if isinstance(batch, dict):
+        return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    return batch
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -184,7 +192,8 @@ def train(model: nn.Module, step_fn: StepFn, batches: BatchSource, cfg: TrainCon
     log = run.log
     run.run_config["train"] = asdict(cfg)  # the checkpoints' config.json records how the run optimises
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    device_type = next(model.parameters()).device.type
+    device = torch.device("cuda", torch.cuda.current_device()) if cfg.cpu_offload else next(model.parameters()).device
+    device_type = device.type
     shards = ShardedBatches(batches, dist.rank, dist.world) if dist.enabled else None
 
     def autocast():
@@ -208,13 +217,14 @@ def train(model: nn.Module, step_fn: StepFn, batches: BatchSource, cfg: TrainCon
         """Draw a batch, run the step function and backpropagate; the batch, its loss and its metrics (under
         data parallelism: this rank's share, and the figures of the global batch)."""
         if wrapped is None:
-            batch = batches.next_batch()
+            batch = to_device(batches.next_batch(), device)
             with autocast():
                 loss, metrics = _split(step_fn(fwd_model, batch))
             check_finite_value(loss, loss_name, step + 1, hint)
             (loss / cfg.grad_accum).backward()
             return batch, loss.item(), metrics
         batch, weight = shards.next_shard()
+        batch = to_device(batch, device)
         with no_sync(wrapped, strategy, last):
             with autocast():
                 loss, metrics = _split(wrapped(batch))
