@@ -31,13 +31,15 @@ CALIBRATION = ("The quick brown fox jumps over the lazy dog. What is the capital
 
 @pytest.fixture(scope="module")
 def deep_dirs(tiny_lm_dirs, tmp_path_factory):
-    """{"llama": a 4-layer tiny Llama, "gpt2": a 4-layer tiny GPT-2} with random weights, as HF folders, and the
-    calibration text file."""
+    """{"llama", "gpt2", "qwen2": 4-layer tiny models of these families} with random weights, as HF folders, and
+    the calibration text file."""
     root = tmp_path_factory.mktemp("prune")
     tok = Tokenizer.from_dir(tiny_lm_dirs["plain"])
     out = {}
-    for i, name in enumerate(("llama", "gpt2")):
-        config = preset(f"tiny-{name}", n_layer=4, vocab_size=tok.vocab_size, max_seq_len=128, eos_token_id=tok.eos_id)
+    for i, name in enumerate(("llama", "gpt2", "qwen2")):
+        extra = {"family": "qwen2", "qkv_bias": True} if name == "qwen2" else {}
+        config = preset(f"tiny-{'gpt2' if name == 'gpt2' else 'llama'}", n_layer=4, vocab_size=tok.vocab_size,
+                        max_seq_len=128, eos_token_id=tok.eos_id, **extra)
         model = randomize_(DecoderLM(config), seed=i, std=0.1)
         out[name] = save_hf_dir(model, root / name, tokenizer=tok)
     (root / "calib.txt").write_text(CALIBRATION)
@@ -141,6 +143,44 @@ def test_prune_width_keeps_the_highest_wanda_channels_and_transformers_loads_it(
         assert torch.equal(narrow.model.layers[i].mlp.down_proj.weight, layer.mlp.down_proj.weight[:, keep])
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_prune_heads_keeps_every_gqa_group_and_transformers_loads_it(deep_dirs, tmp_path, family):
+    import transformers
+
+    out = tmp_path / "fewer-heads"
+    record = prune(deep_dirs[family], out, "width", sparsity=0.25, head_sparsity=0.5,
+                   calibration=deep_dirs["calibration"], seq_len=32, samples=2)
+    assert record["n_head"] == [4, 2] and record["intermediate_size"] == [128, 96]
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]) == (2, 2, 16)
+    ids = torch.randint(0, 300, (2, 11), generator=torch.Generator().manual_seed(2))
+    theirs, ours = hf_and_lmforge_logits(out, ids)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    # reference: per group of 2 query heads sharing a key/value head, the one whose o_proj columns score higher
+    hf = transformers.AutoModelForCausalLM.from_pretrained(deep_dirs[family]).eval()
+    calib = calibration_ids(CALIBRATION, lmforge.load(deep_dirs[family]).tokenizer, 32, 2)
+    sq = [torch.zeros(64) for _ in range(4)]
+
+    def accumulate(module, args, i):
+        sq[i].add_(args[0].reshape(-1, 64).pow(2).sum(0))
+
+    hooks = [layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a, i=i: accumulate(m, a, i))
+             for i, layer in enumerate(hf.model.layers)]
+    with torch.no_grad():
+        for row in calib:
+            hf(row[None])
+    for h in hooks:
+        h.remove()
+    small = lmforge.load(out).model
+    for i, layer in enumerate(hf.model.layers):
+        score = (layer.self_attn.o_proj.weight.abs() * sq[i].sqrt()[None]).sum(0).view(4, 16).sum(1)  # (heads,)
+        keep = [int(score[:2].argmax()), 2 + int(score[2:].argmax())]
+        assert record["kept_heads"][i] == keep
+        rows = torch.cat([torch.arange(h * 16, h * 16 + 16) for h in keep])
+        assert torch.equal(small.model.layers[i].self_attn.q_proj.weight, layer.self_attn.q_proj.weight[rows])
+        assert torch.equal(small.model.layers[i].self_attn.k_proj.weight, layer.self_attn.k_proj.weight)
+
+
 def sft_rows(path: Path) -> Path:
     words = ["one", "two", "three", "fox", "dog"]
     path.write_text("".join(json.dumps({"prompt": f"Repeat: {a} {b}", "completion": f"{a} {b}"}) + "\n"
@@ -218,14 +258,23 @@ def test_masks_that_do_not_fit_the_model_are_refused_before_writing(deep_dirs, t
     (["--method", "layers", "--keep-layers", "0"], "--keep-layers must be >= 1"),
     (["--method", "layers", "--sparsity", "0.5"], "give --calibration FILE"),
     (["--method", "magnitude"], "needs --sparsity"),
-    (["--method", "width", "--sparsity", "0.5", "--calibration", "nowhere.txt"], "nowhere.txt: no such file"),
+    (["--method", "width", "--sparsity", "0.5", "--calibration", "nowhere.txt"], "--calibration: corpus nowhere.txt: no such file"),
     (["--method", "prune-everything"], "invalid choice"),
+    (["--method", "width", "--sparsity", "0.5", "--head-sparsity", "1"], "--head-sparsity must be a number in [0, 1)"),
+    (["--method", "magnitude", "--sparsity", "0.5", "--head-sparsity", "0.5"], "--head-sparsity is for --method width"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(deep_dirs, tmp_path, capsys, args, needle):
     out = tmp_path / "never"
     code, _, err = run(capsys, "prune", deep_dirs["llama"], "-o", out, *args)
     assert_one_line_error(code, err, needle)
     assert not out.exists()
+
+
+def test_heads_of_a_gpt2_model_are_refused(deep_dirs, tmp_path, capsys):
+    code, _, err = run(capsys, "prune", deep_dirs["gpt2"], "-o", tmp_path / "out", "--method", "width", "--sparsity",
+                       "0", "--head-sparsity", "0.5", "--calibration", deep_dirs["calibration"])
+    assert_one_line_error(code, err, "the gpt2 family's config.json derives the head size", "heads cannot be pruned")
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_encoder_is_refused(tiny_lm_dirs, tmp_path, capsys):

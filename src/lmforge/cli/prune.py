@@ -20,9 +20,11 @@ def cmd_prune(a: argparse.Namespace) -> int:
     from lmforge.training.prune import prune
 
     record = prune(a.model, a.output, a.method, sparsity=a.sparsity, keep_layers=a.keep_layers,
-                   calibration=a.calibration, seq_len=a.seq_len, samples=a.samples, force=a.force)
+                   head_sparsity=a.head_sparsity, calibration=a.calibration, seq_len=a.seq_len, samples=a.samples,
+                   force=a.force)
     what = {"layers": lambda r: f"{r['n_layer'][0]} -> {r['n_layer'][1]} layers (kept {r['kept_layers']})",
-            "width": lambda r: f"MLP width {r['intermediate_size'][0]} -> {r['intermediate_size'][1]}",
+            "width": lambda r: f"MLP width {r['intermediate_size'][0]} -> {r['intermediate_size'][1]}"
+                               + (f", heads {r['n_head'][0]} -> {r['n_head'][1]}" if "n_head" in r else ""),
             }.get(a.method, lambda r: f"{r['pruned_weights']:,} of {r['prunable_weights']:,} block weights zeroed")
     print(f"pruned {a.model} ({a.method}): {what(record)}; {record['parameters']:,} parameters; wrote {a.output}",
           file=sys.stderr)
@@ -49,6 +51,9 @@ def register(sub) -> None:
                         "weights (2:4: always 0.5)")
     p.add_argument("--keep-layers", type=int_arg("--keep-layers", 1), default=None, metavar="K",
                    help="--method layers: keep K layers (instead of --sparsity)")
+    p.add_argument("--head-sparsity", type=float_arg("--head-sparsity"), default=0.0, metavar="S",
+                   help="--method width: also remove this fraction of the query heads of each key/value group "
+                        "(Llama, Mistral, Qwen2; default: %(default)s)")
     p.add_argument("--calibration", metavar="FILE",
                    help="text to score on (a .txt/.jsonl/... file or folder, as for pretrain --corpus); needed by "
                         "layers and width; magnitude and 2:4 score by |W| alone without it")

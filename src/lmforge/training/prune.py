@@ -10,7 +10,10 @@ Four methods (``METHODS``), all scored on a little calibration text when one is 
   ``sum_i |W_down[i, j]| * ||X_j||_2`` (Wanda's ``|W|·||X||``, Sun et al. 2023, arXiv:2306.11695, eq. 1,
   summed over the channel's weights), ``X_j`` the channel's activation over the calibration tokens; the
   highest-scoring channels stay in every layer (HF configs have one ``intermediate_size``), and the gate/up
-  rows and down columns of the others are removed: a smaller dense model.
+  rows and down columns of the others are removed: a smaller dense model. With ``head_sparsity`` the query
+  heads are shrunk the same way (a head's score sums its columns of the output projection), the same number
+  kept in every key/value group, so grouped-query attention stays consistent (families whose config.json records
+  ``head_dim``: Llama, Mistral, Qwen2).
 - ``magnitude``: unstructured. In each output row of every linear layer of the blocks, the ``sparsity``
   fraction of weights with the lowest ``|W|·||X||`` (Wanda's per-output comparison group) are zeroed.
 - ``2:4``: semi-structured. In every 4 consecutive weights along the input dimension the 2 with the lowest
@@ -67,6 +70,22 @@ def check_sparsity(sparsity: float, method: str) -> float:
     return float(sparsity)
 
 
+def check_head_sparsity(config: ModelConfig, head_sparsity: float, method: str) -> None:
+    """``LmforgeError`` unless heads can be pruned: ``width``, a fraction in [0, 1), a family whose config.json
+    records ``head_dim`` (Llama, Mistral, Qwen2: fewer heads leave the head size as it is)."""
+    from lmforge.checkpoints.hf_config import config_to_hf
+
+    if method != "width":
+        raise LmforgeError("--head-sparsity is for --method width only")
+    if isinstance(head_sparsity, bool) or not isinstance(head_sparsity, (int, float)) \
+            or not math.isfinite(head_sparsity) or not 0 <= head_sparsity < 1:
+        raise LmforgeError(f"--head-sparsity must be a number in [0, 1) (the fraction of query heads removed), "
+                           f"got {head_sparsity!r}")
+    if "head_dim" not in config_to_hf(config):
+        raise LmforgeError(f"--head-sparsity: the {config.family} family's config.json derives the head size from "
+                           "the head count, so heads cannot be pruned; Llama, Mistral and Qwen2 models can")
+
+
 def check_supported(config: ModelConfig, name: str) -> None:
     if config.arch != "decoder":
         raise LmforgeError(f"{name} is an {config.arch} model; `lmforge prune` prunes decoder-only models "
@@ -76,7 +95,7 @@ def check_supported(config: ModelConfig, name: str) -> None:
 # ----------------------------------------------------------------------------------------------- calibration
 def calibration_ids(text: str, tokenizer, seq_len: int, samples: int) -> torch.Tensor:
     """The first ``samples`` windows of ``seq_len`` tokens of ``text`` (fewer when it is short): (N, T) long."""
-    ids = tokenizer.encode(text, add_special_tokens=False)
+    ids = tokenizer.encode(text[: seq_len * samples * 16], add_special_tokens=False)  # enough text, not a corpus
     if len(ids) < 2:
         raise LmforgeError("the calibration text is too short: it needs at least 2 tokens")
     seq_len = min(seq_len, len(ids))
@@ -171,17 +190,51 @@ def mlp_channel_scores(model: nn.Module, ids: torch.Tensor) -> list[torch.Tensor
     return [(modules[n].weight.detach().abs().float() * norms[n][None, :]).sum(0) for n in names]
 
 
-def shrink_mlp(model: nn.Module, keep: list[torch.Tensor]) -> nn.Module:
-    """A new model whose MLPs keep only the intermediate channels ``keep[layer]`` (sorted indices, equal counts)."""
+def head_scores(model: nn.Module, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Per layer, the Wanda score of each query head: the sum of |W_o[i, j]| * ||X_j|| over the head's
+    ``head_dim`` input columns ``j`` of the output projection ((n_head,) each)."""
+    c = model.config
+    names = [f"model.layers.{i}.self_attn.o_proj" for i in range(len(_blocks(model)))]
+    norms = input_norms(model, ids, names)
+    modules = dict(model.named_modules())
+    return [(modules[n].weight.detach().abs().float() * norms[n][None, :]).sum(0).view(c.n_head, c.head_dim).sum(1)
+            for n in names]
+
+
+def heads_to_keep(scores: torch.Tensor, n_kv_head: int, per_group: int) -> torch.Tensor:
+    """The sorted query heads kept: the ``per_group`` highest-scoring heads of each key/value group, so every
+    group keeps the same number of query heads and grouped-query attention stays consistent."""
+    g = scores.numel() // n_kv_head
+    within = scores.view(n_kv_head, g).topk(per_group, dim=1).indices.sort(dim=1).values  # (n_kv, per_group)
+    return (within + torch.arange(n_kv_head)[:, None] * g).flatten()
+
+
+def shrink_width(model: nn.Module, mlp_keep: list[torch.Tensor] | None,
+                 head_keep: list[torch.Tensor] | None = None) -> nn.Module:
+    """A new model whose MLPs keep only the intermediate channels ``mlp_keep[layer]`` and whose attention keeps
+    only the query heads ``head_keep[layer]`` (sorted indices, equal counts per layer; None: all)."""
+    c = model.config
     state = dict(model.state_dict())
-    for i, idx in enumerate(keep):
-        p = f"model.layers.{i}.mlp."
-        for proj in ("gate_proj", "up_proj"):
+    sizes: dict[str, int] = {}
+    for i in range(c.n_layer):
+        p = f"model.layers.{i}."
+        if mlp_keep is not None:
+            idx = mlp_keep[i]
+            for proj in ("gate_proj", "up_proj"):
+                for kind in ("weight", "bias"):
+                    if p + f"mlp.{proj}.{kind}" in state:
+                        state[p + f"mlp.{proj}.{kind}"] = state[p + f"mlp.{proj}.{kind}"][idx].clone()  # (I', C)
+            state[p + "mlp.down_proj.weight"] = state[p + "mlp.down_proj.weight"][:, idx].clone()  # (C, I')
+            sizes["intermediate_size"] = len(idx)
+        if head_keep is not None:
+            heads = head_keep[i]
+            cols = (heads[:, None] * c.head_dim + torch.arange(c.head_dim)[None, :]).flatten()  # (nh' * hs,)
             for kind in ("weight", "bias"):
-                if p + f"{proj}.{kind}" in state:
-                    state[p + f"{proj}.{kind}"] = state[p + f"{proj}.{kind}"][idx].clone()  # rows: (I', C)
-        state[p + "down_proj.weight"] = state[p + "down_proj.weight"][:, idx].clone()  # columns: (C, I')
-    config = dataclasses.replace(model.config, intermediate_size=len(keep[0]), n_decoder_layer=None)
+                if p + f"self_attn.q_proj.{kind}" in state:
+                    state[p + f"self_attn.q_proj.{kind}"] = state[p + f"self_attn.q_proj.{kind}"][cols].clone()
+            state[p + "self_attn.o_proj.weight"] = state[p + "self_attn.o_proj.weight"][:, cols].clone()  # (C, nh'hs)
+            sizes["n_head"] = len(heads)
+    config = dataclasses.replace(c, **sizes, n_decoder_layer=None)
     return _rebuild(model, config, state)
 
 
@@ -243,11 +296,12 @@ def layers_to_keep(n_layer: int, sparsity: float | None, keep_layers: int | None
 
 
 def prune_model(model: nn.Module, tokenizer, method: str, *, sparsity: float | None = None,
-                keep_layers: int | None = None, calibration: str | None = None, seq_len: int = 256,
-                samples: int = 16) -> PruneResult:
+                keep_layers: int | None = None, head_sparsity: float = 0.0, calibration: str | None = None,
+                seq_len: int = 256, samples: int = 16) -> PruneResult:
     """Prune ``model`` (a ``DecoderLM``, float) by ``method`` (see the module docstring). ``calibration`` is the
-    text scored on (``samples`` windows of ``seq_len`` tokens). ``model`` is changed in place by the
-    unstructured methods; the structured ones return a new, smaller model."""
+    text scored on (``samples`` windows of ``seq_len`` tokens). ``head_sparsity`` (``width`` only): the fraction
+    of each key/value group's query heads removed too. ``model`` is changed in place by the unstructured
+    methods; the structured ones return a new, smaller model."""
     if method not in METHODS:
         raise LmforgeError(f"--method {method!r} is not a pruning method; allowed: {', '.join(METHODS)}")
     check_supported(model.config, "the model")
@@ -260,6 +314,8 @@ def prune_model(model: nn.Module, tokenizer, method: str, *, sparsity: float | N
             raise LmforgeError(f"--method {method} needs --sparsity S (the fraction removed, in [0, 1))")
     if sparsity is not None:
         sparsity = check_sparsity(sparsity, method)
+    if head_sparsity:
+        check_head_sparsity(model.config, head_sparsity, method)
     n_layer = model.config.n_layer
     keep_n = layers_to_keep(n_layer, sparsity, keep_layers) if method == "layers" else None
     if method in ("layers", "width") and calibration is None:
@@ -276,12 +332,18 @@ def prune_model(model: nn.Module, tokenizer, method: str, *, sparsity: float | N
         report |= {"block_influence": bi, "kept_layers": keep, "n_layer": [n_layer, keep_n]}
         return PruneResult(drop_layers(model, keep), {}, report)
     if method == "width":
-        scores = mlp_channel_scores(model, ids)
-        size = model.config.intermediate_size
+        c = model.config
+        size = c.intermediate_size
         kept = max(1, round((1 - sparsity) * size))
-        keep = [s.topk(kept).indices.sort().values for s in scores]
+        mlp_keep = [s.topk(kept).indices.sort().values for s in mlp_channel_scores(model, ids)] \
+            if kept < size else None
         report |= {"intermediate_size": [size, kept]}
-        return PruneResult(shrink_mlp(model, keep), {}, report)
+        head_keep = None
+        if head_sparsity:
+            per_group = max(1, round((1 - head_sparsity) * (c.n_head // c.n_kv_head)))
+            head_keep = [heads_to_keep(s, c.n_kv_head, per_group) for s in head_scores(model, ids)]
+            report |= {"n_head": [c.n_head, per_group * c.n_kv_head], "kept_heads": [h.tolist() for h in head_keep]}
+        return PruneResult(shrink_width(model, mlp_keep, head_keep), {}, report)
     masks = sparsify(model, method, sparsity, ids)
     total = sum(m.numel() for m in masks.values())
     zeros = sum(int((~m).sum()) for m in masks.values())
@@ -366,8 +428,8 @@ def keep_masks(model: nn.Module, masks: dict[str, torch.Tensor] | None, where: s
 
 # ----------------------------------------------------------------------------------------------- the command
 def prune(model: str | os.PathLike | None, out: str | os.PathLike, method: str, *, sparsity: float | None = None,
-          keep_layers: int | None = None, calibration: str | os.PathLike | None = None, seq_len: int = 256,
-          samples: int = 16, force: bool = False) -> dict[str, Any]:
+          keep_layers: int | None = None, head_sparsity: float = 0.0, calibration: str | os.PathLike | None = None,
+          seq_len: int = 256, samples: int = 16, force: bool = False) -> dict[str, Any]:
     """Load ``model`` (anything ``lmforge.load`` takes), prune it (``prune_model``) and write it to ``out`` as a
     Hugging Face folder (+ ``masks.safetensors`` for magnitude / 2:4, + ``prune.json``, the record of what was
     done), under the output policy of ``lmforge.outputs`` (verb ``prune``). Every argument and the calibration
@@ -392,13 +454,14 @@ def prune(model: str | os.PathLike | None, out: str | os.PathLike, method: str, 
     if calibration is not None:
         from lmforge.data.corpus import corpus_text
 
-        if not Path(calibration).exists():
-            raise LmforgeError(f"--calibration {calibration}: no such file or folder")
-        text = corpus_text(calibration)
+        try:
+            text = corpus_text(calibration)  # a file, a folder or the embedded "shakespeare"
+        except LmforgeError as e:
+            raise LmforgeError(f"--calibration: {e}") from None
     loaded = load(model, dtype="float32")
     check_supported(loaded.model.config, str(model or "the default model"))
     result = prune_model(loaded.model, loaded.tokenizer, method, sparsity=sparsity, keep_layers=keep_layers,
-                         calibration=text, seq_len=seq_len, samples=samples)
+                         head_sparsity=head_sparsity, calibration=text, seq_len=seq_len, samples=samples)
     params = sum(p.numel() for p in result.model.parameters())
     record = {"model": str(model) if model is not None else None, **result.report, "parameters": params}
     with claim_output(out, "prune", force=force) as folder:
