@@ -225,3 +225,14 @@ def test_config_refuses_a_group_of_one_and_misaligned_iterations():
         GRPOConfig(prompts=Path("p.txt"), group_size=1)
     with pytest.raises(LmforgeError, match=r"save_every \(--save-every\): 3 is not a multiple of iterations"):
         GRPOConfig(prompts=Path("p.txt"), iterations=2, steps=4, save_every=3)
+
+
+def test_checkpoint_fingerprint_of_a_tensor_beyond_float32_integers():
+    """A frozen tensor of more than 2**24 elements (SmolLM2's 49152 x 576 embedding) can be fingerprinted: the
+    sample positions, spaced in float32, used to round past the end (IndexError at the end of every GRPO, PPO
+    or DPO run on the embedded model)."""
+    from lmforge.training.checkpoint import fingerprint
+
+    big = torch.zeros(49152 * 576, dtype=torch.uint8)
+    big[-1] = 7
+    assert fingerprint([("embed", big)]) != fingerprint([("embed", torch.zeros_like(big))])

@@ -173,6 +173,7 @@ def fingerprint(named: list[tuple[str, torch.Tensor]], samples: int = 256,
         flat = (gather(t) if gather else t).detach().reshape(-1)
         if flat.numel():
             idx = torch.linspace(0, flat.numel() - 1, min(samples, flat.numel()), device=flat.device).long()
+            idx.clamp_(max=flat.numel() - 1)  # float32 spacing rounds past the end beyond 2**24 elements
             h.update(flat[idx].cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:32]
 
