@@ -237,3 +237,25 @@ def test_training_code_refuses_a_quantized_folder_in_one_line(tiny_lm_dirs, tmp_
     ckpt = read_checkpoint(out)
     with pytest.raises(LmforgeError, match="holds quantised weights .*qweight.*float model"):
         build_model(ckpt.config, ckpt.state_dict, source=str(out))
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gpt2", "llama3-scaled-tied"])  # biases, Conv1D names, tied head
+def test_save_and_rebuild_across_families_gives_identical_logits(hf_tiny, tmp_path, family):
+    from lmforge.checkpoints.hf import read_hf_dir
+    from lmforge.checkpoints.quantized import build_quantized_model, quantization_block, save_quantized_dir
+    from lmforge.checkpoints.resolve import build_model
+    from lmforge.models.quantized import quantize_model
+
+    config, state, _ = read_hf_dir(hf_tiny[family][1])
+    model = quantize_model(build_model(config, state), "int4", 32, algorithm="rtn")
+    block = quantization_block("int4", 32, "rtn")
+    save_quantized_dir(model, tmp_path, block)
+    config2, state2, _ = read_hf_dir(tmp_path)
+    again = build_quantized_model(config2, state2, block)
+    ids = torch.tensor([[1, 5, 9, 200, 3, 7]])
+    with torch.no_grad():
+        a, b = model(ids), again(ids)
+    a, b = (a.logits, b.logits) if hasattr(a, "logits") else (a, b)
+    assert torch.equal(a, b)
+    assert sum(isinstance(m, Int4Linear) for m in again.modules()) == sum(
+        isinstance(m, Int4Linear) for m in model.modules()) > 0
