@@ -79,6 +79,9 @@ VERBS: dict[str, Verb] = {
     "distill": Verb(_RUN + ("config.yaml",), run=True, resume=True),
     "rlhf ppo": Verb(_RUN + ("config.yaml", "config.json"), run=True, resume=True),  # config.json: earlier runs
     "rlhf dpo": Verb(_RUN + ("config.yaml", "config.json"), run=True, resume=True),
+    "rlhf orpo": Verb(_RUN + ("config.yaml",), run=True, resume=True),
+    "rlhf simpo": Verb(_RUN + ("config.yaml",), run=True, resume=True),
+    "rlhf kto": Verb(_RUN + ("config.yaml",), run=True, resume=True),
     "rlhf grpo": Verb(_RUN + ("config.yaml",), run=True, resume=True),
     "reward train": Verb(_HF_DIR + ("reward_config.json", "head", "config.yaml")
                          + tuple(n for n in _RUN if n != "final"), run=True, resume=True),

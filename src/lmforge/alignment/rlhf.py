@@ -237,9 +237,10 @@ def check_same_architecture(policy_config, ref_config, ref_name: str) -> None:
 
 
 def load_policy(model: str | None, *, adapter: str | None, method: str, ref: str | None, device: str,
-                lora: dict[str, Any], seed: int | None = None):
+                lora: dict[str, Any], seed: int | None = None, with_reference: bool = True):
     """(LM whose model is the trainable policy, frozen reference model or None = the policy with LoRA off).
-    New LoRA adapters are initialised from ``seed``."""
+    New LoRA adapters are initialised from ``seed``. ``with_reference=False`` (reference-free losses): no frozen
+    copy is made for ``method="full"``."""
     from lmforge.lm import LM, load
     from lmforge.training.sft import apply_method
 
@@ -257,7 +258,7 @@ def load_policy(model: str | None, *, adapter: str | None, method: str, ref: str
     if ref is not None:
         reference = load(ref, device=device, dtype="float32").model
         check_same_architecture(lm.config, reference.config, str(ref))
-    elif method == "full":
+    elif method == "full" and with_reference:
         reference = copy.deepcopy(lm.model)
     if reference is not None:
         reference.requires_grad_(False).eval()

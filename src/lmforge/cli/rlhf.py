@@ -62,6 +62,12 @@ def cmd_grpo(a: argparse.Namespace) -> int:
     return _run(a, GRPOConfig, grpo)
 
 
+def cmd_preference(a: argparse.Namespace) -> int:
+    from lmforge.alignment.preference_recipes import RECIPES
+
+    return _run(a, *RECIPES[a.rlhf_command])
+
+
 def _add_run_args(p: argparse.ArgumentParser, verb: str) -> None:
     """How a run starts (not part of the recipe): --resume, --overwrite, --force, --threads; then --config."""
     g = p.add_argument_group("running")
@@ -107,6 +113,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_run_args(q, "rlhf dpo")
     add_nproc_arg(q)
     q.set_defaults(func=cmd_dpo)
+
+    from lmforge.alignment.preference_recipes import KTOConfig, ORPOConfig, SimPOConfig
+
+    for name, config_cls, help_text in (
+            ("orpo", ORPOConfig, "ORPO: NLL plus an odds-ratio preference term, no reference (Hong et al. 2024)"),
+            ("simpo", SimPOConfig, "SimPO: length-normalised margin loss, no reference (Meng et al. 2024)"),
+            ("kto", KTOConfig, "KTO on desirable/undesirable examples, paired or not (Ethayarajh et al. 2024)")):
+        s = rsub.add_parser(name, help=help_text,
+                            description=help_text + ". Data as for rlhf dpo (kto also: records with prompt, "
+                                        "completion and desirable: true/false). Logs loss and reward margin per "
+                                        "step to OUT_DIR/metrics.jsonl; writes OUT_DIR/config.yaml and OUT_DIR/final.")
+        options.add_recipe_args(s, config_cls)
+        _add_run_args(s, f"rlhf {name}")
+        add_nproc_arg(s)
+        s.set_defaults(func=cmd_preference)
 
     from lmforge.alignment.grpo import GRPOConfig
 
