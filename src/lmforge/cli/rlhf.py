@@ -4,6 +4,8 @@
 (``PPOConfig``, ``DPOConfig`` in ``alignment/rlhf.py``) as ``cli/training.py`` describes, plus the run flags
 (``--resume``, ``--overwrite``, ``--force``, ``--threads``) and ``--config`` / ``--print-config``. The handlers
 import torch only when they run. Bad input raises ``LmforgeError``, which ``lmforge.cli.main`` prints as one line.
+``rlhf orpo``, ``rlhf simpo`` and ``rlhf kto`` share one handler over ``alignment/preference_recipes.py``'s
+``RECIPES`` (config class and recipe per method).
 """
 
 from __future__ import annotations
@@ -85,7 +87,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     r = sub.add_parser("rlhf", help="align a model: PPO against a reward model, or DPO/IPO on preference pairs",
                        description="Alignment: `rlhf ppo` optimises a policy against a reward with PPO and a KL "
-                                   "penalty to a frozen reference; `rlhf dpo` trains on chosen/rejected pairs.")
+                                   "penalty to a frozen reference; `rlhf dpo` trains on chosen/rejected pairs "
+                                   "(`rlhf orpo` / `rlhf simpo` without a reference; `rlhf kto` also on unpaired "
+                                   "desirable/undesirable examples).")
     rsub = r.add_subparsers(dest="rlhf_command", metavar="METHOD", required=True)
 
     p = rsub.add_parser("ppo", help="PPO with a KL penalty to the reference (Ziegler et al. 2019; Ouyang et al. 2022)",
