@@ -304,3 +304,16 @@ def test_cli_prunes_and_reports(deep_dirs, tmp_path, capsys):
     code, _, err = run(capsys, "prune", deep_dirs["llama"], "-o", out, "--method", "2:4", "--force")
     assert code == 0 and (out / "masks.safetensors").exists()
     assert lmforge.load(out).model.config.n_layer == 4
+
+
+def test_output_faults_are_one_line_and_leave_the_input_alone(deep_dirs, tmp_path, capsys):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("mine")
+    code, _, err = run(capsys, "prune", deep_dirs["llama"], "-o", a_file, "--method", "2:4")
+    assert_one_line_error(code, err, "is a file, not a folder")
+    assert a_file.read_text() == "mine"
+    before = {p.name: p.read_bytes() for p in Path(deep_dirs["llama"]).iterdir()}
+    for out in (deep_dirs["llama"], Path(deep_dirs["llama"]) / "inside"):
+        code, _, err = run(capsys, "prune", deep_dirs["llama"], "-o", out, "--method", "2:4", "--force")
+        assert_one_line_error(code, err, "that `lmforge prune` reads")
+    assert {p.name: p.read_bytes() for p in Path(deep_dirs["llama"]).iterdir()} == before
