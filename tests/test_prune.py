@@ -317,3 +317,14 @@ def test_output_faults_are_one_line_and_leave_the_input_alone(deep_dirs, tmp_pat
         code, _, err = run(capsys, "prune", deep_dirs["llama"], "-o", out, "--method", "2:4", "--force")
         assert_one_line_error(code, err, "that `lmforge prune` reads")
     assert {p.name: p.read_bytes() for p in Path(deep_dirs["llama"]).iterdir()} == before
+
+
+def test_a_lora_run_on_a_pruned_model_says_the_masks_are_not_applied(deep_dirs, tmp_path, capsys):
+    from lmforge.training.sft import FinetuneConfig, finetune
+
+    out = tmp_path / "sparse"
+    prune(deep_dirs["llama"], out, "2:4")
+    capsys.readouterr()
+    finetune(FinetuneConfig(model=str(out), train=[sft_rows(tmp_path / "t.jsonl")], out_dir=tmp_path / "h",
+                            method="lora", steps=1, batch_size=4, max_len=32))
+    assert "masks.safetensors: not applied by --method lora" in capsys.readouterr().err

@@ -10,7 +10,9 @@ in ``cli/training.py``.
 
 Methods: ``full`` (every parameter trained), ``lora`` (adapters on the chosen linear layers),
 ``qlora`` (LoRA over an NF4- or int8-quantised frozen base) and ``prompt-tuning`` (trainable virtual
-tokens); the PEFT methods save a PEFT-format adapter instead of the whole model (see ``peft/``).
+tokens); the PEFT methods save a PEFT-format adapter instead of the whole model (see ``peft/``). A model folder
+pruned by ``lmforge prune`` with ``masks.safetensors`` keeps its pruned weights at zero through a ``full`` run
+(``training/prune.py``'s ``keep_masks``).
 """
 
 from __future__ import annotations
@@ -399,6 +401,9 @@ def pruning_masks(r: FinetuneConfig) -> dict[str, Tensor] | None:
     from lmforge.training.prune import MASKS_FILE, read_masks
 
     masks = read_masks(r.model)
+    if masks is not None and r.method != "full":
+        print(f"{r.model}/{MASKS_FILE}: not applied by --method {r.method}: the frozen base keeps its zeros, but the "
+              "adapter is dense (merged, the pruned weights are no longer zero)", file=sys.stderr)
     if masks is None or r.method != "full":
         return None
     if r.strategy == "fsdp":
