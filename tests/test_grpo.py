@@ -212,6 +212,8 @@ def test_bad_input_is_one_error_line(tiny_lm_dirs, tmp_path, capsys, toy_rewards
         (["--prompts", prompts, "--rewards", "exact_match", "format", "--reward-weights", "1"],
          "reward_weights (--reward-weights): 1 weights for 2 rewards"),
         (["--prompts", prompts, "--rewards", "exact_mtach"], "unknown reward 'exact_mtach'"),
+        (["--prompts", no_answers, "--prompt-template", "Q: {prompt"], "prompt_template (--prompt-template): not a"),
+        (["--prompts", no_answers, "--prompt-template", "Q: {question}"], "names the field 'question'"),
     ]
     for i, (args, expected) in enumerate(cases):
         code, _, err = run(capsys, *base, "-o", tmp_path / f"o{i}", *args)
@@ -236,3 +238,24 @@ def test_checkpoint_fingerprint_of_a_tensor_beyond_float32_integers():
     big = torch.zeros(49152 * 576, dtype=torch.uint8)
     big[-1] = 7
     assert fingerprint([("embed", big)]) != fingerprint([("embed", torch.zeros_like(big))])
+
+
+def test_full_method_against_a_frozen_copy_and_print_config_reruns_the_run(tiny_lm_dirs, tmp_path, capsys,
+                                                                           toy_rewards, prompts):
+    """--method full trains every weight against a frozen copy (KL 0 at the first step, then not); the
+    --print-config YAML given back as --config reproduces metrics.jsonl."""
+    import lmforge
+
+    args = ["rlhf", "grpo", "-m", tiny_lm_dirs["plain"], "--prompts", prompts, "--rewards", f"{toy_rewards}:vowels",
+            "--steps", "2", "--batch-size", "2", "-G", "3", "-n", "4", "--method", "full", "--lr", "1e-3",
+            "--beta", "0.1", "--loss-type", "dr_grpo"]
+    code, printed, _ = run(capsys, *args, "-o", tmp_path / "a", "--print-config")
+    assert code == 0 and not (tmp_path / "a").exists()
+    (tmp_path / "recipe.yaml").write_text(printed)
+    assert run(capsys, *args, "-o", tmp_path / "a", "--threads", "1")[0] == 0
+    assert run(capsys, "rlhf", "grpo", "--config", tmp_path / "recipe.yaml", "-o", tmp_path / "b", "--threads",
+               "1")[0] == 0
+    a, b = rows(tmp_path / "a"), rows(tmp_path / "b")
+    assert a == b and a[0]["kl"] == pytest.approx(0.0, abs=1e-6) and a[1]["kl"] > 0
+    tuned, base = lmforge.load(tmp_path / "a" / "final").model, lmforge.load(tiny_lm_dirs["plain"]).model
+    assert not torch.equal(tuned.model.layers[0].mlp.down_proj.weight, base.model.layers[0].mlp.down_proj.weight)

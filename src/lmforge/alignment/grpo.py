@@ -277,6 +277,9 @@ def load_tasks(path: str | Path, *, prompt_field: str = "prompt", template: str 
             except KeyError as e:
                 raise LmforgeError(f"{record.where}: the prompt template names the field {e.args[0]!r}, which the "
                                    f"record lacks (fields: {', '.join(map(str, fields))})") from None
+            except (ValueError, IndexError, AttributeError) as e:
+                raise LmforgeError(f"prompt_template (--prompt-template): not a valid template ({e}); name record "
+                                   "fields as {field} and write a literal brace as {{ or }}") from None
         else:
             prompt = fields.get(prompt_field)
             if not isinstance(prompt, str) or not prompt.strip():
