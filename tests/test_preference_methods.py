@@ -270,3 +270,25 @@ def test_bad_kto_data_is_one_line(tiny_lm_dirs, tmp_path, capsys):
     assert_one_line_error(code, err, "u.jsonl: no desirable examples among 3")
     code, _, err = run(capsys, "rlhf", "orpo", "-m", tiny_lm_dirs["plain"], "--data", bad, "-o", tmp_path / "o")
     assert_one_line_error(code, err, "u.jsonl, line 1: no 'chosen' field")
+
+
+@pytest.mark.parametrize("method", ["orpo", "kto"])
+def test_two_ranks_under_torchrun(tiny_lm_dirs, tmp_path, capsys, method):
+    """ORPO's loss is a mean over pairs: two ranks (half of every batch each) log the steps of one process. KTO's
+    reference point is estimated per rank (module docstring), so its two-rank run is checked to train and log
+    every step, not to equal one process."""
+    from lmforge.cli import main
+    from test_distributed import assert_same_rows, losses, torchrun
+
+    args = ["rlhf", method, "-m", str(tiny_lm_dirs["plain"]), "--data", str(echo_pairs(tmp_path)), "--steps", "3",
+            "--batch-size", "4", "--lr", "1e-3", "--eval-fraction", "0.34", "--seed", "2"]
+    done = torchrun([*args, "-o", str(tmp_path / "two")])
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = losses(tmp_path / "two")
+    assert [r["step"] for r in two] == [0, 1, 2, 3, 3] and "eval_reward_margin" in two[0]
+    if method == "orpo":
+        assert main([*args, "-o", str(tmp_path / "one")]) == 0
+        capsys.readouterr()
+        assert_same_rows(two, losses(tmp_path / "one"))
+    else:
+        assert all(math.isfinite(r["kl"]) for r in two if "kl" in r)
