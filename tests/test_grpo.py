@@ -259,3 +259,21 @@ def test_full_method_against_a_frozen_copy_and_print_config_reruns_the_run(tiny_
     assert a == b and a[0]["kl"] == pytest.approx(0.0, abs=1e-6) and a[1]["kl"] > 0
     tuned, base = lmforge.load(tmp_path / "a" / "final").model, lmforge.load(tiny_lm_dirs["plain"]).model
     assert not torch.equal(tuned.model.layers[0].mlp.down_proj.weight, base.model.layers[0].mlp.down_proj.weight)
+
+
+def test_a_reward_model_folder_is_a_weighted_reward_term(tmp_path):
+    """A folder from `lmforge reward train` scores the completions (higher = better) like its own .score()."""
+    from lmforge.alignment.reward import PairwiseReward, load_reward_model, save_reward_model
+    from lmforge.config import preset
+    from lmforge.models.decoder import DecoderLM
+    from lmforge.models.heads import RewardModel
+    from lmforge.training.tokenizer_train import char_tokenizer
+
+    tok = char_tokenizer("abcdefghijklmnop ")
+    decoder = DecoderLM(preset("tiny-llama", vocab_size=tok.vocab_size)).init_weights(seed=0)
+    folder = save_reward_model(PairwiseReward(RewardModel(decoder), tok, max_len=32), tmp_path / "rm")
+    completions = ["abc", "hello", "fed cba"]
+    total, means = score(load_rewards([str(folder), "length_penalty"], [2.0, 1.0], length_target=4),
+                         ["p"] * 3, completions, [None] * 3, step=1)
+    expected = 2.0 * torch.as_tensor(load_reward_model(folder).score(completions), dtype=torch.float32)
+    torch.testing.assert_close(total, expected + torch.tensor([0.0, -0.25, -0.75]))

@@ -158,6 +158,7 @@ class Reward:
     weight: float
     fn: ScoreFn
     needs_answers: bool = False
+    model: Any = None  # a reward-model folder's model (its vocabulary is checked against the policy's)
 
 
 def registered_reward(name: str, *, extractor: str, format_pattern: str, length_target: int) -> Reward:
@@ -208,8 +209,8 @@ def load_rewards(names: Sequence[str], weights: Sequence[float] | None, *, extra
 
             term = Reward(name, 1.0, call)
         elif Path(name).exists():
-            fn, _ = load_reward(name, reward_input)
-            term = Reward(name, 1.0, lambda p, c, a, fn=fn: fn(p, c))
+            fn, model = load_reward(name, reward_input)
+            term = Reward(name, 1.0, lambda p, c, a, fn=fn: fn(p, c), model=model)
         else:
             registered_reward(name, extractor=extractor, format_pattern=format_pattern, length_target=length_target)
         term.weight = weight
@@ -586,7 +587,7 @@ def grpo(cfg: GRPOConfig, *, resume: bool = False, overwrite: bool = False, forc
     ``eval_count`` prompts are held out (seeded) and scored greedily before training, every ``eval_every`` steps
     and at the end. ``resume`` continues from ``OUT_DIR/checkpoint`` step for step; ``overwrite``/``force`` as in
     ``lmforge.outputs``. Returns the last step's figures and where the policy was saved."""
-    from lmforge.alignment.rlhf import _load_policy, _run_config, report_trainable
+    from lmforge.alignment.rlhf import _load_policy, _run_config, report_trainable, reward_vocab_check
     from lmforge.data.reward_data import random_split
     from lmforge.training.loop import RunDir, TrainConfig, seed_everything, train
     from lmforge.training.sources import ShuffledIndices
@@ -607,6 +608,9 @@ def grpo(cfg: GRPOConfig, *, resume: bool = False, overwrite: bool = False, forc
         train_rows, held = random_split(len(prompts), c.eval_count / len(prompts), c.seed)
     seed_everything(c.seed)
     lm, reference = _load_policy(c)
+    for term in rewards:
+        if term.model is not None:
+            reward_vocab_check(term.model, lm.config.vocab_size, term.name)
     encoded = [lm.encode(p, c.chat) for p in prompts]
     write_config(cfg, c.out_dir)
     report_trainable(lm.model, c.method)
