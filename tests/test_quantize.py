@@ -259,3 +259,27 @@ def test_save_and_rebuild_across_families_gives_identical_logits(hf_tiny, tmp_pa
     assert torch.equal(a, b)
     assert sum(isinstance(m, Int4Linear) for m in again.modules()) == sum(
         isinstance(m, Int4Linear) for m in model.modules()) > 0
+
+
+def test_a_gguf_q4_1_model_loads_as_int4_layers_without_requantising(tmp_path):
+    import gguf_fixtures as F  # noqa: N812  (the GGUF tests' name for it)
+    import lmforge
+    from lmforge.lm import read_checkpoint
+
+    path = F.write_tiny_gguf(tmp_path / "m.gguf", F.tiny_weights(seed=4), qtypes=F.QT.Q4_1)  # q/k rows permuted
+    fp, q = lmforge.load(path), lmforge.load(path, quantize="int4")
+    ref = read_checkpoint(path).state_dict
+    layers = {n: m for n, m in q.model.named_modules() if isinstance(m, Int4Linear)}
+    assert len(layers) == 2 * 7 and all(m.group_size == 32 for m in layers.values())
+    for name, m in layers.items():  # the file's blocks exactly: q * d + m == (q - 8) * d + (m + 8 d)
+        torch.testing.assert_close(m.weight, ref[name + ".weight"], atol=1e-6, rtol=0)
+    ids = torch.tensor([[1, 5, 9, 20, 3]])
+    torch.testing.assert_close(_logits(q, ids), _logits(fp, ids), atol=1e-4, rtol=1e-4)
+
+
+def test_load_quantize_int4_rounds_a_float_model_to_nearest(tiny_lm_dirs):
+    import lmforge
+
+    q = lmforge.load(tiny_lm_dirs["plain"], quantize="int4")
+    layers = [m for m in q.model.modules() if isinstance(m, Int4Linear)]
+    assert len(layers) == 2 * 7 and {m.group_size for m in layers} == {64}

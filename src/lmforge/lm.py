@@ -81,7 +81,9 @@ def load(name: str | Path | None = None, *, device: str = "cpu", dtype: str | to
     """Load a model by name: the embedded default (None), a local HF dir or .gguf file, or a hub id.
 
     ``adapter``: a PEFT adapter folder (LoRA or prompt tuning) applied on top; ``quantize="int8"``:
-    weight-only int8 linear layers for inference (LoRA adapters are merged first). Returns an ``LM``
+    weight-only int8 linear layers for inference (LoRA adapters are merged first); ``quantize="int4"``: int4
+    group-wise layers, taken over bit for bit from a GGUF's Q4_1 blocks (the embedded default) or rounded to
+    nearest (group 64) otherwise. A folder ``lmforge quantize`` wrote is loaded quantised as it is. Returns an ``LM``
     for decoder-only and encoder-decoder models, an ``Encoder`` (embeddings, classification) for
     encoder-only ones. ``compile=True``: generation decodes through the compiled static-shape step
     (``generation.fast``; compiled on the first generation of each batch size, the time reported on stderr).
@@ -98,6 +100,12 @@ def load(name: str | Path | None = None, *, device: str = "cpu", dtype: str | to
             raise LmforgeError(f"{label} is already quantised ({block.get('method')}); drop --quantize")
         model = build_quantized_model(ckpt.config, ckpt.state_dict, block, resolve_dtype(dtype, device), device,
                                       source=label)
+    elif quantize == "int4" and ckpt.source is not None and ckpt.source.kind == "gguf":
+        from lmforge.checkpoints.quantized import build_quantized_model, gguf_int4_state
+
+        state, block = gguf_int4_state(ckpt.source.path, ckpt.config, ckpt.state_dict)  # Q4_1 blocks as they are
+        model = build_quantized_model(ckpt.config, state, block, resolve_dtype(dtype, device), device, source=label)
+        quantize = None
     else:
         model = build_model(ckpt.config, ckpt.state_dict, resolve_dtype(dtype, device), device, source=label)
     if adapter is not None:
@@ -122,7 +130,12 @@ def _quantized(model: torch.nn.Module, scheme: str) -> torch.nn.Module:
     before = model_bytes(model)
     if next(lora_layers(model), None) is not None:
         merge_lora(model)  # quantise the adapted weights, not a frozen base beside float adapters
-    quantize_linears(model, scheme)
+    if scheme == "int4":  # group-wise int4, round to nearest (lmforge quantize has GPTQ)
+        from lmforge.models.quantized import quantize_model
+
+        quantize_model(model, "int4")
+    else:
+        quantize_linears(model, scheme)
     model.requires_grad_(False)
     print(f"lmforge: {scheme} weights: {before / 2**20:.0f} MiB -> {model_bytes(model) / 2**20:.0f} MiB",
           file=sys.stderr)

@@ -17,6 +17,9 @@ for each quantised linear layer, under its weight's transformers name with ``wei
 Codes are always (out, in), also for families whose checkpoints store weights transposed (GPT-2). The kernel
 packing (``torch._convert_weight_to_int4pack_for_cpu``) is machine-specific and done at load time, never saved.
 ``transformers`` does not load these folders; ``lmforge.load`` does (``generate``, ``eval``, ``serve``).
+
+``gguf_int4_state`` takes a GGUF's Q4_1 linear weights over as int4 group-32 layers without requantising (a Q4_1
+block is exactly one group: scale = d, zero = m + 8 d): ``lmforge.load(gguf, quantize="int4")``.
 """
 
 from __future__ import annotations
@@ -170,3 +173,60 @@ def build_quantized_model(config: ModelConfig, state_dict: dict[str, torch.Tenso
                     if b is not None and b.is_floating_point():
                         setattr(m, n, b.to(dtype))
     return model.eval()
+
+
+def _q4_1_int4(data, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GGUF Q4_1 blocks (32 weights: f16 d, f16 m, 16 bytes; byte j holds weight j in its low nibble and weight
+    j + 16 in its high one; w = q * d + m) as int4 codes (rows, cols) and group-32 scales/zeros (rows, cols / 32):
+    scale = d, zero = m + 8 d, so (q - 8) * scale + zero = q * d + m."""
+    import numpy as np
+
+    blocks = np.asarray(data, dtype=np.uint8).reshape(rows, cols // 32, 20)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    qs = blocks[..., 4:]
+    codes = np.concatenate([qs & 0xF, qs >> 4], axis=-1).reshape(rows, cols)
+    scales = torch.from_numpy(d)
+    return torch.from_numpy(codes.astype(np.int64)), scales, torch.from_numpy(m) + 8 * scales
+
+
+def gguf_int4_state(path: str | Path, config: ModelConfig, state_dict: dict[str, torch.Tensor]
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The state of a GGUF model (``state_dict`` as ``read_gguf`` gives it) with every linear layer stored as Q4_1
+    (but ``lm_head``) taken over as int4 group-32 codes, bit for bit from the file's blocks instead of requantised,
+    for ``build_quantized_model`` with the returned block. Raises when no linear layer is Q4_1."""
+    import gguf
+
+    from lmforge.checkpoints.gguf import _unpermute_rope_rows
+    from lmforge.models import build_empty, families
+    from lmforge.models.int4 import pack_codes
+
+    spec = families.get(config.family).gguf
+    linears = {n for n, m in build_empty(config).named_modules() if isinstance(m, torch.nn.Linear)
+               and not n.endswith("lm_head")}
+    out = dict(state_dict)
+    for tensor in gguf.GGUFReader(str(path)).tensors:
+        if tensor.tensor_type != gguf.GGMLQuantizationType.Q4_1:
+            continue
+        parts = tensor.name.split(".", 2)
+        if tensor.name in spec.tensors:
+            name = spec.tensors[tensor.name]
+        elif parts[0] == "blk" and len(parts) == 3 and parts[2] in spec.block_tensors:
+            name = f"model.layers.{parts[1]}.{spec.block_tensors[parts[2]]}"
+        else:
+            continue
+        module = name.removesuffix(".weight")
+        if module not in linears:
+            continue
+        cols, rows = (int(n) for n in tensor.shape)
+        codes, scales, zeros = _q4_1_int4(tensor.data, rows, cols)
+        if spec.permuted_qk and name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
+            heads = config.n_head if name.endswith("q_proj.weight") else config.n_kv_head
+            codes, scales, zeros = (torch.from_numpy(_unpermute_rope_rows(t.numpy(), heads).copy())
+                                    for t in (codes, scales, zeros))
+        del out[name]
+        out |= {f"{module}.qweight": pack_codes(codes), f"{module}.scales": scales, f"{module}.zeros": zeros}
+    if not any(k.endswith(".qweight") for k in out):
+        raise LmforgeError(f"{path}: no linear layer is stored as Q4_1, so there are no int4 blocks to take over; "
+                           "use `lmforge quantize --method int4` on it instead")
+    return out, quantization_block("int4", 32, "gguf-q4_1")
