@@ -419,7 +419,7 @@ class GRPOTrainer:
         b = self.generate(rows, rollout)
         prompts = [self.prompts[i] for i in rows for _ in range(self.G)]
         answers = [self.answers[i] for i in rows for _ in range(self.G)]
-        rewards, means = score(self.rewards, prompts, b.completions, answers, rollout + 1)
+        rewards, means = score(self.rewards, prompts, b.completions, answers, rollout * iterations + 1)
         scale = self.loss_type == "grpo"
         b.advantages = group_advantages(rewards.view(len(rows), self.G), scale).flatten().to(b.idx.device)
         if self.beta:
