@@ -102,7 +102,12 @@ def test_gptq_on_a_model_lowers_output_error_on_calibration_text(tiny_lm_dirs):
     ids = lm.tokenizer.encode(CALIB)
     batches = [torch.tensor([ids[i:i + 100]]) for i in range(0, len(ids), 100)]
     names = [n for n, m in lm.model.named_modules() if isinstance(m, nn.Linear) and not n.endswith("lm_head")]
-    assert set(collect_hessians(lm.model, batches, names)) == set(names)
+    hessians = collect_hessians(lm.model, batches, names)
+    assert set(hessians) == set(names)
+    assert len({id(h) for h in hessians.values()}) == 2 * 4  # per block: q/k/v, o, gate/up, down
+    x = torch.cat([lm.model.model.embed_tokens(b)[0] for b in batches])  # the first layer's q/k/v input
+    x = lm.model.model.layers[0].input_layernorm(x)
+    torch.testing.assert_close(hessians["model.layers.0.self_attn.v_proj"], 2 * x.T @ x / x.shape[0])
     with torch.no_grad():
         ref = _logits(lm, batches[0])
         errs = {}

@@ -151,13 +151,21 @@ def check_quantization(model: nn.Module, method: str, group_size: int | None = N
 
 
 def collect_hessians(model: nn.Module, batches: list[torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
-    """``X^T X / n`` (in, in) of the inputs of each linear layer in ``names`` over the calibration ``batches``
-    (token-id tensors (batch, seq), run through ``model`` without gradients): one matrix per layer in memory."""
+    """``2 X^T X / n`` (in, in) of the inputs of each linear layer in ``names`` over the calibration ``batches``
+    (token-id tensors (batch, seq), run through ``model`` without gradients). Layers fed the very same input tensor
+    one after the other (q/k/v, gate/up) share one matrix, computed once; memory is one (in x in) matrix per
+    distinct input, whatever the calibration length."""
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
+    leader: dict[str, str] = {}
+    last: list = [None, None]  # the last input seen (held, so its identity cannot be reused) and its layer
 
     def hook(name):
         def accumulate(module, inputs):
+            if inputs[0] is last[0]:  # the same tensor as the previous layer's: its matrix
+                leader[name] = leader[last[1]]
+                return
+            last[0], last[1], leader[name] = inputs[0], name, name
             x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float().cpu()
             sums[name] = sums.get(name, 0) + x.T @ x
             counts[name] = counts.get(name, 0) + x.shape[0]
@@ -171,7 +179,9 @@ def collect_hessians(model: nn.Module, batches: list[torch.Tensor], names: list[
     finally:
         for h in handles:
             h.remove()
-    return {n: 2 * sums[n] / counts[n] for n in sums}
+        last[0] = None
+    hessians = {n: 2 * sums[n] / counts[n] for n in sums}
+    return {n: hessians[leader[n]] for n in leader}
 
 
 def quantize_model(model: nn.Module, method: str, group_size: int | None = None, *, algorithm: str = "rtn",
