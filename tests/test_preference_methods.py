@@ -67,6 +67,13 @@ def test_kto_reference_point_and_loss_by_hand():
     assert z0.item() == pytest.approx(1 / 3) and not z0.requires_grad  # no gradient through z0
     assert kto_reference_point(torch.tensor([-3.0]), torch.tensor([-2.0])).item() == 0.0  # KL estimate < 0: clamped
     assert kto_reference_point(torch.zeros(0), torch.zeros(0)).item() == 0.0  # a batch of one: no mismatched pair
+    # under torchrun: (sum, count) summed over ranks; here rank 0 has no pair and the other rank diffs 1 and 2
+    other = torch.tensor([3.0, 2.0])
+
+    def add_other_rank(t):
+        t += other
+
+    assert kto_reference_point(torch.zeros(0), torch.zeros(0), add_other_rank).item() == pytest.approx(1.5)
     policy, ref = torch.tensor([-3.0, -5.0, -4.0]), torch.tensor([-4.0, -4.0, -4.0])  # r = 1, -1, 0
     desirable = torch.tensor([True, False, True])
     beta, w_d, w_u = 0.5, 1.0, 2.0
@@ -275,8 +282,8 @@ def test_bad_kto_data_is_one_line(tiny_lm_dirs, tmp_path, capsys):
 @pytest.mark.parametrize("method", ["orpo", "kto"])
 def test_two_ranks_under_torchrun(tiny_lm_dirs, tmp_path, capsys, method):
     """ORPO's loss is a mean over pairs: two ranks (half of every batch each) log the steps of one process. KTO's
-    reference point is estimated per rank (module docstring), so its two-rank run is checked to train and log
-    every step, not to equal one process."""
+    mismatched pairs are formed within each rank's share (its reference point is then averaged over the ranks),
+    so its two-rank run is checked to train and log every step, not to equal one process."""
     from lmforge.cli import main
     from test_distributed import assert_same_rows, losses, torchrun
 

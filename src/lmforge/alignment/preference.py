@@ -29,6 +29,7 @@ and rejected y_l responses. The losses take summed sequence log-probabilities, s
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -104,12 +105,18 @@ def simpo_loss(chosen_logp: Tensor, rejected_logp: Tensor, chosen_len: Tensor, r
     return -F.logsigmoid(margin - gamma).mean()
 
 
-def kto_reference_point(mismatched_policy: Tensor, mismatched_ref: Tensor) -> Tensor:
+def kto_reference_point(mismatched_policy: Tensor, mismatched_ref: Tensor,
+                        all_reduce: Callable[[Tensor], None] | None = None) -> Tensor:
     """KTO's z0: the batch KL estimate mean(log pi(y'|x) - log ref(y'|x)) over mismatched pairs (x, y'),
-    clamped at 0 and detached (the paper does not back-propagate through it). Empty inputs give 0."""
-    if mismatched_policy.numel() == 0:
-        return mismatched_policy.new_zeros(())
-    return (mismatched_policy - mismatched_ref).mean().clamp(min=0).detach()
+    clamped at 0 and detached (the paper does not back-propagate through it). No pairs give 0. ``all_reduce``
+    (in place, a sum over processes) makes the mean one over the whole data-parallel batch."""
+    diff = (mismatched_policy - mismatched_ref).detach()
+    total = torch.stack([diff.sum(), diff.new_tensor(float(diff.numel()))])
+    if all_reduce is not None:
+        all_reduce(total)
+    if total[1] == 0:
+        return total[0].new_zeros(())
+    return (total[0] / total[1]).clamp(min=0)
 
 
 def kto_loss(policy_logp: Tensor, ref_logp: Tensor, desirable: Tensor, z0: Tensor | float, beta: float = 0.1,

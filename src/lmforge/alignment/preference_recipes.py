@@ -17,9 +17,11 @@ as for DPO (``rlhf.load_policy``: LoRA by default, or every weight).
   ``{"prompt": ..., "completion": ..., "desirable": true|false}`` (``label`` is accepted for ``desirable``, as
   TRL names it). The file needs both kinds. Its figures: ``kl`` (the reference point z0 of the batch),
   ``reward_desirable``/``reward_undesirable`` (mean beta * (log pi - log ref) of each kind; 0 when a batch has
-  none) and ``reward_margin`` (their difference). The reference point is estimated per batch (per rank under
-  torchrun) from prompt i paired with completion i+1 (the paper's mismatched pairs); a batch of one example has
-  no mismatched pair and uses z0 = 0.
+  none) and ``reward_margin`` (their difference). The reference point is estimated per batch from prompt i
+  paired with completion i+1 (the paper's mismatched pairs); a batch of one example has no mismatched pair and
+  uses z0 = 0. Under torchrun the pairs are formed within each rank's share of the batch and their mean is taken
+  over all ranks (one z0 for the global batch, as the paper's batch estimate); held-out evaluation (rank 0
+  alone) estimates it per evaluation batch.
 
 ``eval_fraction`` holds out a seeded share (of pairs; of KTO records, a pair staying whole) and logs the same
 figures as ``eval_*`` before training, every ``eval_every`` steps and at the end.
@@ -274,6 +276,15 @@ class PairLossTrainer:
                                for s in range(0, len(items), batch_size)])
 
 
+def _sum_over_ranks():
+    """An in-place sum over the data-parallel ranks under torchrun; None in one process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.all_reduce
+    return None
+
+
 class KTOTrainer:
     """KTO on token examples (``TokenExample``) against a frozen reference (``ref_model``; None: the policy with
     its LoRA adapters off): the step function and the held-out evaluation."""
@@ -298,11 +309,12 @@ class KTOTrainer:
         mismatched = [(it.prompt, items[(i + 1) % B].completion[:self.max_len - len(it.prompt)])
                       for i, it in enumerate(items)] if B > 1 else []
         idx, labels = (t.to(device) for t in _sequences(matched + mismatched, self.pad_id))
+        reduce = _sum_over_ranks() if torch.is_grad_enabled() else None  # training steps run on every rank
         policy = response_logprobs(self.policy, idx[:B], labels[:B])
         ref = reference_logprobs(self.policy, self.ref_model, idx, labels)  # (B or 2B,), no gradient
         with torch.no_grad():
             z0 = kto_reference_point(response_logprobs(self.policy, idx[B:], labels[B:]) if mismatched
-                                     else policy.new_zeros(0), ref[B:])
+                                     else policy.new_zeros(0), ref[B:], reduce)
         desirable = torch.tensor([it.desirable for it in items], device=device)
         return policy, ref[:B], desirable, z0
 
