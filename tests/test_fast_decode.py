@@ -305,3 +305,12 @@ def test_lm_generate_compile_flag(tiny_lm_dirs, uncompiled, capsys):
     lm2 = lmforge.load(tiny_lm_dirs["chat"], compile=True)
     assert lm2.compile and lm2.generate(["hello there", "one two three four"], max_new_tokens=10) == plain
     assert "".join(lm2.stream("hello there", max_new_tokens=10)) == plain[0]
+
+
+def test_eval_compile_setting_reaches_generation(tiny_lm_dirs, uncompiled, capsys):
+    from lmforge.evaluation.harness import EvalConfig, load_model
+
+    lm = load_model(EvalConfig(data="unused.jsonl", model=str(tiny_lm_dirs["chat"]), compile=True))
+    assert lm.compile
+    lm.generate("hello", max_new_tokens=4)
+    assert "compiled the decode step (batch 1" in capsys.readouterr().err

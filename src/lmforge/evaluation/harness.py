@@ -102,6 +102,9 @@ class EvalConfig:
     """A PEFT adapter folder (LoRA or prompt tuning) to apply on top of the model."""
     quantize: Literal["int8"] | None = option(None, group=_MODEL)
     """Weight-only int8 linear layers: ~0.4x the weight memory."""
+    compile: bool = option(False, group=_MODEL)
+    """Generate with the torch.compile'd static-shape decode step (the same tokens; compiled once per batch shape,
+    the time on stderr)."""
     device: str = option("cpu", group=_MODEL)
     """cpu, cuda, cuda:1, ..."""
     dtype: str = option("auto", group=_MODEL)
@@ -238,7 +241,8 @@ def load_model(cfg: EvalConfig):
     """``cfg.model`` (plus adapter, quantisation, device, dtype) as a text-generating ``lmforge.LM``."""
     from lmforge.lm import LM, load
 
-    lm = load(cfg.model, device=cfg.device, dtype=cfg.dtype, adapter=cfg.adapter, quantize=cfg.quantize)
+    lm = load(cfg.model, device=cfg.device, dtype=cfg.dtype, adapter=cfg.adapter, quantize=cfg.quantize,
+              compile=cfg.compile)
     if not isinstance(lm, LM):
         raise LmforgeError(f"{cfg.model} is an encoder-only model ({lm.config.family}): it cannot generate text; "
                            "use `lmforge embed` for its embeddings")
