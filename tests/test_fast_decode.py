@@ -314,3 +314,44 @@ def test_eval_compile_setting_reaches_generation(tiny_lm_dirs, uncompiled, capsy
     assert lm.compile
     lm.generate("hello", max_new_tokens=4)
     assert "compiled the decode step (batch 1" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- admission: batched, chunked prefill
+
+def test_new_requests_share_a_prefill_and_a_long_prompt_is_prefilled_in_chunks(tiny_lm_dirs):
+    import time
+
+    import lmforge
+    from lmforge.deploy.batching import Engine, Sequence
+
+    lm = lmforge.load(tiny_lm_dirs["plain"])
+    short = [lm.tokenizer.encode(f"one two {w}", add_special_tokens=False) for w in ("fox", "dog", "the", "sea")]
+    long = lm.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 2, add_special_tokens=False)
+    assert len(long) > 30
+
+    def serve(chunk):
+        engine = Engine(lm.model, lm.tokenizer, [], max_batch=8, prefill_chunk=chunk).start()  # no EOS: fixed lengths
+        batches, a_at_b_first = [], []
+        start = engine._start_prefill
+        engine._start_prefill = lambda seqs: (batches.append(len(seqs)), start(seqs))[1]
+        try:
+            a = Sequence(short[0], 60)
+            engine.submit([a])
+            while len(a.token_ids) < 2:
+                time.sleep(0.01)
+            before = len(a.token_ids)
+            b = Sequence(long, 5, on_event=lambda seq, kind, value: a_at_b_first.append(len(a.token_ids)))
+            rest = [Sequence(p, 5) for p in short[1:]]
+            engine.submit([b])
+            engine.submit(rest)
+            for s in [a, b, *rest]:
+                assert s.done.wait(120)
+            return [s.token_ids for s in [a, b, *rest]], batches, a_at_b_first[0] - before
+        finally:
+            engine.stop()
+
+    whole, batches, _ = serve(None)
+    assert max(batches) >= 3  # requests waiting together are prefilled in one pass
+    chunked, _, a_tokens_during_b = serve(4)
+    assert chunked == whole  # the same greedy tokens, prefilled whole or in chunks of 4
+    assert a_tokens_during_b >= len(long) // 4 - 2  # the running stream got a token per chunk of the long prompt

@@ -16,6 +16,13 @@ most of the timeline is holes, ``_compact`` packs each row's columns against a s
 (keys are stored after RoPE, so moving them between columns changes nothing). When a row
 finishes, the last row moves into its slot so the running rows stay contiguous.
 
+Admission. Newly admitted requests are prefilled together, left-padded in one forward pass, into caches of
+their own (``_Prefill``), at most ``prefill_chunk`` tokens of work between two decode steps: short prompts share
+a pass (as many as fit in the chunk), a longer one is prefilled a chunk per step, so a long prompt delays the
+running streams by one chunk's forward pass per token instead of its whole prefill. When its prefill is done,
+each request's keys and values move into its slot at columns [cur - P, cur) and it joins the timeline. If a
+shared prefill fails, its requests are retried one by one, so a failing request never takes others down.
+
 With ``compile=True`` a decode step runs the static-shape step of ``generation.fast`` over the rows
 [0, nb) and columns [0, W) of the engine's caches, nb the running rows rounded up to a power of two and W the
 timeline rounded up to ``fast.WIDTH_STEP``: each (nb, W) is compiled once (the time on stderr) and the rows past
@@ -154,17 +161,52 @@ class _CacheRows:
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
+class _Prefill:
+    """Sequences being prefilled outside the engine's cache: left-padded in their own caches, chunk by chunk."""
+
+    def __init__(self, model: torch.nn.Module, seqs: list[Sequence], rows: list[_Row], device: torch.device):
+        self.seqs, self.rows = seqs, rows
+        lens = [len(s.prompt_ids) for s in seqs]
+        self.L = L = max(lens)
+        self.idx = torch.zeros((len(seqs), L), dtype=torch.long, device=device)
+        self.key_mask = torch.zeros((len(seqs), L), dtype=torch.bool, device=device)
+        for i, s in enumerate(seqs):
+            self.idx[i, L - lens[i]:] = torch.tensor(s.prompt_ids, dtype=torch.long, device=device)
+            self.key_mask[i, L - lens[i]:] = True
+        self.padded = min(lens) != L
+        self.positions = (self.key_mask.long().cumsum(-1) - 1).clamp(min=0)  # each row counts its own tokens
+        self.caches = model.make_caches(len(seqs), L)
+        self.done = 0  # prompt columns prefilled so far
+        self.logits: torch.Tensor | None = None  # (k, V) once done
+
+    def step(self, model: torch.nn.Module, chunk: int) -> bool:
+        """Prefill the next ``chunk`` columns (all of them for a chunk of None); True when the prompt is done."""
+        a = self.done
+        b = self.L if chunk is None else min(self.L, a + chunk)
+        mask = self.key_mask[:, :b] if self.padded else None
+        logits = model(self.idx[:, a:b], self.positions[:, a:b], mask, self.caches, a, last_only=True)[:, -1]
+        self.done = b
+        if b == self.L:
+            self.logits = logits
+        return b == self.L
+
+
 class Engine:
     """Runs ``Sequence``s with continuous batching on one model; see the module docstring."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, eos_ids: Seq[int], *, max_batch: int = 16,
-                 max_queue: int = 64, context: int | None = None, compile: bool = False):
+                 max_queue: int = 64, context: int | None = None, compile: bool = False,
+                 prefill_chunk: int | None = 512):
         cfg = model.config
         if getattr(cfg, "arch", "decoder") != "decoder":
             raise LmforgeError(f"serving needs a decoder-only model, this one is {cfg.arch}")
         if isinstance(model, PromptTunedLM):
             raise LmforgeError("serving a prompt-tuning adapter is not supported (its virtual tokens assume every "
                                "row starts at cache column 0); serve a LoRA adapter or use `lmforge generate`")
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise LmforgeError(f"prefill_chunk must be >= 1 (or None: whole prompts), got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
+        self.prefill: _Prefill | None = None  # the requests being prefilled, not yet in a slot
         if max_batch < 1 or max_queue < 0:
             raise LmforgeError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
         self.width = min(context or cfg.max_seq_len, cfg.max_seq_len)
@@ -253,22 +295,18 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self.cond:
-                    while not self.stopping and not self.waiting and not self.rows:
+                    while not self.stopping and not self.waiting and not self.rows and self.prefill is None:
                         self.cond.wait()
                     if self.stopping:
                         break
-                    new = []
-                    while self.waiting and len(self.rows) + len(new) < self.max_batch:
-                        new.append(self.waiting.popleft())
-                for seq in new:  # each admission on its own: a failing request never takes others down
-                    if seq.cancelled:
-                        seq._emit("done", "cancelled")
-                        continue
-                    try:
-                        self._admit(seq)
-                    except Exception as e:
-                        log.exception("the engine failed to start a request")
-                        self._fail_admission(seq, e)
+                    new = self._next_prefill() if self.prefill is None else []
+                for seq in [seq for seq in new if seq.cancelled]:
+                    seq._emit("done", "cancelled")
+                new = [seq for seq in new if not seq.cancelled]
+                if new:
+                    self._start_prefill(new)
+                if self.prefill is not None:
+                    self._prefill_step()
                 try:
                     self._retire([i for i, r in enumerate(self.rows) if r.seq.cancelled], "cancelled")
                     if self.rows:
@@ -280,9 +318,89 @@ class Engine:
                     self.rows, self.cur = [], 0
         with self.cond:
             left, self.waiting = [r.seq for r in self.rows] + list(self.waiting), deque()
-            self.rows = []
+            left += self.prefill.seqs if self.prefill is not None else []
+            self.rows, self.prefill = [], None
         for seq in left:
             seq._emit("error", "the server is shutting down")
+
+    def _next_prefill(self) -> list[Sequence]:
+        """Take the next requests to prefill from the waiting queue (under the lock): as many as have free slots
+        and fit in one chunk together (k rows x the longest prompt), at least one."""
+        new: list[Sequence] = []
+        longest = 0
+        while self.waiting and len(self.rows) + len(new) < self.max_batch:
+            P = max(longest, len(self.waiting[0].prompt_ids))
+            if new and self.prefill_chunk is not None and (len(new) + 1) * P > self.prefill_chunk:
+                break
+            new.append(self.waiting.popleft())
+            longest = P
+        return new
+
+    def _start_prefill(self, seqs: list[Sequence]) -> None:
+        started, rows = [], []
+        for seq in seqs:
+            try:
+                rows.append(_Row(seq, self.tokenizer, self.model.config.vocab_size, self.device))
+                started.append(seq)
+            except Exception as e:
+                log.exception("the engine failed to start a request")
+                self._fail_admission(seq, e)
+        if started:
+            try:
+                self.prefill = _Prefill(self.model, started, rows, self.device)
+            except Exception as e:
+                self._prefill_failed(started, e)
+
+    def _prefill_step(self) -> None:
+        """One chunk of the current prefill; when it completes, its requests join the running rows."""
+        pre = self.prefill
+        try:
+            if not pre.step(self.model, self.prefill_chunk):
+                return
+        except Exception as e:
+            self.prefill = None
+            self._prefill_failed(pre.seqs, e)
+            return
+        self.prefill = None
+        for i, (seq, row) in enumerate(zip(pre.seqs, pre.rows)):
+            if seq.cancelled:
+                seq._emit("done", "cancelled")
+                continue
+            try:
+                self._join(pre, i, row)
+            except Exception as e:
+                log.exception("the engine failed to start a request")
+                self._fail_admission(seq, e)
+
+    def _prefill_failed(self, seqs: list[Sequence], e: Exception) -> None:
+        """A prefill failed: one request alone gets the error; several are retried one by one (``_admit``)."""
+        if len(seqs) == 1:
+            log.exception("the engine failed to start a request")
+            self._fail_admission(seqs[0], e)
+            return
+        for seq in seqs:
+            try:
+                self._admit(seq)
+            except Exception as e2:
+                log.exception("the engine failed to start a request")
+                self._fail_admission(seq, e2)
+
+    def _join(self, pre: _Prefill, i: int, row: _Row) -> None:
+        """Move row i of a finished prefill into the next slot at columns [cur - P, cur) and take its first token."""
+        P, s = len(row.seq.prompt_ids), len(self.rows)
+        if self.cur < P:  # stretch the timeline: the new columns are holes for the running rows
+            self.key_mask[:s, self.cur:P] = False
+            self.cur = P
+        start = self.cur - P
+        self.key_mask[s] = False
+        self.key_mask[s, start:self.cur] = True
+        for c, pc in zip(self.caches, pre.caches):
+            c.k[s, :, start:self.cur] = pc.k[i, :, pre.L - P:]
+            c.v[s, :, start:self.cur] = pc.v[i, :, pre.L - P:]
+        logits = pre.logits[i:i + 1]
+        self.rows.append(row)
+        if not self._take(row, self._sample_row(logits, row), logits):
+            self._retire([s], None)
 
     def _views(self, lo: int, hi: int) -> list[_CacheRows]:
         return [_CacheRows(c, lo, hi) for c in self.caches]

@@ -62,6 +62,9 @@ class ServeConfig:
     compile: bool = False
     """Decode with torch.compile'd static-shape steps (the same tokens; each batch/timeline bucket compiles once,
     on first use, the time in the log)."""
+    prefill_chunk: int = option(512, min=1)
+    """Most prompt tokens prefilled between two decode steps: new requests that fit share one pass, a longer
+    prompt is prefilled a chunk per step, so running streams keep going."""
     threads: int | None = option(None, min=1)
     """Torch compute threads, used by the one engine thread that decodes (default: the allowed cores minus the
     1-minute load average, at least 1)."""

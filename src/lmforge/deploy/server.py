@@ -542,7 +542,7 @@ def serve(lm, cfg: ServeConfig, *, model_id: str, api_key: str | None = None, ad
 
     def engine_of(m) -> Engine:
         return Engine(m.model, m.tokenizer, m.eos_ids, max_batch=max_batch, max_queue=max_queue, context=context,
-                      compile=getattr(cfg, "compile", False))
+                      compile=cfg.compile, prefill_chunk=cfg.prefill_chunk)
 
     engine = engine_of(lm)
     app = create_app(lm, engine, model_id=model_id, api_key=api_key, aliases=aliases, max_body_bytes=max_body_bytes,
