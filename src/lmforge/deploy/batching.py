@@ -7,8 +7,8 @@ that receives text pieces and the end). It knows nothing about HTTP.
 The cache layout. Each layer's cache is (slots, n_kv_head, width, head_dim); the running
 sequences occupy rows [0, n). All rows share one timeline of columns: a decode step writes the
 new token of every row at column ``cur``, then ``cur`` advances. A request admitted between two
-steps is prefilled alone into its own row at columns [cur - P, cur), so it joins the timeline
-exactly like a left-padded row in ``generation.generate.DecoderSteps``: a per-row key mask
+steps gets its prompt's keys and values in its own row at columns [cur - P, cur) (see Admission),
+so it joins the timeline exactly like a left-padded row in ``generation.generate.DecoderSteps``: a per-row key mask
 hides every column that is not the row's own, and each row's position ids count its own tokens
 only, so a row decodes as it would alone (greedy outputs equal the request served by itself, up
 to float rounding in reductions over masked columns). When ``cur`` reaches the width, or when
