@@ -355,3 +355,17 @@ def test_new_requests_share_a_prefill_and_a_long_prompt_is_prefilled_in_chunks(t
     chunked, _, a_tokens_during_b = serve(4)
     assert chunked == whole  # the same greedy tokens, prefilled whole or in chunks of 4
     assert a_tokens_during_b >= len(long) // 4 - 2  # the running stream got a token per chunk of the long prompt
+
+
+def test_two_interleaved_generations_of_one_shape_do_not_share_caches(tiny, uncompiled):
+    model = tiny["llama"]
+    a, b = [[5, 6, 7, 8]], [[30, 31, 32, 33]]
+    eager = _run(model, a, 12) + _run(model, b, 12)
+    ga, gb = generate_tokens(model, a, 12, compile=True), generate_tokens(model, b, 12, compile=True)
+    rows = [[], []]
+    for sa, sb in zip(ga, gb):  # step by step, one then the other: the second runs while the first is open
+        rows[0].append(sa[0])
+        rows[1].append(sb[0])
+    assert rows == eager
+    assert _run(model, a, 12, compile=True) == [eager[0]]  # the step's caches are free again afterwards
+    assert not fast._STATES[model].entries[(1, 256, None)].in_use

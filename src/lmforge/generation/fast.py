@@ -107,6 +107,7 @@ class _Entry:
     step: object  # the compiled (or plain) callable
     compiled: bool
     warm: bool = False  # the first call (which compiles) has happened
+    in_use: bool = False  # a generation is decoding over this step's caches (they are not shared)
 
 
 @dataclass
@@ -116,6 +117,13 @@ class _ModelState:
 
 
 _STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def in_use(model: nn.Module, batch: int, width: int) -> bool:
+    """Whether a generation is decoding over the caches of ``model``'s step for this batch and width."""
+    state = _STATES.get(model)
+    entry = state.entries.get((batch, width, None)) if state is not None else None
+    return entry is not None and entry.in_use
 
 
 def compile_failed(model: nn.Module) -> str | None:

@@ -154,6 +154,7 @@ class StaticDecoderSteps(DecoderSteps):
         self.padded = min(lens) != L
         self.positions = (self.key_mask[:, :L].long().cumsum(-1) - 1).clamp(min=0)  # (B, L)
         self.entry = fast.decoder_for(model, B, W)
+        self.entry.in_use = True
         self.caches = list(self.entry.decoder.caches)  # reused across generations: prefill overwrites [0, L)
         self.step = 0
         self.pos = self.positions[:, -1:]  # (B, 1): the last position id of each row
@@ -175,8 +176,11 @@ def _decoder_steps(model, prompts, max_new_tokens: int, pad_id: int, use_cache: 
 
         why = (fast.static_support(model) or fast.compile_support(next(model.parameters()).device)
                or fast.compile_failed(model))
-        if why is None:
+        if why is None and not fast.in_use(model, len(prompts), fast.cache_width(
+                max(len(p) for p in prompts) + max_new_tokens, model.config.max_seq_len)):
             return StaticDecoderSteps(model, prompts, max_new_tokens, pad_id)
+        if why is None:  # another generation (another thread) is decoding over that shape's caches right now
+            return DecoderSteps(model, prompts, max_new_tokens, pad_id, use_cache)
         _say_once(model, f"lmforge: decoding without torch.compile: {why}")
     return DecoderSteps(model, prompts, max_new_tokens, pad_id, use_cache)
 
@@ -250,18 +254,22 @@ def _generate(model, prompts, max_new_tokens, params, eos_ids, pad_id, seed, use
                 seen[b] = False
                 seen[b, torch.tensor(list(p), dtype=torch.long, device=device)] = True
 
-    logits = steps.first()
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    for step in range(steps.max_new_tokens):
-        nxt = sample_next(logits, params, seen, generator)  # (B,)
-        nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
-        yield [None if f else int(t) for t, f in zip(nxt.tolist(), finished.tolist())]
-        finished |= torch.isin(nxt, eos)
-        if bool(finished.all()) or step == steps.max_new_tokens - 1:
-            return
-        if seen is not None:
-            seen[torch.arange(B, device=device), nxt] = True
-        logits = steps.next(nxt)
+    try:
+        logits = steps.first()
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        for step in range(steps.max_new_tokens):
+            nxt = sample_next(logits, params, seen, generator)  # (B,)
+            nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
+            yield [None if f else int(t) for t, f in zip(nxt.tolist(), finished.tolist())]
+            finished |= torch.isin(nxt, eos)
+            if bool(finished.all()) or step == steps.max_new_tokens - 1:
+                return
+            if seen is not None:
+                seen[torch.arange(B, device=device), nxt] = True
+            logits = steps.next(nxt)
+    finally:
+        if isinstance(steps, StaticDecoderSteps):
+            steps.entry.in_use = False  # its caches are free for the next generation of this shape
 
 
 class TextStream:
