@@ -14,7 +14,8 @@ Each case has one warm-up run per engine, then --repeats runs alternating betwee
 The batch-1 greedy tokens of the float columns are compared with lmforge's eager ones.
 
 More columns: ``--compile`` (lmforge's compiled static-shape decode; compiling happens in the warm-up run),
-``--quantize int8|int4`` (repeatable: weight-only int8 / int4 linears on PyTorch's packed CPU kernels), and
+``--quantize int8|int4`` (repeatable: weight-only int8 / int4 linears on PyTorch's packed CPU kernels; int4 is the
+GGUF's own Q4_1 weights, as llama.cpp runs them), and
 llama.cpp on the same GGUF when ``llama-bench`` is on PATH or ``$LLAMA_CPP_BIN`` names llama.cpp's build/bin
 (llama-bench for prefill and decode; llama-batched-bench, if there, for 8 sequences of the batch-1 prompt's
 length: the same token counts, not the same prompts). One row per case, ratios of the best lmforge column to
@@ -233,11 +234,10 @@ def main():
 
 
 def quantized(dtype, method):
-    """A fresh copy of the embedded model in ``dtype`` with ``method`` (int8 | int4) weight-only linears."""
-    from lmforge.models.quantized import quantize_model
-
-    model = lmforge.load().model.to(dtype).eval()
-    return quantize_model(model, method)
+    """A fresh copy of the embedded model in ``dtype`` with ``method`` weight-only linears, as ``lmforge.load``
+    builds them: int8 per output row; int4 takes the GGUF's own Q4_1 blocks (group 32) bit for bit, so the int4
+    column and llama.cpp's run the same weights."""
+    return lmforge.load(dtype=dtype, quantize=method).model.eval()
 
 
 if __name__ == "__main__":
