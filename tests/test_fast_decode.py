@@ -369,3 +369,16 @@ def test_two_interleaved_generations_of_one_shape_do_not_share_caches(tiny, unco
     assert rows == eager
     assert _run(model, a, 12, compile=True) == [eager[0]]  # the step's caches are free again afterwards
     assert not fast._STATES[model].entries[(1, 256, None)].in_use
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_compiled_step_over_packed_quantised_linears(hf_tiny, method, monkeypatch, capsys):
+    from lmforge.models.quantized import quantize_model
+
+    monkeypatch.setattr(fast, "_STATES", type(fast._STATES)())
+    config, state, _ = read_hf_dir(hf_tiny["llama"][1])
+    model = quantize_model(build_model(config, state), method, 32 if method == "int4" else None)
+    eager = _run(model, PROMPTS, 16)
+    assert _run(model, PROMPTS, 16, compile=True) == eager
+    assert "failed" not in capsys.readouterr().err

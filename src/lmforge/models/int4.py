@@ -183,6 +183,8 @@ class Int4Linear(nn.Module):
 
     def packed(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The CPU kernel's packed weight and (in / group, out, 2) scales_and_zeros in ``dtype`` (cached)."""
+        if torch.compiler.is_compiling() and self._packed is not None and self._packed[0][0] == dtype:
+            return self._packed[1], self._packed[2]  # packed by the eager prefill; data_ptr cannot be traced
         key = (dtype, self.qweight.data_ptr())
         if self._packed is None or self._packed[0] != key:
             n_pad = (-self.out_features) % _N_ALIGN
