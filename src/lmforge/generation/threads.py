@@ -17,9 +17,10 @@ import torch
 
 def allowed_cores() -> int:
     """Cores this process may run on."""
-    if hasattr(os, "sched_getaffinity"):
+    try:
         return max(1, len(os.sched_getaffinity(0)))
-    return os.cpu_count() or 1
+    except AttributeError:  # not on this platform (macOS, Windows)
+        return os.cpu_count() or 1
 
 
 def free_cores() -> int:
