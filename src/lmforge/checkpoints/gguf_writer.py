@@ -55,15 +55,13 @@ TYPES: dict[str, tuple[QT, LlamaFileType]] = {
     "q8_0": (QT.Q8_0, LlamaFileType.MOSTLY_Q8_0),
     "q4_0": (QT.Q4_0, LlamaFileType.MOSTLY_Q4_0),
 }
-# the GGUF spec of the families whose weights llama.cpp stores under another family's architecture
-_SPEC_OF = {"mistral": "llama"}
-
-
 def gguf_spec(config: ModelConfig) -> GGUFSpec:
     """The ``GGUFSpec`` a model is written with; ``LmforgeError`` for an architecture the writer does not support."""
-    fam = families.get(_SPEC_OF.get(config.family, config.family))
+    own = families.get(config.family)
+    fam = families.get(own.gguf_written_as) if own.gguf_written_as else own
     if config.arch != "decoder" or fam.gguf is None:
-        supported = sorted({*_SPEC_OF, *(n for n in families.names() if families.get(n).gguf is not None)})
+        supported = sorted(n for n in families.names() if families.get(n).gguf is not None
+                           or families.get(n).gguf_written_as)
         raise LmforgeError(f"GGUF export does not support the {config.family} family ({config.arch}); "
                            f"supported: {', '.join(supported)} decoders")
     return fam.gguf
@@ -92,17 +90,18 @@ def llama3_rope_factors(scaling: dict[str, Any], head_dim: int, theta: float) ->
     return out.astype(np.float32)
 
 
-def _check_layout(config: ModelConfig, arch: str) -> None:
+def _check_layout(config: ModelConfig, spec: GGUFSpec) -> None:
+    arch = spec.architecture
     if not (config.norm == "rmsnorm" and config.positions == "rope" and config.mlp == "swiglu"
             and config.norm_first and not config.fused_qkv):
         raise LmforgeError(f"GGUF export: a {config.family} model needs rmsnorm, rope, a swiglu MLP and separate "
                            "q/k/v projections to be written as GGUF architecture " + repr(arch))
     biases = {"qkv_bias": config.qkv_bias, "out_bias": config.out_bias, "mlp_bias": config.mlp_bias}
-    allowed = {"qkv_bias"} if arch == "qwen2" else set()
-    extra = [k for k, on in biases.items() if on and k not in allowed]
-    if extra or (arch == "qwen2" and not config.qkv_bias):
+    wanted = {k: bool(spec.config.get(k, False)) for k in biases}  # the biases the architecture fixes
+    if biases != wanted:
+        layout = " and ".join(k.removesuffix("_bias") for k, on in wanted.items() if on)
         raise LmforgeError(f"GGUF export: GGUF architecture {arch!r} as lmforge writes it has "
-                           f"{'biases on q, k and v only' if arch == 'qwen2' else 'no biases'}; this model has "
+                           f"{f'biases on {layout} only' if layout else 'no biases'}; this model has "
                            f"{', '.join(k for k, on in biases.items() if on) or 'none'}")
 
 
@@ -196,7 +195,7 @@ def write_gguf(model: torch.nn.Module, tokenizer: Any, path: str | os.PathLike, 
     config: ModelConfig = model.config
     spec = gguf_spec(config)
     arch = spec.architecture
-    _check_layout(config, arch)
+    _check_layout(config, spec)
     head_dim = config.head_dim or config.n_embd // config.n_head
     n_kv = config.n_kv_head or config.n_head
     scaling = config.rope_scaling

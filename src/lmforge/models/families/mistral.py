@@ -14,4 +14,5 @@ FAMILY = Family(
     from_hf=lambda hf, common: rope_decoder_from_hf(hf, common, "mistral"),
     to_hf=lambda c: rope_decoder_to_hf(c, "MistralForCausalLM"),
     ignored=ROPE_BUFFERS,
+    gguf_written_as="llama",
 )

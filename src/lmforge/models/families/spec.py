@@ -62,6 +62,8 @@ class Family:
     ignored: str | None = None  # regex over checkpoint names that are not weights (buffers, tied aliases)
     mlm_head: NameTemplates | None = None  # a masked-LM head's names, read only when asked for
     gguf: GGUFSpec | None = None
+    # the family whose GGUF layout llama.cpp writes this one with (Mistral: ``llama``); None: its own ``gguf``
+    gguf_written_as: str | None = None
 
     def __post_init__(self) -> None:
         if not self.hf_model_types:
