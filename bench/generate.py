@@ -87,9 +87,13 @@ def llama_cpp(gguf: Path, prompt_len: int, n: int, threads: int, repeats: int, b
     """llama.cpp on the same GGUF: (b1 prefill ms, b1 decode tok/s, b8 total tok/s or nan), from llama-bench
     (-p prompt_len -n n) and llama-batched-bench (8 sequences of prompt_len tokens, n new tokens each)."""
     bench = llama_cpp_bin("llama-bench")
-    out = subprocess.run([bench, "-m", str(gguf), "-p", str(prompt_len), "-n", str(n), "-t", str(threads),
-                          "-r", str(repeats), "-o", "json"], capture_output=True, text=True, check=True).stdout
-    tests = json.loads(out)
+    cmd = [bench, "-m", str(gguf), "-p", str(prompt_len), "-n", str(n), "-t", str(threads), "-r", str(repeats),
+           "-o", "json"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:  # a native build on an AMX CPU dies (SIGILL) in its repacked kernels: without them
+        print(f"(llama-bench exited with {done.returncode}; rerun with --repack 0, llama.cpp's plain CPU kernels)")
+        done = subprocess.run([*cmd, "--repack", "0"], capture_output=True, text=True, check=True)
+    tests = json.loads(done.stdout)
     pp = next(t["avg_ts"] for t in tests if t["n_prompt"] and not t["n_gen"])
     tg = next(t["avg_ts"] for t in tests if t["n_gen"] and not t["n_prompt"])
     total = float("nan")
