@@ -54,7 +54,7 @@ def _out_faults(verb: str, argv: str, flag: str = "-o") -> list[Probe]:
 
 TRAIN = "finetune --train {sft} -m {plain} --steps 1 --batch-size 1 --max-len 32"
 DPO = "rlhf dpo --data {pairs} -m {plain} --steps 1 --batch-size 1 --max-len 32"
-PPO = "rlhf ppo --prompts {prompts} -m {plain} --reward toy_reward:strings --steps 1 --batch-size 2 " \
+PPO = "rlhf ppo --prompts {prompts} -m {plain} --reward sweep_reward:strings --steps 1 --batch-size 2 " \
       "--mini-batch-size 2 -n 2 --threads 1"
 PRETRAIN = "pretrain -m tiny-llama --corpus {corpus} --steps 1 --batch-size 1 --seq-len 16 --tokenizer {plain}"
 GEN = "generate -m {chat} -n 4"
@@ -223,7 +223,7 @@ def world(tiny_lm_dirs, tmp_path_factory):
         paths[key] = str(data / name)
     (data / "a-file.jsonl").write_text("{}\n")
     (data / "latin1.txt").write_bytes(BAD + b"\n")
-    (data / "toy_reward.py").write_text("def strings(prompts, completions):\n    return ['good' for _ in completions]\n")
+    (data / "sweep_reward.py").write_text("def strings(prompts, completions):\n    return ['good' for _ in completions]\n")
     denied, how = _denied_folder(root)
     return dict(paths, **broken, chat=str(tiny_lm_dirs["chat"]), plain=str(tiny_lm_dirs["plain"]), enc=str(enc),
                 latin1=str(data / "latin1.txt"), denied=str(denied) if denied else None,

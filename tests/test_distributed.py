@@ -6,6 +6,7 @@ world size that does not divide the batch is one clear error. Plus the single-pr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -41,6 +42,15 @@ def torchrun(argv: list[str], nproc: int = 2, timeout: float = 240) -> subproces
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
            "127.0.0.1", "--master-port", str(free_port()), "-m", "lmforge.cli", *argv]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _process(pid: int):
+    import psutil
+
+    try:
+        return psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return None
 
 
 def losses(out: Path) -> list[dict]:
@@ -294,9 +304,16 @@ def test_two_ranks_killed_mid_run_resume_on_two_and_on_one(tmp_path, capsys):
                 pass
             time.sleep(0.02)
         assert proc.poll() is None, f"the run ended before it was killed: {proc.stderr.read()[-3000:]}"
-    finally:
+    finally:  # the whole tree: torchrun's workers need not share its process group
+        import psutil
+
+        tree = [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(recursive=True))]
         os.killpg(proc.pid, signal.SIGKILL)
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         proc.wait()
+        psutil.wait_procs([p for p in map(_process, tree) if p is not None], timeout=30)
     assert not (killed / "final").exists()
 
     for name in ("two", "single"):
