@@ -37,15 +37,24 @@ holds the policy, the optimiser, the prompt order and the rollout count.
 
 from __future__ import annotations
 
-import inspect
-import math
 import os
-import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+from lmforge.alignment.grpo_rewards import (  # noqa: F401 (the rewards are this recipe's API too)
+    EXTRACTORS,
+    REWARDS,
+    Reward,
+    extract_answer,
+    load_rewards,
+    load_tasks,
+    normalise_answer,
+    reference_answer,
+    registered_reward,
+    score,
+)
 from lmforge.alignment.rlhf import PolicyOptions
 from lmforge.errors import LmforgeError
 from lmforge.outputs import claims_output
@@ -55,8 +64,6 @@ from lmforge.training.tracking import Tracking
 if TYPE_CHECKING:
     from torch import Tensor, nn
 
-REWARDS = ("exact_match", "format", "length_penalty")
-EXTRACTORS = ("hashes", "last_number")
 LOSS_TYPES = ("grpo", "dr_grpo")
 STD_EPS = 1e-4
 GRPO_HINT = "GRPO keeps its last checkpoint; lower --lr or --beta, or check the rewards"
@@ -108,196 +115,6 @@ def grpo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, 
     stats = {"kl": (kl.detach() * mask).sum() / n_tokens,
              "clipfrac": ((clipped < unclipped).float() * mask).sum() / n_tokens}
     return loss, stats
-
-
-# ----------------------------------------------------------------------------- answers and rewards
-_NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
-
-
-def normalise_answer(text: str) -> str:
-    """An answer as compared: a number without $, thousands commas or a trailing .0 ("1,000.00" -> "1000"),
-    anything else stripped."""
-    s = text.strip().rstrip(".").replace("$", "").replace(",", "").strip()
-    try:
-        value = float(s)
-    except ValueError:
-        return s
-    if math.isfinite(value) and value == int(value):
-        return str(int(value))
-    return repr(value)
-
-
-def extract_answer(text: str, extractor: str = "hashes") -> str | None:
-    """The final answer of a completion: ``hashes``: the number after the last ``#### `` (GSM8K's format);
-    ``last_number``: the last number in the text. None when there is none."""
-    if extractor == "hashes":
-        found = re.findall(r"####\s*(" + _NUMBER.pattern + ")", text)
-    elif extractor == "last_number":
-        found = _NUMBER.findall(text)
-    else:
-        raise LmforgeError(f"unknown answer extractor {extractor!r}; choose one of: {', '.join(EXTRACTORS)}")
-    return normalise_answer(found[-1]) if found else None
-
-
-def reference_answer(raw: Any) -> str:
-    """A record's reference answer: the number after ``####`` when the text has one (a GSM8K solution), else the
-    whole text, normalised."""
-    text = str(raw)
-    return extract_answer(text, "hashes") if "####" in text and extract_answer(text, "hashes") else \
-        normalise_answer(text)
-
-
-ScoreFn = Callable[[list[str], list[str], list[str | None]], Any]
-
-
-@dataclass
-class Reward:
-    """One term of the reward: ``weight * fn(prompts, completions, answers)``."""
-
-    name: str
-    weight: float
-    fn: ScoreFn
-    needs_answers: bool = False
-    model: Any = None  # a reward-model folder's model (its vocabulary is checked against the policy's)
-
-
-def registered_reward(name: str, *, extractor: str, format_pattern: str, length_target: int) -> Reward:
-    """``exact_match``, ``format`` or ``length_penalty`` (see the module docstring)."""
-    if name == "exact_match":
-        return Reward(name, 1.0, lambda p, c, a: [float(extract_answer(x, extractor) == y) for x, y in zip(c, a)],
-                      needs_answers=True)
-    if name == "format":
-        pattern = re.compile(format_pattern)
-        return Reward(name, 1.0, lambda p, c, a: [float(pattern.search(x) is not None) for x in c])
-    if name == "length_penalty":
-        return Reward(name, 1.0, lambda p, c, a: [-max(0, len(x) - length_target) / length_target for x in c])
-    raise LmforgeError(f"unknown reward {name!r}; choose one of: {', '.join(REWARDS)}, a reward-model folder, or "
-                       "package.module:function")
-
-
-def load_rewards(names: Sequence[str], weights: Sequence[float] | None, *, extractor: str = "hashes",
-                 format_pattern: str = r"####\s*-?[\d,]*\.?\d+", length_target: int = 200,
-                 reward_input: str = "completion") -> list[Reward]:
-    """The reward terms of ``names`` (registered names, reward-model folders or ``module:function``)."""
-    from lmforge.alignment.rlhf import _scores, load_reward
-
-    if weights is not None and len(weights) != len(names):
-        raise LmforgeError(f"reward_weights (--reward-weights): {len(weights)} weights for {len(names)} rewards "
-                           f"({', '.join(names)}); give one weight per reward")
-    out = []
-    for i, name in enumerate(names):
-        weight = 1.0 if weights is None else float(weights[i])
-        if name in REWARDS:
-            term = registered_reward(name, extractor=extractor, format_pattern=format_pattern,
-                                     length_target=length_target)
-        elif not Path(name).exists() and ":" in name:
-            module, _, attr = name.partition(":")
-            try:
-                import importlib
-
-                fn = getattr(importlib.import_module(module), attr)
-            except (ImportError, AttributeError) as e:
-                raise LmforgeError(f"reward function {name!r} cannot be imported: {e}") from None
-            try:
-                params = inspect.signature(fn).parameters
-            except (TypeError, ValueError):
-                params = {}
-            takes = "answers" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-
-            def call(p, c, a, fn=fn, takes=takes, spec=name):
-                return _scores(fn(p, c, answers=a) if takes else fn(p, c), spec)
-
-            term = Reward(name, 1.0, call)
-        elif Path(name).exists():
-            fn, model = load_reward(name, reward_input)
-            term = Reward(name, 1.0, lambda p, c, a, fn=fn: fn(p, c), model=model)
-        else:
-            registered_reward(name, extractor=extractor, format_pattern=format_pattern, length_target=length_target)
-        term.weight = weight
-        out.append(term)
-    if not out:
-        raise LmforgeError("rewards (--rewards): no reward given")
-    return out
-
-
-def score(rewards: Sequence[Reward], prompts: list[str], completions: list[str], answers: list[str | None],
-          step: int | str) -> tuple[Tensor, dict[str, float]]:
-    """(the weighted sum of the rewards, (n,), float32; the mean of each term by name). A reward function that
-    raises, returns the wrong number of scores or a NaN/infinite one: ``LmforgeError`` naming it and ``step``."""
-    import torch
-
-    total = torch.zeros(len(completions), dtype=torch.float32)
-    means = {}
-    for term in rewards:
-        try:
-            raw = term.fn(prompts, completions, answers)
-        except LmforgeError:
-            raise
-        except Exception as e:  # a user's function: any failure is one line naming it
-            raise LmforgeError(f"reward function {term.name} raised {type(e).__name__}: {e} (at GRPO step {step}); "
-                               "stopping without saving") from None
-        s = torch.as_tensor(raw, dtype=torch.float32).detach().cpu()
-        if s.shape != (len(completions),):
-            raise LmforgeError(f"reward function {term.name} returned shape {tuple(s.shape)} for {len(completions)} "
-                               "completions; it must return one number per completion")
-        bad = (~torch.isfinite(s)).nonzero().flatten().tolist()
-        if bad:
-            raise LmforgeError(f"reward function {term.name} returned {float(s[bad[0]])} at GRPO step {step} (for "
-                               f"{len(bad)} of {len(s)} completions, e.g. {completions[bad[0]]!r}); stopping without "
-                               "saving: a reward must be a finite number")
-        total += term.weight * s
-        means[term.name] = float(s.mean())
-    return total, means
-
-
-# ----------------------------------------------------------------------------- prompts with answers
-def load_tasks(path: str | Path, *, prompt_field: str = "prompt", template: str | None = None,
-               answer_field: str | None = "answer", need_answers: bool = False, limit: int | None = None
-               ) -> tuple[list[str], list[str | None]]:
-    """(prompts, reference answers) from a .txt file (one prompt per line, no answers) or records: the prompt is
-    ``template.format(**record)`` or the record's ``prompt_field``; the answer its ``answer_field``. With
-    ``need_answers`` every prompt needs an answer (a one-line error names the first without)."""
-    from lmforge.alignment.rlhf import load_prompts
-    from lmforge.data.records import load_records
-
-    path = Path(path)
-    if path.suffix == ".txt" or path.name.endswith(".txt.gz"):
-        if need_answers:
-            raise LmforgeError(f"{path}: a text file holds prompts without answers, and the exact_match reward needs "
-                               "one per prompt: give records (.jsonl) with an answer field (--answer-field)")
-        prompts = load_prompts(path, prompt_field, limit)
-        return prompts, [None] * len(prompts)
-    if not path.is_file():
-        raise LmforgeError(f"prompts file {path} does not exist")
-    prompts, answers = [], []
-    for record in load_records(path)[:limit]:
-        fields = record.fields
-        if template is not None:
-            try:
-                prompt = template.format_map(fields)
-            except KeyError as e:
-                raise LmforgeError(f"{record.where}: the prompt template names the field {e.args[0]!r}, which the "
-                                   f"record lacks (fields: {', '.join(map(str, fields))})") from None
-            except (ValueError, IndexError, AttributeError) as e:
-                raise LmforgeError(f"prompt_template (--prompt-template): not a valid template ({e}); name record "
-                                   "fields as {field} and write a literal brace as {{ or }}") from None
-        else:
-            prompt = fields.get(prompt_field)
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise LmforgeError(f"{record.where}: no non-empty string field {prompt_field!r} (set --prompt-field "
-                                   "or --prompt-template)")
-        raw = fields.get(answer_field) if answer_field else None
-        if raw is None or (isinstance(raw, str) and not raw.strip()):
-            if need_answers:
-                raise LmforgeError(f"{record.where}: no answer (field {answer_field!r}): the exact_match reward needs "
-                                   "a reference answer for every prompt (set --answer-field)")
-            answers.append(None)
-        else:
-            answers.append(reference_answer(raw))
-        prompts.append(prompt)
-    if not prompts:
-        raise LmforgeError(f"{path}: no prompts (the file is empty)")
-    return prompts, answers
 
 
 # ----------------------------------------------------------------------------- the trainer
