@@ -33,8 +33,9 @@ from typing import Any, ClassVar, Literal
 from lmforge.checkpoints.resolve import DEFAULT_MODEL
 from lmforge.errors import LmforgeError
 from lmforge.evaluation.data import FieldMap
-from lmforge.evaluation.harness import EvalConfig, read_dataset, run_eval
+from lmforge.evaluation.harness import EvalConfig, one_or_several, read_dataset, run_eval
 from lmforge.evaluation.metrics import check_metrics
+from lmforge.io import write_json_atomic
 from lmforge.outputs import claim_output
 from lmforge.recipe_config import option, validate, write_config
 
@@ -49,6 +50,10 @@ class Setting:
     """The model (none: the embedded default model)."""
     adapter: str | None = option(None, cli=False)
     """A PEFT adapter folder on top of the model."""
+    quantize: Literal["int8", "int4"] | None = option(None, cli=False)
+    """Quantise the model's linear layers when it loads: int8 (per-row) or int4 (group 64, round to nearest), as
+    ``lmforge.load(quantize=...)``; one recipe can compare a model's float, int8 and int4 forms (a folder written
+    by ``lmforge quantize`` is loaded quantised as it is: leave this unset for it)."""
     shots: int = option(0, min=0, cli=False)
     """Worked examples before each query."""
     shots_file: str | None = option(None, cli=False)
@@ -99,8 +104,8 @@ class CompareConfig:
     data: Path
     """The dataset file."""
     settings: tuple[dict[str, Any] | Setting, ...] = option((), cli=False)
-    """The columns: mappings with a label and any of model, adapter, shots, shots_file, temperature, top_k, top_p,
-    repetition_penalty, seed, max_new_tokens (--setting adds one)."""
+    """The columns: mappings with a label and any of model, adapter, quantize, shots, shots_file, temperature, top_k,
+    top_p, repetition_penalty, seed, max_new_tokens (--setting adds one)."""
     defaults: dict[str, Any] = option(default_factory=dict, cli=False)
     """Setting fields every setting starts from (a setting's own keys win)."""
     out: Path = option(Path("compare_out"), flags=("-o", "--out"))
@@ -110,8 +115,10 @@ class CompareConfig:
     field), multiple_choice (by log-likelihood)."""
     input_field: str | None = option(None, group=_DATA)
     """The field holding the prompt text (instead of --prompt-template)."""
-    reference_field: str | None = option(None, group=_DATA)
-    """The field holding the reference output (needed by ROUGE/BLEU/...)."""
+    reference_field: str | tuple[str, ...] | None = option(None, sep=",", group=_DATA)
+    """The field holding the reference output (needed by ROUGE/BLEU/...); several references: comma-separated
+    fields (summary1,summary2,summary3; a list in YAML) or a field holding a list of strings (rouge1 is then
+    against the first reference, rouge1_best the best one)."""
     prompt_template: str | None = option(None, group=_DATA)
     """Build the prompt from fields: 'Summarize:\\n\\n{dialogue}\\n\\nSummary:' ({{ and }} are literal braces; on the
     command line \\n and \\t are unescaped)."""
@@ -120,8 +127,8 @@ class CompareConfig:
     answer_field: str | None = option(None, group=_DATA)
     """Multiple choice: the field holding the answer (index or choice text)."""
     metrics: tuple[str, ...] | None = option(None, sep=",", group=_DATA)
-    """Comma-separated: rouge1,rouge2,rougeL,rougeLsum,bleu,chrf,exact_match,toxicity (none: all but toxicity; the
-    toxicity task: toxicity)."""
+    """Comma-separated: rouge1,rouge2,rougeL,rougeLsum,bleu,chrf,exact_match,answer_match (the '#### N' answer of a
+    worked solution, as GSM8K's),toxicity (none: all but answer_match and toxicity; the toxicity task: toxicity)."""
     limit: int | None = option(None, min=1, group=_DATA)
     """Evaluate only the first N records."""
     batch_size: int = option(8, min=1, group=_DATA)
@@ -150,6 +157,12 @@ class CompareConfig:
     """float32 | bfloat16 | float16 | auto."""
     toxicity_scorer: str | None = option(None, cli=False)
     """Toxicity: a registered name, reward:PATH or module:function (none: profanity-check)."""
+    deployment_stats: bool = False
+    """Also measure, per setting, what the model costs to deploy: size on disk (MB), weights in memory (MB),
+    parameters, peak memory while evaluating (MB above the memory in use before the model loaded) and batch-1
+    greedy decode tokens/s on the first prompt (timed apart from the evaluation; see evaluation/deployment.py)."""
+    decode_tokens: int = option(64, min=2)
+    """Deployment stats: new tokens timed for the decode speed (after a short warm-up)."""
 
     def __post_init__(self) -> None:
         validate(self)
@@ -167,6 +180,7 @@ class CompareConfig:
                 raise LmforgeError(f"settings[{i}]: label {label!r} is used twice; labels must be unique")
         if self.metrics is not None:
             self.metrics = tuple(check_metrics(list(self.metrics)))
+        self.reference_field = one_or_several(self.reference_field)
         if self.input_field is None and self.prompt_template is None:
             raise LmforgeError("set input_field (--input-field) or prompt_template (--prompt-template): how a "
                                "record becomes a prompt")
@@ -220,6 +234,11 @@ class Result:
     summary: dict
     rows: list[dict]
 
+    @property
+    def deployment(self) -> dict | None:
+        """The deployment columns (``deployment_stats``), or None when they were not measured."""
+        return self.summary.get("deployment")
+
 
 def _read_run(run_dir: Path) -> tuple[dict, list[dict]]:
     import json
@@ -228,6 +247,19 @@ def _read_run(run_dir: Path) -> tuple[dict, list[dict]]:
         raise LmforgeError(f"{run_dir}: no summary.json / predictions.jsonl; run the comparison first")
     rows = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
     return json.loads((run_dir / "summary.json").read_text(encoding="utf-8")), rows
+
+
+def _deployment(cfg: CompareConfig, s: Setting, lm, peak: int | None) -> dict:
+    """The deployment columns of setting ``s`` (its model ``lm`` loaded, the evaluation done)."""
+    from lmforge.evaluation.deployment import stats
+    from lmforge.evaluation.harness import build_prompts
+
+    e = cfg.eval_config(s)
+    _, records, _ = read_dataset(e)
+    chat = lm.has_chat_template if e.chat is None else e.chat
+    prompt = build_prompts(lm, records, 1, e, chat, reserve=cfg.decode_tokens)[0]
+    return stats(lm, model=s.model, adapter=s.adapter, prompt_ids=prompt.ids, new_tokens=cfg.decode_tokens,
+                 peak=peak)
 
 
 def report_only(cfg: CompareConfig, command: str, *, force: bool = False) -> list[Result]:
@@ -248,33 +280,46 @@ def run_compare(cfg: CompareConfig, command: str, *, progress: bool = True, load
     returns the results. OUT is checked and locked first (``lmforge.outputs``: a folder holding other files
     needs ``force``).
 
-    ``loader(model, adapter)`` builds an ``LM`` (default ``lmforge.load``); one model is held at a time,
-    and consecutive settings on the same (model, adapter) reuse it.
+    ``loader(model, adapter)`` builds an ``LM`` (default ``lmforge.load``; a setting with ``quantize`` calls
+    ``loader(model, adapter, quantize=...)``); one model is held at a time, and consecutive settings on the same
+    (model, adapter, quantize) reuse it. With ``deployment_stats`` each setting's summary.json also holds
+    ``deployment`` (``evaluation.deployment.stats``).
     """
+    from lmforge.evaluation.deployment import PeakMemory
     from lmforge.evaluation.report import write_report
     from lmforge.lm import LM, load
 
     if loader is None:
-        def loader(model, adapter):
-            return load(model, adapter=adapter, device=cfg.device, dtype=cfg.dtype)
+        def loader(model, adapter, quantize=None):
+            return load(model, adapter=adapter, device=cfg.device, dtype=cfg.dtype, quantize=quantize)
     results: list[Result] = []
-    held_key, lm = None, None
+    held_key, lm, memory = None, None, None
     folders = run_folders(cfg.settings)
     if cfg.settings:  # a missing or malformed dataset fails before any model loads
         read_dataset(cfg.eval_config(cfg.settings[0]))
     with claim_output(cfg.out, "compare", force=force):
         for n, s in enumerate(cfg.settings, start=1):
-            key = (s.model, s.adapter)
+            key = (s.model, s.adapter, s.quantize)
             if key != held_key:
                 lm, held_key = None, None  # free the previous model before loading the next
-                lm = loader(s.model, s.adapter)
+                memory = PeakMemory(cfg.device) if cfg.deployment_stats else None
+                if memory is not None:
+                    memory.baseline()
+                lm = loader(s.model, s.adapter) if s.quantize is None else loader(s.model, s.adapter,
+                                                                                  quantize=s.quantize)
                 if not isinstance(lm, LM):
                     raise LmforgeError(f"setting {s.label!r}: {s.model} is not a text-generating model")
                 held_key = key
             print(f"[{n}/{len(cfg.settings)}] {s.label}", file=sys.stderr)
             run_dir = cfg.runs_dir() / folders[s.label]
-            run_eval(lm, cfg.eval_config(s, run_dir), progress=progress, label=s.label,
-                     extra={"label": s.label, "model": s.model or lm.name, "adapter": s.adapter}, force=force)
+            if memory is not None:
+                memory.start()
+            summary = run_eval(lm, cfg.eval_config(s, run_dir), progress=progress, label=s.label,
+                               extra={"label": s.label, "model": s.model or lm.name, "adapter": s.adapter,
+                                      "quantize": s.quantize}, force=force)
+            if memory is not None:
+                summary["deployment"] = _deployment(cfg, s, lm, memory.peak())
+                write_json_atomic(run_dir / "summary.json", summary)
             results.append(Result(s, *_read_run(run_dir)))
         write_report(cfg, results, command)
         write_config(cfg, cfg.out)

@@ -18,7 +18,17 @@ from lmforge.io import write_bytes_atomic, write_text_atomic
 
 # Metrics where lower is better (shown in the chart title).
 LOWER_IS_BETTER = {"perplexity", "nll_per_token", "toxicity_rate", "toxicity_mean"}
-SETTING_COLUMNS = ("model", "adapter", "shots", "temperature", "top_k", "top_p", "seed")
+SETTING_COLUMNS = ("model", "adapter", "quantize", "shots", "temperature", "top_k", "top_p", "seed")
+# The deployment columns (``deployment_stats``): header -> key in a summary's "deployment".
+DEPLOYMENT_COLUMNS = {"disk MB": "disk_mb", "weights MB": "weights_mb", "parameters": "parameters",
+                      "peak memory MB": "peak_mem_mb", "decode tok/s": "decode_tok_s"}
+DEPLOYMENT_NOTE = ("disk MB: the model folder (or .gguf file) and adapter as stored; a setting's load-time "
+                   "quantize is not on disk (see weights MB). weights MB: parameters and buffers in memory. "
+                   "parameters: weights the model represents (a quantised layer counts out x in). peak memory: the "
+                   "highest memory while evaluating (CPU: the process's resident-set high-water mark; CUDA: "
+                   "allocated) above what was in use before the model loaded. decode tok/s: batch 1, greedy, "
+                   "{n} new tokens on the first prompt after a warm-up, EOS ignored, timed apart from the "
+                   "evaluation.")
 
 
 def metric_names(results: Sequence) -> list[str]:
@@ -87,12 +97,30 @@ def _tables(results: Sequence) -> tuple[list[str], list[list], list[str], list[l
     return set_header, set_rows, ["setting", *names], metric_rows
 
 
+def _deployment_table(results: Sequence) -> tuple[list[str], list[list]] | None:
+    """The deployment columns, one row per setting (None when no setting measured them)."""
+    if not any(r.summary.get("deployment") for r in results):
+        return None
+    rows = [[r.setting.label, *[(r.summary.get("deployment") or {}).get(k) for k in DEPLOYMENT_COLUMNS.values()]]
+            for r in results]
+    return ["setting", *DEPLOYMENT_COLUMNS], rows
+
+
 def _example_text(row: dict) -> str:
     if "choices" in row:
         return f"{row['choices'][row['prediction']]} (choice {row['prediction']})"
     if "prediction" in row:
         return row["prediction"]
     return f"perplexity {row.get('perplexity', float('nan')):.4g}"
+
+
+def metric_note(results: Sequence) -> str:
+    """What the metrics table's numbers are; with several references per example, which column used which."""
+    note = "ROUGE: mean F-measure (rouge-score, stemmed; 0–1). BLEU and chrF: sacrebleu corpus scores (0–100)."
+    multi = next((r.summary["references"] for r in results if r.summary.get("references")), None)
+    if multi:
+        note += f" Several references per example ({', '.join(multi['fields'])}): {multi['scoring']}."
+    return note
 
 
 def _examples(results: Sequence, k: int) -> list[dict]:
@@ -102,6 +130,8 @@ def _examples(results: Sequence, k: int) -> list[dict]:
     for i in range(n):
         first = results[0].rows[i]
         ref = first.get("reference")
+        if first.get("references"):  # several: numbered, the first is the one rouge1... used
+            ref = "\n".join(f"[{j}] {x}" for j, x in enumerate(first["references"], start=1))
         if ref is None and "choices" in first:
             ref = first["choices"][first["answer"]]
         out.append({"input": first["input"], "reference": ref,
@@ -137,7 +167,11 @@ def write_report(cfg, results: Sequence, command: str) -> dict[str, Path]:
           f"Evaluation time: {total:.0f} s in all on {cfg.device} (model loading not included).", "",
           "## Settings", "", *_md_table(set_header, set_rows), "",
           "## Metrics", "", *_md_table(metric_header, metric_rows), "",
-          "ROUGE: mean F-measure (rouge-score, stemmed; 0–1). BLEU and chrF: sacrebleu corpus scores (0–100).", ""]
+          metric_note(results), ""]
+    deploy = _deployment_table(results)
+    note = DEPLOYMENT_NOTE.format(n=getattr(cfg, "decode_tokens", 64))
+    if deploy is not None:
+        md += ["## Deployment", "", *_md_table(*deploy), "", note, ""]
     md += [f"![{m}](chart_{m}.png)" for m in charts] + [""]
     md += ["## Example outputs", ""]
     for i, ex in enumerate(examples):
@@ -167,8 +201,9 @@ def write_report(cfg, results: Sequence, command: str) -> dict[str, Path]:
             f"<pre><code>{e(command)}</code></pre>{f'<p>{e(cfg.notes.strip())}</p>' if cfg.notes else ''}"
             f"<p>{e(facts.replace('`', ''))} Evaluation time: {total:.0f} s on {e(cfg.device)} "
             f"in all (model loading not included).</p><h2>Settings</h2>{table(set_header, set_rows)}"
-            f"<h2>Metrics</h2>{table(metric_header, metric_rows)}<p>ROUGE: mean F-measure (rouge-score, stemmed; "
-            f"0–1). BLEU and chrF: sacrebleu corpus scores (0–100).</p>{imgs}<h2>Example outputs</h2>{ex_html}"
+            f"<h2>Metrics</h2>{table(metric_header, metric_rows)}<p>{e(metric_note(results))}</p>"
+            + (f"<h2>Deployment</h2>{table(*deploy)}<p>{e(note)}</p>" if deploy is not None else "")
+            + f"{imgs}<h2>Example outputs</h2>{ex_html}"
             "</body></html>\n")
     write_text_atomic(out / "report.html", page)
     paths.update(md=out / "report.md", html=out / "report.html")
