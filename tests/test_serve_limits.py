@@ -188,7 +188,7 @@ def test_a_disconnect_is_seen_while_events_keep_arriving():
     only when the queue was quiet, so a busy generation kept running for a client that was gone)."""
     import asyncio
 
-    from lmforge.deploy import server as srv
+    from lmforge.deploy import responses as srv
 
     left_at = time.monotonic() + 0.3  # the client goes away 0.3 s into the generation
 
@@ -210,7 +210,7 @@ def test_a_disconnect_is_seen_while_events_keep_arriving():
         feeder = asyncio.create_task(feed())
         watch, events = srv.ClientWatch(Request()), 0
         try:
-            while await srv._next_event(queue, Engine(), watch) is not None and events < 500:  # 500: ~5 s
+            while await srv.next_event(queue, Engine(), watch) is not None and events < 500:  # 500: ~5 s
                 events += 1
         finally:
             feeder.cancel()

@@ -9,8 +9,10 @@ Supported request fields: model, prompt | messages, max_tokens (chat: also max_c
 temperature, top_p, n, stop, seed, stream, stream_options.include_usage, echo (completions), user,
 logprobs + top_logprobs (chat) and logprobs: k (completions, with ``echo`` and ``max_tokens: 0`` for
 scoring a prompt; logprobs are the model's raw log_softmax, before temperature and the other sampling
-settings); and two common extensions (as in vLLM): top_k and repetition_penalty. Fields that would change
-the output in ways lmforge does not implement (logit_bias, tools, penalties, ...) are
+settings); tools and tool_choice (chat; checked, rendered and parsed by ``deploy.tools``); response_format
+(chat: ``json_object`` / ``json_schema``, structured output, see ``ChatRequest.json_schema``); and two common
+extensions (as in vLLM): top_k and repetition_penalty. Fields that would change
+the output in ways lmforge does not implement (logit_bias, functions, penalties, ...) are
 refused with a 400 naming the field, never silently ignored. Sampling values are held to the ranges in
 ``generation.sampling`` (temperature 0 or in [0.01, 2], top_p in [1e-6, 1], repetition_penalty in
 [0.01, 100], seed in [0, 2**63)), so an accepted request cannot make sampling fail; text holding a lone
@@ -20,6 +22,7 @@ UTF-16 surrogate (JSON "\\ud800"), which no tokenizer can encode, is refused too
 from __future__ import annotations
 
 import base64
+import json
 import struct
 import time
 import uuid
@@ -171,25 +174,74 @@ class ChatRequest(_Common):
         return (self.top_logprobs or 0) if self.logprobs else None
 
     def unsupported(self) -> list[str]:
-        bad = [f for f in ("tools", "functions") if getattr(self, f)]
-        if self.tool_choice not in (None, "none"):
-            bad.append("tool_choice")
-        if self.response_format and self.response_format.get("type") != "text":
-            bad.append("response_format")
+        bad = ["functions"] if self.functions else []  # the deprecated form; tools / tool_choice: deploy.tools
         return super().unsupported() + bad
 
+    def json_schema(self) -> dict[str, Any] | bool | None:
+        """``response_format`` as structured output: None (free text), True (``json_object``: any JSON object) or
+        the schema of ``json_schema`` ({"type": "json_schema", "json_schema": {"name", "schema", "strict"}})."""
+        rf = self.response_format
+        if not rf:
+            return None
+        kind = rf.get("type")
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return True
+        if kind != "json_schema":
+            raise APIError(400, f"response_format.type must be 'text', 'json_object' or 'json_schema', got {kind!r}",
+                           param="response_format")
+        spec = rf.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            raise APIError(400, "response_format.json_schema must be an object with a 'name' and a 'schema'",
+                           param="response_format.json_schema")
+        schema = spec.get("schema", True)
+        if schema is not True and not isinstance(schema, dict):
+            raise APIError(400, "response_format.json_schema.schema must be a JSON schema object",
+                           param="response_format.json_schema.schema")
+        return schema
 
-ROLES = ("system", "developer", "user", "assistant")
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
-def chat_messages(raw: list[dict[str, Any]]) -> list[dict[str, str]]:
+def _tool_calls(i: int, calls: Any) -> list[dict[str, Any]]:
+    """An assistant message's ``tool_calls``, checked: [{"id", "type": "function", "function": {"name",
+    "arguments": a JSON object as a string}}]."""
+    where = f"messages[{i}].tool_calls"
+    if not isinstance(calls, list):
+        raise APIError(400, f"{where} must be a list of tool calls", param=where)
+    out = []
+    for j, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not isinstance(fn.get("arguments"), str):
+            raise APIError(400, f"{where}[{j}] must be {{\"id\", \"type\": \"function\", \"function\": "
+                                "{\"name\": str, \"arguments\": str}}", param=f"{where}[{j}]")
+        try:
+            args = json.loads(fn["arguments"])
+        except ValueError:
+            args = None
+        if not isinstance(args, dict):
+            raise APIError(400, f"{where}[{j}].function.arguments must be a JSON object as a string, got "
+                                f"{fn['arguments'][:80]!r}", param=f"{where}[{j}].function.arguments")
+        call_id = call.get("id") if isinstance(call.get("id"), str) else f"call_{i}_{j}"
+        out.append({"id": call_id, "type": "function", "function": {"name": fn["name"], "arguments": fn["arguments"]}})
+    return out
+
+
+def chat_messages(raw: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """OpenAI chat messages -> [{"role", "content": str}] for a chat template ("developer" -> "system";
-    content may be a string or a list of {"type": "text", "text": ...} parts)."""
+    content may be a string or a list of {"type": "text", "text": ...} parts). An assistant message may carry
+    ``tool_calls`` (its content then may be null; kept, checked) and a "tool" message (a tool's result) keeps its
+    ``tool_call_id``; ``deploy.tools.render_prompt`` renders both."""
     if not raw:
         raise APIError(400, "messages is empty; a conversation needs at least one message", param="messages")
     out = []
     for i, m in enumerate(raw):
         role, content = m.get("role"), m.get("content")
+        calls = _tool_calls(i, m["tool_calls"]) if role == "assistant" and m.get("tool_calls") else None
+        if calls and content is None:
+            content = ""
         if role not in ROLES:
             raise APIError(400, f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}",
                            param=f"messages[{i}].role")
@@ -204,7 +256,12 @@ def chat_messages(raw: list[dict[str, Any]]) -> list[dict[str, str]]:
         if not isinstance(content, str):
             raise APIError(400, f"messages[{i}].content must be a string or a list of text parts",
                            param=f"messages[{i}].content")
-        out.append({"role": "system" if role == "developer" else role, "content": content})
+        message: dict[str, Any] = {"role": "system" if role == "developer" else role, "content": content}
+        if calls:
+            message["tool_calls"] = calls
+        if role == "tool" and isinstance(m.get("tool_call_id"), str):
+            message["tool_call_id"] = m["tool_call_id"]
+        out.append(message)
     return out
 
 
@@ -297,12 +354,13 @@ def completion_body(rid: str, model: str, choices: list[tuple[str, str]], use: d
             "usage": use}
 
 
-def chat_body(rid: str, model: str, choices: list[tuple[str, str]], use: dict[str, int],
+def chat_body(rid: str, model: str, choices: list[tuple[str | dict[str, Any], str]], use: dict[str, int],
               logprobs: list[dict[str, Any] | None] | None = None) -> dict[str, Any]:
+    """choices: (the assistant's text, or its whole message (with ``tool_calls``), finish_reason) in index order."""
     logprobs = logprobs or [None] * len(choices)
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": lp,
-                         "finish_reason": f} for i, ((t, f), lp) in enumerate(zip(choices, logprobs))],
+            "choices": [{"index": i, "message": t if isinstance(t, dict) else {"role": "assistant", "content": t},
+                         "logprobs": lp, "finish_reason": f} for i, ((t, f), lp) in enumerate(zip(choices, logprobs))],
             "usage": use}
 
 
@@ -312,7 +370,7 @@ def completion_chunk(rid: str, model: str, created: int, index: int, text: str,
             "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
 
 
-def chat_chunk(rid: str, model: str, created: int, index: int, delta: dict[str, str],
+def chat_chunk(rid: str, model: str, created: int, index: int, delta: dict[str, Any],
                finish_reason: str | None = None, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
             "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}

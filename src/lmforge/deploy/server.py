@@ -7,7 +7,9 @@ vLLM's route; the playground's "show prompt"), ``/metrics``, ``/health`` and the
 ``BackgroundServer`` (the same app on an ephemeral loopback port in a thread, for tests and
 benchmarks). Requests are tokenised here and handed to ``deploy.batching.Engine``, whose
 scheduler thread batches all running requests together; its events come back to the event
-loop through ``loop.call_soon_threadsafe``.
+loop through ``loop.call_soon_threadsafe`` and are turned into the answer (one JSON body or a stream) by
+``responses.respond``. A chat request's ``tools`` / ``tool_choice`` are checked and rendered into the prompt by
+``deploy.tools``; the calls in the model's answer come back as ``message.tool_calls``.
 
 Several models can be served: the base, LoRA adapters on it (``adapters``; a request's ``model`` picks one,
 each has its own ``Engine`` so batches hold one adapter's rows) and an encoder for ``/v1/embeddings``.
@@ -22,14 +24,14 @@ Limits, so that no request can take the server down: the body limit, read deadli
 ``guards.py``'s, in front of the routes. Prompt text longer
 than ``CHARS_PER_TOKEN`` characters per context token is refused before tokenising, and tokenising
 runs in a worker thread, off the event loop. A non-streaming request whose client goes away is
-cancelled within ``POLL_S`` seconds plus one decode step, like a stream.
+cancelled within ``responses.POLL_S`` seconds plus one decode step, like a stream.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
+import json
 import logging
 import socket
 import sys
@@ -40,11 +42,11 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lmforge.deploy.batching import Engine, EngineBusy, Sequence, prompt_logprobs
+from lmforge.deploy.batching import Engine, Sequence, prompt_logprobs
 from lmforge.deploy.guards import MAX_BODY_BYTES, ApiKeyCheck, BodyLimit, http_protocol
 from lmforge.deploy.metrics import Metrics, MetricsMiddleware
 from lmforge.deploy.protocol import (
@@ -53,21 +55,14 @@ from lmforge.deploy.protocol import (
     CompletionRequest,
     EmbeddingRequest,
     TokenizeRequest,
-    chat_body,
-    chat_chunk,
-    chat_logprobs,
     chat_messages,
-    completion_body,
-    completion_chunk,
-    completion_logprobs,
     embedding_body,
     error_body,
     model_card,
-    new_id,
-    usage,
-    usage_chunk,
 )
+from lmforge.deploy.responses import Reply, respond
 from lmforge.deploy.serve_config import READ_TIMEOUT_S, ServeConfig
+from lmforge.deploy.tools import render_prompt, tool_plan
 from lmforge.errors import LmforgeError
 from lmforge.generation.sampling import SamplingParams
 
@@ -77,7 +72,6 @@ PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; script-src 'unsa
                                            "style-src 'unsafe-inline'; connect-src 'self'",
                 "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
 CHARS_PER_TOKEN = 32  # prompt text beyond this many characters per context token cannot fit: refused untokenised
-POLL_S = 0.25  # how often a waiting non-streaming request checks that its client is still there
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -256,7 +250,7 @@ def create_app(lm, engine: Engine, *, model_id: str, api_key: str | None = None,
         echo = [lm.tokenizer.decode(s.prompt_ids, skip_special_tokens=True) if req.echo else "" for s in seqs]
         reply = Reply("text_completion", canonical(req.model), token_text, k, [scored[s.index // req.n] for s in seqs],
                       metrics, start)
-        return await _respond(request, eng, seqs, reply, req, echo, sum(len(p) for p in prompts),
+        return await respond(request, eng, seqs, reply, req, echo, sum(len(p) for p in prompts),
                               submit=max_tokens > 0)
 
     @app.post("/v1/chat/completions")
@@ -267,16 +261,27 @@ def create_app(lm, engine: Engine, *, model_id: str, api_key: str | None = None,
         if not lm.has_chat_template:
             raise APIError(400, f"the model '{model_id}' has no chat template; use /v1/completions",
                            param="messages")
+        plan = tool_plan(req.tools, req.tool_choice)
         messages = chat_messages(req.messages)
-        check_chars([m["content"] for m in messages], "messages")
-        ids = await run_in_threadpool(lm.encode_messages, messages)
+        check_chars([m["content"] for m in messages] + [json.dumps(req.tools or [])], "messages")
+        if plan.tools or any(m["role"] == "tool" or "tool_calls" in m for m in messages):
+            text = await run_in_threadpool(render_prompt, lm.tokenizer, messages, plan)
+            ids = await run_in_threadpool(lm.tokenizer.encode, text, add_special_tokens=False)
+        else:
+            ids = await run_in_threadpool(lm.encode_messages, messages)
         max_tokens = req.max_completion_tokens or req.max_tokens or max(1, engine.width - len(ids))
         check_lengths(len(ids), max_tokens)
         params, stops, k = sampling(req), req.stop_list(), req.logprob_k()
-        seqs = [Sequence(ids, max_tokens, params, stop=stops, seed=req.seed_for(j), index=j, logprobs=k)
-                for j in range(req.n)]
-        reply = Reply("chat.completion", canonical(req.model), token_text, k, [[] for _ in seqs], metrics, start)
-        return await _respond(request, eng, seqs, reply, req, [""] * req.n, len(ids))
+        schema = req.json_schema()  # structured output: each choice gets its own constraint state
+        try:
+            states = await run_in_threadpool(lm.constraint_states, req.n, schema) if schema is not None else None
+        except LmforgeError as e:  # an impossible schema: name it
+            raise APIError(400, f"response_format: {e}", param="response_format") from None
+        seqs = [Sequence(ids, max_tokens, params, stop=stops, seed=req.seed_for(j), index=j, logprobs=k,
+                         constraint=states[j] if states else None) for j in range(req.n)]
+        reply = Reply("chat.completion", canonical(req.model), token_text, k, [[] for _ in seqs], metrics, start,
+                      tools=plan)
+        return await respond(request, eng, seqs, reply, req, [""] * req.n, len(ids))
 
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest):
@@ -369,163 +374,6 @@ def _completion_prompts(prompt: Any, tokenizer) -> list[list[int]]:
                                     f"(size {tokenizer.vocab_size})", param="prompt")
             out.append(list(p))
     return out
-
-
-class Reply:
-    """What a completion request's answer needs besides its sequences: its kind ("text_completion" or
-    "chat.completion"), the model id it names, how a token id reads as text, the logprobs asked for (None or
-    top k), each choice's echoed prompt logprobs, and where its timings and token counts go."""
-
-    def __init__(self, kind: str, model_id: str, token_text, k: int | None, prefix: list[list], metrics: Metrics,
-                 start: float):
-        self.kind, self.model_id, self.token_text, self.k, self.prefix = kind, model_id, token_text, k, prefix
-        self.metrics, self.start, self.first = metrics, start, True
-        self.chat = kind == "chat.completion"
-        self.offsets = [0] * len(prefix)
-
-    def token_seen(self) -> None:
-        if self.first:
-            self.first = False
-            self.metrics.first_token(time.monotonic() - self.start)
-
-    def logprobs(self, index: int, entries: list) -> dict[str, Any] | None:
-        """Entries in the response's shape (None when logprobs were not asked for); a completion choice's
-        text offsets continue from its previous call's."""
-        if self.k is None:
-            return None
-        if self.chat:
-            return chat_logprobs(entries, self.token_text)
-        out = completion_logprobs(entries, self.token_text, self.offsets[index])
-        self.offsets[index] += sum(len(self.token_text(t)[1].decode("utf-8", errors="ignore")) for t, _, _ in entries)
-        return out
-
-
-async def _respond(request: Request, engine: Engine, seqs: list[Sequence], reply: Reply, req, echo: list[str],
-                   prompt_tokens: int, submit: bool = True):
-    """Submit the sequences and answer with one JSON body, or a stream of server-sent events. ``submit=False``
-    (``max_tokens: 0``): generate nothing, answer the echo (and its logprobs) alone."""
-    loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-
-    def on_event(seq: Sequence, what: str, value: Any) -> None:
-        loop.call_soon_threadsafe(queue.put_nowait, (seq.index, what, value))
-
-    for s in seqs:
-        s.on_event = on_event
-    if submit:
-        try:
-            engine.submit(seqs)
-        except EngineBusy as e:
-            raise APIError(503, str(e), type="server_error", code="server_overloaded") from None
-    else:
-        for s in seqs:
-            queue.put_nowait((s.index, "done", "length"))
-    rid = new_id("cmpl" if not reply.chat else "chatcmpl")
-    if req.stream:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        events = _stream(engine, seqs, queue, rid, reply, echo, include_usage, prompt_tokens)
-        return StreamingResponse(events, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    texts, reasons, pending, watch = list(echo), [""] * len(seqs), len(seqs), ClientWatch(request)
-    entries = [list(p) for p in reply.prefix]
-    try:
-        while pending:
-            event = await _next_event(queue, engine, watch)
-            if event is None:  # the client went away: the finally below frees the slots
-                return Response(status_code=499)
-            index, what, value = event
-            if what == "text":
-                reply.token_seen()
-                texts[index] += value
-            elif what == "logprob":
-                reply.token_seen()
-                entries[index].append(value)
-            elif what == "done":
-                reasons[index], pending = value, pending - 1
-            else:
-                raise APIError(500, value, type="server_error")
-    finally:
-        if pending:
-            engine.cancel(seqs)
-    completion_tokens = sum(len(s.token_ids) for s in seqs)
-    reply.metrics.tokens(prompt_tokens, completion_tokens)
-    use = usage(prompt_tokens, completion_tokens)
-    logprobs = [reply.logprobs(i, e) for i, e in enumerate(entries)]
-    body = (chat_body if reply.chat else completion_body)(rid, reply.model_id, list(zip(texts, reasons)), use,
-                                                          logprobs)
-    return JSONResponse(body)
-
-
-class ClientWatch:
-    """Whether a request's client has gone away, asked of the server at most every ``POLL_S`` seconds however
-    fast the request's events arrive (a busy generation must not hide a disconnect)."""
-
-    def __init__(self, request: Request | None):
-        self.request, self.next_check = request, 0.0
-
-    async def gone(self) -> bool:
-        now = time.monotonic()
-        if self.request is None or now < self.next_check:
-            return False
-        self.next_check = now + POLL_S
-        return await self.request.is_disconnected()
-
-
-async def _next_event(queue: asyncio.Queue, engine: Engine, watch: ClientWatch) -> tuple[int, str, str] | None:
-    """The next (index, kind, value) event of a request; None once its client has gone away (see
-    ``ClientWatch``). An engine that stopped without answering is an error."""
-    while True:
-        if await watch.gone():
-            return None
-        try:
-            return await asyncio.wait_for(queue.get(), POLL_S)
-        except asyncio.TimeoutError:
-            if not engine.thread.is_alive() and queue.empty():
-                return -1, "error", "the server is shutting down"
-
-
-def _sse(data: dict[str, Any] | str) -> str:
-    import json
-
-    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
-
-
-async def _stream(engine, seqs, queue, rid, reply: Reply, echo, include_usage, prompt_tokens):
-    created, pending, chat, model_id = int(time.time()), len(seqs), reply.chat, reply.model_id
-    waiting = [[] for _ in seqs]  # logprob entries whose text has not been sent yet
-    try:
-        for s in seqs:
-            if chat:
-                yield _sse(chat_chunk(rid, model_id, created, s.index, {"role": "assistant", "content": ""}))
-            elif echo[s.index] or reply.prefix[s.index]:
-                yield _sse(completion_chunk(rid, model_id, created, s.index, echo[s.index],
-                                            logprobs=reply.logprobs(s.index, reply.prefix[s.index])))
-        while pending:  # a client that goes away cancels this generator (Starlette watches the connection)
-            index, what, value = await _next_event(queue, engine, ClientWatch(None))
-            if what == "logprob":
-                reply.token_seen()
-                waiting[index].append(value)
-            elif what == "text":
-                reply.token_seen()
-                lp, waiting[index] = reply.logprobs(index, waiting[index]), []
-                yield _sse(chat_chunk(rid, model_id, created, index, {"content": value}, logprobs=lp) if chat else
-                           completion_chunk(rid, model_id, created, index, value, logprobs=lp))
-            elif what == "done":
-                pending -= 1
-                lp, waiting[index] = (reply.logprobs(index, waiting[index]) if waiting[index] else None), []
-                yield _sse(chat_chunk(rid, model_id, created, index, {}, value, logprobs=lp) if chat else
-                           completion_chunk(rid, model_id, created, index, "", value, logprobs=lp))
-            else:
-                yield _sse(error_body(value, type="server_error"))
-                return
-        completion_tokens = sum(len(s.token_ids) for s in seqs)
-        reply.metrics.tokens(prompt_tokens, completion_tokens)
-        if include_usage:
-            kind = "chat.completion.chunk" if chat else "text_completion"
-            yield _sse(usage_chunk(rid, model_id, created, kind, usage(prompt_tokens, completion_tokens)))
-        yield _sse("[DONE]")
-    finally:  # the client went away (or the stream ended): free the slots
-        if pending:
-            engine.cancel(seqs)
 
 
 def serve(lm, cfg: ServeConfig, *, model_id: str, api_key: str | None = None, adapters: dict | None = None,
