@@ -7,11 +7,16 @@
     >>> lm.chat([{"role": "user", "content": "Hi!"}])
 
 Prompts go through the model's chat template by default when it has one (``chat=None``);
-pass ``chat=False`` for raw text completion.
+pass ``chat=False`` for raw text completion. Structured output: ``json_schema={...}`` (a JSON schema; ``True``:
+any JSON object) or ``regex="..."`` constrains generate/stream/chat (``generation.constrained``).
+
+    >>> lm.generate("Name a city as JSON", json_schema={"type": "object", "properties": {"city": {"type": "string"}},
+    ...                                                 "required": ["city"]})
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +27,7 @@ import torch
 from lmforge.checkpoints.resolve import DEFAULT_MODEL, ModelSource, build_model, resolve
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
+from lmforge.generation.constrained import ConstraintState, make_constraint
 from lmforge.generation.generate import TextStream, generate_tokens
 from lmforge.generation.sampling import SamplingParams
 from lmforge.tokenizer import Tokenizer
@@ -185,8 +191,15 @@ class LM:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
+    def constraint_states(self, n: int, json_schema: dict[str, Any] | bool | None = None,
+                          regex: str | None = None) -> list[ConstraintState] | None:
+        """Structured output: one fresh state per prompt for a JSON schema or a regex (None: free text)."""
+        constraint = make_constraint(self.tokenizer, json_schema=json_schema, regex=regex,
+                                     vocab_size=self.config.vocab_size, eos_ids=self.eos_ids)
+        return None if constraint is None else [constraint.new_state() for _ in range(n)]
+
     def _token_stream(self, prompts: Sequence[Prompt], chat, max_new_tokens, temperature, top_k, top_p,
-                      repetition_penalty, seed, stop, compile=None):
+                      repetition_penalty, seed, stop, compile=None, states=None):
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
                                 repetition_penalty=repetition_penalty)
         stop = [stop] if isinstance(stop, str) else list(stop or [])
@@ -194,16 +207,28 @@ class LM:
         pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else (self.eos_ids or [0])[0]
         streams = [TextStream(self.tokenizer, stop) for _ in prompts]
         steps = generate_tokens(self.model, ids, max_new_tokens, params, eos_ids=self.eos_ids, pad_id=pad, seed=seed,
-                                compile=self.compile if compile is None else compile)
+                                compile=self.compile if compile is None else compile, constraints=states)
         return steps, streams
+
+    @staticmethod
+    def _warn_incomplete(states: list[ConstraintState] | None, max_new_tokens: int) -> None:
+        """Say so when a constrained output ended before it was complete: it does not match, never claim it does."""
+        for i, state in enumerate(states or []):
+            if not state.is_accepting:
+                which = f"output {i}" if len(states) > 1 else "the output"
+                warnings.warn(f"{which} is incomplete: generation ended (max_new_tokens={max_new_tokens} or a stop "
+                              f"string) before it matched {state.constraint.what}", stacklevel=3)
 
     def stream(self, prompt: Prompt, *, chat: bool | None = None, max_new_tokens: int = 256,
                temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                repetition_penalty: float = 1.0, seed: int | None = None,
-               stop: str | Sequence[str] | None = None, compile: bool | None = None) -> Iterator[str]:
-        """Yield the generated text piece by piece as tokens arrive (``compile``: as in ``generate``)."""
+               stop: str | Sequence[str] | None = None, compile: bool | None = None,
+               json_schema: dict[str, Any] | bool | None = None, regex: str | None = None) -> Iterator[str]:
+        """Yield the generated text piece by piece as tokens arrive (``compile``, ``json_schema``, ``regex``: as in
+        ``generate``)."""
+        states = self.constraint_states(1, json_schema, regex)
         steps, (ts,) = self._token_stream([prompt], chat, max_new_tokens, temperature, top_k, top_p,
-                                          repetition_penalty, seed, stop, compile)
+                                          repetition_penalty, seed, stop, compile, states)
         eos = set(self.eos_ids)
         for (tok,) in steps:
             if tok is None or tok in eos:
@@ -213,20 +238,27 @@ class LM:
                 yield piece
             if ts.stopped:
                 steps.close()
+                self._warn_incomplete(states, max_new_tokens)
                 return
         tail = ts.finish()
         if tail:
             yield tail
+        self._warn_incomplete(states, max_new_tokens)
 
     def generate(self, prompt: Prompt | Sequence[Prompt], *, chat: bool | None = None, max_new_tokens: int = 256,
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                  repetition_penalty: float = 1.0, seed: int | None = None,
-                 stop: str | Sequence[str] | None = None, compile: bool | None = None) -> str | list[str]:
+                 stop: str | Sequence[str] | None = None, compile: bool | None = None,
+                 json_schema: dict[str, Any] | bool | None = None, regex: str | None = None) -> str | list[str]:
         """Generate for one prompt (returns str) or a batch (a list of prompts; returns list[str]).
 
         A batch is decoded together with left padding; each row stops at EOS, a stop string or
         ``max_new_tokens``. temperature 0 = greedy; ``seed`` makes sampling reproducible. ``compile``: decode
         through the compiled static-shape step (None: the ``compile`` given to ``load``); the same tokens.
+        Structured output: ``json_schema`` (a JSON schema as a dict; ``True``: any JSON object) or ``regex`` (matched
+        in full) constrains every output to it; an output cut short by ``max_new_tokens`` or a stop string is
+        incomplete and a warning says so. A schema that nothing can satisfy or an invalid regex raises
+        LmforgeError.
         """
         single = isinstance(prompt, str) or (isinstance(prompt, list) and bool(prompt)
                                              and all(isinstance(m, dict) for m in prompt))
@@ -235,8 +267,9 @@ class LM:
         prompts = [prompt] if single else list(prompt)
         if not prompts:
             raise LmforgeError("no prompts given")
+        states = self.constraint_states(len(prompts), json_schema, regex)
         steps, streams = self._token_stream(prompts, chat, max_new_tokens, temperature, top_k, top_p,
-                                            repetition_penalty, seed, stop, compile)
+                                            repetition_penalty, seed, stop, compile, states)
         eos = set(self.eos_ids)
         done = [False] * len(prompts)
         for toks in steps:
@@ -253,6 +286,7 @@ class LM:
         for s in streams:
             s.finish()
             outs.append(s.text)
+        self._warn_incomplete(states, max_new_tokens)
         return outs[0] if single else outs
 
     def chat(self, messages: list[dict[str, str]], **kwargs: Any) -> str:

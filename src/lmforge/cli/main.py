@@ -106,6 +106,12 @@ def cmd_generate(a: argparse.Namespace) -> int:
         shown = lm.tokenizer.decode(lm.encode(query, chat=chat), skip_special_tokens=False)
         print(f"--- prompt ---\n{shown}\n--- output ---", file=sys.stderr)
     kwargs = sampling_kwargs(a)
+    if a.json_schema is not None or a.regex is not None:
+        from lmforge.generation.constrained import read_schema
+
+        if a.json_schema is not None and a.regex is not None:
+            raise LmforgeError("give either --json-schema or --regex, not both")
+        kwargs.update(json_schema=None if a.json_schema is None else read_schema(a.json_schema), regex=a.regex)
     if a.stream:
         for piece in lm.stream(query, chat=chat, **kwargs):
             print(piece, end="", flush=True)
@@ -285,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--raw", action="store_true", help="do not apply the chat template: plain text completion")
     g.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     g.add_argument("--show-prompt", action="store_true", help="print the exact prompt text to stderr first")
+    g.add_argument("--json-schema", metavar="FILE",
+                   help="structured output: the answer is JSON valid against the JSON schema in FILE "
+                        "(README \"Structured output\")")
+    g.add_argument("--regex", metavar="PATTERN", help="structured output: the whole answer matches this regex")
     add_model_args(g)
     add_speed_args(g)
     add_sampling_args(g)

@@ -30,7 +30,10 @@ the running ones compute on throwaway inputs in free slots. Models the static st
 
 A sequence may ask for logprobs (``Sequence(logprobs=k)``): each sampled token's log-probability and the k
 likeliest alternatives, from the raw logits (before temperature and the other sampling settings), sent as
-"logprob" events. One engine serves one model: the server runs one per LoRA adapter, so a batch never mixes
+"logprob" events. A sequence may carry structured output (``Sequence(constraint=...)``, a
+``generation.constrained.ConstraintState`` of its own): its mask is applied to its row's logits before sampling
+(greedy or sampled), each token advances it, and the row ends with "stop" once its output is complete and
+nothing else may follow. One engine serves one model: the server runs one per LoRA adapter, so a batch never mixes
 adapters.
 
     engine = Engine(lm.model, lm.tokenizer, lm.eos_ids, max_batch=16, max_queue=64).start()
@@ -49,6 +52,7 @@ from typing import Any
 import torch
 
 from lmforge.errors import LmforgeError
+from lmforge.generation.constrained import ConstraintState
 from lmforge.generation.generate import TextStream
 from lmforge.generation.sampling import SamplingParams, check_seed, sample_next
 from lmforge.peft.prompt_tuning import PromptTunedLM
@@ -102,8 +106,9 @@ class Sequence:
 
     def __init__(self, prompt_ids: Seq[int], max_new_tokens: int, params: SamplingParams = SamplingParams(), *,
                  stop: Seq[str] = (), seed: int | None = None, on_event: EventCallback | None = None,
-                 index: int = 0, logprobs: int | None = None):
+                 index: int = 0, logprobs: int | None = None, constraint: ConstraintState | None = None):
         check_seed(seed)
+        self.constraint = constraint  # structured output: this sequence's own state, or None
         self.logprobs = logprobs  # None: no logprobs; k: each sampled token's logprob and the top k
         self.prompt_ids = list(prompt_ids)
         self.max_new_tokens, self.params, self.stop, self.seed = max_new_tokens, params, list(stop), seed
@@ -487,7 +492,10 @@ class Engine:
 
     def _sample_row(self, logits: torch.Tensor, row: _Row, greedy: int | None = None) -> int:
         """logits (1, V) -> the row's next token, with its own sampling settings and generator."""
-        p = row.seq.params
+        p, state = row.seq.params, row.seq.constraint
+        if state is not None:  # structured output: only the tokens its constraint allows, greedy or sampled
+            allowed = state.allowed_mask()[None].to(logits.device)
+            return int(sample_next(logits, p, row.seen, row.generator, allowed)[0])
         if not p.greedy or p.repetition_penalty != 1.0:
             return int(sample_next(logits, p, row.seen, row.generator)[0])
         return int(logits[0].argmax()) if greedy is None else greedy
@@ -501,13 +509,15 @@ class Engine:
         self.tokens += 1
         if tok in self.eos:
             return self._finish(row, "stop")
+        if seq.constraint is not None:
+            seq.constraint.advance(tok)
         if seq.logprobs is not None and logits is not None:
             seq._emit("logprob", token_logprobs(logits, [tok], seq.logprobs)[0])
         piece = row.text.push(tok)
         if piece:
             seq.text += piece
             seq._emit("text", piece)
-        if row.text.stopped:
+        if row.text.stopped or (seq.constraint is not None and seq.constraint.is_done):
             return self._finish(row, "stop")
         if len(seq.token_ids) >= seq.max_new_tokens:
             return self._finish(row, "length")

@@ -5,6 +5,9 @@ turns the ids it yields into text increments that stop at stop strings and never
 multi-byte character in half. With ``compile=True`` a decoder-only model decodes through
 ``StaticDecoderSteps``: the same prefill, then the static-shape step of ``generation.fast``
 (compiled once per shape); models or machines it does not cover keep ``DecoderSteps``.
+Structured output: ``constraints`` gives each row a ``generation.constrained.ConstraintState`` (or None); its
+mask is applied to that row's logits before sampling, each sampled token advances it, and a row whose output
+is complete with nothing else possible finishes there.
 """
 
 from __future__ import annotations
@@ -12,11 +15,15 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from lmforge.errors import LmforgeError
 from lmforge.generation.sampling import SamplingParams, check_seed, sample_next
+
+if TYPE_CHECKING:
+    from lmforge.generation.constrained import ConstraintState
 
 
 def check_lengths(prompt_len: int, max_new_tokens: int, context: int) -> int:
@@ -49,6 +56,7 @@ def generate_tokens(
     seed: int | None = None,
     use_cache: bool = True,
     compile: bool = False,
+    constraints: Sequence[ConstraintState | None] | None = None,
 ) -> Iterator[list[int | None]]:
     """Yield, each step, one new token id per prompt (None once that prompt has finished).
 
@@ -56,9 +64,13 @@ def generate_tokens(
     ``max_new_tokens``. Prompts of different lengths are left-padded; padding is masked out and
     positions count real tokens only, so each row decodes as it would alone. ``compile``: decode
     with the compiled static-shape step (``generation.fast``) where the model and machine allow it.
+    ``constraints``: one state per prompt (or None) for structured output; a constrained row also finishes,
+    without an EOS, when its output is complete and nothing else may follow (``ConstraintState.is_done``).
     """
     check_seed(seed)
-    steps = _generate(model, prompts, max_new_tokens, params, eos_ids, pad_id, seed, use_cache, compile)
+    if constraints is not None and len(constraints) != len(prompts):
+        raise LmforgeError(f"{len(constraints)} constraints for {len(prompts)} prompts; give one per prompt")
+    steps = _generate(model, prompts, max_new_tokens, params, eos_ids, pad_id, seed, use_cache, compile, constraints)
     if next(model.parameters()).device.type != "cpu":
         yield from steps
         return
@@ -235,7 +247,22 @@ class Seq2SeqSteps:
 
 
 @torch.inference_mode()
-def _generate(model, prompts, max_new_tokens, params, eos_ids, pad_id, seed, use_cache, compile=False):
+def _allowed(states, finished: torch.Tensor, V: int, device) -> torch.Tensor | None:
+    """(B, V) bool: each constrained, unfinished row's allowed tokens (other rows: everything); None if no row
+    is constrained."""
+    if not states or all(s is None for s in states):
+        return None
+    allowed = torch.ones((len(states), V), dtype=torch.bool, device=device)
+    for b, state in enumerate(states):
+        if state is not None and not bool(finished[b]):
+            mask = state.allowed_mask()[:V]
+            allowed[b] = False
+            allowed[b, :mask.numel()] = mask.to(device)
+    return allowed
+
+
+def _generate(model, prompts, max_new_tokens, params, eos_ids, pad_id, seed, use_cache, compile=False,
+              constraints=None):
     if getattr(model.config, "arch", "decoder") == "encoder":
         raise LmforgeError("an encoder-only model cannot generate text; use it for embeddings or classification")
     device = next(model.parameters()).device
@@ -258,10 +285,16 @@ def _generate(model, prompts, max_new_tokens, params, eos_ids, pad_id, seed, use
         logits = steps.first()
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         for step in range(steps.max_new_tokens):
-            nxt = sample_next(logits, params, seen, generator)  # (B,)
+            allowed = _allowed(constraints, finished, logits.shape[-1], device)
+            nxt = sample_next(logits, params, seen, generator, allowed)  # (B,)
             nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
             yield [None if f else int(t) for t, f in zip(nxt.tolist(), finished.tolist())]
             finished |= torch.isin(nxt, eos)
+            if allowed is not None:  # advance each constrained row; a complete one with nothing to add ends
+                for b, state in enumerate(constraints):
+                    if state is not None and not bool(finished[b]):
+                        state.advance(int(nxt[b]))
+                        finished[b] = state.is_done
             if bool(finished.all()) or step == steps.max_new_tokens - 1:
                 return
             if seen is not None:

@@ -1,7 +1,8 @@
 """Sampling as pure functions on logits: repetition penalty, temperature, top-k, top-p, the draw.
 
 Each function takes logits (B, V) and returns new logits (B, V) with disallowed tokens at -inf;
-``sample_next`` composes them in the usual order (penalty, temperature, top-k, top-p) and draws.
+``sample_next`` composes them in the usual order (the structured-output mask, penalty, temperature, top-k,
+top-p) and draws.
 This module also owns the accepted ranges of the sampling settings and of seeds (``SamplingParams``,
 ``check_seed``), which the server and the CLI validate against: inside them float32 arithmetic
 neither overflows nor underflows, so sampling never raises on accepted input. ``sample_next`` falls
@@ -107,10 +108,16 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def apply_allowed(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Structured output's hook (``generation.constrained``): tokens where ``allowed`` (B, V) bool is False
+    go to -inf, before any other setting, so greedy and sampled decoding both stay inside the constraint."""
+    return logits.masked_fill(~allowed, float("-inf"))
+
+
 def sample_next(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits (B, V) -> next token ids (B,)."""
-    logits = raw = logits.float()
+                generator: torch.Generator | None = None, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """logits (B, V) -> next token ids (B,). ``allowed`` (B, V) bool: the only tokens each row may take."""
+    logits = raw = logits.float() if allowed is None else apply_allowed(logits.float(), allowed)
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.greedy:
