@@ -1,0 +1,430 @@
+"""The six lifecycle stages: what each reads, what it runs and what it records.
+
+Each stage is a function ``(ctx, stage_dir) -> record``: it runs one existing verb in-process (``compare``'s
+``run_compare``, ``finetune``, ``rlhf dpo``, ``lmforge serve`` as a subprocess) with its output under
+``OUT/<stage>/`` and returns the record that ``run.py`` writes to ``OUT/<stage>/stage.json`` last: ``outputs``
+(what later stages read, e.g. the adapted model), a ``table`` (header + rows, shown in the report), a
+``decision`` (the gate's choice and why, in words) and ``charts`` (metric -> labels and values).
+
+``READS`` says which earlier stages each stage reads; ``stage_hash`` is sha256 over the stage's resolved
+settings, the task, the data files' content hashes and the hashes of the stages it reads, so a changed input
+re-runs the stage and every stage that reads it, directly or not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lmforge.errors import LmforgeError
+from lmforge.evaluation.compare import CompareConfig, Setting, run_compare
+from lmforge.evaluation.report import LOWER_IS_BETTER
+from lmforge.io import write_text_atomic
+from lmforge.lifecycle.config import LifecycleConfig
+from lmforge.recipe_config import to_yaml
+
+READS: dict[str, tuple[str, ...]] = {
+    "select": (), "adapt": ("select",), "align": ("adapt",), "evaluate": ("select", "adapt", "align"),
+    "optimise": ("adapt", "align"), "deploy": ("adapt", "align"),
+}
+STAGE_FILE = "stage.json"
+
+
+@dataclass
+class Context:
+    """What a stage sees: the config, the run folder, the records of the stages before it, a progress printer."""
+
+    cfg: LifecycleConfig
+    out: Path
+    records: dict[str, dict] = field(default_factory=dict)
+    log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)
+    progress: bool = True
+    fingerprints: dict[str, str] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- hashing
+def file_hash(path: Path) -> str:
+    """sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
+
+
+def stage_settings(cfg: LifecycleConfig, stage: str) -> Any:
+    """The settings one stage depends on (besides the task, the data and the stages it reads)."""
+    section = {"select": {"candidates": cfg.candidates, "select": cfg.select}}.get(stage, getattr(cfg, stage))
+    return _plain({"section": section, "device": cfg.device})
+
+
+def stage_hash(ctx: Context, stage: str) -> str:
+    """sha256 over the stage's settings, the task, the data files' hashes and the hashes of the stages it reads."""
+    cfg = ctx.cfg
+    for key, path in cfg.data_files().items():
+        if key not in ctx.fingerprints:
+            ctx.fingerprints[key] = file_hash(path)
+    upstream = {s: ctx.records[s]["hash"] for s in READS[stage] if s in ctx.records}
+    blob = json.dumps({"stage": stage, "settings": stage_settings(cfg, stage), "task": _plain(cfg.task),
+                       "data": ctx.fingerprints, "upstream": upstream}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- shared pieces
+def model_ref(final: str | Path, base: str | None) -> dict[str, str | None]:
+    """A trained run's ``final`` folder as (model, adapter): a PEFT adapter on ``base``, or a whole model."""
+    final = Path(final)
+    if (final / "adapter_config.json").is_file():
+        return {"model": base, "adapter": str(final)}
+    return {"model": str(final), "adapter": None}
+
+
+def selected(ctx: Context) -> dict[str, Any]:
+    """The model select chose (or the only candidate when select is not part of the recipe)."""
+    if "select" in ctx.records:
+        return ctx.records["select"]["outputs"]
+    c = ctx.cfg.candidates[0]
+    return {"label": c.label, "model": c.model, "adapter": c.adapter, "shots": c.shots}
+
+
+def latest_model(ctx: Context) -> dict[str, Any]:
+    """The aligned model when align ran, else the adapted one."""
+    for stage in ("align", "adapt"):
+        if stage in ctx.records:
+            return ctx.records[stage]["outputs"]
+    raise LmforgeError("no adapted model: run the adapt stage first")
+
+
+def compare_config(ctx: Context, data: Path, settings: list[Setting], out: Path, limit: int | None,
+                   title: str) -> CompareConfig:
+    t = ctx.cfg.task
+    refs = t.references if t.references else (t.response_field,)
+    return CompareConfig(data=data, settings=tuple(settings), out=out, input_field=t.input_field,
+                         reference_field=refs[0] if len(refs) == 1 else tuple(refs),
+                         prompt_template=t.prompt_template, metrics=t.metrics, limit=limit, batch_size=t.batch_size,
+                         max_new_tokens=t.max_new_tokens, chat=t.chat, stop=t.stop, examples_shown=2, title=title,
+                         device=ctx.cfg.device)
+
+
+def model_facts(lm, speed_tokens: int) -> dict[str, float]:
+    """Parameters (millions), weight memory (MB) and greedy batch-1 decode speed of a loaded ``LM``."""
+    import torch
+
+    params = sum(p.numel() for p in lm.model.parameters())
+    tensors = [*lm.model.parameters(), *lm.model.buffers()]
+    size = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor) and not t.is_meta)
+    prompt = "The"
+    list(lm.stream(prompt, chat=False, max_new_tokens=2))  # warm-up
+    start, n = time.perf_counter(), 0
+    for _ in lm.stream(prompt, chat=False, max_new_tokens=speed_tokens):
+        n += 1
+    seconds = max(time.perf_counter() - start, 1e-9)
+    return {"params_m": round(params / 1e6, 3), "weights_mb": round(size / 2**20, 2),
+            "tokens_per_s": round(n / seconds, 1)}
+
+
+def measuring_loader(ctx: Context, facts: dict[tuple, dict], speed_tokens: int, quantize: str | None = None):
+    """A ``run_compare`` loader that also records each loaded model's ``model_facts`` under (model, adapter)."""
+    from lmforge.lm import load
+
+    def loader(model, adapter):
+        lm = load(model, adapter=adapter, device=ctx.cfg.device, quantize=quantize)
+        facts[(model, adapter)] = model_facts(lm, speed_tokens)
+        return lm
+    return loader
+
+
+def metric_value(summary: dict, metric: str) -> float | None:
+    v = summary["metrics"].get(metric)
+    return float(v) if isinstance(v, (int, float)) else None
+
+
+def _better(a: float, b: float, metric: str) -> bool:
+    return a < b if metric in LOWER_IS_BETTER else a > b
+
+
+def _fmt(v: Any) -> str:
+    return "n/a" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+# ----------------------------------------------------------------------------- select
+def run_select(ctx: Context, d: Path) -> dict:
+    """Zero/few-shot of each candidate on ``select.limit`` dev examples, with size and decode speed; the gate
+    keeps the candidates within the budget and picks the best by the metric (ties: the smallest)."""
+    cfg, t = ctx.cfg, ctx.cfg.task
+    facts: dict[tuple, dict] = {}
+    cc = compare_config(ctx, t.dev, list(cfg.candidates), d / "compare", cfg.select.limit, "select: zero/few-shot")
+    results = run_compare(cc, "lmforge lifecycle (select)", progress=ctx.progress,
+                          loader=measuring_loader(ctx, facts, cfg.select.speed_tokens))
+    b, metric = t.budget, t.metric
+    rows, eligible = [], []
+    for r in results:
+        s, f = r.setting, facts[(r.setting.model, r.setting.adapter)]
+        value = metric_value(r.summary, metric)
+        why = []
+        if b.max_params_m is not None and f["params_m"] > b.max_params_m:
+            why.append(f"{f['params_m']:g}M params > budget {b.max_params_m:g}M")
+        if b.min_tokens_per_s is not None and f["tokens_per_s"] < b.min_tokens_per_s:
+            why.append(f"{f['tokens_per_s']:g} tokens/s < budget {b.min_tokens_per_s:g}")
+        if value is None:
+            why.append(f"no {metric}")
+        if not why:
+            eligible.append((s, value, f))
+        rows.append([s.label, s.model or "(embedded default)", s.shots, f["params_m"], f["weights_mb"],
+                     f["tokens_per_s"], *(metric_value(r.summary, m) for m in _metrics(results)),
+                     "; ".join(why) or "yes"])
+    if not eligible:
+        raise LmforgeError(f"select: no candidate is within the budget ({'; '.join(str(r[-1]) for r in rows)}); "
+                           "relax task.budget or add candidates")
+    best = eligible[0]
+    for e in eligible[1:]:
+        if _better(e[1], best[1], metric):
+            best = e
+    tied = [e for e in eligible if abs(e[1] - best[1]) <= b.tie_margin]
+    pick = min(tied, key=lambda e: (e[2]["params_m"], -e[2]["tokens_per_s"]))
+    s, value, f = pick
+    why = (f"{s.label!r} has the best {metric} ({value:.4g}) of {len(eligible)} candidate(s) within the budget"
+           if pick is best else f"{s.label!r} ({metric} {value:.4g}) is within tie_margin {b.tie_margin:g} of the "
+           f"best ({best[0].label!r}, {best[1]:.4g}) and the smallest ({f['params_m']:g}M parameters)")
+    if len(rows) > len(eligible):
+        why += f"; {len(rows) - len(eligible)} candidate(s) left out by the budget"
+    header = ["candidate", "model", "shots", "params (M)", "weights (MB)", "decode tokens/s", *_metrics(results),
+              "within budget"]
+    return {"outputs": {"label": s.label, "model": s.model, "adapter": s.adapter, "shots": s.shots},
+            "table": {"header": header, "rows": rows}, "decision": f"selected {s.label!r}: {why}.",
+            "charts": {metric: [[r.setting.label for r in results], [metric_value(r.summary, metric)
+                                                                      for r in results]]},
+            "reports": [str((d / "compare" / "report.md").relative_to(ctx.out))]}
+
+
+def _metrics(results) -> list[str]:
+    names: list[str] = []
+    for r in results:
+        names += [k for k, v in r.summary["metrics"].items() if k not in names and isinstance(v, (int, float))
+                  and k != "tokens_scored"]
+    return names
+
+
+# ----------------------------------------------------------------------------- adapt / align
+def _claim_run(run_dir: Path, d: Path, h: str) -> dict[str, bool]:
+    """resume=True when ``run_dir`` holds a checkpoint of this very stage hash (a killed run), else overwrite an
+    earlier run there (its settings changed). ``d/pending.json`` records the hash the run was started with."""
+    from lmforge.io import read_json_object, write_json_atomic
+
+    pending = d / "pending.json"
+    try:
+        same = read_json_object(pending).get("hash") == h
+    except (LmforgeError, OSError, ValueError):
+        same = False
+    has_ckpt = any((run_dir / c / "state.json").is_file() for c in ("checkpoint", ".checkpoint.old"))
+    write_json_atomic(pending, {"hash": h})
+    if same and has_ckpt:
+        return {"resume": True}
+    return {"overwrite": run_dir.exists() and any(run_dir.iterdir())}
+
+
+def run_adapt(ctx: Context, d: Path, h: str) -> dict:
+    """Fine-tune the selected model with the adapt section (a FinetuneConfig), resuming a killed run."""
+    from lmforge.training.sft import finetune
+
+    base = selected(ctx)
+    run_dir = d / "run"
+    ft = ctx.cfg.finetune_config(model=base["model"], adapter=base["adapter"], out_dir=run_dir)
+    how = _claim_run(run_dir, d, h)
+    if how.get("resume"):
+        ctx.log("  adapt: resuming from its checkpoint")
+    result = finetune(ft, **how)
+    ref = model_ref(result["out_dir"], base["model"])
+    shown = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {"outputs": {"label": f"adapted ({ft.method})", **ref, "shots": 0, "method": ft.method},
+            "table": {"header": ["figure", "value"], "rows": [[k, v] for k, v in shown.items()]},
+            "decision": f"fine-tuned {base['label']!r} with {ft.method} for {result.get('steps')} steps"
+                        + (" (resumed from its checkpoint)" if how.get("resume") else ""),
+            "charts": {}, "reports": [str((run_dir / "loss.png").relative_to(ctx.out))]
+            if (run_dir / "loss.png").is_file() else []}
+
+
+def run_align(ctx: Context, d: Path, h: str) -> dict:
+    """DPO on the align section's preference pairs, starting from the adapted model."""
+    from lmforge.alignment.rlhf import dpo
+
+    start = ctx.records["adapt"]["outputs"]
+    run_dir = d / "run"
+    cfg = ctx.cfg.dpo_config(model=start["model"], adapter=start["adapter"], out_dir=run_dir)
+    how = _claim_run(run_dir, d, h)
+    result = dpo(cfg, progress=ctx.progress, **how)
+    ref = model_ref(result["out_dir"], start["model"])
+    shown = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {"outputs": {"label": f"aligned (DPO, {cfg.method})", **ref, "shots": 0},
+            "table": {"header": ["figure", "value"], "rows": [[k, v] for k, v in shown.items()]},
+            "decision": f"aligned the adapted model with DPO ({cfg.method}) on {cfg.data}", "charts": {},
+            "reports": []}
+
+
+# ----------------------------------------------------------------------------- evaluate / optimise
+def scored_data(ctx: Context, split: str) -> tuple[Path, str]:
+    t = ctx.cfg.task
+    if split == "test" and t.test is not None:
+        return Path(t.test), "test"
+    return Path(t.dev), "dev" + (" (the task has no test file)" if split == "test" else "")
+
+
+def _setting(label: str, ref: dict[str, Any]) -> Setting:
+    return Setting(label=label, model=ref["model"], adapter=ref["adapter"], shots=ref.get("shots", 0))
+
+
+def run_evaluate(ctx: Context, d: Path) -> dict:
+    """The base (selected) model against the adapted (and aligned) one on held-out data."""
+    base = selected(ctx)
+    settings = [_setting(f"base: {base['label']}", base)]
+    for stage in ("adapt", "align"):
+        if stage in ctx.records:
+            settings.append(_setting(ctx.records[stage]["outputs"]["label"], ctx.records[stage]["outputs"]))
+    data, split = scored_data(ctx, ctx.cfg.evaluate.split)
+    cc = compare_config(ctx, data, settings, d / "compare", ctx.cfg.evaluate.limit, f"evaluate on {split}")
+    results = run_compare(cc, "lmforge lifecycle (evaluate)", progress=ctx.progress)
+    names, metric = _metrics(results), ctx.cfg.task.metric
+    rows = [[r.setting.label, *(metric_value(r.summary, m) for m in names)] for r in results]
+    first, last = metric_value(results[0].summary, metric), metric_value(results[-1].summary, metric)
+    change = "" if first is None or last is None else f" ({first:.4g} -> {last:.4g}, {last - first:+.4g})"
+    return {"outputs": {"split": split, "n": results[0].summary["counts"]["evaluated"]},
+            "table": {"header": ["model", *names], "rows": rows},
+            "decision": f"{metric} on {results[0].summary['counts']['evaluated']} {split} examples: "
+                        f"{results[-1].setting.label} vs {results[0].setting.label}{change}",
+            "charts": {metric: [[r.setting.label for r in results], [metric_value(r.summary, metric)
+                                                                      for r in results]]},
+            "reports": [str((d / "compare" / "report.md").relative_to(ctx.out))]}
+
+
+def run_optimise(ctx: Context, d: Path) -> dict:
+    """Each quantisation scheme of the final model, scored like evaluate, with weight memory and decode speed."""
+    final, opt = latest_model(ctx), ctx.cfg.optimise
+    data, split = scored_data(ctx, ctx.cfg.evaluate.split)
+    limit = opt.limit or ctx.cfg.evaluate.limit
+    metric, rows, labels, values = ctx.cfg.task.metric, [], [], []
+    for scheme in (None, *opt.quantize):
+        label = f"{final['label']}, {scheme or 'float32'}"
+        facts: dict[tuple, dict] = {}
+        cc = compare_config(ctx, data, [_setting(label, final)], d / (scheme or "float32"), limit,
+                            f"optimise: {scheme or 'float32'}")
+        (r,) = run_compare(cc, f"lmforge lifecycle (optimise {scheme or 'float32'})", progress=ctx.progress,
+                           loader=measuring_loader(ctx, facts, ctx.cfg.select.speed_tokens, quantize=scheme))
+        f = facts[(final["model"], final["adapter"])]
+        value = metric_value(r.summary, metric)
+        rows.append([scheme or "float32", f["weights_mb"], f["tokens_per_s"], value])
+        labels.append(scheme or "float32")
+        values.append(value)
+    ref = values[0]
+    words = [f"{row[0]}: {row[1]:g} MB, {row[2]:g} tokens/s, {metric} {_fmt(row[3])}"
+             + (f" ({(row[3] - ref):+.4g})" if row[3] is not None and ref is not None else "") for row in rows[1:]]
+    return {"outputs": {"schemes": list(opt.quantize)},
+            "table": {"header": ["weights", "weights (MB)", "decode tokens/s", metric], "rows": rows},
+            "decision": "against float32: " + "; ".join(words), "charts": {metric: [labels, values]},
+            "reports": [str((d / (s or "float32") / "report.md").relative_to(ctx.out)) for s in (None, *opt.quantize)]}
+
+
+# ----------------------------------------------------------------------------- deploy
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            tail = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-3:]
+            raise LmforgeError(f"deploy: lmforge serve exited with status {proc.returncode} before it came up: "
+                               + " | ".join(tail))
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise LmforgeError(f"deploy: lmforge serve did not come up in {timeout:g} s (log: {log})")
+        time.sleep(0.2)
+
+
+def run_deploy(ctx: Context, d: Path) -> dict:
+    """Write a serve config for the final model, start ``lmforge serve`` on a free localhost port, send one chat
+    completion through the ``openai`` client, check it is not empty, stop the server; record the latencies."""
+    try:
+        import openai
+    except ImportError:
+        raise LmforgeError("deploy: the smoke test needs the openai client: pip install openai") from None
+    final = latest_model(ctx)
+    port = free_port()
+    sc = ctx.cfg.serve_config(model=final["model"] or "smollm2-135m-instruct", adapter=final["adapter"], port=port)
+    serve_yaml = write_text_atomic(d / "serve.yaml", to_yaml(sc))
+    log_path = d / "server.log"
+    key = secrets.token_hex(16)
+    env = {**os.environ, "LMFORGE_API_KEY": key}
+    cmd = [sys.executable, "-m", "lmforge.cli", "serve", "--config", str(serve_yaml)]
+    started = time.perf_counter()
+    with open(log_path, "w", encoding="utf-8") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_healthy(url, proc, ctx.cfg.deploy.startup_timeout, log_path)
+        startup = time.perf_counter() - started
+        client = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=120)
+        name = client.models.list().data[0].id
+        t0 = time.perf_counter()
+        try:
+            r = client.chat.completions.create(model=name, max_tokens=ctx.cfg.deploy.max_tokens, temperature=0,
+                                               messages=[{"role": "user", "content": ctx.cfg.deploy.prompt}])
+        except openai.APIError as e:
+            raise LmforgeError(f"deploy: the smoke test's chat completion failed: {e}") from None
+        latency = time.perf_counter() - t0
+        content = r.choices[0].message.content or ""
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if not content.strip():
+        raise LmforgeError("deploy: the smoke test's chat completion came back empty")
+    tokens = r.usage.completion_tokens if r.usage else None
+    rows = [["served model", name], ["startup (s)", round(startup, 2)], ["chat completion latency (s)",
+            round(latency, 3)], ["completion tokens", tokens], ["reply", content.strip()[:200]],
+            ["server stopped", f"exit status {proc.returncode}"]]
+    return {"outputs": {"serve_config": str(serve_yaml.relative_to(ctx.out)), "latency_s": round(latency, 3),
+                        "startup_s": round(startup, 2), "content": content},
+            "table": {"header": ["smoke test", "value"], "rows": rows},
+            "decision": f"lmforge serve --config {serve_yaml.relative_to(ctx.out)} answered a chat completion "
+                        f"in {latency:.2f} s (non-empty reply); the server was stopped", "charts": {}, "reports": []}
+
+
+RUNNERS: dict[str, Callable[..., dict]] = {
+    "select": lambda ctx, d, h: run_select(ctx, d), "adapt": run_adapt, "align": run_align,
+    "evaluate": lambda ctx, d, h: run_evaluate(ctx, d), "optimise": lambda ctx, d, h: run_optimise(ctx, d),
+    "deploy": lambda ctx, d, h: run_deploy(ctx, d),
+}
