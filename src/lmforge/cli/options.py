@@ -14,6 +14,7 @@ How types become flags:
 - ``X | None``: a value of X, or the word ``none`` (any case) for None.
 - ``tuple[X, ...]`` / ``list[X]``: one or more values (``--train a.jsonl b.jsonl``); with
   ``option(sep=",")`` one token split on the separator instead (``--lora-targets q_proj,v_proj``).
+  ``X | tuple[X, ...]`` (one value or several, e.g. ``--reference-field summary1,summary2``) takes the same form.
 - ``Literal[...]``: one of its values (shown as ``{a,b}``). ``dict`` fields need ``option(cli=False)``.
 """
 
@@ -54,11 +55,15 @@ def _members(tp: Any) -> tuple[list[Any], bool]:
 
 
 def _sequence_item(tp: Any) -> Any | None:
-    """The item type of ``tuple[X, ...]`` / ``list[X]`` (or of its ``| None``), else None."""
+    """The item type of ``tuple[X, ...]`` / ``list[X]`` (or of its ``| None``, or of ``X | tuple[X, ...]``: one
+    value or several), else None."""
     members, _ = _members(tp)
-    if len(members) == 1 and typing.get_origin(members[0]) in (tuple, list):
-        args = typing.get_args(members[0])
-        return args[0] if args else str
+    seqs = [m for m in members if typing.get_origin(m) in (tuple, list)]
+    if len(seqs) == 1:
+        args = typing.get_args(seqs[0])
+        item = args[0] if args else str
+        if all(m is seqs[0] or m == item for m in members):
+            return item
     return None
 
 

@@ -1,7 +1,13 @@
 """Evaluation data: reading records, mapping fields, filling prompt templates, picking few-shot examples.
 
-Owns the field mapping (``FieldMap``: which field is the input, the reference, the choices, the answer),
-``{field}`` prompt templates, and the rule for few-shot examples:
+Owns the field mapping (``FieldMap``: which field is the input, the references, the choices, the answer),
+``{field}`` prompt templates, each example's references, and the rule for few-shot examples.
+
+References: ``--reference-field`` names one field or several (``summary1,summary2,summary3``, or a YAML
+list); each named field gives one reference, or several when its value is a list of strings. The first
+reference is the one single-reference metrics and shots use (``references_of`` keeps their order).
+
+Few-shot examples:
 
 - shots come from a shots file (read like the dataset, same field mapping) or from the dataset's
   other records: first the records outside the evaluated subset, in file order, then the
@@ -16,7 +22,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from lmforge.data.records import Record, field, render, text_field
+from lmforge.data.records import Record, as_text, field, render, text_field
 from lmforge.errors import LmforgeError
 
 
@@ -26,7 +32,7 @@ class FieldMap:
     from any fields; without it the prompt is the ``input`` field."""
 
     input: str | None = "input"
-    reference: str | None = None
+    reference: str | tuple[str, ...] | None = None
     template: str | None = None
     choices: str | None = None
     answer: str | None = None
@@ -39,6 +45,36 @@ def query_text(record: Record, fields: FieldMap) -> str:
     if fields.input is None:
         raise LmforgeError("set --input-field or --prompt-template: there is no prompt otherwise")
     return text_field(record, fields.input, "--input-field")
+
+
+def reference_names(reference: str | Sequence[str] | None) -> tuple[str, ...]:
+    """The reference field names: ``"summary"``, ``"summary1,summary2"`` or a list of names (none: ())."""
+    if reference is None:
+        return ()
+    names = [n.strip() if isinstance(n, str) else "" for n in
+             (reference.split(",") if isinstance(reference, str) else reference)]
+    if not names or not all(names):
+        raise LmforgeError(f"--reference-field: expected a field name or names separated by commas, got "
+                           f"{reference!r}")
+    if len(set(names)) < len(names):
+        raise LmforgeError(f"--reference-field: a field is named twice in {reference!r}")
+    return tuple(names)
+
+
+def references_of(record: Record, fields: FieldMap) -> list[str]:
+    """The record's references, in order: one per named field, or each string of a list-valued field. A
+    missing field (or an empty list) raises naming the field and the record's file and line."""
+    refs: list[str] = []
+    for name in reference_names(fields.reference):
+        value = field(record, name, "--reference-field")
+        if isinstance(value, list):
+            if not value or not all(isinstance(v, str) for v in value):
+                raise LmforgeError(f"{record.where}: field {name!r} (--reference-field) must be text or a "
+                                   f"non-empty list of strings (the references), got {value!r:.80}")
+            refs += value
+        else:
+            refs.append(as_text(value, name, record.where, "--reference-field"))
+    return refs
 
 
 def choices_of(record: Record, fields: FieldMap) -> list[str]:
@@ -78,7 +114,7 @@ def check_fields(records: Sequence[Record], fields: FieldMap, need_reference: bo
         if need_reference:
             if fields.reference is None:
                 raise LmforgeError("the metrics need references: set --reference-field")
-            text_field(r, fields.reference, "--reference-field")
+            references_of(r, fields)
         if multiple_choice:
             if fields.choices is None or fields.answer is None:
                 raise LmforgeError("multiple choice needs --choices-field and --answer-field")

@@ -6,14 +6,17 @@ text, see ``lmforge.recipe_config``), building each example's prompt (zero/one/f
 template or plain text, fitted to the context by dropping shots from the end), and the four task
 kinds:
 
-- ``generation``: generate, then score against references (``metrics.score_generations``);
+- ``generation``: generate, then score against references (``metrics.score_generations``; one or several per
+  example: ``data.references_of``);
 - ``toxicity``: generate, then the share of toxic generations (no references needed);
 - ``perplexity``: exp(mean token NLL) of a text field (``likelihood.perplexity``);
 - ``multiple_choice``: the choice with the highest summed log-likelihood, and length-normalised.
 
 ``run_eval(lm, cfg)`` runs a loaded model (``evaluate(cfg)`` loads ``cfg.model`` first) and writes
-``OUT/predictions.jsonl`` (one line per example: input, prompt, prediction, reference, scores),
-``OUT/summary.json`` (metrics, settings, counts, timing) and ``OUT/config.yaml`` (the resolved config:
+``OUT/predictions.jsonl`` (one line per example: input, prompt, prediction, reference, scores; with several
+references ``reference`` is the first and ``references`` all of them), ``OUT/summary.json`` (metrics, settings,
+counts, timing; with several references a ``references`` entry: the fields, references per example and what
+each metric was scored against) and ``OUT/config.yaml`` (the resolved config:
 ``lmforge eval --config`` reruns it), each atomically; the folder is checked and locked first
 (``lmforge.outputs``).
 """
@@ -32,7 +35,14 @@ from lmforge.checkpoints.resolve import DEFAULT_MODEL
 from lmforge.data.records import load_records
 from lmforge.errors import LmforgeError
 from lmforge.evaluation import data as D
-from lmforge.evaluation.metrics import DEFAULT_METRICS, ToxicityScorer, check_metrics, score_generations
+from lmforge.evaluation.metrics import (
+    DEFAULT_METRICS,
+    MULTI_REFERENCE_NOTE,
+    ToxicityScorer,
+    check_metrics,
+    is_multi_reference,
+    score_generations,
+)
 from lmforge.io import write_json_atomic, write_text_atomic
 from lmforge.outputs import claims_output
 from lmforge.prompts import Example, build_messages, build_prompt
@@ -62,8 +72,10 @@ class EvalConfig:
     field), multiple_choice (by log-likelihood)."""
     input_field: str | None = option(None, group=_DATA)
     """The field holding the prompt text (none: 'input' unless --prompt-template is given)."""
-    reference_field: str | None = option(None, group=_DATA)
-    """The field holding the reference output (needed by ROUGE/BLEU/...)."""
+    reference_field: str | tuple[str, ...] | None = option(None, sep=",", group=_DATA)
+    """The field holding the reference output (needed by ROUGE/BLEU/...); several references: comma-separated
+    fields (summary1,summary2,summary3; a list in YAML) or a field holding a list of strings. ROUGE is then
+    reported against the first reference (rouge1) and the best one (rouge1_best); BLEU/chrF use them all."""
     prompt_template: str | None = option(None, group=_DATA)
     """Build the prompt from fields: 'Summarize:\\n\\n{dialogue}\\n\\nSummary:' ({{ and }} are literal braces; on the
     command line \\n and \\t are unescaped)."""
@@ -72,8 +84,8 @@ class EvalConfig:
     answer_field: str | None = option(None, group=_DATA)
     """Multiple choice: the field holding the answer (index or choice text)."""
     metrics: tuple[str, ...] | None = option(None, sep=",", group=_DATA)
-    """Comma-separated: rouge1,rouge2,rougeL,rougeLsum,bleu,chrf,exact_match,toxicity (none: all but toxicity; the
-    toxicity task: toxicity)."""
+    """Comma-separated: rouge1,rouge2,rougeL,rougeLsum,bleu,chrf,exact_match,answer_match (the '#### N' answer of a
+    worked solution, as GSM8K's),toxicity (none: all but answer_match and toxicity; the toxicity task: toxicity)."""
     limit: int | None = option(None, min=1, group=_DATA)
     """Evaluate only the first N records."""
     batch_size: int = option(8, min=1, group=_DATA)
@@ -132,6 +144,7 @@ class EvalConfig:
                                f"got {self.temperature}")
         if self.metrics is not None:
             self.metrics = tuple(check_metrics(list(self.metrics)))
+        self.reference_field = one_or_several(self.reference_field)
         self.check()
 
     @property
@@ -151,6 +164,13 @@ class EvalConfig:
         if self.metrics is not None:
             return check_metrics(list(self.metrics))
         return ["toxicity"] if self.task == "toxicity" else list(DEFAULT_METRICS)
+
+
+def one_or_several(reference: str | tuple[str, ...] | None) -> str | tuple[str, ...] | None:
+    """A ``reference_field`` value as stored: one field name as a string, several as a tuple (checked by
+    ``data.reference_names``: ``"a,b"`` is two fields)."""
+    names = D.reference_names(reference)
+    return None if not names else names[0] if len(names) == 1 else names
 
 
 def write_outputs(out_dir: str | os.PathLike, rows: list[dict], summary: dict) -> None:
@@ -206,7 +226,7 @@ def _shot_output(record: D.Record, s: EvalConfig) -> str:
         return choices[D.answer_index(record, s.fields, choices)]
     if s.fields.reference is None:
         raise LmforgeError("shots need answers: set --reference-field")
-    return D.text_field(record, s.fields.reference, "--reference-field")
+    return D.references_of(record, s.fields)[0]
 
 
 def build_prompts(lm, records: list[D.Record], evaluated: int, s: EvalConfig, chat: bool,
@@ -307,6 +327,11 @@ def run_eval(lm, s: EvalConfig, *, progress: bool = True, label: str = "eval", e
                    "shots_dropped": sum(dropped), "examples_with_dropped_shots": sum(d > 0 for d in dropped)},
         "timing": {"seconds": round(seconds, 3), "seconds_per_example": round(seconds / n, 4)},
     }
+    if any("references" in r for r in rows):  # several references per example: say what each metric used
+        counts = [len(r["references"]) for r in rows]
+        summary["references"] = {"fields": list(D.reference_names(s.reference_field)),
+                                 "min_per_example": min(counts), "max_per_example": max(counts),
+                                 "scoring": MULTI_REFERENCE_NOTE}
     if sum(dropped):
         print(f"warning: {sum(dropped)} shots dropped over {summary['counts']['examples_with_dropped_shots']} "
               f"examples so that prompts fit the {lm.config.max_seq_len}-token context", file=sys.stderr)
@@ -331,15 +356,17 @@ def _run_generation(lm, records, n, s: EvalConfig, chat, metrics, progress, labe
                                        repetition_penalty=s.repetition_penalty, seed=s.seed, stop=s.stop or None)
             bar.update(len(batch))
     predictions = [p.strip() for p in predictions]
-    refs = ([D.text_field(r, s.fields.reference, "--reference-field") for r in records[:n]]
-            if any(m != "toxicity" for m in metrics) else None)
+    refs = [D.references_of(r, s.fields) for r in records[:n]] if any(m != "toxicity" for m in metrics) else None
+    multi = is_multi_reference(refs)
     corpus, per = score_generations(predictions, refs, metrics, scorer or s.toxicity_scorer)
     rows = []
     for i in range(n):
-        rows.append({"index": i, "where": records[i].where, "input": D.query_text(records[i], s.fields),
-                     "prompt": _decoded(lm, prompts[i].ids), "prediction": predictions[i],
-                     "reference": refs[i] if refs else None, "shots": prompts[i].shots_used,
-                     "shots_dropped": prompts[i].shots_dropped, "scores": per[i]})
+        # "reference" is the first one (the one rouge1... is against); "references" all, with several
+        row = {"index": i, "where": records[i].where, "input": D.query_text(records[i], s.fields),
+               "prompt": _decoded(lm, prompts[i].ids), "prediction": predictions[i],
+               "reference": refs[i][0] if refs else None, **({"references": refs[i]} if multi else {}),
+               "shots": prompts[i].shots_used, "shots_dropped": prompts[i].shots_dropped, "scores": per[i]}
+        rows.append(row)
     return rows, corpus
 
 
