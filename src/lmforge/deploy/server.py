@@ -62,7 +62,7 @@ from lmforge.deploy.protocol import (
 )
 from lmforge.deploy.responses import Reply, respond
 from lmforge.deploy.serve_config import READ_TIMEOUT_S, ServeConfig
-from lmforge.deploy.tools import render_prompt, tool_plan
+from lmforge.deploy.tools import forced_call_states, render_prompt, tool_plan
 from lmforge.errors import LmforgeError
 from lmforge.generation.sampling import SamplingParams
 
@@ -273,10 +273,16 @@ def create_app(lm, engine: Engine, *, model_id: str, api_key: str | None = None,
         check_lengths(len(ids), max_tokens)
         params, stops, k = sampling(req), req.stop_list(), req.logprob_k()
         schema = req.json_schema()  # structured output: each choice gets its own constraint state
-        try:
-            states = await run_in_threadpool(lm.constraint_states, req.n, schema) if schema is not None else None
-        except LmforgeError as e:  # an impossible schema: name it
-            raise APIError(400, f"response_format: {e}", param="response_format") from None
+        if plan.forced:  # a forced tool call: the continuation of FORCED_OPEN is a call of an allowed tool
+            if schema is not None:
+                raise APIError(400, "tool_choice 'required' or a named function cannot be combined with "
+                                    "response_format", param="response_format")
+            states = await run_in_threadpool(forced_call_states, lm, req.n, plan)
+        else:
+            try:
+                states = await run_in_threadpool(lm.constraint_states, req.n, schema) if schema is not None else None
+            except LmforgeError as e:  # an impossible schema: name it
+                raise APIError(400, f"response_format: {e}", param="response_format") from None
         seqs = [Sequence(ids, max_tokens, params, stop=stops, seed=req.seed_for(j), index=j, logprobs=k,
                          constraint=states[j] if states else None) for j in range(req.n)]
         reply = Reply("chat.completion", canonical(req.model), token_text, k, [[] for _ in seqs], metrics, start,

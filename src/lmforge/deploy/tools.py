@@ -22,10 +22,11 @@ This module owns the three steps and nothing of HTTP:
   ``content``. Each call becomes ``{"id", "type": "function", "function": {"name", "arguments": <JSON string>}}``.
 
 Forcing a call (``"required"`` or a named tool): the assistant turn is started with ``FORCED_OPEN`` in the
-prompt and the model continues from there (``forced_prefix``). When constrained decoding is available
-(``generation.constrained``) the server also constrains the continuation to ``call_schema`` (one of the tools'
-names with that tool's parameters schema), so even a random model answers a parseable call; without it the
-call is validated after generation and a failure is returned as plain content.
+prompt and the model continues from there (``forced_prefix``), constrained by ``generation.constrained``
+(``forced_call_states``) to ``call_schema``: {"name": one of the allowed tools, "arguments": that tool's
+parameters schema}, so even a random model answers a parseable call (unless ``max_tokens`` cuts it: finish
+reason "length", the text in ``content``). Without the constrained-decoding extra (llguidance) the call is
+only prompted and validated after generation: a failed one comes back as plain content.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from lmforge.deploy.protocol import APIError
+from lmforge.errors import LmforgeError
+from lmforge.generation.constrained import INSTALL_HINT
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 FORCED_OPEN = OPEN + "\n"
@@ -232,6 +235,19 @@ def call_schema(plan: ToolPlan) -> dict[str, Any]:
     options = [{"type": "object", "properties": {"name": {"const": t.name}, "arguments": t.parameters},
                 "required": ["name", "arguments"], "additionalProperties": False} for t in plan.callable_tools()]
     return options[0] if len(options) == 1 else {"anyOf": options}
+
+
+def forced_call_states(lm, n: int, plan: ToolPlan) -> list | None:
+    """One constraint state per choice holding a forced call to ``call_schema(plan)``; None when constrained
+    decoding is not installed (the call is then only prompted: ``FORCED_OPEN`` and the system block) or when a
+    tool's parameters schema cannot be compiled (an APIError 400 naming the tools)."""
+    try:
+        return lm.constraint_states(n, call_schema(plan))
+    except LmforgeError as e:
+        if str(e) == INSTALL_HINT:
+            return None
+        raise APIError(400, f"tools: a tool's parameters schema cannot be used to force a call: {e}",
+                       param="tools") from None
 
 
 # ----------------------------------------------------------------------------------------------- parsing
