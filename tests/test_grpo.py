@@ -172,9 +172,9 @@ def test_resume_after_a_stop_gives_the_same_steps(tiny_lm_dirs, tmp_path, capsys
         assert straight[0]["reward"] == straight[1]["reward"] and straight[1]["kl"] > 0
 
 
-def test_gsm8k_recipe_smoke_run_logs_held_out_accuracy_before_and_after(tiny_lm_dirs, tmp_path, capsys):
-    """recipes/grpo_gsm8k.yaml, one step on 2 GSM8K prompts (the tiny model, not the recipe's): held-out exact-match
-    accuracy is logged before training (step 0) and after it."""
+@pytest.fixture
+def gsm8k_model(tiny_lm_dirs, tmp_path):
+    """A tiny model with room for a GSM8K question (skips when the shared GSM8K split is not here)."""
     if not GSM8K.is_file():
         pytest.skip(f"{GSM8K} is not here")
     import lmforge
@@ -182,18 +182,35 @@ def test_gsm8k_recipe_smoke_run_logs_held_out_accuracy_before_and_after(tiny_lm_
     from lmforge.config import preset
     from lmforge.models.decoder import DecoderLM
 
-    tok = lmforge.load(tiny_lm_dirs["plain"]).tokenizer  # a tiny model with room for a GSM8K question
+    tok = lmforge.load(tiny_lm_dirs["plain"]).tokenizer
     config = preset("tiny-llama", vocab_size=tok.vocab_size, max_seq_len=1024, eos_token_id=tok.eos_id)
-    model_dir = save_hf_dir(DecoderLM(config).init_weights(seed=0, std=0.2), tmp_path / "tiny", tokenizer=tok)
+    return save_hf_dir(DecoderLM(config).init_weights(seed=0, std=0.2), tmp_path / "tiny", tokenizer=tok)
+
+
+def test_gsm8k_recipe_smoke_run_logs_held_out_accuracy_before_and_after(gsm8k_model, tmp_path, capsys):
+    """recipes/grpo_gsm8k.yaml, one step on 2 GSM8K prompts (the tiny model, not the recipe's): held-out exact-match
+    accuracy is logged before training (step 0) and after it, and each held-out prompt's completion and scores are
+    in held_out/step-0.jsonl and step-1.jsonl (the recipe's seeded split; their mean is the logged accuracy)."""
+    from lmforge.data.reward_data import random_split
+
     out = tmp_path / "gsm8k"
     code, stdout, err = run(capsys, "rlhf", "grpo", "--config", RECIPES / "grpo_gsm8k.yaml", "--prompts", GSM8K,
-                            "-m", model_dir, "--template", "plain", "--limit", "4", "--eval-count", "2",
+                            "-m", gsm8k_model, "--template", "plain", "--limit", "4", "--eval-count", "2",
                             "--steps", "1", "--batch-size", "2", "-G", "2", "-n", "4", "-o", out, "--threads", "1")
     assert code == 0, err
     r = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [x for x in r if "eval_exact_match" in x]
     assert [x["step"] for x in evals] == [0, 1] and all(0 <= x["eval_exact_match"] <= 1 for x in evals)
     assert "reward_exact_match" in r[1] and json.loads(stdout)["held_out"] == 2
+    questions = [json.loads(line)["question"] for line in GSM8K.read_text().splitlines()[:4]]
+    for logged in evals:
+        per = [json.loads(line) for line in (out / "held_out" / f"step-{logged['step']}.jsonl").read_text()
+               .splitlines()]
+        assert [x["row"] for x in per] == random_split(4, 2 / 4, 0)[1]
+        assert all(x["prompt"].startswith(questions[x["row"]]) and x["answer"] for x in per)
+        assert set(per[0]) == {"row", "prompt", "answer", "completion", "reward", "exact_match", "format"}
+        assert sum(x["exact_match"] for x in per) / 2 == pytest.approx(logged["eval_exact_match"])
+        assert sum(x["reward"] for x in per) / 2 == pytest.approx(logged["eval_reward"])
 
 
 # ----------------------------------------------------------------------------- bad input: one line each
@@ -277,3 +294,45 @@ def test_a_reward_model_folder_is_a_weighted_reward_term(tmp_path):
                          ["p"] * 3, completions, [None] * 3, step=1)
     expected = 2.0 * torch.as_tensor(load_reward_model(folder).score(completions), dtype=torch.float32)
     torch.testing.assert_close(total, expected + torch.tensor([0.0, -0.25, -0.75]))
+
+
+def _bench():
+    import importlib.util
+
+    path = Path(__file__).parent.parent / "bench" / "grpo_gsm8k.py"
+    spec = importlib.util.spec_from_file_location("bench_grpo_gsm8k", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gsm8k_bench_pairs_held_out_prompts_before_and_after(gsm8k_model, tmp_path, capsys):
+    """bench/grpo_gsm8k.py's plumbing on the tiny model (2 steps, 3 held-out prompts of 6): before/after come
+    from the run's per-prompt files (the same prompts, the recipe's split), the bootstrap from those pairs, the
+    Markdown block from the summary. --minutes: a 1-step probe sets the steps."""
+    from lmforge.data.reward_data import random_split
+    from lmforge.evaluation.significance import paired_bootstrap
+
+    bench = _bench()
+    flags = ["--", "--prompts", str(GSM8K), "-m", str(gsm8k_model), "--template", "plain", "--limit", "6",
+             "--batch-size", "2", "-G", "2", "-n", "4"]
+    out = tmp_path / "bench"
+    s = bench.main(["--steps", "2", "--eval-n", "3", "--threads", "1", "--out", str(out), "--resamples", "500",
+                    *flags])
+    printed = capsys.readouterr().out
+    run_dir = out / "run"
+    assert s["steps"] == 2 and s["held_out_rows"] == random_split(6, 3 / 6, 0)[1]
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = {x["step"]: x["eval_exact_match"] for x in metrics if "eval_exact_match" in x}
+    assert evals == {0: pytest.approx(sum(s["before"]) / 3), 2: pytest.approx(sum(s["after"]) / 3)}
+    assert s["bootstrap"] == paired_bootstrap(s["before"], s["after"], resamples=500, seed=0).as_dict()
+    assert s["train_s"] > 0 and s["config"]["limit"] == 6 and s["config"]["group_size"] == 2
+    assert printed.strip() == (out / "report.md").read_text().strip()
+    assert "| 3 | " in printed and "95% paired bootstrap interval" in printed and "2 steps (fixed)" in printed
+    assert json.loads((out / "summary.json").read_text())["bootstrap"]["resamples"] == 500
+
+    timed = bench.main(["--minutes", "0.001", "--eval-n", "3", "--threads", "1", "--out", str(tmp_path / "timed"),
+                        "--resamples", "100", *flags])
+    probe = bench.step_seconds(tmp_path / "timed" / "probe")
+    assert len(probe) == 1 and timed["probe_step_s"] == probe[0]
+    assert timed["steps"] == max(1, int(0.001 * 60 // probe[0])) and "training budget" in capsys.readouterr().out

@@ -37,6 +37,7 @@ holds the policy, the optimiser, the prompt order and the rollout count.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -57,6 +58,7 @@ from lmforge.alignment.grpo_rewards import (  # noqa: F401 (the rewards are this
 )
 from lmforge.alignment.rlhf import PolicyOptions
 from lmforge.errors import LmforgeError
+from lmforge.io import write_text_atomic
 from lmforge.outputs import claims_output
 from lmforge.recipe_config import option, write_config
 from lmforge.training.tracking import Tracking
@@ -66,6 +68,7 @@ if TYPE_CHECKING:
 
 LOSS_TYPES = ("grpo", "dr_grpo")
 STD_EPS = 1e-4
+HELD_OUT_DIR = "held_out"  # OUT_DIR/held_out/step-N.jsonl: each held-out prompt's greedy completion and scores
 GRPO_HINT = "GRPO keeps its last checkpoint; lower --lr or --beta, or check the rewards"
 _DATA, _REWARD, _GRPO, _SAMPLE, _RUN = ("prompts", "rewards", "GRPO", "sampling the rollouts",
                                         "optimisation and output")
@@ -258,19 +261,27 @@ class GRPOTrainer:
                                 loss_type=self.loss_type, max_len=self.max_new_tokens)
         return loss, {**(b.metrics or {}), **{k: float(v) for k, v in stats.items()}}
 
-    def evaluate(self, rows: Sequence[int], batch: int = 16) -> dict[str, float]:
+    def evaluate(self, rows: Sequence[int], batch: int = 16, per_prompt: list[dict] | None = None
+                 ) -> dict[str, float]:
         """Greedy completions of the prompts ``rows``, scored: {"eval_reward": the weighted sum's mean,
-        "eval_<reward>": each term's mean (eval_exact_match: the exact-match accuracy)}."""
+        "eval_<reward>": each term's mean (eval_exact_match: the exact-match accuracy)}. ``per_prompt``, when
+        given, receives one record per prompt: {"row": its index in the prompt file, "prompt", "answer",
+        "completion", "reward": the weighted sum, <reward>: each term's score}."""
         from lmforge.generation.sampling import SamplingParams
 
         sums: dict[str, float] = {}
         for start in range(0, len(rows), batch):
             chunk = list(rows[start:start + batch])
             b = self._greedy(chunk, SamplingParams(temperature=0.0))
+            terms: dict[str, Tensor] = {}
             total, means = score(self.rewards, [self.prompts[i] for i in chunk], b.completions,
-                                 [self.answers[i] for i in chunk], "eval")
+                                 [self.answers[i] for i in chunk], "eval", terms)
             for k, v in {"reward": float(total.mean()), **means}.items():
                 sums[k] = sums.get(k, 0.0) + v * len(chunk)
+            if per_prompt is not None:
+                per_prompt += [{"row": i, "prompt": self.prompts[i], "answer": self.answers[i],
+                                "completion": b.completions[j], "reward": float(total[j]),
+                                **{name: float(s[j]) for name, s in terms.items()}} for j, i in enumerate(chunk)]
         return {f"eval_{k}": v / len(rows) for k, v in sums.items()}
 
     def _greedy(self, rows: list[int], params: Any) -> Rollouts:
@@ -332,7 +343,8 @@ class GRPOConfig(PolicyOptions, Tracking):
     """Use only the first N records (none: all)."""
     eval_count: int = option(0, min=0, group=_DATA)
     """Hold out this many prompts (seeded; training never sees them) and log their greedy rewards (eval_reward,
-    eval_exact_match = accuracy, ...) before training, every --eval-every steps and at the end; 0 = none."""
+    eval_exact_match = accuracy, ...) before training, every --eval-every steps and at the end, each prompt's in
+    OUT_DIR/held_out/step-N.jsonl; 0 = none."""
     eval_every: int = option(0, min=0, group=_DATA)
     """Steps between held-out evaluations; 0 = only before and after."""
     rewards: tuple[str, ...] = option(("exact_match",), group=_REWARD)
@@ -402,7 +414,8 @@ def grpo(cfg: GRPOConfig, *, resume: bool = False, overwrite: bool = False, forc
     """Optimise ``cfg.model`` with GRPO against ``cfg.rewards`` on ``cfg.prompts`` (see the module docstring).
 
     ``eval_count`` prompts are held out (seeded) and scored greedily before training, every ``eval_every`` steps
-    and at the end. ``resume`` continues from ``OUT_DIR/checkpoint`` step for step; ``overwrite``/``force`` as in
+    and at the end; each evaluation's per-prompt results go to ``OUT_DIR/held_out/step-N.jsonl`` (N: the steps
+    done). ``resume`` continues from ``OUT_DIR/checkpoint`` step for step; ``overwrite``/``force`` as in
     ``lmforge.outputs``. Returns the last step's figures and where the policy was saved."""
     from lmforge.alignment.rlhf import _load_policy, _run_config, report_trainable, reward_vocab_check
     from lmforge.data.reward_data import random_split
@@ -442,6 +455,7 @@ def grpo(cfg: GRPOConfig, *, resume: bool = False, overwrite: bool = False, forc
     run = RunDir(c.out_dir, {**_run_config(cfg, "grpo"), "prompts": len(train_rows), "held_out": len(held)},
                  resume=resume, tokenizer=lm.tokenizer, loggers=c.logger)
     order = ShuffledIndices(len(train_rows), c.batch_size, c.seed)
+    batches = RolloutBatches(order, c.iterations)
     cache: dict[int, Rollouts] = {}
 
     def step_fn(model: nn.Module, batch: tuple[int, list[int], int]) -> tuple[Tensor, dict[str, float]]:
@@ -452,8 +466,14 @@ def grpo(cfg: GRPOConfig, *, resume: bool = False, overwrite: bool = False, forc
             cache[number] = trainer.rollout([train_rows[r] for r in rows], number, c.iterations)
         return trainer.loss(model, cache[number])
 
-    result = train(lm.model, step_fn, RolloutBatches(order, c.iterations), train_cfg, run,
-                   eval_fn=(lambda model: trainer.evaluate(held)) if held else None,
+    def eval_fn(model: nn.Module) -> dict[str, float]:  # one batch drawn per optimiser step: draws = steps done
+        per_prompt: list[dict] = []
+        metrics = trainer.evaluate(held, per_prompt=per_prompt)
+        write_text_atomic(run.path / HELD_OUT_DIR / f"step-{batches.draws}.jsonl",
+                          (json.dumps(r, ensure_ascii=False) + "\n" for r in per_prompt))
+        return metrics
+
+    result = train(lm.model, step_fn, batches, train_cfg, run, eval_fn=eval_fn if held else None,
                    tokens_per_batch=lambda batch: len(batch[1]) * c.group_size * c.max_new_tokens, desc="grpo",
                    loss_name="GRPO loss", hint=GRPO_HINT, progress=progress)
     return {**result, "step": c.steps, "prompts": len(train_rows), "held_out": len(held),

@@ -1,14 +1,14 @@
 """GRPO's verifiable tasks (``grpo.py`` trains on them): prompts with their answers (``load_tasks``), and the
-rewards that check completions, summed with weights: the answer extractors and normaliser
-(GSM8K's ``#### N``, or the last number), the registered rewards (exact match of a final answer, a format
+rewards that check completions, summed with weights: the registered rewards (exact match of a final answer, a format
 regex, a length penalty), a reward-model folder (e.g. lmforge's toxicity classifier) and ``module:function``.
+The answer extractors and normaliser (GSM8K's ``#### N``, or the last number) live in ``evaluation/answers.py``,
+shared with the ``answer_match`` metric of ``lmforge eval``/``compare``.
 A reward that raises, or returns anything but finite numbers, stops the run with one line naming it.
 """
 
 from __future__ import annotations
 
 import inspect
-import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,48 +16,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmforge.errors import LmforgeError
+from lmforge.evaluation.answers import (  # noqa: F401 (re-exported: GRPO's API)
+    EXTRACTORS,
+    extract_answer,
+    normalise_answer,
+    reference_answer,
+)
 
 if TYPE_CHECKING:
     from torch import Tensor
 
 REWARDS = ("exact_match", "format", "length_penalty")
-EXTRACTORS = ("hashes", "last_number")
-
-_NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
-
-
-def normalise_answer(text: str) -> str:
-    """An answer as compared: a number without $, thousands commas or a trailing .0 ("1,000.00" -> "1000"),
-    anything else stripped."""
-    s = text.strip().rstrip(".").replace("$", "").replace(",", "").strip()
-    try:
-        value = float(s)
-    except ValueError:
-        return s
-    if math.isfinite(value) and value == int(value):
-        return str(int(value))
-    return repr(value)
-
-
-def extract_answer(text: str, extractor: str = "hashes") -> str | None:
-    """The final answer of a completion: ``hashes``: the number after the last ``#### `` (GSM8K's format);
-    ``last_number``: the last number in the text. None when there is none."""
-    if extractor == "hashes":
-        found = re.findall(r"####\s*(" + _NUMBER.pattern + ")", text)
-    elif extractor == "last_number":
-        found = _NUMBER.findall(text)
-    else:
-        raise LmforgeError(f"unknown answer extractor {extractor!r}; choose one of: {', '.join(EXTRACTORS)}")
-    return normalise_answer(found[-1]) if found else None
-
-
-def reference_answer(raw: Any) -> str:
-    """A record's reference answer: the number after ``####`` when the text has one (a GSM8K solution), else the
-    whole text, normalised."""
-    text = str(raw)
-    return extract_answer(text, "hashes") if "####" in text and extract_answer(text, "hashes") else \
-        normalise_answer(text)
-
 
 ScoreFn = Callable[[list[str], list[str], list[str | None]], Any]
 
@@ -91,7 +60,7 @@ def load_rewards(names: Sequence[str], weights: Sequence[float] | None, *, extra
                  format_pattern: str = r"####\s*-?[\d,]*\.?\d+", length_target: int = 200,
                  reward_input: str = "completion") -> list[Reward]:
     """The reward terms of ``names`` (registered names, reward-model folders or ``module:function``)."""
-    from lmforge.alignment.rlhf import _scores, load_reward
+    from lmforge.alignment.rlhf import load_reward, reward_scores
 
     if weights is not None and len(weights) != len(names):
         raise LmforgeError(f"reward_weights (--reward-weights): {len(weights)} weights for {len(names)} rewards "
@@ -117,7 +86,7 @@ def load_rewards(names: Sequence[str], weights: Sequence[float] | None, *, extra
             takes = "answers" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
             def call(p, c, a, fn=fn, takes=takes, spec=name):
-                return _scores(fn(p, c, answers=a) if takes else fn(p, c), spec)
+                return reward_scores(fn(p, c, answers=a) if takes else fn(p, c), spec)
 
             term = Reward(name, 1.0, call)
         elif Path(name).exists():
@@ -133,9 +102,10 @@ def load_rewards(names: Sequence[str], weights: Sequence[float] | None, *, extra
 
 
 def score(rewards: Sequence[Reward], prompts: list[str], completions: list[str], answers: list[str | None],
-          step: int | str) -> tuple[Tensor, dict[str, float]]:
-    """(the weighted sum of the rewards, (n,), float32; the mean of each term by name). A reward function that
-    raises, returns the wrong number of scores or a NaN/infinite one: ``LmforgeError`` naming it and ``step``."""
+          step: int | str, terms: dict[str, Tensor] | None = None) -> tuple[Tensor, dict[str, float]]:
+    """(the weighted sum of the rewards, (n,), float32; the mean of each term by name); ``terms``, when given, is
+    filled with each term's own (unweighted) scores by name. A reward function that raises, returns the wrong
+    number of scores or a NaN/infinite one: ``LmforgeError`` naming it and ``step``."""
     import torch
 
     total = torch.zeros(len(completions), dtype=torch.float32)
@@ -159,6 +129,8 @@ def score(rewards: Sequence[Reward], prompts: list[str], completions: list[str],
                                "saving: a reward must be a finite number")
         total += term.weight * s
         means[term.name] = float(s.mean())
+        if terms is not None:
+            terms[term.name] = s
     return total, means
 
 

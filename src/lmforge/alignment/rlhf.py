@@ -307,7 +307,7 @@ def reward_vocab_check(reward: Any, policy_vocab: int, name: str) -> None:
                            "needs the same tokenizer")
 
 
-def _scores(value: Any, spec: str):
+def reward_scores(value: Any, spec: str):
     """What a reward function returned as a float tensor; anything but numbers is a one-line error naming it."""
     import numpy as np
     import torch
@@ -341,7 +341,7 @@ def load_reward(spec: str, reward_input: str = "completion"):
             fn = getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError) as e:
             raise LmforgeError(f"reward function {spec!r} cannot be imported: {e}") from None
-        return (lambda prompts, completions: _scores(fn(prompts, completions), spec)), None
+        return (lambda prompts, completions: reward_scores(fn(prompts, completions), spec)), None
     if not Path(spec).exists():
         raise LmforgeError(f"--reward {spec}: no such reward model folder (or give a 'package.module:function')")
     from lmforge.alignment.reward import load_reward_model

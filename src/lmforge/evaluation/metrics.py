@@ -145,13 +145,13 @@ def exact_match(predictions: Sequence[str], references: References, *,
     return sum(per) / len(per), per
 
 
-def answer_match(predictions: Sequence[str], references: Sequence[str]) -> tuple[float, list[float]]:
-    """Share of predictions whose final answer (the number after the last ``####``) equals the reference's answer
-    (``answers.reference_answer``), and the 0/1 per example; a prediction without ``####`` scores 0."""
+def answer_match(predictions: Sequence[str], references: References) -> tuple[float, list[float]]:
+    """Share of predictions whose final answer (the number after the last ``####``) equals the (first) reference's
+    answer (``answers.reference_answer``), and the 0/1 per example; a prediction without ``####`` scores 0."""
     from lmforge.evaluation.answers import extract_answer, reference_answer
 
-    _check_pairs(predictions, references)
-    per = [float(extract_answer(p, "hashes") == reference_answer(r)) for p, r in zip(predictions, references)]
+    refs = _check_pairs(predictions, references)
+    per = [float(extract_answer(p, "hashes") == reference_answer(r[0])) for p, r in zip(predictions, refs)]
     return sum(per) / len(per), per
 
 
