@@ -148,13 +148,16 @@ def test_a_missing_reference_names_the_field_and_the_record(fixed_lm, tmp_path, 
     assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and "summary3" in err and "line 2" in err
 
 
-def test_cli_eval_with_several_reference_fields(tiny_lm_dirs, tmp_path):
+def test_cli_eval_with_several_reference_fields(tiny_lm_dirs, tmp_path, capsys):
     data, out = fields_file(tmp_path), tmp_path / "out"
     rc = main(["eval", str(data), "-o", str(out), "-m", str(tiny_lm_dirs["plain"]), "--prompt-template",
                "Summarize: {text}", "--reference-field", "summary1,summary2,summary3", "--metrics", "rouge1,bleu",
                "-n", "3", "--no-progress"])
     summary = json.loads((out / "summary.json").read_text())
     assert rc == 0 and set(summary["metrics"]) == {"rouge1", "rouge1_best", "bleu"}
+    printed = json.loads(capsys.readouterr().out.split("\nwrote ")[0])  # what each metric was scored against
+    assert printed["references"] == summary["references"] and "best of its references" in printed["references"][
+        "scoring"]
     rows = read_rows(out)
     assert summary["metrics"]["rouge1_best"] == pytest.approx(
         expected([r["prediction"] for r in rows], REFERENCES)["rouge1_best"])

@@ -58,7 +58,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
     if cfg.out is None:
         raise LmforgeError("out (-o/--out): give the output folder")
     summary = evaluate(cfg, progress=not a.no_progress, force=a.force)
-    print(json.dumps({"metrics": summary["metrics"], "counts": summary["counts"]}, indent=2))
+    shown = {k: summary[k] for k in ("metrics", "counts", "references") if k in summary}  # references: several
+    print(json.dumps(shown, indent=2))
     print(f"wrote {Path(cfg.out) / 'predictions.jsonl'}, {Path(cfg.out) / 'summary.json'} and "
           f"{Path(cfg.out) / 'config.yaml'}", file=sys.stderr)
     return 0
