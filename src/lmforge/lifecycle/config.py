@@ -97,10 +97,18 @@ class Task:
 
     train: Path
     """Training data of adapt (SFT records)."""
-    dev: Path
-    """Dev data: select's zero/few-shot scoring and adapt's validation."""
+    dev: Path | None = None
+    """Dev data: select's zero/few-shot scoring and adapt's validation (none: split_dev records of train)."""
     test: Path | None = None
-    """Held-out data of evaluate and optimise (none: the dev file, said in the report)."""
+    """Held-out data of evaluate and optimise (none: split_test records of train, else the dev file)."""
+    split_dev: int | None = option(None, min=1)
+    """Carve dev (and test) out of the train file: this many records, after a seeded shuffle, go to
+    OUT/data/dev.jsonl, split_test more to OUT/data/test.jsonl, the rest to OUT/data/train.jsonl (for a task that
+    ships one file; dev and test must then be none)."""
+    split_test: int = option(0, min=0)
+    """With split_dev: records held out for test."""
+    split_seed: int = option(0, min=0)
+    """With split_dev: the shuffle's seed."""
     prompt_template: str | None = None
     """How a record becomes a prompt, with {field} placeholders."""
     input_field: str | None = None
@@ -137,6 +145,10 @@ class Task:
             raise SectionError(("metric",), str(e)) from None
         if self.metrics is not None and self.metric not in self.metrics:
             self.metrics = (*self.metrics, self.metric)
+        if self.split_dev is not None and (self.dev is not None or self.test is not None):
+            raise SectionError(("split_dev",), "carves dev and test out of train: remove dev and test, or split_dev")
+        if self.split_dev is None and self.dev is None:
+            raise SectionError(("dev",), "give the dev file (or split_dev: carve it out of train)")
         if not isinstance(self.budget, Budget):
             self.budget = build_section(Budget, self.budget, ("budget",))
 
@@ -287,8 +299,9 @@ class LifecycleConfig:
 
         t = self.task
         return build_section(FinetuneConfig, self.adapt, ("adapt",), filled=ADAPT_FILLED, train=(t.train,),
-                             dev=(t.dev,), prompt_template=t.prompt_template, prompt_field=t.input_field,
-                             response_field=t.response_field, model=model, adapter=adapter, out_dir=out_dir)
+                             dev=(t.dev,) if t.dev else (), prompt_template=t.prompt_template,
+                             prompt_field=t.input_field, response_field=t.response_field, model=model,
+                             adapter=adapter, out_dir=out_dir)
 
     def dpo_config(self, *, model: str | None, adapter: str | Path | None, out_dir: Path):
         from lmforge.alignment.rlhf import DPOConfig

@@ -4,7 +4,8 @@ before anything is written.
 ``run_lifecycle(cfg)`` walks the stages in lifecycle order (select, adapt, align, evaluate, optimise, deploy).
 A stage the run includes is skipped when ``OUT/<stage>/stage.json`` holds its current hash ("skip adapt:
 unchanged"); otherwise its old ``stage.json`` is removed, the stage runs (``stages.RUNNERS``) and its record is
-written atomically, last. ``force`` re-runs the named stage and every later one. A stage the run leaves out
+written atomically, last. ``force`` re-runs the named stage and every later one. A task with ``split_dev`` has
+its dev/test files carved out of the train file first (``data.py``). A stage the run leaves out
 (``--stages``) lends its ``stage.json`` on disk to the stages that read it. Before anything is written the plan
 is checked: every data file exists, every stage a planned stage reads is planned or has its output on disk; a
 problem is one ``LmforgeError`` naming the key. The folder is locked (``lmforge.outputs.RunLock``) while it runs,
@@ -21,6 +22,7 @@ from pathlib import Path
 from lmforge.errors import LmforgeError
 from lmforge.io import read_json_object, write_json_atomic
 from lmforge.lifecycle.config import STAGES, LifecycleConfig
+from lmforge.lifecycle.data import split_task
 from lmforge.lifecycle.stages import READS, RUNNERS, STAGE_FILE, Context, stage_hash
 from lmforge.outputs import RunLock
 
@@ -90,6 +92,7 @@ def run_lifecycle(cfg: LifecycleConfig, *, stages: Sequence[str] | None = None, 
     except OSError as e:
         raise LmforgeError(f"cannot create the run folder {out}: {e.strerror or e}") from None
     with RunLock(out, "lifecycle"):
+        split_task(cfg.task, out)
         for i, stage in enumerate(STAGES):
             if stage not in enabled and stage not in plan:
                 continue

@@ -1,0 +1,217 @@
+"""``lmforge lifecycle`` (issue 18) on a tiny recipe: a tiny random Llama, 10 training records, 2 training steps.
+
+The full run writes every stage and the report; a re-run skips every stage; a changed adapt section re-runs adapt
+and the stages after it only; a run killed inside adapt resumes there (select skipped, the fine-tune continued
+from its checkpoint to the same weights as an uninterrupted run); bad recipe files are one error line naming
+file:line and key, with nothing written.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from lmforge.cli import main
+from lmforge.lifecycle import load_lifecycle, run_lifecycle
+
+WORDS = "red green blue fox dog cat one two three four".split()
+
+
+@pytest.fixture(scope="module")
+def task_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("lifecycle-data")
+    for split, n in (("train", 10), ("dev", 4), ("test", 4)):
+        with open(d / f"{split}.jsonl", "w", encoding="utf-8") as f:
+            for i in range(n):
+                w = WORDS[(i * 3 + len(split)) % len(WORDS)]
+                f.write(json.dumps({"dialogue": f"A: the {w} is here. B: ok.", "summary": f"the {w}"}) + "\n")
+    return d
+
+
+def recipe(tmp_path: Path, data: Path, model: Path, *, out: str = "out", **sections) -> Path:
+    """A tiny recipe file; ``sections`` replace or add top-level keys (None removes one)."""
+    r = {
+        "task": {"train": str(data / "train.jsonl"), "dev": str(data / "dev.jsonl"), "test": str(data / "test.jsonl"),
+                 "prompt_template": "Summarize: {dialogue}\nSummary: ", "response_field": "summary",
+                 "max_new_tokens": 4, "batch_size": 4},
+        "candidates": [{"label": "zero-shot", "model": str(model)}, {"label": "one-shot", "model": str(model),
+                                                                      "shots": 1}],
+        "out": str(tmp_path / out),
+        "stages": ["select", "adapt", "evaluate"],
+        "select": {"limit": 2, "speed_tokens": 2},
+        "adapt": {"method": "full", "steps": 2, "batch_size": 2, "max_len": 64, "eval_generate": 0,
+                  "eval_examples": 2, "save_every": 1, "log_every": 1},
+        "evaluate": {"limit": 2},
+    }
+    for k, v in sections.items():
+        if v is None:
+            r.pop(k, None)
+        else:
+            r[k] = v
+    path = tmp_path / f"{out}.yaml"
+    path.write_text(yaml.safe_dump(r, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def run(path: Path, **kw) -> tuple[dict, list[str]]:
+    lines: list[str] = []
+    records = run_lifecycle(load_lifecycle(path), progress=False, log=lines.append, **kw)
+    return records, lines
+
+
+def test_full_lifecycle_writes_every_stage_and_the_report_and_a_rerun_skips_all(tiny_lm_dirs, task_files, tmp_path):
+    path = recipe(tmp_path, task_files, tiny_lm_dirs["chat"], stages=None, optimise={"quantize": ["int8"]},
+                  deploy={"max_tokens": 3, "serve": {"max_batch": 1, "max_context": 128}})
+    records, lines = run(path)
+    out = tmp_path / "out"
+    assert list(records) == ["select", "adapt", "evaluate", "optimise", "deploy"]
+    for stage in records:
+        saved = json.loads((out / stage / "stage.json").read_text(encoding="utf-8"))
+        assert saved["hash"] == records[stage]["hash"] and saved["table"]["rows"]
+    assert records["select"]["outputs"]["label"] in ("zero-shot", "one-shot")
+    assert "within the budget" in records["select"]["decision"]
+    assert (out / "select" / "compare" / "runs" / "one-shot" / "predictions.jsonl").is_file()
+    assert (out / "adapt" / "run" / "final" / "model.safetensors").is_file()
+    assert [row[0] for row in records["evaluate"]["table"]["rows"]] == ["base: " + records["select"]["outputs"]
+                                                                        ["label"], "adapted (full)"]
+    assert [row[0] for row in records["optimise"]["table"]["rows"]] == ["float32", "int8"]
+    deploy = records["deploy"]["outputs"]
+    assert deploy["content"].strip() and deploy["latency_s"] > 0
+    served = yaml.safe_load((out / deploy["serve_config"]).read_text(encoding="utf-8"))
+    assert served["model"] == str(out / "adapt" / "run" / "final") and served["host"] == "127.0.0.1"
+    assert "server stopped" in json.dumps(records["deploy"]["table"])
+    md, page = (out / "report.md").read_text(encoding="utf-8"), (out / "report.html").read_text(encoding="utf-8")
+    for stage in records:
+        assert f"## {stage}" in md and f"<h2>{stage}</h2>" in page
+    assert "**select**: selected '" in md and "data:image/png;base64," in page
+    assert (out / "chart_select_rouge1.png").is_file()
+
+    again, lines = run(path)
+    assert lines == [f"[{i}/5] skip {s}: unchanged (hash {records[s]['hash'][:12]})" for i, s in enumerate(records, 1)]
+    assert {s: r["finished"] for s, r in again.items()} == {s: r["finished"] for s, r in records.items()}
+
+
+def test_a_changed_adapt_section_reruns_adapt_and_the_stages_after_it_only(tiny_lm_dirs, task_files, tmp_path):
+    path = recipe(tmp_path, task_files, tiny_lm_dirs["chat"])
+    first, _ = run(path)
+    cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+    cfg["adapt"]["lr"] = 1e-3
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    second, lines = run(path)
+    assert lines[0].startswith("[1/3] skip select: unchanged")
+    assert any(line.startswith("[2/3] adapt: running (changed") for line in lines)
+    assert any(line.startswith("[3/3] evaluate: running (changed") for line in lines)
+    assert second["select"]["finished"] == first["select"]["finished"]
+    assert second["adapt"]["hash"] != first["adapt"]["hash"] and second["evaluate"]["hash"] != first["evaluate"]["hash"]
+    _, lines = run(path, force=["evaluate"])  # --force: that stage (and later ones) again
+    assert lines[1].startswith("[2/3] skip adapt") and lines[2].startswith("[3/3] evaluate: running (forced")
+
+
+def test_a_lifecycle_killed_inside_adapt_resumes_there(tiny_lm_dirs, task_files, tmp_path):
+    adapt = {"method": "full", "steps": 12, "batch_size": 2, "max_len": 64, "eval_generate": 0, "eval_examples": 2,
+             "save_every": 1, "log_every": 1}
+    small = dict(stages=["select", "adapt"], adapt=adapt, select={"limit": 1, "speed_tokens": 1},
+                 candidates=[{"label": "zero-shot", "model": str(tiny_lm_dirs["chat"])}])
+    killed = recipe(tmp_path, task_files, tiny_lm_dirs["chat"], out="killed", **small)
+    whole = recipe(tmp_path, task_files, tiny_lm_dirs["chat"], out="whole", **small)
+    ckpt = tmp_path / "killed" / "adapt" / "run" / "checkpoint" / "state.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "lmforge.cli", "lifecycle", str(killed), "--no-progress"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    try:
+        while not ckpt.is_file():
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "no adapt checkpoint within 240 s"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+    assert not (tmp_path / "killed" / "adapt" / "stage.json").exists()
+    assert not (tmp_path / "killed" / "adapt" / "run" / "final").exists(), "the run finished before it was killed"
+    records, lines = run(killed)
+    assert lines[0].startswith("[1/2] skip select: unchanged")
+    assert "  adapt: resuming from its checkpoint" in lines and "resumed" in records["adapt"]["decision"]
+    run(whole)
+    a = load_file(tmp_path / "killed" / "adapt" / "run" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "whole" / "adapt" / "run" / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def _fails(argv, capsys) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_bad_recipe_files_are_one_line_naming_file_line_and_key_and_write_nothing(tiny_lm_dirs, task_files, tmp_path,
+                                                                                    capsys):
+    model = tiny_lm_dirs["chat"]
+    path = recipe(tmp_path, task_files, model, stages=["select", "adapt", "evalute"])
+    err = _fails(["lifecycle", str(path)], capsys)
+    assert f"{path}:" in err and "stages" in err and "evalute" in err
+    path = recipe(tmp_path, task_files, model, adapt={"method": "lora", "stepz": 3})
+    err = _fails(["lifecycle", str(path)], capsys)
+    line = next(i for i, t in enumerate(path.read_text().splitlines(), 1) if "stepz" in t)
+    assert f"{path}:{line}: adapt.stepz: unknown key; did you mean 'steps'?" in err
+    path = recipe(tmp_path, task_files, model, adapt={"method": "lora", "train": "x.jsonl"})
+    assert "adapt.train: is set by the lifecycle" in _fails(["lifecycle", str(path)], capsys)
+    path = recipe(tmp_path, task_files, model, adapt={"method": "sgd"})
+    assert "adapt.method" in _fails(["lifecycle", str(path)], capsys)
+    path = recipe(tmp_path, task_files, model, surprise=1)
+    assert "unknown key 'surprise'" in _fails(["lifecycle", str(path)], capsys)
+    task = yaml.safe_load(path.read_text())["task"]
+    path = recipe(tmp_path, task_files, model, surprise=None, task={**task, "test": str(tmp_path / "nope.jsonl")})
+    assert f"task.test: {tmp_path / 'nope.jsonl'}: no such file" in _fails(["lifecycle", str(path)], capsys)
+    path = recipe(tmp_path, task_files, model)
+    err = _fails(["lifecycle", str(path), "--stages", "evaluate"], capsys)
+    assert "stage evaluate reads the output of select" in err and "run select first" in err
+    assert _fails(["lifecycle", str(path), "--stages", "optimise"], capsys).endswith("needs a optimise section in "
+                                                                                     "the recipe\n")
+    assert "unknown stage 'deplo'" in _fails(["lifecycle", str(path), "--stages", "deplo"], capsys)
+    assert not (tmp_path / "out").exists()  # nothing was written by any of them
+
+
+def test_print_config_then_config_gives_the_same_recipe(tiny_lm_dirs, task_files, tmp_path, capsys):
+    path = recipe(tmp_path, task_files, tiny_lm_dirs["chat"])
+    assert main(["lifecycle", str(path), "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    (tmp_path / "printed.yaml").write_text(printed, encoding="utf-8")
+    assert main(["lifecycle", "--config", str(tmp_path / "printed.yaml"), "--print-config"]) == 0
+    assert capsys.readouterr().out == printed
+    cfg = load_lifecycle(tmp_path / "printed.yaml")
+    assert cfg.adapt["steps"] == 2 and cfg.enabled() == ("select", "adapt", "evaluate")
+    assert not (tmp_path / "out").exists()
+
+
+def test_split_dev_carves_disjoint_seeded_dev_and_test_sets_out_of_one_file(tmp_path):
+    from lmforge.lifecycle.config import Task
+    from lmforge.lifecycle.data import split_task
+
+    rows = "".join(f"{i},the tweet number {i},{i % 3}\n" for i in range(20))
+    (tmp_path / "one.csv").write_text("id,tweet,class\n" + rows, encoding="utf-8")
+    task = Task(train=tmp_path / "one.csv", prompt_template="{tweet}", response_field="class", split_dev=4,
+                split_test=5, split_seed=1)
+    split_task(task, tmp_path / "out")
+    parts = {n: [json.loads(x)["id"] for x in Path(p).read_text(encoding="utf-8").splitlines()]
+             for n, p in (("train", task.train), ("dev", task.dev), ("test", task.test))}
+    assert [len(parts[n]) for n in ("train", "dev", "test")] == [11, 4, 5]
+    assert sorted(parts["train"] + parts["dev"] + parts["test"], key=int) == [str(i) for i in range(20)]
+    again = Task(train=tmp_path / "one.csv", prompt_template="{tweet}", response_field="class", split_dev=4,
+                 split_test=5, split_seed=1)
+    before = Path(task.dev).stat().st_mtime_ns
+    split_task(again, tmp_path / "out")  # the same split: the files are left as they are
+    assert Path(again.dev).stat().st_mtime_ns == before and again.test == task.test
+    with pytest.raises(Exception, match="split_dev: carves dev and test out of train"):
+        Task(train=tmp_path / "one.csv", dev=tmp_path / "one.csv", prompt_template="{tweet}", split_dev=2)
