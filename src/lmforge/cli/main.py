@@ -378,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     register_plan(sub)
     from lmforge.cli.distill import register as register_distill
     register_distill(sub)
+    from lmforge.cli.lifecycle import register as register_lifecycle
+    register_lifecycle(sub)
     return parser
 
 
