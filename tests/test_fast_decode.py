@@ -382,3 +382,30 @@ def test_compiled_step_over_packed_quantised_linears(hf_tiny, method, monkeypatc
     eager = _run(model, PROMPTS, 16)
     assert _run(model, PROMPTS, 16, compile=True) == eager
     assert "failed" not in capsys.readouterr().err
+
+
+def test_int4_weights_are_packed_before_the_decode_step_is_compiled(hf_tiny, monkeypatch):
+    """A prefill of many rows takes the float path and leaves the packed copy unbuilt; packing cannot be traced
+    (its cache is keyed on data_ptr), so it must happen before the first, compiling, call of the step."""
+    from lmforge.models.int4 import Int4Linear
+    from lmforge.models.quantized import quantize_model
+
+    monkeypatch.setattr(fast, "_STATES", type(fast._STATES)())
+    config, state, _ = read_hf_dir(hf_tiny["llama"][1])
+    model = quantize_model(build_model(config, state), "int4", 32).to(torch.bfloat16)
+    layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    seen = []
+
+    def compile_checking(module, **kw):  # stands for torch.compile: records what the first call finds packed
+        def step(*args):
+            seen.append(all(m._packed is not None for m in layers))
+            return module(*args)
+        return step
+
+    monkeypatch.setattr(torch, "compile", compile_checking)
+    prompt = list(range(5, 5 + 130))  # 130 rows: the bfloat16 prefill runs on the float path
+    eager = _run(model, [prompt], 4)
+    for m in layers:
+        m._packed = None  # as after a fresh load
+    assert _run(model, [prompt], 4, compile=True) == eager
+    assert seen and seen[0]

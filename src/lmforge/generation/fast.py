@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from lmforge.models.decoder import DecoderLM
+from lmforge.models.int4 import Int4Linear
 
 WIDTH_STEP = 256  # cache widths are multiples of this (or the whole context): fewer shapes, fewer compiles
 
@@ -149,12 +150,25 @@ def decoder_for(model: DecoderLM, batch: int, width: int, caches: list[nn.Module
     return state.entries[key]
 
 
+def pack_for_step(model: nn.Module, rows: int, dtype: torch.dtype) -> None:
+    """Build the packed weights of the int4 layers that a step of ``rows`` rows in ``dtype`` runs on the kernel.
+    Packing keys its cache on ``data_ptr``, which cannot be traced, and a prefill of many rows takes the float path
+    (no packing), so it is done here, eagerly, before the step is compiled."""
+    for m in model.modules():
+        if isinstance(m, Int4Linear):
+            x = torch.empty(rows, m.in_features, dtype=dtype, device=m.qweight.device)
+            if m.uses_kernel(x):
+                m.packed(dtype)
+
+
 def run_step(model: DecoderLM, entry: _Entry, tokens: torch.Tensor, positions: torch.Tensor,
              column: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
     """Call the step; the first call of a compiled one compiles it (timed, reported on stderr). If that
     fails, say so, run this step uncompiled and mark the model so that later generations decode eagerly."""
     if entry.warm or not entry.compiled:
         return entry.step(tokens, positions, column, key_mask).clone()  # clone: CUDA graphs reuse the output
+    with torch.no_grad():
+        pack_for_step(model, tokens.shape[0], next(model.parameters()).dtype)
     t0 = time.perf_counter()
     try:
         out = entry.step(tokens, positions, column, key_mask).clone()

@@ -26,10 +26,29 @@ Portable form (what ``lmforge quantize`` saves; the kernel packing is done at lo
 - ``scales``, ``zeros``: float32 (out, in / group_size);
 - ``bias``: the float bias, when the layer has one.
 
-``Int4Linear.forward`` runs ``torch._weight_int4pack_mm_for_cpu`` on CPU (float32, bfloat16, float16 inputs; the
-kernel wants the output width a multiple of 16, so the packed weight is padded with zero rows and the output cut);
-on other devices, or when a gradient must flow to the input, it falls back to a float matmul with the dequantised
-weight.
+``Int4Linear.forward`` runs ``torch._weight_int4pack_mm_for_cpu`` on CPU for calls of few rows (decode: the
+kernel wants the output width a multiple of 16, so the packed weight is padded with zero rows and the output cut).
+From ``FLOAT_FROM_ROWS[dtype]`` rows on (tokens in the call: a prefill), on other devices, or when a gradient must
+flow to the input, it multiplies by the weight dequantised from the portable codes (group-wise, in float32, then
+cast to the activation dtype): the packed kernel is built for a few rows at a time and loses to a float matmul on
+long inputs. The thresholds come from one micro-measurement (one thread, this project's 2-core AVX-512 VM, torch
+2.13, busy machine, best of 5; the float time includes dequantising the weight on every call), ms per call:
+
+    bfloat16   rows:          16     32     64    128    256
+      576 x  576  kernel    0.30   0.51   0.95   1.78   3.39   float  1.33  1.59  1.51  1.52  1.71
+     1536 x  576  kernel    0.70   1.18   2.38   4.53   9.25   float  3.29  3.39  3.66  4.29  4.86
+      576 x 1536  kernel    0.75   1.38   2.74   4.47   8.80   float  3.64  3.70  3.48  3.95  5.08
+    float32    rows:           1      2      4      8
+      576 x  576  kernel    1.05   2.08   4.19   8.47          float  1.13  1.11  1.17  1.26
+     1536 x  576  kernel    2.70   5.79  14.90  31.06          float  2.91  3.07  4.02  3.67
+    float16    rows:           1      2      4     16
+      576 x  576  kernel    1.20   2.30   4.41  17.52          float  0.76  0.81  0.80  0.92
+     1536 x  576  kernel    3.02   6.05  12.13  46.49          float  1.96  2.16  2.23  2.41
+
+(torch's vectorised int4 kernel is bfloat16-only; float32 and float16 run its scalar loop.) Both paths compute the
+same dequantised weight; they differ by rounding only (the kernel accumulates in float32 with bfloat16/float16
+scales, the float path rounds the dequantised weight to the activation dtype): within 1e-4 in float32 and 5e-2 in
+bfloat16 of a float64 reference, the tolerances tests/test_quantize.py states for both.
 """
 
 from __future__ import annotations
@@ -43,6 +62,8 @@ from lmforge.errors import LmforgeError
 GROUP_SIZES = (32, 64, 128)
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _N_ALIGN = 16  # _convert_weight_to_int4pack_for_cpu: "expect N to be dividable by 16"
+# rows (tokens in one call) from which forward takes the float path instead of the packed kernel (module docstring)
+FLOAT_FROM_ROWS = {torch.bfloat16: 128, torch.float32: 2, torch.float16: 1}
 
 
 def check_group_size(in_features: int, group_size: int, name: str = "linear layer") -> None:
@@ -70,9 +91,9 @@ def quantize_with(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> t
 
 def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
     """(out, in) float weight from codes (out, in) and group parameters (out, in / group_size)."""
-    s = scales.float().repeat_interleave(group_size, dim=1)
-    z = zeros.float().repeat_interleave(group_size, dim=1)
-    return (codes.float() - 8) * s + z
+    out_f, in_f = codes.shape
+    c = codes.float().reshape(out_f, in_f // group_size, group_size)
+    return ((c - 8) * scales.float()[..., None] + zeros.float()[..., None]).view(out_f, in_f)
 
 
 def rtn_quantize(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -195,8 +216,11 @@ class Int4Linear(nn.Module):
         return self._packed[1], self._packed[2]
 
     def uses_kernel(self, x: torch.Tensor) -> bool:
+        """Whether ``forward(x)`` runs the packed kernel: CPU, a kernel dtype, no gradient to the input, and fewer
+        rows than ``FLOAT_FROM_ROWS`` (static shapes, so a compiled step takes one path for good)."""
         return (x.device.type == "cpu" and self.qweight.device.type == "cpu" and x.dtype in KERNEL_DTYPES
-                and not (torch.is_grad_enabled() and x.requires_grad))
+                and not (torch.is_grad_enabled() and x.requires_grad)
+                and x.numel() // self.in_features < FLOAT_FROM_ROWS[x.dtype])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)

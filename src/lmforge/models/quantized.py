@@ -1,9 +1,26 @@
 """Weight-only quantisation of linear layers: int8 (per output row), int4 (group-wise, ``int4.py``) and 4-bit NF4.
 
 - int8: w ~ q * s with one absmax scale per output row, q in [-127, 127]. Portable form: ``qweight`` int8
-  (out, in), ``scale`` (out, 1), ``bias``. On CPU ``forward`` runs PyTorch's packed kernel
-  ``torch._weight_int8pack_mm`` (no dequantised weight is built); elsewhere, or when a gradient must reach the
-  input (QLoRA training), it multiplies by the dequantised weight.
+  (out, in), ``scale`` (out, 1), ``bias``. On CPU, for calls of fewer than ``INT8_FLOAT_FROM_ROWS[dtype]`` rows
+  (decode), ``forward`` runs PyTorch's packed kernel ``torch._weight_int8pack_mm`` (no dequantised weight is
+  built); from that many rows on (a prefill), elsewhere, or when a gradient must reach the input (QLoRA
+  training), it multiplies by the dequantised weight in the activation dtype. Thresholds from one
+  micro-measurement (one thread, the 2-core AVX-512 VM, torch 2.13, busy machine, best of 5, the float time
+  including the dequantisation), ms per call, kernel / float:
+
+      bfloat16  rows        16          32          64          128
+        576 x  576    0.32 / 0.43  0.67 / 0.43  1.11 / 0.58  1.99 / 0.62
+       1536 x  576    0.74 / 0.94  1.53 / 1.20  2.82 / 1.26  5.67 / 1.54
+        576 x 1536    0.73 / 0.90  1.42 / 0.97  2.46 / 1.02  4.91 / 1.48
+      float32   rows         1           2           4            8
+        576 x  576    0.50 / 0.33  0.79 / 0.30  2.03 / 0.35  6.56 / 0.37
+       1536 x  576    1.10 / 1.15  2.25 / 0.86  4.98 / 1.69  14.7 / 1.41
+      float16   rows         1           2           4           16
+        576 x  576    0.69 / 0.50  1.27 / 0.55  2.48 / 0.52  10.0 / 0.62
+       1536 x  576    1.70 / 1.45  3.39 / 1.47  6.83 / 1.51  26.4 / 1.61
+
+  (float32 at one row is a tie within this machine's noise; the kernel is kept there: it reads 4x fewer bytes.)
+  The paths differ by rounding only: within 1e-4 (float32) and 5e-2 (bfloat16) of a float64 reference.
 - int4: see ``lmforge.models.int4`` (round-to-nearest or GPTQ, ``torch._weight_int4pack_mm_for_cpu``).
 - nf4: blocks of 64 values, each scaled by its absmax, rounded to the nearest of the 16
   NormalFloat-4 levels (Dettmers et al. 2023, "QLoRA", sec. 3 and appendix E), two codes per byte;
@@ -21,7 +38,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lmforge.errors import LmforgeError
-from lmforge.models.int4 import Int4Linear, check_group_size
+from lmforge.models.int4 import FLOAT_FROM_ROWS, Int4Linear, check_group_size, dequantize_codes, unpack_codes
 
 # The 16 NF4 levels (quantiles of N(0, 1) normalised to [-1, 1]), from the QLoRA paper's appendix.
 NF4_LEVELS = torch.tensor([
@@ -34,6 +51,8 @@ SCHEMES = ("int8", "nf4")
 
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# rows (tokens in one call) from which Int8Linear takes the float path instead of the packed kernel (docstring)
+INT8_FLOAT_FROM_ROWS = {torch.bfloat16: 32, torch.float32: 2, torch.float16: 1}
 
 
 class Int8Linear(nn.Module):
@@ -61,8 +80,11 @@ class Int8Linear(nn.Module):
         return self.qweight.to(self.scale.dtype) * self.scale
 
     def uses_kernel(self, x: torch.Tensor) -> bool:
+        """Whether ``forward(x)`` runs the packed kernel: CPU, a kernel dtype, no gradient to the input, and fewer
+        rows than ``INT8_FLOAT_FROM_ROWS`` (static shapes, so a compiled step takes one path for good)."""
         return (x.device.type == "cpu" and self.qweight.device.type == "cpu" and x.dtype in KERNEL_DTYPES
-                and not (torch.is_grad_enabled() and x.requires_grad))
+                and not (torch.is_grad_enabled() and x.requires_grad)
+                and x.numel() // self.in_features < INT8_FLOAT_FROM_ROWS[x.dtype])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -102,22 +124,132 @@ class NF4Linear(nn.Module):
         return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
 
+HEADS = ("int8", "int4", "none")
+DEFAULT_HEAD = "int8"  # the head's quantisation when none is named (measurements in the module docstring)
+HEAD_GROUP_SIZE = 64  # an int4 head's group when the blocks give none (int8 blocks)
+
+
+def _bf16_decode(layer: Int8Linear | Int4Linear, x: torch.Tensor, float_from_rows: int) -> bool:
+    """Whether a head call on float32/float16 input should run the packed kernel in bfloat16: torch's int8/int4 CPU
+    kernels are slow outside bfloat16 at the head's width (module docstring), so decode rows are rounded to
+    bfloat16 for the kernel and the logits cast back."""
+    return (x.dtype in (torch.float32, torch.float16) and x.device.type == "cpu"
+            and layer.qweight.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad)
+            and x.numel() // layer.in_features < float_from_rows)
+
+
+class Int8Head(Int8Linear):
+    """The LM head as an ``Int8Linear``; decode calls in float32/float16 run the kernel in bfloat16."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _bf16_decode(self, x, INT8_FLOAT_FROM_ROWS[torch.bfloat16]):
+            return super().forward(x.to(torch.bfloat16)).to(x.dtype)
+        return super().forward(x)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The dequantised rows ``ids`` (n,) of the weight: (n, in), in the scale's dtype."""
+        return self.qweight[ids].to(self.scale.dtype) * self.scale[ids]
+
+
+class Int4Head(Int4Linear):
+    """The LM head as an ``Int4Linear`` (group-wise); decode calls in float32/float16 run the kernel in bfloat16."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _bf16_decode(self, x, FLOAT_FROM_ROWS[torch.bfloat16]):
+            return super().forward(x.to(torch.bfloat16)).to(x.dtype)
+        return super().forward(x)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The dequantised rows ``ids`` (n,) of the weight: (n, in), float32."""
+        return dequantize_codes(unpack_codes(self.qweight[ids]), self.scales[ids], self.zeros[ids], self.group_size)
+
+
+class HeadEmbedding(nn.Module):
+    """Token embeddings read from a tied, quantised LM head: a lookup dequantises the rows it needs, so the float
+    table is dropped. ``head`` is held as a plain attribute, not a submodule: its tensors stay the head's alone
+    (saved once, moved with it)."""
+
+    def __init__(self, head: Int8Head | Int4Head, dtype: torch.dtype):
+        super().__init__()
+        object.__setattr__(self, "head", head)
+        self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
+        self.register_buffer("anchor", torch.empty(0, dtype=dtype, device=head.qweight.device), persistent=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The whole dequantised table (vocab, dim) in the embedding dtype (built on each call)."""
+        return self.head.weight.to(self.anchor.dtype)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.head.rows(idx.reshape(-1)).to(self.anchor.dtype).reshape(*idx.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, rows of the quantised lm_head"
+
+
+def check_head(head: str | None, in_features: int | None = None, group_size: int | None = None,
+               flag: str = "--head") -> str:
+    """``head`` ("int8" | "int4" | "none"; None is "none") checked, and for int4 its group size against the width."""
+    head = "none" if head is None else head
+    if head not in HEADS:
+        raise LmforgeError(f"{flag} {head!r} is not a head quantisation; choose one of: {', '.join(HEADS)}")
+    if head == "int4" and in_features is not None:
+        check_group_size(in_features, group_size or HEAD_GROUP_SIZE, "lm_head")
+    return head
+
+
+def tied_embeddings(model: nn.Module, weight: torch.Tensor) -> list[str]:
+    """Names of the ``nn.Embedding`` modules of ``model`` whose table is ``weight`` (the head's, when tied)."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Embedding) and m.weight is weight]
+
+
+def set_head(model: nn.Module, layer: Int8Head | Int4Head, tied: list[str], dtype: torch.dtype) -> None:
+    """Make ``layer`` the model's ``lm_head``, and the embeddings named ``tied`` lookups into it."""
+    _replace(model, "lm_head", layer)
+    for name in tied:
+        _replace(model, name, HeadEmbedding(layer, dtype))
+
+
+def quantize_head(model: nn.Module, head: str | None, group_size: int | None = None,
+                  hessian: torch.Tensor | None = None) -> nn.Module:
+    """Quantise ``model.lm_head`` in place: "int8" (``Int8Head``, one scale per row), "int4" (``Int4Head``, group
+    ``group_size``, default 64; GPTQ when its input ``hessian`` is given) or "none". A tied input embedding becomes a
+    ``HeadEmbedding`` reading the quantised rows (its float table is dropped). A model without a linear ``lm_head``
+    is left as it is."""
+    lm_head = getattr(model, "lm_head", None)
+    head = check_head(head, None if lm_head is None else lm_head.in_features, group_size)
+    if head == "none" or not isinstance(lm_head, nn.Linear):
+        return model
+    tied = tied_embeddings(model, lm_head.weight)
+    if head == "int8":
+        layer: Int8Head | Int4Head = Int8Head(lm_head)
+    else:
+        layer = Int4Head.from_linear(lm_head, group_size or HEAD_GROUP_SIZE, hessian).to(lm_head.weight.device)
+    set_head(model, layer, tied, lm_head.weight.dtype)
+    return model
+
+
 QUANTIZED_LINEARS = (Int8Linear, Int4Linear, NF4Linear)
 # the layers a linear map can be: a float nn.Linear or a quantised one (all have in_features, out_features, weight)
 LINEAR_LAYERS = (nn.Linear, *QUANTIZED_LINEARS)
 
 
-def quantize_linears(model: nn.Module, scheme: str, skip: tuple[str, ...] = ("lm_head",)) -> nn.Module:
-    """Replace every nn.Linear (but those whose name ends in ``skip``) by its quantised version, in place."""
+def quantize_linears(model: nn.Module, scheme: str, skip: tuple[str, ...] = ("lm_head",),
+                     head: str | None = None) -> nn.Module:
+    """Replace every nn.Linear (but those whose name ends in ``skip``) by its quantised version, in place; ``head``
+    ("int8" | "int4" | "none", the default here: QLoRA bases keep a float head) quantises ``lm_head`` as
+    ``quantize_head`` does."""
     if scheme not in SCHEMES:
         raise LmforgeError(f"unknown quantisation {scheme!r}; choose one of: {', '.join(SCHEMES)}")
+    lm_head = getattr(model, "lm_head", None)
+    check_head(head, getattr(lm_head, "in_features", None))
     cls = Int8Linear if scheme == "int8" else NF4Linear
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and not name.endswith(skip):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, cls(module))
-    return model
+    return quantize_head(model, head)
 
 
 METHODS = ("int8", "int4")
@@ -134,8 +266,11 @@ def _replace(model: nn.Module, name: str, layer: nn.Module) -> None:
 
 
 def check_quantization(model: nn.Module, method: str, group_size: int | None = None, algorithm: str = "rtn",
-                       skip: tuple[str, ...] = ("lm_head",)) -> None:
-    """Refuse a method, algorithm or group size that does not fit ``model`` (before anything is computed)."""
+                       skip: tuple[str, ...] = ("lm_head",), head: str | None = None) -> None:
+    """Refuse a method, algorithm, group size or head quantisation that does not fit ``model`` (before anything is
+    computed)."""
+    lm_head = getattr(model, "lm_head", None)
+    check_head(head, getattr(lm_head, "in_features", None), group_size)
     if method not in METHODS:
         raise LmforgeError(f"--method {method!r} is not a quantisation method; choose one of: {', '.join(METHODS)}")
     if algorithm not in ALGORITHMS:
@@ -185,26 +320,31 @@ def collect_hessians(model: nn.Module, batches: list[torch.Tensor], names: list[
 
 
 def quantize_model(model: nn.Module, method: str, group_size: int | None = None, *, algorithm: str = "rtn",
-                   calibration: list[torch.Tensor] | None = None, skip: tuple[str, ...] = ("lm_head",)) -> nn.Module:
-    """Replace the model's ``nn.Linear`` layers (but ``skip``) by ``Int8Linear`` or ``Int4Linear`` in place.
+                   calibration: list[torch.Tensor] | None = None, skip: tuple[str, ...] = ("lm_head",),
+                   head: str | None = DEFAULT_HEAD) -> nn.Module:
+    """Replace the model's ``nn.Linear`` layers (but ``skip``) by ``Int8Linear`` or ``Int4Linear`` in place, and
+    quantise ``lm_head`` as ``head`` says ("int8", the default | "int4" | "none"; see ``quantize_head``).
 
     int4: ``group_size`` 32/64/128 (default 64), ``algorithm`` "rtn" or "gptq"; GPTQ needs ``calibration``,
-    a list of token-id tensors (batch, seq). The model must be on CPU for GPTQ's Hessians to stay small."""
-    check_quantization(model, method, group_size, algorithm, skip)
+    a list of token-id tensors (batch, seq), and calibrates an int4 head too. The model must be on CPU for GPTQ's
+    Hessians to stay small."""
+    check_quantization(model, method, group_size, algorithm, skip, head)
     targets = _targets(model, skip)
+    head_group = group_size if method == "int4" else None
     if method == "int8":
         for name, m in targets:
             _replace(model, name, Int8Linear(m))
-        return model
+        return quantize_head(model, head, head_group)
     hessians: dict[str, torch.Tensor] = {}
     if algorithm == "gptq":
         if not calibration:
             raise LmforgeError("GPTQ needs calibration text (--calibration FILE); none was given")
-        hessians = collect_hessians(model, calibration, [n for n, _ in targets])
+        names = [n for n, _ in targets] + (["lm_head"] if head == "int4" and hasattr(model, "lm_head") else [])
+        hessians = collect_hessians(model, calibration, names)
     for name, m in targets:
         layer = Int4Linear.from_linear(m, 64 if group_size is None else group_size, hessians.pop(name, None))
         _replace(model, name, layer.to(m.weight.device))
-    return model
+    return quantize_head(model, head, head_group, hessians.pop("lm_head", None))
 
 
 def model_bytes(model: nn.Module) -> int:
