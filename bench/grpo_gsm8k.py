@@ -12,7 +12,9 @@ completion and scores to ``OUT/run/held_out/step-0.jsonl`` and ``step-N.jsonl``.
   - the paired bootstrap 95% interval of accuracy(after) - accuracy(before): the prompts resampled with replacement
     (the same draw for both), 10,000 resamples, seeded (``lmforge.evaluation.significance.paired_bootstrap``),
 
-and prints a Markdown block for bench/README.md (also OUT/summary.json, OUT/report.md).
+and prints a Markdown block for bench/README.md (also OUT/summary.json, OUT/report.md). It also writes
+OUT/sft_train.jsonl: the records GRPO trained on (the held-out ones left out), for the SFT column of
+recipes/compare_alignment_gsm8k.yaml.
 
 Budget: ``--steps N`` trains N optimiser steps. ``--minutes M`` instead fits the steps into M minutes of training
 (the recipe has no time budget of its own): a 1-step probe run (no held-out evaluation, into OUT/probe) measures
@@ -81,6 +83,24 @@ def correctness(path: Path, term: str = "exact_match") -> dict[int, float]:
             sys.exit(f"{path}: no {term!r} score: the run's rewards must include {term}")
         out[int(r["row"])] = float(r[term])
     return out
+
+
+def write_sft_train(cfg: dict, held_out: list[int], path: Path) -> int:
+    """The records GRPO trained on (the first ``limit`` of its prompt file less the held-out rows), as they are
+    in that file, to ``path``: an SFT run on them (recipes/compare_alignment_gsm8k.yaml) sees the same problems
+    and never the held-out ones. Returns how many (0, nothing written, for a prompt file that is not .jsonl)."""
+    from lmforge.io import write_text_atomic
+
+    source = Path(cfg["prompts"])
+    if source.suffix != ".jsonl":
+        return 0
+    skip = set(held_out)
+    with source.open(encoding="utf-8") as f:
+        lines = [line for line in (next(f, "") for _ in range(cfg["limit"])) if line.strip()] if cfg["limit"] else \
+            [line for line in f if line.strip()]
+    kept = [line if line.endswith("\n") else line + "\n" for i, line in enumerate(lines) if i not in skip]
+    write_text_atomic(path, kept)
+    return len(kept)
 
 
 def pct(x: float) -> str:
@@ -190,6 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
     x, y = [before[r] for r in rows], [after[r] for r in rows]
     boot = paired_bootstrap(x, y, resamples=a.resamples, seed=a.seed)
     train_s = sum(step_seconds(run))
+    sft_records = write_sft_train(cfg, rows, out / "sft_train.jsonl")
     weights = cfg.get("reward_weights") or [1.0] * len(cfg["rewards"])
     shown = [*argv, *(["--", *extra] if extra else [])]
     summary = {
@@ -201,7 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
         "total_s": time.perf_counter() - t0, "config": cfg, "rewards": list(zip(cfg["rewards"], weights)),
         "bootstrap": boot.as_dict(), "right_before": int(sum(x)), "right_after": int(sum(y)),
         "fixed": sum(1 for u, v in zip(x, y) if v > u), "broken": sum(1 for u, v in zip(x, y) if v < u),
-        "held_out_rows": rows, "before": x, "after": y,
+        "held_out_rows": rows, "before": x, "after": y, "sft_train_records": sft_records,
     }
     from lmforge.io import write_json_atomic, write_text_atomic
 

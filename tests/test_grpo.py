@@ -212,6 +212,22 @@ def test_gsm8k_recipe_smoke_run_logs_held_out_accuracy_before_and_after(gsm8k_mo
         assert sum(x["exact_match"] for x in per) / 2 == pytest.approx(logged["eval_exact_match"])
         assert sum(x["reward"] for x in per) / 2 == pytest.approx(logged["eval_reward"])
 
+    # recipes/compare_alignment_gsm8k.yaml reads such a file: its base column gives GRPO's step-0 completions
+    import yaml
+
+    recipe = yaml.safe_load((RECIPES / "compare_alignment_gsm8k.yaml").read_text())
+    recipe.update(data=str(out / "held_out" / "step-0.jsonl"), max_new_tokens=4, out=str(tmp_path / "cmp"),
+                  runs_out=str(tmp_path / "cmp" / "runs"), defaults={"model": str(gsm8k_model), "temperature": 0.0},
+                  settings=[{"label": "base"}])
+    (tmp_path / "cmp.yaml").write_text(yaml.safe_dump(recipe))
+    code, _, err = run(capsys, "compare", "--config", tmp_path / "cmp.yaml")
+    assert code == 0, err
+    grpo_eval = [json.loads(line) for line in (out / "held_out" / "step-0.jsonl").read_text().splitlines()]
+    compared = [json.loads(line) for line in (tmp_path / "cmp" / "runs" / "base" / "predictions.jsonl")
+                .read_text().splitlines()]
+    assert [x["prediction"] for x in compared] == [x["completion"].strip() for x in grpo_eval]
+    assert [x["scores"]["answer_match"] for x in compared] == [x["exact_match"] for x in grpo_eval]
+
 
 # ----------------------------------------------------------------------------- bad input: one line each
 def test_bad_input_is_one_error_line(tiny_lm_dirs, tmp_path, capsys, toy_rewards, prompts):
@@ -330,6 +346,9 @@ def test_gsm8k_bench_pairs_held_out_prompts_before_and_after(gsm8k_model, tmp_pa
     assert printed.strip() == (out / "report.md").read_text().strip()
     assert "| 3 | " in printed and "95% paired bootstrap interval" in printed and "2 steps (fixed)" in printed
     assert json.loads((out / "summary.json").read_text())["bootstrap"]["resamples"] == 500
+    first6 = GSM8K.read_text().splitlines()[:6]  # the SFT file: the records GRPO trained on, as in the source
+    assert (out / "sft_train.jsonl").read_text().splitlines() == [x for i, x in enumerate(first6)
+                                                                   if i not in s["held_out_rows"]]
 
     timed = bench.main(["--minutes", "0.001", "--eval-n", "3", "--threads", "1", "--out", str(tmp_path / "timed"),
                         "--resamples", "100", *flags])
