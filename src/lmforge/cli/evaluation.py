@@ -158,8 +158,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_by_hand(c, stop=False)
     c.add_argument("--setting", action="append", default=[], metavar="KEY=VALUE,...",
                    help="add a setting, e.g. 'label=hot,temperature=0.9,top_p=0.9,seed=1' (keys: label, model, "
-                        "adapter, shots, shots_file, temperature, top_k, top_p, repetition_penalty, seed, "
-                        "max_new_tokens); repeatable")
+                        "adapter, quantize (int8|int4), shots, shots_file, temperature, top_k, top_p, "
+                        "repetition_penalty, seed, max_new_tokens); repeatable")
     c.add_argument("--check", action="store_true", help="validate the config and stop (runs no model)")
     c.add_argument("--report-only", action="store_true",
                    help="rebuild the report from the runs already written (runs no model)")

@@ -249,17 +249,14 @@ def _read_run(run_dir: Path) -> tuple[dict, list[dict]]:
     return json.loads((run_dir / "summary.json").read_text(encoding="utf-8")), rows
 
 
-def _deployment(cfg: CompareConfig, s: Setting, lm, peak: int | None) -> dict:
-    """The deployment columns of setting ``s`` (its model ``lm`` loaded, the evaluation done)."""
-    from lmforge.evaluation.deployment import stats
+def _first_prompt(cfg: CompareConfig, s: Setting, lm) -> list[int]:
+    """The token ids of setting ``s``'s first prompt, as its evaluation builds it (the decode-speed prompt)."""
     from lmforge.evaluation.harness import build_prompts
 
     e = cfg.eval_config(s)
     _, records, _ = read_dataset(e)
     chat = lm.has_chat_template if e.chat is None else e.chat
-    prompt = build_prompts(lm, records, 1, e, chat, reserve=cfg.decode_tokens)[0]
-    return stats(lm, model=s.model, adapter=s.adapter, prompt_ids=prompt.ids, new_tokens=cfg.decode_tokens,
-                 peak=peak)
+    return build_prompts(lm, records, 1, e, chat, reserve=cfg.decode_tokens)[0].ids
 
 
 def report_only(cfg: CompareConfig, command: str, *, force: bool = False) -> list[Result]:
@@ -283,17 +280,24 @@ def run_compare(cfg: CompareConfig, command: str, *, progress: bool = True, load
     ``loader(model, adapter)`` builds an ``LM`` (default ``lmforge.load``; a setting with ``quantize`` calls
     ``loader(model, adapter, quantize=...)``); one model is held at a time, and consecutive settings on the same
     (model, adapter, quantize) reuse it. With ``deployment_stats`` each setting's summary.json also holds
-    ``deployment`` (``evaluation.deployment.stats``).
+    ``deployment`` (``evaluation.deployment.stats``): the first model is loaded once more beforehand and the
+    scoring warmed up, so that the libraries they import are not counted as the model's peak memory.
     """
-    from lmforge.evaluation.deployment import PeakMemory
+    from lmforge.evaluation.deployment import PeakMemory, decode_speed, stats, warm_up_scoring
     from lmforge.evaluation.report import write_report
     from lmforge.lm import LM, load
 
     if loader is None:
         def loader(model, adapter, quantize=None):
             return load(model, adapter=adapter, device=cfg.device, dtype=cfg.dtype, quantize=quantize)
+    def load_setting(s: Setting):
+        lm = loader(s.model, s.adapter) if s.quantize is None else loader(s.model, s.adapter, quantize=s.quantize)
+        if not isinstance(lm, LM):
+            raise LmforgeError(f"setting {s.label!r}: {s.model} is not a text-generating model")
+        return lm
+
     results: list[Result] = []
-    held_key, lm, memory = None, None, None
+    held_key, lm, memory, warm = None, None, None, False
     folders = run_folders(cfg.settings)
     if cfg.settings:  # a missing or malformed dataset fails before any model loads
         read_dataset(cfg.eval_config(cfg.settings[0]))
@@ -303,22 +307,25 @@ def run_compare(cfg: CompareConfig, command: str, *, progress: bool = True, load
             if key != held_key:
                 lm, held_key = None, None  # free the previous model before loading the next
                 memory = PeakMemory(cfg.device) if cfg.deployment_stats else None
+                if memory is not None and not warm:  # what loading and scoring import is not the model's memory
+                    load_setting(s)
+                    warm_up_scoring(cfg.eval_config(s).metric_names() if cfg.task == "generation" else [])
+                    warm = True
                 if memory is not None:
                     memory.baseline()
-                lm = loader(s.model, s.adapter) if s.quantize is None else loader(s.model, s.adapter,
-                                                                                  quantize=s.quantize)
-                if not isinstance(lm, LM):
-                    raise LmforgeError(f"setting {s.label!r}: {s.model} is not a text-generating model")
+                lm = load_setting(s)
                 held_key = key
             print(f"[{n}/{len(cfg.settings)}] {s.label}", file=sys.stderr)
             run_dir = cfg.runs_dir() / folders[s.label]
-            if memory is not None:
+            if memory is not None:  # the decode timing first (it builds int4's packed weights), then the evaluation
                 memory.start()
+                speed = decode_speed(lm, _first_prompt(cfg, s, lm), cfg.decode_tokens)
             summary = run_eval(lm, cfg.eval_config(s, run_dir), progress=progress, label=s.label,
                                extra={"label": s.label, "model": s.model or lm.name, "adapter": s.adapter,
                                       "quantize": s.quantize}, force=force)
             if memory is not None:
-                summary["deployment"] = _deployment(cfg, s, lm, memory.peak())
+                summary["deployment"] = stats(lm, model=s.model, adapter=s.adapter, decode_tok_s=speed,
+                                              decode_tokens=cfg.decode_tokens, peak=memory.peak())
                 write_json_atomic(run_dir / "summary.json", summary)
             results.append(Result(s, *_read_run(run_dir)))
         write_report(cfg, results, command)

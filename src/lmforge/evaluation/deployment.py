@@ -8,12 +8,14 @@ Owns four measures of one loaded model, each defined once here:
 - ``weights_bytes``: bytes held by the loaded model's parameters and buffers (tied tensors once).
 - ``parameters``: how many weights the model represents: float parameters (tied ones once) plus, for each
   quantised linear layer, its ``out x in`` weights and its bias: the same count for a model and its int8/int4 form.
-- ``PeakMemory``: the peak memory while evaluating. On CPU (Linux): the process's resident-set high-water mark
-  (``VmHWM``), reset through ``/proc/self/clear_refs`` after the model loads, minus the resident set measured before
-  the model was loaded: the model's resident weights plus the evaluation's working set (activations, KV cache,
-  allocator slack). ``resource.getrusage`` and ``tracemalloc`` are not used: the first cannot be reset, the second
-  does not see torch's allocations. On CUDA: ``torch.cuda.max_memory_allocated`` over the same span. None where
-  neither is available (macOS, Windows).
+- ``PeakMemory``: the peak memory while timing the decode and evaluating. On CPU (Linux): the process's resident-set
+  high-water mark (``VmHWM``), reset through ``/proc/self/clear_refs`` after the model loads, minus the resident set
+  measured before the model was loaded: the model's resident weights (with caches such as int4's packed form) plus
+  the working set (activations, KV cache, allocator slack). The caller warms up first (``lmforge compare`` loads
+  its first model once beforehand and calls ``warm_up_scoring``) so that libraries imported on first use are not
+  counted. ``resource.getrusage`` and ``tracemalloc`` are not used: the first cannot be reset, the second does not
+  see torch's allocations. On CUDA: ``torch.cuda.max_memory_allocated`` over the same span, less what was
+  allocated before the model loaded. None where neither is available (macOS, Windows).
 - ``decode_speed``: batch-1 greedy decode tokens/s on one prompt: a short warm-up, then ``new_tokens`` tokens with
   EOS ignored, timed from the first new token to the last (prefill excluded), apart from the evaluation.
 """
@@ -150,12 +152,22 @@ def decode_speed(lm, prompt_ids: list[int], new_tokens: int = 64, warmup_tokens:
     return (len(stamps) - 1) / max(stamps[-1] - stamps[0], 1e-9)
 
 
-def stats(lm, *, model: str | os.PathLike | None, adapter: str | os.PathLike | None, prompt_ids: list[int],
-          new_tokens: int, peak: int | None) -> dict:
+def warm_up_scoring(metrics: list[str]) -> None:
+    """Score one made-up prediction with ``metrics`` (toxicity left out), so that the libraries scoring imports
+    and the caches it fills (~150 MB for rouge-score) are in memory before a baseline is taken."""
+    from lmforge.evaluation.metrics import score_generations
+
+    names = [m for m in metrics if m != "toxicity"]
+    if names:
+        score_generations(["a short summary."], ["a short summary."], names, None)
+
+
+def stats(lm, *, model: str | os.PathLike | None, adapter: str | os.PathLike | None, decode_tok_s: float,
+          decode_tokens: int, peak: int | None) -> dict:
     """The deployment columns of one setting, as written to its summary.json under ``deployment``."""
     mib = 2 ** 20
     return {"disk_mb": round(disk_bytes(model, adapter) / mib, 2),
             "weights_mb": round(weights_bytes(lm.model) / mib, 2),
             "parameters": count_parameters(lm.model),
             "peak_mem_mb": None if peak is None else round(peak / mib, 1),
-            "decode_tok_s": round(decode_speed(lm, prompt_ids, new_tokens), 2), "decode_tokens": new_tokens}
+            "decode_tok_s": round(decode_tok_s, 2), "decode_tokens": decode_tokens}

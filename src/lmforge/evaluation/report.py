@@ -25,8 +25,9 @@ DEPLOYMENT_COLUMNS = {"disk MB": "disk_mb", "weights MB": "weights_mb", "paramet
 DEPLOYMENT_NOTE = ("disk MB: the model folder (or .gguf file) and adapter as stored; a setting's load-time "
                    "quantize is not on disk (see weights MB). weights MB: parameters and buffers in memory. "
                    "parameters: weights the model represents (a quantised layer counts out x in). peak memory: the "
-                   "highest memory while evaluating (CPU: the process's resident-set high-water mark; CUDA: "
-                   "allocated) above what was in use before the model loaded. decode tok/s: batch 1, greedy, "
+                   "highest memory while timing the decode and evaluating (CPU: the process's resident-set "
+                   "high-water mark; CUDA: allocated) above what was in use before the model loaded (after a "
+                   "warm-up load and scoring, so that libraries are not counted). decode tok/s: batch 1, greedy, "
                    "{n} new tokens on the first prompt after a warm-up, EOS ignored, timed apart from the "
                    "evaluation.")
 
