@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import shlex
 
-from lmforge.cli import options
+import lmforge.cli.options as options
 from lmforge.errors import LmforgeError
 
 
