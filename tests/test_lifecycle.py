@@ -100,19 +100,27 @@ def test_full_lifecycle_writes_every_stage_and_the_report_and_a_rerun_skips_all(
 
 
 def test_a_changed_adapt_section_reruns_adapt_and_the_stages_after_it_only(tiny_lm_dirs, task_files, tmp_path):
-    path = recipe(tmp_path, task_files, tiny_lm_dirs["chat"])
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"Summarize: the {w}\nSummary: ", "chosen": f"the {w}",
+                                         "rejected": "no"}) + "\n" for w in WORDS[:4]), encoding="utf-8")
+    path = recipe(tmp_path, task_files, tiny_lm_dirs["chat"], stages=["select", "adapt", "align", "evaluate"],
+                  align={"data": str(pairs), "steps": 1, "batch_size": 2, "max_len": 64})
     first, _ = run(path)
+    aligned = first["align"]["outputs"]
+    assert aligned["model"] == str(tmp_path / "out" / "adapt" / "run" / "final")  # DPO's LoRA on the adapted model
+    assert aligned["adapter"] == str(tmp_path / "out" / "align" / "run" / "final")
+    assert [r[0] for r in first["evaluate"]["table"]["rows"]][1:] == ["adapted (full)", "aligned (DPO, lora)"]
     cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
     cfg["adapt"]["lr"] = 1e-3
     path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
     second, lines = run(path)
-    assert lines[0].startswith("[1/3] skip select: unchanged")
-    assert any(line.startswith("[2/3] adapt: running (changed") for line in lines)
-    assert any(line.startswith("[3/3] evaluate: running (changed") for line in lines)
+    assert lines[0].startswith("[1/4] skip select: unchanged")
+    for i, stage in enumerate(("adapt", "align", "evaluate"), start=2):
+        assert any(line.startswith(f"[{i}/4] {stage}: running (changed") for line in lines)
+        assert second[stage]["hash"] != first[stage]["hash"]
     assert second["select"]["finished"] == first["select"]["finished"]
-    assert second["adapt"]["hash"] != first["adapt"]["hash"] and second["evaluate"]["hash"] != first["evaluate"]["hash"]
     _, lines = run(path, force=["evaluate"])  # --force: that stage (and later ones) again
-    assert lines[1].startswith("[2/3] skip adapt") and lines[2].startswith("[3/3] evaluate: running (forced")
+    assert lines[2].startswith("[3/4] skip align") and lines[3].startswith("[4/4] evaluate: running (forced")
 
 
 def test_a_lifecycle_killed_inside_adapt_resumes_there(tiny_lm_dirs, task_files, tmp_path):
