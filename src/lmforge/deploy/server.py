@@ -263,7 +263,7 @@ def create_app(lm, engine: Engine, *, model_id: str, api_key: str | None = None,
                            param="messages")
         plan = tool_plan(req.tools, req.tool_choice)
         messages = chat_messages(req.messages)
-        check_chars([m["content"] for m in messages] + [json.dumps(req.tools or [])], "messages")
+        check_chars([m["content"] for m in messages] + ([json.dumps(req.tools)] if req.tools else []), "messages")
         if plan.tools or any(m["role"] == "tool" or "tool_calls" in m for m in messages):
             text = await run_in_threadpool(render_prompt, lm.tokenizer, messages, plan)
             ids = await run_in_threadpool(lm.tokenizer.encode, text, add_special_tokens=False)
