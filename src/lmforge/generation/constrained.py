@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from lmforge.errors import LmforgeError
@@ -40,7 +41,6 @@ INSTALL_HINT = "structured output needs the llguidance package: pip install 'lmf
 # Compact JSON: the separators a model sees in most JSON text, and no free whitespace to wander in.
 JSON_OPTIONS = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False}
 ANY_JSON_OBJECT: dict[str, Any] = {"type": "object"}
-_BITS = torch.arange(8, dtype=torch.uint8)
 
 # One llguidance tokenizer per (lmforge Tokenizer, vocabulary size, end ids): building it reads the whole vocabulary.
 _LL_TOKENIZERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -87,8 +87,8 @@ class ConstraintState:
         raw = self._m.compute_bitmask()
         if self._m.is_error():
             raise LmforgeError(f"structured output failed: {self._m.get_error()}")
-        bits = (torch.frombuffer(bytearray(raw), dtype=torch.uint8)[:, None] >> _BITS) & 1  # little-endian words
-        mask = bits.reshape(-1).bool()
+        bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")  # bit t: token t (LE words)
+        mask = torch.from_numpy(bits.view(np.bool_))
         V = self.constraint.vocab_size
         if mask.numel() >= V:
             return mask[:V]
