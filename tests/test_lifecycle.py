@@ -223,3 +223,24 @@ def test_split_dev_carves_disjoint_seeded_dev_and_test_sets_out_of_one_file(tmp_
     assert Path(again.dev).stat().st_mtime_ns == before and again.test == task.test
     with pytest.raises(Exception, match="split_dev: carves dev and test out of train"):
         Task(train=tmp_path / "one.csv", dev=tmp_path / "one.csv", prompt_template="{tweet}", split_dev=2)
+
+
+def test_the_select_gate_holds_the_budget_and_breaks_ties_by_size():
+    from lmforge.errors import LmforgeError
+    from lmforge.lifecycle.config import Budget
+    from lmforge.lifecycle.stages import gate
+
+    def facts(params, speed):
+        return {"params_m": params, "tokens_per_s": speed, "weights_mb": params * 4}
+
+    entries = [("big", 0.40, facts(360.0, 8.0)), ("small", 0.38, facts(135.0, 20.0)), ("slow", 0.45, facts(135.0, 1.0))]
+    pick, reasons, why = gate(entries, "rouge1", Budget(min_tokens_per_s=2.0))
+    assert pick == 0 and reasons == ["", "", "1 tokens/s < budget 2"] and "best rouge1 (0.4)" in why
+    assert "1 candidate(s) left out by the budget" in why
+    pick, _, why = gate(entries, "rouge1", Budget(min_tokens_per_s=2.0, tie_margin=0.05))
+    assert pick == 1 and "within tie_margin 0.05 of the best ('big', 0.4)" in why
+    pick, reasons, _ = gate(entries, "rouge1", Budget(max_params_m=200.0))
+    assert pick == 2 and reasons[0] == "360M params > budget 200M"
+    assert gate(entries, "perplexity", Budget())[0] == 1  # lower is better
+    with pytest.raises(LmforgeError, match="no candidate is within the budget.*big: 360M params > budget 1M"):
+        gate(entries, "rouge1", Budget(max_params_m=1.0))

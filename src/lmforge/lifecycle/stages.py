@@ -171,52 +171,62 @@ def _fmt(v: Any) -> str:
 
 
 # ----------------------------------------------------------------------------- select
+def gate(entries: list[tuple[str, float | None, dict]], metric: str, budget) -> tuple[int, list[str], str]:
+    """The select gate over (label, metric value, model facts) entries: a candidate over ``budget.max_params_m`` or
+    under ``budget.min_tokens_per_s`` (or without a value) is left out; of the rest, those within
+    ``budget.tie_margin`` of the best value count as tied and the smallest (then the fastest) wins. Returns the
+    winner's index, each entry's reason for being left out ("" when it is eligible) and the decision in words."""
+    reasons = []
+    for _, value, f in entries:
+        why = []
+        if budget.max_params_m is not None and f["params_m"] > budget.max_params_m:
+            why.append(f"{f['params_m']:g}M params > budget {budget.max_params_m:g}M")
+        if budget.min_tokens_per_s is not None and f["tokens_per_s"] < budget.min_tokens_per_s:
+            why.append(f"{f['tokens_per_s']:g} tokens/s < budget {budget.min_tokens_per_s:g}")
+        if value is None:
+            why.append(f"no {metric}")
+        reasons.append("; ".join(why))
+    eligible = [i for i, r in enumerate(reasons) if not r]
+    if not eligible:
+        raise LmforgeError("select: no candidate is within the budget (" + "; ".join(
+            f"{e[0]}: {r}" for e, r in zip(entries, reasons)) + "); relax task.budget or add candidates")
+    best = eligible[0]
+    for i in eligible[1:]:
+        if _better(entries[i][1], entries[best][1], metric):
+            best = i
+    tied = [i for i in eligible if abs(entries[i][1] - entries[best][1]) <= budget.tie_margin]
+    pick = min(tied, key=lambda i: (entries[i][2]["params_m"], -entries[i][2]["tokens_per_s"], i != best))
+    label, value, f = entries[pick]
+    if pick == best:
+        why = f"{label!r} has the best {metric} ({value:.4g}) of {len(eligible)} candidate(s) within the budget"
+    else:
+        why = (f"{label!r} ({metric} {value:.4g}) is within tie_margin {budget.tie_margin:g} of the best "
+               f"({entries[best][0]!r}, {entries[best][1]:.4g}) and smaller or faster ({f['params_m']:g}M "
+               f"parameters, {f['tokens_per_s']:g} tokens/s)")
+    if len(eligible) < len(entries):
+        why += f"; {len(entries) - len(eligible)} candidate(s) left out by the budget"
+    return pick, reasons, f"selected {label!r}: {why}."
+
+
 def run_select(ctx: Context, d: Path) -> dict:
-    """Zero/few-shot of each candidate on ``select.limit`` dev examples, with size and decode speed; the gate
-    keeps the candidates within the budget and picks the best by the metric (ties: the smallest)."""
+    """Zero/few-shot of each candidate on ``select.limit`` dev examples, with size and decode speed, then ``gate``."""
     cfg, t = ctx.cfg, ctx.cfg.task
     facts: dict[tuple, dict] = {}
     cc = compare_config(ctx, t.dev, list(cfg.candidates), d / "compare", cfg.select.limit, "select: zero/few-shot")
     results = run_compare(cc, "lmforge lifecycle (select)", progress=ctx.progress,
                           loader=measuring_loader(ctx, facts, cfg.select.speed_tokens))
-    b, metric = t.budget, t.metric
-    rows, eligible = [], []
-    for r in results:
-        s, f = r.setting, facts[(r.setting.model, r.setting.adapter)]
-        value = metric_value(r.summary, metric)
-        why = []
-        if b.max_params_m is not None and f["params_m"] > b.max_params_m:
-            why.append(f"{f['params_m']:g}M params > budget {b.max_params_m:g}M")
-        if b.min_tokens_per_s is not None and f["tokens_per_s"] < b.min_tokens_per_s:
-            why.append(f"{f['tokens_per_s']:g} tokens/s < budget {b.min_tokens_per_s:g}")
-        if value is None:
-            why.append(f"no {metric}")
-        if not why:
-            eligible.append((s, value, f))
-        rows.append([s.label, s.model or "(embedded default)", s.shots, f["params_m"], f["weights_mb"],
-                     f["tokens_per_s"], *(metric_value(r.summary, m) for m in _metrics(results)),
-                     "; ".join(why) or "yes"])
-    if not eligible:
-        raise LmforgeError(f"select: no candidate is within the budget ({'; '.join(str(r[-1]) for r in rows)}); "
-                           "relax task.budget or add candidates")
-    best = eligible[0]
-    for e in eligible[1:]:
-        if _better(e[1], best[1], metric):
-            best = e
-    tied = [e for e in eligible if abs(e[1] - best[1]) <= b.tie_margin]
-    pick = min(tied, key=lambda e: (e[2]["params_m"], -e[2]["tokens_per_s"]))
-    s, value, f = pick
-    why = (f"{s.label!r} has the best {metric} ({value:.4g}) of {len(eligible)} candidate(s) within the budget"
-           if pick is best else f"{s.label!r} ({metric} {value:.4g}) is within tie_margin {b.tie_margin:g} of the "
-           f"best ({best[0].label!r}, {best[1]:.4g}) and the smallest ({f['params_m']:g}M parameters)")
-    if len(rows) > len(eligible):
-        why += f"; {len(rows) - len(eligible)} candidate(s) left out by the budget"
-    header = ["candidate", "model", "shots", "params (M)", "weights (MB)", "decode tokens/s", *_metrics(results),
-              "within budget"]
+    metric, names = t.metric, _metrics(results)
+    entries = [(r.setting.label, metric_value(r.summary, metric), facts[(r.setting.model, r.setting.adapter)])
+               for r in results]
+    pick, reasons, decision = gate(entries, metric, t.budget)
+    rows = [[r.setting.label, r.setting.model or "(embedded default)", r.setting.shots, f["params_m"],
+             f["weights_mb"], f["tokens_per_s"], *(metric_value(r.summary, m) for m in names), why or "yes"]
+            for r, (_, _, f), why in zip(results, entries, reasons)]
+    s = results[pick].setting
+    header = ["candidate", "model", "shots", "params (M)", "weights (MB)", "decode tokens/s", *names, "within budget"]
     return {"outputs": {"label": s.label, "model": s.model, "adapter": s.adapter, "shots": s.shots},
-            "table": {"header": header, "rows": rows}, "decision": f"selected {s.label!r}: {why}.",
-            "charts": {metric: [[r.setting.label for r in results], [metric_value(r.summary, metric)
-                                                                      for r in results]]},
+            "table": {"header": header, "rows": rows}, "decision": decision,
+            "charts": {metric: [[e[0] for e in entries], [e[1] for e in entries]]},
             "reports": [str((d / "compare" / "report.md").relative_to(ctx.out))]}
 
 
