@@ -203,9 +203,10 @@ def table(rows: dict[str, dict], meta: dict) -> str:
             f(ratio(r["decode_tok_s"], t.get("decode_tok_s")), ".2f")]) + " |")
     notes = (f"{meta['eval_n']} DialogSum dev dialogues (the first, as bench/sft_dialogsum.py), greedy, at most "
              f"{meta['max_new_tokens']} new tokens; ROUGE: rouge-score F-measure with stemming, x100. Disk: the model "
-             f"folder. Peak memory: the process's resident-set high-water mark while evaluating, above the memory in "
-             f"use before the model loaded. Decode: batch 1, greedy, {meta['decode_tokens']} tokens after a warm-up, "
-             f"EOS ignored. {meta['threads']} threads. Teacher: {meta['teacher']}.")
+             f"folder. Peak memory: the process's resident-set high-water mark while timing the decode and "
+             f"evaluating, above the memory in use before the model loaded (after a warm-up load and scoring). Decode: "
+             f"batch 1, greedy, {meta['decode_tokens']} tokens after a warm-up, EOS ignored, median of 3. Threads: "
+             f"{meta['threads']}. Teacher: {meta['teacher']}.")
     return "\n".join(lines) + "\n\n" + notes + "\n"
 
 

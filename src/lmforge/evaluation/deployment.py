@@ -17,7 +17,8 @@ Owns four measures of one loaded model, each defined once here:
   see torch's allocations. On CUDA: ``torch.cuda.max_memory_allocated`` over the same span, less what was
   allocated before the model loaded. None where neither is available (macOS, Windows).
 - ``decode_speed``: batch-1 greedy decode tokens/s on one prompt: a short warm-up, then ``new_tokens`` tokens with
-  EOS ignored, timed from the first new token to the last (prefill excluded), apart from the evaluation.
+  EOS ignored, timed from the first new token to the last (prefill excluded), apart from the evaluation; the median
+  of ``repeats`` such runs (a burst of other work on a shared machine then moves it less).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import gc
 import os
 import re
+import statistics
 import time
 from pathlib import Path
 
@@ -127,9 +129,10 @@ class PeakMemory:
         return None if hwm is None else max(0, hwm * 1024 - self._base)
 
 
-def decode_speed(lm, prompt_ids: list[int], new_tokens: int = 64, warmup_tokens: int = 8) -> float:
+def decode_speed(lm, prompt_ids: list[int], new_tokens: int = 64, warmup_tokens: int = 8, repeats: int = 3) -> float:
     """Batch-1 greedy decode tokens/s of ``lm`` (an ``lmforge.LM``) after ``prompt_ids``: a warm-up of
-    ``warmup_tokens``, then ``new_tokens`` with EOS ignored, from the first new token to the last."""
+    ``warmup_tokens``, then ``new_tokens`` with EOS ignored, from the first new token to the last; the median of
+    ``repeats`` runs."""
     from lmforge.errors import LmforgeError
 
     context = lm.config.max_seq_len
@@ -146,10 +149,13 @@ def decode_speed(lm, prompt_ids: list[int], new_tokens: int = 64, warmup_tokens:
             stamps.append(time.perf_counter())
         return stamps
 
+    speeds = []
     with torch.inference_mode():
         run(min(warmup_tokens, n))
-        stamps = run(n)
-    return (len(stamps) - 1) / max(stamps[-1] - stamps[0], 1e-9)
+        for _ in range(max(1, repeats)):
+            stamps = run(n)
+            speeds.append((len(stamps) - 1) / max(stamps[-1] - stamps[0], 1e-9))
+    return statistics.median(speeds)
 
 
 def warm_up_scoring(metrics: list[str]) -> None:

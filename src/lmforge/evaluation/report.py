@@ -28,8 +28,8 @@ DEPLOYMENT_NOTE = ("disk MB: the model folder (or .gguf file) and adapter as sto
                    "highest memory while timing the decode and evaluating (CPU: the process's resident-set "
                    "high-water mark; CUDA: allocated) above what was in use before the model loaded (after a "
                    "warm-up load and scoring, so that libraries are not counted). decode tok/s: batch 1, greedy, "
-                   "{n} new tokens on the first prompt after a warm-up, EOS ignored, timed apart from the "
-                   "evaluation.")
+                   "{n} new tokens on the first prompt after a warm-up, EOS ignored, the median of 3 runs timed "
+                   "apart from the evaluation.")
 
 
 def metric_names(results: Sequence) -> list[str]:
