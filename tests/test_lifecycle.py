@@ -32,7 +32,8 @@ def task_files(tmp_path_factory):
         with open(d / f"{split}.jsonl", "w", encoding="utf-8") as f:
             for i in range(n):
                 w = WORDS[(i * 3 + len(split)) % len(WORDS)]
-                f.write(json.dumps({"dialogue": f"A: the {w} is here. B: ok.", "summary": f"the {w}"}) + "\n")
+                f.write(json.dumps({"dialogue": f"A: the {w} is here. B: ok.", "summary": f"the {w}",
+                                    "summary2": f"{w} here"}) + "\n")
     return d
 
 
@@ -68,8 +69,10 @@ def run(path: Path, **kw) -> tuple[dict, list[str]]:
 
 
 def test_full_lifecycle_writes_every_stage_and_the_report_and_a_rerun_skips_all(tiny_lm_dirs, task_files, tmp_path):
+    task = yaml.safe_load(recipe(tmp_path, task_files, tiny_lm_dirs["chat"]).read_text(encoding="utf-8"))["task"]
     path = recipe(tmp_path, task_files, tiny_lm_dirs["chat"], stages=None, optimise={"quantize": ["int8"]},
-                  deploy={"max_tokens": 3, "serve": {"max_batch": 1, "max_context": 128}})
+                  deploy={"max_tokens": 3, "serve": {"max_batch": 1, "max_context": 128}},
+                  task={**task, "references": ["summary", "summary2"]})
     records, lines = run(path)
     out = tmp_path / "out"
     assert list(records) == ["select", "adapt", "evaluate", "optimise", "deploy"]
@@ -83,6 +86,7 @@ def test_full_lifecycle_writes_every_stage_and_the_report_and_a_rerun_skips_all(
     assert [row[0] for row in records["evaluate"]["table"]["rows"]] == ["base: " + records["select"]["outputs"]
                                                                         ["label"], "adapted (full)"]
     assert [row[0] for row in records["optimise"]["table"]["rows"]] == ["float32", "int8"]
+    assert {"rouge1", "rouge1_best"} <= set(records["evaluate"]["table"]["header"])  # several references
     deploy = records["deploy"]["outputs"]
     assert deploy["content"].strip() and deploy["latency_s"] > 0
     served = yaml.safe_load((out / deploy["serve_config"]).read_text(encoding="utf-8"))
@@ -189,6 +193,10 @@ def test_bad_recipe_files_are_one_line_naming_file_line_and_key_and_write_nothin
                                                                                      "the recipe\n")
     assert "unknown stage 'deplo'" in _fails(["lifecycle", str(path), "--stages", "deplo"], capsys)
     assert not (tmp_path / "out").exists()  # nothing was written by any of them
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine", encoding="utf-8")
+    assert "holds files that are not a lifecycle run's (notes.txt)" in _fails(["lifecycle", str(path)], capsys)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["notes.txt"]
 
 
 def test_print_config_then_config_gives_the_same_recipe(tiny_lm_dirs, task_files, tmp_path, capsys):

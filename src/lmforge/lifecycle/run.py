@@ -14,6 +14,7 @@ and ``report.md`` / ``report.html`` are rewritten at the end.
 
 from __future__ import annotations
 
+import fnmatch
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -24,7 +25,13 @@ from lmforge.io import read_json_object, write_json_atomic
 from lmforge.lifecycle.config import STAGES, LifecycleConfig
 from lmforge.lifecycle.data import split_task
 from lmforge.lifecycle.stages import READS, RUNNERS, STAGE_FILE, Context, stage_hash
-from lmforge.outputs import RunLock
+from lmforge.outputs import LOCK, RunLock
+
+
+def owned(name: str) -> bool:
+    """Whether a name at the top of a run folder is one the lifecycle writes."""
+    return (name in (*STAGES, "data", "report.md", "report.html", LOCK) or fnmatch.fnmatchcase(name, "chart_*.png")
+            or fnmatch.fnmatchcase(name, ".report.*") or fnmatch.fnmatchcase(name, ".chart_*"))
 
 
 def _read_record(out: Path, stage: str) -> dict | None:
@@ -61,6 +68,12 @@ def check_plan(cfg: LifecycleConfig, plan: list[str], force: Sequence[str]) -> N
         if s not in plan:
             raise LmforgeError(f"--force {s}: {s} is not among the stages of this run ({', '.join(plan)})")
     out, enabled = Path(cfg.out), cfg.enabled()
+    if out.exists() and not out.is_dir():
+        raise LmforgeError(f"out: {out} is a file, not a folder; choose another run folder")
+    foreign = [p.name for p in out.iterdir() if not owned(p.name)] if out.is_dir() else []
+    if foreign:
+        raise LmforgeError(f"out: {out} holds files that are not a lifecycle run's ({', '.join(sorted(foreign)[:3])}"
+                           f"{' ...' if len(foreign) > 3 else ''}); choose an empty or earlier lifecycle run folder")
     for s in plan:
         for needed in READS[s]:
             if needed in plan or needed not in enabled and needed in ("align", "optimise"):

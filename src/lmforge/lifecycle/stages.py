@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmforge.checkpoints.resolve import DEFAULT_MODEL
 from lmforge.errors import LmforgeError
 from lmforge.evaluation.compare import CompareConfig, Setting, run_compare
 from lmforge.evaluation.report import LOWER_IS_BETTER
@@ -390,7 +391,7 @@ def run_deploy(ctx: Context, d: Path) -> dict:
         raise LmforgeError("deploy: the smoke test needs the openai client: pip install openai") from None
     final = latest_model(ctx)
     port = free_port()
-    sc = ctx.cfg.serve_config(model=final["model"] or "smollm2-135m-instruct", adapter=final["adapter"], port=port)
+    sc = ctx.cfg.serve_config(model=final["model"] or DEFAULT_MODEL, adapter=final["adapter"], port=port)
     serve_yaml = write_text_atomic(d / "serve.yaml", to_yaml(sc))
     log_path = d / "server.log"
     key = secrets.token_hex(16)
