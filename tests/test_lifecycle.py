@@ -184,7 +184,12 @@ def test_bad_recipe_files_are_one_line_naming_file_line_and_key_and_write_nothin
     path = recipe(tmp_path, task_files, model, surprise=1)
     assert "unknown key 'surprise'" in _fails(["lifecycle", str(path)], capsys)
     task = yaml.safe_load(path.read_text())["task"]
-    path = recipe(tmp_path, task_files, model, surprise=None, task={**task, "test": str(tmp_path / "nope.jsonl")})
+    path = recipe(tmp_path, task_files, model, surprise=None, task={**task, "budget": {"max_params_m": -1}})
+    line = next(i for i, t in enumerate(path.read_text().splitlines(), 1) if "max_params_m" in t)
+    assert f"{path}:{line}: task.budget.max_params_m: must be > 0, got -1" in _fails(["lifecycle", str(path)], capsys)
+    path = recipe(tmp_path, task_files, model, task={**task, "prompt_template": None})
+    assert "task.prompt_template: set prompt_template or input_field" in _fails(["lifecycle", str(path)], capsys)
+    path = recipe(tmp_path, task_files, model, task={**task, "test": str(tmp_path / "nope.jsonl")})
     assert f"task.test: {tmp_path / 'nope.jsonl'}: no such file" in _fails(["lifecycle", str(path)], capsys)
     path = recipe(tmp_path, task_files, model)
     err = _fails(["lifecycle", str(path), "--stages", "evaluate"], capsys)

@@ -66,8 +66,8 @@ def build_section(cls: type, mapping: Any, keys: tuple[Any, ...], *, filled: tup
             raise SectionError((*keys, key), f"unknown key{hint} (allowed: {', '.join(allowed)})")
     try:
         return cls(**{**mapping, **given})
-    except SectionError:
-        raise
+    except SectionError as e:  # from a section inside this one: the path from here
+        raise SectionError((*keys, *e.keys), str(e).split(": ", 1)[1]) from None
     except LmforgeError as e:
         text = str(e)
         bad = next((k for k in mapping if text.startswith(f"{k} ") or text.startswith(f"{k}:")), None)
