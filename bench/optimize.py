@@ -30,7 +30,7 @@ a subprocess (logs in --work/logs/); --threads sets OMP_NUM_THREADS for all of t
 
     HF_HUB_OFFLINE=1 python bench/optimize.py --teacher /work/runs/teacher-full/final --work runs/optimize \\
         [--threads 2] [--eval-n 100] [--distill-steps 300] [--heal-steps 200] [--train-limit 800] [--lr 2e-4]
-        [--student-layers K] [--keep-fraction 0.75] [--batch-size 8] [--json out.json]
+        [--student-layers K] [--keep-fraction 0.75] [--batch-size 8] [--precision bf16] [--json out.json]
 
 A quick plumbing check: a tiny model and a 20-record jsonl as --train/--dev, --eval-n 4 --distill-steps 2
 --heal-steps 2 --max-len 256 --max-new-tokens 8.
@@ -99,7 +99,8 @@ def distill_args(a: argparse.Namespace, work: Path, out: Path, steps: int) -> li
     argv = [*LMFORGE, "distill", "--teacher", str(a.teacher), "--train", str(a.train), "--limit", str(a.train_limit),
             "--prompt-template", PROMPT, "--response-field", "summary", "--max-len", str(a.max_len),
             "--steps", str(steps), "--lr", str(a.lr), "--warmup", str(min(20, max(1, steps // 10))),
-            "--batch-size", str(a.batch_size), "--temperature", "2.0", "--alpha", "0.5", "--top-k", "64",
+            "--batch-size", str(a.batch_size), "--precision", a.precision, "--temperature", "2.0", "--alpha", "0.5",
+            "--top-k", "64",
             "--cache-teacher", str(work / "teacher-top64"), "--save-every", str(max(1, min(50, steps))),
             "--eval-every", "0", "--log-every", "10", "-o", str(out)]
     if (out / "checkpoint").exists():
@@ -226,6 +227,8 @@ def main() -> None:
     p.add_argument("--heal-steps", type=int, default=200, help="steps healing the pruned model (default: 200)")
     p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate of both distillations (default: 2e-4)")
     p.add_argument("--batch-size", type=int, default=8, help="examples per distillation step (default: 8)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="bf16",
+                   help="the students' training precision (bf16 autocast, as the teacher's SFT; default: bf16)")
     p.add_argument("--max-len", type=int, default=512, help="tokens per distillation example (default: 512)")
     p.add_argument("--student-layers", type=int, default=None, help="blocks of the student (default: half)")
     p.add_argument("--keep-fraction", type=float, default=0.75,
@@ -312,7 +315,8 @@ def main() -> None:
                             **summary["deployment"], "model": s["model"]}
     meta = {"teacher": str(a.teacher), "eval_n": a.eval_n, "max_new_tokens": a.max_new_tokens,
             "decode_tokens": a.decode_tokens, "threads": a.threads or "default",
-            "student_layers": f"{student_k} of {layers}", "pruned_layers": f"{keep_k} of {layers}",
+            "student_layers": f"{student_k} of {layers}", "precision": a.precision,
+            "pruned_layers": f"{keep_k} of {layers}",
             "distill_steps": a.distill_steps, "heal_steps": a.heal_steps, "lr": a.lr, "train_limit": a.train_limit,
             "stage_seconds": times, "compare_report": str(work / "compare" / "report.md")}
     results = checks(rows)

@@ -81,3 +81,31 @@ def test_bad_quantize_is_one_clear_line(tmp_path, capsys):
                  "--check"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: settings[0]: quantize: expected one of 'int8', 'int4'")
+
+
+def _optimize_bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "bench" / "optimize.py"
+    spec = importlib.util.spec_from_file_location("bench_optimize", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_optimize_bench_checks_issue_16s_thresholds():
+    bench = _optimize_bench()
+    row = {"rouge1": 0.4, "rouge2": 0.1, "rougeL": 0.30, "disk_mb": 100.0, "parameters": 10, "peak_mem_mb": 5.0,
+           "decode_tok_s": 10.0}
+    rows = {"teacher": row, "int4": {**row, "rougeL": 0.2905, "disk_mb": 29.0, "decode_tok_s": 9.9},
+            "distilled": {**row, "rougeL": 0.27, "decode_tok_s": 16.9}}
+    got = {name: (ok, detail) for name, ok, detail in bench.checks(rows)}
+    assert got["int4 ROUGE-L within 1.0 point of fp32"][0] is True  # 0.95 points lower
+    assert got["int4 size on disk <= 0.3x fp32"] == (True, "29.0 MB / 100.0 MB = 0.290x")
+    assert got["int4 batch-1 decode faster than fp32"] == (False, "9.9 / 10.0 tok/s = 0.99x")
+    assert got["student ROUGE-L >= 90% of the teacher's"] == (True, "27.00 / 30.00 = 90.0%")
+    assert got["student decode >= 1.7x the teacher's"] == (False, "16.9 / 10.0 tok/s = 1.69x")
+    assert got["pruned+healed ROUGE-L >= 90% of the teacher's"] == (None, "no pruned+healed row")
+    rows["int4"]["rougeL"] = 0.2895  # 1.05 points lower
+    assert dict((n, ok) for n, ok, _ in bench.checks(rows))["int4 ROUGE-L within 1.0 point of fp32"] is False
