@@ -4,6 +4,7 @@ random weights, which almost never write valid JSON on their own; in the Python 
 import json
 import re
 import warnings
+from types import SimpleNamespace
 
 import openai
 import pytest
@@ -180,7 +181,8 @@ def served(chat_lm):
 
     engine = Engine(chat_lm.model, chat_lm.tokenizer, chat_lm.eos_ids, max_batch=8, max_queue=8)
     with BackgroundServer(create_app(chat_lm, engine, model_id="tiny")) as srv:
-        yield openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=120)
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=120)
+        yield SimpleNamespace(client=client, lm=chat_lm)
 
 
 def _fmt(schema, name="thing"):
@@ -192,7 +194,7 @@ def test_server_response_format_json_schema_batched_and_streamed(served):
 
     def ask(i):
         schema = SCHEMAS[i % 3]
-        r = served.chat.completions.create(model="tiny", messages=[{"role": "user", "content": f"item {i}"}],
+        r = served.client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": f"item {i}"}],
                                            response_format=_fmt(schema), max_tokens=90, temperature=1.0, seed=i, n=2)
         return schema, r
 
@@ -203,16 +205,19 @@ def test_server_response_format_json_schema_batched_and_streamed(served):
             assert choice.finish_reason == "stop"
             validate(json.loads(choice.message.content), schema)
     messages = [{"role": "user", "content": "hi"}]
-    whole = served.chat.completions.create(model="tiny", messages=messages, response_format=_fmt(NESTED),
+    whole = served.client.chat.completions.create(model="tiny", messages=messages, response_format=_fmt(NESTED),
                                            max_tokens=90, temperature=0.7, seed=9)
-    chunks = served.chat.completions.create(model="tiny", messages=messages, response_format=_fmt(NESTED),
+    chunks = served.client.chat.completions.create(model="tiny", messages=messages, response_format=_fmt(NESTED),
                                             max_tokens=90, temperature=0.7, seed=9, stream=True)
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     assert text == whole.choices[0].message.content and is_valid(text, NESTED)
-    r = served.chat.completions.create(model="tiny", messages=messages, response_format={"type": "json_object"},
+    greedy = served.client.chat.completions.create(model="tiny", messages=messages, response_format=_fmt(MIXED),
+                                            max_tokens=90, temperature=0)
+    assert greedy.choices[0].message.content == served.lm.generate(messages, json_schema=MIXED, max_new_tokens=90)
+    r = served.client.chat.completions.create(model="tiny", messages=messages, response_format={"type": "json_object"},
                                        max_tokens=90, temperature=0)
     assert r.choices[0].finish_reason == "length" or isinstance(json.loads(r.choices[0].message.content), dict)
-    r = served.chat.completions.create(model="tiny", messages=messages, response_format=_fmt(PERSON), max_tokens=4)
+    r = served.client.chat.completions.create(model="tiny", messages=messages, response_format=_fmt(PERSON), max_tokens=4)
     assert r.choices[0].finish_reason == "length" and not is_valid(r.choices[0].message.content, PERSON)
 
 
@@ -224,6 +229,6 @@ def test_server_response_format_json_schema_batched_and_streamed(served):
 ])
 def test_server_impossible_schema_is_a_400(served, response_format, message):
     with pytest.raises(openai.BadRequestError, match=message) as e:
-        served.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+        served.client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
                                        response_format=response_format, max_tokens=5)
     assert e.value.status_code == 400
