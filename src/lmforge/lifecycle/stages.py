@@ -416,17 +416,19 @@ def run_deploy(ctx: Context, d: Path) -> dict:
         content = r.choices[0].message.content or ""
     finally:
         proc.terminate()
+        stopped = "by SIGTERM"
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+            stopped = "by SIGKILL (SIGTERM was ignored for 30 s)"
     if not content.strip():
         raise LmforgeError("deploy: the smoke test's chat completion came back empty")
     tokens = r.usage.completion_tokens if r.usage else None
     rows = [["served model", name], ["startup (s)", round(startup, 2)], ["chat completion latency (s)",
             round(latency, 3)], ["completion tokens", tokens], ["reply", content.strip()[:200]],
-            ["server stopped", f"exit status {proc.returncode}"]]
+            ["server stopped", stopped]]
     return {"outputs": {"serve_config": str(serve_yaml.relative_to(ctx.out)), "latency_s": round(latency, 3),
                         "startup_s": round(startup, 2), "content": content},
             "table": {"header": ["smoke test", "value"], "rows": rows},
