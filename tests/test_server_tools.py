@@ -221,6 +221,13 @@ def test_server_accepts_tools_and_parses_the_answer(served):
         render_prompt(served.lm.tokenizer, chat_messages(HISTORY[:2]), tool_plan([WEATHER, TIME], None)),
         add_special_tokens=False))
 
+    # /tokenize (the playground's "show prompt") renders the same prompt
+    rendered = render_prompt(served.lm.tokenizer, chat_messages(HISTORY), tool_plan([WEATHER, TIME], "required"))
+    r = httpx.post(served.url + "/tokenize", timeout=60,
+                   json={"messages": HISTORY, "tools": [WEATHER, TIME], "tool_choice": "required"})
+    assert r.status_code == 200 and r.json()["prompt"] == rendered and json.dumps(TIME) in rendered
+    assert httpx.post(served.url + "/tokenize", json={"messages": HISTORY, "tools": [TIME, TIME]}).status_code == 400
+
     # a whole conversation with calls and results is accepted
     r = c.chat.completions.create(model=MODEL, messages=HISTORY, tools=[WEATHER, TIME], max_tokens=4, temperature=0)
     assert r.choices[0].finish_reason in ("stop", "length")

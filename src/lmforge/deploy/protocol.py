@@ -283,12 +283,15 @@ def model_card(model_id: str, created: int, parent: str | None = None) -> dict[s
 class TokenizeRequest(BaseModel):
     """``/tokenize`` (vLLM's route, used by the playground's "show prompt"): the prompt a request would send,
     as the model sees it. ``messages`` (chat, rendered with the chat template and the generation prompt) or
-    ``prompt`` (a completion's text), exactly one."""
+    ``prompt`` (a completion's text), exactly one; with ``messages``, ``tools`` and ``tool_choice`` are rendered as
+    a chat request renders them."""
 
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
     messages: list[dict[str, Any]] | None = None
     prompt: str | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
 
     @model_validator(mode="before")
     @classmethod

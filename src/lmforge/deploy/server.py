@@ -62,7 +62,7 @@ from lmforge.deploy.protocol import (
 )
 from lmforge.deploy.responses import Reply, respond
 from lmforge.deploy.serve_config import READ_TIMEOUT_S, ServeConfig
-from lmforge.deploy.tools import forced_call_states, render_prompt, tool_plan
+from lmforge.deploy.tools import ToolPlan, forced_call_states, render_prompt, tool_plan
 from lmforge.errors import LmforgeError
 from lmforge.generation.sampling import SamplingParams
 
@@ -191,6 +191,16 @@ def create_app(lm, engine: Engine, *, model_id: str, api_key: str | None = None,
             raise APIError(400, str(e), param="max_tokens" if prompt_len < engine.width else "messages",
                            code="context_length_exceeded") from None
 
+    async def chat_prompt(req: ChatRequest | TokenizeRequest) -> tuple[ToolPlan, str]:
+        """A chat request's checked tools and its prompt text (chat template, generation prompt; with tools or
+        tool messages in the history rendered by ``deploy.tools``)."""
+        plan = tool_plan(req.tools, req.tool_choice)
+        messages = chat_messages(req.messages)
+        check_chars([m["content"] for m in messages] + ([json.dumps(req.tools)] if req.tools else []), "messages")
+        if plan.tools or any(m["role"] == "tool" or "tool_calls" in m for m in messages):
+            return plan, await run_in_threadpool(render_prompt, lm.tokenizer, messages, plan)
+        return plan, await run_in_threadpool(lm.tokenizer.apply_chat_template, messages, add_generation_prompt=True)
+
     @functools.lru_cache(maxsize=65536)
     def token_text(token: int) -> tuple[str, bytes]:
         return token_piece(lm.tokenizer, token)
@@ -261,14 +271,8 @@ def create_app(lm, engine: Engine, *, model_id: str, api_key: str | None = None,
         if not lm.has_chat_template:
             raise APIError(400, f"the model '{model_id}' has no chat template; use /v1/completions",
                            param="messages")
-        plan = tool_plan(req.tools, req.tool_choice)
-        messages = chat_messages(req.messages)
-        check_chars([m["content"] for m in messages] + ([json.dumps(req.tools)] if req.tools else []), "messages")
-        if plan.tools or any(m["role"] == "tool" or "tool_calls" in m for m in messages):
-            text = await run_in_threadpool(render_prompt, lm.tokenizer, messages, plan)
-            ids = await run_in_threadpool(lm.tokenizer.encode, text, add_special_tokens=False)
-        else:
-            ids = await run_in_threadpool(lm.encode_messages, messages)
+        plan, text = await chat_prompt(req)
+        ids = await run_in_threadpool(lm.tokenizer.encode, text, add_special_tokens=False)
         max_tokens = req.max_completion_tokens or req.max_tokens or max(1, engine.width - len(ids))
         check_lengths(len(ids), max_tokens)
         params, stops, k = sampling(req), req.stop_list(), req.logprob_k()
@@ -301,9 +305,7 @@ def create_app(lm, engine: Engine, *, model_id: str, api_key: str | None = None,
             if not lm.has_chat_template:
                 raise APIError(400, f"the model '{model_id}' has no chat template; send 'prompt' instead",
                                param="messages")
-            messages = chat_messages(req.messages)
-            check_chars([m["content"] for m in messages], "messages")
-            text = await run_in_threadpool(lm.tokenizer.apply_chat_template, messages, add_generation_prompt=True)
+            text = (await chat_prompt(req))[1]
             ids = await run_in_threadpool(lm.tokenizer.encode, text, add_special_tokens=False)
         return {"count": len(ids), "max_model_len": engine.width, "tokens": ids, "prompt": text}
 
