@@ -115,7 +115,8 @@ def _tiny_quantized(hf_tiny, method, dtype=torch.float32):
     from lmforge.models.quantized import quantize_model
 
     config, state, _ = read_hf_dir(hf_tiny["llama"][1])
-    return quantize_model(build_model(config, state), method, 32 if method == "int4" else None).to(dtype).eval()
+    return quantize_model(build_model(config, state), method, 32 if method == "int4" else None,
+                          head="none").to(dtype).eval()  # a quantised head: tests/test_quantize_head.py
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -215,7 +216,7 @@ def test_quantize_saves_a_folder_that_reloads_bit_exactly(tiny_lm_dirs, tmp_path
     assert {"model.safetensors", "tokenizer.json", "config.json"} <= {p.name for p in out.iterdir()}
     a, b = lmforge.load(out), lmforge.load(out)
     kind = Int8Linear if method == "int8" else Int4Linear
-    layers = [m for m in a.model.modules() if isinstance(m, kind)]
+    layers = [m for m in a.model.modules() if type(m) is kind]  # the blocks' (the head is an Int8Head)
     assert len(layers) == 2 * 7 and not any(isinstance(m, nn.Linear) and m is not a.model.lm_head
                                             for m in a.model.modules())
     ids = torch.tensor([a.tokenizer.encode("one two three four")])
@@ -295,7 +296,7 @@ def test_float_tensors_saved_in_bfloat16_and_a_bfloat16_load_runs_the_kernels(ti
 
     out = tmp_path / "q4bf"
     assert main(["quantize", str(tiny_lm_dirs["plain"]), "-o", str(out), "--method", "int4", "--group-size", "32",
-                 "--algorithm", "rtn", "--dtype", "bfloat16"]) == 0
+                 "--algorithm", "rtn", "--dtype", "bfloat16", "--head", "none"]) == 0
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
     assert dtypes["model.embed_tokens.weight"] == "BF16" and dtypes["lm_head.weight"] == "BF16"
@@ -331,7 +332,7 @@ def test_save_and_rebuild_across_families_gives_identical_logits(hf_tiny, tmp_pa
     block = quantization_block("int4", 32, "rtn")
     save_quantized_dir(model, tmp_path, block)
     config2, state2, _ = read_hf_dir(tmp_path)
-    again = build_quantized_model(config2, state2, block)
+    again = build_quantized_model(config2, state2, json.loads((tmp_path / "config.json").read_text())["quantization"])
     ids = torch.tensor([[1, 5, 9, 200, 3, 7]])
     with torch.no_grad():
         a, b = model(ids), again(ids)
@@ -347,7 +348,7 @@ def test_a_gguf_q4_1_model_loads_as_int4_layers_without_requantising(tmp_path):
     from lmforge.lm import read_checkpoint
 
     path = F.write_tiny_gguf(tmp_path / "m.gguf", F.tiny_weights(seed=4), qtypes=F.QT.Q4_1)  # q/k rows permuted
-    fp, q = lmforge.load(path), lmforge.load(path, quantize="int4")
+    fp, q = lmforge.load(path), lmforge.load(path, quantize="int4", quantize_head="none")
     ref = read_checkpoint(path).state_dict
     layers = {n: m for n, m in q.model.named_modules() if isinstance(m, Int4Linear)}
     assert len(layers) == 2 * 7 and all(m.group_size == 32 for m in layers.values())

@@ -83,13 +83,16 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
 
 
 def load(name: str | Path | None = None, *, device: str = "cpu", dtype: str | torch.dtype | None = None,
-         adapter: str | Path | None = None, quantize: str | None = None, compile: bool = False):
+         adapter: str | Path | None = None, quantize: str | None = None, compile: bool = False,
+         quantize_head: str | None = None):
     """Load a model by name: the embedded default (None), a local HF dir or .gguf file, or a hub id.
 
     ``adapter``: a PEFT adapter folder (LoRA or prompt tuning) applied on top; ``quantize="int8"``:
     weight-only int8 linear layers for inference (LoRA adapters are merged first); ``quantize="int4"``: int4
     group-wise layers, taken over bit for bit from a GGUF's Q4_1 blocks (the embedded default) or rounded to
-    nearest (group 64) otherwise. A folder ``lmforge quantize`` wrote is loaded quantised as it is. Returns an ``LM``
+    nearest (group 64) otherwise. ``quantize_head``: how the LM head is quantised with ``quantize``, "int8" (the
+    default), "int4" or "none" (``models.quantized.quantize_head``; a tied input embedding then reads the quantised
+    rows). A folder ``lmforge quantize`` wrote is loaded quantised as it is. Returns an ``LM``
     for decoder-only and encoder-decoder models, an ``Encoder`` (embeddings, classification) for
     encoder-only ones. ``compile=True``: generation decodes through the compiled static-shape step
     (``generation.fast``; compiled on the first generation of each batch size, the time reported on stderr).
@@ -102,8 +105,9 @@ def load(name: str | Path | None = None, *, device: str = "cpu", dtype: str | to
     if block is not None:  # a folder `lmforge quantize` wrote: its linear layers are built quantised
         from lmforge.checkpoints.quantized import build_quantized_model
 
-        if quantize is not None:
-            raise LmforgeError(f"{label} is already quantised ({block.get('method')}); drop --quantize")
+        if quantize is not None or quantize_head is not None:
+            raise LmforgeError(f"{label} is already quantised ({block.get('method')}); drop --quantize"
+                               f"{'' if quantize_head is None else ' and --quantize-head'}")
         model = build_quantized_model(ckpt.config, ckpt.state_dict, block, resolve_dtype(dtype, device), device,
                                       source=label)
     elif quantize == "int4" and ckpt.source is not None and ckpt.source.kind == "gguf":
@@ -111,7 +115,8 @@ def load(name: str | Path | None = None, *, device: str = "cpu", dtype: str | to
 
         state, block = gguf_int4_state(ckpt.source.path, ckpt.config, ckpt.state_dict)  # Q4_1 blocks as they are
         model = build_quantized_model(ckpt.config, state, block, resolve_dtype(dtype, device), device, source=label)
-        quantize = None
+        model = _quantized(model, None, quantize_head)
+        quantize = quantize_head = None
     else:
         model = build_model(ckpt.config, ckpt.state_dict, resolve_dtype(dtype, device), device, source=label)
     if adapter is not None:
@@ -119,7 +124,9 @@ def load(name: str | Path | None = None, *, device: str = "cpu", dtype: str | to
 
         model = load_adapter(model, adapter).eval()
     if quantize is not None:
-        model = _quantized(model, quantize)
+        model = _quantized(model, quantize, quantize_head)
+    elif quantize_head is not None:
+        raise LmforgeError("--quantize-head goes with --quantize int8|int4 (the head is quantised with the layers)")
     if ckpt.config.arch == "encoder":
         from lmforge.embed import Encoder
 
@@ -127,24 +134,31 @@ def load(name: str | Path | None = None, *, device: str = "cpu", dtype: str | to
     return LM(model, ckpt.tokenizer, label, ckpt.generation_config, compile=compile)
 
 
-def _quantized(model: torch.nn.Module, scheme: str) -> torch.nn.Module:
+def _quantized(model: torch.nn.Module, scheme: str | None, head: str | None = None) -> torch.nn.Module:
+    """``model`` with its linear layers quantised to ``scheme`` (None: they are already, only the head is left) and
+    its head to ``head`` (None: ``DEFAULT_HEAD``)."""
     import sys
 
-    from lmforge.models.quantized import model_bytes, quantize_linears
+    from lmforge.models.quantized import DEFAULT_HEAD, check_head, model_bytes, quantize_head, quantize_linears
     from lmforge.peft.lora import lora_layers, merge_lora
 
+    head = DEFAULT_HEAD if head is None else head
+    check_head(head, flag="--quantize-head")
     before = model_bytes(model)
     if next(lora_layers(model), None) is not None:
         merge_lora(model)  # quantise the adapted weights, not a frozen base beside float adapters
     if scheme == "int4":  # group-wise int4, round to nearest (lmforge quantize has GPTQ)
         from lmforge.models.quantized import quantize_model
 
-        quantize_model(model, "int4")
+        quantize_model(model, "int4", head=head)
+    elif scheme is not None:
+        quantize_linears(model, scheme, head=head)
     else:
-        quantize_linears(model, scheme)
+        quantize_head(model, head)
     model.requires_grad_(False)
-    print(f"lmforge: {scheme} weights: {before / 2**20:.0f} MiB -> {model_bytes(model) / 2**20:.0f} MiB",
-          file=sys.stderr)
+    if scheme is not None:
+        print(f"lmforge: {scheme} weights, {head} head: {before / 2**20:.0f} MiB -> "
+              f"{model_bytes(model) / 2**20:.0f} MiB", file=sys.stderr)
     return model
 
 

@@ -4,10 +4,16 @@ A quantised folder is a Hugging Face folder (config.json, model.safetensors, gen
 files) whose config.json carries a ``quantization`` block::
 
     "quantization": {"format": "lmforge-weight-only", "version": 1, "method": "int4", "group_size": 64,
-                     "algorithm": "gptq", "layout": "..."}
+                     "algorithm": "gptq", "head": "int8", "layout": "..."}
 
-model.safetensors holds the float tensors (embeddings, norms, ``lm_head``, biases) under transformers' names, and
-for each quantised linear layer, under its weight's transformers name with ``weight`` replaced:
+``head`` says how ``lm_head`` is stored: "int8" or "int4" (then ``head_group_size`` is its group) as the layers
+below, or "none" (a float ``lm_head``; folders without the key, written before it existed, read as "none").
+With a quantised head and tied embeddings (``tie_word_embeddings``) the float embedding table is not saved: the
+input embedding reads the dequantised rows of the head (``models.quantized.HeadEmbedding``), so
+``lm_head.qweight`` etc. are the one copy of the tied matrix.
+
+model.safetensors holds the float tensors (embeddings, norms, a float ``lm_head``, biases) under transformers'
+names, and for each quantised linear layer, under its weight's transformers name with ``weight`` replaced:
 
 - int8: ``*.qweight`` int8 (out, in) and ``*.scale`` float (out, 1); w = qweight * scale;
 - int4: ``*.qweight`` uint8 (out, in / 2), two 4-bit codes per byte along the input dimension (column 2j in the
@@ -36,7 +42,16 @@ from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
 from lmforge.io import atomic_path, write_json_atomic
 from lmforge.models.int4 import Int4Linear
-from lmforge.models.quantized import Int8Linear
+from lmforge.models.quantized import (
+    HEAD_GROUP_SIZE,
+    HEADS,
+    HeadEmbedding,
+    Int4Head,
+    Int8Head,
+    Int8Linear,
+    set_head,
+    tied_embeddings,
+)
 
 FORMAT = "lmforge-weight-only"
 SUFFIXES = {"int8": ("qweight", "scale"), "int4": ("qweight", "scales", "zeros")}
@@ -63,27 +78,54 @@ def _our_name(config: ModelConfig, hf: str) -> str:
     return ours
 
 
-def quantization_block(method: str, group_size: int | None, algorithm: str) -> dict[str, Any]:
+def quantization_block(method: str, group_size: int | None, algorithm: str, head: str = "none") -> dict[str, Any]:
+    """The config.json block; ``head`` is the ``lm_head``'s quantisation (an int4 head takes ``group_size``, or
+    ``HEAD_GROUP_SIZE`` with int8 layers)."""
     block: dict[str, Any] = {"format": FORMAT, "version": 1, "method": method}
     if method == "int4":
         block |= {"group_size": group_size, "algorithm": algorithm}
-    return block | {"layout": LAYOUT[method]}
+    block["head"] = head
+    if head == "int4":
+        block["head_group_size"] = group_size if method == "int4" and group_size else HEAD_GROUP_SIZE
+    return block | {"layout": _layout(method, head)}
+
+
+def _layout(method: str, head: str) -> str:
+    return LAYOUT[method] if head in ("none", method) else f"{LAYOUT[method]}; lm_head: {LAYOUT[head]}"
+
+
+def _suffixes(layer: torch.nn.Module) -> tuple[str, ...]:
+    return SUFFIXES["int8" if isinstance(layer, Int8Linear) else "int4"]
+
+
+def _head_of(block: dict[str, Any]) -> str:
+    return block.get("head", "none")
 
 
 def save_quantized_dir(model: torch.nn.Module, path: str | Path, block: dict[str, Any], tokenizer=None,
                        generation_config: dict[str, Any] | None = None) -> Path:
-    """Save a model quantised by ``quantize_model`` with the ``quantization`` ``block``; each file atomically."""
+    """Save a model quantised by ``quantize_model`` with the ``quantization`` ``block``; each file atomically.
+    The block's ``head`` entries are taken from the model's ``lm_head`` (whatever ``block`` says)."""
     path = Path(path)
     config: ModelConfig = model.config
-    suffixes = SUFFIXES[block["method"]]
+    lm_head = getattr(model, "lm_head", None)
+    head = "int8" if isinstance(lm_head, Int8Head) else "int4" if isinstance(lm_head, Int4Head) else "none"
+    block = {k: v for k, v in block.items() if k not in ("head", "head_group_size", "layout")} | {"head": head}
+    if head == "int4":
+        block["head_group_size"] = lm_head.group_size
+    block["layout"] = _layout(block["method"], head)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, (Int8Linear, Int4Linear))}
     floats = {k: v for k, v in model.named_parameters()}
-    floats |= {k: v for k, v in model.named_buffers() if k in model.state_dict()
-               and not (k.rpartition(".")[0] in layers and k.rpartition(".")[2] in suffixes)}
+
+    def quantised(key: str) -> bool:  # a code/scale/zero tensor of a quantised layer, saved below
+        owner, _, leaf = key.rpartition(".")
+        return owner in layers and leaf in _suffixes(layers[owner])
+
+    floats |= {k: v for k, v in model.named_buffers() if k in model.state_dict() and not quantised(k)}
     state = to_hf(config, {k: v.detach().contiguous() for k, v in floats.items()})
     for name, layer in layers.items():
         hf = _hf_name(config, f"{name}.weight").removesuffix("weight")
-        for s in suffixes:
+        for s in _suffixes(layer):
             state[hf + s] = getattr(layer, s).detach().contiguous()
     with atomic_path(path / "model.safetensors") as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})
@@ -107,13 +149,18 @@ def check_block(block: Any, where: str) -> dict[str, Any]:
                            f"method one of {', '.join(SUFFIXES)})")
     if block["method"] == "int4" and block.get("group_size") not in (32, 64, 128):
         raise LmforgeError(f"{where}: quantization.group_size must be 32, 64 or 128, not {block.get('group_size')!r}")
+    if _head_of(block) not in HEADS:
+        raise LmforgeError(f"{where}: quantization.head must be one of {', '.join(HEADS)}, not {block['head']!r}")
+    if _head_of(block) == "int4" and block.get("head_group_size") not in (32, 64, 128):
+        raise LmforgeError(f"{where}: quantization.head_group_size must be 32, 64 or 128, "
+                           f"not {block.get('head_group_size')!r}")
     return block
 
 
 def split_quantized(config: ModelConfig, tensors: dict[str, torch.Tensor], block: dict[str, Any]
                     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(the float tensors, still under transformers' names; the quantised ones under lmforge's ``M.qweight``...)"""
-    suffixes = SUFFIXES[block["method"]]
+    suffixes = SUFFIXES[block["method"]] + SUFFIXES.get(_head_of(block), ())
     floats, quant = {}, {}
     for hf, t in tensors.items():
         prefix, _, last = hf.rpartition(".")
@@ -127,10 +174,12 @@ def split_quantized(config: ModelConfig, tensors: dict[str, torch.Tensor], block
 def build_quantized_model(config: ModelConfig, state_dict: dict[str, torch.Tensor], block: dict[str, Any],
                           dtype: torch.dtype | None = None, device: str = "cpu", source: str = "checkpoint"):
     """The model for ``config`` with the linear layers that ``state_dict`` holds codes for (``M.qweight``) made
-    ``Int8Linear``/``Int4Linear``; every tensor must match (names and shapes), as in ``build_model``."""
+    ``Int8Linear``/``Int4Linear`` (``lm_head``: ``Int8Head``/``Int4Head`` as ``block["head"]`` says, a tied input
+    embedding reading its rows); every tensor must match (names and shapes), as in ``build_model``."""
     from lmforge.models import TiesWeights, build_empty
 
     model = build_empty(config)
+    head = _head_of(block)
     for key in [k for k in state_dict if k.endswith(".qweight")]:
         name = key.removesuffix(".qweight")
         try:
@@ -140,6 +189,13 @@ def build_quantized_model(config: ModelConfig, state_dict: dict[str, torch.Tenso
         if not isinstance(old, torch.nn.Linear):
             raise LmforgeError(f"{source}: quantised tensor {key} names {type(old).__name__}, not a linear layer")
         has_bias = old.bias is not None
+        if name == "lm_head" and head != "none":
+            tied = tied_embeddings(model, old.weight)
+            layer = (Int8Head(in_features=old.in_features, out_features=old.out_features, bias=has_bias, device="meta")
+                     if head == "int8" else Int4Head(old.in_features, old.out_features, block["head_group_size"],
+                                                     bias=has_bias, device="meta"))
+            set_head(model, layer, tied, old.weight.dtype)
+            continue
         if block["method"] == "int8":
             layer = Int8Linear(in_features=old.in_features, out_features=old.out_features, bias=has_bias,
                                device="meta")
@@ -160,8 +216,8 @@ def build_quantized_model(config: ModelConfig, state_dict: dict[str, torch.Tenso
             raise LmforgeError(f"{source}: tensor {k} has shape {tuple(state_dict[k].shape)}, "
                                f"the config expects {tuple(shape)}")
     model = model.to_empty(device=device)
-    if isinstance(model, TiesWeights):
-        model.tie_weights()
+    if isinstance(model, TiesWeights) and not any(isinstance(m, HeadEmbedding) for m in model.modules()):
+        model.tie_weights()  # (a quantised head is tied through HeadEmbedding: nothing to re-tie)
     model.load_state_dict(state_dict, strict=False)
     model.requires_grad_(False)
     if dtype is not None and dtype != torch.float32:  # float tensors in dtype; codes, scales and zeros as saved

@@ -46,6 +46,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "or a hub id when online (default: %(default)s)")
     p.add_argument("--adapter", help="a PEFT adapter folder (LoRA or prompt tuning) to apply on top of the model")
     p.add_argument("--quantize", choices=("int8",), help="weight-only int8 linear layers: ~0.4x the weight memory")
+    p.add_argument("--quantize-head", default=None, metavar="int8|int4|none",
+                   help="with --quantize: the lm_head's quantisation (default: int8; a tied embedding then reads "
+                        "its rows)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: %(default)s)")
     p.add_argument("--dtype", default="auto",
                    help="float32 | bfloat16 | float16 | auto (bfloat16 on GPU, float32 on CPU; default: auto)")
@@ -122,6 +125,7 @@ def load_generator(a: argparse.Namespace):
 
         set_threads(a.threads)
     lm = load(a.model, device=a.device, dtype=a.dtype, adapter=a.adapter, quantize=a.quantize,
+              quantize_head=getattr(a, "quantize_head", None),
               compile=getattr(a, "compile", False))
     if not isinstance(lm, LM):
         raise LmforgeError(f"{a.model} is an encoder-only model ({lm.config.family}): it cannot generate text; "

@@ -78,6 +78,11 @@ def _load_merged(model: str | os.PathLike | None, adapter: str | os.PathLike | N
     from lmforge.peft.lora import lora_layers, merge_lora
 
     loaded = load(model, adapter=adapter, dtype=dtype)
+    from lmforge.models.quantized import QUANTIZED_LINEARS, HeadEmbedding
+
+    if any(isinstance(m, (*QUANTIZED_LINEARS, HeadEmbedding)) for m in loaded.model.modules()):
+        raise LmforgeError(f"{model} is quantised (a folder lmforge quantize wrote, for lmforge.load only): export "
+                           "the float model it came from (GGUF: --type q8_0 or q4_0 quantises while writing)")
     if adapter is not None:
         if not list(lora_layers(loaded.model)):
             raise LmforgeError(f"--adapter {adapter} is not a LoRA adapter; only LoRA adapters can be merged into "

@@ -26,6 +26,34 @@
   NormalFloat-4 levels (Dettmers et al. 2023, "QLoRA", sec. 3 and appendix E), two codes per byte;
   dequantised in ``forward``.
 
+LM head (``quantize_head``; ``quantize_model(head=)``, ``lmforge quantize --head``, ``load(quantize_head=)``).
+In a small model the tied embedding / LM head is the largest matrix (SmolLM2-135M: 49152 x 576 = 28.3M of 135M
+weights; in bfloat16 ~57 MB read per decoded token, more than all its int4 blocks together). ``Int8Head`` /
+``Int4Head`` are the int8 / int4 layers above as the head; with tied embeddings the input embedding becomes a
+``HeadEmbedding`` that dequantises the rows it looks up from the head's codes (exact per-row scales: one gather
+and one multiply per token), so the float table is dropped and the model shrinks by it (SmolLM2-135M int4 + int8
+head: 28.3 MB of codes instead of a 113 MB float32 / 57 MB bfloat16 table). torch's int8/int4 CPU kernels are slow
+outside bfloat16 at this width (float32: int8 ~85 ms, int4 ~250 ms per row), so the head runs its decode calls
+in bfloat16 whatever the activation dtype (float32 inputs are rounded to bfloat16 for it, the logits cast back).
+One 49152 x 576 head, one row, one thread, the 2-core VM under load (~9 on 2 cores: +-50%), best of 20, ms:
+
+    float32 F.linear 21-25   bfloat16 F.linear 15-32   int8 kernel (bfloat16) 11-17   int4 kernel (bfloat16) 2.2-3.3
+
+Quality on SmolLM2-135M-Instruct (the embedded Q4_1 GGUF; the reference is its float dequantisation, which int4
+blocks taken over from Q4_1 reproduce exactly; 256 teacher-forced tokens of Shakespeare, float32):
+
+    int4 blocks + float head   KL 0        top-1 agreement 100%
+    int4 blocks + int8 head    KL 0.0012   top-1 agreement 98.4%   max |logit change| 0.73 (logit range ~33)
+    int4 blocks + int4 head    KL 0.13     top-1 agreement 69.9%   max |logit change| 7.6
+    int8 blocks + float head   KL 0.0033   top-1 agreement 97.3%
+    int8 blocks + int8 head    KL 0.0044   top-1 agreement 96.5%
+
+Greedy 24-token answers to 3 chat prompts identical to the reference's: 1/3 with an int8 head, 2/3 with int8
+blocks (one near-tie is enough to change the rest of an answer). So the default head is int8 (``DEFAULT_HEAD``;
+its cost is a third of what int8 blocks cost); an int4 head (group 64, RTN or GPTQ) is 4x faster again but
+visibly changes the model: opt-in only. (llama.cpp keeps this
+model's ``token_embd`` tensor, which is also its output head, as Q8_0: 8-bit, blocks of 32.)
+
 Quantised layers keep their codes and scales as buffers (not trainable); they serve as the frozen base under
 LoRA (QLoRA-style) and for inference. ``quantize_model`` quantises a whole model for inference (int8 or int4,
 GPTQ calibrated on token sequences); ``lmforge quantize`` saves the result (``checkpoints/quantized.py``).
