@@ -95,8 +95,8 @@ def _reset_hwm() -> bool:
 class PeakMemory:
     """Peak memory of a span, above the memory in use before the model loaded (see the module docstring).
 
-    ``baseline()`` before loading the model; ``start()`` after loading, before the evaluation; ``peak()`` after it
-    (bytes, or None where it cannot be measured)."""
+    ``baseline()`` before loading the model; ``start()`` after loading, before what is measured (``lmforge compare``:
+    the decode timing, then the evaluation); ``peak()`` after it (bytes, or None where it cannot be measured)."""
 
     def __init__(self, device: str = "cpu"):
         self.cuda = str(device).startswith("cuda") and torch.cuda.is_available()
