@@ -199,6 +199,24 @@ def test_template_rendering_uses_the_template_s_own_tool_format(long_lm):
     assert "TEMPLATE-TOOLS" not in render_prompt(tok, chat_messages(HISTORY), tool_plan([WEATHER], "none"))
 
 
+def test_template_rendering_equals_transformers_apply_chat_template(tiny_lm_dirs):
+    """transformers' own apply_chat_template(tools=...) on the conversation in its documented shape (calls with
+    argument objects, results with the tool's name) gives the same prompt."""
+    transformers = pytest.importorskip("transformers")
+
+    hf = transformers.AutoTokenizer.from_pretrained(tiny_lm_dirs["chat"])
+    hf.chat_template = TOOLS_TEMPLATE
+    ours = _with_template(lmforge.load(tiny_lm_dirs["chat"]).tokenizer, TOOLS_TEMPLATE)
+    hf_history = [*HISTORY[:2], {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_a", "type": "function", "function": {"name": "get_weather",
+                                                          "arguments": {"city": "Paris", "unit": "celsius"}}},
+        {"id": "call_b", "type": "function", "function": {"name": "get_time", "arguments": {"zone": 1}}}]},
+        {"role": "tool", "tool_call_id": "call_a", "name": "get_weather", "content": "18 C, sunny"},
+        {"role": "tool", "tool_call_id": "call_b", "name": "get_time", "content": "14:05"}]
+    expected = hf.apply_chat_template(hf_history, tools=[WEATHER, TIME], add_generation_prompt=True, tokenize=False)
+    assert render_prompt(ours, chat_messages(HISTORY), tool_plan([WEATHER, TIME], "auto")) == expected
+
+
 def test_history_with_bad_tool_calls_is_refused():
     bad = [dict(HISTORY[2], tool_calls=[{"id": "c", "type": "function",
                                          "function": {"name": "get_time", "arguments": "{zone: 1"}}])]
