@@ -85,19 +85,19 @@ def chat_lm(tiny_lm_dirs):
 
 
 def test_fifty_sampled_generations_all_parse_and_validate(plain_lm):
-    kw = dict(max_new_tokens=110, temperature=1.0)
-    free = [plain_lm.generate("one two", seed=s, max_new_tokens=40, temperature=1.0) for s in range(10)]
+    prompts = ["one two", "The quick brown fox", "What is", "seven", "Input: sea otter"]
+    free = plain_lm.generate(prompts * 2, seed=0, max_new_tokens=40, temperature=1.0)
     assert sum(is_valid(t, PERSON) for t in free) == 0, "the random model should not write valid JSON unaided"
     outs = []
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # an incomplete output warns: none may be incomplete
-        for seed in range(50):
+        for seed in range(10):  # 10 seeds x a batch of 5 rows (each row samples its own document) = 50
             schema = SCHEMAS[seed % len(SCHEMAS)]
-            text = plain_lm.generate(["one two", "The quick brown fox"][seed % 2], seed=seed, json_schema=schema, **kw)
-            outs.append(text)
-            validate(json.loads(text), schema)
-    assert len(set(outs)) > 40, "different seeds sample different documents"
-    assert any(json.loads(t)["ents"] for t in outs[1::3]), "nested arrays of objects are generated, not only []"
+            for text in plain_lm.generate(prompts, seed=seed, json_schema=schema, max_new_tokens=110, temperature=1.0):
+                outs.append((schema, text))
+                validate(json.loads(text), schema)
+    assert len(outs) == 50 and len({t for _, t in outs}) > 40, "different seeds and rows sample different documents"
+    assert any(json.loads(t)["ents"] for s, t in outs if s is NESTED), "nested arrays of objects, not only []"
 
 
 def test_regex_and_stopping_when_complete(plain_lm):
