@@ -130,6 +130,11 @@ def test_parser_takes_calls_out_and_leaves_the_rest():
     assert all(c["type"] == "function" and c["id"].startswith("call_") for c in calls)
     assert len({c["id"] for c in calls}) == 2
 
+    # parallel_tool_calls: false: the first call only, the next stays content
+    content, calls = parse_tool_calls(text, NAMES, max_calls=1)
+    assert [c["function"]["name"] for c in calls] == ["get_weather"] and content.startswith("Let me check.\n<tool_call>")
+    assert tool_plan([WEATHER], None, parallel=False).max_calls == 1 and tool_plan([WEATHER], None).max_calls is None
+
     # malformed JSON, an unknown tool and arguments that are not an object stay content
     for bad in ('<tool_call>{"name": "get_weather", "arguments": {"city": </tool_call>',
                 '<tool_call>{"name": "launch", "arguments": {}}</tool_call>',
@@ -183,6 +188,7 @@ def test_generic_rendering_shows_the_tools_and_the_history(long_lm):
     forced = render_prompt(tok, chat_messages(HISTORY[:2]), tool_plan([WEATHER, TIME], "required"))
     assert forced.endswith("<|im_start|>assistant\n" + FORCED_OPEN) and "You must call" in forced
     assert forced.startswith("<|im_start|>system\nBe brief.")
+    assert "call at most one function" in render_prompt(tok, messages, tool_plan([WEATHER], "auto", parallel=False))
     alone = render_prompt(tok, chat_messages(HISTORY[1:2]), tool_plan([WEATHER], "auto"))
     assert alone.startswith("<|im_start|>system\n# Tools")  # no system message: one is added
 
@@ -247,7 +253,8 @@ def test_server_accepts_tools_and_parses_the_answer(served):
     assert httpx.post(served.url + "/tokenize", json={"messages": HISTORY, "tools": [TIME, TIME]}).status_code == 400
 
     # a whole conversation with calls and results is accepted
-    r = c.chat.completions.create(model=MODEL, messages=HISTORY, tools=[WEATHER, TIME], max_tokens=4, temperature=0)
+    r = c.chat.completions.create(model=MODEL, messages=HISTORY, tools=[WEATHER, TIME], max_tokens=4, temperature=0,
+                                  parallel_tool_calls=False)
     assert r.choices[0].finish_reason in ("stop", "length")
 
 

@@ -160,6 +160,7 @@ class ChatRequest(_Common):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[Any] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
     functions: list[Any] | None = None
     response_format: dict[str, Any] | None = None
 
@@ -284,7 +285,7 @@ class TokenizeRequest(BaseModel):
     """``/tokenize`` (vLLM's route, used by the playground's "show prompt"): the prompt a request would send,
     as the model sees it. ``messages`` (chat, rendered with the chat template and the generation prompt) or
     ``prompt`` (a completion's text), exactly one; with ``messages``, ``tools`` and ``tool_choice`` are rendered as
-    a chat request renders them."""
+    a chat request renders them (and ``parallel_tool_calls``)."""
 
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
@@ -292,6 +293,7 @@ class TokenizeRequest(BaseModel):
     prompt: str | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
 
     @model_validator(mode="before")
     @classmethod

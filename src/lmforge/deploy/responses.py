@@ -56,7 +56,7 @@ class Reply:
         forced prefix the prompt ended with) and finish reason "tool_calls" when there are any."""
         if self.tools is None:
             return text, reason
-        content, calls = parse_tool_calls(forced_prefix(self.tools) + text, self.tools.names)
+        content, calls = parse_tool_calls(forced_prefix(self.tools) + text, self.tools.names, self.tools.max_calls)
         if not calls:
             return text, reason
         return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
@@ -65,7 +65,7 @@ class Reply:
         """A choice's splitter of streamed text into content and tool-call deltas (None without tools)."""
         if self.tools is None:
             return None
-        stream = ToolCallStream(self.tools.names)
+        stream = ToolCallStream(self.tools.names, self.tools.max_calls)
         stream.feed(forced_prefix(self.tools))
         return stream
 

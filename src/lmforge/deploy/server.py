@@ -194,7 +194,7 @@ def create_app(lm, engine: Engine, *, model_id: str, api_key: str | None = None,
     async def chat_prompt(req: ChatRequest | TokenizeRequest) -> tuple[ToolPlan, str]:
         """A chat request's checked tools and its prompt text (chat template, generation prompt; with tools or
         tool messages in the history rendered by ``deploy.tools``)."""
-        plan = tool_plan(req.tools, req.tool_choice)
+        plan = tool_plan(req.tools, req.tool_choice, req.parallel_tool_calls)
         messages = chat_messages(req.messages)
         check_chars([m["content"] for m in messages] + ([json.dumps(req.tools)] if req.tools else []), "messages")
         if plan.tools or any(m["role"] == "tool" or "tool_calls" in m for m in messages):

@@ -68,6 +68,11 @@ class ToolPlan:
     tools: tuple[Tool, ...] = ()
     choice: str = "none"
     name: str | None = None
+    parallel: bool = True  # False (``parallel_tool_calls: false``): at most one call per answer
+
+    @property
+    def max_calls(self) -> int | None:
+        return None if self.parallel else 1
 
     @property
     def active(self) -> bool:
@@ -109,8 +114,14 @@ def _check_tool(i: int, raw: Any) -> Tool:
     return Tool(name, description, parameters)
 
 
-def tool_plan(tools: Any, tool_choice: Any) -> ToolPlan:
-    """The checked ``tools`` and ``tool_choice`` of a chat request (see the module docstring for the shapes)."""
+def tool_plan(tools: Any, tool_choice: Any, parallel: bool | None = None) -> ToolPlan:
+    """The checked ``tools`` and ``tool_choice`` of a chat request (see the module docstring for the shapes);
+    ``parallel`` is its ``parallel_tool_calls`` (None: true)."""
+    plan = _tool_plan(tools, tool_choice)
+    return plan if parallel is not False else ToolPlan(plan.tools, plan.choice, plan.name, parallel=False)
+
+
+def _tool_plan(tools: Any, tool_choice: Any) -> ToolPlan:
     if tools is not None and not isinstance(tools, list):
         raise APIError(400, "tools must be a list of {\"type\": \"function\", \"function\": {...}}", param="tools")
     checked = tuple(_check_tool(i, t) for i, t in enumerate(tools or []))
@@ -149,7 +160,8 @@ def template_takes_tools(template: str | None) -> bool:
 def generic_system_block(plan: ToolPlan) -> str:
     """The generic tool instructions (Hermes/Qwen2.5 convention) for a template without tool support."""
     specs = "\n".join(json.dumps(t.as_openai(), ensure_ascii=False) for t in plan.tools)
-    text = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    how_many = "one or more functions" if plan.parallel else "at most one function"
+    text = (f"# Tools\n\nYou may call {how_many} to assist with the user query.\n\n"
             f"You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{specs}\n</tools>"
             "\n\nFor each function call, return a json object with function name and arguments within "
             f"{OPEN}{CLOSE} XML tags:\n{OPEN}\n{{\"name\": <function-name>, \"arguments\": <args-json-object>}}\n"
@@ -275,9 +287,11 @@ def _call(body: str, names: tuple[str, ...]) -> dict[str, Any] | None:
             "function": {"name": value["name"], "arguments": json.dumps(args, ensure_ascii=False)}}
 
 
-def parse_tool_calls(text: str, names: tuple[str, ...]) -> tuple[str | None, list[dict[str, Any]]]:
-    """(content, tool_calls) of a whole answer: the valid calls taken out, the rest (stripped; None if empty)."""
-    stream = ToolCallStream(names)
+def parse_tool_calls(text: str, names: tuple[str, ...],
+                     max_calls: int | None = None) -> tuple[str | None, list[dict[str, Any]]]:
+    """(content, tool_calls) of a whole answer: the valid calls (the first ``max_calls``) taken out, the rest
+    (stripped; None if empty)."""
+    stream = ToolCallStream(names, max_calls)
     deltas = stream.feed(text) + stream.finish()
     content = "".join(d.get("content", "") for d in deltas)
     calls = [c for d in deltas for c in d.get("tool_calls", [])]
@@ -292,10 +306,12 @@ class ToolCallStream:
     """Splits streamed text into content deltas and tool-call deltas: ``feed(text)`` and, at the end, ``finish()``
     return a list of deltas, each ``{"content": str}`` or ``{"tool_calls": [{"index", "id", "type", "function":
     {"name", "arguments"}}]}`` (one per complete call, its arguments whole). Text that may be the start of
-    ``<tool_call>`` is held back until it is known not to be; whitespace next to a call is dropped."""
+    ``<tool_call>`` is held back until it is known not to be; whitespace next to a call is dropped. Calls after
+    the first ``max_calls`` stay content."""
 
-    def __init__(self, names: tuple[str, ...]):
+    def __init__(self, names: tuple[str, ...], max_calls: int | None = None):
         self.names, self.buffer, self.in_call, self.calls = names, "", False, 0
+        self.max_calls = max_calls
         self.space = ""  # whitespace held until more content follows
         self.started = False  # whether any content has been emitted
 
@@ -314,7 +330,7 @@ class ToolCallStream:
     def _block(self, block: str, out: list[dict[str, Any]]) -> None:
         inner = block[len(OPEN):]
         inner = inner[:-len(CLOSE)] if inner.endswith(CLOSE) else inner
-        call = _call(inner.strip(), self.names)
+        call = _call(inner.strip(), self.names) if self.max_calls is None or self.calls < self.max_calls else None
         if call is None:
             self._content(block, out)
             return
