@@ -36,6 +36,8 @@ TIME = {"type": "function", "function": {
                                        "properties": {"zone": {"type": "integer", "minimum": -12, "maximum": 14}},
                                        "required": ["zone"], "additionalProperties": False}}}
 NAMES = ("get_weather", "get_time")
+IMPOSSIBLE = {"type": "function", "function": {"name": "never", "parameters": {
+    "type": "object", "properties": {"x": {"type": "integer", "minimum": 5, "maximum": 1}}, "required": ["x"]}}}
 
 # A template with its own tools support (Hermes/Qwen2.5 style, written for this test): tools in the system turn,
 # calls written from their argument *objects*, results in a user turn.
@@ -299,6 +301,33 @@ def test_streamed_forced_call_is_one_delta_with_the_whole_arguments(served):
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "tool_calls"
 
 
+def test_streamed_text_answer_with_tools_equals_the_plain_answer(served):
+    kw = dict(model=MODEL, messages=HISTORY[:2], tools=[WEATHER, TIME], max_tokens=24, temperature=0)
+    whole = served.client.chat.completions.create(**kw).choices[0]
+    chunks = list(served.client.chat.completions.create(**kw, stream=True))
+    deltas = [ch.choices[0].delta for ch in chunks if ch.choices]
+    assert "".join(d.content or "" for d in deltas).strip() == (whole.message.content or "").strip()
+    assert not any(d.tool_calls for d in deltas)
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == whole.finish_reason
+
+
+def test_forcing_without_constrained_decoding_and_with_an_impossible_schema():
+    from lmforge.deploy.tools import forced_call_states
+    from lmforge.errors import LmforgeError
+    from lmforge.generation.constrained import INSTALL_HINT
+
+    def refuse(message):
+        def constraint_states(n, schema):
+            raise LmforgeError(message)
+        return SimpleNamespace(constraint_states=constraint_states)
+
+    plan = tool_plan([WEATHER], "required")
+    assert forced_call_states(refuse(INSTALL_HINT), 1, plan) is None  # prompted only
+    with pytest.raises(APIError) as e:
+        forced_call_states(refuse("the JSON schema is unsatisfiable"), 1, plan)
+    assert e.value.status == 400 and e.value.param == "tools"
+
+
 def test_bad_tools_are_a_400_naming_the_field(served):
     c = served.client
     for kw, param in ((dict(tools=[WEATHER, WEATHER]), "tools[1].function.name"),
@@ -307,7 +336,8 @@ def test_bad_tools_are_a_400_naming_the_field(served):
                       (dict(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "nope"}}),
                        "tool_choice.function.name"),
                       (dict(tools=[WEATHER], tool_choice="required", response_format={"type": "json_object"}),
-                       "response_format")):
+                       "response_format"),
+                      (dict(tools=[IMPOSSIBLE], tool_choice="required"), "tools")):
         with pytest.raises(openai.BadRequestError) as e:
             c.chat.completions.create(model=MODEL, messages=HISTORY[:2], max_tokens=4, **kw)
         assert e.value.body["param"] == param, e.value.body
