@@ -9,7 +9,7 @@ This module owns the three steps and nothing of HTTP:
   whose ``param`` names the field.
 - ``render_prompt`` turns the conversation (assistant turns carrying ``tool_calls`` and ``role: "tool"`` results
   included) into the prompt text. A chat template that uses the ``tools`` variable (Qwen2.5, Hermes, Llama 3.1,
-  Mistral ...) renders everything itself, as transformers' ``apply_chat_template(tools=...)`` would: tool calls
+  ...) renders everything itself, as transformers' ``apply_chat_template(tools=...)`` would: tool calls
   are handed to it with their arguments as objects. Any other template gets the generic format (the
   Hermes/Qwen2.5 convention): a system block listing the tools as JSON inside ``<tools></tools>`` and asking for
   ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``; earlier calls are written that way in the
@@ -20,6 +20,8 @@ This module owns the three steps and nothing of HTTP:
   is an object naming one of the tools with an ``arguments`` (or ``parameters``) object; an answer that is one
   such bare JSON object (Llama 3.1's convention) is a call too. Anything else, malformed JSON included, stays in
   ``content``. Each call becomes ``{"id", "type": "function", "function": {"name", "arguments": <JSON string>}}``.
+  Other output conventions (Mistral's ``[TOOL_CALLS]``, ...) are not parsed: they stay content.
+  ``parallel_tool_calls: false`` keeps the first call only (later ones stay content).
 
 Forcing a call (``"required"`` or a named tool): the assistant turn is started with ``FORCED_OPEN`` in the
 prompt and the model continues from there (``forced_prefix``), constrained by ``generation.constrained``
