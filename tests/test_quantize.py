@@ -364,3 +364,14 @@ def test_load_quantize_int4_rounds_a_float_model_to_nearest(tiny_lm_dirs):
     q = lmforge.load(tiny_lm_dirs["plain"], quantize="int4")
     layers = [m for m in q.model.modules() if isinstance(m, Int4Linear)]
     assert len(layers) == 2 * 7 and {m.group_size for m in layers} == {64}
+
+
+@pytest.mark.parametrize("g", [32, 64, 128])
+def test_the_fast_dequantisation_equals_the_documented_one_bit_for_bit(g):
+    from lmforge.models.int4 import dequantize_codes, dequantize_packed
+
+    torch.manual_seed(4)
+    codes, scales, zeros = rtn_quantize(torch.randn(40, 256), g)
+    want = dequantize_codes(codes, scales, zeros, g)
+    assert torch.equal(dequantize_packed(pack_codes(codes), scales, zeros, g), want)
+    assert torch.equal(Int4Linear.from_codes(codes, scales, zeros, g).weight, want)

@@ -32,12 +32,13 @@ From ``FLOAT_FROM_ROWS[dtype]`` rows on (tokens in the call: a prefill), on othe
 flow to the input, it multiplies by the weight dequantised from the portable codes (group-wise, in float32, then
 cast to the activation dtype): the packed kernel is built for a few rows at a time and loses to a float matmul on
 long inputs. The thresholds come from one micro-measurement (one thread, this project's 2-core AVX-512 VM, torch
-2.13, busy machine, best of 5; the float time includes dequantising the weight on every call), ms per call:
+2.13, busy machine (load ~8), best of 7; the float time includes dequantising the weight, ``dequantize_packed``,
+on every call), ms per call:
 
-    bfloat16   rows:          16     32     64    128    256
-      576 x  576  kernel    0.30   0.51   0.95   1.78   3.39   float  1.33  1.59  1.51  1.52  1.71
-     1536 x  576  kernel    0.70   1.18   2.38   4.53   9.25   float  3.29  3.39  3.66  4.29  4.86
-      576 x 1536  kernel    0.75   1.38   2.74   4.47   8.80   float  3.64  3.70  3.48  3.95  5.08
+    bfloat16   rows:          16     32     48     64     96    128
+      576 x  576  kernel    0.23   0.39   0.60   0.77   1.17   1.57   float  0.77  0.86  0.90  0.94  0.95  1.14
+     1536 x  576  kernel    0.52   1.03   1.51   2.02   3.02   3.99   float  2.30  2.34  2.53  2.99  2.87  3.49
+      576 x 1536  kernel    0.55   1.09   1.59   2.17   2.70     -    float  2.60  2.38  2.57  3.33  3.18    -
     float32    rows:           1      2      4      8
       576 x  576  kernel    1.05   2.08   4.19   8.47          float  1.13  1.11  1.17  1.26
      1536 x  576  kernel    2.70   5.79  14.90  31.06          float  2.91  3.07  4.02  3.67
@@ -45,10 +46,19 @@ long inputs. The thresholds come from one micro-measurement (one thread, this pr
       576 x  576  kernel    1.20   2.30   4.41  17.52          float  0.76  0.81  0.80  0.92
      1536 x  576  kernel    3.02   6.05  12.13  46.49          float  1.96  2.16  2.23  2.41
 
-(torch's vectorised int4 kernel is bfloat16-only; float32 and float16 run its scalar loop.) Both paths compute the
-same dequantised weight; they differ by rounding only (the kernel accumulates in float32 with bfloat16/float16
-scales, the float path rounds the dequantised weight to the activation dtype): within 1e-4 in float32 and 5e-2 in
-bfloat16 of a float64 reference, the tolerances tests/test_quantize.py states for both.
+(the float32/float16 rows were taken with a slower dequantisation, so the float path is if anything faster; the
+dequantisation itself is most of the float path's time at these rows: ~2 ms for 1536 x 576, against 0.3 ms for a
+101-row bfloat16 matmul, so around 100 rows the two paths are level and the float path wins more the longer the
+prompt; torch's vectorised int4 kernel is bfloat16-only, float32 and float16 run its scalar loop.) Both paths
+compute the same dequantised weight; they differ by rounding only (the kernel accumulates in float32 with
+bfloat16/float16 scales, the float path rounds the dequantised weight to the activation dtype): within 1e-4 in
+float32 and 5e-2 in bfloat16 of a float64 reference, the tolerances tests/test_quantize.py states for both.
+
+Memory: a layer that has run the kernel holds the portable codes (``qweight``, out x in / 2 bytes) and the
+kernel's packed copy (the same size, out padded to 16). The packed layout is torch's and depends on the CPU
+(aten/src/ATen/native/cpu/int4mm_kernel.cpp: AVX-512 packs blocks of 64 rows, byte j of a block's column holding
+rows j and j + 32; AVX2 blocks of 32; otherwise rows 2j and 2j + 1), so the codes are kept: saving and the
+float path read them, and so does ``models.quantized.Int4Head.rows``.
 """
 
 from __future__ import annotations
@@ -63,7 +73,7 @@ GROUP_SIZES = (32, 64, 128)
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _N_ALIGN = 16  # _convert_weight_to_int4pack_for_cpu: "expect N to be dividable by 16"
 # rows (tokens in one call) from which forward takes the float path instead of the packed kernel (module docstring)
-FLOAT_FROM_ROWS = {torch.bfloat16: 128, torch.float32: 2, torch.float16: 1}
+FLOAT_FROM_ROWS = {torch.bfloat16: 96, torch.float32: 2, torch.float16: 1}
 
 
 def check_group_size(in_features: int, group_size: int, name: str = "linear layer") -> None:
@@ -94,6 +104,20 @@ def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
     out_f, in_f = codes.shape
     c = codes.float().reshape(out_f, in_f // group_size, group_size)
     return ((c - 8) * scales.float()[..., None] + zeros.float()[..., None]).view(out_f, in_f)
+
+
+def dequantize_packed(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                      group_size: int) -> torch.Tensor:
+    """``dequantize_codes(unpack_codes(qweight), ...)`` bit for bit, several times faster (the float path of a
+    prefill pays it on every call): the nibbles are written straight into one float32 buffer, then scaled in place."""
+    out_f, half = qweight.shape
+    n_groups = half * 2 // group_size
+    w = torch.empty(out_f, n_groups, group_size // 2, 2, device=qweight.device)
+    q = qweight.view(out_f, n_groups, group_size // 2)
+    w[..., 0] = q & 0xF
+    w[..., 1] = q >> 4
+    w.sub_(8).mul_(scales.float()[..., None, None]).add_(zeros.float()[..., None, None])
+    return w.view(out_f, half * 2)
 
 
 def rtn_quantize(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -200,7 +224,7 @@ class Int4Linear(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The dequantised weight (out, in), float32."""
-        return dequantize_codes(unpack_codes(self.qweight), self.scales, self.zeros, self.group_size)
+        return dequantize_packed(self.qweight, self.scales, self.zeros, self.group_size)
 
     def packed(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The CPU kernel's packed weight and (in / group, out, 2) scales_and_zeros in ``dtype`` (cached)."""
