@@ -213,6 +213,11 @@ def test_print_config_then_config_gives_the_same_recipe(tiny_lm_dirs, task_files
     assert capsys.readouterr().out == printed
     cfg = load_lifecycle(tmp_path / "printed.yaml")
     assert cfg.adapt["steps"] == 2 and cfg.enabled() == ("select", "adapt", "evaluate")
+    cfg = load_lifecycle(path, {"device": "cuda:1"})  # the run's device reaches every stage's config...
+    assert cfg.finetune_config(model=None, adapter=None, out_dir=tmp_path).device == "cuda:1"
+    assert cfg.serve_config(model="m", adapter=None, port=1).device == "cuda:1"
+    cfg.adapt["device"] = "cpu"  # ...unless the section names its own
+    assert cfg.finetune_config(model=None, adapter=None, out_dir=tmp_path).device == "cpu"
     assert not (tmp_path / "out").exists()
 
 

@@ -233,7 +233,7 @@ class LifecycleConfig:
     title: str = "lmforge lifecycle"
     """The report's title."""
     device: str = "cpu"
-    """cpu, cuda, ... (every stage)."""
+    """cpu, cuda, ... (every stage; a device key in adapt, align or deploy.serve wins there)."""
     select: Select | dict[str, Any] = option(default_factory=dict, cli=False)
     """select: limit (dev examples per candidate), speed_tokens."""
     adapt: dict[str, Any] = option(default_factory=dict, cli=False)
@@ -298,16 +298,16 @@ class LifecycleConfig:
         from lmforge.training.sft import FinetuneConfig
 
         t = self.task
-        return build_section(FinetuneConfig, self.adapt, ("adapt",), filled=ADAPT_FILLED, train=(t.train,),
-                             dev=(t.dev,) if t.dev else (), prompt_template=t.prompt_template,
+        return build_section(FinetuneConfig, {"device": self.device, **self.adapt}, ("adapt",), filled=ADAPT_FILLED,
+                             train=(t.train,), dev=(t.dev,) if t.dev else (), prompt_template=t.prompt_template,
                              prompt_field=t.input_field, response_field=t.response_field, model=model,
                              adapter=adapter, out_dir=out_dir)
 
     def dpo_config(self, *, model: str | None, adapter: str | Path | None, out_dir: Path):
         from lmforge.alignment.rlhf import DPOConfig
 
-        cfg = build_section(DPOConfig, self.align, ("align",), filled=ALIGN_FILLED, model=model, adapter=adapter,
-                            out_dir=out_dir)
+        cfg = build_section(DPOConfig, {"device": self.device, **self.align}, ("align",), filled=ALIGN_FILLED,
+                            model=model, adapter=adapter, out_dir=out_dir)
         if cfg.data is None:
             raise SectionError(("align", "data"), "the preference pairs file is required")
         return cfg
@@ -316,8 +316,8 @@ class LifecycleConfig:
         from lmforge.deploy.serve_config import ServeConfig
 
         d = self.deploy
-        return build_section(ServeConfig, d.serve, ("deploy", "serve"), filled=SERVE_FILLED, model=model,
-                             adapter=adapter, host="127.0.0.1", port=port)
+        return build_section(ServeConfig, {"device": self.device, **d.serve}, ("deploy", "serve"), filled=SERVE_FILLED,
+                             model=model, adapter=adapter, host="127.0.0.1", port=port)
 
     def data_files(self) -> dict[str, Path]:
         """Every data file the recipe reads, by the key naming it."""
