@@ -180,3 +180,16 @@ def test_export_of_a_head_quantised_folder_refuses_in_one_line(tied_dir, tmp_pat
     assert main(["export", str(out), "--format", fmt, "-o", str(tmp_path / "x")]) == 2
     lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "quantised" in lines[0], lines
+
+
+def test_serve_and_eval_pass_quantize_head_to_load(tied_dir, tmp_path):
+    from lmforge.cli.serve import load_for_serving
+    from lmforge.evaluation.harness import EvalConfig, load_model
+
+    lm = load_for_serving(str(tied_dir), quantize="int8", quantize_head="int4")
+    assert isinstance(lm.model.lm_head, Int4Head)
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"input": "one", "output": "two"}\n', encoding="utf-8")
+    cfg = EvalConfig(data=data, model=str(tied_dir), quantize="int8", quantize_head="none")
+    assert type(load_model(cfg).model.lm_head) is nn.Linear
+    assert isinstance(load_model(EvalConfig(data=data, model=str(tied_dir), quantize="int8")).model.lm_head, Int8Head)

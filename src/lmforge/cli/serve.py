@@ -28,11 +28,11 @@ def served_name(model: str) -> str:
 
 
 def load_for_serving(model: str, *, adapter: str | None = None, device: str = "cpu", dtype: str = "auto",
-                     quantize: str | None = None):
-    """Load a decoder model (plus adapter), optionally with int8 weights; returns the LM."""
+                     quantize: str | None = None, quantize_head: str | None = None):
+    """Load a decoder model (plus adapter), optionally with int8 weights (and ``quantize_head``); returns the LM."""
     from lmforge.lm import LM, load
 
-    lm = load(model, device=device, dtype=dtype, adapter=adapter, quantize=quantize)
+    lm = load(model, device=device, dtype=dtype, adapter=adapter, quantize=quantize, quantize_head=quantize_head)
     if not isinstance(lm, LM) or lm.config.arch != "decoder":
         raise LmforgeError(f"{model} is not a decoder-only language model; `lmforge serve` needs one")
     return lm
@@ -96,7 +96,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from lmforge.generation.threads import set_threads
 
     set_threads(cfg.threads)  # before the model loads: inter-op threads can be set only then
-    lm = load_for_serving(cfg.model, adapter=cfg.adapter, device=cfg.device, dtype=cfg.dtype, quantize=cfg.quantize)
+    lm = load_for_serving(cfg.model, adapter=cfg.adapter, device=cfg.device, dtype=cfg.dtype, quantize=cfg.quantize,
+                          quantize_head=cfg.quantize_head)
     adapters = load_lora_models(lm, cfg.adapters())
     embedder = load_embedder(cfg.embedding_model, device=cfg.device, dtype=cfg.dtype) if cfg.embedding_model else None
     serve(lm, cfg, model_id=model_id, api_key=api_key, adapters=adapters, embedder=embedder,

@@ -37,6 +37,9 @@ class ServeConfig:
     """float32 | bfloat16 | float16 | auto."""
     quantize: Literal["int8"] | None = None
     """Weight-only int8 linear layers (per-row absmax scales): less memory, logits close to fp32."""
+    quantize_head: Literal["int8", "int4", "none"] | None = None
+    """With quantize: the lm_head's quantisation (default int8; a tied input embedding then reads its rows and the
+    float table is dropped; int4: faster, visibly less exact)."""
     lora_modules: tuple[str, ...] = ()
     """More models to serve, each a LoRA adapter on MODEL, as NAME=PATH (vLLM's shape): a request's "model" picks
     one by NAME, or the base model by its own name. Each adapter shares the base's weights but has its own

@@ -114,6 +114,8 @@ class EvalConfig:
     """A PEFT adapter folder (LoRA or prompt tuning) to apply on top of the model."""
     quantize: Literal["int8"] | None = option(None, group=_MODEL)
     """Weight-only int8 linear layers: ~0.4x the weight memory."""
+    quantize_head: Literal["int8", "int4", "none"] | None = option(None, group=_MODEL)
+    """With quantize: the lm_head's quantisation (default int8; a tied input embedding then reads its rows)."""
     compile: bool = option(False, group=_MODEL)
     """Generate with the torch.compile'd static-shape decode step (the same tokens; compiled once per batch shape,
     the time on stderr)."""
@@ -262,7 +264,7 @@ def load_model(cfg: EvalConfig):
     from lmforge.lm import LM, load
 
     lm = load(cfg.model, device=cfg.device, dtype=cfg.dtype, adapter=cfg.adapter, quantize=cfg.quantize,
-              compile=cfg.compile)
+              compile=cfg.compile, quantize_head=cfg.quantize_head)
     if not isinstance(lm, LM):
         raise LmforgeError(f"{cfg.model} is an encoder-only model ({lm.config.family}): it cannot generate text; "
                            "use `lmforge embed` for its embeddings")
