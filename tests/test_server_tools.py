@@ -302,13 +302,15 @@ def test_streamed_forced_call_is_one_delta_with_the_whole_arguments(served):
 
 
 def test_streamed_text_answer_with_tools_equals_the_plain_answer(served):
-    kw = dict(model=MODEL, messages=HISTORY[:2], tools=[WEATHER, TIME], max_tokens=24, temperature=0)
+    kw = dict(model=MODEL, messages=HISTORY[:2], tools=[WEATHER, TIME], max_tokens=24, temperature=0, logprobs=True)
     whole = served.client.chat.completions.create(**kw).choices[0]
     chunks = list(served.client.chat.completions.create(**kw, stream=True))
     deltas = [ch.choices[0].delta for ch in chunks if ch.choices]
     assert "".join(d.content or "" for d in deltas).strip() == (whole.message.content or "").strip()
     assert not any(d.tool_calls for d in deltas)
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == whole.finish_reason
+    streamed = [e.token for ch in chunks if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+    assert streamed == [e.token for e in whole.logprobs.content]  # every token's logprob sent, none twice
 
 
 def test_forcing_without_constrained_decoding_and_with_an_impossible_schema():
