@@ -147,15 +147,20 @@ def model_facts(lm, speed_tokens: int) -> dict[str, float]:
             "tokens_per_s": round(n / seconds, 1)}
 
 
-def measuring_loader(ctx: Context, facts: dict[tuple, dict], speed_tokens: int, quantize: str | None = None):
-    """A ``run_compare`` loader that also records each loaded model's ``model_facts`` under (model, adapter)."""
+def measuring_loader(ctx: Context, facts: dict[tuple, dict], speed_tokens: int):
+    """A ``run_compare`` loader that also records each loaded model's ``model_facts`` under (model, adapter,
+    quantize)."""
     from lmforge.lm import load
 
-    def loader(model, adapter):
+    def loader(model, adapter, quantize=None):
         lm = load(model, adapter=adapter, device=ctx.cfg.device, quantize=quantize)
-        facts[(model, adapter)] = model_facts(lm, speed_tokens)
+        facts[(model, adapter, quantize)] = model_facts(lm, speed_tokens)
         return lm
     return loader
+
+
+def facts_of(facts: dict[tuple, dict], s: Setting) -> dict:
+    return facts[(s.model, s.adapter, s.quantize)]
 
 
 def metric_value(summary: dict, metric: str) -> float | None:
@@ -217,8 +222,7 @@ def run_select(ctx: Context, d: Path) -> dict:
     results = run_compare(cc, "lmforge lifecycle (select)", progress=ctx.progress,
                           loader=measuring_loader(ctx, facts, cfg.select.speed_tokens))
     metric, names = t.metric, _metrics(results)
-    entries = [(r.setting.label, metric_value(r.summary, metric), facts[(r.setting.model, r.setting.adapter)])
-               for r in results]
+    entries = [(r.setting.label, metric_value(r.summary, metric), facts_of(facts, r.setting)) for r in results]
     pick, reasons, decision = gate(entries, metric, t.budget)
     rows = [[r.setting.label, r.setting.model or "(embedded default)", r.setting.shots, f["params_m"],
              f["weights_mb"], f["tokens_per_s"], *(metric_value(r.summary, m) for m in names), why or "yes"]
@@ -331,30 +335,28 @@ def run_evaluate(ctx: Context, d: Path) -> dict:
 
 
 def run_optimise(ctx: Context, d: Path) -> dict:
-    """Each quantisation scheme of the final model, scored like evaluate, with weight memory and decode speed."""
+    """The final model in float32 and with each quantisation scheme (compare settings with ``quantize``), scored
+    like evaluate, with weight memory and decode speed."""
     final, opt = latest_model(ctx), ctx.cfg.optimise
     data, split = scored_data(ctx, ctx.cfg.evaluate.split)
-    limit = opt.limit or ctx.cfg.evaluate.limit
-    metric, rows, labels, values = ctx.cfg.task.metric, [], [], []
-    for scheme in (None, *opt.quantize):
-        label = f"{final['label']}, {scheme or 'float32'}"
-        facts: dict[tuple, dict] = {}
-        cc = compare_config(ctx, data, [_setting(label, final)], d / (scheme or "float32"), limit,
-                            f"optimise: {scheme or 'float32'}")
-        (r,) = run_compare(cc, f"lmforge lifecycle (optimise {scheme or 'float32'})", progress=ctx.progress,
-                           loader=measuring_loader(ctx, facts, ctx.cfg.select.speed_tokens, quantize=scheme))
-        f = facts[(final["model"], final["adapter"])]
-        value = metric_value(r.summary, metric)
-        rows.append([scheme or "float32", f["weights_mb"], f["tokens_per_s"], value])
-        labels.append(scheme or "float32")
-        values.append(value)
-    ref = values[0]
+    settings = [dataclasses.replace(_setting(scheme or "float32", final), quantize=scheme)
+                for scheme in (None, *opt.quantize)]
+    facts: dict[tuple, dict] = {}
+    cc = compare_config(ctx, data, settings, d / "compare", opt.limit or ctx.cfg.evaluate.limit,
+                        f"optimise {final['label']} on {split}")
+    results = run_compare(cc, "lmforge lifecycle (optimise)", progress=ctx.progress,
+                          loader=measuring_loader(ctx, facts, ctx.cfg.select.speed_tokens))
+    metric = ctx.cfg.task.metric
+    rows = [[r.setting.label, facts_of(facts, r.setting)["weights_mb"], facts_of(facts, r.setting)["tokens_per_s"],
+             metric_value(r.summary, metric)] for r in results]
+    ref = rows[0][3]
     words = [f"{row[0]}: {row[1]:g} MB, {row[2]:g} tokens/s, {metric} {_fmt(row[3])}"
              + (f" ({(row[3] - ref):+.4g})" if row[3] is not None and ref is not None else "") for row in rows[1:]]
     return {"outputs": {"schemes": list(opt.quantize)},
             "table": {"header": ["weights", "weights (MB)", "decode tokens/s", metric], "rows": rows},
-            "decision": "against float32: " + "; ".join(words), "charts": {metric: [labels, values]},
-            "reports": [str((d / (s or "float32") / "report.md").relative_to(ctx.out)) for s in (None, *opt.quantize)]}
+            "decision": f"{final['label']} against float32 on {split}: " + "; ".join(words),
+            "charts": {metric: [[row[0] for row in rows], [row[3] for row in rows]]},
+            "reports": [str((d / "compare" / "report.md").relative_to(ctx.out))]}
 
 
 # ----------------------------------------------------------------------------- deploy
