@@ -75,7 +75,7 @@ def write_report(cfg: LifecycleConfig, records: dict[str, dict], status: dict[st
             md += [f"**Decision:** {r['decision']}", ""]
             body.append(f"<p><b>Decision:</b> {e(r['decision'])}</p>")
         for metric, (labels, values) in (r.get("charts") or {}).items():
-            png = bar_chart(f"{stage}: {metric}", labels, values)
+            png = bar_chart(metric, labels, values)
             name = f"chart_{stage}_{metric}.png"
             write_bytes_atomic(out / name, png)
             md += [f"![{stage} {metric}]({name})", ""]
