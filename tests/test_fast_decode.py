@@ -379,8 +379,10 @@ def test_compiled_step_over_packed_quantised_linears(hf_tiny, method, monkeypatc
     monkeypatch.setattr(fast, "_STATES", type(fast._STATES)())
     config, state, _ = read_hf_dir(hf_tiny["llama"][1])
     model = quantize_model(build_model(config, state), method, 32 if method == "int4" else None)
-    eager = _run(model, PROMPTS, 16)
-    assert _run(model, PROMPTS, 16, compile=True) == eager
+    # batch 1 in float32: the 7-token prefill takes the float path, each decode row the packed kernel (which the
+    # step packs before compiling); a batch of 3 would decode on the float path too (models/int4.py)
+    eager = _run(model, PROMPTS[:1], 16)
+    assert _run(model, PROMPTS[:1], 16, compile=True) == eager
     assert "failed" not in capsys.readouterr().err
 
 
