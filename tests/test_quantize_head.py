@@ -87,6 +87,11 @@ def test_an_int8_head_keeps_logits_and_greedy_tokens_of_the_float_head(tied_dir)
     decided = (top2[..., 0] - top2[..., 1]) > 2 * (lf - lq).abs().amax(dim=-1)
     assert decided.sum() >= 4
     assert torch.equal(lf.argmax(-1)[decided], lq.argmax(-1)[decided])
+    # against the float model itself (int4 blocks move these random logits by ~20% of their range; the head alone:)
+    fp, h = lmforge.load(tied_dir), lmforge.load(tied_dir)
+    quantize_head(h.model, "int8")
+    lf, lh = _logits(fp.model, IDS), _logits(h.model, IDS)
+    assert (lf - lh).abs().max() < 0.03 * (lf.max() - lf.min())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
