@@ -32,10 +32,11 @@ weights; in bfloat16 ~57 MB read per decoded token, more than all its int4 block
 ``Int4Head`` are the int8 / int4 layers above as the head; with tied embeddings the input embedding becomes a
 ``HeadEmbedding`` that dequantises the rows it looks up from the head's codes (exact per-row scales: one gather
 and one multiply per token), so the float table is dropped and the model shrinks by it (SmolLM2-135M int4 + int8
-head: 28.3 MB of codes instead of a 113 MB float32 / 57 MB bfloat16 table). torch's int8/int4 CPU kernels are slow
-outside bfloat16 at this width (float32: int8 ~85 ms, int4 ~250 ms per row), so the head runs its decode calls
-in bfloat16 whatever the activation dtype (float32 inputs are rounded to bfloat16 for it, the logits cast back).
-One 49152 x 576 head, one row, one thread, the 2-core VM under load (~9 on 2 cores: +-50%), best of 20, ms:
+head: 28.3 MB of codes instead of a 113 MB float32 / 57 MB bfloat16 table; ``load(quantize="int4",
+dtype="bfloat16")``: 130 MiB of weights with a float head, 103 MiB with the int8 one). torch's int8/int4 CPU
+kernels are slow outside bfloat16 at this width (float32: int8 ~85 ms, int4 ~250 ms per row), so the head runs its
+decode calls in bfloat16 whatever the activation dtype (float32 inputs are rounded to bfloat16 for it, the logits
+cast back). One 49152 x 576 head, one row, one thread, the 2-core VM under load (~9 on 2 cores: +-50%), best of 20, ms:
 
     float32 F.linear 21-25   bfloat16 F.linear 15-32   int8 kernel (bfloat16) 11-17   int4 kernel (bfloat16) 2.2-3.3
 
