@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import queue
+import shlex
 import shutil
 import socket
 import statistics
@@ -150,6 +151,8 @@ def run_llama_server(a, requests, threads):
     slots = max(a.clients)
     cmd = [llama_server_bin(), "-m", str(a.gguf or embedded_gguf()), "--host", "127.0.0.1", "--port", str(port),
            "-t", str(threads), "-tb", str(threads), "-np", str(slots), "-c", str(slots * a.max_context)]
+    # extra flags, e.g. LLAMA_CPP_ARGS=--no-repack where llama.cpp's repacked kernels die with SIGILL (AMX VMs)
+    cmd += shlex.split(os.environ.get("LLAMA_CPP_ARGS", ""))
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         import httpx
