@@ -181,6 +181,6 @@ def test_real_process_exit_status_and_no_traceback(tmp_path):
 def test_generate_with_int8_weights(tiny_lm_dirs, capsys):
     d = tiny_lm_dirs["plain"]
     code, out, err = run(capsys, "generate", "one two", "-m", d, "-n", "8", "--quantize", "int8")
-    assert code == 0 and out.strip() and "int8 weights:" in err
+    assert code == 0 and out.strip() and "int8 weights, int8 head:" in err
     code, _, err = run(capsys, "generate", "one two", "-m", d, "--quantize", "int4")
     assert_one_line_error(code, err, "--quantize", "invalid choice")

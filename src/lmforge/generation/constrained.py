@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from lmforge.errors import LmforgeError
+from lmforge.tokenizer import Tokenizer
 
 INSTALL_HINT = "structured output needs the llguidance package: pip install 'lmforge[structured]'"
 # Compact JSON: the separators a model sees in most JSON text, and no free whitespace to wander in.
@@ -57,11 +58,11 @@ def _llguidance():
 def _ll_tokenizer(tokenizer: Any, vocab_size: int | None, eos_ids: Sequence[int]):
     """The llguidance view of an lmforge ``Tokenizer`` (its ``tokenizers`` backend), cached per tokenizer."""
     llg = _llguidance()
-    backend = getattr(tokenizer, "backend", None)
-    if backend is None or not hasattr(backend, "to_str"):
-        raise LmforgeError(f"structured output needs a Hugging Face `tokenizers` tokenizer, got "
+    if not isinstance(tokenizer, Tokenizer):
+        raise LmforgeError(f"structured output needs lmforge's Hugging Face `tokenizers` tokenizer, got "
                            f"{type(tokenizer).__name__}")
-    eos = sorted(set(eos_ids) or set(getattr(tokenizer, "eos_ids", []) or []))
+    backend = tokenizer.backend
+    eos = sorted(set(eos_ids) or set(tokenizer.eos_ids))
     if not eos:
         raise LmforgeError("structured output needs an end-of-sequence token; this tokenizer has none")
     n_vocab = max(vocab_size or 0, backend.get_vocab_size(with_added_tokens=True))
