@@ -368,7 +368,8 @@ def quantize_model(model: nn.Module, method: str, group_size: int | None = None,
     if algorithm == "gptq":
         if not calibration:
             raise LmforgeError("GPTQ needs calibration text (--calibration FILE); none was given")
-        names = [n for n, _ in targets] + (["lm_head"] if head == "int4" and "lm_head" in dict(model.named_modules()) else [])
+        with_head = head == "int4" and "lm_head" in dict(model.named_modules())
+        names = [n for n, _ in targets] + (["lm_head"] if with_head else [])
         hessians = collect_hessians(model, calibration, names)
     for name, m in targets:
         layer = Int4Linear.from_linear(m, 64 if group_size is None else group_size, hessians.pop(name, None))
