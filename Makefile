@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PROMPT ?= What is the capital of France?
 
-.PHONY: venv demo test test-fast lint clean
+.PHONY: venv demo test test-real test-all lint clean
 
 $(BIN)/lmforge: pyproject.toml requirements-dev.txt
 	$(PY) -m venv $(VENV)
@@ -26,11 +26,16 @@ venv: $(BIN)/lmforge
 demo: venv
 	HF_HUB_OFFLINE=1 $(BIN)/lmforge generate "$(PROMPT)" --max-new-tokens 64
 
+# The default run: every test but those marked `real` (the embedded 135M weights, compiles; minutes each).
 test: venv
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
-
-test-fast: venv
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not real"
+
+# The heavier tests on real weights; CI runs them after `make test`.
+test-real: venv
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m real
+
+test-all: venv
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 lint: venv
 	$(BIN)/ruff check src tests bench
