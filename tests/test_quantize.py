@@ -214,7 +214,7 @@ def test_quantize_saves_a_folder_that_reloads_bit_exactly(tiny_lm_dirs, tmp_path
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["quantization"]["method"] == method and "layout" in cfg["quantization"]
     assert {"model.safetensors", "tokenizer.json", "config.json"} <= {p.name for p in out.iterdir()}
-    a, b = lmforge.load(out), lmforge.load(out)
+    a, b = lmforge.load(out, dtype="float32"), lmforge.load(out, dtype="float32")  # (auto: bfloat16)
     kind = Int8Linear if method == "int8" else Int4Linear
     layers = [m for m in a.model.modules() if type(m) is kind]  # the blocks' (the head is an Int8Head)
     assert len(layers) == 2 * 7 and not any(isinstance(m, nn.Linear) and m is not a.model.lm_head
@@ -348,7 +348,7 @@ def test_a_gguf_q4_1_model_loads_as_int4_layers_without_requantising(tmp_path):
     from lmforge.lm import read_checkpoint
 
     path = F.write_tiny_gguf(tmp_path / "m.gguf", F.tiny_weights(seed=4), qtypes=F.QT.Q4_1)  # q/k rows permuted
-    fp, q = lmforge.load(path), lmforge.load(path, quantize="int4", quantize_head="none")
+    fp, q = lmforge.load(path), lmforge.load(path, quantize="int4", quantize_head="none", dtype="float32")
     ref = read_checkpoint(path).state_dict
     layers = {n: m for n, m in q.model.named_modules() if isinstance(m, Int4Linear)}
     assert len(layers) == 2 * 7 and all(m.group_size == 32 for m in layers.values())
@@ -375,3 +375,19 @@ def test_the_fast_dequantisation_equals_the_documented_one_bit_for_bit(g):
     want = dequantize_codes(codes, scales, zeros, g)
     assert torch.equal(dequantize_packed(pack_codes(codes), scales, zeros, g), want)
     assert torch.equal(Int4Linear.from_codes(codes, scales, zeros, g).weight, want)
+
+
+def test_auto_dtype_is_bfloat16_for_quantised_weights_on_cpu(tiny_lm_dirs, tmp_path):
+    """torch's packed int8/int4 CPU kernels are vectorised for bfloat16 only (float32 runs a scalar loop: an int4
+    folder decoded 5.3 tok/s in float32 against 20.2 for its float32 source, bench/optimize.py 2026-12-01), so
+    ``auto`` gives quantised models bfloat16 activations; float models stay float32 and an explicit dtype wins."""
+    import lmforge
+    from lmforge.lm import resolve_dtype
+
+    assert resolve_dtype("auto", "cpu") is torch.float32 and resolve_dtype(None, "cpu", True) is torch.bfloat16
+    assert resolve_dtype("float32", "cpu", True) is torch.float32
+    d = tiny_lm_dirs["plain"]
+    assert lmforge.load(d).model.lm_head.weight.dtype is torch.float32
+    for q in ("int8", "int4"):
+        assert lmforge.load(d, quantize=q, dtype="float32").model.model.norm.weight.dtype is torch.float32
+        assert lmforge.load(d, quantize=q).model.model.norm.weight.dtype is torch.bfloat16

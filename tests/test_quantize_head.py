@@ -57,8 +57,8 @@ def test_packed_head_equals_the_dequantised_matmul(kind, dtype):
 def test_a_tied_embedding_reads_the_quantised_rows_and_drops_its_float_table(tied_dir, head):
     import lmforge
 
-    fp = lmforge.load(tied_dir, quantize="int4", quantize_head="none")
-    q = lmforge.load(tied_dir, quantize="int4", quantize_head=head)
+    fp = lmforge.load(tied_dir, quantize="int4", quantize_head="none", dtype="float32")
+    q = lmforge.load(tied_dir, quantize="int4", quantize_head=head, dtype="float32")
     assert isinstance(q.model.lm_head, Int8Head if head == "int8" else Int4Head)
     emb = q.model.model.embed_tokens
     assert isinstance(emb, HeadEmbedding) and emb.head is q.model.lm_head
@@ -125,7 +125,7 @@ def test_quantize_head_saves_and_reloads_bit_exactly(tied_dir, tmp_path, capsys,
         keys = set(f.keys())
     assert ("lm_head.qweight" in keys) == (head != "none")
     assert ("model.embed_tokens.weight" in keys) == (head == "none")  # tied: the head's codes are the one copy
-    a, b = lmforge.load(out), lmforge.load(out)
+    a, b = lmforge.load(out, dtype="float32"), lmforge.load(out, dtype="float32")  # (auto: bfloat16)
     assert torch.equal(_logits(a.model, IDS), _logits(b.model, IDS))
     mem = lmforge.load(tied_dir)  # quantising in memory gives the very same model: saving changes nothing
     quantize_model(mem.model, "int4", 32, algorithm="rtn", head=head)

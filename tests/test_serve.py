@@ -232,7 +232,7 @@ def test_int8_serving_quantises_and_stays_close(tiny_lm_dirs):
     import torch
 
     fp32 = load_for_serving(str(tiny_lm_dirs["chat"]))
-    int8 = load_for_serving(str(tiny_lm_dirs["chat"]), quantize="int8")
+    int8 = load_for_serving(str(tiny_lm_dirs["chat"]), quantize="int8", dtype="float32")  # (auto: bfloat16)
     assert any(isinstance(m, Int8Linear) for m in int8.model.modules())
     assert model_bytes(int8.model) < 0.6 * model_bytes(fp32.model)
     ids = torch.tensor([fp32.encode(_chat("What is the capital of France?"))])

@@ -51,7 +51,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "its rows)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: %(default)s)")
     p.add_argument("--dtype", default="auto",
-                   help="float32 | bfloat16 | float16 | auto (bfloat16 on GPU, float32 on CPU; default: auto)")
+                   help="float32 | bfloat16 | float16 | auto (bfloat16 on GPU and for int8/int4 weights, else "
+                        "float32 on CPU; default: auto)")
 
 
 def add_speed_args(p: argparse.ArgumentParser) -> None:

@@ -122,7 +122,7 @@ class EvalConfig:
     device: str = option("cpu", group=_MODEL)
     """cpu, cuda, cuda:1, ..."""
     dtype: str = option("auto", group=_MODEL)
-    """float32 | bfloat16 | float16 | auto (bfloat16 on GPU, float32 on CPU)."""
+    """float32 | bfloat16 | float16 | auto (bfloat16 on GPU and for int8/int4 weights, else float32 on CPU)."""
     max_new_tokens: int = option(128, min=1, flags=("-n",), group=_GEN)
     """Most tokens to generate."""
     temperature: float = option(0.0, min=0.0, flags=("-t",), group=_GEN)
