@@ -1,8 +1,7 @@
 """Continuous batching: one scheduler thread decodes every running request in the same forward pass.
 
-This module owns ``Engine`` (a bounded waiting queue, a scheduler thread, one batched KV cache)
-and ``Sequence`` (one generation: prompt ids, sampling settings, stop strings and a callback
-that receives text pieces and the end). It knows nothing about HTTP.
+This module owns ``Engine`` (a bounded waiting queue, a scheduler thread, one batched KV cache); a request is a
+``deploy.requests.Sequence``. It knows nothing about HTTP.
 
 The cache layout. Each layer's cache is (slots, n_kv_head, width, head_dim); the running
 sequences occupy rows [0, n). All rows share one timeline of columns: a decode step writes the
@@ -28,13 +27,10 @@ With ``compile=True`` a decode step runs the static-shape step of ``generation.f
 timeline rounded up to ``fast.WIDTH_STEP``: each (nb, W) is compiled once (the time on stderr) and the rows past
 the running ones compute on throwaway inputs in free slots. Models the static step does not cover decode eagerly.
 
-A sequence may ask for logprobs (``Sequence(logprobs=k)``): each sampled token's log-probability and the k
-likeliest alternatives, from the raw logits (before temperature and the other sampling settings), sent as
-"logprob" events. A sequence may carry structured output (``Sequence(constraint=...)``, a
-``generation.constrained.ConstraintState`` of its own): its mask is applied to its row's logits before sampling
-(greedy or sampled), each token advances it, and the row ends with "stop" once its output is complete and
-nothing else may follow. One engine serves one model: the server runs one per LoRA adapter, so a batch never mixes
-adapters.
+A sequence's logprobs and structured output (``deploy.requests``): the engine sends each sampled token's
+``token_logprobs`` as a "logprob" event, applies the sequence's constraint mask to its row's logits before
+sampling, and ends the row with "stop" once the constrained output is complete. One engine serves one model: the
+server runs one per LoRA adapter, so a batch never mixes adapters.
 
     engine = Engine(lm.model, lm.tokenizer, lm.eos_ids, max_batch=16, max_queue=64).start()
     engine.submit([Sequence(ids, 32, SamplingParams(), on_event=callback)])
@@ -45,90 +41,20 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable
 from collections.abc import Sequence as Seq
-from typing import Any
 
 import torch
 
+from lmforge.deploy.requests import EngineBusy, Sequence, token_logprobs
 from lmforge.errors import LmforgeError
-from lmforge.generation.constrained import ConstraintState
 from lmforge.generation.generate import TextStream
-from lmforge.generation.sampling import SamplingParams, check_seed, sample_next
+from lmforge.generation.sampling import sample_next
 from lmforge.peft.prompt_tuning import PromptTunedLM
 
 log = logging.getLogger("lmforge.serve")
 
-# on_event(seq, kind, value): kind "text" (value: the new text), "logprob" (value: a ``TokenLogprob``, sent
-# before the text of that token, only when the sequence asked for logprobs), "done" (value: finish reason
-# "stop" | "length" | "cancelled") or "error" (value: a message). Called on the engine thread.
-EventCallback = Callable[["Sequence", str, Any], None]
-
-# (token id, its log-probability, [(id, log-probability) of the k likeliest tokens]): the model's own
-# distribution, log_softmax of the raw logits, before temperature, top-k/top-p and repetition penalty.
-# A prompt's first token, which nothing predicts, has (id, None, None).
-TokenLogprob = tuple[int, float | None, list[tuple[int, float]] | None]
-
-
-def token_logprobs(logits: torch.Tensor, tokens: Seq[int], k: int) -> list[TokenLogprob]:
-    """logits (T, V) and the token chosen at each of the T positions -> one ``TokenLogprob`` each."""
-    lp = torch.log_softmax(logits.float(), dim=-1)
-    chosen = lp.gather(1, torch.tensor(list(tokens), device=lp.device)[:, None])[:, 0].tolist()
-    if k:
-        values, ids = lp.topk(min(k, lp.shape[-1]), dim=-1)
-        tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
-    else:
-        tops = [[] for _ in chosen]
-    return [(int(t), c, top) for t, c, top in zip(tokens, chosen, tops)]
-
-
 def _failure(e: Exception) -> str:
     return f"generation failed: {type(e).__name__}: {e}"
-
-
-@torch.inference_mode()
-def prompt_logprobs(model: torch.nn.Module, ids: Seq[int], k: int) -> list[TokenLogprob]:
-    """Teacher-forced logprobs of a prompt's tokens (one forward pass, no cache): ``(id, None, None)`` for the
-    first token, which nothing predicts, then each token's logprob given the ones before it (``echo`` with
-    ``logprobs``). Safe beside the engine thread: a plain forward pass changes no state of the model."""
-    device = next(model.parameters()).device
-    idx = torch.tensor([list(ids)], dtype=torch.long, device=device)
-    logits = model(idx)[0, :-1]  # (T - 1, V): position t predicts token t + 1
-    return [(int(ids[0]), None, None), *(token_logprobs(logits, ids[1:], k) if len(ids) > 1 else [])]
-
-
-class EngineBusy(RuntimeError):
-    """The waiting queue is full: the caller should answer 503 and let the client retry."""
-
-
-class Sequence:
-    """One generation request as the engine sees it."""
-
-    def __init__(self, prompt_ids: Seq[int], max_new_tokens: int, params: SamplingParams = SamplingParams(), *,
-                 stop: Seq[str] = (), seed: int | None = None, on_event: EventCallback | None = None,
-                 index: int = 0, logprobs: int | None = None, constraint: ConstraintState | None = None):
-        check_seed(seed)
-        self.constraint = constraint  # structured output: this sequence's own state, or None
-        self.logprobs = logprobs  # None: no logprobs; k: each sampled token's logprob and the top k
-        self.prompt_ids = list(prompt_ids)
-        self.max_new_tokens, self.params, self.stop, self.seed = max_new_tokens, params, list(stop), seed
-        self.on_event, self.index = on_event, index
-        self.token_ids: list[int] = []  # every sampled token, EOS included (the usage count)
-        self.text = ""
-        self.finish_reason: str | None = None
-        self.cancelled = False
-        self.done = threading.Event()
-
-    def _emit(self, kind: str, value: Any) -> None:
-        if kind == "done":
-            self.finish_reason = value
-        if self.on_event is not None:
-            try:
-                self.on_event(self, kind, value)
-            except Exception:  # a closed event loop or a gone client must not stop the engine
-                log.exception("event callback failed")
-        if kind in ("done", "error"):
-            self.done.set()
 
 
 class _Row:

@@ -13,7 +13,7 @@ loop through ``loop.call_soon_threadsafe`` and are turned into the answer (one J
 
 Several models can be served: the base, LoRA adapters on it (``adapters``; a request's ``model`` picks one,
 each has its own ``Engine`` so batches hold one adapter's rows) and an encoder for ``/v1/embeddings``.
-Logprobs come from the engine (sampled tokens) or ``batching.prompt_logprobs`` (an echoed prompt, scored in
+Logprobs come from the engine (sampled tokens) or ``requests.prompt_logprobs`` (an echoed prompt, scored in
 a worker thread); ``metrics.py`` counts requests, tokens and latencies for ``/metrics``.
 
 With an API key set, every request but the static page ``/`` and ``/health`` (``/metrics`` included) must carry
@@ -46,7 +46,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lmforge.deploy.batching import Engine, Sequence, prompt_logprobs
+from lmforge.deploy.batching import Engine, Sequence
 from lmforge.deploy.guards import MAX_BODY_BYTES, ApiKeyCheck, BodyLimit, http_protocol
 from lmforge.deploy.metrics import Metrics, MetricsMiddleware
 from lmforge.deploy.protocol import (
@@ -60,6 +60,7 @@ from lmforge.deploy.protocol import (
     error_body,
     model_card,
 )
+from lmforge.deploy.requests import prompt_logprobs
 from lmforge.deploy.responses import Reply, respond
 from lmforge.deploy.serve_config import READ_TIMEOUT_S, ServeConfig
 from lmforge.deploy.tools import ToolPlan, forced_call_states, render_prompt, tool_plan
