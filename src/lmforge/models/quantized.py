@@ -158,35 +158,36 @@ DEFAULT_HEAD = "int8"  # the head's quantisation when none is named (measurement
 HEAD_GROUP_SIZE = 64  # an int4 head's group when the blocks give none (int8 blocks)
 
 
-def _bf16_decode(layer: Int8Linear | Int4Linear, x: torch.Tensor, float_from_rows: int) -> bool:
-    """Whether a head call on float32/float16 input should run the packed kernel in bfloat16: torch's int8/int4 CPU
-    kernels are slow outside bfloat16 at the head's width (module docstring), so decode rows are rounded to
-    bfloat16 for the kernel and the logits cast back."""
-    return (x.dtype in (torch.float32, torch.float16) and x.device.type == "cpu"
-            and layer.qweight.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad)
-            and x.numel() // layer.in_features < float_from_rows)
+class _Bf16DecodeHead:
+    """A quantised LM head (mixed in before ``Int8Linear``/``Int4Linear``): a decode call on float32/float16 input
+    runs the packed kernel in bfloat16, because torch's int8/int4 CPU kernels are slow outside bfloat16 at the
+    head's width (module docstring); the rows are rounded to bfloat16 for the kernel and the logits cast back.
+    ``float_from_rows``: the row count from which the layer takes its float path anyway."""
 
-
-class Int8Head(Int8Linear):
-    """The LM head as an ``Int8Linear``; decode calls in float32/float16 run the kernel in bfloat16."""
+    float_from_rows: int
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _bf16_decode(self, x, INT8_FLOAT_FROM_ROWS[torch.bfloat16]):
+        if (x.dtype in (torch.float32, torch.float16) and x.device.type == "cpu"
+                and self.qweight.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad)
+                and x.numel() // self.in_features < self.float_from_rows):
             return super().forward(x.to(torch.bfloat16)).to(x.dtype)
         return super().forward(x)
+
+
+class Int8Head(_Bf16DecodeHead, Int8Linear):
+    """The LM head as an ``Int8Linear``; decode calls in float32/float16 run the kernel in bfloat16."""
+
+    float_from_rows = INT8_FLOAT_FROM_ROWS[torch.bfloat16]
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """The dequantised rows ``ids`` (n,) of the weight: (n, in), in the scale's dtype."""
         return self.qweight[ids].to(self.scale.dtype) * self.scale[ids]
 
 
-class Int4Head(Int4Linear):
+class Int4Head(_Bf16DecodeHead, Int4Linear):
     """The LM head as an ``Int4Linear`` (group-wise); decode calls in float32/float16 run the kernel in bfloat16."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _bf16_decode(self, x, FLOAT_FROM_ROWS[torch.bfloat16]):
-            return super().forward(x.to(torch.bfloat16)).to(x.dtype)
-        return super().forward(x)
+    float_from_rows = FLOAT_FROM_ROWS[torch.bfloat16]
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """The dequantised rows ``ids`` (n,) of the weight: (n, in), float32."""
