@@ -170,6 +170,7 @@ def test_nproc_reports_a_failed_job_in_one_line_with_status_2(pretrain, tmp_path
     for noise in ("Traceback", "ChildFailedError", "elastic", "Root Cause"):
         assert noise not in err, err[-3000:]
     assert all(line.startswith("error") for line in err.splitlines() if "rank" in line), err[-3000:]
+    assert "step/s" not in err, "the split is checked before any progress bar is drawn: " + err[-3000:]
 
 
 def test_a_dead_rank_ends_the_job_and_resume_continues(pretrain, tmp_path):
@@ -259,6 +260,8 @@ def test_a_rank_whose_peer_is_gone_reports_one_line(monkeypatch, capsys):
     monkeypatch.setattr(verbs, "cmd_pretrain", raises(gone))
     assert main(["pretrain", "--corpus", "c.txt"]) == 1
     err = capsys.readouterr().err
+    assert err.startswith("\n"), "a rank other than 0 starts a line of its own (rank 0's progress bar may hold one)"
+    err = err[1:]
     assert err.startswith("error (rank 1/2): another rank stopped or cannot be reached, so this one stops too "
                           "([../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer")
     assert len(err.splitlines()) == 1

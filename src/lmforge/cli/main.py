@@ -425,7 +425,9 @@ def main(argv: list[str] | None = None) -> int:
                 quiet.enter_context(contextlib.redirect_stderr(devnull))
             return args.func(args)
     except LmforgeError as e:
-        print(f"error{f' (rank {rank}/{world})' if world > 1 else ''}: {e}", file=sys.stderr)
+        # another rank's open progress bar may hold the current line: a rank's error starts a line of its own
+        lead = "\n" if rank != 0 else ""
+        print(f"{lead}error{f' (rank {rank}/{world})' if world > 1 else ''}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(file=sys.stderr)
@@ -441,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
             reason = lost_peer(e)
         if reason is None:
             raise
-        print(f"error (rank {rank}/{world}): {reason}", file=sys.stderr)
+        print(f"{chr(10) if rank != 0 else ''}error (rank {rank}/{world}): {reason}", file=sys.stderr)
         return 1
 
 

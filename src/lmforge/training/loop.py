@@ -195,6 +195,10 @@ def train(model: nn.Module, step_fn: StepFn, batches: BatchSource, cfg: TrainCon
     device = torch.device("cuda", torch.cuda.current_device()) if cfg.cpu_offload else next(model.parameters()).device
     device_type = device.type
     shards = ShardedBatches(batches, dist.rank, dist.world) if dist.enabled else None
+    if shards is not None:  # a batch size the ranks cannot split fails now, before any progress bar is drawn
+        position = batches.state_dict()
+        shards.next_shard()
+        batches.load_state_dict(position)
 
     def autocast():
         return precision_autocast(cfg.precision, device_type)
