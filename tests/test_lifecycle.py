@@ -127,6 +127,53 @@ def test_a_changed_adapt_section_reruns_adapt_and_the_stages_after_it_only(tiny_
     assert lines[2].startswith("[3/4] skip align") and lines[3].startswith("[4/4] evaluate: running (forced")
 
 
+SMALL = {"steps": 2, "batch_size": 2, "max_len": 64, "log_every": 1, "save_every": 1}
+
+
+def test_optimise_distils_and_prunes_the_final_model_and_scores_them_beside_it(tiny_lm_dirs, task_files, tmp_path):
+    """optimise's distil section trains a 1-block student from the adapted model, its prune section drops to 1
+    block by block influence and heal distils the pruned model: each is a row of optimise's table (a real model
+    folder with that many blocks, scored and timed); a re-run skips the stage."""
+    path = recipe(tmp_path, task_files, tiny_lm_dirs["chat"], stages=["select", "adapt", "optimise"],
+                  optimise={"quantize": [], "distil": {"student_layers": 1, **SMALL},
+                            "prune": {"keep_layers": 1, "samples": 2, "seq_len": 16}, "heal": SMALL})
+    records, lines = run(path)
+    out = tmp_path / "out" / "optimise"
+    rows = records["optimise"]["table"]["rows"]
+    assert [r[0] for r in rows] == ["float32", "distilled (1 blocks)", "pruned (1 blocks) + healed"]
+    assert all(r[1] > 0 and r[2] > 0 and r[3] is not None for r in rows)
+    assert rows[1][1] < rows[0][1] and rows[2][1] < rows[0][1]  # fewer blocks, less weight memory
+    for folder in (out / "distil" / "final", out / "pruned", out / "heal" / "final"):
+        assert json.loads((folder / "config.json").read_text(encoding="utf-8"))["num_hidden_layers"] == 1
+    assert json.loads((out / "pruned" / "prune.json").read_text(encoding="utf-8"))["method"] == "layers"
+    assert (out / "calibration.txt").read_text(encoding="utf-8").startswith("Summarize: A: the")
+    assert any("optimise: distilling (heal)" in line for line in lines)
+    _, again = run(path)
+    assert again[-1].startswith("[3/3] skip optimise: unchanged")
+
+
+def test_optimise_distil_and_prune_refuse_bad_sections_and_an_adapter(tiny_lm_dirs, task_files, tmp_path, capsys):
+    model = tiny_lm_dirs["chat"]
+    stages = ["select", "adapt", "optimise"]
+    path = recipe(tmp_path, task_files, model, stages=stages, optimise={"heal": SMALL})
+    assert "optimise.heal: heals the pruned model: add a prune section" in _fails(["lifecycle", str(path)], capsys)
+    path = recipe(tmp_path, task_files, model, stages=stages, optimise={"distil": {"student_layerz": 1}})
+    err = _fails(["lifecycle", str(path)], capsys)
+    assert "optimise.distil.student_layerz: unknown key; did you mean 'student_layers'?" in err
+    path = recipe(tmp_path, task_files, model, stages=stages, optimise={"distil": {"teacher": "x", **SMALL}})
+    assert "optimise.distil.teacher: is set by the lifecycle" in _fails(["lifecycle", str(path)], capsys)
+    path = recipe(tmp_path, task_files, model, stages=stages, optimise={"prune": {"samples": 2}})
+    assert "optimise.prune" in _fails(["lifecycle", str(path)], capsys)
+    assert not (tmp_path / "out").exists()
+    path = recipe(tmp_path, task_files, model, stages=stages, optimise={"quantize": [],
+                                                                          "distil": {"student_layers": 1, **SMALL}},
+                  adapt={"method": "lora", "steps": 1, "batch_size": 2, "max_len": 64, "eval_generate": 0,
+                         "eval_examples": 2})
+    err = _fails(["lifecycle", str(path)], capsys)
+    assert "optimise.distil: teaches from the final model's whole weights, but adapt.method is lora" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_lifecycle_killed_inside_adapt_resumes_there(tiny_lm_dirs, task_files, tmp_path):
     adapt = {"method": "full", "steps": 12, "batch_size": 2, "max_len": 64, "eval_generate": 0, "eval_examples": 2,
              "save_every": 1, "log_every": 1}

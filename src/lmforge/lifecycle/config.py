@@ -36,6 +36,7 @@ OPTIONAL_STAGES = ("align", "optimise")  # run only when the recipe has their se
 ADAPT_FILLED = ("train", "dev", "prompt_template", "prompt_field", "response_field", "model", "adapter", "out_dir")
 ALIGN_FILLED = ("model", "adapter", "out_dir")
 SERVE_FILLED = ("model", "adapter", "host", "port")
+DISTIL_FILLED = ("teacher", "train", "dev", "prompt_template", "prompt_field", "response_field", "out_dir")
 
 
 class SectionError(LmforgeError):
@@ -183,18 +184,47 @@ class Evaluate:
 
 
 @dataclass
+class Prune:
+    """Drop whole blocks of the final model (lmforge prune --method layers: the blocks of lowest block influence,
+    scored on the task's training text)."""
+
+    keep_layers: int = option(min=1)
+    """Blocks kept (required)."""
+    samples: int = option(16, min=1)
+    """Calibration windows scored."""
+    seq_len: int = option(256, min=8)
+    """Tokens per calibration window."""
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+@dataclass
 class Optimise:
-    """Weight-only quantisation of the final model, scored like evaluate."""
+    """Smaller and faster versions of the final model, scored like evaluate beside it: weight-only quantisation,
+    a distilled student with fewer blocks, and the model pruned by blocks (then healed by distillation)."""
 
     quantize: tuple[Literal["int8", "int4"], ...] = ("int8",)
     """The schemes tried (lmforge.load's quantize: int8 per-row, int4 group-wise)."""
     limit: int | None = option(None, min=1)
     """Examples scored (none: evaluate's limit)."""
+    distil: dict[str, Any] | None = None
+    """A student taught by the final model: lmforge distill settings (student_layers or student, steps, lr,
+    batch_size, limit, top_k, alpha, ...; the teacher, data, prompt and out_dir are filled in). None: none."""
+    prune: Prune | dict[str, Any] | None = None
+    """Prune the final model by blocks: keep_layers, samples, seq_len. None: no pruning."""
+    heal: dict[str, Any] | None = None
+    """With prune: lmforge distill settings that heal the pruned model, taught by the final model (steps, lr,
+    ...; the student is the pruned model). None: the pruned model is scored as it is."""
 
     def __post_init__(self) -> None:
         validate(self)
-        if not self.quantize:
-            raise LmforgeError("quantize: give at least one of int8, int4")
+        if not self.quantize and self.distil is None and self.prune is None:
+            raise LmforgeError("quantize: give at least one of int8, int4 (or a distil or prune section)")
+        if self.prune is not None and not isinstance(self.prune, Prune):
+            self.prune = build_section(Prune, self.prune, ("prune",))
+        if self.heal is not None and self.prune is None:
+            raise SectionError(("heal",), "heals the pruned model: add a prune section (keep_layers), or remove heal")
 
 
 @dataclass
@@ -244,7 +274,7 @@ class LifecycleConfig:
     evaluate: Evaluate | dict[str, Any] = option(default_factory=dict, cli=False)
     """evaluate: split (test | dev), limit."""
     optimise: Optimise | dict[str, Any] | None = option(None, cli=False)
-    """optimise (optional): quantize (int8, int4), limit."""
+    """optimise (optional): quantize (int8, int4), limit, distil (a student), prune + heal."""
     deploy: Deploy | dict[str, Any] = option(default_factory=dict, cli=False)
     """deploy: serve (ServeConfig keys), prompt, max_tokens, startup_timeout."""
 
@@ -283,10 +313,22 @@ class LifecycleConfig:
 
     def check_sections(self) -> None:
         """Build the reused configs once with placeholder values, so a bad key fails before anything runs."""
-        self.finetune_config(model=None, adapter=None, out_dir=Path("."))
+        final = self.finetune_config(model=None, adapter=None, out_dir=Path("."))
         if self.align is not None:
-            self.dpo_config(model=None, adapter=None, out_dir=Path("."))
+            aligned = self.dpo_config(model=None, adapter=None, out_dir=Path("."))
+            final = aligned if "align" in self.enabled() else final
         self.serve_config(model="placeholder", adapter=None, port=0)
+        if self.optimise is not None:
+            taught = [k for k in ("distil", "prune") if getattr(self.optimise, k) is not None]
+            if taught and final.method != "full":
+                stage = "adapt" if final.recipe == "finetune" else "align"
+                raise SectionError(("optimise", taught[0]), f"teaches from the final model's whole weights, but "
+                                   f"{stage}.method is {final.method} (an adapter): use method: full there, or "
+                                   "remove optimise's distil and prune")
+            if self.optimise.distil is not None:
+                self.distill_config("distil", teacher="placeholder", out_dir=Path("."))
+            if self.optimise.heal is not None:
+                self.distill_config("heal", teacher="placeholder", out_dir=Path("."), student="placeholder")
 
     def enabled(self) -> tuple[str, ...]:
         """The stages this recipe runs by default, in order."""
@@ -311,6 +353,20 @@ class LifecycleConfig:
         if cfg.data is None:
             raise SectionError(("align", "data"), "the preference pairs file is required")
         return cfg
+
+    def distill_config(self, section: Literal["distil", "heal"], *, teacher: str, out_dir: Path,
+                       student: str | None = None):
+        """The ``DistillConfig`` of ``optimise.distil`` or ``optimise.heal`` (whose student is the pruned model):
+        the task's data and prompt, taught by ``teacher``."""
+        from lmforge.training.distill import DistillConfig
+
+        t, keys = self.task, ("optimise", section)
+        mapping = {"device": self.device, **getattr(self.optimise, section)}
+        filled = DISTIL_FILLED + (("student", "student_layers") if student is not None else ())
+        given = {"student": student} if student is not None else {}
+        return build_section(DistillConfig, mapping, keys, filled=filled, teacher=teacher, train=(t.train,),
+                             dev=(t.dev,) if t.dev else (), prompt_template=t.prompt_template,
+                             prompt_field=t.input_field, response_field=t.response_field, out_dir=out_dir, **given)
 
     def serve_config(self, *, model: str, adapter: str | Path | None, port: int):
         from lmforge.deploy.serve_config import ServeConfig

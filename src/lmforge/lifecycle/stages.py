@@ -246,10 +246,11 @@ def _metrics(results) -> list[str]:
 # ----------------------------------------------------------------------------- adapt / align
 def _claim_run(run_dir: Path, d: Path, h: str) -> dict[str, bool]:
     """resume=True when ``run_dir`` holds a checkpoint of this very stage hash (a killed run), else overwrite an
-    earlier run there (its settings changed). ``d/pending.json`` records the hash the run was started with."""
+    earlier run there (its settings changed). ``d/pending.json`` (``d/pending-NAME.json`` for the other runs of a
+    stage, ``run_dir`` = ``d/NAME``) records the hash the run was started with."""
     from lmforge.io import read_json_object, write_json_atomic
 
-    pending = d / "pending.json"
+    pending = d / ("pending.json" if run_dir.name == "run" else f"pending-{run_dir.name}.json")
     try:
         same = read_json_object(pending).get("hash") == h
     except (LmforgeError, OSError, ValueError):
@@ -334,13 +335,70 @@ def run_evaluate(ctx: Context, d: Path) -> dict:
             "reports": [str((d / "compare" / "report.md").relative_to(ctx.out))]}
 
 
-def run_optimise(ctx: Context, d: Path) -> dict:
-    """The final model in float32 and with each quantisation scheme (compare settings with ``quantize``), scored
-    like evaluate, with weight memory and decode speed."""
+def calibration_file(ctx: Context, path: Path, n: int = 64) -> Path:
+    """The first ``n`` training records as prompt + response text (what pruning scores the blocks on)."""
+    from lmforge.data.records import load_records, render, text_field
+
+    t = ctx.cfg.task
+    parts = []
+    for r in load_records(t.train)[:n]:
+        prompt = text_field(r, t.input_field, "task.input_field") if t.input_field else render(t.prompt_template, r)
+        parts.append(prompt + text_field(r, t.response_field, "task.response_field"))
+    write_text_atomic(path, "\n\n".join(parts) + "\n")
+    return path
+
+
+def _smaller_models(ctx: Context, d: Path, h: str, final: dict[str, Any]) -> list[Setting]:
+    """optimise's distil and prune sections: the distilled student and the pruned (and healed) model, each a
+    compare setting. Both are taught by the final model, which must be whole weights (not an adapter)."""
+    from lmforge.training.distill import distill
+
+    opt, settings = ctx.cfg.optimise, []
+    if (opt.distil is not None or opt.prune is not None) and final["adapter"] is not None:
+        raise LmforgeError("optimise.distil / optimise.prune teach from the final model's whole weights, but it is "
+                           f"a PEFT adapter ({final['adapter']}): use adapt.method: full, or remove those sections")
+    teacher = final["model"]
+
+    def taught(section: str, run_dir: Path, student: str | None = None) -> str:
+        cfg = ctx.cfg.distill_config(section, teacher=teacher, out_dir=run_dir, student=student)
+        how = _claim_run(run_dir, d, h)
+        ctx.log(f"  optimise: distilling ({section}){' - resuming from its checkpoint' if how.get('resume') else ''}")
+        return distill(cfg, **how)["out_dir"]
+
+    if opt.distil is not None:
+        student = taught("distil", d / "distil")
+        settings.append(_setting(f"distilled ({_blocks(student)} blocks)", {"model": student, "adapter": None}))
+    if opt.prune is not None:
+        from lmforge.training.prune import prune
+
+        p = opt.prune
+        ctx.log(f"  optimise: pruning to {p.keep_layers} blocks")
+        prune(teacher, d / "pruned", "layers", keep_layers=p.keep_layers, seq_len=p.seq_len, samples=p.samples,
+              calibration=calibration_file(ctx, d / "calibration.txt"), force=True)
+        pruned = str(d / "pruned")
+        if opt.heal is not None:
+            pruned = taught("heal", d / "heal", student=pruned)
+        settings.append(_setting(f"pruned ({p.keep_layers} blocks){' + healed' if opt.heal else ''}",
+                                 {"model": pruned, "adapter": None}))
+    return settings
+
+
+def _blocks(model: str | Path) -> int:
+    from lmforge.io import read_json_object
+
+    config = read_json_object(Path(model) / "config.json")
+    return int(next(config[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if k in config))
+
+
+def run_optimise(ctx: Context, d: Path, h: str) -> dict:
+    """The final model in float32, with each quantisation scheme (compare settings with ``quantize``), and the
+    distilled / pruned models of the distil and prune sections, scored like evaluate, with weight memory and
+    decode speed."""
     final, opt = latest_model(ctx), ctx.cfg.optimise
     data, split = scored_data(ctx, ctx.cfg.evaluate.split)
     settings = [dataclasses.replace(_setting(scheme or "float32", final), quantize=scheme)
                 for scheme in (None, *opt.quantize)]
+    settings += _smaller_models(ctx, d, h, final)
     facts: dict[tuple, dict] = {}
     cc = compare_config(ctx, data, settings, d / "compare", opt.limit or ctx.cfg.evaluate.limit,
                         f"optimise {final['label']} on {split}")
@@ -352,7 +410,7 @@ def run_optimise(ctx: Context, d: Path) -> dict:
     ref = rows[0][3]
     words = [f"{row[0]}: {row[1]:g} MB, {row[2]:g} tokens/s, {metric} {_fmt(row[3])}"
              + (f" ({(row[3] - ref):+.4g})" if row[3] is not None and ref is not None else "") for row in rows[1:]]
-    return {"outputs": {"schemes": list(opt.quantize)},
+    return {"outputs": {"schemes": list(opt.quantize), "models": [s.label for s in settings[1:]]},
             "table": {"header": ["weights", "weights (MB)", "decode tokens/s", metric], "rows": rows},
             "decision": f"{final['label']} against float32 on {split}: " + "; ".join(words),
             "charts": {metric: [[row[0] for row in rows], [row[3] for row in rows]]},
@@ -440,6 +498,6 @@ def run_deploy(ctx: Context, d: Path) -> dict:
 
 RUNNERS: dict[str, Callable[..., dict]] = {
     "select": lambda ctx, d, h: run_select(ctx, d), "adapt": run_adapt, "align": run_align,
-    "evaluate": lambda ctx, d, h: run_evaluate(ctx, d), "optimise": lambda ctx, d, h: run_optimise(ctx, d),
+    "evaluate": lambda ctx, d, h: run_evaluate(ctx, d), "optimise": run_optimise,
     "deploy": lambda ctx, d, h: run_deploy(ctx, d),
 }
