@@ -7,7 +7,7 @@ float32 (or --precision bf16 autocast), on the same batch of --batch rows. Two k
   --data dialogsum (default)  the job LoRA is for: the first --batch DialogSum train dialogues in the
                chat template with lmforge's SFT pipeline (prompt tokens labelled -100, right padding,
                truncated to --seq-len). Each engine computes its own standard SFT loss: lmforge's
-               ``training.sft.decoder_sft_loss`` (the LM head runs only where a label follows), peft's
+               ``training.sft_losses.decoder_sft_loss`` (the LM head runs only where a label follows), peft's
                ``model(input_ids, attention_mask, labels).loss`` (transformers' loss over all logits).
   --data random  --batch x --seq-len random tokens, every position labelled, cross-entropy computed the
                same way outside both models: the same arithmetic on both sides.
@@ -90,7 +90,7 @@ def build(case: str, model_dir: str):
     from lmforge.checkpoints.hf import read_hf_dir
     from lmforge.checkpoints.resolve import build_model
     from lmforge.peft.lora import LoraSpec, add_lora
-    from lmforge.training.sft import decoder_sft_loss
+    from lmforge.training.sft_losses import decoder_sft_loss
 
     model = build_model(*read_hf_dir(model_dir)[:2]).train()
     if case == "lmforge-lora":

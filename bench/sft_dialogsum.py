@@ -34,7 +34,7 @@ PROMPT = "Summarize the following conversation.\n\n{dialogue}\n\nSummary: "
 
 def score(model, tokenizer, examples, max_new_tokens: int, batch_size: int) -> dict[str, float]:
     from lmforge.data.sft import SFTBatches
-    from lmforge.training.sft import generate_responses, response_loss, rouge_l
+    from lmforge.training.sft_eval import generate_responses, response_loss, rouge_l
 
     t0 = time.perf_counter()
     model.eval()

@@ -37,7 +37,7 @@ from lmforge.config import preset
 from lmforge.models.decoder import DecoderLM
 from lmforge.training.objectives import linear_cross_entropy
 from lmforge.training.optim import make_optimizer
-from lmforge.training.sft import decoder_sft_loss
+from lmforge.training.sft_losses import decoder_sft_loss
 
 SHAPES = {  # preset, overrides: ~10M and ~1M parameter Llamas, and SmolLM2-135M's shape (random weights)
     "10m": ("tiny-llama", dict(vocab_size=8192, n_layer=6, n_embd=256, n_head=8, n_kv_head=4, intermediate_size=768,

@@ -13,7 +13,9 @@ import lmforge
 from lmforge.cli.training import add_finetune_parser
 from lmforge.data.sft import SFTBatches, load_sft_data, to_record, tokenize_record
 from lmforge.errors import LmforgeError
-from lmforge.training.sft import FinetuneConfig, decoder_logits, decoder_sft_loss, evaluate_sft, finetune, rouge_l
+from lmforge.training.sft import FinetuneConfig, finetune
+from lmforge.training.sft_eval import evaluate_sft, rouge_l
+from lmforge.training.sft_losses import decoder_logits, decoder_sft_loss
 
 
 def run_finetune(model, train, dev=(), **kw):

@@ -67,9 +67,16 @@ def bar_chart(metric: str, labels: Sequence[str], values: Sequence[float | None]
     return buf.getvalue()
 
 
-def _fmt(v) -> str:
+PAGE_STYLE = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
+              "vertical-align:top;white-space:pre-wrap}th{background:#f3f3f3}pre{background:#f7f7f7;padding:8px;"
+              "white-space:pre-wrap}figure{display:inline-block;margin:4px}code{background:#f3f3f3;padding:2px 4px}")
+
+
+def fmt_cell(v, missing: str = "") -> str:
+    """A table cell: floats to 4 significant digits, None as ``missing``."""
     if v is None:
-        return ""
+        return missing
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
@@ -79,10 +86,25 @@ def _md_cell(text: str) -> str:
     return html.escape(str(text)).replace("|", "\\|").replace("\n", "<br>")
 
 
-def _md_table(header: Sequence[str], rows: Sequence[Sequence]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_md_cell(_fmt(c)) for c in row) + " |" for row in rows]
+def md_table(header: Sequence, rows: Sequence[Sequence], missing: str = "") -> list[str]:
+    """A Markdown table's lines (cells escaped; None shown as ``missing``)."""
+    lines = ["| " + " | ".join(_md_cell(fmt_cell(h)) for h in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_md_cell(fmt_cell(c, missing)) for c in row) + " |" for row in rows]
     return lines
+
+
+def html_table(header: Sequence, rows: Sequence[Sequence], missing: str = "") -> str:
+    """An HTML table (cells escaped; None shown as ``missing``)."""
+    e = html.escape
+    head = "".join(f"<th>{e(fmt_cell(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{e(fmt_cell(c, missing))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def html_page(title: str, body: str) -> str:
+    """A self-contained HTML page around ``body``."""
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{PAGE_STYLE}</style></head><body>{body}</body></html>\n")
 
 
 def _tables(results: Sequence) -> tuple[list[str], list[list], list[str], list[list]]:
@@ -166,26 +188,22 @@ def write_report(cfg, results: Sequence, command: str) -> dict[str, Path]:
     notes = [cfg.notes.strip(), ""] if cfg.notes else []
     md = [f"# {title}", "", "Regenerate this report with:", "", "```", command, "```", "", *notes, facts,
           f"Evaluation time: {total:.0f} s in all on {cfg.device} (model loading not included).", "",
-          "## Settings", "", *_md_table(set_header, set_rows), "",
-          "## Metrics", "", *_md_table(metric_header, metric_rows), "",
+          "## Settings", "", *md_table(set_header, set_rows), "",
+          "## Metrics", "", *md_table(metric_header, metric_rows), "",
           metric_note(results), ""]
     deploy = _deployment_table(results)
     note = DEPLOYMENT_NOTE.format(n=getattr(cfg, "decode_tokens", 64))
     if deploy is not None:
-        md += ["## Deployment", "", *_md_table(*deploy), "", note, ""]
+        md += ["## Deployment", "", *md_table(*deploy), "", note, ""]
     md += [f"![{m}](chart_{m}.png)" for m in charts] + [""]
     md += ["## Example outputs", ""]
     for i, ex in enumerate(examples):
         md += [f"### Example {i + 1}", "", "<details><summary>input</summary>", "", "```",
                ex["input"].replace("```", "ʼʼʼ"), "```", "", "</details>", ""]
-        md += _md_table(["", "output"], [["**reference**", ex["reference"] or ""], *ex["outputs"]]) + [""]
+        md += md_table(["", "output"], [["**reference**", ex["reference"] or ""], *ex["outputs"]]) + [""]
     write_text_atomic(out / "report.md", "\n".join(md) + "\n")
 
-    e = html.escape
-    def table(header, rows):
-        head = "".join(f"<th>{e(h)}</th>" for h in header)
-        body = "".join("<tr>" + "".join(f"<td>{e(_fmt(c))}</td>" for c in row) + "</tr>" for row in rows)
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    e, table = html.escape, html_table
     imgs = "".join(f'<figure><img alt="{e(m)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
                    f"</figure>" for m, png in charts.items())
     ex_html = ""
@@ -193,19 +211,13 @@ def write_report(cfg, results: Sequence, command: str) -> dict[str, Path]:
         rows = [["reference", ex["reference"] or ""], *ex["outputs"]]
         ex_html += (f"<h3>Example {i + 1}</h3><details><summary>input</summary><pre>{e(ex['input'])}</pre></details>"
                     + table(["", "output"], rows))
-    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
-             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
-             "vertical-align:top;white-space:pre-wrap}th{background:#f3f3f3}pre{background:#f7f7f7;padding:8px;"
-             "white-space:pre-wrap}figure{display:inline-block;margin:4px}code{background:#f3f3f3;padding:2px 4px}")
-    page = (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{e(title)}</title>"
-            f"<style>{style}</style></head><body><h1>{e(title)}</h1><p>Regenerate this report with:</p>"
-            f"<pre><code>{e(command)}</code></pre>{f'<p>{e(cfg.notes.strip())}</p>' if cfg.notes else ''}"
-            f"<p>{e(facts.replace('`', ''))} Evaluation time: {total:.0f} s on {e(cfg.device)} "
-            f"in all (model loading not included).</p><h2>Settings</h2>{table(set_header, set_rows)}"
-            f"<h2>Metrics</h2>{table(metric_header, metric_rows)}<p>{e(metric_note(results))}</p>"
-            + (f"<h2>Deployment</h2>{table(*deploy)}<p>{e(note)}</p>" if deploy is not None else "")
-            + f"{imgs}<h2>Example outputs</h2>{ex_html}"
-            "</body></html>\n")
+    page = html_page(title, f"<h1>{e(title)}</h1><p>Regenerate this report with:</p>"
+                     f"<pre><code>{e(command)}</code></pre>{f'<p>{e(cfg.notes.strip())}</p>' if cfg.notes else ''}"
+                     f"<p>{e(facts.replace('`', ''))} Evaluation time: {total:.0f} s on {e(cfg.device)} "
+                     f"in all (model loading not included).</p><h2>Settings</h2>{table(set_header, set_rows)}"
+                     f"<h2>Metrics</h2>{table(metric_header, metric_rows)}<p>{e(metric_note(results))}</p>"
+                     + (f"<h2>Deployment</h2>{table(*deploy)}<p>{e(note)}</p>" if deploy is not None else "")
+                     + f"{imgs}<h2>Example outputs</h2>{ex_html}")
     write_text_atomic(out / "report.html", page)
     paths.update(md=out / "report.md", html=out / "report.html")
     return paths

@@ -11,7 +11,7 @@ import base64
 import html
 from pathlib import Path
 
-from lmforge.evaluation.report import bar_chart
+from lmforge.evaluation.report import bar_chart, html_page, html_table, md_table
 from lmforge.io import write_bytes_atomic, write_text_atomic
 from lmforge.lifecycle.config import STAGES, LifecycleConfig
 
@@ -19,30 +19,8 @@ WHAT = {"select": "Select a model: zero/few-shot on the dev set, size and speed,
         "adapt": "Adapt: instruction fine-tuning of the selected model.",
         "align": "Align: preference optimisation (DPO) of the adapted model.",
         "evaluate": "Evaluate: the base model against the adapted one on held-out data.",
-        "optimise": "Optimise for deployment: weight-only quantisation, scored like evaluate.",
+        "optimise": "Optimise for deployment: quantised, distilled and pruned versions, scored like evaluate.",
         "deploy": "Deploy: a serve config, the server started, smoke-tested with the openai client, stopped."}
-
-
-def _fmt(v) -> str:
-    if v is None:
-        return "n/a"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
-def _md_table(header, rows) -> list[str]:
-    def cell(v) -> str:
-        return _fmt(v).replace("|", "\\|").replace("\n", " ")
-    return ["| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header),
-            *("| " + " | ".join(map(cell, row)) + " |" for row in rows)]
-
-
-def _html_table(header, rows) -> str:
-    e = html.escape
-    head = "".join(f"<th>{e(_fmt(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{e(_fmt(c))}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def write_report(cfg: LifecycleConfig, records: dict[str, dict], status: dict[str, str],
@@ -69,8 +47,8 @@ def write_report(cfg: LifecycleConfig, records: dict[str, dict], status: dict[st
         body.append(f"<h2>{e(stage)}</h2><p>{e(WHAT[stage])}</p><p>{e(facts.replace('`', ''))}</p>")
         table = r.get("table") or {}
         if table.get("rows"):
-            md += [*_md_table(table["header"], table["rows"]), ""]
-            body.append(_html_table(table["header"], table["rows"]))
+            md += [*md_table(table["header"], table["rows"], missing="n/a"), ""]
+            body.append(html_table(table["header"], table["rows"], missing="n/a"))
         if r.get("decision"):
             md += [f"**Decision:** {r['decision']}", ""]
             body.append(f"<p><b>Decision:</b> {e(r['decision'])}</p>")
@@ -85,11 +63,7 @@ def write_report(cfg: LifecycleConfig, records: dict[str, dict], status: dict[st
         if links:
             md += ["Details: " + ", ".join(f"[{p}]({p})" for p in links), ""]
             body.append("<p>Details: " + ", ".join(f'<a href="{e(p)}">{e(p)}</a>' for p in links) + "</p>")
-    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
-             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
-             "vertical-align:top;white-space:pre-wrap}th{background:#f3f3f3}pre{background:#f7f7f7;padding:8px}")
-    page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{e(cfg.title)}</title>'
-            f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+    page = html_page(cfg.title, "".join(body))
     write_text_atomic(out / "report.md", "\n".join(md) + "\n")
     write_text_atomic(out / "report.html", page)
     return {"md": out / "report.md", "html": out / "report.html"}

@@ -32,7 +32,7 @@ from typing import Any
 from lmforge.checkpoints.resolve import DEFAULT_MODEL
 from lmforge.errors import LmforgeError
 from lmforge.evaluation.compare import CompareConfig, Setting, run_compare
-from lmforge.evaluation.report import LOWER_IS_BETTER
+from lmforge.evaluation.report import LOWER_IS_BETTER, fmt_cell
 from lmforge.io import write_text_atomic
 from lmforge.lifecycle.config import LifecycleConfig
 from lmforge.recipe_config import to_yaml
@@ -170,10 +170,6 @@ def metric_value(summary: dict, metric: str) -> float | None:
 
 def _better(a: float, b: float, metric: str) -> bool:
     return a < b if metric in LOWER_IS_BETTER else a > b
-
-
-def _fmt(v: Any) -> str:
-    return "n/a" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 # ----------------------------------------------------------------------------- select
@@ -408,7 +404,7 @@ def run_optimise(ctx: Context, d: Path, h: str) -> dict:
     rows = [[r.setting.label, facts_of(facts, r.setting)["weights_mb"], facts_of(facts, r.setting)["tokens_per_s"],
              metric_value(r.summary, metric)] for r in results]
     ref = rows[0][3]
-    words = [f"{row[0]}: {row[1]:g} MB, {row[2]:g} tokens/s, {metric} {_fmt(row[3])}"
+    words = [f"{row[0]}: {row[1]:g} MB, {row[2]:g} tokens/s, {metric} {fmt_cell(row[3], 'n/a')}"
              + (f" ({(row[3] - ref):+.4g})" if row[3] is not None and ref is not None else "") for row in rows[1:]]
     return {"outputs": {"schemes": list(opt.quantize), "models": [s.label for s in settings[1:]]},
             "table": {"header": ["weights", "weights (MB)", "decode tokens/s", metric], "rows": rows},

@@ -92,7 +92,7 @@ def distill_loss(student_logits: Tensor, teacher: Tensor | TopK, labels: Tensor,
                  temperature: float = 2.0, beta: float = 0.5, alpha: float = 0.0) -> tuple[Tensor, dict[str, float]]:
     """``alpha * CE(student, labels) + (1 - alpha) * T^2 * mean divergence`` over N positions, and the parts.
     student_logits (N, V), labels (N,)."""
-    from lmforge.training.sft import masked_cross_entropy
+    from lmforge.training.sft_losses import masked_cross_entropy
 
     kd = divergence_from_logits(teacher, student_logits, kind, temperature, beta).mean() * temperature ** 2
     if alpha > 0:

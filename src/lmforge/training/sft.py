@@ -1,7 +1,7 @@
 """Instruction fine-tuning (SFT): the recipe that turns a model plus an SFT data file into a fine-tuned model.
 
-Owns the SFT losses (masked next-token cross-entropy for decoder-only models, target cross-entropy for
-encoder-decoder ones), SFT evaluation (response-token dev loss and ROUGE-L of greedy generations),
+Uses the SFT losses (masked next-token cross-entropy for decoder-only models, target cross-entropy for
+encoder-decoder ones: ``sft_losses.py``; SFT evaluation, the response-token dev loss and ROUGE-L: ``sft_eval.py``),
 ``FinetuneConfig`` (the recipe's typed config: one field per setting, its docstring the ``--help`` text; see
 ``lmforge.recipe_config``) and ``finetune(cfg)`` (which builds the model, data and batches, hands them to
 ``training/loop.py`` and writes the resolved config to ``OUT_DIR/config.yaml``). Data formats, masking,
@@ -21,7 +21,6 @@ import dataclasses
 import json
 import math
 import sys
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -33,11 +32,8 @@ from lmforge.training.scale import ScaleOut
 from lmforge.training.tracking import Tracking
 
 if TYPE_CHECKING:  # torch is imported inside the functions so that building the CLI parser stays fast
-    import torch
     from torch import Tensor, nn
 
-    from lmforge.data.sft import SFTBatches, SFTExample
-    from lmforge.tokenizer import Tokenizer
 
 METHODS = ("full", "lora", "qlora", "prompt-tuning")
 DEFAULT_LR = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4, "prompt-tuning": 3e-2}
@@ -166,80 +162,6 @@ class FinetuneConfig(ScaleOut, Tracking):
             raise LmforgeError("give either steps (--steps) or epochs (--epochs), not both")
 
 
-# ----------------------------------------------------------------------------- losses
-def decoder_hidden(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    """Final hidden states (B, T, C) of a ``DecoderLM`` for an SFT batch.
-
-    Packed batches (with ``segment_ids``) get a block-diagonal causal mask, so each example only sees
-    itself. Left-padded batches pass the padding mask; right padding needs none (causal).
-    """
-    import torch
-
-    idx, positions, mask = batch["input_ids"], batch.get("positions"), batch.get("attention_mask")
-    if "segment_ids" in batch:
-        seg = batch["segment_ids"]  # (B, T), 0 = padding
-        T = idx.shape[1]
-        causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()  # (T, T)
-        attend = (seg[:, :, None] == seg[:, None, :]) & causal  # (B, T, T): same example, not the future
-        return model.hidden_states(idx, positions=positions, attn_mask=attend[:, None])  # mask (B, 1, T, T)
-    key_mask = None if mask is None or bool(mask[:, 0].all()) else mask.bool()
-    return model.hidden_states(idx, positions=positions, key_mask=key_mask)
-
-
-def decoder_logits(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    """Logits (B, T, V) of a ``DecoderLM`` for an SFT batch (see ``decoder_hidden``)."""
-    return model.lm_head(decoder_hidden(model, batch))
-
-
-def masked_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean cross-entropy over the tokens whose label is not ``IGNORE_INDEX``; logits (N, V), labels (N,).
-    A batch with no labelled token gives 0 (not NaN)."""
-    import torch.nn.functional as F
-
-    from lmforge.data.tokens import IGNORE_INDEX
-
-    total = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
-
-
-def decoder_sft_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    """Next-token loss on response tokens: logits at t predict labels at t+1 (labels are aligned with inputs).
-
-    The LM head runs only where a label follows (prompts are usually most of the tokens, and the head
-    over a large vocabulary is a good share of the compute and most of the activation memory).
-    """
-    from lmforge.data.tokens import select_labelled
-
-    h, labels = select_labelled(decoder_hidden(model, batch)[:, :-1], batch["labels"][:, 1:])  # (N, C), (N,)
-    return masked_cross_entropy(model.lm_head(h), labels)  # (N, V), (N,)
-
-
-def seq2seq_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    """Cross-entropy over the target given the source (teacher forcing)."""
-    logits = model(batch["input_ids"], batch["decoder_input_ids"], batch["attention_mask"])  # (B, T, V)
-    return masked_cross_entropy(logits.flatten(0, 1), batch["labels"].flatten())
-
-
-def prompt_tuned_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    """``decoder_sft_loss`` through a ``PromptTunedLM``, whose logits cover the real tokens only."""
-    from lmforge.data.tokens import select_labelled
-
-    if "segment_ids" in batch:
-        raise LmforgeError("packing (--pack) is not supported with prompt tuning")
-    mask = batch.get("attention_mask")
-    key_mask = None if mask is None or bool(mask[:, 0].all()) else mask.bool()
-    logits = model(batch["input_ids"], batch.get("positions"), key_mask)[:, :-1]  # (B, T-1, V)
-    return masked_cross_entropy(*select_labelled(logits, batch["labels"][:, 1:]))  # (N, V), (N,)
-
-
-def loss_for(model: nn.Module):
-    from lmforge.peft.prompt_tuning import PromptTunedLM
-
-    if isinstance(model, PromptTunedLM):
-        return prompt_tuned_loss
-    return seq2seq_loss if model.config.arch == "encoder-decoder" else decoder_sft_loss
-
-
 def apply_method(net: nn.Module, method: str, *, lora_r: int, lora_alpha: float, lora_dropout: float,
                  lora_targets: str | list[str], rslora: bool, quant: str, num_virtual_tokens: int,
                  prompt_init_ids: list[int] | None = None, seed: int | None = None) -> nn.Module:
@@ -288,81 +210,6 @@ def continue_adapter(net: nn.Module, method: str, adapter: str | Path) -> nn.Mod
     else:
         net.prompt_embeddings.requires_grad_(True)
     return net
-
-
-# ----------------------------------------------------------------------------- evaluation
-def _to(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-def _labelled(batch: dict[str, Tensor], seq2seq: bool) -> int:
-    from lmforge.data.tokens import IGNORE_INDEX
-
-    labels = batch["labels"] if seq2seq else batch["labels"][:, 1:]
-    return int((labels != IGNORE_INDEX).sum())
-
-
-def response_loss(model: nn.Module, batches: Iterable[dict[str, Tensor]]) -> float:
-    """Token-weighted mean loss over the response tokens of all ``batches``."""
-    import torch
-
-    loss_fn, seq2seq = loss_for(model), model.config.arch == "encoder-decoder"
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for batch in batches:
-            n = _labelled(batch, seq2seq)
-            total += float(loss_fn(model, _to(batch, device))) * n
-            count += n
-    return total / max(count, 1)
-
-
-def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
-    """Mean ROUGE-L F1 (Lin 2004; ``rouge-score`` with stemming, via ``evaluation/metrics.py``)."""
-    from lmforge.evaluation.metrics import rouge
-
-    return rouge(predictions, references, ["rougeL"])[0]["rougeL"]
-
-
-def generate_responses(model: nn.Module, tokenizer: Tokenizer, examples: Sequence[SFTExample], *,
-                       max_new_tokens: int = 64, batch_size: int = 8, eos_ids: Sequence[int] = ()) -> list[str]:
-    """Greedy responses to each example's prompt (the exact prompt ids it was trained on)."""
-    from lmforge.generation.generate import generate_tokens
-
-    eos = set(eos_ids) | set(tokenizer.eos_ids) | set(getattr(model.config, "eos_token_ids", []))
-    pad = tokenizer.pad_id if tokenizer.pad_id is not None else min(eos, default=0)
-    was_training = model.training
-    model.eval()
-    out: list[str] = []
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start:start + batch_size]
-        tokens: list[list[int]] = [[] for _ in chunk]
-        for step in generate_tokens(model, [e.prompt_ids for e in chunk], max_new_tokens, eos_ids=sorted(eos),
-                                    pad_id=pad):
-            for i, t in enumerate(step):
-                if t is not None and t not in eos:
-                    tokens[i].append(t)
-        out += [tokenizer.decode(t).strip() for t in tokens]
-    model.train(was_training)
-    return out
-
-
-def evaluate_sft(model: nn.Module, tokenizer: Tokenizer, dev: SFTBatches, *, loss_examples: int | None = None,
-                 generate_examples: int = 0, max_new_tokens: int = 64, batch_size: int = 8) -> dict[str, float]:
-    """``val_loss`` (response tokens of the first ``loss_examples`` dev examples) and, with
-    ``generate_examples`` > 0, ``val_rougeL`` of greedy generations on the first N dev examples."""
-    from lmforge.data.sft import SFTBatches
-
-    n = len(dev.examples) if loss_examples is None else min(loss_examples, len(dev.examples))
-    sub = SFTBatches(dev.examples[:n], batch_size=batch_size, pad_id=dev.pad_id, seq2seq=dev.seq2seq,
-                     decoder_start_id=dev.decoder_start_id, shuffle=False)
-    metrics = {"val_loss": response_loss(model, sub.iter_once())}
-    metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 50.0))
-    if generate_examples > 0:
-        exs = dev.examples[:generate_examples]
-        preds = generate_responses(model, tokenizer, exs, max_new_tokens=max_new_tokens, batch_size=batch_size)
-        metrics["val_rougeL"] = rouge_l(preds, [e.reference for e in exs])
-    return metrics
 
 
 # ----------------------------------------------------------------------------- the recipe
@@ -443,6 +290,8 @@ def finetune(recipe: FinetuneConfig, *, resume: bool = False, overwrite: bool = 
     from lmforge.lm import load
     from lmforge.training.loop import RunDir, TrainConfig, train
     from lmforge.training.prune import MASKS_FILE, check_masks, keep_masks, save_masks
+    from lmforge.training.sft_eval import evaluate_sft
+    from lmforge.training.sft_losses import loss_for
 
     r = recipe
     method, out_dir, batch_size, steps, grad_accum, seed, max_len = r.method, r.out_dir, r.batch_size, r.steps, \

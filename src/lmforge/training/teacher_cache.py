@@ -49,7 +49,7 @@ def make_batches(examples: list[SFTExample], *, batch_size: int, pad_id: int, se
 def _hidden_and_labels(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     """Final hidden states at the distilled positions (N, C), in row-major order, and their labels (N,)."""
     from lmforge.data.tokens import select_labelled
-    from lmforge.training.sft import decoder_hidden
+    from lmforge.training.sft_losses import decoder_hidden
 
     return select_labelled(decoder_hidden(model, batch)[:, :-1], batch["labels"][:, 1:])
 
