@@ -73,7 +73,7 @@ def heldout_kl(model: str | None, adapter: Path, heldout: Path, reward: str, max
 
     import lmforge
     from lmforge.alignment.ppo import PPOHyperparams, PPOTrainer
-    from lmforge.alignment.rlhf import load_prompts, load_reward
+    from lmforge.alignment.rl_inputs import load_prompts, load_reward
 
     lm = lmforge.load(model, adapter=adapter)
     prompts = load_prompts(heldout)
@@ -97,7 +97,7 @@ def toxicity_scorer(reward: str) -> str:
     reward (prompts, completions) -> P(not toxic), 1 - that, registered as "detox-reward"."""
     if Path(reward).is_dir():
         return f"reward:{reward}"
-    from lmforge.alignment.rlhf import load_reward
+    from lmforge.alignment.rl_inputs import load_reward
     from lmforge.evaluation.metrics import register_toxicity_scorer
 
     reward_fn, _ = load_reward(reward)

@@ -270,7 +270,7 @@ def test_every_examples_file_the_readmes_name_exists():
 
 def test_the_examples_files_read_through_the_readers_their_commands_use(toks):
     from lmforge.alignment.reward_recipe import HATE_SPEECH_LABELS
-    from lmforge.alignment.rlhf import load_prompts
+    from lmforge.alignment.rl_inputs import load_prompts
     from lmforge.data.reward_data import load_labelled, parse_label_map, to_binary
     from lmforge.prompts import load_examples
 
@@ -324,7 +324,7 @@ def test_a_truncated_or_corrupted_parquet_file_is_a_clean_error(tmp_path):
 
 
 def test_ppo_prompts_by_a_dotted_path_and_from_parquet(tmp_path):
-    from lmforge.alignment.rlhf import load_prompts
+    from lmforge.alignment.rl_inputs import load_prompts
 
     rows = [{"meta": {"opening": "Stuck in traffic and"}}, {"meta": {"opening": "The bus was late so"}}]
     for path in (write_jsonl(tmp_path / "p.jsonl", rows), write_parquet(tmp_path / "p.parquet", rows)):

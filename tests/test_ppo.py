@@ -179,7 +179,7 @@ def test_bad_configs():
 def test_reward_model_vocabulary_check():
     from types import SimpleNamespace
 
-    from lmforge.alignment.rlhf import reward_vocab_check
+    from lmforge.alignment.rl_inputs import reward_vocab_check
 
     pairwise = SimpleNamespace(config=SimpleNamespace(arch="decoder", vocab_size=300))
     with pytest.raises(LmforgeError, match="vocabulary of 300 tokens but the policy has 320: a pairwise decoder"):

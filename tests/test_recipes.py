@@ -204,7 +204,8 @@ def test_the_ppo_and_pairwise_reward_recipes_are_the_readme_examples():
     """The README's `lmforge rlhf ppo` and pairwise `lmforge reward train` examples as recipes; the PPO prompts
     file is committed beside them and the reward folder is the one recipes/reward_toxicity.yaml writes."""
     from lmforge.alignment.reward_recipe import RewardConfig
-    from lmforge.alignment.rlhf import PPOConfig, load_prompts
+    from lmforge.alignment.rl_inputs import load_prompts
+    from lmforge.alignment.rlhf import PPOConfig
 
     ppo = load_config(PPOConfig, RECIPES / "ppo_detox_tweets.yaml")
     toxicity = load_config(RewardConfig, RECIPES / "reward_toxicity.yaml")

@@ -191,7 +191,7 @@ def test_malformed_line_names_file_and_line(tmp_path):
 def test_every_record_reader_names_the_file_and_line_alike(toks, tmp_path, name, content, message):
     """Fine-tuning data, pretraining JSONL corpora, eval/reward datasets and PPO prompts are read by one reader
     (data/records.py): the same bad file gives the same "FILE, line N: ..." error from each."""
-    from lmforge.alignment.rlhf import load_prompts
+    from lmforge.alignment.rl_inputs import load_prompts
     from lmforge.data.corpus import tokenize_corpus
     from lmforge.training.tokenizer_train import char_tokenizer
 

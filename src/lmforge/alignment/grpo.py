@@ -417,7 +417,8 @@ def grpo(cfg: GRPOConfig, *, resume: bool = False, overwrite: bool = False, forc
     and at the end; each evaluation's per-prompt results go to ``OUT_DIR/held_out/step-N.jsonl`` (N: the steps
     done). ``resume`` continues from ``OUT_DIR/checkpoint`` step for step; ``overwrite``/``force`` as in
     ``lmforge.outputs``. Returns the last step's figures and where the policy was saved."""
-    from lmforge.alignment.rlhf import _load_policy, _run_config, report_trainable, reward_vocab_check
+    from lmforge.alignment.rl_inputs import reward_vocab_check
+    from lmforge.alignment.rlhf import policy_of, report_trainable, run_config
     from lmforge.data.reward_data import random_split
     from lmforge.training.loop import RunDir, TrainConfig, seed_everything, train
     from lmforge.training.sources import ShuffledIndices
@@ -437,7 +438,7 @@ def grpo(cfg: GRPOConfig, *, resume: bool = False, overwrite: bool = False, forc
                                f"{len(prompts)} to train on")
         train_rows, held = random_split(len(prompts), c.eval_count / len(prompts), c.seed)
     seed_everything(c.seed)
-    lm, reference = _load_policy(c)
+    lm, reference = policy_of(c)
     for term in rewards:
         if term.model is not None:
             reward_vocab_check(term.model, lm.config.vocab_size, term.name)
@@ -452,7 +453,7 @@ def grpo(cfg: GRPOConfig, *, resume: bool = False, overwrite: bool = False, forc
                             weight_decay=0.0, betas=(0.9, 0.999), clip=c.max_grad_norm, precision=c.precision,
                             eval_every=c.eval_every, eval_at_start=bool(held), save_every=c.save_every, log_every=1,
                             seed=c.seed)
-    run = RunDir(c.out_dir, {**_run_config(cfg, "grpo"), "prompts": len(train_rows), "held_out": len(held)},
+    run = RunDir(c.out_dir, {**run_config(cfg, "grpo"), "prompts": len(train_rows), "held_out": len(held)},
                  resume=resume, tokenizer=lm.tokenizer, loggers=c.logger)
     order = ShuffledIndices(len(train_rows), c.batch_size, c.seed)
     batches = RolloutBatches(order, c.iterations)

@@ -60,7 +60,7 @@ def load_rewards(names: Sequence[str], weights: Sequence[float] | None, *, extra
                  format_pattern: str = r"####\s*-?[\d,]*\.?\d+", length_target: int = 200,
                  reward_input: str = "completion") -> list[Reward]:
     """The reward terms of ``names`` (registered names, reward-model folders or ``module:function``)."""
-    from lmforge.alignment.rlhf import load_reward, reward_scores
+    from lmforge.alignment.rl_inputs import load_reward, reward_scores
 
     if weights is not None and len(weights) != len(names):
         raise LmforgeError(f"reward_weights (--reward-weights): {len(weights)} weights for {len(names)} rewards "
@@ -141,7 +141,7 @@ def load_tasks(path: str | Path, *, prompt_field: str = "prompt", template: str 
     """(prompts, reference answers) from a .txt file (one prompt per line, no answers) or records: the prompt is
     ``template.format(**record)`` or the record's ``prompt_field``; the answer its ``answer_field``. With
     ``need_answers`` every prompt needs an answer (a one-line error names the first without)."""
-    from lmforge.alignment.rlhf import load_prompts
+    from lmforge.alignment.rl_inputs import load_prompts
     from lmforge.data.records import load_records
 
     path = Path(path)

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from lmforge.alignment.rlhf import _RUN, PolicyOptions, _lora_args, _run_config, load_policy, report_trainable
+from lmforge.alignment.rlhf import _RUN, PolicyOptions, load_policy, lora_args, report_trainable, run_config
 from lmforge.errors import LmforgeError
 from lmforge.outputs import claims_output
 from lmforge.recipe_config import option, write_config
@@ -378,7 +378,7 @@ def _train(cfg: PreferenceOptions, method: str, *, resume: bool, progress: bool)
                            "give a larger --epochs, or --steps N for a short run")
     seed_everything(c.seed)
     lm, reference = load_policy(c.model, adapter=c.adapter, method=c.method, ref=c.ref, device=c.device,
-                                lora=_lora_args(c), seed=c.seed, with_reference=c.uses_reference)
+                                lora=lora_args(c), seed=c.seed, with_reference=c.uses_reference)
     tok = lm.tokenizer
     max_len = c.max_len or min(512, lm.config.max_seq_len)
     held_groups: list = []
@@ -424,7 +424,7 @@ def _train(cfg: PreferenceOptions, method: str, *, resume: bool, progress: bool)
     else:
         trainer = PairLossTrainer(lm.model, method, lam=getattr(c, "lam", 0.1), beta=getattr(c, "beta", 2.0),
                                   gamma=getattr(c, "gamma", 1.0), pad_id=pad)
-    run = RunDir(c.out_dir, {**_run_config(cfg, method), unit: len(items), "dropped": dropped}, resume=resume,
+    run = RunDir(c.out_dir, {**run_config(cfg, method), unit: len(items), "dropped": dropped}, resume=resume,
                  tokenizer=tok, loggers=c.logger)
 
     def step_fn(policy: nn.Module, rows: list[int]) -> tuple[Tensor, dict[str, float]]:

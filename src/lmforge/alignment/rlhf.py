@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib
 import json
-import numbers
 import sys
 import time
 from dataclasses import dataclass
@@ -41,7 +39,6 @@ if TYPE_CHECKING:
 
 METHODS = ("lora", "full")
 DEFAULT_LR = {"lora": 1e-4, "full": 1e-6}
-REWARD_INPUTS = ("completion", "prompt+completion")
 _POLICY, _LORA, _RUN = "policy and reference", "LoRA (as in lmforge finetune)", "optimisation and output"
 
 
@@ -271,104 +268,22 @@ def report_trainable(model: nn.Module, method: str) -> None:
     print(f"{method}: {trainable_report(model)}", file=sys.stderr)
 
 
-def load_prompts(path: str | Path, field: str = "prompt", limit: int | None = None) -> list[str]:
-    """Prompts from a text file (one per non-blank line) or the ``field`` (a key or a dotted path) of each record
-    of a dataset (``data/records.load_records``: .jsonl, .json or .csv, optionally gzipped, or .parquet)."""
-    from lmforge.data.records import load_records, lookup
-    from lmforge.io import read_text
-
-    path = Path(path)
-    if not path.is_file():
-        raise LmforgeError(f"prompts file {path} does not exist")
-    if path.suffix == ".txt" or path.name.endswith(".txt.gz"):
-        prompts = [line.strip() for line in read_text(path).splitlines() if line.strip()]
-    else:
-        prompts = []
-        for record in load_records(path):
-            value = (lookup(record.fields, field, record.where, "--prompt-field")  # a dotted path: dialogue.opening
-                     if "." in field and field not in record.fields else record.fields.get(field))
-            if not isinstance(value, str) or not value.strip():
-                raise LmforgeError(f"{record.where}: no non-empty string field {field!r} (set --prompt-field)")
-            prompts.append(value)
-    if not prompts:
-        raise LmforgeError(f"{path}: no prompts (the file is empty)")
-    return prompts[:limit]
-
-
-def reward_vocab_check(reward: Any, policy_vocab: int, name: str) -> None:
-    """A decoder reward model scoring the policy's token ids (``reward.config.arch == "decoder"``) needs the
-    policy's vocabulary; classifiers with their own tokenizer read text and need no check."""
-    config = getattr(reward, "config", None) or getattr(getattr(reward, "model", None), "config", None)
-    if config is None or getattr(config, "arch", None) != "decoder":
-        return
-    if config.vocab_size != policy_vocab:
-        raise LmforgeError(f"reward model {name} has a vocabulary of {config.vocab_size} tokens but the policy has "
-                           f"{policy_vocab}: a pairwise decoder reward model shares the policy's token ids, so it "
-                           "needs the same tokenizer")
-
-
-def reward_scores(value: Any, spec: str):
-    """What a reward function returned as a float tensor; anything but numbers is a one-line error naming it."""
-    import numpy as np
-    import torch
-
-    if isinstance(value, torch.Tensor) and not value.is_complex():
-        return value.to(torch.float32)
-    if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
-        return torch.as_tensor(value, dtype=torch.float32)
-    items = value.tolist() if isinstance(value, np.ndarray) else value
-    if not isinstance(items, (list, tuple)):
-        raise LmforgeError(f"reward function {spec} returned a {type(value).__name__}; it must return one number "
-                           "per completion (a list, or a 1-D tensor)")
-    for x in items:
-        if isinstance(x, bool) or not isinstance(x, numbers.Real):
-            raise LmforgeError(f"reward function {spec} returned a {type(x).__name__} ({x!r}) for a completion; it "
-                               "must return one number per completion")
-    return torch.tensor(items, dtype=torch.float32)
-
-
-def load_reward(spec: str, reward_input: str = "completion"):
-    """(``reward_fn(prompts, completions) -> (B,)``, the reward model or None) from a reward-model folder
-    (``training/reward.py``'s ``load_reward_model``: higher = better) or a ``package.module:function``
-    taking (prompts, completions)."""
-    import torch
-
-    if reward_input not in REWARD_INPUTS:
-        raise LmforgeError(f"unknown reward input {reward_input!r}; choose one of: {', '.join(REWARD_INPUTS)}")
-    if not Path(spec).exists() and ":" in spec:
-        module, _, attr = spec.partition(":")
-        try:
-            fn = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as e:
-            raise LmforgeError(f"reward function {spec!r} cannot be imported: {e}") from None
-        return (lambda prompts, completions: reward_scores(fn(prompts, completions), spec)), None
-    if not Path(spec).exists():
-        raise LmforgeError(f"--reward {spec}: no such reward model folder (or give a 'package.module:function')")
-    from lmforge.alignment.reward import load_reward_model
-
-    rm = load_reward_model(spec)
-
-    def reward_fn(prompts: list[str], completions: list[str]) -> torch.Tensor:
-        texts = completions if reward_input == "completion" else [p + c for p, c in zip(prompts, completions)]
-        return torch.as_tensor(rm.score(texts), dtype=torch.float32)
-
-    return reward_fn, rm
-
-
 # ----------------------------------------------------------------------------- the recipes
-def _lora_args(cfg: PolicyOptions) -> dict[str, Any]:
+def lora_args(cfg: PolicyOptions) -> dict[str, Any]:
+    """A recipe config's LoRA settings as ``apply_method`` keywords."""
     from lmforge.training.sft import parse_lora_targets
 
     return dict(lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                 lora_targets=parse_lora_targets(cfg.lora_targets), rslora=cfg.rslora)
 
 
-def _load_policy(cfg: PolicyOptions):
+def policy_of(cfg: PolicyOptions):
+    """``load_policy`` with a recipe config's model, adapter, method, reference, device, LoRA settings and seed."""
     return load_policy(cfg.model, adapter=cfg.adapter, method=cfg.method, ref=cfg.ref, device=cfg.device,
-                       lora=_lora_args(cfg), seed=cfg.seed)
+                       lora=lora_args(cfg), seed=cfg.seed)
 
 
-def _run_config(cfg: PolicyOptions, recipe: str) -> dict[str, Any]:
+def run_config(cfg: PolicyOptions, recipe: str) -> dict[str, Any]:
     """The config as plain JSON for the checkpoints (Paths as text)."""
     return {"recipe": recipe, **json.loads(json.dumps(dataclasses.asdict(cfg), default=str))}
 
@@ -402,6 +317,7 @@ def ppo(cfg: PPOConfig, *, resume: bool = False, overwrite: bool = False, force:
     from torch import nn
 
     from lmforge.alignment.ppo import PPOHyperparams, PPOTrainer, batch_not_divisible
+    from lmforge.alignment.rl_inputs import load_prompts, load_reward, reward_vocab_check
     from lmforge.training.distributed import setup
     from lmforge.training.loop import RunDir, precision_autocast, progress_bar, seed_everything
     from lmforge.training.optim import lr_at, set_lr
@@ -419,7 +335,7 @@ def ppo(cfg: PPOConfig, *, resume: bool = False, overwrite: bool = False, force:
     texts = load_prompts(c.prompts, c.prompt_field)
     reward_fn, reward_model = load_reward(c.reward, c.reward_input)
     seed_everything(c.seed)
-    lm, reference = _load_policy(c)
+    lm, reference = policy_of(c)
     if reward_model is not None:
         reward_vocab_check(reward_model, lm.config.vocab_size, c.reward)
     encoded = [lm.encode(p, c.chat) for p in texts]
@@ -427,7 +343,7 @@ def ppo(cfg: PPOConfig, *, resume: bool = False, overwrite: bool = False, force:
     report_trainable(lm.model, c.method)
     trainer = PPOTrainer(lm.model, lm.tokenizer, reward_fn, trainer_cfg, ref_model=reference, eos_ids=lm.eos_ids,
                          dist=dist)
-    run = RunDir(c.out_dir, _run_config(cfg, "ppo"), resume=resume, tokenizer=lm.tokenizer, loggers=c.logger)
+    run = RunDir(c.out_dir, run_config(cfg, "ppo"), resume=resume, tokenizer=lm.tokenizer, loggers=c.logger)
     run.dist = dist  # only rank 0 writes
     order = ShuffledIndices(len(texts), c.batch_size, c.seed)  # a fresh shuffle of all prompts whenever one runs out
     shard = ShardedBatches(order, dist.rank, dist.world)  # this rank's rows of each global batch (all of it alone)
@@ -490,7 +406,7 @@ def dpo(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False, force:
         raise LmforgeError(f"epochs (--epochs): {c.epochs:g} passes over {len(pairs)} pairs is less than one pair; "
                            "give a larger --epochs, or --steps N for a short run")
     seed_everything(c.seed)
-    lm, reference = _load_policy(c)
+    lm, reference = policy_of(c)
     tok = lm.tokenizer
     max_len = c.max_len or min(512, lm.config.max_seq_len)
     items, dropped = tokenize_pairs(pairs, lambda p: lm.encode(p, c.chat), tok, max_len)
@@ -513,7 +429,7 @@ def dpo(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False, force:
     table = precompute_reference(lm.model, reference, items, pad) if c.precompute_ref else None
     trainer = DPOTrainer(lm.model, None, loss=c.loss, beta=c.beta, label_smoothing=c.label_smoothing,
                          ref_model=reference, ref_table=table, pad_id=pad)
-    run = RunDir(c.out_dir, {**_run_config(cfg, "dpo"), "pairs": len(items), "dropped": dropped}, resume=resume,
+    run = RunDir(c.out_dir, {**run_config(cfg, "dpo"), "pairs": len(items), "dropped": dropped}, resume=resume,
                  tokenizer=tok, loggers=c.logger)
 
     def step_fn(policy: nn.Module, rows: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
