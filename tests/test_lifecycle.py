@@ -96,6 +96,7 @@ def test_full_lifecycle_writes_every_stage_and_the_report_and_a_rerun_skips_all(
     for stage in records:
         assert f"## {stage}" in md and f"<h2>{stage}</h2>" in page
     assert "**select**: selected '" in md and "data:image/png;base64," in page
+    assert "min in all (select " in md and ", deploy " in md  # the time of every stage, and the total
     assert (out / "chart_select_rouge1.png").is_file()
 
     again, lines = run(path)

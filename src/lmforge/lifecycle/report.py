@@ -29,6 +29,11 @@ def write_report(cfg: LifecycleConfig, records: dict[str, dict], status: dict[st
     out, e = Path(cfg.out), html.escape
     task = (f"Task: train `{cfg.task.train}`, dev `{cfg.task.dev}`, test `{cfg.task.test or '(dev)'}`; target "
             f"field `{cfg.task.response_field}`; gate metric `{cfg.task.metric}`.")
+    ran = [s for s in STAGES if s in records]
+    if ran:
+        each = ", ".join(f"{s} {records[s].get('seconds', 0):.0f} s" for s in ran)
+        task += (f" Stage time: {sum(records[s].get('seconds', 0) for s in ran) / 60:.1f} min in all ({each}; "
+                 "a stage skipped on a re-run keeps the time of the run that made it).")
     md = [f"# {cfg.title}", "", "Run (or resume) with:", "", "```", command, "```", "", task, ""]
     body = [f"<h1>{e(cfg.title)}</h1><p>Run (or resume) with:</p><pre><code>{e(command)}</code></pre>",
             f"<p>{e(task.replace('`', ''))}</p>"]
