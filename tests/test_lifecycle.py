@@ -175,6 +175,30 @@ def test_optimise_distil_and_prune_refuse_bad_sections_and_an_adapter(tiny_lm_di
     assert not (tmp_path / "out").exists()
 
 
+def test_align_with_ppo_against_a_reward_function_on_the_task_prompts(tiny_lm_dirs, task_files, tmp_path,
+                                                                       monkeypatch, capsys):
+    """align: algorithm ppo trains the adapted model against a reward function on the task's own training prompts
+    (written to OUT/align/prompts.jsonl: one PPO step of 2 prompts, so 2), and evaluate scores it beside the
+    others; an unknown algorithm is one error line naming align.algorithm."""
+    (tmp_path / "lc_reward.py").write_text("def short(prompts, completions):\n"
+                                           "    return [-len(c) / 10 for c in completions]\n", encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ppo = {"algorithm": "ppo", "reward": "lc_reward:short", "steps": 1, "batch_size": 2, "mini_batch_size": 2,
+           "ppo_epochs": 1, "max_new_tokens": 4}
+    path = recipe(tmp_path, task_files, tiny_lm_dirs["chat"], stages=["select", "adapt", "align", "evaluate"],
+                  align=ppo)
+    records, _ = run(path)
+    prompts = (tmp_path / "out" / "align" / "prompts.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(p)["prompt"] for p in prompts] == ["Summarize: A: the cat is here. B: ok.\nSummary: ",
+                                                          "Summarize: A: the three is here. B: ok.\nSummary: "]
+    assert records["align"]["outputs"]["adapter"] == str(tmp_path / "out" / "align" / "run" / "final")
+    assert "with PPO (lora)" in records["align"]["decision"] and "lc_reward:short" in records["align"]["decision"]
+    assert [r[0] for r in records["evaluate"]["table"]["rows"]][1:] == ["adapted (full)", "aligned (PPO, lora)"]
+    capsys.readouterr()
+    path = recipe(tmp_path, task_files, tiny_lm_dirs["chat"], out="bad", align={**ppo, "algorithm": "grpo"})
+    assert "align.algorithm: unknown algorithm 'grpo'; allowed: dpo, ppo" in _fails(["lifecycle", str(path)], capsys)
+
+
 def test_a_lifecycle_killed_inside_adapt_resumes_there(tiny_lm_dirs, task_files, tmp_path):
     adapt = {"method": "full", "steps": 12, "batch_size": 2, "max_len": 64, "eval_generate": 0, "eval_examples": 2,
              "save_every": 1, "log_every": 1}

@@ -7,9 +7,9 @@ and ``--print-config`` derived from it). Its sections:
   metric, generation limits (``Task``), and the ``budget`` the gate holds candidates to (``Budget``);
 - ``candidates``: the models to choose from, each a ``lmforge compare`` setting (label, model, adapter, shots...);
 - one section per stage. ``select`` and ``evaluate`` and ``optimise`` are small typed sections here that become
-  ``CompareConfig`` runs; ``adapt`` IS a ``FinetuneConfig`` mapping and ``align`` a ``DPOConfig`` mapping (checked
-  by those classes, the keys the lifecycle fills itself refused); ``deploy`` holds a ``ServeConfig`` mapping plus
-  the smoke test's prompt.
+  ``CompareConfig`` runs; ``adapt`` IS a ``FinetuneConfig`` mapping and ``align`` a ``DPOConfig`` or ``PPOConfig``
+  mapping (by its ``algorithm`` key; checked by those classes, the keys the lifecycle fills itself refused);
+  ``deploy`` holds a ``ServeConfig`` mapping plus the smoke test's prompt.
 
 A nested key that is wrong raises ``SectionError`` with its key path (``adapt.lr_rate``); ``load_lifecycle``
 adds the file and line. Nothing here imports torch.
@@ -35,6 +35,7 @@ OPTIONAL_STAGES = ("align", "optimise")  # run only when the recipe has their se
 # Keys of the reused configs that the lifecycle fills itself (from the task and the earlier stages).
 ADAPT_FILLED = ("train", "dev", "prompt_template", "prompt_field", "response_field", "model", "adapter", "out_dir")
 ALIGN_FILLED = ("model", "adapter", "out_dir")
+ALIGNERS = ("dpo", "ppo")  # the align section's algorithm
 SERVE_FILLED = ("model", "adapter", "host", "port")
 DISTIL_FILLED = ("teacher", "train", "dev", "prompt_template", "prompt_field", "response_field", "out_dir")
 
@@ -270,7 +271,9 @@ class LifecycleConfig:
     """adapt: lmforge finetune settings (method, steps, lr, batch_size, ...; the data, prompt, model and out_dir
     come from the task and select)."""
     align: dict[str, Any] | None = option(None, cli=False)
-    """align (optional): lmforge rlhf dpo settings (data: the preference pairs, steps, beta, ...)."""
+    """align (optional): algorithm (dpo or ppo) and its lmforge rlhf settings: dpo's data (the preference pairs),
+    steps, beta, ...; ppo's reward (a reward-model folder or module:function), prompts (none: the task's training
+    prompts), steps, kl_coef, ..."""
     evaluate: Evaluate | dict[str, Any] = option(default_factory=dict, cli=False)
     """evaluate: split (test | dev), limit."""
     optimise: Optimise | dict[str, Any] | None = option(None, cli=False)
@@ -315,7 +318,7 @@ class LifecycleConfig:
         """Build the reused configs once with placeholder values, so a bad key fails before anything runs."""
         final = self.finetune_config(model=None, adapter=None, out_dir=Path("."))
         if self.align is not None:
-            aligned = self.dpo_config(model=None, adapter=None, out_dir=Path("."))
+            aligned = self.align_config(model=None, adapter=None, out_dir=Path("."))
             final = aligned if "align" in self.enabled() else final
         self.serve_config(model="placeholder", adapter=None, port=0)
         if self.optimise is not None:
@@ -345,12 +348,30 @@ class LifecycleConfig:
                              prompt_field=t.input_field, response_field=t.response_field, model=model,
                              adapter=adapter, out_dir=out_dir)
 
-    def dpo_config(self, *, model: str | None, adapter: str | Path | None, out_dir: Path):
-        from lmforge.alignment.rlhf import DPOConfig
+    def align_algorithm(self) -> str:
+        """The align section's ``algorithm``: dpo (the default) or ppo."""
+        algorithm = (self.align or {}).get("algorithm", "dpo")
+        if algorithm not in ALIGNERS:
+            raise SectionError(("align", "algorithm"), f"unknown algorithm {algorithm!r}; allowed: "
+                                                       f"{', '.join(ALIGNERS)}")
+        return algorithm
 
-        cfg = build_section(DPOConfig, {"device": self.device, **self.align}, ("align",), filled=ALIGN_FILLED,
-                            model=model, adapter=adapter, out_dir=out_dir)
-        if cfg.data is None:
+    def align_config(self, *, model: str | None, adapter: str | Path | None, out_dir: Path,
+                     prompts: Path | None = None):
+        """The align section as a ``DPOConfig`` (``algorithm: dpo``: ``data`` holds the preference pairs) or a
+        ``PPOConfig`` (``algorithm: ppo``: a ``reward`` model or function; ``prompts`` when the section gives
+        none: the task's training prompts, written by the stage)."""
+        from lmforge.alignment.rlhf import DPOConfig, PPOConfig
+
+        algorithm = self.align_algorithm()
+        mapping = {k: v for k, v in self.align.items() if k != "algorithm"}
+        given: dict[str, Any] = {}
+        if algorithm == "ppo" and "prompts" not in mapping:
+            given = {"prompts": prompts or Path("prompts.jsonl"), "prompt_field": "prompt"}
+        cls = DPOConfig if algorithm == "dpo" else PPOConfig
+        cfg = build_section(cls, {"device": self.device, **mapping}, ("align",), filled=ALIGN_FILLED,
+                            model=model, adapter=adapter, out_dir=out_dir, **given)
+        if algorithm == "dpo" and cfg.data is None:
             raise SectionError(("align", "data"), "the preference pairs file is required")
         return cfg
 
@@ -378,8 +399,9 @@ class LifecycleConfig:
     def data_files(self) -> dict[str, Path]:
         """Every data file the recipe reads, by the key naming it."""
         files = {f"task.{k}": v for k, v in self.task.files().items()}
-        if self.align is not None and self.align.get("data"):
-            files["align.data"] = Path(self.align["data"])
+        for key in ("data", "prompts"):
+            if self.align is not None and self.align.get(key):
+                files[f"align.{key}"] = Path(self.align[key])
         return files
 
 

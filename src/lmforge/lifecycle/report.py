@@ -17,7 +17,7 @@ from lmforge.lifecycle.config import STAGES, LifecycleConfig
 
 WHAT = {"select": "Select a model: zero/few-shot on the dev set, size and speed, and the gate's choice.",
         "adapt": "Adapt: instruction fine-tuning of the selected model.",
-        "align": "Align: preference optimisation (DPO) of the adapted model.",
+        "align": "Align: DPO on preference pairs, or PPO against a reward, starting from the adapted model.",
         "evaluate": "Evaluate: the base model against the adapted one on held-out data.",
         "optimise": "Optimise for deployment: quantised, distilled and pruned versions, scored like evaluate.",
         "deploy": "Deploy: a serve config, the server started, smoke-tested with the openai client, stopped."}

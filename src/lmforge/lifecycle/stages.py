@@ -280,19 +280,29 @@ def run_adapt(ctx: Context, d: Path, h: str) -> dict:
 
 
 def run_align(ctx: Context, d: Path, h: str) -> dict:
-    """DPO on the align section's preference pairs, starting from the adapted model."""
-    from lmforge.alignment.rlhf import dpo
+    """DPO on the align section's preference pairs, or PPO against its reward (on its prompts, else the task's
+    training prompts), starting from the adapted model."""
+    from lmforge.alignment.rlhf import dpo, ppo
 
     start = ctx.records["adapt"]["outputs"]
     run_dir = d / "run"
-    cfg = ctx.cfg.dpo_config(model=start["model"], adapter=start["adapter"], out_dir=run_dir)
+    algorithm = ctx.cfg.align_algorithm()
+    cfg = ctx.cfg.align_config(model=start["model"], adapter=start["adapter"], out_dir=run_dir,
+                               prompts=d / "prompts.jsonl")
+    if algorithm == "ppo" and "prompts" not in ctx.cfg.align:
+        from lmforge.io import write_text_atomic
+
+        pairs = task_examples(ctx, cfg.steps * cfg.batch_size)
+        write_text_atomic(cfg.prompts, "".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p, _ in pairs))
     how = _claim_run(run_dir, d, h)
-    result = dpo(cfg, progress=ctx.progress, **how)
+    result = (dpo if algorithm == "dpo" else ppo)(cfg, progress=ctx.progress, **how)
     ref = model_ref(result["out_dir"], start["model"])
     shown = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    return {"outputs": {"label": f"aligned (DPO, {cfg.method})", **ref, "shots": 0},
+    name = algorithm.upper()
+    on = cfg.data if algorithm == "dpo" else f"{cfg.prompts} against the reward {cfg.reward}"
+    return {"outputs": {"label": f"aligned ({name}, {cfg.method})", **ref, "shots": 0},
             "table": {"header": ["figure", "value"], "rows": [[k, v] for k, v in shown.items()]},
-            "decision": f"aligned the adapted model with DPO ({cfg.method}) on {cfg.data}", "charts": {},
+            "decision": f"aligned the adapted model with {name} ({cfg.method}) on {on}", "charts": {},
             "reports": []}
 
 
@@ -331,16 +341,18 @@ def run_evaluate(ctx: Context, d: Path) -> dict:
             "reports": [str((d / "compare" / "report.md").relative_to(ctx.out))]}
 
 
-def calibration_file(ctx: Context, path: Path, n: int = 64) -> Path:
-    """The first ``n`` training records as prompt + response text (what pruning scores the blocks on)."""
+def task_examples(ctx: Context, n: int) -> list[tuple[str, str]]:
+    """The first ``n`` training records as (prompt, response): the task's template (or input field) rendered."""
     from lmforge.data.records import load_records, render, text_field
 
     t = ctx.cfg.task
-    parts = []
-    for r in load_records(t.train)[:n]:
-        prompt = text_field(r, t.input_field, "task.input_field") if t.input_field else render(t.prompt_template, r)
-        parts.append(prompt + text_field(r, t.response_field, "task.response_field"))
-    write_text_atomic(path, "\n\n".join(parts) + "\n")
+    return [(text_field(r, t.input_field, "task.input_field") if t.input_field else render(t.prompt_template, r),
+             text_field(r, t.response_field, "task.response_field")) for r in load_records(t.train)[:n]]
+
+
+def calibration_file(ctx: Context, path: Path, n: int = 64) -> Path:
+    """The first ``n`` training records as prompt + response text (what pruning scores the blocks on)."""
+    write_text_atomic(path, "\n\n".join(p + r for p, r in task_examples(ctx, n)) + "\n")
     return path
 
 
