@@ -12,7 +12,9 @@ completion and scores to ``OUT/run/held_out/step-0.jsonl`` and ``step-N.jsonl``.
   - the paired bootstrap 95% interval of accuracy(after) - accuracy(before): the prompts resampled with replacement
     (the same draw for both), 10,000 resamples, seeded (``lmforge.evaluation.significance.paired_bootstrap``),
 
-and prints a Markdown block for bench/README.md (also OUT/summary.json, OUT/report.md). It also writes
+with the same pairing for every other reward term of the recipe (format: the share of completions ending in
+``#### N``), and prints a Markdown block for bench/README.md (also OUT/summary.json, OUT/report.md);
+``--report-only`` recomputes them from a finished run in --out without training. It also writes
 OUT/sft_train.jsonl: the records GRPO trained on (the held-out ones left out), for the SFT column of
 recipes/compare_alignment_gsm8k.yaml.
 
@@ -85,6 +87,22 @@ def correctness(path: Path, term: str = "exact_match") -> dict[int, float]:
     return out
 
 
+def other_terms(run: Path, steps: int, rows: list[int], rewards: list[str], resamples: int, seed: int) -> dict:
+    """Each reward term but exact_match (e.g. format: the share of completions ending in '#### N'), held-out mean
+    before and after with its paired bootstrap: what moved when exact match could not."""
+    from lmforge.evaluation.significance import paired_bootstrap
+
+    out = {}
+    for term in rewards:
+        if term == "exact_match":
+            continue
+        before, after = correctness(run / "held_out" / "step-0.jsonl", term), \
+            correctness(run / "held_out" / f"step-{steps}.jsonl", term)
+        x, y = [before[r] for r in rows], [after[r] for r in rows]
+        out[term] = paired_bootstrap(x, y, resamples=resamples, seed=seed).as_dict()
+    return out
+
+
 def write_sft_train(cfg: dict, held_out: list[int], path: Path) -> int:
     """The records GRPO trained on (the first ``limit`` of its prompt file less the held-out rows), as they are
     in that file, to ``path``: an SFT run on them (recipes/compare_alignment_gsm8k.yaml) sees the same problems
@@ -135,6 +153,8 @@ def markdown(s: dict) -> str:
         "|---|---:|---:|---:|---|",
         f"| {b['n']} | {pct(b['before'])} ({s['right_before']}/{b['n']}) | {pct(b['after'])} ({s['right_after']}/"
         f"{b['n']}) | {pts(b['diff'])} | [{pts(b['low'])}, {pts(b['high'])}] |",
+        *(f"| the same, mean {term} reward term | {pct(o['before'])} | {pct(o['after'])} | {pts(o['diff'])} | "
+          f"[{pts(o['low'])}, {pts(o['high'])}] |" for term, o in s.get("other_terms", {}).items()),
         "",
         f"Greedy decoding, the same for both; {s['fixed']} held-out answers went wrong -> right and {s['broken']} "
         f"right -> wrong. The interval resamples the {b['n']} prompts with replacement ({b['resamples']:,} "
@@ -172,6 +192,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default="out/grpo_gsm8k", help="output folder: run/, probe/, summary.json, report.md")
     p.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples (default: 10000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: recompute the statistics and the report of the run already in --out (its "
+                        "timings from OUT/summary.json)")
     a = p.parse_args(argv)
     if a.minutes is not None and a.minutes <= 0:
         p.error("--minutes must be > 0")
@@ -183,6 +206,9 @@ def main(argv: list[str] | None = None) -> dict:
     from lmforge.evaluation.significance import paired_bootstrap
 
     out = Path(a.out)
+    run = out / "run"
+    if a.report_only:
+        return report_only(out, a.resamples, a.seed)
     base = ["rlhf", "grpo", "--config", a.config, "--threads", str(a.threads), *extra]
     if a.eval_n is not None:
         base += ["--eval-count", str(a.eval_n)]
@@ -195,11 +221,10 @@ def main(argv: list[str] | None = None) -> dict:
         probe_s = step_seconds(out / "probe")[0]
         steps = max(1, int(a.minutes * 60 // probe_s))
         print(f"probe: one step took {probe_s:.1f} s -> {steps} steps in {a.minutes:g} min", file=sys.stderr)
-    run_args = [*base, *(["--steps", str(steps)] if steps else []), "-o", str(out / "run"), "--overwrite"]
+    run_args = [*base, *(["--steps", str(steps)] if steps else []), "-o", str(run), "--overwrite"]
     t_run = time.perf_counter()
     result = grpo(run_args)
     run_s = time.perf_counter() - t_run
-    run = out / "run"
     cfg = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
     steps = int(result["step"])
     before = correctness(run / "held_out" / "step-0.jsonl")
@@ -223,7 +248,12 @@ def main(argv: list[str] | None = None) -> dict:
         "bootstrap": boot.as_dict(), "right_before": int(sum(x)), "right_after": int(sum(y)),
         "fixed": sum(1 for u, v in zip(x, y) if v > u), "broken": sum(1 for u, v in zip(x, y) if v < u),
         "held_out_rows": rows, "before": x, "after": y, "sft_train_records": sft_records,
+        "other_terms": other_terms(run, steps, rows, cfg["rewards"], a.resamples, a.seed),
     }
+    return write_summary(out, summary)
+
+
+def write_summary(out: Path, summary: dict) -> dict:
     from lmforge.io import write_json_atomic, write_text_atomic
 
     block = markdown(summary)
@@ -231,6 +261,26 @@ def main(argv: list[str] | None = None) -> dict:
     write_text_atomic(out / "report.md", block + "\n")
     print(block)
     return summary
+
+
+def report_only(out: Path, resamples: int, seed: int) -> dict:
+    """The statistics of the run in ``out`` again (exact match and the other terms), with its recorded timings."""
+    from lmforge.evaluation.significance import paired_bootstrap
+
+    path = out / "summary.json"
+    if not path.is_file():
+        sys.exit(f"--report-only: {path} does not exist (run the bench first)")
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    run, steps = out / "run", int(summary["steps"])
+    before = correctness(run / "held_out" / "step-0.jsonl")
+    after = correctness(run / "held_out" / f"step-{steps}.jsonl")
+    rows = sorted(before)
+    x, y = [before[r] for r in rows], [after[r] for r in rows]
+    summary.update(bootstrap=paired_bootstrap(x, y, resamples=resamples, seed=seed).as_dict(), before=x, after=y,
+                   right_before=int(sum(x)), right_after=int(sum(y)),
+                   fixed=sum(1 for u, v in zip(x, y) if v > u), broken=sum(1 for u, v in zip(x, y) if v < u),
+                   other_terms=other_terms(run, steps, rows, summary["config"]["rewards"], resamples, seed))
+    return write_summary(out, summary)
 
 
 if __name__ == "__main__":

@@ -346,6 +346,12 @@ def test_gsm8k_bench_pairs_held_out_prompts_before_and_after(gsm8k_model, tmp_pa
     assert printed.strip() == (out / "report.md").read_text().strip()
     assert "| 3 | " in printed and "95% paired bootstrap interval" in printed and "2 steps (fixed)" in printed
     assert json.loads((out / "summary.json").read_text())["bootstrap"]["resamples"] == 500
+    fmt = s["other_terms"]["format"]  # the recipe's second reward term, paired the same way
+    after_rows = [json.loads(x) for x in (run_dir / "held_out" / "step-2.jsonl").read_text().splitlines()]
+    assert fmt["after"] == pytest.approx(sum(r["format"] for r in after_rows) / 3)
+    assert "mean format reward term" in printed
+    again = bench.main(["--report-only", "--out", str(out), "--resamples", "500"])  # no training: the same figures
+    assert again["bootstrap"] == s["bootstrap"] and again["other_terms"] == s["other_terms"]
     first6 = GSM8K.read_text().splitlines()[:6]  # the SFT file: the records GRPO trained on, as in the source
     assert (out / "sft_train.jsonl").read_text().splitlines() == [x for i, x in enumerate(first6)
                                                                    if i not in s["held_out_rows"]]
