@@ -169,7 +169,9 @@ def test_cached_top_k_equals_on_the_fly_and_is_reused(tiny_lm_dirs, tmp_path, ca
     assert main([*base, "-o", str(tmp_path / "fly")]) == 0
     cache = tmp_path / "cache"
     assert main([*base, "--cache-teacher", str(cache), "-o", str(tmp_path / "cached")]) == 0
-    assert "cached the teacher's top-8 logits of 36 examples" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "cached the teacher's top-8 logits of 36 examples" in err
+    assert "teacher top-8: 100%" in err and "36/36" in err  # the progress bar of the caching pass
 
     def losses(name: str) -> list[float]:
         return [r["loss"] for r in rows(tmp_path / name) if "loss" in r]

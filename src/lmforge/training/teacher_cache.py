@@ -163,20 +163,27 @@ class TeacherCache:
             counts.clear()
             size = 0
 
-        for batch in source.iter_once():
-            batch = {k: v.to(device) for k, v in batch.items()}
-            top = teacher_topk(teacher_logits(teacher, batch), top_k, temperature)
-            lengths = [_distilled_positions(examples[int(i)]) for i in batch["items"]]
-            for j, (vals, idx, lse) in enumerate(zip(top.values.split(lengths), top.indices.split(lengths),
-                                                     top.lse.split(lengths))):
-                parts["values"].append(vals.cpu())
-                parts["indices"].append(idx.to(torch.int32).cpu())
-                parts["lse"].append(lse.cpu())
-                counts.append(lengths[j])
-                size += lengths[j] * (top_k * 8 + 4)
-                if size >= SHARD_BYTES:
-                    flush()
-        flush()
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(examples), desc=f"teacher top-{top_k}", unit="ex", dynamic_ncols=True, mininterval=0.5)
+        try:  # the bar is closed on an error too: the error line must not land on it
+            for batch in source.iter_once():
+                batch = {k: v.to(device) for k, v in batch.items()}
+                top = teacher_topk(teacher_logits(teacher, batch), top_k, temperature)
+                lengths = [_distilled_positions(examples[int(i)]) for i in batch["items"]]
+                bar.update(len(lengths))
+                for j, (vals, idx, lse) in enumerate(zip(top.values.split(lengths), top.indices.split(lengths),
+                                                         top.lse.split(lengths))):
+                    parts["values"].append(vals.cpu())
+                    parts["indices"].append(idx.to(torch.int32).cpu())
+                    parts["lse"].append(lse.cpu())
+                    counts.append(lengths[j])
+                    size += lengths[j] * (top_k * 8 + 4)
+                    if size >= SHARD_BYTES:
+                        flush()
+            flush()
+        finally:
+            bar.close()
         meta = {**meta, "shards": shards}
         from lmforge.io import write_json_atomic
 
