@@ -289,9 +289,7 @@ def run_align(ctx: Context, d: Path, h: str) -> dict:
     algorithm = ctx.cfg.align_algorithm()
     cfg = ctx.cfg.align_config(model=start["model"], adapter=start["adapter"], out_dir=run_dir,
                                prompts=d / "prompts.jsonl")
-    if algorithm == "ppo" and "prompts" not in ctx.cfg.align:
-        from lmforge.io import write_text_atomic
-
+    if algorithm == "ppo" and "prompts" not in ctx.cfg.align:  # the task's own prompts, one PPO pass's worth
         pairs = task_examples(ctx, cfg.steps * cfg.batch_size)
         write_text_atomic(cfg.prompts, "".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p, _ in pairs))
     how = _claim_run(run_dir, d, h)
