@@ -90,9 +90,11 @@ def llama_cpp(gguf: Path, prompt_len: int, n: int, threads: int, repeats: int, b
     cmd = [bench, "-m", str(gguf), "-p", str(prompt_len), "-n", str(n), "-t", str(threads), "-r", str(repeats),
            "-o", "json"]
     done = subprocess.run(cmd, capture_output=True, text=True)
+    no_repack: list[str] = []
     if done.returncode != 0:  # a native build on an AMX CPU dies (SIGILL) in its repacked kernels: without them
         print(f"(llama-bench exited with {done.returncode}; rerun with --repack 0, llama.cpp's plain CPU kernels)")
         done = subprocess.run([*cmd, "--repack", "0"], capture_output=True, text=True, check=True)
+        no_repack = ["--no-repack"]  # the same for llama-batched-bench
     tests = json.loads(done.stdout)
     pp = next(t["avg_ts"] for t in tests if t["n_prompt"] and not t["n_gen"])
     tg = next(t["avg_ts"] for t in tests if t["n_gen"] and not t["n_prompt"])
@@ -100,7 +102,7 @@ def llama_cpp(gguf: Path, prompt_len: int, n: int, threads: int, repeats: int, b
     batched = llama_cpp_bin("llama-batched-bench")
     if batch and batched:
         out = subprocess.run([batched, "-m", str(gguf), "-c", str(8 * (prompt_len + n) + 64), "-npp", str(prompt_len),
-                              "-ntg", str(n), "-npl", "8", "-t", str(threads), "--output-format", "jsonl"],
+                              "-ntg", str(n), "-npl", "8", "-t", str(threads), "--output-format", "jsonl", *no_repack],
                              capture_output=True, text=True, check=True).stdout
         rows = [json.loads(ln) for ln in out.splitlines() if ln.startswith("{") and "speed" in ln]
         total = rows[-1]["pl"] * rows[-1]["tg"] / rows[-1]["t"]  # prefill included, as in the other columns
