@@ -24,7 +24,8 @@ from lmforge.errors import LmforgeError
 from lmforge.io import read_json_object, write_json_atomic
 from lmforge.lifecycle.config import STAGES, LifecycleConfig
 from lmforge.lifecycle.data import split_task
-from lmforge.lifecycle.stages import READS, RUNNERS, STAGE_FILE, Context, stage_hash
+from lmforge.lifecycle.hashing import stage_hash
+from lmforge.lifecycle.stages import READS, RUNNERS, STAGE_FILE, Context
 from lmforge.outputs import LOCK, RunLock
 
 
