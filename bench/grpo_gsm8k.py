@@ -203,7 +203,6 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     import yaml
 
-    from lmforge.evaluation.significance import paired_bootstrap
 
     out = Path(a.out)
     run = out / "run"
@@ -227,13 +226,8 @@ def main(argv: list[str] | None = None) -> dict:
     run_s = time.perf_counter() - t_run
     cfg = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
     steps = int(result["step"])
-    before = correctness(run / "held_out" / "step-0.jsonl")
-    after = correctness(run / "held_out" / f"step-{steps}.jsonl")
-    if sorted(before) != sorted(after):
-        sys.exit("the held-out evaluations before and after scored different prompts")
-    rows = sorted(before)
-    x, y = [before[r] for r in rows], [after[r] for r in rows]
-    boot = paired_bootstrap(x, y, resamples=a.resamples, seed=a.seed)
+    stats = paired_stats(run, steps, cfg["rewards"], a.resamples, a.seed)
+    rows = stats["held_out_rows"]
     train_s = sum(step_seconds(run))
     sft_records = write_sft_train(cfg, rows, out / "sft_train.jsonl")
     weights = cfg.get("reward_weights") or [1.0] * len(cfg["rewards"])
@@ -245,10 +239,7 @@ def main(argv: list[str] | None = None) -> dict:
         "minutes": a.minutes,
         "probe_step_s": probe_s, "steps": steps, "train_s": train_s, "other_s": max(0.0, run_s - train_s),
         "total_s": time.perf_counter() - t0, "config": cfg, "rewards": list(zip(cfg["rewards"], weights)),
-        "bootstrap": boot.as_dict(), "right_before": int(sum(x)), "right_after": int(sum(y)),
-        "fixed": sum(1 for u, v in zip(x, y) if v > u), "broken": sum(1 for u, v in zip(x, y) if v < u),
-        "held_out_rows": rows, "before": x, "after": y, "sft_train_records": sft_records,
-        "other_terms": other_terms(run, steps, rows, cfg["rewards"], a.resamples, a.seed),
+        **stats, "sft_train_records": sft_records,
     }
     return write_summary(out, summary)
 
@@ -263,25 +254,29 @@ def write_summary(out: Path, summary: dict) -> dict:
     return summary
 
 
-def report_only(out: Path, resamples: int, seed: int) -> dict:
-    """The statistics of the run in ``out`` again (exact match and the other terms), with its recorded timings."""
+def paired_stats(run: Path, steps: int, rewards: list[str], resamples: int, seed: int) -> dict:
+    """The held-out figures of a run: each prompt's exact match before and after (paired by prompt), their
+    bootstrap, the counts, and the same pairing for the other reward terms."""
     from lmforge.evaluation.significance import paired_bootstrap
 
+    before = correctness(run / "held_out" / "step-0.jsonl")
+    after = correctness(run / "held_out" / f"step-{steps}.jsonl")
+    if sorted(before) != sorted(after):
+        sys.exit("the held-out evaluations before and after scored different prompts")
+    rows = sorted(before)
+    x, y = [before[r] for r in rows], [after[r] for r in rows]
+    return {"bootstrap": paired_bootstrap(x, y, resamples=resamples, seed=seed).as_dict(),
+            "right_before": int(sum(x)), "right_after": int(sum(y)),
+            "fixed": sum(1 for u, v in zip(x, y) if v > u), "broken": sum(1 for u, v in zip(x, y) if v < u),
+            "held_out_rows": rows, "before": x, "after": y,
+            "other_terms": other_terms(run, steps, rows, rewards, resamples, seed)}
+
+
+def report_only(out: Path, resamples: int, seed: int) -> dict:
+    """The statistics of the run in ``out`` again (exact match and the other terms), with its recorded timings."""
     path = out / "summary.json"
     if not path.is_file():
         sys.exit(f"--report-only: {path} does not exist (run the bench first)")
     summary = json.loads(path.read_text(encoding="utf-8"))
-    run, steps = out / "run", int(summary["steps"])
-    before = correctness(run / "held_out" / "step-0.jsonl")
-    after = correctness(run / "held_out" / f"step-{steps}.jsonl")
-    rows = sorted(before)
-    x, y = [before[r] for r in rows], [after[r] for r in rows]
-    summary.update(bootstrap=paired_bootstrap(x, y, resamples=resamples, seed=seed).as_dict(), before=x, after=y,
-                   right_before=int(sum(x)), right_after=int(sum(y)),
-                   fixed=sum(1 for u, v in zip(x, y) if v > u), broken=sum(1 for u, v in zip(x, y) if v < u),
-                   other_terms=other_terms(run, steps, rows, summary["config"]["rewards"], resamples, seed))
+    summary.update(paired_stats(out / "run", int(summary["steps"]), summary["config"]["rewards"], resamples, seed))
     return write_summary(out, summary)
-
-
-if __name__ == "__main__":
-    main()
