@@ -9,7 +9,8 @@ a distillation stopped half-way resumes from its checkpoint):
                    --dtype bfloat16 (the tensors left float, embeddings and lm_head, in bf16)
   int8/            lmforge quantize --method int8 (round to nearest, one scale per row; same --dtype)
   distilled/       lmforge distill --teacher T --student-layers K (K = --student-layers, default half the blocks,
-                   evenly spaced) on the first --train-limit DialogSum train dialogues, --distill-steps steps
+                   evenly spaced) on the first --distill-limit DialogSum train dialogues (default: --train-limit),
+                   --distill-steps steps
   pruned/          lmforge prune --method layers --keep-layers K (the blocks of lowest block influence dropped,
                    scored on calibration.txt), K = ceil(--keep-fraction x blocks): at least that fraction of the
                    blocks stays (0.75 of 30 -> 23)
@@ -30,7 +31,8 @@ a subprocess (logs in --work/logs/); --threads sets OMP_NUM_THREADS for all of t
 
     HF_HUB_OFFLINE=1 python bench/optimize.py --teacher /work/runs/teacher-full/final --work runs/optimize \\
         [--threads 2] [--eval-n 100] [--distill-steps 300] [--heal-steps 200] [--train-limit 800] [--lr 2e-4]
-        [--student-layers K] [--keep-fraction 0.75] [--batch-size 8] [--precision bf16] [--json out.json]
+        [--distill-limit N] [--student-layers K] [--keep-fraction 0.75] [--batch-size 8] [--precision bf16]
+        [--json out.json]
 
 A quick plumbing check: a tiny model and a 20-record jsonl as --train/--dev, --eval-n 4 --distill-steps 2
 --heal-steps 2 --max-len 256 --max-new-tokens 8.
@@ -94,14 +96,18 @@ def run(stage: str, argv: list[str], work: Path, env: dict, times: dict) -> None
     print(f"[{stage}] done in {times[stage]:.0f} s", flush=True)
 
 
-def distill_args(a: argparse.Namespace, work: Path, out: Path, steps: int) -> list[str]:
-    """The shared flags of both distillations (same data, teacher and cache), with resume/overwrite as needed."""
-    argv = [*LMFORGE, "distill", "--teacher", str(a.teacher), "--train", str(a.train), "--limit", str(a.train_limit),
+def distill_args(a: argparse.Namespace, work: Path, out: Path, steps: int, limit: int) -> list[str]:
+    """The shared flags of both distillations (same teacher and settings), with resume/overwrite as needed.
+
+    The teacher's top-64 logits of the first ``limit`` train dialogues are cached in teacher-top64/ for
+    --train-limit (both distillations share it) and in teacher-top64-nLIMIT/ for another --distill-limit."""
+    cache = work / ("teacher-top64" if limit == a.train_limit else f"teacher-top64-n{limit}")
+    argv = [*LMFORGE, "distill", "--teacher", str(a.teacher), "--train", str(a.train), "--limit", str(limit),
             "--prompt-template", PROMPT, "--response-field", "summary", "--max-len", str(a.max_len),
             "--steps", str(steps), "--lr", str(a.lr), "--warmup", str(min(20, max(1, steps // 10))),
             "--batch-size", str(a.batch_size), "--precision", a.precision, "--temperature", "2.0", "--alpha", "0.5",
-            "--top-k", "64",
-            "--cache-teacher", str(work / "teacher-top64"), "--save-every", str(max(1, min(50, steps))),
+            "--top-k", "64", "--teacher-precision", a.teacher_precision,
+            "--cache-teacher", str(cache), "--save-every", str(max(1, min(50, steps))),
             "--eval-every", "0", "--log-every", "10", "-o", str(out)]
     if (out / "checkpoint").exists():
         argv.append("--resume")
@@ -223,12 +229,17 @@ def main() -> None:
     p.add_argument("--decode-tokens", type=int, default=64, help="tokens timed for decode tok/s (default: 64)")
     p.add_argument("--calib-n", type=int, default=64, help="train dialogues in calibration.txt (default: 64)")
     p.add_argument("--train-limit", type=int, default=800, help="train dialogues distilled on (default: 800)")
+    p.add_argument("--distill-limit", type=int, default=None,
+                   help="train dialogues the half-layer student is distilled on (default: --train-limit)")
     p.add_argument("--distill-steps", type=int, default=300, help="steps of the half-layer student (default: 300)")
     p.add_argument("--heal-steps", type=int, default=200, help="steps healing the pruned model (default: 200)")
     p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate of both distillations (default: 2e-4)")
     p.add_argument("--batch-size", type=int, default=8, help="examples per distillation step (default: 8)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="bf16",
                    help="the students' training precision (bf16 autocast, as the teacher's SFT; default: bf16)")
+    p.add_argument("--teacher-precision", choices=("fp32", "bf16"), default="fp32",
+                   help="the teacher's weights while it fills the top-64 cache (bf16 runs on the CPU's bf16 matmul "
+                        "units where it has them, several times faster; default: fp32)")
     p.add_argument("--max-len", type=int, default=512, help="tokens per distillation example (default: 512)")
     p.add_argument("--student-layers", type=int, default=None, help="blocks of the student (default: half)")
     p.add_argument("--keep-fraction", type=float, default=0.75,
@@ -245,6 +256,7 @@ def main() -> None:
         if not path.is_file():
             p.error(f"{flag} {path}: no such file")
     a.teacher, a.train, a.dev = a.teacher.resolve(), a.train.resolve(), a.dev.resolve()
+    a.distill_limit = a.distill_limit or a.train_limit
     work = a.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "PYTHONUNBUFFERED": "1"}
@@ -269,7 +281,8 @@ def main() -> None:
         ("int8", work / "int8", [*LMFORGE, "quantize", str(a.teacher), "-o", str(work / "int8"), "--method", "int8",
                                  "--dtype", "bfloat16", "--force"]),
         ("distill", work / "distilled" / "final",
-         [*distill_args(a, work, work / "distilled", a.distill_steps), "--student-layers", str(student_k)]),
+         [*distill_args(a, work, work / "distilled", a.distill_steps, a.distill_limit),
+          "--student-layers", str(student_k)]),
         ("prune", work / "pruned", [*LMFORGE, "prune", str(a.teacher), "-o", str(work / "pruned"), "--method",
                                     "layers", "--keep-layers", str(keep_k), "--calibration", str(calib), "--force"]),
     ]
@@ -283,8 +296,8 @@ def main() -> None:
     if is_model(healed):
         print(f"[heal] {healed} exists: skipped", flush=True)
     else:
-        run("heal", [*distill_args(a, work, work / "healed", a.heal_steps), "--student", str(work / "pruned")],
-            work, env, times)
+        heal = distill_args(a, work, work / "healed", a.heal_steps, a.train_limit)
+        run("heal", [*heal, "--student", str(work / "pruned")], work, env, times)
         write_atomic(times_path, json.dumps(times, indent=2))
 
     import yaml
@@ -318,11 +331,14 @@ def main() -> None:
             "student_layers": f"{student_k} of {layers}", "precision": a.precision,
             "pruned_layers": f"{keep_k} of {layers}",
             "distill_steps": a.distill_steps, "heal_steps": a.heal_steps, "lr": a.lr, "train_limit": a.train_limit,
+            "teacher_precision": a.teacher_precision,
+            "distill_limit": a.distill_limit,
             "stage_seconds": times, "compare_report": str(work / "compare" / "report.md")}
     results = checks(rows)
     md = table(rows, meta)
     lines = [f"{'PASS' if ok else 'FAIL' if ok is False else 'N/A '}  {name}: {detail}" for name, ok, detail in results]
-    report = (f"# bench/optimize.py\n\nStudent: {student_k} of {layers} blocks, {a.distill_steps} distillation steps; "
+    report = (f"# bench/optimize.py\n\nStudent: {student_k} of {layers} blocks, {a.distill_steps} distillation steps "
+              f"on {a.distill_limit} train dialogues; "
               f"pruned: {keep_k} of {layers} blocks, healed {a.heal_steps} steps.\n\n{md}\n```\n"
               + "\n".join(lines) + "\n```\n")
     write_atomic(work / "optimize.md", report)

@@ -109,3 +109,27 @@ def test_optimize_bench_checks_issue_16s_thresholds():
     assert got["pruned+healed ROUGE-L >= 90% of the teacher's"] == (None, "no pruned+healed row")
     rows["int4"]["rougeL"] = 0.2895  # 1.05 points lower
     assert dict((n, ok) for n, ok, _ in bench.checks(rows))["int4 ROUGE-L within 1.0 point of fp32"] is False
+
+
+def test_a_compile_setting_times_the_compiled_decode_and_is_recorded(tiny_lm_dirs, tmp_path, monkeypatch):
+    import lmforge.evaluation.deployment as deployment
+
+    seen = []
+    real = deployment.generate_tokens
+
+    def spy(*args, compile=False, **kwargs):
+        seen.append(compile)
+        return real(*args, compile=False, **kwargs)  # the compiled step itself is tested in test_fast_decode
+
+    monkeypatch.setattr(deployment, "generate_tokens", spy)
+    cfg = CompareConfig(data=_data(tmp_path), input_field="text", reference_field="summary", limit=1,
+                        max_new_tokens=2, out=tmp_path / "rep", deployment_stats=True, decode_tokens=4,
+                        defaults={"model": str(tiny_lm_dirs["plain"])}, metrics=("rougeL",),
+                        settings=[{"label": "eager"}, {"label": "compiled", "compile": True}])
+    eager, compiled = run_compare(cfg, "lmforge compare", progress=False)
+    assert seen and seen[: len(seen) // 2] == [False] * (len(seen) // 2) and seen[len(seen) // 2:] == [True] * (
+        len(seen) // 2)
+    runs = tmp_path / "rep" / "runs"
+    assert json.loads((runs / "compiled" / "summary.json").read_text())["settings"]["compile"] is True
+    assert json.loads((runs / "eager" / "summary.json").read_text())["settings"]["compile"] is False
+    assert compiled.deployment["decode_tok_s"] > 0 and eager.deployment["decode_tok_s"] > 0

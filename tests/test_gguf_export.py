@@ -222,16 +222,20 @@ def test_quantised_types_follow_ggml_block_arithmetic(tiny_lm_dirs, tmp_path, ty
             assert rt.tensor_type == QT.F32
             np.testing.assert_array_equal(back.state_dict[ours].numpy(), w)
             continue
-        assert rt.tensor_type == qt, ours
-        x_hat, step = ref(w)
+        # q4_0 keeps the output matrix (the tied embedding, or lm_head) at Q8_0, as llama-quantize does
+        tied = source.model.config.tie_embeddings
+        head = ours == "lm_head.weight" or (tied and ours == "model.embed_tokens.weight")
+        want, want_ref, want_steps = (QT.Q8_0, ref_q8_0, 0.5) if qt == QT.Q4_0 and head else (qt, ref, steps)
+        assert rt.tensor_type == want, ours
+        x_hat, step = want_ref(w)
         reference[ours] = torch.from_numpy(x_hat.copy())
         got = back.state_dict[ours].numpy()
         # lmforge's reader (gguf.quants) = the blocks decoded independently = the reference arithmetic
-        decoded = F.decode(rt.data, qt, w.shape)
+        decoded = F.decode(rt.data, want, w.shape)
         np.testing.assert_array_equal(decoded, expected_gguf_layout(ours, got, source.model.config))
         np.testing.assert_allclose(got, x_hat, rtol=0, atol=1e-6)
         # within the format's error (plus the f16 rounding of the scale), never more
-        assert np.all(np.abs(got - w) <= step * steps + np.abs(w) * 2e-3 + 1e-7), ours
+        assert np.all(np.abs(got - w) <= step * want_steps + np.abs(w) * 2e-3 + 1e-7), ours
     # the loaded model is the source model with the reference-quantised weights
     source.model.load_state_dict(reference)
     x = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(0))
@@ -423,3 +427,31 @@ def test_llama_cpp_runs_the_exported_gguf_with_lmforge_greedy_text(type, tmp_pat
                 assert best in logp.topk(3).indices.tolist(), (prompt, first[k])
         if type == "f32":
             assert want and text == want, (prompt, text, want)
+
+
+def llama_quantize() -> Path | None:
+    folder = os.environ.get("LLAMA_CPP_BIN")
+    found = (Path(folder) / "llama-quantize") if folder else shutil.which("llama-quantize")
+    return Path(found) if found and Path(found).is_file() and os.access(found, os.X_OK) else None
+
+
+@pytest.mark.real
+@pytest.mark.skipif(llama_quantize() is None, reason="no llama-quantize: set LLAMA_CPP_BIN to a llama.cpp build's bin "
+                                                     "folder or put it on PATH")
+@pytest.mark.parametrize("type", ["q8_0", "q4_0"])
+def test_lmforge_quantises_tensors_byte_for_byte_as_llama_quantize(type, tmp_path):
+    """llama.cpp's own quantiser, given lmforge's f32 export, writes the very tensors lmforge writes at ``type``."""
+    assert main(["export", "--format", "gguf", "--type", "f32", "-o", str(tmp_path / "f32.gguf")]) == 0
+    assert main(["export", "--format", "gguf", "--type", type, "-o", str(tmp_path / "ours.gguf")]) == 0
+    binary = llama_quantize()
+    env = {**os.environ, "LD_LIBRARY_PATH": str(binary.parent)}
+    run = subprocess.run([str(binary), str(tmp_path / "f32.gguf"), str(tmp_path / "theirs.gguf"), type],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    ours = {t.name: t for t in gguf.GGUFReader(tmp_path / "ours.gguf").tensors}
+    theirs = {t.name: t for t in gguf.GGUFReader(tmp_path / "theirs.gguf").tensors}
+    assert ours.keys() == theirs.keys()
+    differ = [name for name, t in ours.items()
+              if t.tensor_type != theirs[name].tensor_type
+              or np.asarray(t.data).tobytes() != np.asarray(theirs[name].data).tobytes()]
+    assert not differ, f"{len(differ)} of {len(ours)} tensors differ, e.g. {differ[:3]}"

@@ -19,7 +19,10 @@ that llama.cpp (and Ollama, which runs llama.cpp) loads the file and lmforge's o
   block arithmetic: Q8_0 = 32 values per block, one f16 scale d = max|x| / 127 and int8 q = round(x / d);
   Q4_0 = one f16 scale d = max / -8 over the value of largest magnitude and 4-bit q = min(15, trunc(x / d + 8.5)),
   x = d * (q - 8)); vectors (norms, biases, rope factors) stay f32 and a matrix whose rows are not a multiple of
-  the block size falls back to f16, as llama.cpp's converter does.
+  the block size falls back to f16, as llama.cpp's converter does. At q4_0 the output matrix (``output.weight``,
+  or ``token_embd.weight`` when the head is tied to it) is written as Q8_0: llama-quantize keeps it above the
+  file's type too (Q6_K where the width is a multiple of 256, else Q8_0), since the head is where 4 bits cost
+  the most; so a q4_0 file of SmolLM2 (width 576) holds the very bytes llama-quantize writes from the f32 one.
 
 The file is written to a temporary name beside the target and renamed when complete (``lmforge.io.atomic_path``).
 An architecture llama.cpp has no GGUF name for here (GPT-2, BERT, T5) or a layout the ``llama``/``qwen2`` GGUF
@@ -248,11 +251,12 @@ def write_gguf(model: torch.nn.Module, tokenizer: Any, path: str | os.PathLike, 
         if kind == "llama3":  # the divisors are a tensor; the original context is what lmforge's reader needs
             w.add_rope_scaling_orig_ctx_len(int(scaling.get("original_max_position_embeddings", 8192)))
             w.add_tensor("rope_freqs.weight", llama3_rope_factors(scaling, head_dim, float(config.rope_theta)))
+        head = "model.embed_tokens.weight" if config.tie_embeddings else "lm_head.weight"
         for ours, t in state.items():
             arr = t.detach().to(torch.float32).cpu().numpy()
             if spec.permuted_qk and ours.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
                 arr = permute_rope_rows(arr, config.n_head if ours.endswith("q_proj.weight") else n_kv)
-            data, qt = _encode(arr, qtype)
+            data, qt = _encode(arr, QT.Q8_0 if qtype == QT.Q4_0 and ours == head else qtype)
             w.add_tensor(names[ours], data, raw_dtype=None if qt in (QT.F32, QT.F16) else qt)
         w.write_header_to_file()
         w.write_kv_data_to_file()

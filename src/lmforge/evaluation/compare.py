@@ -70,6 +70,9 @@ class Setting:
     """Sampling seed."""
     max_new_tokens: int | None = option(None, min=1, cli=False)
     """Most tokens to generate (none: the config's max_new_tokens)."""
+    compile: bool = option(False, cli=False)
+    """Decode through the torch.compile'd static-shape step (the same tokens as eager; compiled once per batch
+    shape, the time on stderr): one recipe can time a model's eager and compiled decode side by side."""
 
     def __post_init__(self) -> None:
         validate(self)
@@ -202,7 +205,7 @@ class CompareConfig:
                           max_new_tokens=s.max_new_tokens or self.max_new_tokens, temperature=s.temperature,
                           top_k=s.top_k, top_p=s.top_p, repetition_penalty=s.repetition_penalty, seed=s.seed,
                           stop=self.stop, toxicity_scorer=self.toxicity_scorer, model=s.model or DEFAULT_MODEL,
-                          adapter=s.adapter, device=self.device, dtype=self.dtype)
+                          adapter=s.adapter, device=self.device, dtype=self.dtype, compile=s.compile)
 
 
 def slug(label: str) -> str:
@@ -315,6 +318,7 @@ def run_compare(cfg: CompareConfig, command: str, *, progress: bool = True, load
                     memory.baseline()
                 lm = load_setting(s)
                 held_key = key
+            lm.compile = s.compile
             print(f"[{n}/{len(cfg.settings)}] {s.label}", file=sys.stderr)
             run_dir = cfg.runs_dir() / folders[s.label]
             if memory is not None:  # the decode timing first (it builds int4's packed weights), then the evaluation
