@@ -23,7 +23,7 @@ a distillation stopped half-way resumes from its checkpoint):
   compare/         row survives an interruption; then compare.yaml with all six rows, --report-only) on the SAME first
                    --eval-n dev dialogues as bench/sft_dialogsum.py, same prompt (chat template), greedy,
                    --max-new-tokens 64: ROUGE-1/2/L (rouge-score, stemmed) and the deployment columns (size on
-                   disk, parameters, peak memory while evaluating, batch-1 greedy decode tok/s over 64 tokens)
+                   disk, parameters, peak memory while decoding at batch 1, batch-1 greedy decode tok/s over 64 tokens)
   optimize.md/.json  the table, and issue 16's checks as PASS/FAIL lines with their ratios
 
 Rows: teacher (fp32), int8, int4, pruned (not healed), pruned+healed, distilled. Every stage is the lmforge CLI in
@@ -210,8 +210,8 @@ def table(rows: dict[str, dict], meta: dict) -> str:
             f(ratio(r["decode_tok_s"], t.get("decode_tok_s")), ".2f")]) + " |")
     notes = (f"{meta['eval_n']} DialogSum dev dialogues (the first, as bench/sft_dialogsum.py), greedy, at most "
              f"{meta['max_new_tokens']} new tokens; ROUGE: rouge-score F-measure with stemming, x100. Disk: the model "
-             f"folder. Peak memory: the process's resident-set high-water mark while timing the decode and "
-             f"evaluating, above the memory in use before the model loaded (after a warm-up load and scoring). Decode: "
+             f"folder. Peak memory: the process's resident-set high-water mark while timing the batch-1 decode, "
+             f"above the memory in use before the model loaded (after a warm-up load and scoring). Decode: "
              f"batch 1, greedy, {meta['decode_tokens']} tokens after a warm-up, EOS ignored, median of 3. Threads: "
              f"{meta['threads']}. Teacher: {meta['teacher']}.")
     return "\n".join(lines) + "\n\n" + notes + "\n"

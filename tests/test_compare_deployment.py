@@ -133,3 +133,27 @@ def test_a_compile_setting_times_the_compiled_decode_and_is_recorded(tiny_lm_dir
     assert json.loads((runs / "compiled" / "summary.json").read_text())["settings"]["compile"] is True
     assert json.loads((runs / "eager" / "summary.json").read_text())["settings"]["compile"] is False
     assert compiled.deployment["decode_tok_s"] > 0 and eager.deployment["decode_tok_s"] > 0
+
+
+def test_peak_memory_is_the_batch_1_decode_not_the_evaluation(tiny_lm_dirs, tmp_path, monkeypatch):
+    """What the batched evaluation allocates (here 256 MiB, touched) is not the deployed model's peak memory."""
+    import torch
+
+    import lmforge.evaluation.compare as compare
+
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("no /proc/self/clear_refs here: the peak resident set cannot be reset")
+    real = compare.run_eval
+
+    def greedy_eval(*args, **kwargs):
+        block = torch.ones(256 * 2**20 // 4)
+        del block
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(compare, "run_eval", greedy_eval)
+    cfg = CompareConfig(data=_data(tmp_path), input_field="text", reference_field="summary", limit=1,
+                        max_new_tokens=2, out=tmp_path / "rep", deployment_stats=True, decode_tokens=4,
+                        defaults={"model": str(tiny_lm_dirs["plain"])}, metrics=("rougeL",),
+                        settings=[{"label": "a"}])
+    (result,) = run_compare(cfg, "lmforge compare", progress=False)
+    assert 0 <= result.deployment["peak_mem_mb"] < 128

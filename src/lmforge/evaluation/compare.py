@@ -162,8 +162,9 @@ class CompareConfig:
     """Toxicity: a registered name, reward:PATH or module:function (none: profanity-check)."""
     deployment_stats: bool = False
     """Also measure, per setting, what the model costs to deploy: size on disk (MB), weights in memory (MB),
-    parameters, peak memory while evaluating (MB above the memory in use before the model loaded) and batch-1
-    greedy decode tokens/s on the first prompt (timed apart from the evaluation; see evaluation/deployment.py)."""
+    parameters, peak memory while decoding at batch 1 (MB above the memory in use before the model loaded) and
+    batch-1 greedy decode tokens/s on the first prompt (timed apart from the evaluation; see
+    evaluation/deployment.py)."""
     decode_tokens: int = option(64, min=2)
     """Deployment stats: new tokens timed for the decode speed (after a short warm-up)."""
 
@@ -324,12 +325,13 @@ def run_compare(cfg: CompareConfig, command: str, *, progress: bool = True, load
             if memory is not None:  # the decode timing first (it builds int4's packed weights), then the evaluation
                 memory.start()
                 speed = decode_speed(lm, _first_prompt(cfg, s, lm), cfg.decode_tokens)
+                peak = memory.peak()  # batch-1 decode: what the deployed model holds, not the batched evaluation
             summary = run_eval(lm, cfg.eval_config(s, run_dir), progress=progress, label=s.label,
                                extra={"label": s.label, "model": s.model or lm.name, "adapter": s.adapter,
                                       "quantize": s.quantize}, force=force)
             if memory is not None:
                 summary["deployment"] = stats(lm, model=s.model, adapter=s.adapter, decode_tok_s=speed,
-                                              decode_tokens=cfg.decode_tokens, peak=memory.peak())
+                                              decode_tokens=cfg.decode_tokens, peak=peak)
                 write_json_atomic(run_dir / "summary.json", summary)
             results.append(Result(s, *_read_run(run_dir)))
         write_report(cfg, results, command)

@@ -8,14 +8,16 @@ Owns four measures of one loaded model, each defined once here:
 - ``weights_bytes``: bytes held by the loaded model's parameters and buffers (tied tensors once).
 - ``parameters``: how many weights the model represents: float parameters (tied ones once) plus, for each
   quantised linear layer, its ``out x in`` weights and its bias: the same count for a model and its int8/int4 form.
-- ``PeakMemory``: the peak memory while timing the decode and evaluating. On CPU (Linux): the process's resident-set
+- ``PeakMemory``: the peak memory of a span; ``lmforge compare`` measures the batch-1 decode timing (the model as
+  deployed for one user: weights, packed forms, KV cache, one token's activations), not the batched evaluation (over
+  which it read 8.2 GB for a 135M model scored 8 prompts at a time). On CPU (Linux): the process's resident-set
   high-water mark (``VmHWM``), reset through ``/proc/self/clear_refs`` after the model loads, minus the resident set
-  measured before the model was loaded: the model's resident weights (with caches such as int4's packed form) plus
-  the working set (activations, KV cache, allocator slack). The caller warms up first (``lmforge compare`` loads
-  its first model once beforehand and calls ``warm_up_scoring``) so that libraries imported on first use are not
-  counted. ``resource.getrusage`` and ``tracemalloc`` are not used: the first cannot be reset, the second does not
-  see torch's allocations. On CUDA: ``torch.cuda.max_memory_allocated`` over the same span, less what was
-  allocated before the model loaded. None where neither is available (macOS, Windows).
+  measured before the model was loaded: the model's resident weights (with caches such as int4's packed form) plus the
+  working set (activations, KV cache, allocator slack). The caller warms up first (``lmforge compare`` loads its first
+  model once beforehand and calls ``warm_up_scoring``) so that libraries imported on first use are not counted.
+  ``resource.getrusage`` and ``tracemalloc`` are not used: the first cannot be reset, the second does not see torch's
+  allocations. On CUDA: ``torch.cuda.max_memory_allocated`` over the same span, less what was allocated before the
+  model loaded. None where neither is available (macOS, Windows).
 - ``decode_speed``: batch-1 greedy decode tokens/s on one prompt: a short warm-up, then ``new_tokens`` tokens with
   EOS ignored, timed from the first new token to the last (prefill excluded), apart from the evaluation; the median
   of ``repeats`` such runs (a burst of other work on a shared machine then moves it less).
@@ -96,7 +98,7 @@ class PeakMemory:
     """Peak memory of a span, above the memory in use before the model loaded (see the module docstring).
 
     ``baseline()`` before loading the model; ``start()`` after loading, before what is measured (``lmforge compare``:
-    the decode timing, then the evaluation); ``peak()`` after it (bytes, or None where it cannot be measured)."""
+    the decode timing); ``peak()`` after it (bytes, or None where it cannot be measured)."""
 
     def __init__(self, device: str = "cpu"):
         self.cuda = str(device).startswith("cuda") and torch.cuda.is_available()

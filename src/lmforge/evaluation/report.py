@@ -25,7 +25,7 @@ DEPLOYMENT_COLUMNS = {"disk MB": "disk_mb", "weights MB": "weights_mb", "paramet
 DEPLOYMENT_NOTE = ("disk MB: the model folder (or .gguf file) and adapter as stored; a setting's load-time "
                    "quantize is not on disk (see weights MB). weights MB: parameters and buffers in memory. "
                    "parameters: weights the model represents (a quantised layer counts out x in). peak memory: the "
-                   "highest memory while timing the decode and evaluating (CPU: the process's resident-set "
+                   "highest memory while decoding at batch 1 (CPU: the process's resident-set "
                    "high-water mark; CUDA: allocated) above what was in use before the model loaded (after a "
                    "warm-up load and scoring, so that libraries are not counted). decode tok/s: batch 1, greedy, "
                    "{n} new tokens on the first prompt after a warm-up, EOS ignored, the median of 3 runs timed "
@@ -108,11 +108,12 @@ def html_page(title: str, body: str) -> str:
 
 
 def _tables(results: Sequence) -> tuple[list[str], list[list], list[str], list[list]]:
-    set_header = ["setting", *SETTING_COLUMNS, "examples", "shots dropped", "seconds"]
+    columns = SETTING_COLUMNS + (("compile",) if any(r.summary["settings"].get("compile") for r in results) else ())
+    set_header = ["setting", *columns, "examples", "shots dropped", "seconds"]
     set_rows = []
     for r in results:
         st = r.summary["settings"]
-        set_rows.append([r.setting.label, *[st.get(c) for c in SETTING_COLUMNS],
+        set_rows.append([r.setting.label, *[st.get(c) for c in columns],
                          r.summary["counts"]["evaluated"], r.summary["counts"]["shots_dropped"],
                          round(r.summary["timing"]["seconds"], 1)])
     names = metric_names(results)
