@@ -467,3 +467,15 @@ def test_compiled_bfloat16_step_differs_from_eager_by_rounding_only(tiny, monkey
     assert (compiled - ref).abs().max().item() <= (eager - ref).abs().max().item()
     free_eager = _run(bf, [BF16_PROMPT], 24)[0]
     assert _run(bf, [BF16_PROMPT], 24, compile=True)[0][:4] == free_eager[:4]
+
+
+def test_a_step_first_used_in_inference_mode_still_decodes_outside_it(tiny, uncompiled):
+    """The step's caches outlive one generation: made under ``torch.inference_mode`` (as ``lmforge compare``
+    times the decode), they must still take in-place writes from a later generation outside it."""
+    model = tiny["llama"]
+    eager = _run(model, PROMPTS[:1], 12)
+    with torch.inference_mode():
+        assert _run(model, PROMPTS[:1], 12, compile=True) == eager
+    assert _run(model, PROMPTS[:1], 12, compile=True) == eager
+    with torch.inference_mode():
+        assert _run(model, PROMPTS[:1], 12, compile=True) == eager

@@ -159,7 +159,8 @@ def decoder_for(model: DecoderLM, batch: int, width: int, caches: list[nn.Module
     key = (batch, width, id(caches[0]) if caches else None)
     if key not in state.entries:
         windows = [CacheWindow(c, batch, width) for c in caches] if caches else None
-        dec = StaticDecoder(model, batch, width, windows)
+        with torch.inference_mode(False):  # the caches outlive this generation: a later one may run outside it
+            dec = StaticDecoder(model, batch, width, windows)
         cuda = next(model.parameters()).device.type == "cuda"
         # CUDA graphs on GPU (the step's launch overhead is most of its time there); plain inductor on CPU
         step = torch.compile(dec, fullgraph=True, dynamic=False, mode="reduce-overhead" if cuda else None)
