@@ -94,6 +94,20 @@ def _reset_hwm() -> bool:
     return True
 
 
+def _release_freed_heap() -> None:
+    """Hand the C heap's free pages back to the OS (glibc ``malloc_trim``), so that the memory of a model freed
+    before this one does not sit in the resident set as a baseline the next model then fills unseen (it read 0 MB
+    for the second of several models timed in one process). A no-op where glibc is not the allocator."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass
+
+
 class PeakMemory:
     """Peak memory of a span, above the memory in use before the model loaded (see the module docstring).
 
@@ -111,6 +125,7 @@ class PeakMemory:
             torch.cuda.synchronize()
             self._base = torch.cuda.memory_allocated()
         else:
+            _release_freed_heap()
             rss = _status_kib("VmRSS")
             self._base = None if rss is None else rss * 1024
 
