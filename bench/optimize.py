@@ -24,7 +24,9 @@ a distillation stopped half-way resumes from its checkpoint):
                    --eval-n dev dialogues as bench/sft_dialogsum.py, same prompt (chat template), greedy,
                    --max-new-tokens 64: ROUGE-1/2/L (rouge-score, stemmed) and the deployment columns (size on
                    disk, parameters, peak memory while decoding at batch 1, batch-1 greedy decode tok/s over 64 tokens)
-  optimize.md/.json  the table, and issue 16's checks as PASS/FAIL lines with their ratios
+  optimize.md/.json  the table, and issue 16's checks as PASS/FAIL lines with their ratios (the decode ratios come
+                   from single timings minutes apart, which move by up to 25% on a shared VM: bench/decode_ratio.py
+                   times the student against the teacher in alternating rounds)
 
 Rows: teacher (fp32), int8, int4, pruned (not healed), pruned+healed, distilled. Every stage is the lmforge CLI in
 a subprocess (logs in --work/logs/); --threads sets OMP_NUM_THREADS for all of them.
