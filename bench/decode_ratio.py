@@ -20,12 +20,12 @@ import statistics
 from pathlib import Path
 
 import torch
+from optimize import DATA, PROMPT  # bench/optimize.py's data and prompt: the student is timed on what it is scored on
 
 import lmforge
 from lmforge.evaluation.deployment import decode_speed
 
-DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "dialogsum" / "dialogsum.dev.jsonl"
-PROMPT = "Summarize the following conversation.\n\n{dialogue}\n\nSummary: "  # as bench/optimize.py
+DEV = DATA / "dialogsum.dev.jsonl"
 
 
 def main() -> None:

@@ -317,8 +317,13 @@ def test_embedded_smollm2_round_trips_through_gguf_f16(real_lm, tmp_path):
 def llama_cpp_runner() -> Path | None:
     """A llama.cpp program that decodes a raw prompt greedily (``llama-completion``, ``llama-simple``, or
     ``llama-server``'s /completion), from LLAMA_CPP_BIN (a build's bin folder) or PATH."""
+    return llama_cpp_tool("llama-completion", "llama-simple", "llama-server")
+
+
+def llama_cpp_tool(*names: str) -> Path | None:
+    """The first of ``names`` that is an executable in LLAMA_CPP_BIN (a build's bin folder) or, without it, on PATH."""
     folder = os.environ.get("LLAMA_CPP_BIN")
-    for name in ("llama-completion", "llama-simple", "llama-server"):
+    for name in names:
         found = (Path(folder) / name) if folder else shutil.which(name)
         if found and Path(found).is_file() and os.access(found, os.X_OK):
             return Path(found)
@@ -429,21 +434,15 @@ def test_llama_cpp_runs_the_exported_gguf_with_lmforge_greedy_text(type, tmp_pat
             assert want and text == want, (prompt, text, want)
 
 
-def llama_quantize() -> Path | None:
-    folder = os.environ.get("LLAMA_CPP_BIN")
-    found = (Path(folder) / "llama-quantize") if folder else shutil.which("llama-quantize")
-    return Path(found) if found and Path(found).is_file() and os.access(found, os.X_OK) else None
-
-
 @pytest.mark.real
-@pytest.mark.skipif(llama_quantize() is None, reason="no llama-quantize: set LLAMA_CPP_BIN to a llama.cpp build's bin "
+@pytest.mark.skipif(llama_cpp_tool("llama-quantize") is None, reason="no llama-quantize: set LLAMA_CPP_BIN to a llama.cpp build's bin "
                                                      "folder or put it on PATH")
 @pytest.mark.parametrize("type", ["q8_0", "q4_0"])
 def test_lmforge_quantises_tensors_byte_for_byte_as_llama_quantize(type, tmp_path):
     """llama.cpp's own quantiser, given lmforge's f32 export, writes the very tensors lmforge writes at ``type``."""
     assert main(["export", "--format", "gguf", "--type", "f32", "-o", str(tmp_path / "f32.gguf")]) == 0
     assert main(["export", "--format", "gguf", "--type", type, "-o", str(tmp_path / "ours.gguf")]) == 0
-    binary = llama_quantize()
+    binary = llama_cpp_tool("llama-quantize")
     env = {**os.environ, "LD_LIBRARY_PATH": str(binary.parent)}
     run = subprocess.run([str(binary), str(tmp_path / "f32.gguf"), str(tmp_path / "theirs.gguf"), type],
                          capture_output=True, text=True, timeout=600, env=env)
