@@ -99,11 +99,9 @@ def _release_freed_heap() -> None:
     before this one does not sit in the resident set as a baseline the next model then fills unseen (it read 0 MB
     for the second of several models timed in one process). A no-op where glibc is not the allocator."""
     import ctypes
-    import ctypes.util
 
-    name = ctypes.util.find_library("c")
-    try:
-        ctypes.CDLL(name).malloc_trim(0)
+    try:  # the process's own symbols: libc is loaded already (find_library would run ldconfig on every call)
+        ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError, TypeError):
         pass
 
