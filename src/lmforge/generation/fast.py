@@ -36,6 +36,7 @@ import os
 import shutil
 import sys
 import time
+import types
 import weakref
 from dataclasses import dataclass, field
 
@@ -44,6 +45,7 @@ from torch import nn
 
 from lmforge.models.decoder import DecoderLM
 from lmforge.models.int4 import Int4Linear
+from lmforge.models.quantized import Int4Head, Int8Head, Int8Linear
 
 WIDTH_STEP = 256  # cache widths are multiples of this (or the whole context): fewer shapes, fewer compiles
 
@@ -131,6 +133,7 @@ class _Entry:
 @dataclass
 class _ModelState:
     entries: dict[tuple[int, int, int | None], _Entry] = field(default_factory=dict)
+    signature: tuple | None = None  # model_signature when the entries were built
     failed: str | None = None  # why compiling failed for this model: later generations decode eagerly
 
 
@@ -157,26 +160,67 @@ def decoder_for(model: DecoderLM, batch: int, width: int, caches: list[nn.Module
     """
     state = _STATES.setdefault(model, _ModelState())
     key = (batch, width, id(caches[0]) if caches else None)
+    if caches is None or key not in state.entries:  # once per generation (an engine builds its steps once)
+        signature = model_signature(model)
+        if signature != state.signature:  # the model changed since its steps were compiled: they assume the old one
+            state.entries.clear()
+            state.signature = signature
     if key not in state.entries:
         windows = [CacheWindow(c, batch, width) for c in caches] if caches else None
         with torch.inference_mode(False):  # the caches outlive this generation: a later one may run outside it
             dec = StaticDecoder(model, batch, width, windows)
-        cuda = next(model.parameters()).device.type == "cuda"
-        # CUDA graphs on GPU (the step's launch overhead is most of its time there); plain inductor on CPU
-        step = torch.compile(dec, fullgraph=True, dynamic=False, mode="reduce-overhead" if cuda else None)
-        state.entries[key] = _Entry(dec, step, compiled=True)
+        state.entries[key] = _Entry(dec, compile_step(dec), compiled=True)
     return state.entries[key]
 
 
+# Inductor's C++ wrapper: the compiled step calls its kernels from C++, not from a generated Python function
+# (one Python call per kernel and per matmul, ~2 ms of a ~20 ms bf16 int4 step of SmolLM2-135M on one thread).
+CPU_COMPILE_OPTIONS = {"cpp_wrapper": True}
+
+
+def compile_step(dec: StaticDecoder):
+    """torch.compile of one step: on GPU with CUDA graphs (launch overhead is most of a step's time there), on CPU
+    with inductor's C++ wrapper. Without dynamo's guards on the model: they check each of its ~400 modules and
+    ~700 tensors before every call (~2 ms of a ~20 ms step of SmolLM2-135M on CPU, more than a whole step on a
+    GPU); instead ``decoder_for`` drops the steps of a model whose ``model_signature`` changed. Each step compiles
+    its own copy of ``StaticDecoder.forward``: dynamo keeps at most ``recompile_limit`` (8) graphs per code object,
+    and with one shared code object a process's 9th step shape (a server's batch and timeline buckets reach it)
+    failed to compile; a copy also keeps each step's graph in a cache of its own."""
+    code = StaticDecoder.forward.__code__.replace()  # a new code object: a dynamo cache of this step's own
+    forward = types.MethodType(types.FunctionType(code, StaticDecoder.forward.__globals__, "forward"), dec)
+    cuda = next(dec.model.parameters()).device.type == "cuda"
+    options = {"guard_filter_fn": _keep_guards_off_the_step, **({"triton.cudagraphs": True} if cuda  # "reduce-overhead"
+                                                                 else CPU_COMPILE_OPTIONS)}
+    return torch.compile(forward, fullgraph=True, dynamic=False, options=options)
+
+
+def _keep_guards_off_the_step(guards) -> list[bool]:
+    """dynamo's guard filter: keep the guards on the step's inputs and global state, drop those on ``self``."""
+    return [not (g.name == "self" or g.name.startswith("L['self']")) for g in guards]
+
+
+def model_signature(model: nn.Module) -> tuple:
+    """What a compiled step assumes of ``model`` without checking it each call: each module's name and type, the
+    dtype, device and shape of its tensors, and which quantised layers have built what ``pack_for_step`` builds
+    (~2 ms for SmolLM2-135M)."""
+    def tensors(d):
+        return tuple((n, t.dtype, t.device, t.shape) for n, t in d.items() if t is not None)
+    return tuple((name, type(m), tensors(m._parameters), tensors(m._buffers), getattr(m, "_packed", 0) is None,
+                  getattr(m, "_kernel_scale", 0) is None) for name, m in model.named_modules())
+
+
 def pack_for_step(model: nn.Module, rows: int, dtype: torch.dtype) -> None:
-    """Build the packed weights of the int4 layers that a step of ``rows`` rows in ``dtype`` runs on the kernel.
-    Packing keys its cache on ``data_ptr``, which cannot be traced, and a prefill of many rows takes the float path
-    (no packing), so it is done here, eagerly, before the step is compiled."""
+    """Build what the quantised layers that a step of ``rows`` rows in ``dtype`` runs on the packed kernels read: the
+    int4 layers' packed weights, the int8 layers' scales in the kernel's dtype. Both are cached on first use, which
+    cannot be traced (packing keys its cache on ``data_ptr``; inductor's C++ wrapper fails on a conversion feeding
+    the int8 kernel), and a prefill of many rows takes the float path and builds neither; so it is done here,
+    eagerly, before the step is compiled. A quantised head runs a float32/float16 decode call in bfloat16."""
     for m in model.modules():
-        if isinstance(m, Int4Linear):
-            x = torch.empty(rows, m.in_features, dtype=dtype, device=m.qweight.device)
+        if isinstance(m, (Int4Linear, Int8Linear)):
+            kernel_dtype = torch.bfloat16 if isinstance(m, (Int4Head, Int8Head)) else dtype
+            x = torch.empty(rows, m.in_features, dtype=kernel_dtype, device=m.qweight.device)
             if m.uses_kernel(x):
-                m.packed(dtype)
+                m.packed(kernel_dtype) if isinstance(m, Int4Linear) else m.kernel_scale(kernel_dtype)
 
 
 def run_step(model: DecoderLM, entry: _Entry, tokens: torch.Tensor, positions: torch.Tensor,
@@ -187,6 +231,7 @@ def run_step(model: DecoderLM, entry: _Entry, tokens: torch.Tensor, positions: t
         return entry.step(tokens, positions, column, key_mask).clone()  # clone: CUDA graphs reuse the output
     with torch.no_grad():
         pack_for_step(model, tokens.shape[0], next(model.parameters()).dtype)
+    _STATES[model].signature = model_signature(model)  # the packed weights are part of what the step assumes
     t0 = time.perf_counter()
     try:
         out = entry.step(tokens, positions, column, key_mask).clone()

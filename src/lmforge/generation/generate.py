@@ -71,15 +71,15 @@ def generate_tokens(
     if constraints is not None and len(constraints) != len(prompts):
         raise LmforgeError(f"{len(constraints)} constraints for {len(prompts)} prompts; give one per prompt")
     steps = _generate(model, prompts, max_new_tokens, params, eos_ids, pad_id, seed, use_cache, compile, constraints)
-    if next(model.parameters()).device.type != "cpu":
-        yield from steps
-        return
-    # Softmax tails underflow into subnormal floats, which x86 handles ~100x slower; they carry no
-    # signal at inference, so flush them to zero while computing each step. The flag is per thread and
-    # belongs to the caller: it is set only inside each step, never across a yield, and then restored.
+    # Each step runs under no_grad (nothing here needs gradients: with parameters that require them, every step
+    # would record its autograd graph, and torch.compile would build the decode step as a training graph that
+    # saves its activations). On CPU, softmax tails underflow into subnormal floats, which x86 handles ~100x
+    # slower; they carry no signal at inference, so they are flushed to zero while computing each step. Both
+    # settings are per thread and belong to the caller: they hold only inside each step, never across a yield.
+    cpu = next(model.parameters()).device.type == "cpu"
     try:
         while True:
-            with flush_denormal():
+            with torch.no_grad(), flush_denormal() if cpu else contextlib.nullcontext():
                 try:
                     step = next(steps)
                 except StopIteration:

@@ -95,6 +95,7 @@ class Int8Linear(nn.Module):
             self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
             self.register_buffer("scale", torch.ones(out_features, 1, device=device))
             self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+            self._kernel_scale = None
             return
         w = linear.weight.detach().float()
         self.in_features, self.out_features, self.num_weights = linear.in_features, linear.out_features, w.numel()
@@ -102,11 +103,31 @@ class Int8Linear(nn.Module):
         self.register_buffer("qweight", torch.round(w / scale).clamp(-127, 127).to(torch.int8))
         self.register_buffer("scale", scale.to(linear.weight.dtype))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+        self._kernel_scale = None  # the scale in another dtype, as the kernel takes it (kernel_scale)
+
+    def _apply(self, fn, recurse=True):  # .to(), .half(): the converted scale is rebuilt on the next call
+        self._kernel_scale = None
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._kernel_scale = None
+        return super()._load_from_state_dict(*args, **kwargs)
 
     @property
     def weight(self) -> torch.Tensor:
         """The dequantised weight (out, in)."""
         return self.qweight.to(self.scale.dtype) * self.scale
+
+    def kernel_scale(self, dtype: torch.dtype) -> torch.Tensor:
+        """The scale (out,) in the activation ``dtype``, as the kernel takes it. A converted copy is kept: inside a
+        compiled step, a conversion feeding the kernel fails in inductor's C++ wrapper (torch 2.13), so the step
+        reads the copy that ``generation.fast.pack_for_step`` made before compiling."""
+        s = self.scale.reshape(-1)
+        if s.dtype == dtype:
+            return s
+        if self._kernel_scale is None or self._kernel_scale.dtype != dtype:
+            self._kernel_scale = s.to(dtype)
+        return self._kernel_scale
 
     def uses_kernel(self, x: torch.Tensor) -> bool:
         """Whether ``forward(x)`` runs the packed kernel: CPU, a kernel dtype, no gradient to the input, and fewer
@@ -120,7 +141,7 @@ class Int8Linear(nn.Module):
         if not self.uses_kernel(x):
             return F.linear(x, self.weight.to(x.dtype), bias)
         y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features).contiguous(), self.qweight,
-                                               self.scale.reshape(-1).to(x.dtype))
+                                               self.kernel_scale(x.dtype))
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if bias is None else y + bias
 
