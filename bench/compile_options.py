@@ -1,0 +1,85 @@
+"""What the compiled decode step's options are worth: the same model compiled three ways, timed in alternating rounds.
+
+    HF_HUB_OFFLINE=1 python bench/compile_options.py [--threads 1] [--rounds 7] [--quantize int4|int8|none]
+
+- ``guarded``: ``torch.compile(step)`` as before issue 17's step change: dynamo's guards on the model checked at
+  every call, inductor's generated Python wrapper;
+- ``unguarded``: the guards on the model dropped (``generation.fast.compile_step``), the Python wrapper;
+- ``unguarded + C++ wrapper``: what ``compile_step`` does on CPU now.
+
+Each variant is a separate copy of the embedded SmolLM2-135M-Instruct (bf16), compiled on a first short generation;
+then every round decodes 64 greedy tokens after a 101-token prompt with each copy in turn, and the medians are
+compared (this VM's speed drifts by tens of percent within an hour, so only alternating rounds compare fairly).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import lmforge
+from lmforge.generation import fast
+from lmforge.generation.generate import generate_tokens
+
+PROMPT = list(range(100, 201))  # 101 token ids: the length of bench/generate.py's batch-1 prompt
+
+
+def decode_rate(model, n: int) -> float:
+    """Greedy decode tok/s after the first token (the prefill excluded)."""
+    k, t1 = 0, 0.0
+    for _ in generate_tokens(model, [PROMPT], n, eos_ids=(), pad_id=2, compile=True):
+        k += 1
+        if k == 1:
+            t1 = time.perf_counter()
+    return (k - 1) / (time.perf_counter() - t1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--quantize", choices=["int4", "int8", "none"], default="int4")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    new_compile = fast.compile_step
+    variants = {
+        "guarded": lambda dec: torch.compile(dec, fullgraph=True, dynamic=False),
+        "unguarded": lambda dec: _with_options(new_compile, dec, {}),
+        "unguarded + C++ wrapper": new_compile,
+    }
+    models = {}
+    for name, compile_step in variants.items():
+        fast.compile_step = compile_step  # decoder_for compiles through it on the first generation
+        models[name] = lmforge.load(dtype="bfloat16", quantize=None if args.quantize == "none" else args.quantize).model
+        decode_rate(models[name], 4)
+    fast.compile_step = new_compile
+    rates = {name: [] for name in models}
+    for _ in range(args.rounds):
+        for name, model in models.items():
+            rates[name].append(decode_rate(model, args.new_tokens))
+    base = statistics.median(rates["guarded"])
+    print(f"SmolLM2-135M-Instruct, bf16, {args.quantize}, {args.threads} thread(s), {args.rounds} alternating rounds")
+    for name, r in rates.items():
+        print(f"{name:24s} median {statistics.median(r):6.1f} tok/s  x{statistics.median(r) / base:.3f}  "
+              f"({' '.join(f'{x:.1f}' for x in r)})")
+
+
+def _with_options(compile_step, dec, cpu_options: dict):
+    """``compile_step`` with ``fast.CPU_COMPILE_OPTIONS`` replaced by ``cpu_options`` for this one compile."""
+    saved = dict(fast.CPU_COMPILE_OPTIONS)
+    fast.CPU_COMPILE_OPTIONS.clear()
+    fast.CPU_COMPILE_OPTIONS.update(cpu_options)
+    try:
+        return compile_step(dec)
+    finally:
+        fast.CPU_COMPILE_OPTIONS.clear()
+        fast.CPU_COMPILE_OPTIONS.update(saved)
+
+
+if __name__ == "__main__":
+    main()
