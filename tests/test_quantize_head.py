@@ -53,6 +53,23 @@ def test_packed_head_equals_the_dequantised_matmul(kind, dtype):
     assert torch.equal(head.rows(ids), head.weight[ids])  # the rows a tied embedding reads: exactly the weight's
 
 
+def test_an_int8_heads_kernel_scale_is_kept_and_dropped_when_the_scale_changes():
+    """A float32 model's int8 head decodes in bfloat16: the kernel reads the scale converted once (a conversion inside
+    a compiled step fails in inductor's C++ wrapper), and a new scale (load_state_dict, .to()) drops the copy."""
+    torch.manual_seed(0)
+    head = Int8Head(nn.Linear(64, 320, bias=False))
+    assert head.scale.dtype == torch.float32 and head.kernel_scale(torch.float32) is not None
+    first = head.kernel_scale(torch.bfloat16)
+    assert first.dtype == torch.bfloat16 and head.kernel_scale(torch.bfloat16) is first
+    assert torch.equal(first, head.scale.reshape(-1).to(torch.bfloat16))
+    state = {k: v * 2 if k == "scale" else v for k, v in head.state_dict().items()}
+    head.load_state_dict(state)
+    again = head.kernel_scale(torch.bfloat16)  # the new (doubled) scale, not the stale copy
+    assert torch.equal(again, head.scale.reshape(-1).to(torch.bfloat16)) and torch.equal(again, 2 * first)
+    head.double()
+    assert head._kernel_scale is None and head.kernel_scale(torch.bfloat16).dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("head", ["int8", "int4"])
 def test_a_tied_embedding_reads_the_quantised_rows_and_drops_its_float_table(tied_dir, head):
     import lmforge
