@@ -69,8 +69,9 @@ def test_a_model_changed_after_its_step_was_built_gets_new_steps(llama, fresh_st
 
 @pytest.mark.real
 def test_models_of_one_shape_but_different_depth_each_run_their_own_compiled_step(llama, fresh_states, capsys):
-    """Without guards on the model, two steps sharing one code object would share its graphs: a one-layer model
-    would run the two-layer model's graph (or the reverse). Each step compiles its own copy of the code."""
+    """The steps are compiled without guards on the model, so nothing checked at call time tells a one-layer model
+    from a two-layer one of the same widths: each must still run the graph traced for itself (each step has its
+    own code copy, and dynamo ties a graph to the torch.compile call that made it)."""
     config = preset("tiny-llama", vocab_size=llama.config.vocab_size, n_layer=1, max_seq_len=llama.config.max_seq_len)
     shallow = DecoderLM(config).init_weights(seed=1, std=0.2).eval()
     runs = {name: _run(m, PROMPTS, 12) for name, m in (("deep", llama), ("shallow", shallow))}
