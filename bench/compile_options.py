@@ -16,25 +16,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
 import lmforge
+from lmforge.evaluation.deployment import decode_speed
 from lmforge.generation import fast
-from lmforge.generation.generate import generate_tokens
 
 PROMPT = list(range(100, 201))  # 101 token ids: the length of bench/generate.py's batch-1 prompt
-
-
-def decode_rate(model, n: int) -> float:
-    """Greedy decode tok/s after the first token (the prefill excluded)."""
-    k, t1 = 0, 0.0
-    for _ in generate_tokens(model, [PROMPT], n, eos_ids=(), pad_id=2, compile=True):
-        k += 1
-        if k == 1:
-            t1 = time.perf_counter()
-    return (k - 1) / (time.perf_counter() - t1)
 
 
 def main() -> None:
@@ -55,13 +44,14 @@ def main() -> None:
     models = {}
     for name, compile_step in variants.items():
         fast.compile_step = compile_step  # decoder_for compiles through it on the first generation
-        models[name] = lmforge.load(dtype="bfloat16", quantize=None if args.quantize == "none" else args.quantize).model
-        decode_rate(models[name], 4)
+        models[name] = lmforge.load(dtype="bfloat16", quantize=None if args.quantize == "none" else args.quantize,
+                                    compile=True)
+        decode_speed(models[name], PROMPT, 4, repeats=1)
     fast.compile_step = new_compile
     rates = {name: [] for name in models}
     for _ in range(args.rounds):
-        for name, model in models.items():
-            rates[name].append(decode_rate(model, args.new_tokens))
+        for name, lm in models.items():
+            rates[name].append(decode_speed(lm, PROMPT, args.new_tokens, repeats=1))
     base = statistics.median(rates["guarded"])
     print(f"SmolLM2-135M-Instruct, bf16, {args.quantize}, {args.threads} thread(s), {args.rounds} alternating rounds")
     for name, r in rates.items():

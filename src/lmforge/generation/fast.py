@@ -45,7 +45,7 @@ from torch import nn
 
 from lmforge.models.decoder import DecoderLM
 from lmforge.models.int4 import Int4Linear
-from lmforge.models.quantized import Int4Head, Int8Head, Int8Linear
+from lmforge.models.quantized import Int8Linear
 
 WIDTH_STEP = 256  # cache widths are multiples of this (or the whole context): fewer shapes, fewer compiles
 
@@ -211,17 +211,14 @@ def model_signature(model: nn.Module) -> tuple:
 
 
 def pack_for_step(model: nn.Module, rows: int, dtype: torch.dtype) -> None:
-    """Build what the quantised layers that a step of ``rows`` rows in ``dtype`` runs on the packed kernels read: the
-    int4 layers' packed weights, the int8 layers' scales in the kernel's dtype. Both are cached on first use, which
-    cannot be traced (packing keys its cache on ``data_ptr``; inductor's C++ wrapper fails on a conversion feeding
-    the int8 kernel), and a prefill of many rows takes the float path and builds neither; so it is done here,
-    eagerly, before the step is compiled. A quantised head runs a float32/float16 decode call in bfloat16."""
+    """Build what the quantised layers of a step of ``rows`` rows in ``dtype`` read from their caches: the int4
+    layers' packed weights, the int8 layers' scales in the kernel's dtype (``prepare_kernel``). Both are cached on
+    first use, which cannot be traced (packing keys its cache on ``data_ptr``; inductor's C++ wrapper fails on a
+    conversion feeding the int8 kernel), and a prefill of many rows takes the float path and builds neither; so it
+    is done here, eagerly, before the step is compiled."""
     for m in model.modules():
         if isinstance(m, (Int4Linear, Int8Linear)):
-            kernel_dtype = torch.bfloat16 if isinstance(m, (Int4Head, Int8Head)) else dtype
-            x = torch.empty(rows, m.in_features, dtype=kernel_dtype, device=m.qweight.device)
-            if m.uses_kernel(x):
-                m.packed(kernel_dtype) if isinstance(m, Int4Linear) else m.kernel_scale(kernel_dtype)
+            m.prepare_kernel(rows, dtype)
 
 
 def run_step(model: DecoderLM, entry: _Entry, tokens: torch.Tensor, positions: torch.Tensor,

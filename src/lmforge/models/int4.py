@@ -239,6 +239,12 @@ class Int4Linear(nn.Module):
             self._packed = (key, w, sz.transpose(0, 1).contiguous().to(dtype))
         return self._packed[1], self._packed[2]
 
+    def prepare_kernel(self, rows: int, dtype: torch.dtype) -> None:
+        """Build, eagerly, what a call of ``rows`` rows in ``dtype`` reads from the layer's caches (the packed
+        weight when that call runs the kernel): ``generation.fast.pack_for_step``, before a step is compiled."""
+        if self.uses_kernel(torch.empty(rows, self.in_features, dtype=dtype, device=self.qweight.device)):
+            self.packed(dtype)
+
     def uses_kernel(self, x: torch.Tensor) -> bool:
         """Whether ``forward(x)`` runs the packed kernel: CPU, a kernel dtype, no gradient to the input, and fewer
         rows than ``FLOAT_FROM_ROWS`` (static shapes, so a compiled step takes one path for good)."""

@@ -89,13 +89,13 @@ class Int8Linear(nn.Module):
                  bias: bool = False, device: torch.device | str | None = None):
         """From a float ``linear`` (quantised here), or an empty shell of the given shape (a loading target)."""
         super().__init__()
+        self._kernel_scale = None  # the scale in another dtype, as the kernel takes it (kernel_scale)
         if linear is None:
             self.in_features, self.out_features = in_features, out_features
             self.num_weights = in_features * out_features
             self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
             self.register_buffer("scale", torch.ones(out_features, 1, device=device))
             self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
-            self._kernel_scale = None
             return
         w = linear.weight.detach().float()
         self.in_features, self.out_features, self.num_weights = linear.in_features, linear.out_features, w.numel()
@@ -103,7 +103,6 @@ class Int8Linear(nn.Module):
         self.register_buffer("qweight", torch.round(w / scale).clamp(-127, 127).to(torch.int8))
         self.register_buffer("scale", scale.to(linear.weight.dtype))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
-        self._kernel_scale = None  # the scale in another dtype, as the kernel takes it (kernel_scale)
 
     def _apply(self, fn, recurse=True):  # .to(), .half(): the converted scale is rebuilt on the next call
         self._kernel_scale = None
@@ -128,6 +127,12 @@ class Int8Linear(nn.Module):
         if self._kernel_scale is None or self._kernel_scale.dtype != dtype:
             self._kernel_scale = s.to(dtype)
         return self._kernel_scale
+
+    def prepare_kernel(self, rows: int, dtype: torch.dtype) -> None:
+        """Build, eagerly, what a call of ``rows`` rows in ``dtype`` reads from the layer's caches (the converted
+        scale when that call runs the kernel): ``generation.fast.pack_for_step``, before a step is compiled."""
+        if self.uses_kernel(torch.empty(rows, self.in_features, dtype=dtype, device=self.qweight.device)):
+            self.kernel_scale(dtype)
 
     def uses_kernel(self, x: torch.Tensor) -> bool:
         """Whether ``forward(x)`` runs the packed kernel: CPU, a kernel dtype, no gradient to the input, and fewer
@@ -193,6 +198,9 @@ class _Bf16DecodeHead:
                 and x.numel() // self.in_features < self.float_from_rows):
             return super().forward(x.to(torch.bfloat16)).to(x.dtype)
         return super().forward(x)
+
+    def prepare_kernel(self, rows: int, dtype: torch.dtype) -> None:  # float32/float16 decode calls run in bfloat16
+        super().prepare_kernel(rows, torch.bfloat16 if dtype in (torch.float32, torch.float16) else dtype)
 
 
 class Int8Head(_Bf16DecodeHead, Int8Linear):
