@@ -107,3 +107,46 @@ def test_more_step_shapes_than_dynamos_recompile_limit_all_compile(llama, fresh_
     err = capsys.readouterr().err
     assert err.count("compiled the decode step") == limit + 1 and "failed" not in err
     assert fast.compile_failed(llama) is None
+
+
+@pytest.mark.real
+def test_the_compiled_step_keeps_no_guard_on_the_model(llama, fresh_states, monkeypatch):
+    """dynamo names a guard by its source in the frame (``self._modules['model']...``, ``tokens``, ``G[...]``); the
+    filter must drop every guard under ``self`` (8,531 of 8,533 for SmolLM2-135M, ~2 ms a call) and keep those on
+    the step's inputs. (It once matched ``L['self']``, a spelling dynamo does not use, and dropped none.)"""
+    seen = []
+    keep = fast._keep_guards_off_the_step
+
+    def spy(guards):
+        kept = keep(guards)
+        seen.append([g.name for g, k in zip(guards, kept) if k])
+        return kept
+    monkeypatch.setattr(fast, "_keep_guards_off_the_step", spy)
+    assert _run(llama, PROMPTS, 4, compile=True) == _run(llama, PROMPTS, 4)
+    kept, = seen
+    assert {"tokens", "positions", "column", "key_mask"} <= set(kept)
+    assert not [n for n in kept if n.startswith("self")]
+
+
+def test_a_changed_plain_attribute_gets_new_steps(llama, fresh_states, monkeypatch, capsys):
+    """Without guards on the model, a flag or constant the graph baked in (``eps``, ``training``, an adapter's
+    switch) is part of ``model_signature``: changing one builds new steps."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    model = copy.deepcopy(llama)
+    _run(model, PROMPTS, 3, compile=True)
+    assert "compiled the decode step" in capsys.readouterr().err
+    _run(model, PROMPTS, 3, compile=True)
+    assert "compiled the decode step" not in capsys.readouterr().err
+    model.model.norm.eps = 0.5
+    _run(model, PROMPTS, 3, compile=True)
+    assert "compiled the decode step" in capsys.readouterr().err
+
+
+@pytest.mark.real
+def test_a_compiled_step_follows_a_changed_constant(llama, fresh_states):
+    model = copy.deepcopy(llama).eval()
+    assert _run(model, PROMPTS, 12, compile=True) == _run(model, PROMPTS, 12)
+    for layer in model.model.layers:
+        layer.input_layernorm.eps = 4.0  # a constant the compiled graph has baked in
+    eager = _run(model, PROMPTS, 12)
+    assert _run(model, PROMPTS, 12, compile=True) == eager

@@ -92,8 +92,8 @@ class CacheWindow(nn.Module):
 
     def update(self, start: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         K, V = self.cache.k[:self.rows], self.cache.v[:self.rows]  # views: index_copy_ writes the engine's cache
-        K.index_copy_(2, start, k)
-        V.index_copy_(2, start, v)
+        K.index_copy_(2, start, k.to(K.dtype))
+        V.index_copy_(2, start, v.to(V.dtype))
         return K[:, :, :self.width], V[:, :, :self.width]
 
 
@@ -110,8 +110,7 @@ class StaticDecoder(nn.Module):
         super().__init__()
         self.model = model
         p = next(model.parameters())
-        self.caches = nn.ModuleList(caches if caches is not None else model.make_caches(batch, width, p.dtype,
-                                                                                         p.device))
+        self.caches = nn.ModuleList(caches if caches is not None else model.make_caches(batch, width))
         self.register_buffer("columns", torch.arange(width, device=p.device), persistent=False)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, column: torch.Tensor,
@@ -196,18 +195,33 @@ def compile_step(dec: StaticDecoder):
 
 
 def _keep_guards_off_the_step(guards) -> list[bool]:
-    """dynamo's guard filter: keep the guards on the step's inputs and global state, drop those on ``self``."""
-    return [not (g.name == "self" or g.name.startswith("L['self']")) for g in guards]
+    """dynamo's guard filter: keep the guards on the step's inputs and global state, drop those on ``self`` (the
+    step, its caches and the model). dynamo names a guard by its source from the frame: ``self``,
+    ``self._modules['model']...``, ``tokens``, ``G['...']``."""
+    return [not _on_self(g.name) for g in guards]
+
+
+def _on_self(name: str) -> bool:
+    return name == "self" or name.startswith(("self.", "self["))
+
+
+_PLAIN = (bool, int, float, str, type(None), torch.dtype)
 
 
 def model_signature(model: nn.Module) -> tuple:
     """What a compiled step assumes of ``model`` without checking it each call: each module's name and type, the
-    dtype, device and shape of its tensors, and which quantised layers have built what ``pack_for_step`` builds
-    (~2 ms for SmolLM2-135M)."""
+    dtype, device and shape of its tensors, its plain attributes (flags such as ``training`` or an adapter's
+    ``disabled``, ``eps``, a LoRA ``scaling``: the graph has their values baked in), and which quantised layers
+    have built what ``pack_for_step`` builds (a few ms for SmolLM2-135M)."""
     def tensors(d):
         return tuple((n, t.dtype, t.device, t.shape) for n, t in d.items() if t is not None)
-    return tuple((name, type(m), tensors(m._parameters), tensors(m._buffers), getattr(m, "_packed", 0) is None,
-                  getattr(m, "_kernel_scale", 0) is None) for name, m in model.named_modules())
+
+    def plain(m):
+        return tuple((k, v) for k, v in vars(m).items() if isinstance(v, _PLAIN) or (
+            isinstance(v, tuple) and all(isinstance(x, _PLAIN) for x in v)))
+    return tuple((name, type(m), tensors(m._parameters), tensors(m._buffers), plain(m),
+                  getattr(m, "_packed", 0) is None, getattr(m, "_kernel_scale", 0) is None)
+                 for name, m in model.named_modules())
 
 
 def pack_for_step(model: nn.Module, rows: int, dtype: torch.dtype) -> None:

@@ -13,7 +13,7 @@ from torch import nn
 
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
-from lmforge.models.attention import Attention
+from lmforge.models.attention import Attention, attention_dtype
 from lmforge.models.kv_cache import KVCache
 from lmforge.models.layers import Block, make_mlp, make_norm
 from lmforge.models.positions import LearnedPositions, RelativePositionBias, RotaryEmbedding
@@ -116,7 +116,8 @@ class DecoderLM(nn.Module):
     def make_caches(self, batch: int, max_len: int, dtype=None, device=None) -> list[KVCache]:
         p = next(self.parameters())
         c = self.config
-        return [KVCache(batch, c.n_kv_head, max_len, c.head_dim, dtype or p.dtype, device or p.device)
+        device = device or p.device
+        return [KVCache(batch, c.n_kv_head, max_len, c.head_dim, dtype or attention_dtype(p.dtype, device), device)
                 for _ in range(c.n_layer)]
 
     def hidden_states(self, idx, positions=None, key_mask=None, caches=None, start: int = 0,

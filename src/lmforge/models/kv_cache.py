@@ -34,8 +34,8 @@ class KVCache(nn.Module):
         the whole buffers (B, nkv, max_len, hs), a shape that does not depend on ``start``.
         """
         if isinstance(start, torch.Tensor):
-            self.k.index_copy_(2, start, k)
-            self.v.index_copy_(2, start, v)
+            self.k.index_copy_(2, start, k.to(self.k.dtype))
+            self.v.index_copy_(2, start, v.to(self.v.dtype))
             return self.k, self.v
         end = start + k.shape[2]
         assert end <= self.max_len, f"KV cache overflow: {end} > {self.max_len}"

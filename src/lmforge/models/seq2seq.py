@@ -14,6 +14,7 @@ from torch import nn
 from lmforge.config import ModelConfig
 from lmforge.models.decoder import DecoderBody
 from lmforge.models.encoder import EncoderModel
+from lmforge.models.attention import attention_dtype
 from lmforge.models.kv_cache import KVCache, StaticKV
 
 
@@ -60,7 +61,8 @@ class Seq2SeqLM(nn.Module):
     def make_caches(self, batch: int, max_len: int, dtype=None, device=None) -> list[KVCache]:
         p = next(self.parameters())
         c = self.config
-        return [KVCache(batch, c.n_kv_head, max_len, c.head_dim, dtype or p.dtype, device or p.device)
+        device = device or p.device
+        return [KVCache(batch, c.n_kv_head, max_len, c.head_dim, dtype or attention_dtype(p.dtype, device), device)
                 for _ in range(c.n_decoder_layer)]
 
     def make_cross_caches(self) -> list[StaticKV]:
