@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from lmforge.config import ModelConfig
+from lmforge.models.attention import attention_dtype
 from lmforge.models.decoder import DecoderBody
 from lmforge.models.encoder import EncoderModel
-from lmforge.models.attention import attention_dtype
 from lmforge.models.kv_cache import KVCache, StaticKV
 
 
