@@ -53,9 +53,10 @@ def attention_dtype(dtype: torch.dtype, device: torch.device | str | None) -> to
     float32 for bfloat16/float16 on CPU, else ``dtype``. At decode time attention's matmuls over the cache are
     tiny (one query row per head group) and on CPU cost far more than their arithmetic in bfloat16 (oneDNN's
     per-call work): for SmolLM2's shapes 33 + 30 us a layer against 16 + 8 us in float32, +14% decode tok/s for
-    the compiled int4 step at one thread. One rule with or without a cache keeps cached decoding equal to
-    uncached, and float32 is the closer to a float32 model. The cost: a cache twice the size of a bfloat16 one
-    (SmolLM2-135M: 46 KB a token instead of 23)."""
+    the compiled int4 step at one thread. ``Attention`` applies it to inference (a KV cache, or autograd off), with
+    or without a cache, so cached decoding stays equal to uncached; float32 is also the closer to a float32 model.
+    Training keeps the model's dtype (its saved activations would grow). The cost: a cache twice the size of a
+    bfloat16 one (SmolLM2-135M: 46 KB a token instead of 23)."""
     if dtype in (torch.bfloat16, torch.float16) and torch.device(device or "cpu").type == "cpu":
         return torch.float32
     return dtype
@@ -126,7 +127,8 @@ class Attention(nn.Module):
                 src = memory if self.cross else x
                 k, v = self._heads(self.k_proj(src), self.n_kv_head), self._heads(self.v_proj(src), self.n_kv_head)
         dtype, work = q.dtype, attention_dtype(q.dtype, q.device)
-        if work != dtype and not torch.is_autocast_enabled(q.device.type):  # (under autocast, autocast decides)
+        if work != dtype and (cache is not None or not torch.is_grad_enabled()) and not torch.is_autocast_enabled(
+                q.device.type):  # inference; training keeps the model's dtype (and under autocast, autocast's)
             q, k, v = q.to(work), k.to(work), v.to(work)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
