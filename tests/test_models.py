@@ -144,3 +144,32 @@ def test_bf16_attention_paths_agree_with_float32(T):
     idx2[:, -1] = (idx[:, -1] + 1) % 64
     with torch.autocast("cpu", dtype=torch.bfloat16):
         torch.testing.assert_close(model(idx2)[:, :-1], model(idx)[:, :-1], rtol=0, atol=0)
+
+
+def test_bf16_inference_attends_in_float32_and_training_in_bf16(hf_tiny, monkeypatch):
+    """attention_dtype: a bfloat16 model on CPU keeps its KV cache in float32 and attends in float32 at inference
+    (no grad, or a cache), in bfloat16 when training; its outputs stay bfloat16 either way."""
+    from lmforge.models import attention
+
+    model = _ours(hf_tiny["llama"][1]).to(torch.bfloat16)
+    assert model.make_caches(1, 8)[0].k.dtype == torch.float32
+    assert _ours(hf_tiny["llama"][1]).make_caches(1, 8)[0].k.dtype == torch.float32  # a float32 model: its own
+    seen = []
+    real = attention.grouped_attention
+    monkeypatch.setattr(attention, "grouped_attention", lambda q, k, v, *a: seen.append((q.dtype, k.dtype))
+                        or real(q, k, v, *a))
+    x = torch.randint(0, 256, (1, 1))  # one query: the grouped_attention path
+    with torch.no_grad():
+        out = model(x)
+        model(x, caches=model.make_caches(1, 8))
+    assert out.dtype == torch.bfloat16 and set(seen) == {(torch.float32, torch.float32)}
+    seen.clear()
+    model(x).float().sum().backward()
+    assert set(seen) == {(torch.bfloat16, torch.bfloat16)}
+    x = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # float32 attention is closer to the float32 model than bfloat16 attention was
+        ref = _ours(hf_tiny["llama"][1])(x)
+        with monkeypatch.context() as m:
+            m.setattr(attention, "attention_dtype", lambda dtype, device: dtype)
+            before = model(x)
+        assert (model(x).float() - ref).abs().max() <= (before.float() - ref).abs().max()
