@@ -52,7 +52,7 @@ def attention_dtype(dtype: torch.dtype, device: torch.device | str | None) -> to
     """The dtype attention runs in, and KV caches are kept in, for activations of ``dtype`` on ``device``:
     float32 for bfloat16/float16 on CPU, else ``dtype``. At decode time attention's matmuls over the cache are
     tiny (one query row per head group) and on CPU cost far more than their arithmetic in bfloat16 (oneDNN's
-    per-call work): for SmolLM2's shapes 33 + 30 us a layer against 16 + 8 us in float32, +14% decode tok/s for
+    per-call work): for SmolLM2's shapes 33 + 30 us a layer against 16 + 8 us in float32, +7-14% decode tok/s for
     the compiled int4 step at one thread. ``Attention`` applies it to inference (a KV cache, or autograd off), with
     or without a cache, so cached decoding stays equal to uncached; float32 is also the closer to a float32 model.
     Training keeps the model's dtype (its saved activations would grow). The cost: a cache twice the size of a
