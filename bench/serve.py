@@ -12,7 +12,8 @@ the same greedy texts (any difference is printed). Streaming is used so time to 
 first use: run with --warm-levels to compile outside the measured levels). ``--quantize int8|int4``: weight-only
 linears on PyTorch's packed CPU kernels. When llama.cpp's ``llama-server`` is on PATH or in ``$LLAMA_CPP_BIN``,
 the same levels run against it too (same GGUF, same threads, as many slots as the most clients), its rows
-after lmforge's.
+after lmforge's, with its prompt cache off (``cache_prompt: false``: the levels repeat the same requests, which
+llama-server would otherwise answer without prefilling; ``--llama-prompt-cache`` leaves it on).
 
     HF_HUB_OFFLINE=1 python bench/serve.py [--requests 32] [--max-tokens 32] [--clients 1 8 32]
         [--model NAME] [--device cpu] [--quantize int8|int4] [--compile] [--warm-levels] [--threads N]
@@ -53,7 +54,7 @@ def workload(n: int) -> list[list[dict[str, str]]]:
             for i in range(n)]
 
 
-def run_level(client, model_id, requests, clients, max_tokens):
+def run_level(client, model_id, requests, clients, max_tokens, extra_body=None):
     """Serve every request with `clients` threads; returns (wall s, tokens, texts, ttfts, latencies)."""
     todo = queue.Queue()
     for i in range(len(requests)):
@@ -72,7 +73,8 @@ def run_level(client, model_id, requests, clients, max_tokens):
                 t0 = time.perf_counter()
                 stream = client.chat.completions.create(model=model_id, messages=requests[i], max_tokens=max_tokens,
                                                         temperature=0, stream=True,
-                                                        stream_options={"include_usage": True})
+                                                        stream_options={"include_usage": True},
+                                                        extra_body=extra_body)
                 pieces, usage = [], None
                 for chunk in stream:
                     if chunk.choices and chunk.choices[0].delta.content:
@@ -102,16 +104,16 @@ def p95(values):
     return statistics.quantiles(values, n=20, method="inclusive")[-1] if len(values) > 1 else values[0]
 
 
-def levels(label, client, model_id, requests, a, stats=None, reference=None):
+def levels(label, client, model_id, requests, a, stats=None, reference=None, extra_body=None):
     """Every --clients level against one server; rows of results (and the texts of the first level)."""
     rows = []
-    run_level(client, model_id, requests[:1], 1, 4)  # warm-up
+    run_level(client, model_id, requests[:1], 1, 4, extra_body)  # warm-up
     if a.warm_levels:
         for c in a.clients:
-            run_level(client, model_id, requests, c, a.max_tokens)
+            run_level(client, model_id, requests, c, a.max_tokens, extra_body)
     for c in a.clients:
         steps0 = stats()["decode_steps"] if stats else 0
-        wall, tokens, texts, ttft, latency = run_level(client, model_id, requests, c, a.max_tokens)
+        wall, tokens, texts, ttft, latency = run_level(client, model_id, requests, c, a.max_tokens, extra_body)
         steps = stats()["decode_steps"] - steps0 if stats else None
         reference = reference or texts
         same = sum(x == y for x, y in zip(texts, reference))
@@ -168,7 +170,12 @@ def run_llama_server(a, requests, threads):
                 raise SystemExit(f"llama-server exited with {proc.returncode}: {' '.join(cmd)}")
             time.sleep(0.5)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=600)
-        return levels("llama-server", client, "bench", requests, a)
+        # llama-server keeps each slot's prompt KV and reuses the longest common prefix (cache_prompt, on by
+        # default): the same requests served again (warm-up, --warm-levels, the levels before) then skip their
+        # prefill (TTFT 0.03 s for a 40-token prompt it prefills at ~140 tok/s). lmforge has no prompt cache, so
+        # by default each request is prefilled on both sides; --llama-prompt-cache measures llama-server's own.
+        return levels("llama-server", client, "bench", requests, a,
+                      extra_body=None if a.llama_prompt_cache else {"cache_prompt": False})
     finally:
         proc.terminate()
         proc.wait(30)
@@ -191,6 +198,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--gguf", default=None, help="the GGUF llama-server loads (default: the embedded one)")
     ap.add_argument("--no-llama-server", action="store_true", help="skip llama-server even when it is there")
+    ap.add_argument("--llama-prompt-cache", action="store_true",
+                    help="let llama-server reuse the KV of a prompt it has seen (its default; off here because the "
+                         "levels repeat the same requests and lmforge has no prompt cache)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     if a.threads:
