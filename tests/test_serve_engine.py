@@ -173,3 +173,17 @@ def test_a_request_that_fails_to_start_gets_its_error_and_shutdown_waits_on_noth
     assert not engine.thread.is_alive()
     assert poison.events == [("error", "generation failed: ValueError: Overflow when unpacking long long")]
     assert [v.finish_reason for v in victims] == ["length"] * 3 and len({v.text for v in victims}) == 1
+
+
+def test_the_engine_keeps_its_preallocated_cache_in_the_model_dtype(tiny_lm_dirs):
+    """A bfloat16 model generates over float32 caches (attention_dtype), but the engine's cache, sized for every
+    slot and the whole context up front, stays bfloat16 (half the memory), and its answers are still served."""
+    import torch
+
+    lm = lmforge.load(tiny_lm_dirs["plain"], dtype="bfloat16")
+    assert lm.model.make_caches(1, 8)[0].k.dtype == torch.float32
+    engine = Engine(lm.model, lm.tokenizer, lm.eos_ids, max_batch=2, context=128)
+    assert {c.k.dtype for c in engine.caches} == {torch.bfloat16}
+    seqs = [Sequence(lm.encode(p, chat=False), n) for p, n in _prompts(3)]
+    _run_all(engine, seqs)
+    assert all(s.finish_reason in ("stop", "length") and s.token_ids for s in seqs)

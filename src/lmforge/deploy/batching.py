@@ -106,7 +106,7 @@ class _Prefill:
             self.key_mask[i, L - lens[i]:] = True
         self.padded = min(lens) != L
         self.positions = (self.key_mask.long().cumsum(-1) - 1).clamp(min=0)  # each row counts its own tokens
-        self.caches = model.make_caches(len(seqs), L)
+        self.caches = model.make_caches(len(seqs), L, next(model.parameters()).dtype)  # the engine's cache dtype
         self.done = 0  # prompt columns prefilled so far
         self.logits: torch.Tensor | None = None  # (k, V) once done
 
@@ -146,7 +146,8 @@ class Engine:
         self.model, self.tokenizer, self.eos = model.eval(), tokenizer, set(eos_ids)
         self.max_batch, self.max_queue = max_batch, max_queue
         self.device = next(model.parameters()).device
-        self.caches = model.make_caches(max_batch, self.width)
+        # in the model's dtype, not attention_dtype's float32: max_batch x context tokens, preallocated
+        self.caches = model.make_caches(max_batch, self.width, next(model.parameters()).dtype)
         self.key_mask = torch.zeros((max_batch, self.width), dtype=torch.bool, device=self.device)
         self.cur = 0  # the timeline column the next decode step writes
         self.rows: list[_Row] = []  # row i lives in cache slot i

@@ -56,7 +56,9 @@ def attention_dtype(dtype: torch.dtype, device: torch.device | str | None) -> to
     the compiled int4 step at one thread. ``Attention`` applies it to inference (a KV cache, or autograd off), with
     or without a cache, so cached decoding stays equal to uncached; float32 is also the closer to a float32 model.
     Training keeps the model's dtype (its saved activations would grow). The cost: a cache twice the size of a
-    bfloat16 one (SmolLM2-135M: 46 KB a token instead of 23)."""
+    bfloat16 one (SmolLM2-135M: 46 KB a token instead of 23), which is why the serving engine, whose cache is
+    preallocated for every slot and the whole context, keeps its cache in the model's dtype; attention over a
+    cache runs in the cache's dtype."""
     if dtype in (torch.bfloat16, torch.float16) and torch.device(device or "cpu").type == "cpu":
         return torch.float32
     return dtype
@@ -137,6 +139,8 @@ class Attention(nn.Module):
                 cache.fill(k, v)
         elif cache is not None:
             k, v = cache.update(start, k, v)  # (B, nkv, S, hs)
+        if k.dtype != q.dtype:  # a cache kept in another dtype (the serving engine's, in the model's): attend in it
+            q = q.to(k.dtype)
         S = k.shape[2]
         if mask is None and self.causal and 1 < T < S:  # the cache holds earlier keys: SDPA's is_causal
             mask = causal_mask(T, S, q.device)  # would align the mask top-left, this one is bottom-right
