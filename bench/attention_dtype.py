@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
 
 import torch
+from compile_options import PROMPT, alternate, report  # bench/compile_options.py (the script's folder is on sys.path)
 
 import lmforge
 from lmforge.evaluation.deployment import decode_speed
 from lmforge.models import attention, decoder
-
-PROMPT = list(range(100, 201))  # 101 token ids: the length of bench/generate.py's batch-1 prompt
 
 
 @contextlib.contextmanager
@@ -52,17 +50,10 @@ def main() -> None:
             models[name] = lmforge.load(dtype="bfloat16", compile=not args.eager,
                                         quantize=None if args.quantize == "none" else args.quantize)
             decode_speed(models[name], PROMPT, 4, repeats=1)  # builds the caches and compiles the step
-    rates = {name: [] for name in models}
-    for _ in range(args.rounds):
-        for name, lm in models.items():
-            with rules[name]():
-                rates[name].append(decode_speed(lm, PROMPT, args.new_tokens, repeats=1))
-    base = statistics.median(rates["bfloat16 attention"])
+    rates = alternate(models, args.rounds, args.new_tokens, around=lambda name: rules[name]())
     print(f"SmolLM2-135M-Instruct, bf16, {args.quantize}, {'eager' if args.eager else 'compiled'}, "
           f"{args.threads} thread(s), {args.rounds} alternating rounds")
-    for name, r in rates.items():
-        print(f"{name:20s} median {statistics.median(r):6.1f} tok/s  x{statistics.median(r) / base:.3f}  "
-              f"({' '.join(f'{x:.1f}' for x in r)})")
+    report(rates, "bfloat16 attention")
 
 
 if __name__ == "__main__":

