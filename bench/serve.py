@@ -1,7 +1,8 @@
 """Serving throughput: the same requests sent by 1, 8 and 32 concurrent clients to ``lmforge serve``.
 
-One server runs in this process on an ephemeral 127.0.0.1 port (the real embedded
-SmolLM2-135M-Instruct unless --model says otherwise; continuous batching with --max-batch slots).
+``lmforge serve`` runs in a process of its own, as llama-server does, on an ephemeral 127.0.0.1 port (the real
+embedded SmolLM2-135M-Instruct unless --model says otherwise; continuous batching with --max-batch slots;
+``--in-process``: on a thread of this process instead, where its HTTP threads share the GIL with the clients').
 A fixed workload of --requests chat requests (distinct prompts, greedy, --max-tokens each) is
 served with C client threads pulling from it, for each C in --clients. C = 1 is serving the
 requests one after another; the ratio column is total tokens/s against it. Every level must give
@@ -17,7 +18,7 @@ llama-server would otherwise answer without prefilling; ``--llama-prompt-cache``
 
     HF_HUB_OFFLINE=1 python bench/serve.py [--requests 32] [--max-tokens 32] [--clients 1 8 32]
         [--model NAME] [--device cpu] [--quantize int8|int4] [--compile] [--warm-levels] [--threads N]
-        [--no-llama-server] [--json out.json]
+        [--no-llama-server] [--in-process] [--json out.json]
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import shutil
 import socket
 import statistics
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -131,6 +133,65 @@ def levels(label, client, model_id, requests, a, stats=None, reference=None, ext
     return rows
 
 
+def run_in_process(a, requests, threads):
+    """lmforge's server on a thread of this process (the clients' threads share its GIL)."""
+    lm = load_for_serving(a.model, device=a.device, dtype=a.dtype, quantize=a.quantize)
+    engine = Engine(lm.model, lm.tokenizer, lm.eos_ids, max_batch=a.max_batch, max_queue=max(64, a.requests),
+                    context=a.max_context, compile=a.compile)
+    with BackgroundServer(create_app(lm, engine, model_id="bench")) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=600)
+        return levels("lmforge", client, "bench", requests, a, engine.stats)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_healthy(proc, port, cmd, what, timeout=600):
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise SystemExit(f"{what} exited with {proc.returncode}: {' '.join(cmd)}")
+        time.sleep(0.5)
+    raise SystemExit(f"{what} did not answer /health within {timeout} s: {' '.join(cmd)}")
+
+
+def run_lmforge_server(a, requests, threads):
+    """``lmforge serve`` in a process of its own (as llama-server runs), the same settings; its decode steps are
+    read from /metrics. Its stderr (compile times) goes to ours."""
+    import httpx
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "lmforge.cli", "serve", a.model, "--port", str(port), "--device", a.device,
+           "--dtype", a.dtype, "--max-batch", str(a.max_batch), "--max-queue", str(max(64, a.requests)),
+           "--max-context", str(a.max_context), "--threads", str(threads), "--served-model-name", "bench",
+           "--log-level", "warning"]
+    cmd += (["--quantize", a.quantize] if a.quantize else []) + (["--compile"] if a.compile else [])
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    try:
+        wait_healthy(proc, port, cmd, "lmforge serve")
+
+        def stats():
+            text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+            line = next(x for x in text.splitlines() if x.startswith("lmforge_decode_steps_total "))
+            return {"decode_steps": int(float(line.split()[1]))}
+
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=600)
+        return levels("lmforge", client, "bench", requests, a, stats)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 def llama_server_bin():
     folder = os.environ.get("LLAMA_CPP_BIN")
     if folder and Path(folder, "llama-server").is_file():
@@ -147,9 +208,7 @@ def embedded_gguf():
 
 def run_llama_server(a, requests, threads):
     """Start llama-server on the same GGUF (slots = the most clients), run the levels, stop it."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     slots = max(a.clients)
     cmd = [llama_server_bin(), "-m", str(a.gguf or embedded_gguf()), "--host", "127.0.0.1", "--port", str(port),
            "-t", str(threads), "-tb", str(threads), "-np", str(slots), "-c", str(slots * a.max_context)]
@@ -157,18 +216,7 @@ def run_llama_server(a, requests, threads):
     cmd += shlex.split(os.environ.get("LLAMA_CPP_ARGS", ""))
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        import httpx
-
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None:
-                raise SystemExit(f"llama-server exited with {proc.returncode}: {' '.join(cmd)}")
-            time.sleep(0.5)
+        wait_healthy(proc, port, cmd, "llama-server", timeout=300)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=600)
         # llama-server keeps each slot's prompt KV and reuses the longest common prefix (cache_prompt, on by
         # default): the same requests served again (warm-up, --warm-levels, the levels before) then skip their
@@ -201,17 +249,13 @@ def main() -> None:
     ap.add_argument("--llama-prompt-cache", action="store_true",
                     help="let llama-server reuse the KV of a prompt it has seen (its default; off here because the "
                          "levels repeat the same requests and lmforge has no prompt cache)")
+    ap.add_argument("--in-process", action="store_true",
+                    help="serve lmforge from this process (its HTTP threads then share the GIL with the clients' "
+                         "threads) instead of an `lmforge serve` process of its own, as llama-server runs")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    lm = load_for_serving(a.model, device=a.device, dtype=a.dtype)
-    if a.quantize:
-        from lmforge.models.quantized import quantize_model
-
-        quantize_model(lm.model, a.quantize)
-    engine = Engine(lm.model, lm.tokenizer, lm.eos_ids, max_batch=a.max_batch, max_queue=max(64, a.requests),
-                    context=a.max_context, compile=a.compile)
     requests = workload(a.requests)
     threads = torch.get_num_threads()
     print(f"# {a.model} on {a.device} ({platform.processor() or platform.machine()}, {threads} "
@@ -220,9 +264,7 @@ def main() -> None:
           f"{', compiled decode' if a.compile else ''}; load average {os.getloadavg()[0]:.1f}")
     print(f"{'server':>12} {'clients':>7} {'wall s':>8} {'tokens':>7} {'tok/s':>8} {'vs 1 client':>11} "
           f"{'TTFT p50 s':>10} {'TTFT p95 s':>10} {'latency p50 s':>13} {'same text':>9}")
-    with BackgroundServer(create_app(lm, engine, model_id="bench")) as srv:
-        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=600)
-        rows = levels("lmforge", client, "bench", requests, a, engine.stats)
+    rows = (run_in_process if a.in_process else run_lmforge_server)(a, requests, threads)
     if llama_server_bin() and not a.no_llama_server:
         rows += run_llama_server(a, requests, threads)
         for c in a.clients:

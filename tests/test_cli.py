@@ -178,9 +178,12 @@ def test_real_process_exit_status_and_no_traceback(tmp_path):
     assert "Traceback" not in proc.stderr and proc.stderr.startswith("error: unknown model")
 
 
-def test_generate_with_int8_weights(tiny_lm_dirs, capsys):
+def test_generate_with_int8_and_int4_weights(tiny_lm_dirs, capsys):
     d = tiny_lm_dirs["plain"]
     code, out, err = run(capsys, "generate", "one two", "-m", d, "-n", "8", "--quantize", "int8")
     assert code == 0 and out.strip() and "int8 weights, int8 head:" in err
-    code, _, err = run(capsys, "generate", "one two", "-m", d, "--quantize", "int4")
+    code, out4, err = run(capsys, "generate", "one two", "-m", d, "-n", "8", "--quantize", "int4")
+    assert code == 0 and out4.strip() and "int4 weights, int8 head:" in err
+    code, _, err = run(capsys, "generate", "one two", "-m", d, "--quantize", "int3")
     assert_one_line_error(code, err, "--quantize", "invalid choice")
+    assert "'int8', 'int4'" in err

@@ -245,6 +245,43 @@ def test_concurrent_streams_with_the_static_step_equal_each_served_alone(tiny_lm
     assert {k[:2] for k in fast._STATES[lm.model].entries} >= {(16, 128)}  # batch buckets over the engine's cache
 
 
+def test_the_engine_cache_follows_the_width_buckets_and_streams_still_equal_alone(tiny_lm_dirs, uncompiled,
+                                                                                  monkeypatch):
+    """Buckets of 16 columns: prompts of ~20-40 tokens and up to 16 new ones cross several, in both directions
+    (a compaction shrinks the timeline), and each step reads a contiguous (slots, nkv, W, hs) cache."""
+    import lmforge
+    from lmforge.deploy import kv_slots
+
+    monkeypatch.setattr(fast, "WIDTH_STEP", 16)
+    widths = []
+    relayout = kv_slots.SlotCaches.relayout
+
+    def spy(self, width, rows, cols):
+        relayout(self, width, rows, cols)
+        widths.append(self.width)
+        assert all(c.k.shape[2] == width and c.k.is_contiguous() and c.v.is_contiguous() for c in self.caches)
+
+    monkeypatch.setattr(kv_slots.SlotCaches, "relayout", spy)
+    reads = []
+    window_update = fast.CacheWindow.update
+
+    def spy_window(self, start, k, v):
+        K, V = window_update(self, start, k, v)
+        reads.append(K.is_contiguous() and V.is_contiguous())
+        return K, V
+
+    monkeypatch.setattr(fast.CacheWindow, "update", spy_window)
+    lm = lmforge.load(tiny_lm_dirs["chat"])
+    prompts = _serve_prompts(40)
+    alone, _ = _engine_texts(lm, prompts, compile=False, together=False, max_batch=4)
+    together, engine = _engine_texts(lm, prompts, compile=True, together=True, max_batch=4)
+    assert engine.compile and together == alone
+    assert reads and all(reads)
+    grew = any(b > a for a, b in zip(widths, widths[1:]))
+    shrank = any(b < a for a, b in zip(widths, widths[1:]))
+    assert grew and shrank and engine.compactions > 0, (widths, engine.compactions)
+
+
 @pytest.mark.real
 def test_concurrent_streams_compiled_equal_each_served_alone(tiny_lm_dirs, monkeypatch):
     import lmforge

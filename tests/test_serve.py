@@ -253,7 +253,9 @@ def test_cli_serve_errors_are_one_line(capsys, tmp_path):
     assert err.startswith("error: ") and err.count("\n") == 1
     assert main(["serve", "--port", "-3"]) == 2
     assert "--port" in capsys.readouterr().err
-    assert main(["serve", "--quantize", "int4"]) == 2
+    assert main(["serve", "--quantize", "int3"]) == 2
+    err = capsys.readouterr().err
+    assert "--quantize" in err and "int4" in err and err.count("\n") == 1
     assert served_name(str(tmp_path)) == tmp_path.name and served_name("org/model") == "org/model"
 
 

@@ -264,6 +264,8 @@ def test_metrics_in_prometheus_text_format(eco):
     assert delta("lmforge_completion_tokens_total") >= r.usage.completion_tokens
     assert delta('lmforge_request_latency_seconds_count{route="/v1/completions"}') == 2
     assert delta("lmforge_time_to_first_token_seconds_count") == 2
+    # each request's first token comes from its prefill, each later one from a decode step
+    assert r.usage.completion_tokens - 1 <= delta("lmforge_decode_steps_total") <= (4 - 1) + (3 - 1)
     assert after['lmforge_time_to_first_token_seconds_bucket{le="+Inf"}'] == \
         after["lmforge_time_to_first_token_seconds_count"]
     assert after["lmforge_queue_depth"] == 0 and "lmforge_running_sequences" in after

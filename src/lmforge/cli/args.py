@@ -45,7 +45,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help=f"model: an embedded name ({DEFAULT_MODEL}), a local HF directory or .gguf file, "
                         "or a hub id when online (default: %(default)s)")
     p.add_argument("--adapter", help="a PEFT adapter folder (LoRA or prompt tuning) to apply on top of the model")
-    p.add_argument("--quantize", choices=("int8",), help="weight-only int8 linear layers: ~0.4x the weight memory")
+    p.add_argument("--quantize", choices=("int8", "int4"),
+                   help="weight-only linear layers for inference: int8 (one scale per row, ~0.4x the weight memory) or "
+                        "int4 (group-wise, group 64: a GGUF's Q4_1 blocks taken over as they are, else rounded to "
+                        "nearest; for a calibrated GPTQ copy use `lmforge quantize`); both on PyTorch's packed CPU "
+                        "kernels")
     p.add_argument("--quantize-head", default=None, metavar="int8|int4|none",
                    help="with --quantize: the lm_head's quantisation (default: int8; a tied embedding then reads "
                         "its rows)")

@@ -3,7 +3,8 @@
 This module owns ``Engine`` (a bounded waiting queue, a scheduler thread, one batched KV cache); a request is a
 ``deploy.requests.Sequence``. It knows nothing about HTTP.
 
-The cache layout. Each layer's cache is (slots, n_kv_head, width, head_dim); the running
+The cache layout (``deploy.kv_slots``). Each layer's cache is (slots, n_kv_head, width, head_dim), width the
+context (or, with compiled steps, the timeline's width bucket, so a step reads a contiguous block); the running
 sequences occupy rows [0, n). All rows share one timeline of columns: a decode step writes the
 new token of every row at column ``cur``, then ``cur`` advances. A request admitted between two
 steps gets its prompt's keys and values in its own row at columns [cur - P, cur) (see Admission),
@@ -16,7 +17,7 @@ most of the timeline is holes, ``_compact`` packs each row's columns against a s
 finishes, the last row moves into its slot so the running rows stay contiguous.
 
 Admission. Newly admitted requests are prefilled together, left-padded in one forward pass, into caches of
-their own (``_Prefill``), at most ``prefill_chunk`` tokens of work between two decode steps: short prompts share
+their own (``Prefill``), at most ``prefill_chunk`` tokens of work between two decode steps: short prompts share
 a pass (as many as fit in the chunk), a longer one is prefilled a chunk per step, so a long prompt delays the
 running streams by one chunk's forward pass per token instead of its whole prefill. When its prefill is done,
 each request's keys and values move into its slot at columns [cur - P, cur) and it joins the timeline. If a
@@ -45,6 +46,7 @@ from collections.abc import Sequence as Seq
 
 import torch
 
+from lmforge.deploy.kv_slots import Prefill, SlotCaches, SlotRows
 from lmforge.deploy.requests import EngineBusy, Sequence, token_logprobs
 from lmforge.errors import LmforgeError
 from lmforge.generation.generate import TextStream
@@ -79,49 +81,6 @@ class _Row:
             self.seen[0, torch.tensor(seq.prompt_ids, device=device)] = True
 
 
-class _CacheRows:
-    """Rows [lo, hi) of a KVCache, written in place by the attention layers (a view, no copy)."""
-
-    def __init__(self, cache, lo: int, hi: int):
-        self.k, self.v = cache.k[lo:hi], cache.v[lo:hi]  # (n, nkv, width, hs)
-
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = start + k.shape[2]
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
-
-
-class _Prefill:
-    """Sequences being prefilled outside the engine's cache: left-padded in their own caches, chunk by chunk."""
-
-    def __init__(self, model: torch.nn.Module, seqs: list[Sequence], rows: list[_Row], device: torch.device):
-        self.seqs, self.rows = seqs, rows
-        lens = [len(s.prompt_ids) for s in seqs]
-        self.L = L = max(lens)
-        self.idx = torch.zeros((len(seqs), L), dtype=torch.long, device=device)
-        self.key_mask = torch.zeros((len(seqs), L), dtype=torch.bool, device=device)
-        for i, s in enumerate(seqs):
-            self.idx[i, L - lens[i]:] = torch.tensor(s.prompt_ids, dtype=torch.long, device=device)
-            self.key_mask[i, L - lens[i]:] = True
-        self.padded = min(lens) != L
-        self.positions = (self.key_mask.long().cumsum(-1) - 1).clamp(min=0)  # each row counts its own tokens
-        self.caches = model.make_caches(len(seqs), L, next(model.parameters()).dtype)  # the engine's cache dtype
-        self.done = 0  # prompt columns prefilled so far
-        self.logits: torch.Tensor | None = None  # (k, V) once done
-
-    def step(self, model: torch.nn.Module, chunk: int) -> bool:
-        """Prefill the next ``chunk`` columns (all of them for a chunk of None); True when the prompt is done."""
-        a = self.done
-        b = self.L if chunk is None else min(self.L, a + chunk)
-        mask = self.key_mask[:, :b] if self.padded else None
-        logits = model(self.idx[:, a:b], self.positions[:, a:b], mask, self.caches, a, last_only=True)[:, -1]
-        self.done = b
-        if b == self.L:
-            self.logits = logits
-        return b == self.L
-
-
 class Engine:
     """Runs ``Sequence``s with continuous batching on one model; see the module docstring."""
 
@@ -137,7 +96,7 @@ class Engine:
         if prefill_chunk is not None and prefill_chunk < 1:
             raise LmforgeError(f"prefill_chunk must be >= 1 (or None: whole prompts), got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk
-        self.prefill: _Prefill | None = None  # the requests being prefilled, not yet in a slot
+        self.prefill: Prefill | None = None  # the requests being prefilled, not yet in a slot
         if max_batch < 1 or max_queue < 0:
             raise LmforgeError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
         self.width = min(context or cfg.max_seq_len, cfg.max_seq_len)
@@ -147,7 +106,7 @@ class Engine:
         self.max_batch, self.max_queue = max_batch, max_queue
         self.device = next(model.parameters()).device
         # in the model's dtype, not attention_dtype's float32: max_batch x context tokens, preallocated
-        self.caches = model.make_caches(max_batch, self.width, next(model.parameters()).dtype)
+        self.caches = SlotCaches(model, max_batch, self.width, next(model.parameters()).dtype)
         self.key_mask = torch.zeros((max_batch, self.width), dtype=torch.bool, device=self.device)
         self.cur = 0  # the timeline column the next decode step writes
         self.rows: list[_Row] = []  # row i lives in cache slot i
@@ -279,7 +238,7 @@ class Engine:
                 self._fail_admission(seq, e)
         if started:
             try:
-                self.prefill = _Prefill(self.model, started, rows, self.device)
+                self.prefill = Prefill(self.model, started, rows, self.device)
             except Exception as e:
                 self._prefill_failed(started, e)
 
@@ -317,9 +276,10 @@ class Engine:
                 log.exception("the engine failed to start a request")
                 self._fail_admission(seq, e2)
 
-    def _join(self, pre: _Prefill, i: int, row: _Row) -> None:
+    def _join(self, pre: Prefill, i: int, row: _Row) -> None:
         """Move row i of a finished prefill into the next slot at columns [cur - P, cur) and take its first token."""
         P, s = len(row.seq.prompt_ids), len(self.rows)
+        self._fit(max(self.cur, P))
         if self.cur < P:  # stretch the timeline: the new columns are holes for the running rows
             self.key_mask[:s, self.cur:P] = False
             self.cur = P
@@ -334,8 +294,15 @@ class Engine:
         if not self._take(row, self._sample_row(logits, row), logits):
             self._retire([s], None)
 
-    def _views(self, lo: int, hi: int) -> list[_CacheRows]:
-        return [_CacheRows(c, lo, hi) for c in self.caches]
+    def _fit(self, cols: int) -> None:
+        """With compiled steps, lay the caches out for the width bucket of ``cols`` columns (``kv_slots``)."""
+        if self.compile:
+            from lmforge.generation.fast import cache_width
+
+            self.caches.relayout(cache_width(cols, self.width), len(self.rows), self.cur)
+
+    def _views(self, lo: int, hi: int) -> list[SlotRows]:
+        return [SlotRows(c, lo, hi) for c in self.caches]
 
     def _fail_admission(self, seq: Sequence, e: Exception) -> None:
         """``seq`` failed while being admitted: free its slot if it got one and answer it with an error."""
@@ -351,6 +318,7 @@ class Engine:
         """Prefill one new sequence into the next free slot and sample its first token."""
         P, s = len(seq.prompt_ids), len(self.rows)
         row = _Row(seq, self.tokenizer, self.model.config.vocab_size, self.device)  # before the prefill: may fail
+        self._fit(max(self.cur, P))
         if self.cur < P:  # stretch the timeline: the new columns are holes for the running rows
             self.key_mask[:s, self.cur:P] = False
             self.cur = P
@@ -370,6 +338,7 @@ class Engine:
         n = len(self.rows)
         if self.cur >= self.width or self.cur > 2 * max(r.length for r in self.rows) + 64:
             self._compact()
+        self._fit(self.cur + 1)
         tokens = torch.tensor([[r.pending] for r in self.rows], dtype=torch.long, device=self.device)  # (n, 1)
         pos = torch.tensor([[r.pos] for r in self.rows], dtype=torch.long, device=self.device)  # (n, 1)
         self.key_mask[:n, self.cur] = True

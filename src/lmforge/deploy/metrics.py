@@ -89,6 +89,10 @@ class Metrics:
                     "# HELP lmforge_running_sequences Sequences being decoded.",
                     "# TYPE lmforge_running_sequences gauge",
                     f"lmforge_running_sequences {sum(s['running'] for s in stats)}",
+                    "# HELP lmforge_decode_steps_total Batched decode steps (one forward pass for every running "
+                    "sequence).",
+                    "# TYPE lmforge_decode_steps_total counter",
+                    f"lmforge_decode_steps_total {sum(s['decode_steps'] for s in stats)}",
                     "# HELP lmforge_request_latency_seconds Time from request to the end of its response.",
                     "# TYPE lmforge_request_latency_seconds histogram"]
             for route, h in sorted(self.latency.items()):

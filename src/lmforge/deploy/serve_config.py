@@ -35,8 +35,9 @@ class ServeConfig:
     """cpu, cuda, cuda:1, ..."""
     dtype: str = "auto"
     """float32 | bfloat16 | float16 | auto."""
-    quantize: Literal["int8"] | None = None
-    """Weight-only int8 linear layers (per-row absmax scales): less memory, logits close to fp32."""
+    quantize: Literal["int8", "int4"] | None = None
+    """Weight-only linear layers: int8 (per-row absmax scales: less memory, logits close to fp32) or int4 (group 64:
+    a GGUF's Q4_1 blocks as they are, else round-to-nearest; for a calibrated GPTQ copy use `lmforge quantize`)."""
     quantize_head: Literal["int8", "int4", "none"] | None = None
     """With quantize: the lm_head's quantisation (default int8; a tied input embedding then reads its rows and the
     float table is dropped; int4: faster, visibly less exact)."""
