@@ -13,6 +13,7 @@ from torch import nn
 
 from lmforge.cli.main import main
 from lmforge.errors import LmforgeError
+from lmforge.models.int4 import Int4Linear
 from lmforge.models.quantized import HeadEmbedding, Int4Head, Int8Head, model_bytes, quantize_head, quantize_model
 
 
@@ -215,3 +216,6 @@ def test_serve_and_eval_pass_quantize_head_to_load(tied_dir, tmp_path):
     cfg = EvalConfig(data=data, model=str(tied_dir), quantize="int8", quantize_head="none")
     assert type(load_model(cfg).model.lm_head) is nn.Linear
     assert isinstance(load_model(EvalConfig(data=data, model=str(tied_dir), quantize="int8")).model.lm_head, Int8Head)
+    int4 = load_model(EvalConfig(data=data, model=str(tied_dir), quantize="int4")).model
+    assert isinstance(int4.lm_head, Int8Head) and any(isinstance(m, Int4Linear) for m in int4.modules())
+    assert main(["eval", "--data", str(data), "-m", str(tied_dir), "--quantize", "int3"]) == 2

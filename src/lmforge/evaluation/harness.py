@@ -112,8 +112,9 @@ class EvalConfig:
     """An embedded name, a local HF directory or .gguf file, or a hub id when online."""
     adapter: Path | None = option(None, group=_MODEL)
     """A PEFT adapter folder (LoRA or prompt tuning) to apply on top of the model."""
-    quantize: Literal["int8"] | None = option(None, group=_MODEL)
-    """Weight-only int8 linear layers: ~0.4x the weight memory."""
+    quantize: Literal["int8", "int4"] | None = option(None, group=_MODEL)
+    """Weight-only linear layers: int8 (~0.4x the weight memory) or int4 (group 64: a GGUF's Q4_1 blocks as they
+    are, else round-to-nearest)."""
     quantize_head: Literal["int8", "int4", "none"] | None = option(None, group=_MODEL)
     """With quantize: the lm_head's quantisation (default int8; a tied input embedding then reads its rows)."""
     compile: bool = option(False, group=_MODEL)
