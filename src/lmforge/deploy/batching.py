@@ -375,7 +375,7 @@ class Engine:
 
         n = tokens.shape[0]
         nb = fast.batch_bucket(n, self.max_batch)
-        W = fast.cache_width(self.cur + 1, self.width)
+        W = self.caches.width  # the width bucket of cur + 1 (``_fit`` laid the caches out for it)
         entry = fast.decoder_for(self.model, nb, W, self.caches)
         mask = self.key_mask[:nb, :W].clone()
         mask[n:] = False

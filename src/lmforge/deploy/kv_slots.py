@@ -49,12 +49,9 @@ class SlotCaches:
             return
         assert cols <= width <= self.context, (cols, width, self.context)
         if width not in self._layouts:
-            views = []
-            for fk, fv in self._flat:
-                nkv, hs = self.caches[0].k.shape[1], self.caches[0].k.shape[3]
-                n = self.slots * nkv * width * hs
-                views.append((fk[:n].view(self.slots, nkv, width, hs), fv[:n].view(self.slots, nkv, width, hs)))
-            self._layouts[width] = views
+            shape = (self.slots, self.caches[0].k.shape[1], width, self.caches[0].k.shape[3])
+            n = shape[0] * shape[1] * shape[2] * shape[3]
+            self._layouts[width] = [(fk[:n].view(shape), fv[:n].view(shape)) for fk, fv in self._flat]
         for c, (k, v) in zip(self.caches, self._layouts[width]):
             if rows and cols:  # the old and the new layout share memory: copy out first
                 old_k, old_v = c.k[:rows, :, :cols].clone(), c.v[:rows, :, :cols].clone()
