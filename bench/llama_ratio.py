@@ -27,7 +27,6 @@ from lmforge.checkpoints.resolve import resolve
 from lmforge.evaluation.deployment import decode_speed
 
 
-
 def llama_decode(bench: str, gguf: Path, depth: int, n: int, threads: int, extra: list[str]) -> tuple[float, list]:
     """llama.cpp's decode tok/s for ``n`` tokens after ``depth`` tokens of context (one llama-bench run), and the
     flags it needed (``generate.run_llama_bench``)."""
