@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from lmforge.cli.main import main
 from lmforge.models.int4 import Int4Linear, gptq_quantize, pack_codes, rtn_quantize, unpack_codes
@@ -52,10 +53,48 @@ def path(monkeypatch):
     from lmforge.models import int4, quantized
 
     def use(which: str) -> None:
-        for table in (int4.FLOAT_FROM_ROWS, quantized.INT8_FLOAT_FROM_ROWS):
+        for table in (int4.FLOAT_FROM_ROWS, quantized.INT8_FLOAT_FROM_ROWS, quantized.HEAD_FLOAT_FROM_ROWS):
             for dtype in list(table):
                 monkeypatch.setitem(table, dtype, 10**9 if which == "kernel" else 1)
     return use
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_the_bfloat16_float_path_computes_in_float32_on_a_cpu_without_bfloat16_hardware(kind, native, path,
+                                                                                        monkeypatch):
+    """oneDNN emulates bfloat16 matmuls on AVX2-only CPUs (~7x slower than float32): there the float path multiplies
+    in float32 (the weight unrounded) and rounds the result; with bfloat16 hardware it multiplies in bfloat16."""
+    from lmforge.models import int4
+
+    monkeypatch.setattr(int4, "NATIVE_BF16", native)
+    path("float")
+    torch.manual_seed(3)
+    lin = nn.Linear(64, 32, bias=True)
+    layer = Int4Linear.from_linear(lin, 32) if kind == "int4" else Int8Linear(lin)
+    x = torch.randn(4, 64).bfloat16()
+    w, b = layer.weight, layer.bias
+    with torch.no_grad():
+        want = (F.linear(x, w.bfloat16(), b.bfloat16()) if native
+                else F.linear(x.float(), w.float(), b.float()).bfloat16())
+        assert torch.equal(layer(x), want)
+
+
+def test_each_cpu_has_thresholds_and_the_head_keeps_its_kernel_for_every_decode_batch():
+    """The row thresholds per CPU kind; a quantised head's float path dequantises its whole (vocab x dim) weight per
+    call, so its kernel serves a serving engine's largest default batch (16) and the 32-row bucket on both kinds."""
+    from lmforge.deploy.serve_config import ServeConfig
+    from lmforge.models import int4, quantized
+
+    for native in (True, False):
+        head = quantized.HEAD_FLOAT_FROM_ROWS_BY_CPU[native][torch.bfloat16]
+        assert head > max(32, ServeConfig().max_batch)
+        assert head >= quantized.INT8_FLOAT_FROM_ROWS_BY_CPU[native][torch.bfloat16]
+        assert int4.FLOAT_FROM_ROWS_BY_CPU[native][torch.float32] == 2  # the kernel is scalar outside bfloat16
+    assert int4.FLOAT_FROM_ROWS == int4.FLOAT_FROM_ROWS_BY_CPU[int4.NATIVE_BF16]
+    head = quantized.Int8Head(nn.Linear(64, 320, bias=False))
+    assert head.uses_kernel(torch.zeros(32, 64, dtype=torch.bfloat16))
+    assert not head.uses_kernel(torch.zeros(quantized.HEAD_FLOAT_FROM_ROWS[torch.bfloat16], 64, dtype=torch.bfloat16))
 
 
 @pytest.mark.parametrize("which", ["kernel", "float"])

@@ -72,8 +72,33 @@ from lmforge.errors import LmforgeError
 GROUP_SIZES = (32, 64, 128)
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _N_ALIGN = 16  # _convert_weight_to_int4pack_for_cpu: "expect N to be dividable by 16"
-# rows (tokens in one call) from which forward takes the float path instead of the packed kernel (module docstring)
-FLOAT_FROM_ROWS = {torch.bfloat16: 96, torch.float32: 2, torch.float16: 1}
+
+
+def _native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (AVX-512 BF16 or AMX tiles)."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # a torch without the probes: assume the common case, no bfloat16 hardware
+        return False
+
+
+# Without bfloat16 hardware (e.g. AVX2-only CPUs) oneDNN emulates a bfloat16 matmul, ~7x slower than float32 at
+# prefill sizes (1536 x 576, 256 rows, one thread: 52 ms vs 6.9), so the float path computes in float32 there.
+NATIVE_BF16 = _native_bf16()
+# rows (tokens in one call) from which forward takes the float path instead of the packed kernel (module docstring),
+# for a CPU with bfloat16 hardware (True) and one without (False)
+FLOAT_FROM_ROWS_BY_CPU = {True: {torch.bfloat16: 96, torch.float32: 2, torch.float16: 1},
+                          False: {torch.bfloat16: 48, torch.float32: 2, torch.float16: 1}}
+FLOAT_FROM_ROWS = dict(FLOAT_FROM_ROWS_BY_CPU[NATIVE_BF16])
+
+
+def float_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The float path of a quantised layer: ``x @ weight.T + bias`` in ``x``'s dtype, ``weight`` dequantised. A
+    bfloat16 call on a CPU without bfloat16 hardware is computed in float32 and rounded back (faster there, and
+    the weight is not rounded to bfloat16 first)."""
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not NATIVE_BF16:
+        return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+    return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
 def check_group_size(in_features: int, group_size: int, name: str = "linear layer") -> None:
@@ -245,17 +270,20 @@ class Int4Linear(nn.Module):
         if self.uses_kernel(torch.empty(rows, self.in_features, dtype=dtype, device=self.qweight.device)):
             self.packed(dtype)
 
+    def float_from_rows(self, dtype: torch.dtype) -> int:
+        return FLOAT_FROM_ROWS[dtype]
+
     def uses_kernel(self, x: torch.Tensor) -> bool:
         """Whether ``forward(x)`` runs the packed kernel: CPU, a kernel dtype, no gradient to the input, and fewer
-        rows than ``FLOAT_FROM_ROWS`` (static shapes, so a compiled step takes one path for good)."""
+        rows than ``float_from_rows`` (static shapes, so a compiled step takes one path for good)."""
         return (x.device.type == "cpu" and self.qweight.device.type == "cpu" and x.dtype in KERNEL_DTYPES
                 and not (torch.is_grad_enabled() and x.requires_grad)
-                and x.numel() // self.in_features < FLOAT_FROM_ROWS[x.dtype])
+                and x.numel() // self.in_features < self.float_from_rows(x.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
         if not self.uses_kernel(x):
-            return F.linear(x, self.weight.to(x.dtype), bias)
+            return float_linear(x, self.weight, self.bias)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
         w, sz = self.packed(x.dtype)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).contiguous(), w,
                                                        self.group_size, sz)

@@ -67,7 +67,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lmforge.errors import LmforgeError
-from lmforge.models.int4 import FLOAT_FROM_ROWS, Int4Linear, check_group_size, dequantize_codes, unpack_codes
+from lmforge.models.int4 import NATIVE_BF16, Int4Linear, check_group_size, dequantize_codes, float_linear, unpack_codes
 
 # The 16 NF4 levels (quantiles of N(0, 1) normalised to [-1, 1]), from the QLoRA paper's appendix.
 NF4_LEVELS = torch.tensor([
@@ -80,8 +80,11 @@ SCHEMES = ("int8", "nf4")
 
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# rows (tokens in one call) from which Int8Linear takes the float path instead of the packed kernel (docstring)
-INT8_FLOAT_FROM_ROWS = {torch.bfloat16: 32, torch.float32: 2, torch.float16: 1}
+# rows (tokens in one call) from which Int8Linear takes the float path instead of the packed kernel (docstring), on
+# a CPU with bfloat16 hardware (True) and one without (False; the float path computes in float32 there)
+INT8_FLOAT_FROM_ROWS_BY_CPU = {True: {torch.bfloat16: 32, torch.float32: 2, torch.float16: 1},
+                               False: {torch.bfloat16: 48, torch.float32: 2, torch.float16: 1}}
+INT8_FLOAT_FROM_ROWS = dict(INT8_FLOAT_FROM_ROWS_BY_CPU[NATIVE_BF16])
 
 
 class Int8Linear(nn.Module):
@@ -134,17 +137,20 @@ class Int8Linear(nn.Module):
         if self.uses_kernel(torch.empty(rows, self.in_features, dtype=dtype, device=self.qweight.device)):
             self.kernel_scale(dtype)
 
+    def float_from_rows(self, dtype: torch.dtype) -> int:
+        return INT8_FLOAT_FROM_ROWS[dtype]
+
     def uses_kernel(self, x: torch.Tensor) -> bool:
         """Whether ``forward(x)`` runs the packed kernel: CPU, a kernel dtype, no gradient to the input, and fewer
-        rows than ``INT8_FLOAT_FROM_ROWS`` (static shapes, so a compiled step takes one path for good)."""
+        rows than ``float_from_rows`` (static shapes, so a compiled step takes one path for good)."""
         return (x.device.type == "cpu" and self.qweight.device.type == "cpu" and x.dtype in KERNEL_DTYPES
                 and not (torch.is_grad_enabled() and x.requires_grad)
-                and x.numel() // self.in_features < INT8_FLOAT_FROM_ROWS[x.dtype])
+                and x.numel() // self.in_features < self.float_from_rows(x.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
         if not self.uses_kernel(x):
-            return F.linear(x, self.weight.to(x.dtype), bias)
+            return float_linear(x, self.weight, self.bias)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
         y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features).contiguous(), self.qweight,
                                                self.kernel_scale(x.dtype))
         y = y.reshape(*x.shape[:-1], self.out_features)
@@ -180,6 +186,12 @@ class NF4Linear(nn.Module):
 
 
 HEADS = ("int8", "int4", "none")
+# rows from which a quantised LM head takes its float path, by CPU as above: the head's float path dequantises
+# 28M weights per call for SmolLM2-135M (~75 ms with bfloat16 hardware, ~170 ms without, one thread), so its kernel
+# wins to more rows than a 576-wide layer's (figures in the module docstring)
+HEAD_FLOAT_FROM_ROWS_BY_CPU = {True: {torch.bfloat16: 64, torch.float32: 2, torch.float16: 1},
+                               False: {torch.bfloat16: 128, torch.float32: 2, torch.float16: 1}}
+HEAD_FLOAT_FROM_ROWS = dict(HEAD_FLOAT_FROM_ROWS_BY_CPU[NATIVE_BF16])
 DEFAULT_HEAD = "int8"  # the head's quantisation when none is named (measurements in the module docstring)
 HEAD_GROUP_SIZE = 64  # an int4 head's group when the blocks give none (int8 blocks)
 
@@ -188,14 +200,15 @@ class _Bf16DecodeHead:
     """A quantised LM head (mixed in before ``Int8Linear``/``Int4Linear``): a decode call on float32/float16 input
     runs the packed kernel in bfloat16, because torch's int8/int4 CPU kernels are slow outside bfloat16 at the
     head's width (module docstring); the rows are rounded to bfloat16 for the kernel and the logits cast back.
-    ``float_from_rows``: the row count from which the layer takes its float path anyway."""
+    Its kernel runs up to ``HEAD_FLOAT_FROM_ROWS`` rows, the float path from there."""
 
-    float_from_rows: int
+    def float_from_rows(self, dtype: torch.dtype) -> int:
+        return HEAD_FLOAT_FROM_ROWS[dtype]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.dtype in (torch.float32, torch.float16) and x.device.type == "cpu"
                 and self.qweight.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad)
-                and x.numel() // self.in_features < self.float_from_rows):
+                and x.numel() // self.in_features < HEAD_FLOAT_FROM_ROWS[torch.bfloat16]):
             return super().forward(x.to(torch.bfloat16)).to(x.dtype)
         return super().forward(x)
 
@@ -206,8 +219,6 @@ class _Bf16DecodeHead:
 class Int8Head(_Bf16DecodeHead, Int8Linear):
     """The LM head as an ``Int8Linear``; decode calls in float32/float16 run the kernel in bfloat16."""
 
-    float_from_rows = INT8_FLOAT_FROM_ROWS[torch.bfloat16]
-
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """The dequantised rows ``ids`` (n,) of the weight: (n, in), in the scale's dtype."""
         return self.qweight[ids].to(self.scale.dtype) * self.scale[ids]
@@ -215,8 +226,6 @@ class Int8Head(_Bf16DecodeHead, Int8Linear):
 
 class Int4Head(_Bf16DecodeHead, Int4Linear):
     """The LM head as an ``Int4Linear`` (group-wise); decode calls in float32/float16 run the kernel in bfloat16."""
-
-    float_from_rows = FLOAT_FROM_ROWS[torch.bfloat16]
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """The dequantised rows ``ids`` (n,) of the weight: (n, in), float32."""
