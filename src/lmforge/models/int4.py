@@ -30,10 +30,11 @@ Portable form (what ``lmforge quantize`` saves; the kernel packing is done at lo
 kernel wants the output width a multiple of 16, so the packed weight is padded with zero rows and the output cut).
 From ``FLOAT_FROM_ROWS[dtype]`` rows on (tokens in the call: a prefill), on other devices, or when a gradient must
 flow to the input, it multiplies by the weight dequantised from the portable codes (group-wise, in float32, then
-cast to the activation dtype): the packed kernel is built for a few rows at a time and loses to a float matmul on
-long inputs. The thresholds come from one micro-measurement (one thread, this project's 2-core AVX-512 VM, torch
-2.13, busy machine (load ~8), best of 7; the float time includes dequantising the weight, ``dequantize_packed``,
-on every call), ms per call:
+cast to the activation dtype; ``float_linear``): the packed kernel is built for a few rows at a time and loses to a
+float matmul on long inputs. The thresholds depend on the CPU (``FLOAT_FROM_ROWS_BY_CPU``, chosen at import by
+``NATIVE_BF16``). With bfloat16 hardware (this project's 2-core AVX-512/AMX VM, one thread, torch 2.13, busy
+machine (load ~8), best of 7; the float time includes dequantising the weight, ``dequantize_packed``, on every
+call), ms per call:
 
     bfloat16   rows:          16     32     48     64     96    128
       576 x  576  kernel    0.23   0.39   0.60   0.77   1.17   1.57   float  0.77  0.86  0.90  0.94  0.95  1.14
@@ -53,6 +54,16 @@ prompt; torch's vectorised int4 kernel is bfloat16-only, float32 and float16 run
 compute the same dequantised weight; they differ by rounding only (the kernel accumulates in float32 with
 bfloat16/float16 scales, the float path rounds the dequantised weight to the activation dtype): within 1e-4 in
 float32 and 5e-2 in bfloat16 of a float64 reference, the tolerances tests/test_quantize.py states for both.
+
+Without bfloat16 hardware (a 2-core AMD EPYC Zen 3 VM, AVX2 only, 2026-12-02, quiet, one thread, best of 5) oneDNN
+emulates bfloat16 matmuls: a dense bfloat16 1536 x 576 matmul takes 6.2 ms at 32 rows and 29 ms at 128, float32
+1.0 and 4.2 ms. There ``float_linear`` computes a bfloat16 call in float32 (the "float" figures below, dequantising
+included), and the kernel keeps calls up to 47 rows (ms per call, kernel / float):
+
+    bfloat16   rows:            1             32             64            128
+      576 x  576       0.13 / 0.47    0.99 / 0.94    1.96 / 1.25    3.45 / 1.73
+     1536 x  576       0.17 / 0.90    1.52 / 1.80    2.97 / 2.63    6.12 / 5.05
+      576 x 1536       0.20 / 0.95    1.51 / 1.75    3.06 / 2.49    6.11 / 4.17
 
 Memory: a layer that has run the kernel holds the portable codes (``qweight``, out x in / 2 bytes) and the
 kernel's packed copy (the same size, out padded to 16). The packed layout is torch's and depends on the CPU
@@ -83,7 +94,7 @@ def _native_bf16() -> bool:
 
 
 # Without bfloat16 hardware (e.g. AVX2-only CPUs) oneDNN emulates a bfloat16 matmul, ~7x slower than float32 at
-# prefill sizes (1536 x 576, 256 rows, one thread: 52 ms vs 6.9), so the float path computes in float32 there.
+# prefill sizes (1536 x 576, 128 rows, one thread: 29 ms vs 4.2), so the float path computes in float32 there.
 NATIVE_BF16 = _native_bf16()
 # rows (tokens in one call) from which forward takes the float path instead of the packed kernel (module docstring),
 # for a CPU with bfloat16 hardware (True) and one without (False)
@@ -94,8 +105,8 @@ FLOAT_FROM_ROWS = dict(FLOAT_FROM_ROWS_BY_CPU[NATIVE_BF16])
 
 def float_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """The float path of a quantised layer: ``x @ weight.T + bias`` in ``x``'s dtype, ``weight`` dequantised. A
-    bfloat16 call on a CPU without bfloat16 hardware is computed in float32 and rounded back (faster there, and
-    the weight is not rounded to bfloat16 first)."""
+    bfloat16 call on a CPU without bfloat16 hardware is computed in float32 and the result rounded to bfloat16
+    (~6x faster there; an int4 weight, dequantised in float32, is then not rounded to bfloat16 either)."""
     if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not NATIVE_BF16:
         return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
     return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))

@@ -20,6 +20,10 @@
        1536 x  576    1.70 / 1.45  3.39 / 1.47  6.83 / 1.51  26.4 / 1.61
 
   (float32 at one row is a tie within this machine's noise; the kernel is kept there: it reads 4x fewer bytes.)
+  Those are the thresholds for a CPU with bfloat16 hardware; without it (AVX2 only) the float path computes in
+  float32 (``int4.float_linear``) and the kernel keeps bfloat16 calls up to 47 rows: on a 2-core AMD EPYC Zen 3 VM
+  (quiet, one thread, best of 5), kernel / float at 32 and 64 rows: 576 x 576 0.85 / 0.63, 1.70 / 0.91;
+  1536 x 576 1.50 / 1.60, 2.93 / 2.58; 576 x 1536 1.41 / 1.47, 2.87 / 2.33 ms.
   The paths differ by rounding only: within 1e-4 (float32) and 5e-2 (bfloat16) of a float64 reference.
 - int4: see ``lmforge.models.int4`` (round-to-nearest or GPTQ, ``torch._weight_int4pack_mm_for_cpu``).
 - nf4: blocks of 64 values, each scaled by its absmax, rounded to the nearest of the 16
@@ -48,6 +52,11 @@ blocks taken over from Q4_1 reproduce exactly; 256 teacher-forced tokens of Shak
     int4 blocks + int4 head    KL 0.13     top-1 agreement 69.9%   max |logit change| 7.6
     int8 blocks + float head   KL 0.0033   top-1 agreement 97.3%
     int8 blocks + int8 head    KL 0.0044   top-1 agreement 96.5%
+
+The head's kernel keeps more rows than the 576-wide layers' (``HEAD_FLOAT_FROM_ROWS``: 64 with bfloat16 hardware,
+128 without), because its float path dequantises all 28M weights per call: at 32 rows, one thread, the AVX-512/AMX
+VM: kernel 32 ms, float path 74 + 9 ms eager; the AVX2 VM: kernel ~100 ms, dequantisation alone ~170 ms (under
+load), float path ~450 ms in emulated bfloat16. So every decode batch a server runs takes the kernel.
 
 Greedy 24-token answers to 3 chat prompts identical to the reference's: 1/3 with an int8 head, 2/3 with int8
 blocks (one near-tie is enough to change the rest of an answer). So the default head is int8 (``DEFAULT_HEAD``;
