@@ -87,11 +87,12 @@ def test_each_cpu_has_thresholds_and_the_head_keeps_its_kernel_for_every_decode_
     from lmforge.models import int4, quantized
 
     for native in (True, False):
-        head = quantized.HEAD_FLOAT_FROM_ROWS_BY_CPU[native][torch.bfloat16]
+        head = quantized.HEAD_BF16_FLOAT_FROM_ROWS[native]
         assert head > max(32, ServeConfig().max_batch)
-        assert head >= quantized.INT8_FLOAT_FROM_ROWS_BY_CPU[native][torch.bfloat16]
-        assert int4.FLOAT_FROM_ROWS_BY_CPU[native][torch.float32] == 2  # the kernel is scalar outside bfloat16
-    assert int4.FLOAT_FROM_ROWS == int4.FLOAT_FROM_ROWS_BY_CPU[int4.NATIVE_BF16]
+        assert head >= quantized.INT8_BF16_FLOAT_FROM_ROWS[native]
+    assert int4.FLOAT_FROM_ROWS[torch.float32] == 2  # the kernel is scalar outside bfloat16, on every CPU
+    assert int4.FLOAT_FROM_ROWS[torch.bfloat16] == int4.BF16_FLOAT_FROM_ROWS[int4.NATIVE_BF16]
+    assert quantized.HEAD_FLOAT_FROM_ROWS[torch.bfloat16] == quantized.HEAD_BF16_FLOAT_FROM_ROWS[int4.NATIVE_BF16]
     head = quantized.Int8Head(nn.Linear(64, 320, bias=False))
     assert head.uses_kernel(torch.zeros(32, 64, dtype=torch.bfloat16))
     assert not head.uses_kernel(torch.zeros(quantized.HEAD_FLOAT_FROM_ROWS[torch.bfloat16], 64, dtype=torch.bfloat16))

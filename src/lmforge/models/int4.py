@@ -31,7 +31,7 @@ kernel wants the output width a multiple of 16, so the packed weight is padded w
 From ``FLOAT_FROM_ROWS[dtype]`` rows on (tokens in the call: a prefill), on other devices, or when a gradient must
 flow to the input, it multiplies by the weight dequantised from the portable codes (group-wise, in float32, then
 cast to the activation dtype; ``float_linear``): the packed kernel is built for a few rows at a time and loses to a
-float matmul on long inputs. The thresholds depend on the CPU (``FLOAT_FROM_ROWS_BY_CPU``, chosen at import by
+float matmul on long inputs. The thresholds depend on the CPU (``BF16_FLOAT_FROM_ROWS``, chosen at import by
 ``NATIVE_BF16``). With bfloat16 hardware (this project's 2-core AVX-512/AMX VM, one thread, torch 2.13, busy
 machine (load ~8), best of 7; the float time includes dequantising the weight, ``dequantize_packed``, on every
 call), ms per call:
@@ -96,11 +96,10 @@ def _native_bf16() -> bool:
 # Without bfloat16 hardware (e.g. AVX2-only CPUs) oneDNN emulates a bfloat16 matmul, ~7x slower than float32 at
 # prefill sizes (1536 x 576, 128 rows, one thread: 29 ms vs 4.2), so the float path computes in float32 there.
 NATIVE_BF16 = _native_bf16()
-# rows (tokens in one call) from which forward takes the float path instead of the packed kernel (module docstring),
-# for a CPU with bfloat16 hardware (True) and one without (False)
-FLOAT_FROM_ROWS_BY_CPU = {True: {torch.bfloat16: 96, torch.float32: 2, torch.float16: 1},
-                          False: {torch.bfloat16: 48, torch.float32: 2, torch.float16: 1}}
-FLOAT_FROM_ROWS = dict(FLOAT_FROM_ROWS_BY_CPU[NATIVE_BF16])
+# rows (tokens in one call) from which forward takes the float path instead of the packed kernel (module docstring);
+# only the bfloat16 threshold depends on the CPU: with bfloat16 hardware (True) or without (False)
+BF16_FLOAT_FROM_ROWS = {True: 96, False: 48}
+FLOAT_FROM_ROWS = {torch.bfloat16: BF16_FLOAT_FROM_ROWS[NATIVE_BF16], torch.float32: 2, torch.float16: 1}
 
 
 def float_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

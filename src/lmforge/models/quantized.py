@@ -91,9 +91,8 @@ SCHEMES = ("int8", "nf4")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # rows (tokens in one call) from which Int8Linear takes the float path instead of the packed kernel (docstring), on
 # a CPU with bfloat16 hardware (True) and one without (False; the float path computes in float32 there)
-INT8_FLOAT_FROM_ROWS_BY_CPU = {True: {torch.bfloat16: 32, torch.float32: 2, torch.float16: 1},
-                               False: {torch.bfloat16: 48, torch.float32: 2, torch.float16: 1}}
-INT8_FLOAT_FROM_ROWS = dict(INT8_FLOAT_FROM_ROWS_BY_CPU[NATIVE_BF16])
+INT8_BF16_FLOAT_FROM_ROWS = {True: 32, False: 48}
+INT8_FLOAT_FROM_ROWS = {torch.bfloat16: INT8_BF16_FLOAT_FROM_ROWS[NATIVE_BF16], torch.float32: 2, torch.float16: 1}
 
 
 class Int8Linear(nn.Module):
@@ -198,9 +197,8 @@ HEADS = ("int8", "int4", "none")
 # rows from which a quantised LM head takes its float path, by CPU as above: the head's float path dequantises
 # 28M weights per call for SmolLM2-135M (~75 ms with bfloat16 hardware, ~170 ms without, one thread), so its kernel
 # wins to more rows than a 576-wide layer's (figures in the module docstring)
-HEAD_FLOAT_FROM_ROWS_BY_CPU = {True: {torch.bfloat16: 64, torch.float32: 2, torch.float16: 1},
-                               False: {torch.bfloat16: 128, torch.float32: 2, torch.float16: 1}}
-HEAD_FLOAT_FROM_ROWS = dict(HEAD_FLOAT_FROM_ROWS_BY_CPU[NATIVE_BF16])
+HEAD_BF16_FLOAT_FROM_ROWS = {True: 64, False: 128}
+HEAD_FLOAT_FROM_ROWS = {torch.bfloat16: HEAD_BF16_FLOAT_FROM_ROWS[NATIVE_BF16], torch.float32: 2, torch.float16: 1}
 DEFAULT_HEAD = "int8"  # the head's quantisation when none is named (measurements in the module docstring)
 HEAD_GROUP_SIZE = 64  # an int4 head's group when the blocks give none (int8 blocks)
 
@@ -217,7 +215,7 @@ class _Bf16DecodeHead:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.dtype in (torch.float32, torch.float16) and x.device.type == "cpu"
                 and self.qweight.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad)
-                and x.numel() // self.in_features < HEAD_FLOAT_FROM_ROWS[torch.bfloat16]):
+                and x.numel() // self.in_features < self.float_from_rows(torch.bfloat16)):
             return super().forward(x.to(torch.bfloat16)).to(x.dtype)
         return super().forward(x)
 
